@@ -1,0 +1,457 @@
+"""Typed, validated settings: TOML file < ``DICOM_NODE_*`` environment variables < CLI flags.
+
+Settings are loaded once, by :func:`load_settings`, into one frozen :class:`Settings` object that
+is passed explicitly to whatever needs it. Every problem raises :class:`ConfigError` with one line
+that names the source (file, variable or flag), the key, the value and what was expected.
+"""
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError
+
+ENV_PREFIX = "DICOM_NODE_"
+ENV_CONFIG = "DICOM_NODE_CONFIG"
+DEFAULT_CONFIG = Path("config/node.toml")
+
+_SIZE_UNITS = {
+    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+
+
+class ByteSize(int):
+    """A number of bytes; configured as an integer or a string such as ``"512 MiB"``."""
+
+
+def _ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not _AE_TITLE_RE.match(value) or not stripped:
+        raise ValueError("an AE title of 1 to 16 printable ASCII characters without backslash")
+    return stripped
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError("a TCP port from 0 to 65535 (0 picks a free one)")
+    return value
+
+
+def _positive(value: int | float) -> int | float:
+    if value <= 0:
+        raise ValueError("a number greater than 0")
+    return value
+
+
+def _non_negative(value: int | float) -> int | float:
+    if value < 0:
+        raise ValueError("a number of 0 or more")
+    return value
+
+
+def _pdu_size(value: int) -> int:
+    if not 4096 <= value <= 1_048_576:
+        raise ValueError("a maximum PDU size from 4096 to 1048576 bytes")
+    return value
+
+
+def _peer(value: str) -> str:
+    aet, sep, host = value.partition("@")
+    _ae_title(aet)
+    if sep:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("a calling AE title, optionally followed by @ and an IP address") from None
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
+    return value.upper()
+
+
+def _check(validator: Any) -> dict[str, Any]:
+    return {"validator": validator}
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """``[node]``: who the node is on the network and where it keeps its data."""
+
+    ae_title: str = field(default="XAI_NODE", metadata=_check(_ae_title))
+    bind: str = "0.0.0.0"
+    port: int = field(default=11112, metadata=_check(_port))
+    data_dir: Path = Path("var")
+    allowed_peers: tuple[str, ...] = field(default=(), metadata=_check(_peer))
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """``[ingest]``: the association and C-STORE limits of the SCP."""
+
+    max_associations: int = field(default=16, metadata=_check(_positive))
+    max_pdu_size: int = field(default=131072, metadata=_check(_pdu_size))
+    max_instance_size: ByteSize = field(default=ByteSize(2 * 2**30), metadata=_check(_positive))
+    acse_timeout: float = field(default=30.0, metadata=_check(_positive))
+    dimse_timeout: float = field(default=60.0, metadata=_check(_positive))
+    network_timeout: float = field(default=60.0, metadata=_check(_positive))
+    shutdown_grace_seconds: float = field(default=10.0, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """``[store]``: the instance store on disk."""
+
+    min_free_space: ByteSize = field(default=ByteSize(2**30), metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    """``[models]``: the model repository."""
+
+    dir: Path = Path("../models")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """``[study]``: when a series counts as complete."""
+
+    stable_seconds: float = field(default=10.0, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """``[web]``: the dashboard and JSON API."""
+
+    bind: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_check(_port))
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """``[logging]``: what the node prints to stderr."""
+
+    level: str = field(default="INFO", metadata=_check(_log_level))
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One ``[[destinations]]`` entry: a DICOM peer the node sends results to."""
+
+    name: str
+    ae_title: str = field(metadata=_check(_ae_title))
+    host: str
+    port: int = field(metadata=_check(_port))
+
+
+PIPELINE_MATCH_KEYS = frozenset(
+    {"modality", "body_part_examined", "sop_class_uid", "calling_ae_title", "series_description"}
+)
+EXPLAIN_METHODS = frozenset({"cam", "gradcam", "gradcampp", "hirescam", "lime"})
+OUTPUT_KINDS = frozenset({"sc", "sr", "seg", "pm", "gsps"})
+
+
+def _match(value: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    unknown = set(value) - PIPELINE_MATCH_KEYS
+    if unknown:
+        raise ValueError(f"match keys from {sorted(PIPELINE_MATCH_KEYS)}, not {sorted(unknown)}")
+    out = {}
+    for key, item in value.items():
+        items = [item] if isinstance(item, str) else item
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"match.{key} as a string or a list of strings")
+        out[key] = tuple(items)
+    return out
+
+
+def _one_of(allowed: frozenset[str]) -> Any:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"one of {sorted(allowed)}")
+        return value
+
+    return check
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One ``[[pipelines]]`` entry: which series go to which model, explained and sent how."""
+
+    name: str
+    model: str
+    match: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=_check(_match))
+    explain: tuple[str, ...] = field(default=("gradcam",), metadata=_check(_one_of(EXPLAIN_METHODS)))
+    outputs: tuple[str, ...] = field(default=("sc", "sr"), metadata=_check(_one_of(OUTPUT_KINDS)))
+    send_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the node is configured with; one object, loaded once."""
+
+    source: str = "<defaults>"
+    node: NodeSettings = NodeSettings()
+    ingest: IngestSettings = IngestSettings()
+    store: StoreSettings = StoreSettings()
+    models: ModelsSettings = ModelsSettings()
+    study: StudySettings = StudySettings()
+    web: WebSettings = WebSettings()
+    logging: LoggingSettings = LoggingSettings()
+    destinations: tuple[Destination, ...] = ()
+    pipelines: tuple[Pipeline, ...] = ()
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: f.type for f in dataclasses.fields(Settings)
+    if isinstance(f.type, type) and dataclasses.is_dataclass(f.type)
+}
+_TABLE_ARRAYS: dict[str, type] = {"destinations": Destination, "pipelines": Pipeline}
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A raw value and where it came from, for error messages."""
+
+    value: Any
+    origin: str  # e.g. "config/node.toml" or "environment variable DICOM_NODE_NODE_PORT"
+    base_dir: Path  # what relative paths are relative to
+
+
+def _coerce(hint: Any, raw: Any) -> Any:
+    """Turn a TOML (or env/flag) value into the annotated type, or raise ValueError."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(raw, list):
+            raise ValueError("a list")
+        (inner, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(inner, item) for item in raw)
+    if origin is dict or origin is types.UnionType:
+        return raw
+    if hint is ByteSize:
+        return _byte_size(raw)
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ValueError("true or false")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError("an integer")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError("a number")
+        return float(raw)
+    if hint in (str, Path):
+        if not isinstance(raw, str) or (hint is Path and not raw):
+            raise ValueError("a string" if hint is str else "a path")
+        return raw
+    raise TypeError(f"unsupported setting type {hint!r}")
+
+
+def _byte_size(raw: Any) -> ByteSize:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return ByteSize(raw)
+    match = _SIZE_RE.match(raw) if isinstance(raw, str) else None
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError('a size in bytes: an integer or a string such as "512 MiB" or "2 GB"')
+    return ByteSize(int(float(match.group(1)) * _SIZE_UNITS[unit]))
+
+
+def _build(cls: type, where: str, values: Mapping[str, _Value]) -> Any:
+    """Build dataclass ``cls`` from ``values``; ``where`` is the TOML path of the table."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, item in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{item.origin}: unknown key '{where}.{key}'; "
+                f"expected one of {sorted(fields)}"
+            )
+        try:
+            value = _coerce(hints[key], item.value)
+            validator = fields[key].metadata.get("validator")
+            if validator is not None:
+                if isinstance(value, tuple):
+                    value = tuple(validator(v) for v in value)
+                else:
+                    value = validator(value)
+            if hints[key] is Path:
+                value = (item.base_dir / value).resolve()
+        except ValueError as exc:
+            raise ConfigError(
+                f"{item.origin}: key '{where}.{key}' = {item.value!r} is invalid; expected {exc}"
+            ) from None
+        kwargs[key] = value
+    missing = [
+        name for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        origin = next(iter(values.values())).origin if values else "configuration"
+        raise ConfigError(f"{origin}: table '{where}' is missing required key(s) {missing}")
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an env var or flag value as a TOML value, falling back to a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, _Value]]:
+    out: dict[str, dict[str, _Value]] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(
+                f"environment variable {name}: not a setting; expected "
+                f"{ENV_PREFIX}<SECTION>_<KEY> with SECTION one of {sorted(_SECTIONS)}"
+            )
+        origin = f"environment variable {name}"
+        out.setdefault(section, {})[key] = _Value(_parse_scalar(text), origin, Path.cwd())
+    return out
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Split a ``--set SECTION.KEY=VALUE`` flag; VALUE is read as TOML, else as a plain string."""
+    dotted, sep, raw = text.partition("=")
+    section, _, key = dotted.strip().partition(".")
+    if not sep or section not in _SECTIONS or not key:
+        raise ConfigError(
+            f"flag --set {text}: expected SECTION.KEY=VALUE with SECTION one of {sorted(_SECTIONS)}"
+        )
+    return f"{section}.{key}", _parse_scalar(raw.strip())
+
+
+def _flag_overrides(overrides: Mapping[str, Any]) -> dict[str, dict[str, _Value]]:
+    out: dict[str, dict[str, _Value]] = {}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        origin = f"command-line flag for {dotted}"
+        if section not in _SECTIONS or not key:
+            raise ConfigError(f"{origin}: expected SECTION.KEY with SECTION one of {sorted(_SECTIONS)}")
+        out.setdefault(section, {})[key] = _Value(value, origin, Path.cwd())
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration file ({exc.strerror})") from None
+
+
+def load_settings(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load and validate the node's settings.
+
+    Parameters
+    ----------
+    path
+        The TOML file; default ``$DICOM_NODE_CONFIG`` or ``config/node.toml``.
+    environ
+        Environment to read ``DICOM_NODE_<SECTION>_<KEY>`` overrides from (default ``os.environ``).
+    overrides
+        ``{"section.key": value}`` from the command line; they win over everything.
+
+    Raises
+    ------
+    ConfigError
+        With one line naming the file, variable or flag, the key, the value and what was expected.
+    """
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+    document = _read_toml(path)
+    base_dir = path.resolve().parent
+    origin = str(path)
+
+    tables: dict[str, dict[str, _Value]] = {}
+    for section, content in document.items():
+        if section in _TABLE_ARRAYS:
+            continue
+        if section not in _SECTIONS:
+            allowed = sorted([*_SECTIONS, *_TABLE_ARRAYS])
+            raise ConfigError(f"{origin}: unknown table '[{section}]'; expected one of {allowed}")
+        if not isinstance(content, dict):
+            raise ConfigError(f"{origin}: '{section}' must be a table ([{section}])")
+        tables[section] = {k: _Value(v, origin, base_dir) for k, v in content.items()}
+    for layer in (_env_overrides(environ), _flag_overrides(overrides or {})):
+        for section, values in layer.items():
+            tables.setdefault(section, {}).update(values)
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        given = tables.get(name, {})
+        sections[name] = _resolve_default_paths(_build(cls, name, given), given, base_dir)
+    arrays = {
+        name: _build_array(cls, name, document.get(name, []), origin, base_dir)
+        for name, cls in _TABLE_ARRAYS.items()
+    }
+    settings = Settings(source=origin, **sections, **arrays)  # type: ignore[arg-type]
+    _check_references(settings)
+    return settings
+
+
+def _resolve_default_paths(built: Any, given: Mapping[str, _Value], base_dir: Path) -> Any:
+    """Resolve Path settings left at their defaults against the config file's folder."""
+    changes = {
+        f.name: (base_dir / getattr(built, f.name)).resolve()
+        for f in dataclasses.fields(built)
+        if isinstance(getattr(built, f.name), Path) and f.name not in given
+    }
+    return dataclasses.replace(built, **changes)
+
+
+def _build_array(cls: type, name: str, raw: Any, origin: str, base_dir: Path) -> tuple[Any, ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{origin}: '{name}' must be an array of tables ([[{name}]])")
+    items = tuple(
+        _build(cls, f"{name}[{i}]", {k: _Value(v, origin, base_dir) for k, v in table.items()})
+        for i, table in enumerate(raw)
+    )
+    names = [item.name for item in items]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{origin}: [[{name}]] names must be unique; repeated: {duplicates}")
+    return items
+
+
+def _check_references(settings: Settings) -> None:
+    known = {d.name for d in settings.destinations}
+    for i, pipeline in enumerate(settings.pipelines):
+        unknown = [n for n in pipeline.send_to if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"{settings.source}: key 'pipelines[{i}].send_to' = {list(pipeline.send_to)!r} "
+                f"is invalid; expected names of [[destinations]] {sorted(known)}, not {unknown}"
+            )

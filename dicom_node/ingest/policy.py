@@ -1,0 +1,70 @@
+"""Association policy: which peers may associate with the node, and how others are rejected."""
+
+from dataclasses import dataclass
+
+from dicom_node.ingest.status import RejectReason, RejectResult, RejectSource
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an association request is rejected, as the A-ASSOCIATE-RJ fields and a log line."""
+
+    result: RejectResult
+    source: RejectSource
+    reason: RejectReason
+    description: str
+
+
+@dataclass(frozen=True)
+class AssociationPolicy:
+    """The node's rules for accepting an association request.
+
+    Parameters
+    ----------
+    ae_title
+        The called AE title the node answers to.
+    allowed_peers
+        Calling AE titles allowed to associate, each optionally as ``AET@host`` to also require the
+        peer's IP address or host name; empty accepts any calling AE title.
+    max_associations
+        How many associations may be open at once; one more is rejected as transient.
+    """
+
+    ae_title: str
+    allowed_peers: tuple[str, ...] = ()
+    max_associations: int = 16
+
+    def check(
+        self, called_ae_title: str, calling_ae_title: str, address: str, open_associations: int
+    ) -> Rejection | None:
+        """Return the rejection for a request, or None to accept it.
+
+        ``open_associations`` counts the associations already open, not this one.
+        """
+        if called_ae_title.strip() != self.ae_title:
+            return Rejection(
+                RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
+                f"called AE title {called_ae_title.strip()!r} is not {self.ae_title!r}",
+            )
+        if self.allowed_peers and not self._allowed(calling_ae_title.strip(), address):
+            return Rejection(
+                RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED,
+                f"calling AE title {calling_ae_title.strip()!r} from {address} "
+                "is not in allowed_peers",
+            )
+        if open_associations >= self.max_associations:
+            return Rejection(
+                RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                RejectReason.LOCAL_LIMIT_EXCEEDED,
+                f"{open_associations} associations already open (max_associations)",
+            )
+        return None
+
+    def _allowed(self, calling_ae_title: str, address: str) -> bool:
+        for peer in self.allowed_peers:
+            aet, _, host = peer.partition("@")
+            if aet.strip() == calling_ae_title and (not host or host == address):
+                return True
+        return False

@@ -1,0 +1,195 @@
+"""The instance store: files on disk plus their SQLite index.
+
+An instance is stored in two steps so the caller can check it in between:
+:meth:`InstanceStore.stage` writes the received bytes to a temporary file and parses the header,
+:meth:`InstanceStore.commit` makes it durable (fsync, rename, fsync, index commit). Only after
+``commit`` returns may a peer be told "success".
+"""
+
+import errno
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import FileMetaDataset
+
+from dicom_node.errors import RetryableError
+from dicom_node.store.files import (
+    FileArea,
+    InstanceHeader,
+    InvalidInstanceError,
+    check_uid,
+    encode_file_meta,
+    read_header,
+    relative_path,
+)
+from dicom_node.store.index import Index, InstanceRecord, SeriesRecord
+
+__all__ = [
+    "InstanceHeader", "InstanceRecord", "InstanceStore", "InvalidInstanceError", "OutOfSpaceError",
+    "SeriesRecord", "StagedInstance", "StorageError", "check_uid",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class StorageError(RetryableError):
+    """The store could not write (I/O error); the peer may send again later."""
+
+
+class OutOfSpaceError(StorageError):
+    """Free space is below the configured floor, or the disk filled up while writing."""
+
+
+@dataclass(frozen=True)
+class StagedInstance:
+    """A received instance written to a temporary file, not yet durable or indexed."""
+
+    header: InstanceHeader
+    temporary: Path
+    size_bytes: int
+
+
+class InstanceStore:
+    """Durable storage of received instances under ``data_dir``.
+
+    Parameters
+    ----------
+    data_dir
+        The node's data folder; ``instances/``, ``tmp/`` and ``index.sqlite`` live in it.
+    min_free_space
+        Bytes that must stay free on the data folder's file system after a write.
+    clock
+        Returns the current time as seconds since the epoch (injectable for tests).
+    """
+
+    def __init__(
+        self, data_dir: Path, min_free_space: int = 0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.data_dir = data_dir
+        self.min_free_space = min_free_space
+        self.clock = clock
+        self.files = FileArea(data_dir)
+        self.index = Index(data_dir / "index.sqlite")
+
+    def close(self) -> None:
+        self.index.close()
+
+    def stage(self, file_meta: FileMetaDataset, dataset: Iterable[bytes | memoryview]) -> StagedInstance:
+        """Write a received data set and its file meta to a temporary file and parse its header.
+
+        Raises
+        ------
+        OutOfSpaceError
+            If the write would leave less than ``min_free_space`` free.
+        InvalidInstanceError
+            If the data set does not parse or its UIDs are missing or malformed; nothing stays
+            on disk.
+        """
+        head = encode_file_meta(file_meta)
+        parts = [head, *dataset]
+        size = sum(len(p) for p in parts)
+        free = shutil.disk_usage(self.data_dir).free
+        if free - size < self.min_free_space:
+            raise OutOfSpaceError(
+                f"free space {free // 2**20} MiB is below the floor of "
+                f"{self.min_free_space // 2**20} MiB"
+            )
+        temporary = self._write(parts)
+        try:
+            header = read_header(temporary)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return StagedInstance(header, temporary, size)
+
+    def _write(self, parts: list[bytes | memoryview]) -> Path:
+        try:
+            return self.files.write_temporary(parts)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OutOfSpaceError("disk full while writing") from exc
+            raise StorageError(f"cannot write instance: {exc.strerror}") from exc
+
+    def discard(self, staged: StagedInstance) -> None:
+        """Remove a staged instance that will not be committed."""
+        staged.temporary.unlink(missing_ok=True)
+
+    def commit(self, staged: StagedInstance, calling_ae_title: str) -> InstanceRecord:
+        """Make a staged instance durable and indexed; replaces an earlier copy of the same UID."""
+        header = staged.header
+        relative = relative_path(header)
+        try:
+            self.files.commit(staged.temporary, relative)
+        except OSError as exc:
+            self.discard(staged)
+            if exc.errno == errno.ENOSPC:
+                raise OutOfSpaceError("disk full while writing") from exc
+            raise StorageError(f"cannot write instance: {exc.strerror}") from exc
+        record = _record(header, calling_ae_title, staged.size_bytes, relative, self.clock())
+        old = self.index.put(record, header.manufacturer)
+        if old is not None and old.path != record.path:
+            # Same SOP Instance UID under another study or series: the new copy wins.
+            self.files.unlink(Path(old.path))
+        return record
+
+    def path_of(self, record: InstanceRecord) -> Path:
+        """The absolute path of an indexed instance."""
+        return self.files.instances / record.path
+
+    def recover(self) -> None:
+        """Bring files and index back in step after a crash; call once at start-up.
+
+        Temporary files of interrupted writes are deleted (their peers never got success).
+        A file that reached its final place but not the index (crash between rename and index
+        commit) is indexed; if its UID is indexed elsewhere, the newer file wins.
+        """
+        removed = self.files.remove_temporaries()
+        if removed:
+            logger.info("removed %d temporary file(s) of interrupted writes", removed)
+        indexed = dict(self.index.paths())
+        for path in self.files.instances.rglob("*.dcm"):
+            relative = str(path.relative_to(self.files.instances))
+            if relative not in indexed:
+                self._recover_file(path, Path(relative))
+
+    def _recover_file(self, path: Path, relative: Path) -> None:
+        try:
+            header = read_header(path)
+        except InvalidInstanceError as exc:
+            logger.warning("ignoring unreadable file %s: %s", relative, exc)
+            return
+        mtime = path.stat().st_mtime
+        old = self.index.get(header.sop_instance_uid)
+        if old is not None and old.received_at >= mtime:
+            logger.info("removing superseded copy of %s", header.sop_instance_uid)
+            self.files.unlink(relative)
+            return
+        record = _record(header, "", path.stat().st_size, relative, mtime)
+        self.index.put(record, header.manufacturer)
+        if old is not None:
+            self.files.unlink(Path(old.path))
+        logger.info("indexed %s, written before an interrupted index commit", header.sop_instance_uid)
+
+
+def _record(
+    header: InstanceHeader, calling_ae_title: str, size: int, relative: Path, now: float
+) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        series_instance_uid=header.series_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        modality=header.modality,
+        body_part_examined=header.body_part_examined,
+        series_description=header.series_description,
+        calling_ae_title=calling_ae_title,
+        size_bytes=size,
+        path=os.fspath(relative),
+        received_at=now,
+    )

@@ -1,0 +1,182 @@
+"""Instance files on disk: UID checks, header parsing and atomic, fsync'd writes.
+
+An instance lives at ``<data_dir>/instances/<study>/<series>/<sop>.dcm``. It is first written to
+``<data_dir>/tmp/`` (same file system), flushed to disk, then renamed into place and its folder
+flushed, so a reader sees the whole old file or the whole new one, never a part.
+"""
+
+import io
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import write_file_meta_info
+
+from dicom_node.errors import PermanentError
+
+# A UID is 1..64 characters of digits in dot-separated components (PS3.5 9.1). Components with
+# leading zeros are not valid DICOM but are seen from real equipment; they are still path-safe.
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+HEADER_TAGS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "Modality", "BodyPartExamined", "SeriesDescription", "Manufacturer",
+)
+
+
+class InvalidInstanceError(PermanentError):
+    """The bytes a peer sent are not an instance the node can store.
+
+    ``kind`` is ``"unparseable"`` or ``"uid"``; ingest maps it to a DIMSE status.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def check_uid(name: str, value: object) -> str:
+    """Return ``value`` if it is a UID that is safe to use as a path component.
+
+    Raises
+    ------
+    InvalidInstanceError
+        Naming the attribute and the value, if it is missing, longer than 64 characters or not
+        digits and dots.
+    """
+    if value is None or value == "":
+        raise InvalidInstanceError("uid", f"{name} is missing")
+    text = str(value)
+    if len(text) > 64 or not _UID_RE.match(text):
+        raise InvalidInstanceError("uid", f"{name} {text[:80]!r} is not a valid UID")
+    return text
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes the store indexes and routing needs, read from an instance's header."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    body_part_examined: str = ""
+    series_description: str = ""
+    manufacturer: str = ""
+
+
+def read_header(fp: BinaryIO | Path) -> InstanceHeader:
+    """Parse the header of a Part 10 file (pixel data is not read) and check its UIDs.
+
+    Raises
+    ------
+    InvalidInstanceError
+        If the file does not parse or a UID is missing or malformed.
+    """
+    try:
+        ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        transfer_syntax = ds.file_meta.TransferSyntaxUID
+        values = {tag: ds.get(tag, "") for tag in HEADER_TAGS}
+    except InvalidDicomError as exc:
+        raise InvalidInstanceError("unparseable", f"not a DICOM data set: {exc}") from None
+    except Exception as exc:  # pydicom raises many types on malformed input; all mean the same
+        raise InvalidInstanceError("unparseable", f"data set does not parse: {exc}") from None
+
+    def text(value: object) -> str:
+        return str(value).strip() if value is not None else ""
+
+    return InstanceHeader(
+        sop_class_uid=check_uid("SOPClassUID", values["SOPClassUID"]),
+        sop_instance_uid=check_uid("SOPInstanceUID", values["SOPInstanceUID"]),
+        study_instance_uid=check_uid("StudyInstanceUID", values["StudyInstanceUID"]),
+        series_instance_uid=check_uid("SeriesInstanceUID", values["SeriesInstanceUID"]),
+        transfer_syntax_uid=check_uid("TransferSyntaxUID", transfer_syntax),
+        modality=text(values["Modality"]),
+        body_part_examined=text(values["BodyPartExamined"]),
+        series_description=text(values["SeriesDescription"]),
+        manufacturer=text(values["Manufacturer"]),
+    )
+
+
+def relative_path(header: InstanceHeader) -> Path:
+    """Where an instance lives below ``<data_dir>/instances``."""
+    return Path(
+        header.study_instance_uid, header.series_instance_uid, f"{header.sop_instance_uid}.dcm"
+    )
+
+
+def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
+    """The preamble, ``DICM`` prefix and File Meta Information group of a Part 10 file."""
+    buffer = io.BytesIO()
+    buffer.write(_PREAMBLE)
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileArea:
+    """The folders under ``data_dir`` that hold instance files and their temporary files."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.instances = data_dir / "instances"
+        self.tmp = data_dir / "tmp"
+        self.instances.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def write_temporary(self, parts: Iterable[bytes | memoryview]) -> Path:
+        """Write ``parts`` to a new temporary file (not yet flushed) and return its path."""
+        path = self.tmp / f"{uuid.uuid4().hex}.part"
+        with path.open("xb") as fh:
+            for part in parts:
+                fh.write(part)
+        return path
+
+    def commit(self, temporary: Path, relative: Path) -> Path:
+        """Flush ``temporary`` to disk and rename it to ``instances/relative`` atomically."""
+        with temporary.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        target = self.instances / relative
+        self._make_dirs(target.parent)
+        os.replace(temporary, target)
+        fsync_dir(target.parent)
+        return target
+
+    def _make_dirs(self, folder: Path) -> None:
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for new in reversed(missing):
+            new.mkdir(exist_ok=True)
+            fsync_dir(new.parent)
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files left by a process that died mid-write; return how many."""
+        removed = 0
+        for path in self.tmp.glob("*.part"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def unlink(self, relative: Path) -> None:
+        """Remove an instance file and flush its folder."""
+        target = self.instances / relative
+        target.unlink(missing_ok=True)
+        fsync_dir(target.parent)
