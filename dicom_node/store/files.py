@@ -23,7 +23,7 @@ from dicom_node.errors import PermanentError
 
 # A UID is 1..64 characters of digits in dot-separated components (PS3.5 9.1). Components with
 # leading zeros are not valid DICOM but are seen from real equipment; they are still path-safe.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -54,7 +54,7 @@ def check_uid(name: str, value: object) -> str:
     if value is None or value == "":
         raise InvalidInstanceError("uid", f"{name} is missing")
     text = str(value)
-    if len(text) > 64 or not _UID_RE.match(text):
+    if len(text) > 64 or not _UID_RE.fullmatch(text):
         raise InvalidInstanceError("uid", f"{name} {text[:80]!r} is not a valid UID")
     return text
 

@@ -1,0 +1,98 @@
+"""Run ``dicom-node serve`` as a subprocess on free loopback ports, as a user would."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+CONFIG = """\
+[node]
+ae_title = "XAI_NODE"
+bind = "127.0.0.1"
+data_dir = "data"
+[ingest]
+shutdown_grace_seconds = {grace}
+[store]
+min_free_space = 0
+[logging]
+level = "INFO"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def echo_ok(port: int, timeout: float = 2.0) -> bool:
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="XAI_NODE")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return getattr(status, "Status", None) == 0
+
+
+class NodeProcess:
+    """``dicom-node serve`` in a child process; a context manager that always stops it."""
+
+    def __init__(self, folder: Path, grace: float = 5.0, extra_args: tuple[str, ...] = ()) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config = folder / "node.toml"
+        if not self.config.exists():
+            self.config.write_text(CONFIG.format(grace=grace))
+        self.data_dir = folder / "data"
+        self.port = free_port()
+        self.log = folder / "node.log"
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> "NodeProcess":
+        args = [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config),
+                "--port", str(self.port), *self.extra_args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while not echo_ok(self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node did not answer C-ECHO in {timeout} s:\n{self.log.read_text()}")
+            time.sleep(0.1)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait; return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def __enter__(self) -> "NodeProcess":
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,123 @@
+"""`dicom-node serve` and `dicom-node echo` as a user runs them, in a child process."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.cli import main
+from dicom_node.store import InstanceStore
+from tests.factories import ct_dataset
+from tests.ingest.test_scp import association, send
+from tests.nodeproc import NodeProcess, free_port
+
+
+def _counts(data_dir: Path) -> tuple[int, int, int]:
+    store = InstanceStore(data_dir)
+    try:
+        return store.index.counts()
+    finally:
+        store.close()
+
+
+def test_serve_stops_cleanly_on_sigterm_and_keeps_everything(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path)
+    with node:
+        assert send(node.port, *[ct_dataset() for _ in range(3)]) == [(0, "")] * 3
+        assert node.stop(signal.SIGTERM) == 0
+    log = node.log.read_text()
+    assert "stopping" in log and "stopped" in log
+    assert _counts(node.data_dir) == (3, 3, 3)
+
+    with node.start():  # restarted on the same data_dir
+        assert send(node.port, ct_dataset()) == [(0, "")]
+        assert node.stop(signal.SIGINT) == 0
+    assert _counts(node.data_dir)[2] == 4
+
+
+def test_sigterm_aborts_an_association_that_outlives_the_grace(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, grace=0.5)
+    with node, association(node.port) as assoc:
+        assert assoc.send_c_store(ct_dataset()).Status == 0
+        started = time.monotonic()
+        assert node.stop(signal.SIGTERM) == 0  # the open association does not hold it up
+        assert time.monotonic() - started < 10
+        assoc.dul.join(timeout=5)
+        assert assoc.is_aborted
+    assert _counts(node.data_dir)[2] == 1
+
+
+def test_sigkill_mid_transfer_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path)
+    acknowledged: list[str] = []
+
+    def sender() -> None:
+        with association(node.port) as assoc:
+            for _ in range(200):
+                ds = ct_dataset(size=256)
+                try:
+                    rsp = assoc.send_c_store(ds)
+                except (RuntimeError, ValueError):
+                    return  # association gone
+                if getattr(rsp, "Status", None) == 0:
+                    acknowledged.append(ds.SOPInstanceUID)
+                if not assoc.is_established:
+                    return
+
+    with node:
+        thread = threading.Thread(target=sender)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        node.stop(signal.SIGKILL)
+        thread.join(timeout=30)
+    assert len(acknowledged) >= 20
+
+    with node.start():
+        node.stop()
+    store = InstanceStore(node.data_dir)
+    try:
+        assert list(store.files.tmp.iterdir()) == []  # interrupted writes were cleaned up
+        for uid in acknowledged:
+            record = store.index.get(uid)
+            assert record is not None, f"acknowledged instance {uid} lost"
+            assert len(dcmread(store.path_of(record)).PixelData) == 256 * 256 * 2
+        for record in store.index.instances():  # nothing indexed is partial
+            assert dcmread(store.path_of(record)).SOPInstanceUID == record.sop_instance_uid
+    finally:
+        store.close()
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    with NodeProcess(tmp_path) as node:
+        result = subprocess.run(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(node.config),
+             "--port", str(free_port())],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 2
+        assert "in use by another dicom-node process" in result.stderr
+
+
+def test_echo_command(tmp_path: Path, node, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "echo.toml"
+    config.write_text('[node]\nae_title = "ECHO_SCU"\n')
+    assert main(["echo", f"XAI_NODE@127.0.0.1:{node.port}", "--config", str(config)]) == 0
+    assert "success" in capsys.readouterr().out
+    assert main(["echo", f"WRONG@127.0.0.1:{node.port}", "--config", str(config)]) == 1
+    assert "rejected" in capsys.readouterr().out
+    assert main(["echo", f"X@127.0.0.1:{free_port()}", "--config", str(config), "--timeout", "2"]) == 1
+    assert main(["echo", "not-a-peer", "--config", str(config)]) == 2
+    assert "expected AET@HOST:PORT" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_version() -> None:
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("dicom-node ")
