@@ -100,6 +100,7 @@ def serve(settings: Settings) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     store = InstanceStore(settings.node.data_dir, settings.store.min_free_space)
+    clean = False
     try:
         store.recover()
         server = start_ingest(settings, store)
@@ -108,8 +109,9 @@ def serve(settings: Settings) -> int:
         stop.wait()
         logger.info("stopping")
         server.stop(settings.ingest.shutdown_grace_seconds)
+        clean = True
     finally:
-        store.close()
+        store.close(clean_shutdown=clean)
         os.close(lock)
     logger.info("stopped")
     return 0

@@ -1,9 +1,14 @@
 """The instance store: files on disk plus their SQLite index.
 
 An instance is stored in two steps so the caller can check it in between:
-:meth:`InstanceStore.stage` writes the received bytes to a temporary file and parses the header,
-:meth:`InstanceStore.commit` makes it durable (fsync, rename, fsync, index commit). Only after
-``commit`` returns may a peer be told "success".
+:meth:`InstanceStore.stage` writes the received bytes to a temporary file, flushed to disk, and
+parses the header; :meth:`InstanceStore.commit` renames it into place, flushes the folder and
+indexes it. Only after ``commit`` returns may a peer be told "success".
+
+The files are the record of truth; the index can be rebuilt from them. That is why the index runs
+with ``synchronous=NORMAL`` (a commit survives a process crash, not necessarily a power cut):
+after any stop that was not clean, :meth:`InstanceStore.recover` indexes every file the index
+lacks. A clean stop leaves a marker so the next start skips that scan.
 """
 
 import errno
@@ -24,6 +29,7 @@ from dicom_node.store.files import (
     InvalidInstanceError,
     check_uid,
     encode_file_meta,
+    fsync_dir,
     read_header,
     relative_path,
 )
@@ -74,10 +80,16 @@ class InstanceStore:
         self.min_free_space = min_free_space
         self.clock = clock
         self.files = FileArea(data_dir)
-        self.index = Index(data_dir / "index.sqlite")
+        self.index = Index(data_dir / "index.sqlite", synchronous="NORMAL")
+        self._clean_marker = data_dir / "clean-shutdown"
 
-    def close(self) -> None:
+    def close(self, clean_shutdown: bool = False) -> None:
+        """Close the index; ``clean_shutdown`` (only from the process that ran :meth:`recover`)
+        records that nothing was in flight, so the next start need not scan the files."""
         self.index.close()
+        if clean_shutdown:
+            self._clean_marker.touch()
+            fsync_dir(self.data_dir)
 
     def stage(self, file_meta: FileMetaDataset, dataset: Iterable[bytes | memoryview]) -> StagedInstance:
         """Write a received data set and its file meta to a temporary file and parse its header.
@@ -145,12 +157,18 @@ class InstanceStore:
         """Bring files and index back in step after a crash; call once at start-up.
 
         Temporary files of interrupted writes are deleted (their peers never got success).
-        A file that reached its final place but not the index (crash between rename and index
-        commit) is indexed; if its UID is indexed elsewhere, the newer file wins.
+        Unless the last stop was clean, every file is checked: one that reached its final place
+        but not the index (crash or power cut around the index commit) is indexed; if its UID is
+        indexed elsewhere, the newer file wins.
         """
         removed = self.files.remove_temporaries()
         if removed:
             logger.info("removed %d temporary file(s) of interrupted writes", removed)
+        if self._clean_marker.exists():
+            self._clean_marker.unlink()
+            fsync_dir(self.data_dir)
+            return
+        logger.info("last stop was not clean: checking the index against the files")
         indexed = dict(self.index.paths())
         for path in self.files.instances.rglob("*.dcm"):
             relative = str(path.relative_to(self.files.instances))

@@ -141,17 +141,17 @@ class FileArea:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def write_temporary(self, parts: Iterable[bytes | memoryview]) -> Path:
-        """Write ``parts`` to a new temporary file (not yet flushed) and return its path."""
+        """Write ``parts`` to a new temporary file, flushed to disk, and return its path."""
         path = self.tmp / f"{uuid.uuid4().hex}.part"
         with path.open("xb") as fh:
             for part in parts:
                 fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
         return path
 
     def commit(self, temporary: Path, relative: Path) -> Path:
-        """Flush ``temporary`` to disk and rename it to ``instances/relative`` atomically."""
-        with temporary.open("rb+") as fh:
-            os.fsync(fh.fileno())
+        """Rename a flushed temporary file to ``instances/relative`` atomically, durably."""
         target = self.instances / relative
         self._make_dirs(target.parent)
         os.replace(temporary, target)

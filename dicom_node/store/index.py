@@ -1,8 +1,8 @@
 """The SQLite index of stored studies, series and instances.
 
-One database file, ``<data_dir>/index.sqlite``, in WAL mode with ``synchronous=FULL`` so a
-committed record survives a power cut. Later modules (jobs, outbox) keep their tables in the same
-file. The schema version is ``PRAGMA user_version``; :data:`_MIGRATIONS` brings older files up.
+One database file, ``<data_dir>/index.sqlite``, in WAL mode. Later modules (jobs, outbox) keep
+their tables in the same file. The schema version is ``PRAGMA user_version``; :data:`_MIGRATIONS`
+brings older files up.
 """
 
 import sqlite3
@@ -88,11 +88,17 @@ class SeriesRecord:
 _INSTANCE_COLUMNS = ", ".join(f.name for f in fields(InstanceRecord))
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the node's database with the settings every user of it needs, migrated."""
+def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
+    """Open the node's database with the settings every user of it needs, migrated.
+
+    ``synchronous="FULL"`` makes every commit survive a power cut; ``"NORMAL"`` (in WAL mode)
+    survives a crash of the process but may lose the last commits on a power cut.
+    """
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
     conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
@@ -103,8 +109,8 @@ def connect(path: Path) -> sqlite3.Connection:
 class Index:
     """Records of stored instances; safe to share between the SCP's association threads."""
 
-    def __init__(self, path: Path) -> None:
-        self._conn = connect(path)
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+        self._conn = connect(path, synchronous)
         self._lock = threading.Lock()
 
     def close(self) -> None:

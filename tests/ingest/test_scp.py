@@ -15,6 +15,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node import IMPLEMENTATION_CLASS_UID
 from dicom_node.config import Settings
 from dicom_node.ingest.scp import TRANSFER_SYNTAXES, IngestServer, start_ingest
 from dicom_node.ingest.status import StoreStatus
@@ -96,6 +97,7 @@ def test_store_round_trip(node: IngestServer, store: InstanceStore) -> None:
         f"{ds.SOPInstanceUID}.dcm")
     stored = dcmread(path)
     assert stored.file_meta.SourceApplicationEntityTitle == "TEST_SCU"
+    assert stored.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert stored.PixelData == ds.PixelData
     assert stored.PatientName == ds.PatientName
     assert record.size_bytes == path.stat().st_size

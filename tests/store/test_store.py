@@ -140,3 +140,27 @@ def test_read_header_reads_no_pixels_and_checks_uids(tmp_path: Path) -> None:
     header = read_header(save(ds, tmp_path))
     assert (header.sop_instance_uid, header.modality, header.manufacturer) == (
         ds.SOPInstanceUID, "CT", "TestMaker")
+
+
+def test_only_a_clean_stop_skips_the_scan_and_only_once(tmp_path: Path) -> None:
+    first = InstanceStore(tmp_path)
+    first.recover()
+    first.close(clean_shutdown=True)
+    assert (tmp_path / "clean-shutdown").exists()
+
+    second = InstanceStore(tmp_path)
+    second.recover()  # consumes the marker: this run may crash
+    assert not (tmp_path / "clean-shutdown").exists()
+    ds = ct_dataset()
+    source = save(ds, tmp_path / "src")
+    target = second.files.instances / ds.StudyInstanceUID / ds.SeriesInstanceUID / source.name
+    target.parent.mkdir(parents=True)
+    target.write_bytes(source.read_bytes())
+    second.close()  # not clean: as after a crash
+
+    third = InstanceStore(tmp_path)
+    try:
+        third.recover()
+        assert third.index.get(ds.SOPInstanceUID) is not None
+    finally:
+        third.close()

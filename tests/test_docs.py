@@ -1,0 +1,38 @@
+"""The documents users read say what the code does."""
+
+import dataclasses
+from pathlib import Path
+
+from pynetdicom import AllStoragePresentationContexts
+
+from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.config import Destination, Pipeline, Settings
+from dicom_node.ingest.scp import TRANSFER_SYNTAXES
+from dicom_node.ingest.status import StoreStatus
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_conformance_statement_matches_the_scp() -> None:
+    text = (DOCS / "conformance.md").read_text()
+    assert IMPLEMENTATION_CLASS_UID in text and IMPLEMENTATION_VERSION_NAME in text
+    for syntax in TRANSFER_SYNTAXES:
+        assert f"| {syntax} |" in text, syntax.name
+    for context in AllStoragePresentationContexts:
+        assert f"| {context.abstract_syntax} |" in text
+    for status in StoreStatus:
+        assert f"0x{status:04X}" in text, status.name
+
+
+def test_every_setting_is_documented() -> None:
+    text = (DOCS / "configuration.md").read_text()
+    for section in dataclasses.fields(Settings):
+        if section.name == "source":
+            continue
+        arrays = ("destinations", "pipelines")
+        heading = f"[[{section.name}]]" if section.name in arrays else f"[{section.name}]"
+        assert f"## `{heading}`" in text, heading
+        cls = {"destinations": Destination, "pipelines": Pipeline}.get(section.name, section.type)
+        assert isinstance(cls, type) and dataclasses.is_dataclass(cls)
+        for key in dataclasses.fields(cls):
+            assert f"| `{key.name}` |" in text, f"{section.name}.{key.name}"
