@@ -10,3 +10,5 @@ __version__ = "0.1.0"
 IMPLEMENTATION_CLASS_UID = UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:dicom-node:implementation').int}")
 #: Implementation Version Name, at most 16 characters.
 IMPLEMENTATION_VERSION_NAME = f"DICOM_NODE_{__version__.replace('.', '')}"[:16]
+#: Manufacturer of every object the node creates; series carrying it are never routed again.
+MANUFACTURER = "dicom-node"

@@ -5,21 +5,24 @@ Exit codes: 0 success, 1 the operation failed (a peer refused, say), 2 bad usage
 """
 
 import argparse
-import fcntl
 import logging
-import os
 import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dicom_node import __version__
 from dicom_node.config import DEFAULT_CONFIG, ENV_CONFIG, Settings, load_settings, parse_assignment
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.jobs.queue import Job, JobError, JobQueue, JobState
 from dicom_node.logs import setup_logging
+
+if TYPE_CHECKING:
+    from dicom_node.pipeline import Step
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="called AE title (node.ae_title)")
     serve.add_argument("--data-dir", help="data folder (node.data_dir)")
 
+    jobs = commands.add_parser("jobs", help="list, show and requeue jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    listing = jobs_commands.add_parser("list", parents=[common], help="list jobs, newest first")
+    listing.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    show = jobs_commands.add_parser("show", parents=[common], help="one job in full")
+    show.add_argument("id", type=int)
+    requeue = jobs_commands.add_parser("requeue", parents=[common],
+                                       help="run a failed, dead or done job again")
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", help="the job to requeue")
+    which.add_argument("--failed", action="store_true", help="every failed and dead job")
+
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to verify")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
@@ -61,14 +77,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides=overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dicom-node`` console script."""
+def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]] | None" = None) -> int:
+    """Entry point of the ``dicom-node`` console script; ``steps`` replaces the pipeline's steps
+    (for programs that embed the node with steps of their own)."""
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
         setup_logging(settings.logging.level)
         if args.command == "serve":
-            return serve(settings)
+            return serve(settings, steps)
+        if args.command == "jobs":
+            return jobs_command(settings, args, sys.stdout)
         return echo(settings, args.peer, args.timeout, sys.stdout)
     except ConfigError as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)
@@ -78,43 +97,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _lock_data_dir(data_dir: Path) -> int:
-    """Hold an exclusive lock on the data folder so two nodes never share it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"{data_dir}: data_dir is in use by another dicom-node process") from None
-    return fd
-
-
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, steps: "Sequence[tuple[str, Step]] | None" = None) -> int:
     """Run the node until SIGINT or SIGTERM, then stop without leaving anything half-written."""
-    from dicom_node.ingest.scp import start_ingest
-    from dicom_node.store import InstanceStore
+    from dicom_node.node import Node
 
-    lock = _lock_data_dir(settings.node.data_dir)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    store = InstanceStore(settings.node.data_dir, settings.store.min_free_space)
-    clean = False
+    node = Node(settings, steps)
+    node.start()
+    logger.info("dicom-node %s ready (config %s, data_dir %s)", __version__, settings.source,
+                settings.node.data_dir)
     try:
-        store.recover()
-        server = start_ingest(settings, store)
-        logger.info("dicom-node %s ready (config %s, data_dir %s)", __version__,
-                    settings.source, settings.node.data_dir)
         stop.wait()
         logger.info("stopping")
-        server.stop(settings.ingest.shutdown_grace_seconds)
-        clean = True
     finally:
-        store.close(clean_shutdown=clean)
-        os.close(lock)
+        node.stop()
     logger.info("stopped")
     return 0
+
+
+def _open_queue(settings: Settings) -> JobQueue | None:
+    from dicom_node.jobs.sqlite import SQLiteJobBackend
+    from dicom_node.store.db import DATABASE_NAME
+
+    path = settings.node.data_dir / DATABASE_NAME
+    return JobQueue(SQLiteJobBackend(path)) if path.exists() else None
+
+
+def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """``dicom-node jobs list|show|requeue``: read and re-drive the job table of ``data_dir``."""
+    queue = _open_queue(settings)
+    if queue is None:
+        print(f"no jobs: {settings.node.data_dir} has no database yet", file=out)
+        return 0 if args.jobs_command == "list" else 1
+    try:
+        if args.jobs_command == "list":
+            state = JobState(args.state) if args.state else None
+            print(format_jobs(queue.list(state, args.limit)), file=out)
+            return 0
+        if args.jobs_command == "show":
+            job = queue.get(args.id)
+            if job is None:
+                raise JobError(f"job {args.id} does not exist")
+            print(format_job(job), file=out)
+            return 0
+        requeued = queue.requeue_failed() if args.failed else [queue.requeue(args.id)]
+        logger.info("operator requeued job(s) %s", [j.id for j in requeued])
+        print(f"requeued {len(requeued)} job(s): {' '.join(str(j.id) for j in requeued)}", file=out)
+        return 0
+    finally:
+        queue.backend.close()
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def format_jobs(jobs: Sequence[Job]) -> str:
+    """One line per job, for a terminal."""
+    lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2}  {'UPDATED':<19}  "
+             "SERIES / REASON"]
+    for j in jobs:
+        lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2}  "
+                     f"{_when(j.updated_at):<19}  {j.series_instance_uid}")
+        if j.reason:
+            lines.append(f"{'':>47}{j.reason}")
+    return "\n".join(lines) if jobs else "no jobs"
+
+
+def format_job(job: Job) -> str:
+    """Every field of one job, one per line."""
+    rows = [("id", job.id), ("state", job.state), ("reason", job.reason or "-"),
+            ("pipeline", job.pipeline or "-"), ("model", f"{job.model} {job.model_version}".strip() or "-"),
+            ("version", job.version), ("attempts", job.attempts), ("study", job.study_instance_uid),
+            ("series", job.series_instance_uid), ("instances", len(job.instance_uids)),
+            ("created", _when(job.created_at)), ("updated", _when(job.updated_at)),
+            ("finished", _when(job.finished_at)),
+            ("not before", _when(job.not_before)), ("lease owner", job.lease_owner or "-")]
+    rows += [(f"time {step}", f"{seconds:.3f} s") for step, seconds in job.timings.items()]
+    rows += [("instance", uid) for uid in job.instance_uids]
+    return "\n".join(f"{name:<12} {value}" for name, value in rows)
 
 
 def echo(settings: Settings, peer: str, timeout: float, out: TextIO) -> int:

@@ -133,6 +133,25 @@ class StudySettings:
 
 
 @dataclass(frozen=True)
+class JobsSettings:
+    """``[jobs]``: retries, backoff and leases of the job queue."""
+
+    max_attempts: int = field(default=5, metadata=_check(_positive))
+    backoff_seconds: float = field(default=10.0, metadata=_check(_non_negative))
+    max_backoff_seconds: float = field(default=600.0, metadata=_check(_non_negative))
+    lease_seconds: float = field(default=60.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class WorkersSettings:
+    """``[workers]``: the threads that run jobs inside ``dicom-node serve``."""
+
+    count: int = field(default=0, metadata=_check(_non_negative))
+    poll_seconds: float = field(default=1.0, metadata=_check(_positive))
+    shutdown_grace_seconds: float = field(default=30.0, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
 class WebSettings:
     """``[web]``: the dashboard and JSON API."""
 
@@ -208,6 +227,8 @@ class Settings:
     store: StoreSettings = StoreSettings()
     models: ModelsSettings = ModelsSettings()
     study: StudySettings = StudySettings()
+    jobs: JobsSettings = JobsSettings()
+    workers: WorkersSettings = WorkersSettings()
     web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: tuple[Destination, ...] = ()

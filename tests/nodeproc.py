@@ -26,6 +26,9 @@ level = "INFO"
 """
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,11 +50,16 @@ def echo_ok(port: int, timeout: float = 2.0) -> bool:
 class NodeProcess:
     """``dicom-node serve`` in a child process; a context manager that always stops it."""
 
-    def __init__(self, folder: Path, grace: float = 5.0, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, folder: Path, grace: float = 5.0, extra_args: tuple[str, ...] = (),
+        extra_config: str = "", module: str = "dicom_node", env: dict[str, str] | None = None,
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.config = folder / "node.toml"
         if not self.config.exists():
-            self.config.write_text(CONFIG.format(grace=grace))
+            self.config.write_text(CONFIG.format(grace=grace) + extra_config)
+        self.module = module
+        self.env = env or {}
         self.data_dir = folder / "data"
         self.port = free_port()
         self.log = folder / "node.log"
@@ -59,11 +67,12 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> "NodeProcess":
-        args = [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config),
+        args = [sys.executable, "-m", self.module, "serve", "--config", str(self.config),
                 "--port", str(self.port), *self.extra_args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**env, **self.env}, cwd=REPO)
         deadline = time.monotonic() + timeout
         while not echo_ok(self.port):
             if self.proc.poll() is not None:

@@ -121,3 +121,39 @@ def test_module_entry_point_and_version() -> None:
     result = subprocess.run([sys.executable, "-m", "dicom_node", "--version"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("dicom-node ")
+
+
+def test_jobs_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.errors import PermanentError
+    from dicom_node.jobs.queue import JobQueue, JobSpec
+    from dicom_node.jobs.sqlite import SQLiteJobBackend
+
+    data = tmp_path / "data"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data}"\n')
+    assert main(["jobs", "list", "--config", str(config)]) == 0
+    assert "has no database yet" in capsys.readouterr().out
+
+    data.mkdir()
+    backend = SQLiteJobBackend(data / "index.sqlite")
+    queue = JobQueue(backend)
+    for series in ("1.2.3", "1.2.4"):
+        queue.enqueue(JobSpec("1.2", series, (series + ".1",), pipeline="chest", model="demo"))
+    failed = queue.claim("w")
+    assert failed is not None
+    queue.fail(failed.id, "w", PermanentError("not a chest radiograph"), {"collect": 0.012})
+    backend.close()
+
+    assert main(["jobs", "list", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "queued" in out and "not a chest radiograph" in out
+    assert main(["jobs", "list", "--state", "failed", "--config", str(config)]) == 0
+    assert "queued" not in capsys.readouterr().out
+    assert main(["jobs", "show", str(failed.id), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "time collect" in out and "0.012 s" in out and "1.2.3.1" in out
+    assert main(["jobs", "show", "99", "--config", str(config)]) == 1
+    assert main(["jobs", "requeue", "--failed", "--config", str(config)]) == 0
+    assert f"requeued 1 job(s): {failed.id}" in capsys.readouterr().out
+    assert main(["jobs", "requeue", str(failed.id), "--config", str(config)]) == 1
+    assert "only failed, dead or done jobs" in capsys.readouterr().err

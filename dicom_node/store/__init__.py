@@ -23,6 +23,7 @@ from pathlib import Path
 from pydicom.dataset import FileMetaDataset
 
 from dicom_node.errors import RetryableError
+from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.files import (
     FileArea,
     InstanceHeader,
@@ -80,7 +81,7 @@ class InstanceStore:
         self.min_free_space = min_free_space
         self.clock = clock
         self.files = FileArea(data_dir)
-        self.index = Index(data_dir / "index.sqlite", synchronous="NORMAL")
+        self.index = Index(data_dir / DATABASE_NAME, synchronous="NORMAL")
         self._clean_marker = data_dir / "clean-shutdown"
 
     def close(self, clean_shutdown: bool = False) -> None:

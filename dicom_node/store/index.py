@@ -1,15 +1,12 @@
-"""The SQLite index of stored studies, series and instances.
+"""The SQLite index of stored studies, series and instances (component ``store`` of the node's
+database; :data:`_MIGRATIONS` brings older files up)."""
 
-One database file, ``<data_dir>/index.sqlite``, in WAL mode. Later modules (jobs, outbox) keep
-their tables in the same file. The schema version is ``PRAGMA user_version``; :data:`_MIGRATIONS`
-brings older files up.
-"""
-
-import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+
+from dicom_node.store.db import connect, migrate
 
 _MIGRATIONS = (
     """
@@ -30,6 +27,7 @@ _MIGRATIONS = (
         last_received_at REAL NOT NULL
     );
     CREATE INDEX series_by_study ON series (study_instance_uid);
+    CREATE INDEX series_by_last_received ON series (last_received_at);
     CREATE TABLE instances (
         sop_instance_uid TEXT PRIMARY KEY,
         sop_class_uid TEXT NOT NULL,
@@ -88,29 +86,12 @@ class SeriesRecord:
 _INSTANCE_COLUMNS = ", ".join(f.name for f in fields(InstanceRecord))
 
 
-def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
-    """Open the node's database with the settings every user of it needs, migrated.
-
-    ``synchronous="FULL"`` makes every commit survive a power cut; ``"NORMAL"`` (in WAL mode)
-    survives a crash of the process but may lose the last commits on a power cut.
-    """
-    if synchronous not in ("FULL", "NORMAL"):
-        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
-    conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-        conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
-    return conn
-
-
 class Index:
     """Records of stored instances; safe to share between the SCP's association threads."""
 
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self._conn = connect(path, synchronous)
+        migrate(self._conn, "store", _MIGRATIONS)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -188,6 +169,17 @@ class Index:
             args = (study_instance_uid,)
         with self._lock:
             rows = self._conn.execute(query + " ORDER BY s.first_received_at", args).fetchall()
+        return [SeriesRecord(*row) for row in rows]
+
+    def series_received_between(self, after: float, until: float) -> list[SeriesRecord]:
+        """Series whose last instance arrived in ``(after, until]``, oldest arrival first."""
+        query = (
+            "SELECT s.*, (SELECT count(*) FROM instances i "
+            "WHERE i.series_instance_uid = s.series_instance_uid) FROM series s "
+            "WHERE s.last_received_at > ? AND s.last_received_at <= ? ORDER BY s.last_received_at"
+        )
+        with self._lock:
+            rows = self._conn.execute(query, (after, until)).fetchall()
         return [SeriesRecord(*row) for row in rows]
 
     def counts(self) -> tuple[int, int, int]:

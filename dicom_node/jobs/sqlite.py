@@ -1,0 +1,138 @@
+"""The job backend in the node's SQLite database (component ``jobs``), the default."""
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from dicom_node.jobs.queue import Job, JobSpec, JobState
+from dicom_node.store.db import connect, migrate
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL UNIQUE,
+        study_instance_uid TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        instance_uids TEXT NOT NULL,
+        pipeline TEXT NOT NULL,
+        model TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        not_before REAL NOT NULL,
+        lease_owner TEXT NOT NULL,
+        lease_expires_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        timings TEXT NOT NULL
+    );
+    CREATE INDEX jobs_by_state ON jobs (state);
+    CREATE INDEX jobs_by_series ON jobs (series_instance_uid, pipeline);
+    CREATE TABLE scheduler_state (
+        name TEXT PRIMARY KEY,
+        value REAL NOT NULL
+    );
+    """,
+)
+_COLUMNS = (
+    "id, key, study_instance_uid, series_instance_uid, instance_uids, pipeline, model, "
+    "model_version, version, state, reason, attempts, not_before, lease_owner, lease_expires_at, "
+    "created_at, updated_at, finished_at, timings"
+)
+
+
+def _job(row: tuple) -> Job:
+    values = list(row)
+    values[4] = tuple(json.loads(values[4]))
+    values[9] = JobState(values[9])
+    values[18] = json.loads(values[18])
+    return Job(*values)
+
+
+class SQLiteJobBackend:
+    """Job records in ``jobs``; every commit is durable (``synchronous=FULL``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path, synchronous="FULL")
+        migrate(self.conn, "jobs", _MIGRATIONS)
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self.conn.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self.conn.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self.conn.execute("COMMIT")
+
+    def insert(self, spec: JobSpec, version: int, now: float) -> Job | None:
+        finished = now if spec.state == JobState.NOT_ROUTED else 0.0
+        try:
+            cursor = self.conn.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) "
+                "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', 0, ?, ?, ?, '{}')",
+                (spec.key, spec.study_instance_uid, spec.series_instance_uid,
+                 json.dumps(list(spec.instance_uids)), spec.pipeline, spec.model, spec.model_version,
+                 version, str(spec.state), spec.reason, now, now, finished),
+            )
+        except sqlite3.IntegrityError:
+            return None  # the same idempotency key: this work is recorded already
+        assert cursor.lastrowid is not None
+        return self.get(cursor.lastrowid)
+
+    def versions(self, series_instance_uid: str, pipeline: str) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM jobs WHERE series_instance_uid = ? AND pipeline = ?",
+            (series_instance_uid, pipeline),
+        ).fetchone()
+        return int(row[0])
+
+    def get(self, job_id: int) -> Job | None:
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def save(self, job: Job) -> None:
+        self.conn.execute(
+            "UPDATE jobs SET state = ?, reason = ?, attempts = ?, not_before = ?, lease_owner = ?, "
+            "lease_expires_at = ?, updated_at = ?, finished_at = ?, timings = ? WHERE id = ?",
+            (str(job.state), job.reason, job.attempts, job.not_before, job.lease_owner,
+             job.lease_expires_at, job.updated_at, job.finished_at, json.dumps(job.timings), job.id),
+        )
+
+    def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]:
+        marks = ", ".join("?" * len(states))
+        query = f"SELECT {_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id DESC"
+        args: list[object] = [str(s) for s in states]
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        return [_job(row) for row in self.conn.execute(query, args).fetchall()]
+
+    def watermark(self) -> float:
+        row = self.conn.execute("SELECT value FROM scheduler_state WHERE name = 'watermark'").fetchone()
+        return float(row[0]) if row else 0.0
+
+    def set_watermark(self, value: float) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO scheduler_state VALUES ('watermark', ?)", (value,))

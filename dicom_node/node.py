@@ -1,0 +1,135 @@
+"""The embedded default: one process running the SCP, the scheduler and the workers.
+
+Everything shares one data folder (files + SQLite). :class:`Node` only wires the parts together
+and starts and stops them in the right order; each part can be run on its own in tests.
+"""
+
+import fcntl
+import importlib.util
+import logging
+import os
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+from dicom_node import pipeline
+from dicom_node.config import Settings
+from dicom_node.errors import ConfigError
+from dicom_node.ingest.scp import IngestServer, start_ingest
+from dicom_node.jobs.queue import JobQueue, QueuePolicy
+from dicom_node.jobs.scheduler import Scheduler
+from dicom_node.jobs.sqlite import SQLiteJobBackend
+from dicom_node.jobs.worker import Worker
+from dicom_node.store import InstanceStore
+from dicom_node.store.db import DATABASE_NAME
+
+logger = logging.getLogger(__name__)
+
+
+def model_version(models_dir: Path, name: str) -> str:
+    """The ``version`` a model's manifest declares, or ``"unversioned"`` if it has none."""
+    manifest = models_dir / name / "model.toml"
+    try:
+        with manifest.open("rb") as fh:
+            return str(tomllib.load(fh).get("version", "unversioned"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return "unversioned"
+
+
+def default_worker_count() -> int:
+    """One worker per GPU when CUDA is available, else one."""
+    if importlib.util.find_spec("torch") is None:
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data folder so two nodes never share it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{data_dir}: data_dir is in use by another dicom-node process") from None
+    return fd
+
+
+def tick_interval(stable_seconds: float) -> float:
+    """How often the scheduler looks for complete series."""
+    return min(1.0, max(0.1, stable_seconds / 4))
+
+
+class Node:
+    """The whole node in one process: SCP threads, a scheduler thread and worker threads."""
+
+    def __init__(
+        self, settings: Settings, steps: Sequence[tuple[str, pipeline.Step]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.steps = list(steps) if steps is not None else pipeline.default_steps()
+        self.clock = clock
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock_fd: int | None = None
+        self.ingest: IngestServer | None = None
+
+    def start(self) -> None:
+        """Recover from any earlier crash, then start receiving and working."""
+        s = self.settings
+        self._lock_fd = lock_data_dir(s.node.data_dir)
+        self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock)
+        self.store.recover()
+        self.backend = SQLiteJobBackend(s.node.data_dir / DATABASE_NAME)
+        policy = QueuePolicy(s.jobs.max_attempts, s.jobs.backoff_seconds,
+                             s.jobs.max_backoff_seconds, s.jobs.lease_seconds)
+        self.queue = JobQueue(self.backend, policy, clock=self.clock)
+        released = self.queue.release_running()
+        if released:
+            logger.warning("%d job(s) interrupted by the last stop are queued again", released)
+        self.ingest = start_ingest(s, self.store)
+        self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
+                                   partial(model_version, s.models.dir), clock=self.clock)
+        self._spawn("scheduler", self._schedule_loop)
+        runner = partial(pipeline.run, settings=s, store=self.store, steps=self.steps)
+        for i in range(s.workers.count or default_worker_count()):
+            worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
+            self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds))
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _schedule_loop(self) -> None:
+        interval = tick_interval(self.settings.study.stable_seconds)
+        while not self._stop.wait(interval):
+            try:
+                self.scheduler.tick()
+            except Exception:
+                logger.exception("scheduler tick failed; trying again")
+
+    def stop(self) -> None:
+        """Stop receiving, let running jobs finish within the grace, release the rest, close."""
+        s = self.settings
+        if self.ingest is not None:
+            self.ingest.stop(s.ingest.shutdown_grace_seconds)
+        self._stop.set()
+        deadline = time.monotonic() + s.workers.shutdown_grace_seconds
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        busy = [t.name for t in self._threads if t.is_alive()]
+        clean = not busy
+        if busy:
+            released = self.queue.release_running("the node stopped before the job finished")
+            logger.warning("%s still busy at stop; %d job(s) queued again", busy, released)
+        self.backend.close()
+        self.store.close(clean_shutdown=clean)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)

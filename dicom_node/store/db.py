@@ -1,0 +1,51 @@
+"""The node's SQLite database: one file, ``<data_dir>/index.sqlite``, shared by the store's index,
+the job queue and (later) the outbox. Each component migrates its own tables."""
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+DATABASE_NAME = "index.sqlite"
+
+
+def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
+    """Open the database in WAL mode, in autocommit mode (explicit ``BEGIN``), shareable by threads.
+
+    ``synchronous="FULL"`` makes every commit survive a power cut; ``"NORMAL"`` (in WAL mode)
+    survives a crash of the process but may lose the last commits on a power cut.
+    """
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+    conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER)"
+    )
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str]) -> None:
+    """Run the scripts of ``migrations`` that ``component``'s tables have not had yet."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute(
+            "SELECT version FROM schema_versions WHERE component = ?", (component,)
+        ).fetchone()
+        version = row[0] if row else 0
+        if version > len(migrations):
+            raise RuntimeError(
+                f"{component} tables are at schema version {version}, newer than this software "
+                f"({len(migrations)}); upgrade dicom-node"
+            )
+        for script in migrations[version:]:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute(
+            "INSERT OR REPLACE INTO schema_versions VALUES (?, ?)", (component, len(migrations))
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

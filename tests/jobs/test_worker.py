@@ -1,0 +1,86 @@
+"""Workers: run a claimed job to its end, record failures with their timings, keep the lease."""
+
+import threading
+import time
+
+from dicom_node.errors import PermanentError
+from dicom_node.jobs.memory import MemoryJobBackend
+from dicom_node.jobs.queue import Job, JobQueue, JobSpec, JobState, QueuePolicy
+from dicom_node.jobs.worker import Worker
+from tests.jobs.conftest import POLICY, FakeClock
+
+
+def queue_with_job(policy: QueuePolicy = POLICY, clock=None) -> JobQueue:
+    queue = JobQueue(MemoryJobBackend(), policy, **({"clock": clock} if clock else {}))
+    queue.enqueue(JobSpec("1.2", "1.2.3", ("1.2.3.4",), pipeline="p", model="m", model_version="1"))
+    return queue
+
+
+def test_run_once_completes_the_job_with_its_step_timings(clock: FakeClock) -> None:
+    queue = queue_with_job(clock=clock)
+    seen: list[Job] = []
+
+    def runner(job: Job, timings: dict[str, float]) -> None:
+        seen.append(job)
+        timings["collect"] = 0.25
+
+    job = Worker(queue, runner, "w").run_once()
+    assert job is not None and job.state == JobState.DONE and job.timings == {"collect": 0.25}
+    assert seen[0].state == JobState.RUNNING
+    assert Worker(queue, runner, "w").run_once() is None  # nothing left
+
+
+def test_failures_are_recorded_with_partial_timings(clock: FakeClock) -> None:
+    queue = queue_with_job(clock=clock)
+
+    def runner(job: Job, timings: dict[str, float]) -> None:
+        timings["collect"] = 0.1
+        raise PermanentError("photometric interpretation not supported")
+
+    job = Worker(queue, runner, "w").run_once()
+    assert job is not None and job.state == JobState.FAILED
+    assert job.reason == "PermanentError: photometric interpretation not supported"
+    assert job.timings == {"collect": 0.1}
+
+
+def test_an_unexpected_error_is_retried_later(clock: FakeClock) -> None:
+    queue = queue_with_job(clock=clock)
+
+    def runner(job: Job, timings: dict[str, float]) -> None:
+        raise MemoryError("out of memory")
+
+    job = Worker(queue, runner, "w").run_once()
+    assert job is not None and job.state == JobState.QUEUED and job.not_before > clock.now
+
+
+def test_heartbeats_keep_a_long_job_leased() -> None:
+    queue = queue_with_job(QueuePolicy(lease_seconds=0.3))
+    release = threading.Event()
+    expiries: list[float] = []
+
+    def runner(job: Job, timings: dict[str, float]) -> None:
+        deadline = time.monotonic() + 10
+        while len(set(expiries)) < 3 and time.monotonic() < deadline:
+            current = queue.get(job.id)
+            assert current is not None
+            expiries.append(current.lease_expires_at)
+            release.wait(0.02)
+
+    job = Worker(queue, runner, "w").run_once()
+    assert len(set(expiries)) >= 3  # the lease was extended while the job ran
+    assert job is not None and job.state == JobState.DONE
+
+
+def test_run_until_stops_when_asked() -> None:
+    queue = queue_with_job()
+    stop = threading.Event()
+    ran: list[int] = []
+
+    def runner(job: Job, timings: dict[str, float]) -> None:
+        ran.append(job.id)
+        stop.set()
+
+    thread = threading.Thread(target=Worker(queue, runner, "w").run_until, args=(stop, 0.01))
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and ran == [1]
