@@ -1,0 +1,201 @@
+"""Model manifests: ``models/<name>/model.toml``, read strictly.
+
+Every problem raises :class:`ModelError` naming the file, the key, the value and what was
+expected, on one line. Example::
+
+    name = "demo-cxr"
+    version = "1.0.0"
+    architecture = "small_cnn"
+    weights = "weights.pt"
+    sha256 = "3f5c..."
+    cam_layer = "features.conv3"
+    intended_use = "Research demo trained on synthetic phantoms, not for clinical use."
+
+    [input]
+    size = 256
+    channels = 1
+    normalization = "zero_one"   # zero_one | imagenet | xrv
+    multiframe = "middle"        # middle | all
+    # window_center / window_width: used when the file has no VOI window
+
+    [scope]
+    modalities = ["CR", "DX"]
+    body_parts = ["CHEST"]
+
+    [[labels]]
+    name = "nodule"
+    threshold = 0.5
+    code = ["SCT", "27925004", "Nodule"]   # optional: coding scheme, value, meaning
+"""
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError
+
+ARCHITECTURES = ("small_cnn", "densenet121", "resnet18", "resnet50", "efficientnet_b0", "torchscript")
+NORMALIZATIONS = ("zero_one", "imagenet", "xrv")
+MULTIFRAME_POLICIES = ("middle", "all")
+
+
+class ModelError(ConfigError):
+    """A model manifest or its weights are not usable."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """One output of a multi-label model."""
+
+    name: str
+    threshold: float = 0.5
+    code: tuple[str, str, str] | None = None  # (coding scheme designator, value, meaning)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How DICOM pixels become the model's input tensor."""
+
+    size: int
+    channels: int = 1
+    normalization: str = "zero_one"
+    multiframe: str = "middle"
+    window_center: float | None = None
+    window_width: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """A validated ``model.toml``; paths are absolute."""
+
+    path: Path
+    name: str
+    version: str
+    architecture: str
+    weights: Path
+    sha256: str
+    labels: tuple[Label, ...]
+    input: InputSpec
+    cam_layer: str
+    intended_use: str
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(label.name for label in self.labels)
+
+
+class _Reader:
+    """Typed access to a TOML table that reports mistakes with file and key."""
+
+    def __init__(self, path: Path, table: dict[str, Any], prefix: str = "") -> None:
+        self.path, self.table, self.prefix = path, table, prefix
+
+    def fail(self, key: str, expected: str) -> ModelError:
+        value = self.table.get(key, "<missing>")
+        return ModelError(
+            f"{self.path}: key '{self.prefix}{key}' = {value!r} is invalid; expected {expected}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], expected: str, default: Any = ...) -> Any:
+        if key not in self.table:
+            if default is ...:
+                raise ModelError(f"{self.path}: required key '{self.prefix}{key}' is missing ({expected})")
+            return default
+        value = self.table[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise self.fail(key, expected)
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: Any = ...) -> str:
+        value = self.get(key, str, f"one of {list(allowed)}", default)
+        if value not in allowed:
+            raise self.fail(key, f"one of {list(allowed)}")
+        return str(value)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.get(key, list, "a list of strings", [])
+        if not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "a list of strings")
+        return tuple(value)
+
+    def sub(self, key: str) -> "_Reader":
+        return _Reader(self.path, self.get(key, dict, f"a table [{key}]", {}), f"{self.prefix}{key}.")
+
+
+def _labels(reader: _Reader) -> tuple[Label, ...]:
+    entries = reader.get("labels", list, "an array of tables [[labels]] with name and threshold")
+    labels = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise reader.fail("labels", "an array of tables [[labels]]")
+        item = _Reader(reader.path, entry, f"labels[{i}].")
+        threshold = float(item.get("threshold", (int, float), "a number in (0, 1)", 0.5))
+        if not 0 < threshold < 1:
+            raise item.fail("threshold", "a number in (0, 1)")
+        code = item.get("code", list, "[scheme, value, meaning]", None)
+        if code is not None and (len(code) != 3 or not all(isinstance(c, str) and c for c in code)):
+            raise item.fail("code", "[scheme, value, meaning], three non-empty strings")
+        labels.append(Label(item.get("name", str, "a label name"), threshold,
+                            tuple(code) if code else None))
+    names = [label.name for label in labels]
+    if not labels or len(set(names)) != len(names):
+        raise reader.fail("labels", "at least one label, names unique")
+    return tuple(labels)
+
+
+def _input(reader: _Reader) -> InputSpec:
+    size = reader.get("size", int, "the input side in pixels, 32 to 4096")
+    channels = reader.get("channels", int, "1 or 3", 1)
+    if not 32 <= size <= 4096:
+        raise reader.fail("size", "the input side in pixels, 32 to 4096")
+    if channels not in (1, 3):
+        raise reader.fail("channels", "1 or 3")
+    center = reader.get("window_center", (int, float), "a number", None)
+    width = reader.get("window_width", (int, float), "a number greater than 1", None)
+    if (center is None) != (width is None) or (width is not None and width <= 1):
+        raise reader.fail("window_width", "window_center and window_width together, width > 1")
+    return InputSpec(size, channels, reader.choice("normalization", NORMALIZATIONS, "zero_one"),
+                     reader.choice("multiframe", MULTIFRAME_POLICIES, "middle"),
+                     None if center is None else float(center), None if width is None else float(width))
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    """Read and check one ``model.toml`` (the weights file is checked by the registry).
+
+    Raises
+    ------
+    ModelError
+        Naming the file, the key, the value and what was expected.
+    """
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read model manifest ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelError(f"{path}: not valid TOML ({exc})") from None
+    top = _Reader(path, document)
+    known = {"name", "version", "architecture", "weights", "sha256", "labels", "input", "cam_layer",
+             "intended_use", "scope"}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise ModelError(f"{path}: unknown key(s) {unknown}; expected keys from {sorted(known)}")
+    sha256 = top.get("sha256", str, "the weights file's SHA-256, 64 hex digits").lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise top.fail("sha256", "the weights file's SHA-256, 64 hex digits")
+    scope = top.sub("scope")
+    return ModelManifest(
+        path=path,
+        name=top.get("name", str, "the model's name"),
+        version=top.get("version", str, "a version string"),
+        architecture=top.choice("architecture", ARCHITECTURES),
+        weights=(path.parent / top.get("weights", str, "the weights file, relative to the manifest")),
+        sha256=sha256,
+        labels=_labels(top),
+        input=_input(top.sub("input")),
+        cam_layer=top.get("cam_layer", str, "the name of the layer CAM methods use"),
+        intended_use=top.get("intended_use", str, "the intended-use statement"),
+        modalities=scope.strings("modalities"),
+        body_parts=scope.strings("body_parts"),
+    )

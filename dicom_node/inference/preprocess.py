@@ -1,0 +1,216 @@
+"""DICOM pixels to model input, and the exact map from model pixels back to source pixels.
+
+Per frame: decode (every transfer syntax pydicom's plugins handle), Modality LUT (Rescale
+Slope/Intercept), then for grayscale the VOI: the file's window (or VOI LUT), else the manifest's,
+else a robust percentile window; MONOCHROME1 inverted after the VOI, as a viewer does. Colour
+(RGB, YBR converted by the decoder, PALETTE COLOR through its LUT) is scaled to [0, 1]. Then a
+letterbox resize to the model's square input (aspect ratio kept, centred, black padding) whose
+:class:`LetterboxMap` maps any model coordinate to the source grid and back.
+
+Coordinates are continuous: pixel ``(row i, column j)`` covers ``[j, j+1) x [i, i+1)``, so the
+image's top-left corner is ``(0, 0)`` and its bottom-right corner ``(columns, rows)``.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from pydicom import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+from dicom_node.errors import PermanentError
+from dicom_node.inference.manifest import InputSpec
+
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class LetterboxMap:
+    """Where a source image sits in the model's square input.
+
+    ``model = source * scale + pad`` per axis, in continuous pixel coordinates.
+    """
+
+    source_shape: tuple[int, int]  # (rows, columns)
+    size: int
+    scale_x: float
+    scale_y: float
+    pad_x: int
+    pad_y: int
+
+    @classmethod
+    def fit(cls, rows: int, columns: int, size: int) -> "LetterboxMap":
+        scale = size / max(rows, columns)
+        width, height = max(1, round(columns * scale)), max(1, round(rows * scale))
+        return cls((rows, columns), size, width / columns, height / rows,
+                   (size - width) // 2, (size - height) // 2)
+
+    @property
+    def resized_shape(self) -> tuple[int, int]:
+        rows, columns = self.source_shape
+        return round(rows * self.scale_y), round(columns * self.scale_x)
+
+    def model_to_source(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple:
+        return (np.subtract(x, self.pad_x) / self.scale_x, np.subtract(y, self.pad_y) / self.scale_y)
+
+    def source_to_model(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple:
+        return (np.multiply(x, self.scale_x) + self.pad_x, np.multiply(y, self.scale_y) + self.pad_y)
+
+    def warp_to_source(self, model_array: np.ndarray) -> np.ndarray:
+        """Resample a (size, size) array on the model grid onto the source grid (bilinear)."""
+        # cv2 puts pixel centres at integers; ours are at +0.5, hence the shifted offsets.
+        matrix = np.array([
+            [self.scale_x, 0.0, self.pad_x + 0.5 * self.scale_x - 0.5],
+            [0.0, self.scale_y, self.pad_y + 0.5 * self.scale_y - 0.5],
+        ])
+        rows, columns = self.source_shape
+        return cv2.warpAffine(model_array.astype(np.float32), matrix, (columns, rows),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REPLICATE)
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """One frame, ready for the model."""
+
+    array: np.ndarray  # (channels, size, size) float32, normalised as the manifest says
+    map: LetterboxMap
+    sop_instance_uid: str
+    frame: int
+    window: tuple[float, float] | None  # (center, width) applied, if any
+    window_source: str  # "file", "voi-lut", "manifest", "percentile" or "colour"
+
+
+def _frames(ds: Dataset, policy: str) -> list[int]:
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    return list(range(count)) if policy == "all" else [count // 2]
+
+
+def _decode(ds: Dataset, frame: int) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise PermanentError("no Pixel Data: not an image")
+    try:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            return pixel_array(ds, index=frame)
+        return ds.pixel_array
+    except Exception as exc:  # decoders raise many types for damaged or unsupported data
+        raise PermanentError(f"cannot decode pixel data ({ds.file_meta.TransferSyntaxUID.name}): "
+                             f"{str(exc).splitlines()[0]}") from None
+
+
+def window_linear(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID VOI to [0, 1]."""
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        out = (values - center) / width + 0.5
+    else:
+        out = (values - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _first(value: object) -> float:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return float(value[0])
+    return float(value)  # type: ignore[arg-type]
+
+
+Unit = tuple[np.ndarray, tuple[float, float] | None, str]  # values in [0, 1], window, its source
+
+
+def _grayscale(ds: Dataset, raw: np.ndarray, spec: InputSpec) -> Unit:
+    values = apply_modality_lut(raw, ds).astype(np.float32)
+    if "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        unit = window_linear(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+        window, source = (center, width), "file"
+    elif "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        unit = (apply_voi_lut(raw, ds, prefer_lut=True).astype(np.float32) / (2**bits - 1)).clip(0, 1)
+        window, source = None, "voi-lut"
+    elif spec.window_center is not None and spec.window_width is not None:
+        window, source = (spec.window_center, spec.window_width), "manifest"
+        unit = window_linear(values, *window)
+    else:
+        low, high = np.percentile(values, PERCENTILES)
+        width = max(float(high - low), 1.0)
+        window, source = ((float(low) + float(high)) / 2, width), "percentile"
+        unit = window_linear(values, window[0], window[1] + 1)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit, window, source
+
+
+def _colour(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        rgb = apply_color_lut(raw, ds)
+        return (rgb.astype(np.float32) / (255.0 if rgb.dtype == np.uint8 else 65535.0)).clip(0, 1)
+    return (raw.astype(np.float32) / float(2 ** int(ds.BitsStored) - 1)).clip(0, 1)
+
+
+def to_unit(ds: Dataset, raw: np.ndarray, spec: InputSpec) -> Unit:
+    """A decoded frame as display values in [0, 1]: (rows, columns) or (rows, columns, 3)."""
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric in GRAYSCALE:
+        return _grayscale(ds, raw, spec)
+    if photometric in COLOUR:
+        return _colour(ds, raw), None, "colour"
+    raise PermanentError(f"photometric interpretation {photometric!r} is not supported")
+
+
+def _channels(unit: np.ndarray, channels: int) -> np.ndarray:
+    if unit.ndim == 3 and channels == 1:
+        unit = unit @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if unit.ndim == 2:
+        unit = unit[:, :, None]
+    if unit.shape[2] != channels:
+        unit = np.repeat(unit, channels, axis=2)
+    return unit
+
+
+def letterbox(unit: np.ndarray, size: int) -> tuple[np.ndarray, LetterboxMap]:
+    """Resize (aspect kept) and centre ``unit`` (rows, columns, channels) in a black square."""
+    mapping = LetterboxMap.fit(unit.shape[0], unit.shape[1], size)
+    height, width = mapping.resized_shape
+    shrinking = height < unit.shape[0]
+    resized = cv2.resize(unit, (width, height),
+                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    out = np.zeros((size, size, unit.shape[2]), dtype=np.float32)
+    out[mapping.pad_y:mapping.pad_y + height, mapping.pad_x:mapping.pad_x + width] = resized.reshape(
+        height, width, unit.shape[2])
+    return out, mapping
+
+
+def normalise(square: np.ndarray, convention: str) -> np.ndarray:
+    """(size, size, channels) in [0, 1] -> (channels, size, size) in the model's convention."""
+    if convention == "imagenet":
+        channels = square.shape[2]
+        mean = IMAGENET_MEAN if channels == 3 else IMAGENET_MEAN.mean(keepdims=True)
+        std = IMAGENET_STD if channels == 3 else IMAGENET_STD.mean(keepdims=True)
+        square = (square - mean) / std
+    elif convention == "xrv":
+        square = (2.0 * square - 1.0) * 1024.0
+    return np.ascontiguousarray(square.transpose(2, 0, 1), dtype=np.float32)
+
+
+def preprocess(ds: Dataset, spec: InputSpec) -> list[Preprocessed]:
+    """Every frame the manifest's multi-frame policy selects, ready for the model.
+
+    Raises
+    ------
+    PermanentError
+        If the instance has no pixels, cannot be decoded, or has an unsupported photometric
+        interpretation; the reason names which.
+    """
+    out = []
+    for frame in _frames(ds, spec.multiframe):
+        unit, window, source = to_unit(ds, _decode(ds, frame), spec)
+        square, mapping = letterbox(_channels(unit, spec.channels), spec.size)
+        out.append(Preprocessed(normalise(square, spec.normalization), mapping,
+                                str(ds.SOPInstanceUID), frame, window, source))
+    return out

@@ -1,0 +1,114 @@
+"""The model repository: ``<models.dir>/<name>/model.toml`` plus weights and ``MODEL_CARD.md``.
+
+:meth:`ModelRegistry.verify` checks every model at start-up (manifest, weights file and its
+sha256, that the weights fit the architecture, that the model has one output per label and that
+the CAM layer exists) and raises one :class:`ModelError` naming the file and key.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dicom_node.inference.architectures import build
+from dicom_node.inference.manifest import ModelError, ModelManifest, load_manifest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run: eval mode, on its device, with its manifest."""
+
+    manifest: ModelManifest
+    module: nn.Module
+    device: torch.device
+
+
+class ModelRegistry:
+    """The models in one repository folder, read from their manifests.
+
+    Parameters
+    ----------
+    directory
+        The repository: one folder per model, each with a ``model.toml``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.manifests: dict[str, ModelManifest] = {}
+        if not directory.is_dir():
+            return
+        for path in sorted(directory.glob("*/model.toml")):
+            manifest = load_manifest(path)
+            if manifest.name != path.parent.name:
+                raise ModelError(f"{path}: key 'name' = {manifest.name!r} is invalid; "
+                                 f"expected the folder's name {path.parent.name!r}")
+            self.manifests[manifest.name] = manifest
+
+    def names(self) -> list[str]:
+        return sorted(self.manifests)
+
+    def manifest(self, name: str) -> ModelManifest:
+        try:
+            return self.manifests[name]
+        except KeyError:
+            raise ModelError(f"{self.directory}: no model {name!r}; "
+                             f"the repository has {self.names()}") from None
+
+    def load(self, name: str, device: torch.device | str = "cpu") -> LoadedModel:
+        """Build the model, load and check its weights, and move it to ``device`` in eval mode."""
+        manifest = self.manifest(name)
+        if not manifest.weights.is_file():
+            raise ModelError(f"{manifest.path}: key 'weights' = {manifest.weights.name!r} is invalid; "
+                             "expected an existing file next to the manifest")
+        actual = sha256_of(manifest.weights)
+        if actual != manifest.sha256:
+            raise ModelError(f"{manifest.path}: key 'sha256' = {manifest.sha256!r} does not match the "
+                             f"weights file (sha256 {actual}); the file changed or the manifest is wrong")
+        try:
+            module = build(manifest.architecture, len(manifest.labels), manifest.input.channels,
+                           manifest.weights)
+        except ValueError as exc:
+            raise ModelError(f"{manifest.path}: key 'weights' = {manifest.weights.name!r}: {exc}") from None
+        _check_layer(manifest, module)
+        module = module.to(device).eval()
+        _check_outputs(manifest, module, torch.device(device))
+        return LoadedModel(manifest, module, torch.device(device))
+
+    def verify(self) -> list[ModelManifest]:
+        """Load every model once on the CPU; raise on the first that is not usable."""
+        for name in self.names():
+            self.load(name)
+        return [self.manifests[n] for n in self.names()]
+
+
+def _check_layer(manifest: ModelManifest, module: nn.Module) -> None:
+    layers = dict(module.named_modules())
+    if manifest.cam_layer not in layers:
+        candidates = [n for n, m in layers.items() if isinstance(m, nn.Conv2d | nn.Sequential) and n][-5:]
+        raise ModelError(f"{manifest.path}: key 'cam_layer' = {manifest.cam_layer!r} is invalid; "
+                         f"expected a layer of the model, e.g. one of {candidates}")
+
+
+def _check_outputs(manifest: ModelManifest, module: nn.Module, device: torch.device) -> None:
+    spec = manifest.input
+    probe = torch.zeros(1, spec.channels, spec.size, spec.size, device=device)
+    try:
+        with torch.inference_mode():
+            out = module(probe)
+    except Exception as exc:  # a foreign TorchScript file may fail in any way
+        raise ModelError(f"{manifest.path}: the model fails on a {tuple(probe.shape)} input: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != len(manifest.labels):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"{manifest.path}: key 'labels' lists {len(manifest.labels)} labels but the "
+                         f"model outputs {shape}; expected (batch, {len(manifest.labels)})")

@@ -1,0 +1,105 @@
+"""Running models: device choice, models loaded once per runner, batched inference."""
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dicom_node.inference.preprocess import Preprocessed
+from dicom_node.inference.registry import LoadedModel, ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``"auto"``: the first CUDA device when there is one, else the CPU; or exactly what is asked.
+
+    Raises
+    ------
+    ValueError
+        If a CUDA device is asked for and none is available.
+    """
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} asked for, but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's output for one frame of one instance, with the provenance every output needs."""
+
+    sop_instance_uid: str
+    frame: int
+    model: str
+    model_version: str
+    weights_sha256: str
+    probabilities: dict[str, float]
+    thresholds: dict[str, float]
+
+    @property
+    def positives(self) -> list[str]:
+        """Labels at or above their manifest threshold."""
+        return [name for name, p in self.probabilities.items() if p >= self.thresholds[name]]
+
+
+class InferenceRunner:
+    """Runs the repository's models on one device; each model is loaded on first use, once.
+
+    One runner per worker thread: a loaded model is used by one thread at a time.
+
+    Parameters
+    ----------
+    registry
+        The model repository.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    batch_size
+        Frames per forward pass.
+    bf16
+        Autocast to bfloat16 on CUDA (ignored on the CPU).
+    """
+
+    def __init__(self, registry: ModelRegistry, device: str = "auto", batch_size: int = 16,
+                 bf16: bool = False) -> None:
+        self.registry = registry
+        self.device = select_device(device)
+        self.batch_size = batch_size
+        self.bf16 = bf16 and self.device.type == "cuda"
+        self._models: dict[str, LoadedModel] = {}
+
+    def model(self, name: str) -> LoadedModel:
+        if name not in self._models:
+            self._models[name] = self.registry.load(name, self.device)
+            logger.info("model %s %s loaded on %s", name, self._models[name].manifest.version, self.device)
+        return self._models[name]
+
+    def logits(self, name: str, inputs: Sequence[Preprocessed]) -> torch.Tensor:
+        """Raw outputs, (frames, labels), float32 on the CPU."""
+        loaded = self.model(name)
+        outputs = []
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(inputs), self.batch_size):
+                chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
+                batch = torch.from_numpy(chunk).to(self.device, non_blocking=True)
+                outputs.append(loaded.module(batch).float().cpu())
+        return torch.cat(outputs) if outputs else torch.empty(0, len(loaded.manifest.labels))
+
+    def predict(self, name: str, inputs: Sequence[Preprocessed]) -> list[Prediction]:
+        """Probabilities (sigmoid of the logits: multi-label) for every preprocessed frame."""
+        manifest = self.model(name).manifest
+        probabilities = torch.sigmoid(self.logits(name, inputs)).numpy()
+        thresholds = {label.name: label.threshold for label in manifest.labels}
+        return [
+            Prediction(p.sop_instance_uid, p.frame, manifest.name, manifest.version, manifest.sha256,
+                       {label: float(v) for label, v in zip(manifest.label_names, row, strict=True)},
+                       thresholds)
+            for p, row in zip(inputs, probabilities, strict=True)
+        ]
