@@ -125,6 +125,21 @@ class ModelsSettings:
     dir: Path = Path("../models")
 
 
+def _device(value: str) -> str:
+    if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+        raise ValueError('"auto", "cpu", "cuda" or "cuda:N"')
+    return value
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """``[inference]``: where and how models run."""
+
+    device: str = field(default="auto", metadata=_check(_device))
+    batch_size: int = field(default=16, metadata=_check(_positive))
+    bf16: bool = False
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """``[study]``: when a series counts as complete."""
@@ -226,6 +241,7 @@ class Settings:
     ingest: IngestSettings = IngestSettings()
     store: StoreSettings = StoreSettings()
     models: ModelsSettings = ModelsSettings()
+    inference: InferenceSettings = InferenceSettings()
     study: StudySettings = StudySettings()
     jobs: JobsSettings = JobsSettings()
     workers: WorkersSettings = WorkersSettings()

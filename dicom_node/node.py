@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from dicom_node import pipeline
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
+from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.ingest.scp import IngestServer, start_ingest
 from dicom_node.jobs.queue import JobQueue, QueuePolicy
 from dicom_node.jobs.scheduler import Scheduler
@@ -29,14 +29,27 @@ from dicom_node.store.db import DATABASE_NAME
 logger = logging.getLogger(__name__)
 
 
-def model_version(models_dir: Path, name: str) -> str:
-    """The ``version`` a model's manifest declares, or ``"unversioned"`` if it has none."""
-    manifest = models_dir / name / "model.toml"
-    try:
-        with manifest.open("rb") as fh:
-            return str(tomllib.load(fh).get("version", "unversioned"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return "unversioned"
+def check_models(settings: Settings, registry: ModelRegistry) -> None:
+    """Every model in the repository is usable and every pipeline names one of them.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file and key at fault (a ModelError for a model's files).
+    """
+    registry.verify()
+    for i, pipeline_ in enumerate(settings.pipelines):
+        if pipeline_.model not in registry.manifests:
+            raise ConfigError(
+                f"{settings.source}: key 'pipelines[{i}].model' = {pipeline_.model!r} is invalid; "
+                f"expected a model of the repository {settings.models.dir}: {registry.names()}"
+            )
+
+
+def model_version(registry: ModelRegistry, name: str) -> str:
+    """A model's version and weights digest: what makes results of one model differ from another's."""
+    manifest = registry.manifest(name)
+    return f"{manifest.version}+{manifest.sha256[:12]}"
 
 
 def default_worker_count() -> int:
@@ -46,6 +59,15 @@ def default_worker_count() -> int:
     import torch
 
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def worker_device(setting: str, index: int) -> str:
+    """The device of worker ``index``: with ``"auto"`` and several GPUs, one GPU per worker."""
+    if setting != "auto" or importlib.util.find_spec("torch") is None:
+        return setting
+    import torch
+
+    return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -81,8 +103,10 @@ class Node:
         self.ingest: IngestServer | None = None
 
     def start(self) -> None:
-        """Recover from any earlier crash, then start receiving and working."""
+        """Check the models, recover from any earlier crash, then start receiving and working."""
         s = self.settings
+        self.registry = ModelRegistry(s.models.dir)
+        check_models(s, self.registry)
         self._lock_fd = lock_data_dir(s.node.data_dir)
         self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock)
         self.store.recover()
@@ -95,10 +119,13 @@ class Node:
             logger.warning("%d job(s) interrupted by the last stop are queued again", released)
         self.ingest = start_ingest(s, self.store)
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
-                                   partial(model_version, s.models.dir), clock=self.clock)
+                                   partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
-        runner = partial(pipeline.run, settings=s, store=self.store, steps=self.steps)
         for i in range(s.workers.count or default_worker_count()):
+            inference = InferenceRunner(self.registry, worker_device(s.inference.device, i),
+                                        s.inference.batch_size, s.inference.bf16)
+            runner = partial(pipeline.run, settings=s, store=self.store, steps=self.steps,
+                             runner=inference)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds))
 

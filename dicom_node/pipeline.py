@@ -2,8 +2,9 @@
 
 A step is a named function of a :class:`PipelineContext`; :func:`run` calls them in order and
 records each one's duration on the job. Steps are passed in, so tests (and later modules) add
-their own without global registries. Today the chain is: collect the series' instances
-(inference, explanations, encoding and export are added by their own modules).
+their own without global registries. Today the chain is: collect the series' instances, read
+them, preprocess (decode and map to the model's input), infer (explanations, encoding and export
+are added by their own modules).
 """
 
 import time
@@ -11,8 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import Dataset, dcmread
+
 from dicom_node.config import Settings
 from dicom_node.errors import PermanentError
+from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
 from dicom_node.jobs.queue import Job
 from dicom_node.store import InstanceRecord, InstanceStore
 
@@ -24,8 +28,17 @@ class PipelineContext:
     job: Job
     settings: Settings
     store: InstanceStore
+    runner: InferenceRunner | None = None
     instances: list[InstanceRecord] = field(default_factory=list)
+    datasets: list[Dataset] = field(default_factory=list)
+    inputs: list[Preprocessed] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
+
+    def model(self) -> ModelManifest:
+        if self.runner is None:
+            raise PermanentError("this node runs no models (no inference runner)")
+        return self.runner.registry.manifest(self.job.model)
 
 
 Step = Callable[[PipelineContext], None]
@@ -44,17 +57,41 @@ def collect(ctx: PipelineContext) -> None:
     ctx.instances = records
 
 
+def read(ctx: PipelineContext) -> None:
+    """Read the instances' data sets (pixels are decoded later, by preprocessing)."""
+    manifest = ctx.model()
+    datasets: list[Dataset] = [dcmread(ctx.store.path_of(record)) for record in ctx.instances]
+    for ds in datasets:
+        modality = str(ds.get("Modality", ""))
+        if manifest.modalities and modality not in manifest.modalities:
+            raise PermanentError(f"model {manifest.name} is meant for modalities "
+                                 f"{list(manifest.modalities)}, not {modality!r}")
+    ctx.datasets = datasets
+
+
+def prepare(ctx: PipelineContext) -> None:
+    """Decode every instance and turn its frames into model input (a bad one fails the job)."""
+    spec = ctx.model().input
+    ctx.inputs = [item for ds in ctx.datasets for item in preprocess(ds, spec)]
+
+
+def infer(ctx: PipelineContext) -> None:
+    """Run the model on every frame, batched."""
+    assert ctx.runner is not None
+    ctx.predictions = ctx.runner.predict(ctx.job.model, ctx.inputs)
+
+
 def default_steps() -> list[tuple[str, Step]]:
     """The steps every job runs, in order."""
-    return [("collect", collect)]
+    return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer)]
 
 
 def run(
     job: Job, timings: dict[str, float], *, settings: Settings, store: InstanceStore,
-    steps: Sequence[tuple[str, Step]],
+    steps: Sequence[tuple[str, Step]], runner: InferenceRunner | None = None,
 ) -> PipelineContext:
     """Run ``steps`` for ``job``, recording each step's seconds in ``timings`` as it ends."""
-    ctx = PipelineContext(job=job, settings=settings, store=store)
+    ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner)
     for name, step in steps:
         started = time.perf_counter()
         try:

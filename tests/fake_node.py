@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from dicom_node.cli import main
-from dicom_node.pipeline import PipelineContext, default_steps
+from dicom_node.pipeline import PipelineContext, collect
 
 
 def _append(path: Path, line: str) -> None:
@@ -28,4 +28,4 @@ def record_run(ctx: PipelineContext) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(steps=[*default_steps(), ("fake", record_run)]))
+    raise SystemExit(main(steps=[("collect", collect), ("fake", record_run)]))

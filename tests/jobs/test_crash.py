@@ -7,10 +7,13 @@ from pathlib import Path
 
 from dicom_node.jobs.queue import JobState
 from tests.factories import ct_dataset, new_uid
+from tests.inference.models import write_model
 from tests.ingest.test_scp import send
 from tests.nodeproc import NodeProcess
 
 PIPELINE = """
+[models]
+dir = "../models"
 [study]
 stable_seconds = 0.5
 [workers]
@@ -19,7 +22,7 @@ poll_seconds = 0.1
 shutdown_grace_seconds = 5
 [[pipelines]]
 name = "ct"
-model = "demo"
+model = "tiny"
 match = { modality = ["CT"] }
 """
 
@@ -44,6 +47,7 @@ def jobs(data_dir: Path) -> list[tuple]:
 def test_sigkill_during_a_job_then_restart_runs_it_to_completion_once(tmp_path: Path) -> None:
     record = tmp_path / "runs.txt"
     env = {"FAKE_STEP_RECORD": str(record), "FAKE_STEP_SECONDS": "30"}
+    write_model(tmp_path / "models")
     node = NodeProcess(tmp_path / "node", extra_config=PIPELINE, module="tests.fake_node", env=env)
     study, series = new_uid(), new_uid()
     sent = [ct_dataset(study=study, series=series) for _ in range(3)]
