@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("id", type=int, nargs="?", help="the job to requeue")
     which.add_argument("--failed", action="store_true", help="every failed and dead job")
 
+    models = commands.add_parser("models", help="the model repository")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_commands.add_parser("list", parents=[common], help="the models and their manifests")
+    models_commands.add_parser("verify", parents=[common],
+                               help="load every model, check weights and pipelines (as serve does)")
+
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to verify")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
@@ -88,6 +94,8 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
             return serve(settings, steps)
         if args.command == "jobs":
             return jobs_command(settings, args, sys.stdout)
+        if args.command == "models":
+            return models_command(settings, args.models_command, sys.stdout)
         return echo(settings, args.peer, args.timeout, sys.stdout)
     except ConfigError as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)
@@ -148,6 +156,28 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         return 0
     finally:
         queue.backend.close()
+
+
+def models_command(settings: Settings, action: str, out: TextIO) -> int:
+    """``dicom-node models list|verify``."""
+    from dicom_node.inference import ModelRegistry
+    from dicom_node.node import check_models
+
+    registry = ModelRegistry(settings.models.dir)
+    if action == "verify":
+        check_models(settings, registry)
+        print(f"ok: {len(registry.names())} model(s) in {settings.models.dir}, "
+              f"{len(settings.pipelines)} pipeline(s) checked", file=out)
+        return 0
+    if not registry.names():
+        print(f"no models in {settings.models.dir}", file=out)
+    for name in registry.names():
+        m = registry.manifest(name)
+        print(f"{m.name} {m.version}  {m.architecture}  input {m.input.size}px x{m.input.channels} "
+              f"({m.input.normalization})  sha256 {m.sha256[:12]}\n"
+              f"  labels: {', '.join(f'{label.name}>={label.threshold:g}' for label in m.labels)}\n"
+              f"  for: {', '.join(m.modalities) or 'any modality'}; {m.intended_use}", file=out)
+    return 0
 
 
 def _when(seconds: float) -> str:

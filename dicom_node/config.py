@@ -7,6 +7,7 @@ that names the source (file, variable or flag), the key, the value and what was 
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -74,6 +75,24 @@ def _peer(value: str) -> str:
             ipaddress.ip_address(host)
         except ValueError:
             raise ValueError("a calling AE title, optionally followed by @ and an IP address") from None
+    return value
+
+
+def _name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+        raise ValueError("a name of letters, digits, '_', '.', '-' (1 to 64, starting alphanumeric)")
+    return value
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a non-empty string")
+    return value
+
+
+def _peer_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("a TCP port from 1 to 65535")
     return value
 
 
@@ -185,10 +204,10 @@ class LoggingSettings:
 class Destination:
     """One ``[[destinations]]`` entry: a DICOM peer the node sends results to."""
 
-    name: str
+    name: str = field(metadata=_check(_name))
     ae_title: str = field(metadata=_check(_ae_title))
-    host: str
-    port: int = field(metadata=_check(_port))
+    host: str = field(metadata=_check(_nonempty))
+    port: int = field(metadata=_check(_peer_port))
 
 
 PIPELINE_MATCH_KEYS = frozenset(
@@ -199,14 +218,16 @@ OUTPUT_KINDS = frozenset({"sc", "sr", "seg", "pm", "gsps"})
 
 
 def _match(value: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"an inline table with keys from {sorted(PIPELINE_MATCH_KEYS)}")
     unknown = set(value) - PIPELINE_MATCH_KEYS
     if unknown:
         raise ValueError(f"match keys from {sorted(PIPELINE_MATCH_KEYS)}, not {sorted(unknown)}")
     out = {}
     for key, item in value.items():
         items = [item] if isinstance(item, str) else item
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"match.{key} as a string or a list of strings")
+        if not isinstance(items, list) or not items or not all(isinstance(s, str) and s for s in items):
+            raise ValueError(f"match.{key} as a string or a non-empty list of non-empty strings")
         out[key] = tuple(items)
     return out
 
@@ -224,8 +245,8 @@ def _one_of(allowed: frozenset[str]) -> Any:
 class Pipeline:
     """One ``[[pipelines]]`` entry: which series go to which model, explained and sent how."""
 
-    name: str
-    model: str
+    name: str = field(metadata=_check(_name))
+    model: str = field(metadata=_check(_name))
     match: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=_check(_match))
     explain: tuple[str, ...] = field(default=("gradcam",), metadata=_check(_one_of(EXPLAIN_METHODS)))
     outputs: tuple[str, ...] = field(default=("sc", "sr"), metadata=_check(_one_of(OUTPUT_KINDS)))
@@ -288,8 +309,8 @@ def _coerce(hint: Any, raw: Any) -> Any:
             raise ValueError("an integer")
         return raw
     if hint is float:
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise ValueError("a number")
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+            raise ValueError("a finite number")
         return float(raw)
     if hint in (str, Path):
         if not isinstance(raw, str) or (hint is Path and not raw):
@@ -329,7 +350,7 @@ def _build(cls: type, where: str, values: Mapping[str, _Value]) -> Any:
                     value = validator(value)
             if hints[key] is Path:
                 value = (item.base_dir / value).resolve()
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ConfigError(
                 f"{item.origin}: key '{where}.{key}' = {item.value!r} is invalid; expected {exc}"
             ) from None
@@ -486,6 +507,9 @@ def _build_array(cls: type, name: str, raw: Any, origin: str, base_dir: Path) ->
 def _check_references(settings: Settings) -> None:
     known = {d.name for d in settings.destinations}
     for i, pipeline in enumerate(settings.pipelines):
+        if not pipeline.outputs:
+            raise ConfigError(f"{settings.source}: key 'pipelines[{i}].outputs' = [] is invalid; "
+                              f"expected at least one of {sorted(OUTPUT_KINDS)}")
         unknown = [n for n in pipeline.send_to if n not in known]
         if unknown:
             raise ConfigError(

@@ -72,8 +72,12 @@ def worker_device(setting: str, index: int) -> str:
 
 def lock_data_dir(data_dir: Path) -> int:
     """Hold an exclusive lock on the data folder so two nodes never share it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"node.data_dir = {str(data_dir)!r} is not a usable folder: "
+                          f"{exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -117,7 +121,12 @@ class Node:
         released = self.queue.release_running()
         if released:
             logger.warning("%d job(s) interrupted by the last stop are queued again", released)
-        self.ingest = start_ingest(s, self.store)
+        try:
+            self.ingest = start_ingest(s, self.store)
+        except OSError as exc:
+            self._close(clean=True)
+            raise ConfigError(f"{s.source}: cannot listen on node.bind = {s.node.bind!r}, "
+                              f"node.port = {s.node.port}: {exc.strerror or exc}") from None
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
@@ -143,11 +152,12 @@ class Node:
                 logger.exception("scheduler tick failed; trying again")
 
     def stop(self) -> None:
-        """Stop receiving, let running jobs finish within the grace, release the rest, close."""
+        """Stop receiving and starting jobs, let running jobs finish within the grace, release the
+        rest, close."""
         s = self.settings
+        self._stop.set()  # no new jobs from here on
         if self.ingest is not None:
             self.ingest.stop(s.ingest.shutdown_grace_seconds)
-        self._stop.set()
         deadline = time.monotonic() + s.workers.shutdown_grace_seconds
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -156,7 +166,11 @@ class Node:
         if busy:
             released = self.queue.release_running("the node stopped before the job finished")
             logger.warning("%s still busy at stop; %d job(s) queued again", busy, released)
+        self._close(clean)
+
+    def _close(self, clean: bool) -> None:
         self.backend.close()
         self.store.close(clean_shutdown=clean)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+            self._lock_fd = None

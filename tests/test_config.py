@@ -66,6 +66,16 @@ def test_environment_lists_and_config_path(tmp_path: Path) -> None:
         ('[[pipelines]]\nname = "p"\nmodel = "m"\nsend_to = ["nowhere"]\n', {}, "pipelines[0].send_to"),
         ('[[pipelines]]\nname = "p"\nmodel = "m"\nexplain = ["magic"]\n', {}, "expected one of"),
         ('[[pipelines]]\nname = "p"\nmodel = "m"\nmatch = { colour = "red" }\n', {}, "match keys"),
+        ('[[pipelines]]\nname = "p"\nmodel = "m"\nmatch = 5\n', {}, "'pipelines[0].match' = 5 is invalid; expected an inline table"),
+        ('[[pipelines]]\nname = "p"\nmodel = "m"\nmatch = { modality = [["CT"]] }\n', {}, "non-empty list of non-empty strings"),
+        ('[[pipelines]]\nname = "p"\nmodel = "m"\nmatch = { modality = [] }\n', {}, "non-empty list"),
+        ('[[pipelines]]\nname = ""\nmodel = "m"\n', {}, "'pipelines[0].name' = '' is invalid"),
+        ('[[pipelines]]\nname = "p"\nmodel = "m"\noutputs = []\n', {}, "'pipelines[0].outputs' = [] is invalid"),
+        ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = ""\nport = 104\n', {}, "'destinations[0].host' = ''"),
+        ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 0\n', {}, "a TCP port from 1 to 65535"),
+        ("[workers]\nshutdown_grace_seconds = inf\n", {}, "expected a finite number"),
+        ("[study]\nstable_seconds = nan\n", {}, "expected a finite number"),
+        ("", {"DICOM_NODE_JOBS_LEASE_SECONDS": "inf"}, "expected a finite number"),
     ],
 )
 def test_mistakes_name_the_source_key_value_and_expectation(
@@ -93,3 +103,23 @@ def test_cli_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert str(path) in err and "node.port" in err and "'abc'" in err
+
+
+def test_serve_on_a_port_in_use_exits_2_naming_the_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    path = write(tmp_path, f'[node]\ndata_dir = "{tmp_path / "data"}"\nbind = "127.0.0.1"\n')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code = main(["serve", "--config", str(path), "--port", str(busy.getsockname()[1])])
+    assert code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("dicom-node: error: ") and "node.bind" in last and "node.port" in last
+
+
+def test_serve_on_a_data_dir_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("")
+    path = write(tmp_path, f'[node]\ndata_dir = "{tmp_path / "afile"}"\nport = 0\n')
+    assert main(["serve", "--config", str(path)]) == 2
+    assert "node.data_dir" in capsys.readouterr().err

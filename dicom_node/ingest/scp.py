@@ -47,21 +47,23 @@ from dicom_node.store import (
 
 logger = logging.getLogger(__name__)
 
-#: Transfer syntaxes accepted for every storage SOP class; data sets are stored as received.
+#: Transfer syntaxes accepted for every storage SOP class; data sets are stored as received. When a
+#: peer proposes several in one presentation context, the first of this list it proposes is taken:
+#: uncompressed first (no work for the sender), then lossless, lossy only if nothing else is offered.
 TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
     JPEGLSNearLossless,
-    JPEG2000Lossless,
     JPEG2000,
-    RLELossless,
 )
 
 _ERROR_COMMENT_MAX = 64  # Error Comment is LO
@@ -85,6 +87,14 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, store: InstanceStore, max_instance_size: int) -> int | Dataset:
     """C-STORE: store the data set durably and index it before answering success."""
+    try:
+        return _store(event, store, max_instance_size)
+    except Exception as exc:  # never let pynetdicom answer 0xC211 without a reason
+        logger.exception("C-STORE failed unexpectedly")
+        return failure(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+
+
+def _store(event: Event, store: InstanceStore, max_instance_size: int) -> int | Dataset:
     request = cast(C_STORE, event.request)
     calling = event.assoc.requestor.ae_title.strip()
     sop_uid = str(request.AffectedSOPInstanceUID or "")

@@ -53,6 +53,14 @@ class MemoryJobBackend:
         jobs = sorted((j for j in self._jobs.values() if j.state in states), key=lambda j: -j.id)
         return jobs[:limit] if limit is not None else jobs
 
+    def next_due(self, now: float) -> Job | None:
+        due = [j for j in self._jobs.values() if j.state == JobState.QUEUED and j.not_before <= now]
+        return min(due, key=lambda j: j.id) if due else None
+
+    def expired(self, now: float) -> list[Job]:
+        return [j for j in self._jobs.values()
+                if j.state == JobState.RUNNING and j.lease_expires_at < now]
+
     def watermark(self) -> float:
         return self._watermark
 

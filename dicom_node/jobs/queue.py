@@ -109,6 +109,8 @@ class JobBackend(Protocol):
     def get(self, job_id: int) -> Job | None: ...
     def save(self, job: Job) -> None: ...
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]: ...
+    def next_due(self, now: float) -> Job | None: ...
+    def expired(self, now: float) -> list[Job]: ...
     def watermark(self) -> float: ...
     def set_watermark(self, value: float) -> None: ...
 
@@ -145,13 +147,11 @@ class JobQueue:
         """Take the oldest queued job that is due, under a lease for ``worker``."""
         now = self.clock()
         with self.backend.transaction():
-            for job in self.backend.select([JobState.RUNNING]):
-                if job.lease_expires_at < now:
-                    self._interrupted(job, now, "lease expired: its worker stopped answering")
-            due = [j for j in self.backend.select([JobState.QUEUED]) if j.not_before <= now]
-            if not due:
+            for job in self.backend.expired(now):
+                self._interrupted(job, now, "lease expired: its worker stopped answering")
+            oldest = self.backend.next_due(now)
+            if oldest is None:
                 return None
-            oldest = min(due, key=lambda j: j.id)
             job = dataclasses.replace(
                 oldest, state=JobState.RUNNING, attempts=oldest.attempts + 1, lease_owner=worker,
                 lease_expires_at=now + self.policy.lease_seconds, updated_at=now,

@@ -1,10 +1,13 @@
 """Series completeness: a series is complete ``stable_seconds`` after its last new instance.
 
-Each :meth:`Scheduler.tick` looks at the series whose last arrival fell between the previous
-tick's cut-off and this one's (``now - stable_seconds``), routes each, and enqueues one job per
-matching pipeline (or a ``not_routed`` record with the reason). The cut-off is kept in the job
-database, so series that became complete while the node was down are picked up after a restart.
-Instances arriving later move the series' last arrival forward: it is looked at again, and if its
+Every stored instance gives its series a new, higher change number (``change_seq``) in the index.
+Each :meth:`Scheduler.tick` reads the series changed since its watermark, routes each one whose
+last arrival is at least ``stable_seconds`` old, and enqueues one job per matching pipeline (or a
+``not_routed`` record with the reason). The watermark then moves up to just below the oldest
+change it could not finish (a series not yet stable, or one whose scheduling failed), so nothing
+is skipped, however slow a commit or however the clock steps. The watermark is kept in the job
+database: series that became complete while the node was down are picked up after a restart.
+Instances arriving later give the series a new change number: it is looked at again, and if its
 set of instances changed, the idempotency key changes and a new job version is queued.
 """
 
@@ -19,11 +22,6 @@ from dicom_node.jobs.routing import SeriesFacts, route
 from dicom_node.store import InstanceStore, SeriesRecord
 
 logger = logging.getLogger(__name__)
-
-#: Each tick also re-reads this many seconds before the last cut-off, in case an index commit
-#: stamped before that cut-off landed after the previous tick read; idempotency keys drop repeats.
-OVERLAP_SECONDS = 5.0
-
 
 class Scheduler:
     """Turns complete series into jobs.
@@ -58,16 +56,28 @@ class Scheduler:
 
     def tick(self) -> list[Job]:
         """Enqueue work for every series that became complete since the last tick."""
-        cutoff = self.clock() - self.stable_seconds
         backend = self.queue.backend
         with backend.transaction():
-            after = backend.watermark()
-        created = []
-        for series in self.store.index.series_received_between(after - OVERLAP_SECONDS, cutoff):
-            created.extend(self._schedule(series))
+            watermark = int(backend.watermark())
+        cutoff = self.clock() - self.stable_seconds
+        created: list[Job] = []
+        finished_prefix = True
+        for series in self.store.index.series_changed_since(watermark):
+            done = series.last_received_at <= cutoff and self._try_schedule(series, created)
+            finished_prefix = finished_prefix and done
+            if finished_prefix:
+                watermark = series.change_seq
         with backend.transaction():
-            backend.set_watermark(max(after, cutoff))
+            backend.set_watermark(watermark)
         return created
+
+    def _try_schedule(self, series: SeriesRecord, created: list[Job]) -> bool:
+        try:
+            created.extend(self._schedule(series))
+        except Exception:
+            logger.exception("could not schedule series %s; will try again", series.series_instance_uid)
+            return False
+        return True
 
     def _schedule(self, series: SeriesRecord) -> list[Job]:
         instances = self.store.index.instances(series.series_instance_uid)

@@ -33,7 +33,8 @@ _MIGRATIONS = (
         finished_at REAL NOT NULL,
         timings TEXT NOT NULL
     );
-    CREATE INDEX jobs_by_state ON jobs (state);
+    CREATE INDEX jobs_by_state ON jobs (state, not_before);
+    CREATE INDEX jobs_by_lease ON jobs (state, lease_expires_at);
     CREATE INDEX jobs_by_series ON jobs (series_instance_uid, pipeline);
     CREATE TABLE scheduler_state (
         name TEXT PRIMARY KEY,
@@ -78,14 +79,14 @@ class SQLiteJobBackend:
             self._depth += 1
             try:
                 yield
-            except BaseException:
-                self._depth -= 1
                 if outer:
+                    self.conn.execute("COMMIT")
+            except BaseException:
+                if outer and self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
                 raise
-            self._depth -= 1
-            if outer:
-                self.conn.execute("COMMIT")
+            finally:
+                self._depth -= 1
 
     def insert(self, spec: JobSpec, version: int, now: float) -> Job | None:
         finished = now if spec.state == JobState.NOT_ROUTED else 0.0
@@ -129,6 +130,19 @@ class SQLiteJobBackend:
             query += " LIMIT ?"
             args.append(limit)
         return [_job(row) for row in self.conn.execute(query, args).fetchall()]
+
+    def next_due(self, now: float) -> Job | None:
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND not_before <= ? "
+            "ORDER BY id LIMIT 1", (now,),
+        ).fetchone()
+        return _job(row) if row else None
+
+    def expired(self, now: float) -> list[Job]:
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'running' AND lease_expires_at < ?", (now,),
+        ).fetchall()
+        return [_job(row) for row in rows]
 
     def watermark(self) -> float:
         row = self.conn.execute("SELECT value FROM scheduler_state WHERE name = 'watermark'").fetchone()

@@ -61,11 +61,15 @@ class Worker:
         return self.queue.get(job.id)
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        """Renew the lease every third of it; an error (database busy) is retried, not fatal."""
         interval = self.queue.policy.lease_seconds / 3
         while not done.wait(interval):
-            if not self.queue.heartbeat(job_id, self.name):
-                logger.warning("job %d: lease lost", job_id)
-                return
+            try:
+                if not self.queue.heartbeat(job_id, self.name):
+                    logger.warning("job %d: lease lost; its result will not be recorded", job_id)
+                    return
+            except Exception:
+                logger.exception("job %d: heartbeat failed; trying again", job_id)
 
     def run_until(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
         """Run jobs until ``stop`` is set; the job in hand is finished first."""

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -83,12 +84,15 @@ class InstanceStore:
         self.files = FileArea(data_dir)
         self.index = Index(data_dir / DATABASE_NAME, synchronous="NORMAL")
         self._clean_marker = data_dir / "clean-shutdown"
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+        #: Set when files and index may disagree; the next start then checks every file.
+        self.needs_scan = False
 
     def close(self, clean_shutdown: bool = False) -> None:
         """Close the index; ``clean_shutdown`` (only from the process that ran :meth:`recover`)
         records that nothing was in flight, so the next start need not scan the files."""
         self.index.close()
-        if clean_shutdown:
+        if clean_shutdown and not self.needs_scan:
             self._clean_marker.touch()
             fsync_dir(self.data_dir)
 
@@ -133,22 +137,39 @@ class InstanceStore:
         staged.temporary.unlink(missing_ok=True)
 
     def commit(self, staged: StagedInstance, calling_ae_title: str) -> InstanceRecord:
-        """Make a staged instance durable and indexed; replaces an earlier copy of the same UID."""
+        """Make a staged instance durable and indexed; replaces an earlier copy of the same UID.
+
+        Raises
+        ------
+        StorageError
+            If the file could not be put in place or indexed. A file already in place stays
+            (it is complete and flushed) and is indexed by :meth:`recover` at the next start.
+        """
         header = staged.header
         relative = relative_path(header)
-        try:
-            self.files.commit(staged.temporary, relative)
-        except OSError as exc:
-            self.discard(staged)
-            if exc.errno == errno.ENOSPC:
-                raise OutOfSpaceError("disk full while writing") from exc
-            raise StorageError(f"cannot write instance: {exc.strerror}") from exc
-        record = _record(header, calling_ae_title, staged.size_bytes, relative, self.clock())
-        old = self.index.put(record, header.manufacturer)
-        if old is not None and old.path != record.path:
-            # Same SOP Instance UID under another study or series: the new copy wins.
-            self.files.unlink(Path(old.path))
+        with self._uid_lock(header.sop_instance_uid):
+            try:
+                self.files.commit(staged.temporary, relative)
+            except OSError as exc:
+                self.discard(staged)
+                if exc.errno == errno.ENOSPC:
+                    raise OutOfSpaceError("disk full while writing") from exc
+                raise StorageError(f"cannot write instance: {exc.strerror}") from exc
+            record = _record(header, calling_ae_title, staged.size_bytes, relative, 0.0)
+            try:
+                record, old = self.index.put(record, header.manufacturer, clock=self.clock)
+            except Exception as exc:
+                self.needs_scan = True
+                logger.error("index commit failed for %s: %s", header.sop_instance_uid, exc)
+                raise StorageError(f"cannot index instance: {exc}") from exc
+            if old is not None and old.path != record.path:
+                # Same SOP Instance UID under another study or series: the new copy wins.
+                self.files.unlink(Path(old.path))
         return record
+
+    def _uid_lock(self, sop_instance_uid: str) -> threading.Lock:
+        """One of a fixed set of locks, chosen by UID: the same UID never commits twice at once."""
+        return self._uid_locks[hash(sop_instance_uid) % len(self._uid_locks)]
 
     def path_of(self, record: InstanceRecord) -> Path:
         """The absolute path of an indexed instance."""
@@ -169,7 +190,7 @@ class InstanceStore:
             self._clean_marker.unlink()
             fsync_dir(self.data_dir)
             return
-        logger.info("last stop was not clean: checking the index against the files")
+        logger.info("checking the index against the files (first start, or the last stop was not clean)")
         indexed = dict(self.index.paths())
         for path in self.files.instances.rglob("*.dcm"):
             relative = str(path.relative_to(self.files.instances))
@@ -188,7 +209,7 @@ class InstanceStore:
             logger.info("removing superseded copy of %s", header.sop_instance_uid)
             self.files.unlink(relative)
             return
-        record = _record(header, "", path.stat().st_size, relative, mtime)
+        record = _record(header, header.source_ae_title, path.stat().st_size, relative, mtime)
         self.index.put(record, header.manufacturer)
         if old is not None:
             self.files.unlink(Path(old.path))

@@ -8,6 +8,7 @@ flushed, so a reader sees the whole old file or the whole new one, never a part.
 import io
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class InstanceHeader:
     body_part_examined: str = ""
     series_description: str = ""
     manufacturer: str = ""
+    source_ae_title: str = ""  # (0002,0016) of the file meta: the peer that sent it
 
 
 def read_header(fp: BinaryIO | Path) -> InstanceHeader:
@@ -85,6 +87,7 @@ def read_header(fp: BinaryIO | Path) -> InstanceHeader:
     try:
         ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
         transfer_syntax = ds.file_meta.TransferSyntaxUID
+        source_ae = ds.file_meta.get("SourceApplicationEntityTitle", "")
         values = {tag: ds.get(tag, "") for tag in HEADER_TAGS}
     except InvalidDicomError as exc:
         raise InvalidInstanceError("unparseable", f"not a DICOM data set: {exc}") from None
@@ -104,6 +107,7 @@ def read_header(fp: BinaryIO | Path) -> InstanceHeader:
         body_part_examined=text(values["BodyPartExamined"]),
         series_description=text(values["SeriesDescription"]),
         manufacturer=text(values["Manufacturer"]),
+        source_ae_title=text(source_ae),
     )
 
 
@@ -137,6 +141,9 @@ class FileArea:
     def __init__(self, data_dir: Path) -> None:
         self.instances = data_dir / "instances"
         self.tmp = data_dir / "tmp"
+        # Serialises folder creation: a thread must not use a folder another thread created
+        # before that thread has flushed the folder's entry in its parent.
+        self._dirs_lock = threading.Lock()
         self.instances.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
@@ -159,13 +166,14 @@ class FileArea:
         return target
 
     def _make_dirs(self, folder: Path) -> None:
-        missing = []
-        while not folder.exists():
-            missing.append(folder)
-            folder = folder.parent
-        for new in reversed(missing):
-            new.mkdir(exist_ok=True)
-            fsync_dir(new.parent)
+        with self._dirs_lock:
+            missing = []
+            while not folder.exists():
+                missing.append(folder)
+                folder = folder.parent
+            for new in reversed(missing):
+                new.mkdir(exist_ok=True)
+                fsync_dir(new.parent)
 
     def remove_temporaries(self) -> int:
         """Delete temporary files left by a process that died mid-write; return how many."""

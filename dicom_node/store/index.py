@@ -1,8 +1,9 @@
 """The SQLite index of stored studies, series and instances (component ``store`` of the node's
 database; :data:`_MIGRATIONS` brings older files up)."""
 
+import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -24,10 +25,11 @@ _MIGRATIONS = (
         manufacturer TEXT NOT NULL,
         calling_ae_title TEXT NOT NULL,
         first_received_at REAL NOT NULL,
-        last_received_at REAL NOT NULL
+        last_received_at REAL NOT NULL,
+        change_seq INTEGER NOT NULL
     );
     CREATE INDEX series_by_study ON series (study_instance_uid);
-    CREATE INDEX series_by_last_received ON series (last_received_at);
+    CREATE UNIQUE INDEX series_by_change ON series (change_seq);
     CREATE TABLE instances (
         sop_instance_uid TEXT PRIMARY KEY,
         sop_class_uid TEXT NOT NULL,
@@ -80,6 +82,7 @@ class SeriesRecord:
     calling_ae_title: str
     first_received_at: float
     last_received_at: float
+    change_seq: int  # grows with every instance stored in the series; unique across series
     instance_count: int
 
 
@@ -98,18 +101,27 @@ class Index:
         with self._lock:
             self._conn.close()
 
-    def put(self, record: InstanceRecord, manufacturer: str) -> InstanceRecord | None:
-        """Insert or replace an instance record; return the record it replaced, if any."""
+    def put(
+        self, record: InstanceRecord, manufacturer: str, clock: Callable[[], float] | None = None
+    ) -> tuple[InstanceRecord, InstanceRecord | None]:
+        """Insert or replace an instance record; return it as stored and the record it replaced.
+
+        With ``clock``, the record's ``received_at`` is taken inside the transaction, so arrival
+        times follow commit order. Every put gives the series a new, higher ``change_seq``.
+        """
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
                 old = self._get(record.sop_instance_uid)
-                times = old.times_received + 1 if old else 1
+                record = dataclasses.replace(
+                    record, times_received=old.times_received + 1 if old else 1,
+                    received_at=clock() if clock is not None else record.received_at,
+                )
                 conn.execute(
                     f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
                     f"VALUES ({', '.join('?' * len(fields(InstanceRecord)))})",
-                    (*astuple(record)[:-1], times),
+                    astuple(record),
                 )
                 self._upsert_series(record, manufacturer)
                 conn.execute(
@@ -121,16 +133,18 @@ class Index:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return old
+        return record, old
 
     def _upsert_series(self, r: InstanceRecord, manufacturer: str) -> None:
+        (seq,) = self._conn.execute("SELECT coalesce(max(change_seq), 0) + 1 FROM series").fetchone()
         self._conn.execute(
-            "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-            "last_received_at = max(last_received_at, excluded.last_received_at)",
+            "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "last_received_at = max(last_received_at, excluded.last_received_at), "
+            "change_seq = excluded.change_seq",
             (
                 r.series_instance_uid, r.study_instance_uid, r.modality, r.body_part_examined,
                 r.series_description, manufacturer, r.calling_ae_title,
-                r.received_at, r.received_at,
+                r.received_at, r.received_at, seq,
             ),
         )
 
@@ -171,15 +185,15 @@ class Index:
             rows = self._conn.execute(query + " ORDER BY s.first_received_at", args).fetchall()
         return [SeriesRecord(*row) for row in rows]
 
-    def series_received_between(self, after: float, until: float) -> list[SeriesRecord]:
-        """Series whose last instance arrived in ``(after, until]``, oldest arrival first."""
+    def series_changed_since(self, change_seq: int) -> list[SeriesRecord]:
+        """Series that stored an instance after ``change_seq``, in order of their last change."""
         query = (
             "SELECT s.*, (SELECT count(*) FROM instances i "
             "WHERE i.series_instance_uid = s.series_instance_uid) FROM series s "
-            "WHERE s.last_received_at > ? AND s.last_received_at <= ? ORDER BY s.last_received_at"
+            "WHERE s.change_seq > ? ORDER BY s.change_seq"
         )
         with self._lock:
-            rows = self._conn.execute(query, (after, until)).fetchall()
+            rows = self._conn.execute(query, (change_seq,)).fetchall()
         return [SeriesRecord(*row) for row in rows]
 
     def counts(self) -> tuple[int, int, int]:

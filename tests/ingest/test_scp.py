@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    MRImageStorage,
+    RLELossless,
+)
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
@@ -368,3 +377,34 @@ def test_stop_aborts_associations_that_outlive_the_grace(tmp_path: Path) -> None
         assoc.dul.join(timeout=5)  # the peer sees the abort
         assert assoc.is_aborted
     store.close()
+
+
+def test_an_unexpected_error_answers_processing_failure_with_a_reason(
+    node: IngestServer, store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store.index, "put", locked)
+    [(status, comment)] = send(node.port, ct_dataset())
+    assert status == StoreStatus.PROCESSING_FAILURE
+    assert "cannot index instance" in comment
+    assert store.needs_scan
+    monkeypatch.undo()
+    assert send(node.port, ct_dataset()) == [(0, "")]
+
+
+@pytest.mark.parametrize(
+    ("proposed", "chosen"),
+    [
+        ([JPEG2000Lossless, RLELossless, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+        ([JPEGBaseline8Bit, JPEGLosslessSV1], JPEGLosslessSV1),  # never lossy when lossless is offered
+        ([JPEG2000], JPEG2000),
+    ],
+)
+def test_transfer_syntax_preference(node: IngestServer, proposed: list, chosen: object) -> None:
+    with association(node.port, contexts=[(CTImageStorage, proposed)]) as assoc:
+        [context] = assoc.accepted_contexts
+        assert context.transfer_syntax[0] == chosen

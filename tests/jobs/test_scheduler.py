@@ -171,3 +171,54 @@ def test_two_studies_interleaved_over_concurrent_associations(tmp_path: Path, cl
     finally:
         server.stop(2.0)
         store.close()
+
+
+def test_a_clock_stepping_back_delays_but_never_loses_a_series(store: InstanceStore, clock: FakeClock) -> None:
+    queue = JobQueue(MemoryJobBackend(), POLICY, clock=clock)
+    sched = scheduler(store, queue, clock)
+    ds = ct_dataset()
+    put(store, ds)
+    clock.advance(-120)  # NTP steps the clock back two minutes
+    for _ in range(12):
+        assert sched.tick() == []
+        clock.advance(10)
+    clock.advance(STABLE + 1)
+    [job] = sched.tick()
+    assert job.series_instance_uid == ds.SeriesInstanceUID
+
+
+def test_an_unfinished_series_holds_the_watermark_and_later_ones_still_run(
+    store: InstanceStore, clock: FakeClock
+) -> None:
+    queue = JobQueue(MemoryJobBackend(), POLICY, clock=clock)
+    sched = scheduler(store, queue, clock)
+    first = ct_dataset()
+    put(store, first)  # change 1, stamped T
+    clock.advance(-100)  # the clock steps back
+    second = ct_dataset()
+    put(store, second)  # change 2, stamped T - 100
+    clock.advance(STABLE + 1)
+    # change 2 is stable, change 1 is not (by the clock): 2 runs, the watermark stays below 1
+    assert [j.series_instance_uid for j in sched.tick()] == [second.SeriesInstanceUID]
+    clock.advance(100)
+    assert [j.series_instance_uid for j in sched.tick()] == [first.SeriesInstanceUID]
+    assert sched.tick() == []
+
+
+def test_a_series_whose_scheduling_fails_is_tried_again(store: InstanceStore, clock: FakeClock) -> None:
+    queue = JobQueue(MemoryJobBackend(), POLICY, clock=clock)
+    versions = iter([RuntimeError("model repository unreadable"), "v1"])
+
+    def model_version(name: str) -> str:
+        value = next(versions)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    sched = Scheduler(store, queue, PIPELINES, STABLE, model_version, clock=clock)
+    ds = ct_dataset()
+    put(store, ds)
+    clock.advance(STABLE + 1)
+    assert sched.tick() == []
+    [job] = sched.tick()
+    assert job.series_instance_uid == ds.SeriesInstanceUID

@@ -84,3 +84,26 @@ def test_run_until_stops_when_asked() -> None:
     thread.start()
     thread.join(timeout=10)
     assert not thread.is_alive() and ran == [1]
+
+
+def test_a_failing_heartbeat_is_retried_and_the_lease_kept() -> None:
+    queue = queue_with_job(QueuePolicy(lease_seconds=0.3))
+    real = queue.heartbeat
+    calls: list[str] = []
+
+    def flaky(job_id: int, worker: str) -> bool:
+        calls.append("beat")
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        return real(job_id, worker)
+
+    queue.heartbeat = flaky  # type: ignore[method-assign]
+
+    def runner(job: Job, timings: dict[str, float]) -> None:
+        deadline = time.monotonic() + 10
+        while len(calls) < 4 and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+
+    job = Worker(queue, runner, "w").run_once()
+    assert len(calls) >= 4  # beating went on after the error
+    assert job is not None and job.state == JobState.DONE

@@ -82,7 +82,7 @@ def test_resend_replaces_and_counts_once(store: InstanceStore) -> None:
     put(store, first)
     record = put(store, again)
     assert store.index.counts() == (1, 1, 1)
-    assert record.times_received == 1 and store.index.get(first.SOPInstanceUID).times_received == 2
+    assert record.times_received == 2 and store.index.get(first.SOPInstanceUID) == record
     assert dcmread(store.path_of(record)).PixelData == again.PixelData
 
 
@@ -164,3 +164,83 @@ def test_only_a_clean_stop_skips_the_scan_and_only_once(tmp_path: Path) -> None:
         assert third.index.get(ds.SOPInstanceUID) is not None
     finally:
         third.close()
+
+
+def test_concurrent_stores_of_one_uid_leave_exactly_one_consistent_copy(store: InstanceStore) -> None:
+    import threading
+
+    study, sop = ct_dataset().StudyInstanceUID, ct_dataset().SOPInstanceUID
+    series = [ct_dataset().SeriesInstanceUID for _ in range(3)]
+    copies = [ct_dataset(study=study, series=series[i % 3], sop=sop, seed=i) for i in range(12)]
+    staged = [store.stage(*encoded_parts(ds)) for ds in copies]
+    barrier = threading.Barrier(len(staged))
+
+    def commit(item) -> None:
+        barrier.wait()
+        store.commit(item, "SCU")
+
+    threads = [threading.Thread(target=commit, args=(item,)) for item in staged]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    files = list(store.files.instances.rglob("*.dcm"))
+    record = store.index.get(sop)
+    assert record is not None and files == [store.path_of(record)]
+    on_disk = dcmread(files[0])
+    assert on_disk.SeriesInstanceUID == record.series_instance_uid
+    assert record.size_bytes == files[0].stat().st_size
+    assert record.times_received == 12
+
+
+def encoded_parts(ds) -> tuple:
+    meta, body = encoded(ds)
+    return meta, [body]
+
+
+def test_a_failed_index_commit_loses_nothing_and_forces_a_scan(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.store import StorageError
+
+    store = InstanceStore(tmp_path)
+    store.recover()
+    ds = ct_dataset()
+    real_put = store.index.put
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    store.index.put = locked  # type: ignore[method-assign]
+    with pytest.raises(StorageError, match="cannot index instance"):
+        put(store, ds)
+    store.index.put = real_put  # type: ignore[method-assign]
+    store.close(clean_shutdown=True)  # asked for a clean stop, but files and index disagree
+    assert not (tmp_path / "clean-shutdown").exists()
+
+    again = InstanceStore(tmp_path)
+    try:
+        again.recover()
+        assert again.index.get(ds.SOPInstanceUID) is not None
+    finally:
+        again.close()
+
+
+def test_recovered_instances_keep_the_calling_ae_title(store: InstanceStore, tmp_path: Path) -> None:
+    ds = ct_dataset()
+    ds.file_meta.SourceApplicationEntityTitle = "MODALITY7"  # as the SCP writes it
+    record = put(store, ds, "MODALITY7")
+    path = store.path_of(record)
+    kept = path.read_bytes()
+    store.close()
+    (tmp_path / "data" / "index.sqlite").unlink()  # the index is lost; the files are the truth
+    for extra in ("-wal", "-shm"):
+        (tmp_path / "data" / f"index.sqlite{extra}").unlink(missing_ok=True)
+    again = InstanceStore(tmp_path / "data")
+    try:
+        again.recover()
+        [series] = again.index.series()
+        assert series.calling_ae_title == "MODALITY7"
+        assert again.path_of(again.index.get(ds.SOPInstanceUID)).read_bytes() == kept
+    finally:
+        again.close()
