@@ -15,7 +15,7 @@ from tests.store.test_store import put
 
 def job_for(uids: tuple[str, ...]) -> Job:
     return Job(id=1, key="k", study_instance_uid="1.2", series_instance_uid="1.2.3", instance_uids=uids,
-               pipeline="p", model="m", model_version="1", version=1, state=JobState.RUNNING,
+               pipeline="p", model="tiny", model_version="1", version=1, state=JobState.RUNNING,
                reason="", attempts=1, not_before=0, lease_owner="w", lease_expires_at=0, created_at=0,
                updated_at=0, finished_at=0)
 
@@ -48,3 +48,41 @@ def test_a_missing_file_fails_permanently(store: InstanceStore, settings: Settin
     with pytest.raises(PermanentError, match="missing from the store"):
         run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
             steps=default_steps())
+
+
+def _runner(tmp_path: Path):
+    from dicom_node.inference import InferenceRunner, ModelRegistry
+    from tests.inference.models import write_model
+
+    write_model(tmp_path / "models", "tiny")
+    return InferenceRunner(ModelRegistry(tmp_path / "models"), device="cpu")
+
+
+def test_a_radiograph_series_is_read_preprocessed_and_inferred(
+    store: InstanceStore, settings: Settings, tmp_path: Path
+) -> None:
+    from dicom_node.phantoms import render, to_dataset
+
+    study, series = "1.2.826.0.1.3680043.10.1543.7", "1.2.826.0.1.3680043.10.1543.7.1"
+    records = []
+    for seed, photometric in ((1, "MONOCHROME2"), (2, "MONOCHROME1")):
+        ds = to_dataset(render(seed, 256), modality="DX", photometric=photometric,
+                        study_uid=study, series_uid=series)
+        records.append(put(store, ds))
+    timings: dict[str, float] = {}
+    ctx = run(job_for(tuple(r.sop_instance_uid for r in records)), timings, settings=settings,
+              store=store, steps=default_steps(), runner=_runner(tmp_path))
+    assert list(timings) == ["collect", "read", "preprocess", "inference"]
+    assert [p.sop_instance_uid for p in ctx.predictions] == [r.sop_instance_uid for r in records]
+    assert all(set(p.probabilities) == {"nodule", "consolidation", "effusion", "cardiomegaly"}
+               for p in ctx.predictions)
+    assert ctx.predictions[0].model == "tiny" and ctx.inputs[0].array.shape == (1, 64, 64)
+
+
+def test_a_series_of_another_modality_fails_permanently_with_the_reason(
+    store: InstanceStore, settings: Settings, tmp_path: Path
+) -> None:
+    record = put(store, ct_dataset())
+    with pytest.raises(PermanentError, match=r"meant for modalities \['CR', 'DX'\], not 'CT'"):
+        run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
+            steps=default_steps(), runner=_runner(tmp_path))

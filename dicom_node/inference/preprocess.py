@@ -103,15 +103,42 @@ def _decode(ds: Dataset, frame: int) -> np.ndarray:
                              f"{str(exc).splitlines()[0]}") from None
 
 
-def window_linear(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID VOI to [0, 1]."""
+def window_linear(
+    values: np.ndarray, center: float, width: float, function: str = "LINEAR", inplace: bool = False
+) -> np.ndarray:
+    """PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID VOI to [0, 1] (float32).
+
+    ``inplace`` reuses ``values`` (float32) for the result: a 2000x2000 image then needs no copy.
+    """
+    out = values if inplace and values.dtype == np.float32 else values.astype(np.float32)
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+        out -= center
+        out *= -4.0 / width
+        np.exp(out, out=out)
+        out += 1.0
+        return np.reciprocal(out, out=out)
     if function == "LINEAR_EXACT":
-        out = (values - center) / width + 0.5
+        out -= center
+        out /= width
     else:
-        out = (values - (center - 0.5)) / (width - 1) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        out -= center - 0.5
+        out /= width - 1
+    out += 0.5
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _modality(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    """Modality LUT output as float32 (Rescale Slope/Intercept without a float64 copy)."""
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(raw, ds).astype(np.float32)
+    values = raw.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1:
+        values *= slope
+    if intercept:
+        values += intercept
+    return values
 
 
 def _first(value: object) -> float:
@@ -124,10 +151,11 @@ Unit = tuple[np.ndarray, tuple[float, float] | None, str]  # values in [0, 1], w
 
 
 def _grayscale(ds: Dataset, raw: np.ndarray, spec: InputSpec) -> Unit:
-    values = apply_modality_lut(raw, ds).astype(np.float32)
+    values = _modality(ds, raw)
     if "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        unit = window_linear(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        unit = window_linear(values, center, width, function, inplace=True)
         window, source = (center, width), "file"
     elif "VOILUTSequence" in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
@@ -135,14 +163,15 @@ def _grayscale(ds: Dataset, raw: np.ndarray, spec: InputSpec) -> Unit:
         window, source = None, "voi-lut"
     elif spec.window_center is not None and spec.window_width is not None:
         window, source = (spec.window_center, spec.window_width), "manifest"
-        unit = window_linear(values, *window)
+        unit = window_linear(values, *window, inplace=True)
     else:
-        low, high = np.percentile(values, PERCENTILES)
+        step = max(1, int(np.sqrt(values.size / 250_000)))  # percentiles of a ~250k-pixel grid
+        low, high = np.percentile(values[::step, ::step], PERCENTILES)
         width = max(float(high - low), 1.0)
         window, source = ((float(low) + float(high)) / 2, width), "percentile"
-        unit = window_linear(values, window[0], window[1] + 1)
+        unit = window_linear(values, window[0], window[1] + 1, inplace=True)
     if ds.PhotometricInterpretation == "MONOCHROME1":
-        unit = 1.0 - unit
+        np.subtract(1.0, unit, out=unit)
     return unit, window, source
 
 

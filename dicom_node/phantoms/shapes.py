@@ -13,13 +13,24 @@ phantom resolution independent and its masks exact.
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 Box = tuple[float, float, float, float]  # x0, x1, y0, y1
+Coords = np.ndarray | float
 
 
-def ease(v: np.ndarray) -> np.ndarray:
+class Shape(Protocol):
+    """Anything drawn by adding its density ``field`` inside its bounding ``box``."""
+
+    @property
+    def box(self) -> Box: ...
+
+    def field(self, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+
+
+def ease(v: Coords) -> np.ndarray:
     """Quarter ellipse from (0, 0) to (1, 1): a rounded rise, flat beyond 1."""
     w = 1.0 - np.clip(v, 0.0, 1.0)
     return np.sqrt(1.0 - w * w)
@@ -47,25 +58,28 @@ class Lung:
     dome_height: float
     dome_u: float
 
-    def diaphragm_y(self, u: np.ndarray) -> np.ndarray:
+    def diaphragm_y(self, u: Coords) -> np.ndarray:
         """Height of the dome below the lung at lateral distance ``u``."""
-        q = (u - self.dome_u) / (self.u_lateral - self.dome_u)
+        span = np.where(u >= self.dome_u, self.u_lateral - self.dome_u, (self.dome_u - self.u_medial) / 0.55)
+        q = (u - self.dome_u) / span
         return self.base_y - self.dome_height * (1.0 - q * q)
 
-    def lateral_u(self, y: np.ndarray) -> np.ndarray:
+    def lateral_u(self, y: Coords) -> np.ndarray:
         """Lateral distance of the lung's outer wall at height ``y``."""
         t = (y - self.apex_y) / (self.base_y - self.apex_y)
-        return self.u_apex + (self.u_lateral - self.u_apex) * ease(t / 0.75)
+        rise = 0.45 * ease(t / 0.25) + 0.55 * np.clip(t / 0.85, 0.0, 1.0) ** 0.8
+        return self.u_apex + (self.u_lateral - self.u_apex) * rise
 
     def inside(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         u = self.side * (x - self.mid)
         t = (y - self.apex_y) / (self.base_y - self.apex_y)
-        medial = self.u_apex - (self.u_apex - self.u_medial) * ease(t / 0.22)
+        u_medial = self.u_medial * (0.8 + 0.2 * np.clip(t, 0.0, 1.0))
+        medial = self.u_apex - (self.u_apex - u_medial) * ease(t / 0.22)
         return (t >= 0) & (u > medial) & (u < self.lateral_u(y)) & (y < self.diaphragm_y(u))
 
     @property
     def box(self) -> Box:
-        return _side_box(self.mid, self.side, self.u_medial, self.u_lateral, self.apex_y, self.base_y)
+        return _side_box(self.mid, self.side, 0.8 * self.u_medial, self.u_lateral, self.apex_y, self.base_y)
 
 
 @dataclass(frozen=True)
@@ -148,19 +162,20 @@ class Band:
         u = self.side * (x - self.mid)
         slope = self.c1 + 2.0 * self.c2 * u
         scale = (2.0 / self.thickness) / np.sqrt(1.0 + slope * slope)
-        ends = np.clip((u - self.u0) / self.fade, 0.0, 1.0) * np.clip((self.u1 - u) / self.fade, 0.0, 1.0)
+        ends = np.minimum(np.minimum(u - self.u0, self.u1 - u) * (1.0 / self.fade), 1.0)
+        weight = self.density * np.maximum(ends, 0.0)
         d = (y - self.centre_y(u)) * scale
         d2 = d * d
-        weight = self.density * ends
         return np.where(d2 < 1.0, weight * ((1.0 - self.rim) + self.rim * d2), 0.0)
 
     @property
     def box(self) -> Box:
-        u = np.linspace(self.u0, self.u1, 33)
-        yc = self.centre_y(u)
-        slope = np.abs(self.c1 + 2.0 * self.c2 * u).max()
+        ends = [self.u0, self.u1]
+        vertex = -self.c1 / (2.0 * self.c2) if self.c2 else self.u0
+        ys = [self.y0 + self.c1 * u + self.c2 * u * u for u in [*ends, min(max(vertex, self.u0), self.u1)]]
+        slope = max(abs(self.c1 + 2.0 * self.c2 * u) for u in ends)
         pad = 0.5 * self.thickness * math.sqrt(1.0 + slope * slope)
-        return _side_box(self.mid, self.side, self.u0, self.u1, float(yc.min()) - pad, float(yc.max()) + pad)
+        return _side_box(self.mid, self.side, self.u0, self.u1, min(ys) - pad, max(ys) + pad)
 
 
 @dataclass(frozen=True)
@@ -178,10 +193,10 @@ class Segment:
     def field(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         dx, dy = self.xb - self.xa, self.yb - self.ya
         px, py = x - self.xa, y - self.ya
-        t = np.clip((px * dx + py * dy) / (dx * dx + dy * dy), 0.0, 1.0)
+        t = np.minimum(np.maximum((px * dx + py * dy) * (1.0 / (dx * dx + dy * dy)), 0.0), 1.0)
         ex, ey = px - t * dx, py - t * dy
         w = self.width_a + (self.width_b - self.width_a) * t
-        v = np.clip(1.0 - (ex * ex + ey * ey) / (w * w), 0.0, 1.0)
+        v = np.maximum(1.0 - (ex * ex + ey * ey) / (w * w), 0.0)
         return (self.density * (1.0 - 0.4 * t)) * np.sqrt(v)
 
     @property
@@ -203,7 +218,8 @@ class Body:
 
     def half_width(self, y: np.ndarray) -> np.ndarray:
         s = np.clip((y - self.shoulder_y) / 0.12 + 1.0, 0.0, 1.0)
-        return self.neck_half + (self.shoulder_half - self.neck_half) * (s * s * (3.0 - 2.0 * s))
+        waist = 1.0 - 0.08 * np.square(np.maximum(y - 0.45, 0.0) / 0.55)
+        return (self.neck_half + (self.shoulder_half - self.neck_half) * (s * s * (3.0 - 2.0 * s))) * waist
 
     def field(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         r = (x - self.mid) / self.half_width(y)
