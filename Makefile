@@ -21,7 +21,7 @@ run: $(STAMP)
 test: lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check dicom_node tests bench
+	$(BIN)/ruff check dicom_node tests bench models
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

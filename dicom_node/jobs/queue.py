@@ -162,25 +162,23 @@ class JobQueue:
     def heartbeat(self, job_id: int, worker: str) -> bool:
         """Extend ``worker``'s lease; False if the job is no longer its to run."""
         now = self.clock()
-        with self.backend.transaction():
-            job = self._leased(job_id, worker)
-            if job is None:
-                return False
-            self.backend.save(dataclasses.replace(
-                job, lease_expires_at=now + self.policy.lease_seconds, updated_at=now))
-            return True
+        return self._update_leased(job_id, worker, lease_expires_at=now + self.policy.lease_seconds,
+                                   updated_at=now)
 
     def complete(self, job_id: int, worker: str, timings: dict[str, float] | None = None) -> bool:
         """Mark a job done; False (and nothing changes) if ``worker`` lost its lease."""
         now = self.clock()
+        return self._update_leased(
+            job_id, worker, state=JobState.DONE, reason="", lease_owner="", lease_expires_at=0.0,
+            updated_at=now, finished_at=now, timings=timings or {},
+        )
+
+    def _update_leased(self, job_id: int, worker: str, **changes: object) -> bool:
         with self.backend.transaction():
             job = self._leased(job_id, worker)
             if job is None:
                 return False
-            self.backend.save(dataclasses.replace(
-                job, state=JobState.DONE, reason="", lease_owner="", lease_expires_at=0.0,
-                updated_at=now, finished_at=now, timings=timings or {},
-            ))
+            self.backend.save(dataclasses.replace(job, **changes))  # type: ignore[arg-type]
             return True
 
     def fail(

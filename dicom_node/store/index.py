@@ -173,27 +173,22 @@ class Index:
 
     def series(self, study_instance_uid: str | None = None) -> list[SeriesRecord]:
         """Series records with their instance counts, or those of one study."""
-        query = (
-            "SELECT s.*, (SELECT count(*) FROM instances i "
-            "WHERE i.series_instance_uid = s.series_instance_uid) FROM series s"
-        )
-        args: tuple[str, ...] = ()
-        if study_instance_uid is not None:
-            query += " WHERE s.study_instance_uid = ?"
-            args = (study_instance_uid,)
-        with self._lock:
-            rows = self._conn.execute(query + " ORDER BY s.first_received_at", args).fetchall()
-        return [SeriesRecord(*row) for row in rows]
+        if study_instance_uid is None:
+            return self._series("1", (), "s.first_received_at")
+        return self._series("s.study_instance_uid = ?", (study_instance_uid,), "s.first_received_at")
 
     def series_changed_since(self, change_seq: int) -> list[SeriesRecord]:
         """Series that stored an instance after ``change_seq``, in order of their last change."""
+        return self._series("s.change_seq > ?", (change_seq,), "s.change_seq")
+
+    def _series(self, where: str, args: tuple[object, ...], order: str) -> list[SeriesRecord]:
         query = (
             "SELECT s.*, (SELECT count(*) FROM instances i "
-            "WHERE i.series_instance_uid = s.series_instance_uid) FROM series s "
-            "WHERE s.change_seq > ? ORDER BY s.change_seq"
+            f"WHERE i.series_instance_uid = s.series_instance_uid) FROM series s "
+            f"WHERE {where} ORDER BY {order}"
         )
         with self._lock:
-            rows = self._conn.execute(query, (change_seq,)).fetchall()
+            rows = self._conn.execute(query, args).fetchall()
         return [SeriesRecord(*row) for row in rows]
 
     def counts(self) -> tuple[int, int, int]:
