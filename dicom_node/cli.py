@@ -206,6 +206,10 @@ def format_job(job: Job) -> str:
             ("finished", _when(job.finished_at)),
             ("not before", _when(job.not_before)), ("lease owner", job.lease_owner or "-")]
     rows += [(f"time {step}", f"{seconds:.3f} s") for step, seconds in job.timings.items()]
+    for p in job.results.get("predictions", []):
+        found = ", ".join(p["positives"]) or "nothing above threshold"
+        scores = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
+        rows.append(("result", f"{p['sop_instance_uid']} frame {p['frame']}: {found} ({scores})"))
     rows += [("instance", uid) for uid in job.instance_uids]
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
 

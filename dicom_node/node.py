@@ -133,7 +133,7 @@ class Node:
         for i in range(s.workers.count or default_worker_count()):
             inference = InferenceRunner(self.registry, worker_device(s.inference.device, i),
                                         s.inference.batch_size, s.inference.bf16)
-            runner = partial(pipeline.run, settings=s, store=self.store, steps=self.steps,
+            runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
                              runner=inference)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds))

@@ -35,6 +35,15 @@ class PipelineContext:
     predictions: list[Prediction] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """What the job found, for its record: per frame, every probability and the positives."""
+        return {"predictions": [
+            {"sop_instance_uid": p.sop_instance_uid, "frame": p.frame, "model": p.model,
+             "model_version": p.model_version, "positives": p.positives,
+             "probabilities": {k: round(v, 6) for k, v in p.probabilities.items()}}
+            for p in self.predictions
+        ]}
+
     def model(self) -> ModelManifest:
         if self.runner is None:
             raise PermanentError("this node runs no models (no inference runner)")
@@ -84,6 +93,11 @@ def infer(ctx: PipelineContext) -> None:
 def default_steps() -> list[tuple[str, Step]]:
     """The steps every job runs, in order."""
     return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer)]
+
+
+def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any]:
+    """:func:`run`, returning the job's results (what a worker records on the job)."""
+    return run(job, timings, **kwargs).summary()
 
 
 def run(

@@ -77,6 +77,9 @@ def test_a_radiograph_series_is_read_preprocessed_and_inferred(
     assert all(set(p.probabilities) == {"nodule", "consolidation", "effusion", "cardiomegaly"}
                for p in ctx.predictions)
     assert ctx.predictions[0].model == "tiny" and ctx.inputs[0].array.shape == (1, 64, 64)
+    summary = ctx.summary()["predictions"]
+    assert [s["sop_instance_uid"] for s in summary] == [r.sop_instance_uid for r in records]
+    assert set(summary[0]["probabilities"]) == {"nodule", "consolidation", "effusion", "cardiomegaly"}
 
 
 def test_a_series_of_another_modality_fails_permanently_with_the_reason(

@@ -14,8 +14,9 @@ from torch import nn
 
 class SmallCNN(nn.Module):
     """The seed article's classifier: three 3x3 conv layers (32/64/128) with max-pooling, then two
-    linear layers; grayscale in, one logit per label out. Global average pooling before the head
-    makes it take any input size. ``features.conv3`` is its CAM layer."""
+    linear layers; grayscale in, one logit per label out. Global average and global max pooling
+    side by side before the head make it take any input size and keep a small finding (a nodule)
+    from being averaged away. ``features.relu3`` is its CAM layer."""
 
     def __init__(self, num_labels: int, in_channels: int = 1) -> None:
         super().__init__()
@@ -27,13 +28,15 @@ class SmallCNN(nn.Module):
             self.features.add_module(f"relu{i + 1}", nn.ReLU())
             if i < 2:
                 self.features.add_module(f"pool{i + 1}", nn.MaxPool2d(2))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, num_labels)
+            nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, num_labels)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.features(x)))
+        features = self.features(x)
+        return self.classifier(torch.cat([self.avg_pool(features), self.max_pool(features)], dim=1))
 
 
 def _torchvision(name: str) -> Callable[[int, int], nn.Module]:

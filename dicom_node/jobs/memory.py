@@ -47,7 +47,8 @@ class MemoryJobBackend:
         return self._jobs.get(job_id)
 
     def save(self, job: Job) -> None:
-        self._jobs[job.id] = dataclasses.replace(job, timings=dict(job.timings))
+        self._jobs[job.id] = dataclasses.replace(job, timings=dict(job.timings),
+                                                 results=dict(job.results))
 
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]:
         jobs = sorted((j for j in self._jobs.values() if j.state in states), key=lambda j: -j.id)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from dicom_node.errors import DicomNodeError, PermanentError
 
@@ -84,6 +84,7 @@ class Job:
     updated_at: float
     finished_at: float
     timings: dict[str, float] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)  # what the pipeline found (JSON-able)
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,16 @@ class JobQueue:
         return self._update_leased(job_id, worker, lease_expires_at=now + self.policy.lease_seconds,
                                    updated_at=now)
 
-    def complete(self, job_id: int, worker: str, timings: dict[str, float] | None = None) -> bool:
-        """Mark a job done; False (and nothing changes) if ``worker`` lost its lease."""
+    def complete(
+        self, job_id: int, worker: str, timings: dict[str, float] | None = None,
+        results: dict[str, Any] | None = None,
+    ) -> bool:
+        """Mark a job done with its timings and results; False (and nothing changes) if
+        ``worker`` lost its lease."""
         now = self.clock()
         return self._update_leased(
             job_id, worker, state=JobState.DONE, reason="", lease_owner="", lease_expires_at=0.0,
-            updated_at=now, finished_at=now, timings=timings or {},
+            updated_at=now, finished_at=now, timings=timings or {}, results=results or {},
         )
 
     def _update_leased(self, job_id: int, worker: str, **changes: object) -> bool:

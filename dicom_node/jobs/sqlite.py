@@ -31,7 +31,8 @@ _MIGRATIONS = (
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
         finished_at REAL NOT NULL,
-        timings TEXT NOT NULL
+        timings TEXT NOT NULL,
+        results TEXT NOT NULL DEFAULT '{}'
     );
     CREATE INDEX jobs_by_state ON jobs (state, not_before);
     CREATE INDEX jobs_by_lease ON jobs (state, lease_expires_at);
@@ -45,7 +46,7 @@ _MIGRATIONS = (
 _COLUMNS = (
     "id, key, study_instance_uid, series_instance_uid, instance_uids, pipeline, model, "
     "model_version, version, state, reason, attempts, not_before, lease_owner, lease_expires_at, "
-    "created_at, updated_at, finished_at, timings"
+    "created_at, updated_at, finished_at, timings, results"
 )
 
 
@@ -54,6 +55,7 @@ def _job(row: tuple) -> Job:
     values[4] = tuple(json.loads(values[4]))
     values[9] = JobState(values[9])
     values[18] = json.loads(values[18])
+    values[19] = json.loads(values[19])
     return Job(*values)
 
 
@@ -93,7 +95,7 @@ class SQLiteJobBackend:
         try:
             cursor = self.conn.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) "
-                "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', 0, ?, ?, ?, '{}')",
+                "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', 0, ?, ?, ?, '{}', '{}')",
                 (spec.key, spec.study_instance_uid, spec.series_instance_uid,
                  json.dumps(list(spec.instance_uids)), spec.pipeline, spec.model, spec.model_version,
                  version, str(spec.state), spec.reason, now, now, finished),
@@ -117,9 +119,11 @@ class SQLiteJobBackend:
     def save(self, job: Job) -> None:
         self.conn.execute(
             "UPDATE jobs SET state = ?, reason = ?, attempts = ?, not_before = ?, lease_owner = ?, "
-            "lease_expires_at = ?, updated_at = ?, finished_at = ?, timings = ? WHERE id = ?",
+            "lease_expires_at = ?, updated_at = ?, finished_at = ?, timings = ?, results = ? "
+            "WHERE id = ?",
             (str(job.state), job.reason, job.attempts, job.not_before, job.lease_owner,
-             job.lease_expires_at, job.updated_at, job.finished_at, json.dumps(job.timings), job.id),
+             job.lease_expires_at, job.updated_at, job.finished_at, json.dumps(job.timings),
+             json.dumps(job.results), job.id),
         )
 
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]:

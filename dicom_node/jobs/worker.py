@@ -3,13 +3,15 @@
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from dicom_node.jobs.queue import Job, JobQueue
 
 logger = logging.getLogger(__name__)
 
-#: Runs one job; fills the dict with step name -> seconds as it goes (kept even on failure).
-Runner = Callable[[Job, dict[str, float]], object]
+#: Runs one job; fills the dict with step name -> seconds as it goes (kept even on failure) and
+#: returns the job's results (a JSON-able dict) or None.
+Runner = Callable[[Job, dict[str, float]], dict[str, Any] | None]
 
 
 class Worker:
@@ -43,7 +45,7 @@ class Worker:
                                 name=f"{self.name}-heartbeat")
         beat.start()
         try:
-            self.runner(job, timings)
+            results = self.runner(job, timings)
         except Exception as exc:
             done.set()
             after = self.queue.fail(job.id, self.name, exc, timings)
@@ -51,7 +53,7 @@ class Worker:
             logger.warning("job %d attempt %d failed (%s): %s", job.id, job.attempts, state, exc)
         else:
             done.set()
-            if self.queue.complete(job.id, self.name, timings):
+            if self.queue.complete(job.id, self.name, timings, results):
                 logger.info("job %d done in %.2f s", job.id, sum(timings.values()))
             else:
                 logger.warning("job %d finished after its lease was lost; result not recorded", job.id)

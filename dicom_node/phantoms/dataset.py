@@ -107,7 +107,8 @@ def _image(ds: Dataset, ph: Phantom, photometric: str, bits_stored: int, instanc
     ds.ImagerPixelSpacing = spacing
     maxval = (1 << bits_stored) - 1
     centre, width = WINDOW[0] * maxval, WINDOW[1] * maxval
-    ds.WindowCenter = f"{maxval - centre if photometric == 'MONOCHROME1' else centre:.1f}"
+    # The LINEAR VOI of stored values maxval - x mirrors that of x exactly at centre maxval - c + 1.
+    ds.WindowCenter = f"{maxval - centre + 1 if photometric == 'MONOCHROME1' else centre:.1f}"
     ds.WindowWidth = f"{width:.1f}"
     ds.WindowCenterWidthExplanation = "LUNG AND MEDIASTINUM"
     ds.PixelData = stored_values(ph.image, photometric, bits_stored).astype("<u2").tobytes()

@@ -162,3 +162,14 @@ def test_undecodable_pixels_fail_permanently() -> None:
     ds.PixelData = ds.PixelData[:200]  # truncated codestream
     with pytest.raises(PermanentError, match="cannot decode pixel data"):
         preprocess(ds, SPEC)
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_a_phantom_as_monochrome1_or_monochrome2_gives_the_same_tensor(bits: int) -> None:
+    from dicom_node.phantoms import render, to_dataset
+
+    phantom = render(11, 512)
+    [mono2] = preprocess(to_dataset(phantom, photometric="MONOCHROME2", bits_stored=bits), SPEC)
+    [mono1] = preprocess(to_dataset(phantom, photometric="MONOCHROME1", bits_stored=bits), SPEC)
+    np.testing.assert_allclose(mono1.array, mono2.array, atol=1e-5)
+    assert mono1.array.std() > 0.1

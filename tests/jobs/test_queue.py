@@ -51,9 +51,10 @@ def test_expired_lease_requeues_the_job_and_the_old_worker_cannot_finish_it(
     assert second is not None and second.id == first.id and second.attempts == 2
     assert "lease expired" in second.reason
     assert not queue.complete(first.id, "dead-worker")
-    assert queue.complete(second.id, "w2", {"collect": 0.5})
+    assert queue.complete(second.id, "w2", {"collect": 0.5}, {"predictions": []})
     done = queue.get(first.id)
     assert done is not None and done.state == JobState.DONE and done.timings == {"collect": 0.5}
+    assert done.results == {"predictions": []}
 
 
 def test_heartbeat_keeps_the_lease(queue: JobQueue, clock: FakeClock) -> None:

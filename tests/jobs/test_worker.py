@@ -20,12 +20,14 @@ def test_run_once_completes_the_job_with_its_step_timings(clock: FakeClock) -> N
     queue = queue_with_job(clock=clock)
     seen: list[Job] = []
 
-    def runner(job: Job, timings: dict[str, float]) -> None:
+    def runner(job: Job, timings: dict[str, float]) -> dict:
         seen.append(job)
         timings["collect"] = 0.25
+        return {"predictions": [{"positives": ["nodule"]}]}
 
     job = Worker(queue, runner, "w").run_once()
     assert job is not None and job.state == JobState.DONE and job.timings == {"collect": 0.25}
+    assert job.results == {"predictions": [{"positives": ["nodule"]}]}
     assert seen[0].state == JobState.RUNNING
     assert Worker(queue, runner, "w").run_once() is None  # nothing left
 

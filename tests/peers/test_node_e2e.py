@@ -1,0 +1,53 @@
+"""The node as a user runs it: DCMTK's storescu sends a phantom study, the demo model classifies it."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from dicom_node.phantoms import write_study
+from tests.jobs.test_crash import wait_for
+from tests.nodeproc import REPO, NodeProcess
+from tests.peers.test_dcmtk import run_storescu
+
+CONFIG = f"""
+[models]
+dir = "{REPO / 'models'}"
+[study]
+stable_seconds = 0.5
+[workers]
+count = 1
+poll_seconds = 0.1
+[[pipelines]]
+name = "chest"
+model = "demo-cxr"
+match = {{ modality = ["CR", "DX"], body_part_examined = ["CHEST"] }}
+"""
+
+
+def test_a_phantom_study_sent_by_storescu_is_classified(tmp_path: Path) -> None:
+    findings = {"nodule": True, "effusion": True}
+    paths = write_study(tmp_path / "study", 2, seed=3_000_000, size=1024, modality="DX",
+                        findings=findings)
+    with NodeProcess(tmp_path / "node", extra_config=CONFIG) as node:
+        run_storescu(node.port, ["-R", "+sd"], [tmp_path / "study"])
+        database = node.data_dir / "index.sqlite"
+
+        def done() -> bool:
+            with sqlite3.connect(database) as conn:
+                return conn.execute("SELECT state FROM jobs").fetchall() == [("done",)]
+
+        wait_for(done, timeout=120, what="the job to finish")
+        shown = subprocess.run(
+            [sys.executable, "-m", "dicom_node", "jobs", "show", "1", "--config", str(node.config)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        assert node.stop() == 0
+    with sqlite3.connect(database) as conn:
+        (results, timings) = conn.execute("SELECT results, timings FROM jobs").fetchone()
+    predictions = json.loads(results)["predictions"]
+    assert len(predictions) == len(paths)
+    assert all(sorted(p["positives"]) == ["effusion", "nodule"] for p in predictions)
+    assert set(json.loads(timings)) == {"collect", "read", "preprocess", "inference"}
+    assert "nodule, effusion" in shown and "time inference" in shown
