@@ -111,6 +111,7 @@ class Node:
         s = self.settings
         self.registry = ModelRegistry(s.models.dir)
         check_models(s, self.registry)
+        runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
         self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock)
         self.store.recover()
@@ -130,13 +131,22 @@ class Node:
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
-        for i in range(s.workers.count or default_worker_count()):
-            inference = InferenceRunner(self.registry, worker_device(s.inference.device, i),
-                                        s.inference.batch_size, s.inference.bf16)
+        for i, inference in enumerate(runners):
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
                              runner=inference)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds))
+
+    def _runners(self) -> list[InferenceRunner]:
+        """One inference runner per worker, each on its device; a bad device is a config error."""
+        s = self.settings
+        try:
+            return [InferenceRunner(self.registry, worker_device(s.inference.device, i),
+                                    s.inference.batch_size, s.inference.bf16)
+                    for i in range(s.workers.count or default_worker_count())]
+        except ValueError as exc:
+            raise ConfigError(f"{s.source}: key 'inference.device' = {s.inference.device!r} is "
+                              f"invalid: {exc}") from None
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -75,6 +75,10 @@ def read(ctx: PipelineContext) -> None:
         if manifest.modalities and modality not in manifest.modalities:
             raise PermanentError(f"model {manifest.name} is meant for modalities "
                                  f"{list(manifest.modalities)}, not {modality!r}")
+        body_part = str(ds.get("BodyPartExamined", "") or "").upper()
+        if manifest.body_parts and body_part and body_part not in {b.upper() for b in manifest.body_parts}:
+            raise PermanentError(f"model {manifest.name} is meant for body parts "
+                                 f"{list(manifest.body_parts)}, not {body_part!r}")
     ctx.datasets = datasets
 
 

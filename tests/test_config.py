@@ -123,3 +123,14 @@ def test_serve_on_a_data_dir_that_is_a_file_exits_2(tmp_path: Path, capsys: pyte
     path = write(tmp_path, f'[node]\ndata_dir = "{tmp_path / "afile"}"\nport = 0\n')
     assert main(["serve", "--config", str(path)]) == 2
     assert "node.data_dir" in capsys.readouterr().err
+
+
+def test_serve_with_a_device_that_does_not_exist_exits_2_before_listening(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, f'[node]\ndata_dir = "{tmp_path / "data"}"\nport = 0\n'
+                           '[inference]\ndevice = "cuda:99"\n')
+    assert main(["serve", "--config", str(path)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "inference.device" in last and "cuda:99" in last
+    assert not (tmp_path / "data").exists()  # stopped before it took the data folder

@@ -89,3 +89,23 @@ def test_a_series_of_another_modality_fails_permanently_with_the_reason(
     with pytest.raises(PermanentError, match=r"meant for modalities \['CR', 'DX'\], not 'CT'"):
         run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
             steps=default_steps(), runner=_runner(tmp_path))
+
+
+def test_a_body_part_outside_the_models_scope_fails_permanently(
+    store: InstanceStore, settings: Settings, tmp_path: Path
+) -> None:
+    from dicom_node.phantoms import render, to_dataset
+    from tests.inference.models import write_model
+
+    ds = to_dataset(render(5, 128), modality="CR")
+    ds.BodyPartExamined = "KNEE"
+    record = put(store, ds)
+    from dicom_node.inference import InferenceRunner, ModelRegistry
+
+    write_model(tmp_path / "models", "tiny", extra='')
+    manifest = tmp_path / "models" / "tiny" / "model.toml"
+    manifest.write_text(manifest.read_text().replace('[scope]\n', '[scope]\nbody_parts = ["CHEST"]\n'))
+    runner = InferenceRunner(ModelRegistry(tmp_path / "models"), device="cpu")
+    with pytest.raises(PermanentError, match=r"meant for body parts \['CHEST'\], not 'KNEE'"):
+        run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
+            steps=default_steps(), runner=runner)

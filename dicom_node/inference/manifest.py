@@ -28,6 +28,7 @@ expected, on one line. Example::
     code = ["SCT", "27925004", "Nodule"]   # optional: coding scheme, value, meaning
 """
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,23 @@ class _Reader:
             raise self.fail(key, "a list of strings")
         return tuple(value)
 
-    def sub(self, key: str) -> "_Reader":
-        return _Reader(self.path, self.get(key, dict, f"a table [{key}]", {}), f"{self.prefix}{key}.")
+    def sub(self, key: str, known: set[str]) -> "_Reader":
+        reader = _Reader(self.path, self.get(key, dict, f"a table [{key}]", {}), f"{self.prefix}{key}.")
+        reader.only(known)
+        return reader
+
+    def only(self, known: set[str]) -> None:
+        unknown = sorted(set(self.table) - known)
+        if unknown:
+            where = f"table '{self.prefix[:-1]}'" if self.prefix else "the manifest"
+            raise ModelError(f"{self.path}: unknown key(s) {unknown} in {where}; "
+                             f"expected keys from {sorted(known)}")
+
+    def number(self, key: str, expected: str, default: Any = ...) -> Any:
+        value = self.get(key, (int, float), expected, default)
+        if value is not None and value is not default and not math.isfinite(value):
+            raise self.fail(key, expected)
+        return value
 
 
 def _labels(reader: _Reader) -> tuple[Label, ...]:
@@ -131,7 +147,8 @@ def _labels(reader: _Reader) -> tuple[Label, ...]:
         if not isinstance(entry, dict):
             raise reader.fail("labels", "an array of tables [[labels]]")
         item = _Reader(reader.path, entry, f"labels[{i}].")
-        threshold = float(item.get("threshold", (int, float), "a number in (0, 1)", 0.5))
+        item.only({"name", "threshold", "code"})
+        threshold = float(item.number("threshold", "a number in (0, 1)", 0.5))
         if not 0 < threshold < 1:
             raise item.fail("threshold", "a number in (0, 1)")
         code = item.get("code", list, "[scheme, value, meaning]", None)
@@ -152,8 +169,8 @@ def _input(reader: _Reader) -> InputSpec:
         raise reader.fail("size", "the input side in pixels, 32 to 4096")
     if channels not in (1, 3):
         raise reader.fail("channels", "1 or 3")
-    center = reader.get("window_center", (int, float), "a number", None)
-    width = reader.get("window_width", (int, float), "a number greater than 1", None)
+    center = reader.number("window_center", "a finite number", None)
+    width = reader.number("window_width", "a finite number greater than 1", None)
     if (center is None) != (width is None) or (width is not None and width <= 1):
         raise reader.fail("window_width", "window_center and window_width together, width > 1")
     return InputSpec(size, channels, reader.choice("normalization", NORMALIZATIONS, "zero_one"),
@@ -170,21 +187,23 @@ def load_manifest(path: Path) -> ModelManifest:
         Naming the file, the key, the value and what was expected.
     """
     try:
-        document = tomllib.loads(path.read_text())
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text; a model manifest is a UTF-8 TOML file") from None
     except OSError as exc:
         raise ModelError(f"{path}: cannot read model manifest ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ModelError(f"{path}: not valid TOML ({exc})") from None
     top = _Reader(path, document)
-    known = {"name", "version", "architecture", "weights", "sha256", "labels", "input", "cam_layer",
-             "intended_use", "scope"}
-    unknown = sorted(set(document) - known)
-    if unknown:
-        raise ModelError(f"{path}: unknown key(s) {unknown}; expected keys from {sorted(known)}")
+    top.only({"name", "version", "architecture", "weights", "sha256", "labels", "input", "cam_layer",
+              "intended_use", "scope"})
     sha256 = top.get("sha256", str, "the weights file's SHA-256, 64 hex digits").lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise top.fail("sha256", "the weights file's SHA-256, 64 hex digits")
-    scope = top.sub("scope")
+    scope = top.sub("scope", {"modalities", "body_parts"})
+    cam_layer = top.get("cam_layer", str, "the name of the layer CAM methods use")
+    if not cam_layer.strip():
+        raise top.fail("cam_layer", "the name of a layer of the model, not empty")
     return ModelManifest(
         path=path,
         name=top.get("name", str, "the model's name"),
@@ -193,8 +212,9 @@ def load_manifest(path: Path) -> ModelManifest:
         weights=(path.parent / top.get("weights", str, "the weights file, relative to the manifest")),
         sha256=sha256,
         labels=_labels(top),
-        input=_input(top.sub("input")),
-        cam_layer=top.get("cam_layer", str, "the name of the layer CAM methods use"),
+        input=_input(top.sub("input", {"size", "channels", "normalization", "multiframe",
+                                       "window_center", "window_width"})),
+        cam_layer=cam_layer,
         intended_use=top.get("intended_use", str, "the intended-use statement"),
         modalities=scope.strings("modalities"),
         body_parts=scope.strings("body_parts"),

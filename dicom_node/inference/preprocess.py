@@ -1,8 +1,7 @@
 """DICOM pixels to model input, and the exact map from model pixels back to source pixels.
 
-Per frame: decode (every transfer syntax pydicom's plugins handle), Modality LUT (Rescale
-Slope/Intercept), then for grayscale the VOI: the file's window (or VOI LUT), else the manifest's,
-else a robust percentile window; MONOCHROME1 inverted after the VOI, as a viewer does. Colour
+Per frame: decode (every transfer syntax pydicom's plugins handle); grayscale to display values
+through the Modality LUT and the VOI (:mod:`dicom_node.inference.voi`). Colour
 (RGB, YBR converted by the decoder, PALETTE COLOR through its LUT) is scaled to [0, 1]. Then a
 letterbox resize to the model's square input (aspect ratio kept, centred, black padding) whose
 :class:`LetterboxMap` maps any model coordinate to the source grid and back.
@@ -11,22 +10,21 @@ Coordinates are continuous: pixel ``(row i, column j)`` covers ``[j, j+1) x [i, 
 image's top-left corner is ``(0, 0)`` and its bottom-right corner ``(columns, rows)``.
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from pydicom import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_color_lut, pixel_array
 
 from dicom_node.errors import PermanentError
 from dicom_node.inference.manifest import InputSpec
+from dicom_node.inference.voi import Display, Window, to_display
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-PERCENTILES = (0.5, 99.5)
 
 
 @dataclass(frozen=True)
@@ -103,78 +101,6 @@ def _decode(ds: Dataset, frame: int) -> np.ndarray:
                              f"{str(exc).splitlines()[0]}") from None
 
 
-def window_linear(
-    values: np.ndarray, center: float, width: float, function: str = "LINEAR", inplace: bool = False
-) -> np.ndarray:
-    """PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID VOI to [0, 1] (float32).
-
-    ``inplace`` reuses ``values`` (float32) for the result: a 2000x2000 image then needs no copy.
-    """
-    out = values if inplace and values.dtype == np.float32 else values.astype(np.float32)
-    if function == "SIGMOID":
-        out -= center
-        out *= -4.0 / width
-        np.exp(out, out=out)
-        out += 1.0
-        return np.reciprocal(out, out=out)
-    if function == "LINEAR_EXACT":
-        out -= center
-        out /= width
-    else:
-        out -= center - 0.5
-        out /= width - 1
-    out += 0.5
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _modality(ds: Dataset, raw: np.ndarray) -> np.ndarray:
-    """Modality LUT output as float32 (Rescale Slope/Intercept without a float64 copy)."""
-    if "ModalityLUTSequence" in ds:
-        return apply_modality_lut(raw, ds).astype(np.float32)
-    values = raw.astype(np.float32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope != 1:
-        values *= slope
-    if intercept:
-        values += intercept
-    return values
-
-
-def _first(value: object) -> float:
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return float(value[0])
-    return float(value)  # type: ignore[arg-type]
-
-
-Unit = tuple[np.ndarray, tuple[float, float] | None, str]  # values in [0, 1], window, its source
-
-
-def _grayscale(ds: Dataset, raw: np.ndarray, spec: InputSpec) -> Unit:
-    values = _modality(ds, raw)
-    if "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        unit = window_linear(values, center, width, function, inplace=True)
-        window, source = (center, width), "file"
-    elif "VOILUTSequence" in ds:
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        unit = (apply_voi_lut(raw, ds, prefer_lut=True).astype(np.float32) / (2**bits - 1)).clip(0, 1)
-        window, source = None, "voi-lut"
-    elif spec.window_center is not None and spec.window_width is not None:
-        window, source = (spec.window_center, spec.window_width), "manifest"
-        unit = window_linear(values, *window, inplace=True)
-    else:
-        step = max(1, int(np.sqrt(values.size / 250_000)))  # percentiles of a ~250k-pixel grid
-        low, high = np.percentile(values[::step, ::step], PERCENTILES)
-        width = max(float(high - low), 1.0)
-        window, source = ((float(low) + float(high)) / 2, width), "percentile"
-        unit = window_linear(values, window[0], window[1] + 1, inplace=True)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        np.subtract(1.0, unit, out=unit)
-    return unit, window, source
-
-
 def _colour(ds: Dataset, raw: np.ndarray) -> np.ndarray:
     if ds.PhotometricInterpretation == "PALETTE COLOR":
         rgb = apply_color_lut(raw, ds)
@@ -182,11 +108,14 @@ def _colour(ds: Dataset, raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.float32) / float(2 ** int(ds.BitsStored) - 1)).clip(0, 1)
 
 
-def to_unit(ds: Dataset, raw: np.ndarray, spec: InputSpec) -> Unit:
+def to_unit(ds: Dataset, raw: np.ndarray, frame: int, spec: InputSpec) -> Display:
     """A decoded frame as display values in [0, 1]: (rows, columns) or (rows, columns, 3)."""
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric in GRAYSCALE:
-        return _grayscale(ds, raw, spec)
+        fallback = None
+        if spec.window_center is not None and spec.window_width is not None:
+            fallback = Window(spec.window_center, spec.window_width)
+        return to_display(ds, raw, frame, fallback)
     if photometric in COLOUR:
         return _colour(ds, raw), None, "colour"
     raise PermanentError(f"photometric interpretation {photometric!r} is not supported")
@@ -206,7 +135,7 @@ def letterbox(unit: np.ndarray, size: int) -> tuple[np.ndarray, LetterboxMap]:
     """Resize (aspect kept) and centre ``unit`` (rows, columns, channels) in a black square."""
     mapping = LetterboxMap.fit(unit.shape[0], unit.shape[1], size)
     height, width = mapping.resized_shape
-    shrinking = height < unit.shape[0]
+    shrinking = height < unit.shape[0] or width < unit.shape[1]
     resized = cv2.resize(unit, (width, height),
                          interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     out = np.zeros((size, size, unit.shape[2]), dtype=np.float32)
@@ -238,7 +167,7 @@ def preprocess(ds: Dataset, spec: InputSpec) -> list[Preprocessed]:
     """
     out = []
     for frame in _frames(ds, spec.multiframe):
-        unit, window, source = to_unit(ds, _decode(ds, frame), spec)
+        unit, window, source = to_unit(ds, _decode(ds, frame), frame, spec)
         square, mapping = letterbox(_channels(unit, spec.channels), spec.size)
         out.append(Preprocessed(normalise(square, spec.normalization), mapping,
                                 str(ds.SOPInstanceUID), frame, window, source))

@@ -27,6 +27,9 @@ def select_device(preference: str = "auto") -> torch.device:
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {preference!r} asked for, but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {preference!r} asked for, but there are "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

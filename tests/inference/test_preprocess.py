@@ -7,7 +7,8 @@ from pydicom.data import get_testdata_file
 
 from dicom_node.errors import PermanentError
 from dicom_node.inference.manifest import InputSpec
-from dicom_node.inference.preprocess import LetterboxMap, letterbox, preprocess, window_linear
+from dicom_node.inference.preprocess import LetterboxMap, letterbox, preprocess
+from dicom_node.inference.voi import window_linear
 from tests.factories import ct_dataset
 
 SPEC = InputSpec(size=64, channels=1)
@@ -173,3 +174,14 @@ def test_a_phantom_as_monochrome1_or_monochrome2_gives_the_same_tensor(bits: int
     [mono1] = preprocess(to_dataset(phantom, photometric="MONOCHROME1", bits_stored=bits), SPEC)
     np.testing.assert_allclose(mono1.array, mono2.array, atol=1e-5)
     assert mono1.array.std() > 0.1
+
+
+@pytest.mark.parametrize(("rows", "columns", "r", "c"), [(300, 200, 120, 50), (37, 1000, 10, 900), (500, 500, 0, 499)])
+def test_letterbox_and_its_map_agree_to_a_fraction_of_a_pixel(rows: int, columns: int, r: int, c: int) -> None:
+    image = np.zeros((rows, columns, 1), dtype=np.float32)
+    image[r, c] = 1.0
+    square, mapping = letterbox(image, 128)
+    weights = square[:, :, 0]
+    ys, xs = np.mgrid[0:128, 0:128] + 0.5
+    centre = ((weights * xs).sum() / weights.sum(), (weights * ys).sum() / weights.sum())
+    assert mapping.model_to_source(*centre) == pytest.approx((c + 0.5, r + 0.5), abs=0.5 / min(mapping.scale_x, 1) + 0.5)

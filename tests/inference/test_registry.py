@@ -51,6 +51,10 @@ def test_a_valid_model_loads_and_reads_its_manifest(tmp_path: Path) -> None:
         (r'^name = "tiny"$', 'name = "other"', "expected the folder's name 'tiny'"),
         (r'^intended_use', 'colour = "red"\nintended_use', "unknown key(s) ['colour']"),
         (r'^\[input\]', '[input', "not valid TOML"),
+        (r'^channels = 1$', 'channels = 1\nwindow_centre = 40', "unknown key(s) ['window_centre'] in table 'input'"),
+        (r'^threshold = 0.5$', 'treshold = 0.9', "unknown key(s) ['treshold'] in table 'labels[0]'"),
+        (r'^channels = 1$', 'channels = 1\nwindow_center = nan\nwindow_width = 400', "key 'input.window_center' = nan"),
+        (r'^cam_layer = .*$', 'cam_layer = ""', "key 'cam_layer' = '' is invalid"),
     ],
 )
 def test_each_manifest_mistake_names_the_file_and_key(
@@ -126,3 +130,9 @@ def test_an_empty_or_missing_repository_has_no_models(tmp_path: Path) -> None:
     assert ModelRegistry(tmp_path / "absent").names() == []
     with pytest.raises(ModelError, match="no model 'x'"):
         ModelRegistry(tmp_path).manifest("x")
+
+
+def test_a_manifest_that_is_not_utf8(tmp_path: Path) -> None:
+    manifest = write_model(tmp_path)
+    manifest.write_bytes(manifest.read_bytes().replace(b"tests only", b"tests \xff only"))
+    assert "not UTF-8 text" in error_of(tmp_path)

@@ -154,11 +154,14 @@ def test_two_studies_interleaved_over_concurrent_associations(tmp_path: Path, cl
         pairs = list(zip(*batches, strict=True))
         # Two associations at once, each sending instances of both studies alternately.
         halves = [[ds for pair in pairs[i::2] for ds in pair] for i in (0, 1)]
-        threads = [threading.Thread(target=send, args=(server.port, *h)) for h in halves]
+        results: list[list[tuple[int, str]]] = []
+        threads = [threading.Thread(target=lambda h=h: results.append(send(server.port, *h)))
+                   for h in halves]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=60)
+        assert sorted(map(len, results)) == [10, 10] and all(r == (0, "") for rs in results for r in rs)
         queue = JobQueue(MemoryJobBackend(), POLICY, clock=clock)
         sched = scheduler(store, queue, clock)
         clock.advance(STABLE + 1)
