@@ -1,0 +1,122 @@
+"""The CAM family for every label of a multi-label model from one forward and one batched backward.
+
+:class:`CamMethod` runs the algorithm: a forward pass with a hook on the target layer that keeps
+the layer's output (a clone goes on through the model, so an in-place operation after the layer,
+such as torchvision DenseNet's ReLU after ``features.norm5``, cannot change what is explained:
+the maps are the same on every device), then one vector-Jacobian product batched over the
+labels (``is_grads_batched``) gives every label's gradient at once. Each method is a small
+subclass that turns activations and gradients into maps. Hooks are registered per call and
+always released; the model is not switched to eval mode, and no layer is replaced.
+
+Maps are signed and raw (no ReLU, no min-max): rendering chooses how to show them.
+"""
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CamMaps:
+    """Maps for a batch: ``maps[b, l]`` for input ``b`` and label ``labels[l]``, on the input grid."""
+
+    method: str
+    layer: str
+    labels: tuple[int, ...]
+    maps: torch.Tensor  # (batch, labels, height, width) on the input grid, float32, signed, unscaled
+    layer_maps: torch.Tensor  # (batch, labels, h, w) on the layer's grid, before upsampling
+    logits: torch.Tensor  # (batch, all outputs), float32
+
+
+class CamMethod(ABC):
+    """Base class: gradient-weighted class activation maps of ``layer`` for many labels at once.
+
+    Safe to call from several threads on one shared model: a call's hook only captures the
+    forward pass of the thread that registered it.
+    """
+
+    name = "cam-base"
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+
+    @abstractmethod
+    def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """(L, B, K, h, w) activations and gradients -> (L, B, h, w) maps."""
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: Sequence[int]) -> CamMaps:
+        """Maps of ``labels`` for every input, upsampled (bilinear, on the device) to the input size."""
+        layer = dict(model.named_modules()).get(self.layer)
+        if layer is None:
+            raise ValueError(f"model has no layer {self.layer!r}")
+        captured: list[torch.Tensor] = []
+        owner = threading.get_ident()
+
+        def keep(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor | None:
+            if threading.get_ident() != owner:
+                return None  # another thread's pass through the shared model
+            captured.append(output)
+            return output.clone()  # what follows may work in place; ours stays untouched
+
+        handle = layer.register_forward_hook(keep)
+        try:
+            with torch.enable_grad():
+                logits = model(inputs.detach().requires_grad_(True))
+        finally:
+            handle.remove()
+        activations = captured[-1]
+        selected = logits[:, list(labels)]  # (B, L)
+        count = len(labels)
+        seeds = torch.eye(count, device=logits.device, dtype=logits.dtype)[:, None, :].expand(
+            count, logits.shape[0], count)
+        (gradients,) = torch.autograd.grad(selected, activations, grad_outputs=seeds,
+                                           is_grads_batched=True)
+        with torch.no_grad():
+            expanded = activations.detach().float().unsqueeze(0).expand(count, *activations.shape)
+            layer_maps = self.combine(expanded, gradients.float()).permute(1, 0, 2, 3)  # (B, L, h, w)
+            maps = F.interpolate(layer_maps, size=inputs.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+        return CamMaps(self.name, self.layer, tuple(labels), maps, layer_maps,
+                       logits.detach().float())
+
+
+class GradCAM(CamMethod):
+    """Grad-CAM (Selvaraju et al. 2017): channels weighted by their spatially averaged gradient."""
+
+    name = "gradcam"
+
+    def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        weights = gradients.mean(dim=(-2, -1), keepdim=True)
+        return (weights * activations).sum(dim=2)
+
+
+class GradCAMPlusPlus(CamMethod):
+    """Grad-CAM++ (Chattopadhyay et al. 2018), with the usual exponential-output approximation."""
+
+    name = "gradcampp"
+
+    def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        squared = gradients.pow(2)
+        cubed = squared * gradients
+        sums = activations.sum(dim=(-2, -1), keepdim=True)
+        alpha = squared / (2 * squared + sums * cubed + 1e-6)  # eps as in pytorch-grad-cam
+        alpha = torch.where(gradients != 0, alpha, torch.zeros_like(alpha))
+        weights = (gradients.clamp(min=0) * alpha).sum(dim=(-2, -1), keepdim=True)
+        return (weights * activations).sum(dim=2)
+
+
+class HiResCAM(CamMethod):
+    """HiResCAM (Draelos and Carin 2020): gradient times activation, element by element."""
+
+    name = "hirescam"
+
+    def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return (gradients * activations).sum(dim=2)
+
+
+METHODS: dict[str, type[CamMethod]] = {m.name: m for m in (GradCAM, GradCAMPlusPlus, HiResCAM)}
