@@ -1,5 +1,7 @@
-"""Explanations: the CAM family for every label in one pass (LIME and quality figures follow)."""
+"""Explanations: the CAM family for every label in one pass, batched LIME (quality figures follow)."""
 
 from dicom_node.explain.cam import METHODS, CamMaps, CamMethod, GradCAM, GradCAMPlusPlus, HiResCAM
+from dicom_node.explain.lime import LimeResult, lime, slic
 
-__all__ = ["METHODS", "CamMaps", "CamMethod", "GradCAM", "GradCAMPlusPlus", "HiResCAM"]
+__all__ = ["METHODS", "CamMaps", "CamMethod", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LimeResult",
+           "lime", "slic"]

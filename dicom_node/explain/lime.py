@@ -1,0 +1,111 @@
+"""LIME for images, batched on the model's device, every label in one weighted ridge solve.
+
+Follows lime's image explainer (Ribeiro et al. 2016) so results are comparable: superpixels at
+model resolution, ``samples`` random on/off patterns (the first one all on), switched-off
+superpixels replaced by their mean, the model's probabilities for each pattern, weights from the
+cosine distance to the all-on pattern with lime's kernel ``sqrt(exp(-d^2 / width^2))`` (width
+0.25), and a ridge regression (alpha 1, with intercept) of each label's probability on the
+patterns. Differences from lime: masks are built on the device by indexing the superpixel map,
+forward passes run in large batches, one solve serves all labels, and the seed is explicit.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def slic(
+    image: np.ndarray, segments: int = 64, compactness: float = 0.1, iterations: int = 5
+) -> np.ndarray:
+    """SLIC superpixels (Achanta et al. 2012) of a 2-D image in [0, 1]: an (H, W) int label map.
+
+    k-means on (intensity, y, x) with each pixel compared only with the 3x3 grid of centres
+    around it, vectorised; ``compactness`` weighs space against intensity.
+    """
+    height, width = image.shape
+    step = max(2, round(float(np.sqrt(height * width / segments))))
+    cy, cx = np.meshgrid(np.arange(step / 2, height, step), np.arange(step / 2, width, step), indexing="ij")
+    grid_h, grid_w = cy.shape
+    centres = np.stack([image[cy.astype(int), cx.astype(int)], cy, cx], axis=-1).reshape(-1, 3)
+    ys, xs = np.mgrid[0:height, 0:width]
+    gy, gx = np.minimum(ys // step, grid_h - 1), np.minimum(xs // step, grid_w - 1)
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    candidates = np.stack([np.clip(gy + dy, 0, grid_h - 1) * grid_w + np.clip(gx + dx, 0, grid_w - 1)
+                           for dy, dx in offsets], axis=-1)  # (H, W, 9)
+    spatial = compactness / step
+    labels = candidates[..., 4]
+    for _ in range(iterations):
+        c = centres[candidates]  # (H, W, 9, 3)
+        distance = ((c[..., 0] - image[..., None]) ** 2
+                    + spatial**2 * ((c[..., 1] - ys[..., None]) ** 2 + (c[..., 2] - xs[..., None]) ** 2))
+        labels = np.take_along_axis(candidates, distance.argmin(axis=-1)[..., None], axis=-1)[..., 0]
+        counts = np.bincount(labels.ravel(), minlength=len(centres))
+        for k, values in enumerate((image, ys, xs)):
+            sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=len(centres))
+            centres[:, k] = np.where(counts > 0, sums / np.maximum(counts, 1), centres[:, k])
+    _, dense = np.unique(labels, return_inverse=True)
+    return dense.reshape(height, width)
+
+
+@dataclass(frozen=True)
+class LimeResult:
+    """Per label, one coefficient per superpixel, and what produced it."""
+
+    segments: np.ndarray  # (H, W) superpixel label map on the model grid
+    coefficients: np.ndarray  # (labels, superpixels)
+    intercepts: np.ndarray  # (labels,)
+    patterns: np.ndarray  # (samples, superpixels) 0/1, first row all ones
+    probabilities: np.ndarray  # (samples, labels)
+    weights: np.ndarray  # (samples,)
+
+    def maps(self) -> np.ndarray:
+        """(labels, H, W): each pixel carries its superpixel's coefficient."""
+        return self.coefficients[:, self.segments]
+
+
+def kernel_weights(patterns: np.ndarray, width: float = 0.25) -> np.ndarray:
+    """lime's weights: cosine distance of each pattern to the all-on one, through its kernel."""
+    ones = np.ones(patterns.shape[1])
+    norms = np.linalg.norm(patterns, axis=1) * np.linalg.norm(ones)
+    cosine = 1.0 - (patterns @ ones) / np.where(norms > 0, norms, 1.0)
+    return np.sqrt(np.exp(-(cosine**2) / width**2))
+
+
+def weighted_ridge(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray, alpha: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise sum_i w_i (y_i - x_i b - c)^2 + alpha |b|^2 for every column of ``y`` in one solve
+    (what scikit-learn's ``Ridge(alpha, fit_intercept=True)`` with ``sample_weight`` does)."""
+    x_mean = (w[:, None] * x).sum(0) / w.sum()
+    y_mean = (w[:, None] * y).sum(0) / w.sum()
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ (w[:, None] * xc) + alpha * np.eye(x.shape[1])
+    coefficients = np.linalg.solve(gram, xc.T @ (w[:, None] * yc)).T  # (labels, features)
+    return coefficients, y_mean - coefficients @ x_mean
+
+
+@torch.no_grad()
+def lime(model: nn.Module, image: torch.Tensor, segments: np.ndarray, samples: int = 1000,
+         seed: int = 0, batch_size: int = 256) -> LimeResult:
+    """LIME of ``image`` (C, H, W) on the model's device for every output of ``model``."""
+    rng = np.random.default_rng(seed)
+    count = int(segments.max()) + 1
+    patterns = rng.integers(0, 2, size=(samples, count)).astype(np.float32)
+    patterns[0] = 1.0
+    device = image.device
+    labels = torch.from_numpy(segments).to(device)
+    means = torch.zeros(image.shape[0], count, device=device).index_add_(
+        1, labels.flatten(), image.flatten(1)) / torch.bincount(labels.flatten(), minlength=count)
+    fudged = means[:, labels]  # each pixel replaced by its superpixel's mean
+    on = torch.from_numpy(patterns).to(device)
+    outputs = []
+    for start in range(0, samples, batch_size):
+        masks = on[start:start + batch_size][:, labels].unsqueeze(1)  # (b, 1, H, W)
+        batch = image * masks + fudged * (1 - masks)
+        outputs.append(torch.sigmoid(model(batch)).float().cpu())
+    probabilities = torch.cat(outputs).numpy().astype(np.float64)
+    weights = kernel_weights(patterns.astype(np.float64))
+    coefficients, intercepts = weighted_ridge(patterns.astype(np.float64), probabilities, weights)
+    return LimeResult(segments, coefficients, intercepts, patterns, probabilities, weights)
