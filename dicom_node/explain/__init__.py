@@ -1,4 +1,4 @@
-"""Explanations: the CAM family for every label in one pass, batched LIME (quality figures follow)."""
+"""Explanations: the CAM family for every label in one pass, batched LIME, quality figures."""
 
 from dicom_node.explain.cam import METHODS, CamMaps, CamMethod, GradCAM, GradCAMPlusPlus, HiResCAM
 from dicom_node.explain.lime import LimeResult, lime, slic
