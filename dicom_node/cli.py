@@ -210,6 +210,13 @@ def format_job(job: Job) -> str:
         found = ", ".join(p["positives"]) or "nothing above threshold"
         scores = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
         rows.append(("result", f"{p['sop_instance_uid']} frame {p['frame']}: {found} ({scores})"))
+    for e in job.results.get("explanations", []):
+        q = e["quality"]
+        figures = (f"deletion AUC {q.get('deletion_auc', float('nan')):.3f} "
+                   f"(random {q.get('deletion_auc_random', float('nan')):.3f})")
+        if "stability" in q:
+            figures += f", stability {q['stability']:.3f}"
+        rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: {figures}"))
     rows += [("instance", uid) for uid in job.instance_uids]
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
 

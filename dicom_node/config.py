@@ -213,7 +213,7 @@ class Destination:
 PIPELINE_MATCH_KEYS = frozenset(
     {"modality", "body_part_examined", "sop_class_uid", "calling_ae_title", "series_description"}
 )
-EXPLAIN_METHODS = frozenset({"cam", "gradcam", "gradcampp", "hirescam", "lime"})
+EXPLAIN_METHODS = frozenset({"gradcam", "gradcampp", "hirescam", "lime"})
 OUTPUT_KINDS = frozenset({"sc", "sr", "seg", "pm", "gsps"})
 
 
@@ -230,6 +230,12 @@ def _match(value: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
             raise ValueError(f"match.{key} as a string or a non-empty list of non-empty strings")
         out[key] = tuple(items)
     return out
+
+
+def _explain_labels(value: str) -> str:
+    if value not in ("positive", "all") and not re.fullmatch(r"top-[1-9][0-9]*", value):
+        raise ValueError('"positive" (at or above threshold), "all", or "top-N"')
+    return value
 
 
 def _one_of(allowed: frozenset[str]) -> Any:
@@ -249,6 +255,8 @@ class Pipeline:
     model: str = field(metadata=_check(_name))
     match: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=_check(_match))
     explain: tuple[str, ...] = field(default=("gradcam",), metadata=_check(_one_of(EXPLAIN_METHODS)))
+    explain_labels: str = field(default="positive", metadata=_check(_explain_labels))
+    lime_samples: int = field(default=1000, metadata=_check(_positive))
     outputs: tuple[str, ...] = field(default=("sc", "sr"), metadata=_check(_one_of(OUTPUT_KINDS)))
     send_to: tuple[str, ...] = ()
 

@@ -16,6 +16,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_node.config import Settings
 from dicom_node.errors import PermanentError
+from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
 from dicom_node.jobs.queue import Job
 from dicom_node.store import InstanceRecord, InstanceStore
@@ -33,6 +34,7 @@ class PipelineContext:
     datasets: list[Dataset] = field(default_factory=list)
     inputs: list[Preprocessed] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
+    heatmaps: list[Heatmap] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -42,6 +44,10 @@ class PipelineContext:
              "model_version": p.model_version, "positives": p.positives,
              "probabilities": {k: round(v, 6) for k, v in p.probabilities.items()}}
             for p in self.predictions
+        ], "explanations": [
+            {"sop_instance_uid": h.sop_instance_uid, "frame": h.frame, "label": h.label,
+             "method": h.method, "layer": h.layer, "quality": {k: round(v, 4) for k, v in h.quality.items()}}
+            for h in self.heatmaps
         ]}
 
     def model(self) -> ModelManifest:
@@ -94,9 +100,25 @@ def infer(ctx: PipelineContext) -> None:
     ctx.predictions = ctx.runner.predict(ctx.job.model, ctx.inputs)
 
 
+def explain(ctx: PipelineContext) -> None:
+    """Explain the chosen labels of every frame with the pipeline's methods, with quality figures."""
+    assert ctx.runner is not None
+    config = next((p for p in ctx.settings.pipelines if p.name == ctx.job.pipeline), None)
+    if config is None or not config.explain:
+        return
+    loaded = ctx.runner.model(ctx.job.model)
+    seed = study_seed(ctx.job.study_instance_uid)
+    for item, prediction in zip(ctx.inputs, ctx.predictions, strict=True):
+        labels = labels_to_explain(prediction, config.explain_labels)
+        if labels:
+            ctx.heatmaps += explain_frame(loaded, item, prediction, labels, config.explain, seed,
+                                          lime_samples=config.lime_samples)
+
+
 def default_steps() -> list[tuple[str, Step]]:
     """The steps every job runs, in order."""
-    return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer)]
+    return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer),
+            ("explain", explain)]
 
 
 def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any]:

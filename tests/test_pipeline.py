@@ -72,7 +72,7 @@ def test_a_radiograph_series_is_read_preprocessed_and_inferred(
     timings: dict[str, float] = {}
     ctx = run(job_for(tuple(r.sop_instance_uid for r in records)), timings, settings=settings,
               store=store, steps=default_steps(), runner=_runner(tmp_path))
-    assert list(timings) == ["collect", "read", "preprocess", "inference"]
+    assert list(timings) == ["collect", "read", "preprocess", "inference", "explain"]
     assert [p.sop_instance_uid for p in ctx.predictions] == [r.sop_instance_uid for r in records]
     assert all(set(p.probabilities) == {"nodule", "consolidation", "effusion", "cardiomegaly"}
                for p in ctx.predictions)
@@ -109,3 +109,39 @@ def test_a_body_part_outside_the_models_scope_fails_permanently(
     with pytest.raises(PermanentError, match=r"meant for body parts \['CHEST'\], not 'KNEE'"):
         run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
             steps=default_steps(), runner=runner)
+
+
+def test_positive_labels_are_explained_with_provenance_and_quality(
+    store: InstanceStore, settings: Settings, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from dicom_node.config import Pipeline
+    from dicom_node.inference import InferenceRunner, ModelRegistry
+    from dicom_node.phantoms import render, to_dataset
+
+    repo_models = Path(__file__).resolve().parents[1] / "models"
+    runner = InferenceRunner(ModelRegistry(repo_models), device="cpu")
+    ds = to_dataset(render(6_000_000, 512, findings={"nodule": True, "consolidation": True}))
+    record = put(store, ds)
+    pipeline = Pipeline(name="p", model="demo-cxr", explain=("gradcam", "lime"), lime_samples=100)
+    configured = dataclasses.replace(settings, pipelines=(pipeline,))
+    job = dataclasses.replace(job_for((record.sop_instance_uid,)), model="demo-cxr")
+    timings: dict[str, float] = {}
+    ctx = run(job, timings, settings=configured, store=store, steps=default_steps(), runner=runner)
+    assert "explain" in timings
+    assert sorted((h.label, h.method) for h in ctx.heatmaps) == [
+        ("consolidation", "gradcam"), ("consolidation", "lime"), ("nodule", "gradcam"), ("nodule", "lime")]
+    for heatmap in ctx.heatmaps:
+        assert heatmap.native_map.shape == (ds.Rows, ds.Columns)
+        assert heatmap.model == "demo-cxr" and heatmap.weights_sha256 == runner.model("demo-cxr").manifest.sha256
+        assert np.isfinite(heatmap.native_map).all()
+        assert {"deletion_auc", "insertion_auc", "deletion_auc_random", "sparseness"} <= set(heatmap.quality)
+    gradcam = next(h for h in ctx.heatmaps if h.method == "gradcam" and h.label == "consolidation")
+    assert "stability" in gradcam.quality
+    assert gradcam.quality["deletion_auc"] < gradcam.quality["deletion_auc_random"]
+    lime_map = next(h for h in ctx.heatmaps if h.method == "lime" and h.label == "nodule")
+    assert "rank_agreement_gradcam" in lime_map.quality
+    assert len(ctx.summary()["explanations"]) == 4

@@ -49,5 +49,7 @@ def test_a_phantom_study_sent_by_storescu_is_classified(tmp_path: Path) -> None:
     predictions = json.loads(results)["predictions"]
     assert len(predictions) == len(paths)
     assert all(sorted(p["positives"]) == ["effusion", "nodule"] for p in predictions)
-    assert set(json.loads(timings)) == {"collect", "read", "preprocess", "inference"}
+    explained = json.loads(results)["explanations"]
+    assert sorted((e["label"], e["method"]) for e in explained) == sorted([("effusion", "gradcam"), ("nodule", "gradcam")] * 2)
+    assert set(json.loads(timings)) == {"collect", "read", "preprocess", "inference", "explain"}
     assert "nodule, effusion" in shown and "time inference" in shown

@@ -1,0 +1,103 @@
+"""Heatmaps with their provenance and quality figures: what the explain step hands to encoding."""
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dicom_node.explain.cam import METHODS
+from dicom_node.explain.lime import lime, slic
+from dicom_node.explain.quality import (
+    deletion_insertion,
+    random_map,
+    rank_agreement,
+    sobel_map,
+    sparseness,
+    stability,
+)
+from dicom_node.inference import LoadedModel, Prediction, Preprocessed
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """One explanation of one label on one frame, with everything needed to say where it came from."""
+
+    sop_instance_uid: str
+    frame: int
+    label: str
+    probability: float
+    method: str
+    layer: str  # the CAM layer, or "superpixels" for LIME
+    model: str
+    model_version: str
+    weights_sha256: str
+    model_map: np.ndarray  # (size, size) signed, raw, on the model-input grid
+    native_map: np.ndarray  # (rows, columns) the same on the source image's grid
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+def labels_to_explain(prediction: Prediction, which: str) -> list[str]:
+    """``positive``: labels at or above threshold; ``all``; ``top-N``: the N most probable."""
+    if which == "all":
+        return list(prediction.probabilities)
+    if which.startswith("top-"):
+        ranked = sorted(prediction.probabilities, key=prediction.probabilities.__getitem__, reverse=True)
+        return ranked[:int(which[4:])]
+    return prediction.positives
+
+
+def study_seed(uid: str) -> int:
+    """A fixed seed per study, so LIME's samples repeat for the same input."""
+    return int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16)
+
+
+def explain_frame(
+    loaded: LoadedModel, item: Preprocessed, prediction: Prediction, labels: Sequence[str],
+    methods: Sequence[str], seed: int, quality_steps: int = 16, lime_samples: int = 1000,
+) -> list[Heatmap]:
+    """Every method's map of every label for one frame, with its quality figures."""
+    manifest, module = loaded.manifest, loaded.module
+    index = [manifest.label_names.index(label) for label in labels]
+    x = torch.from_numpy(item.array).to(loaded.device)
+    maps: dict[str, torch.Tensor] = {}
+    for method in methods:
+        if method == "lime":
+            segments = slic(item.array.mean(axis=0), segments=64)
+            result = lime(module, x, segments, samples=lime_samples, seed=seed)
+            maps[method] = torch.from_numpy(result.maps()[index]).float().to(loaded.device)
+        else:
+            maps[method] = METHODS[method](manifest.cam_layer)(module, x[None], index).maps[0]
+    size = item.array.shape[-1]
+    heatmaps = []
+    for k, label in enumerate(labels):
+        baselines = [random_map(size, size, seed + k, loaded.device), sobel_map(x)]
+        for method, stack in maps.items():
+            quality = _quality(loaded, x, stack[k], baselines, index[k], method, quality_steps)
+            if "gradcam" in maps and "lime" in maps and method == "lime":
+                quality["rank_agreement_gradcam"] = rank_agreement(
+                    maps["gradcam"][k].cpu().numpy(), stack[k].cpu().numpy())
+            model_map = stack[k].cpu().numpy()
+            heatmaps.append(Heatmap(
+                item.sop_instance_uid, item.frame, label, prediction.probabilities[label], method,
+                "superpixels" if method == "lime" else manifest.cam_layer, manifest.name,
+                manifest.version, manifest.sha256, model_map, item.map.warp_to_source(model_map), quality,
+            ))
+    return heatmaps
+
+
+def _quality(loaded: LoadedModel, x: torch.Tensor, explanation: torch.Tensor, baselines: list[torch.Tensor],
+             label: int, method: str, steps: int) -> dict[str, float]:
+    stack = torch.stack([explanation, *baselines])
+    deletion, insertion = deletion_insertion(loaded.module, x, stack, label, steps=steps)
+    figures = {
+        "deletion_auc": float(deletion[0]), "insertion_auc": float(insertion[0]),
+        "deletion_auc_random": float(deletion[1]), "insertion_auc_random": float(insertion[1]),
+        "deletion_auc_edges": float(deletion[2]), "insertion_auc_edges": float(insertion[2]),
+        "sparseness": sparseness(explanation.cpu().numpy()),
+    }
+    if method in METHODS:
+        cam = METHODS[method](loaded.manifest.cam_layer)
+        figures["stability"] = stability(lambda batch: cam(loaded.module, batch, [label]).maps[:, 0], x)
+    return figures
