@@ -40,7 +40,7 @@ def blurred(image: torch.Tensor, kernel: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def deletion_insertion(
     model: nn.Module, image: torch.Tensor, maps: torch.Tensor, label: int, steps: int = 16,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Deletion and insertion AUC of each of ``maps`` (M, H, W) for output ``label``.
 
@@ -56,7 +56,8 @@ def deletion_insertion(
     base = blurred(image)
     deleted = torch.where(shown, base, image)
     inserted = torch.where(shown, image, base)
-    batch = torch.cat([deleted, inserted])
+    batch = torch.cat([deleted, inserted]).contiguous(memory_format=torch.channels_last)
+    batch_size = batch_size or (256 if image.device.type == "cuda" else 8)
     probabilities = torch.cat([
         torch.sigmoid(model(batch[i:i + batch_size])[:, label]).float()
         for i in range(0, len(batch), batch_size)

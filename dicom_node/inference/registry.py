@@ -81,6 +81,9 @@ class ModelRegistry:
             raise ModelError(f"{manifest.path}: key 'weights' = {manifest.weights.name!r}: {exc}") from None
         _check_layer(manifest, module)
         module = module.to(device).eval()
+        if torch.device(device).type == "cpu" and manifest.architecture != "torchscript":
+            # oneDNN's convolutions are about 1.6x faster on channels-last tensors on these CPUs
+            module = module.to(memory_format=torch.channels_last)
         _check_outputs(manifest, module, torch.device(device))
         return LoadedModel(manifest, module, torch.device(device))
 

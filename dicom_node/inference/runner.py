@@ -91,7 +91,8 @@ class InferenceRunner:
         with torch.inference_mode(), autocast:
             for start in range(0, len(inputs), self.batch_size):
                 chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
-                batch = torch.from_numpy(chunk).to(self.device, non_blocking=True)
+                batch = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last)
                 outputs.append(loaded.module(batch).float().cpu())
         return torch.cat(outputs) if outputs else torch.empty(0, len(loaded.manifest.labels))
 
