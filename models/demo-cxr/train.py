@@ -186,9 +186,11 @@ Loss per epoch: {', '.join(f'{v:.3f}' for v in metrics['losses'])}.
 
 ```sh
 .venv/bin/python models/demo-cxr/train.py
+.venv/bin/python models/demo-cxr/evaluate_explanations.py
 ```
 
-writes `weights.pt`, `model.toml`, `metrics.json` and this card. The run is seeded; torch's CPU
+The first writes `weights.pt`, `model.toml`, `metrics.json` and this card, the second the
+"Explanations" section and `explanations.json`. The run is seeded; torch's CPU
 kernels may still differ in the last bits between machines, so the sha256 may differ.
 """
 
