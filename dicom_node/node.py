@@ -5,7 +5,6 @@ and starts and stops them in the right order; each part can be run on its own in
 """
 
 import fcntl
-import importlib.util
 import logging
 import os
 import threading
@@ -13,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+
+import torch
 
 from dicom_node import pipeline
 from dicom_node.config import Settings
@@ -54,19 +55,13 @@ def model_version(registry: ModelRegistry, name: str) -> str:
 
 def default_worker_count() -> int:
     """One worker per GPU when CUDA is available, else one."""
-    if importlib.util.find_spec("torch") is None:
-        return 1
-    import torch
-
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
 def worker_device(setting: str, index: int) -> str:
     """The device of worker ``index``: with ``"auto"`` and several GPUs, one GPU per worker."""
-    if setting != "auto" or importlib.util.find_spec("torch") is None:
+    if setting != "auto":
         return setting
-    import torch
-
     return f"cuda:{index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 

@@ -35,7 +35,6 @@ class PipelineContext:
     inputs: list[Preprocessed] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
     heatmaps: list[Heatmap] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""

@@ -117,13 +117,17 @@ def _store(event: Event, store: InstanceStore, max_instance_size: int) -> int | 
             staged = store.stage(meta, [encoded])
         except InvalidInstanceError as exc:
             return _refuse(exc, sop_uid, calling)
-        except OutOfSpaceError as exc:
-            logger.error("refused %s from %s: %s", sop_uid[:64], calling, exc)
-            return failure(StoreStatus.OUT_OF_RESOURCES, f"out of resources: {exc}")
         except StorageError as exc:
-            logger.error("refused %s from %s: %s", sop_uid[:64], calling, exc)
-            return failure(StoreStatus.PROCESSING_FAILURE, str(exc))
+            return _storage_failure(exc, sop_uid, calling)
     return _commit(store, staged, request, calling)
+
+
+def _storage_failure(exc: StorageError, sop_uid: str, calling: str) -> Dataset:
+    """0xA700 for a full disk (or the free-space floor), 0x0110 for any other storage error."""
+    logger.error("refused %s from %s: %s", sop_uid[:64], calling, exc)
+    if isinstance(exc, OutOfSpaceError):
+        return failure(StoreStatus.OUT_OF_RESOURCES, f"out of resources: {exc}")
+    return failure(StoreStatus.PROCESSING_FAILURE, str(exc))
 
 
 def _refuse(exc: InvalidInstanceError, sop_uid: str, calling: str) -> Dataset:
@@ -160,12 +164,8 @@ def _commit(store: InstanceStore, staged: StagedInstance, request: object, calli
             return refusal
         record = store.commit(staged, calling)
         committed = True
-    except OutOfSpaceError as exc:
-        logger.error("refused %s: %s", staged.header.sop_instance_uid, exc)
-        return failure(StoreStatus.OUT_OF_RESOURCES, f"out of resources: {exc}")
     except StorageError as exc:
-        logger.error("refused %s: %s", staged.header.sop_instance_uid, exc)
-        return failure(StoreStatus.PROCESSING_FAILURE, str(exc))
+        return _storage_failure(exc, staged.header.sop_instance_uid, calling)
     finally:
         if not committed:
             store.discard(staged)

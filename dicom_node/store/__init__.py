@@ -128,9 +128,7 @@ class InstanceStore:
         try:
             return self.files.write_temporary(parts)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise OutOfSpaceError("disk full while writing") from exc
-            raise StorageError(f"cannot write instance: {exc.strerror}") from exc
+            raise _write_error(exc) from exc
 
     def discard(self, staged: StagedInstance) -> None:
         """Remove a staged instance that will not be committed."""
@@ -152,9 +150,7 @@ class InstanceStore:
                 self.files.commit(staged.temporary, relative)
             except OSError as exc:
                 self.discard(staged)
-                if exc.errno == errno.ENOSPC:
-                    raise OutOfSpaceError("disk full while writing") from exc
-                raise StorageError(f"cannot write instance: {exc.strerror}") from exc
+                raise _write_error(exc) from exc
             record = _record(header, calling_ae_title, staged.size_bytes, relative, 0.0)
             try:
                 record, old = self.index.put(record, header.manufacturer, clock=self.clock)
@@ -214,6 +210,13 @@ class InstanceStore:
         if old is not None:
             self.files.unlink(Path(old.path))
         logger.info("indexed %s, written before an interrupted index commit", header.sop_instance_uid)
+
+
+def _write_error(exc: OSError) -> StorageError:
+    """The store's error for a failed write: out of space for a full disk, else a storage error."""
+    if exc.errno == errno.ENOSPC:
+        return OutOfSpaceError("disk full while writing")
+    return StorageError(f"cannot write instance: {exc.strerror}")
 
 
 def _record(

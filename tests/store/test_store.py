@@ -22,6 +22,15 @@ def encoded(ds) -> tuple:
     return ds.file_meta, raw[len(head):]
 
 
+def place_unindexed(store: InstanceStore, ds, folder: Path) -> Path:
+    """Put ``ds`` at its final path without indexing it, as a crash after the rename leaves it."""
+    source = save(ds, folder / "src")
+    target = store.files.instances / ds.StudyInstanceUID / ds.SeriesInstanceUID / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
+    return target
+
+
 def put(store: InstanceStore, ds, calling: str = "SCU"):
     meta, body = encoded(ds)
     return store.commit(store.stage(meta, [body]), calling)
@@ -107,10 +116,7 @@ def test_recover_removes_temporaries_of_interrupted_writes(store: InstanceStore)
 
 def test_recover_indexes_a_file_renamed_before_the_crash(store: InstanceStore, tmp_path: Path) -> None:
     ds = ct_dataset()
-    source = save(ds, tmp_path / "src")
-    target = store.files.instances / ds.StudyInstanceUID / ds.SeriesInstanceUID / source.name
-    target.parent.mkdir(parents=True)
-    target.write_bytes(source.read_bytes())  # on disk in its place, but the index never heard
+    target = place_unindexed(store, ds, tmp_path)  # on disk in its place, but the index never heard
     store.recover()
     record = store.index.get(ds.SOPInstanceUID)
     assert record is not None and store.path_of(record) == target
@@ -122,10 +128,7 @@ def test_recover_keeps_the_newer_copy_of_a_moved_instance(store: InstanceStore, 
     # The same SOP Instance UID arrived in another series; the crash came after the rename,
     # before the index commit: the new file is on disk, the index still names the old one.
     new = ct_dataset(study=old.StudyInstanceUID, sop=old.SOPInstanceUID, seed=5)
-    source = save(new, tmp_path / "src")
-    target = store.files.instances / new.StudyInstanceUID / new.SeriesInstanceUID / source.name
-    target.parent.mkdir(parents=True)
-    target.write_bytes(source.read_bytes())
+    target = place_unindexed(store, new, tmp_path)
     later = store.index.get(old.SOPInstanceUID).received_at + 5
     os.utime(target, (later, later))
 
@@ -152,10 +155,7 @@ def test_only_a_clean_stop_skips_the_scan_and_only_once(tmp_path: Path) -> None:
     second.recover()  # consumes the marker: this run may crash
     assert not (tmp_path / "clean-shutdown").exists()
     ds = ct_dataset()
-    source = save(ds, tmp_path / "src")
-    target = second.files.instances / ds.StudyInstanceUID / ds.SeriesInstanceUID / source.name
-    target.parent.mkdir(parents=True)
-    target.write_bytes(source.read_bytes())
+    place_unindexed(second, ds, tmp_path)
     second.close()  # not clean: as after a crash
 
     third = InstanceStore(tmp_path)
