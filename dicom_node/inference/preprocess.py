@@ -89,7 +89,7 @@ def _frames(ds: Dataset, policy: str) -> list[int]:
     return list(range(count)) if policy == "all" else [count // 2]
 
 
-def _decode(ds: Dataset, frame: int) -> np.ndarray:
+def decode_frame(ds: Dataset, frame: int) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise PermanentError("no Pixel Data: not an image")
     try:
@@ -167,7 +167,7 @@ def preprocess(ds: Dataset, spec: InputSpec) -> list[Preprocessed]:
     """
     out = []
     for frame in _frames(ds, spec.multiframe):
-        unit, window, source = to_unit(ds, _decode(ds, frame), frame, spec)
+        unit, window, source = to_unit(ds, decode_frame(ds, frame), frame, spec)
         square, mapping = letterbox(_channels(unit, spec.channels), spec.size)
         out.append(Preprocessed(normalise(square, spec.normalization), mapping,
                                 str(ds.SOPInstanceUID), frame, window, source))

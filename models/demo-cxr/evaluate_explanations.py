@@ -7,7 +7,7 @@ grid inside the finding's mask), IoU of the map thresholded at half its maximum,
 deletion AUC beats a random map's. The model-parameter randomisation check (Adebayo et al. 2018):
 Spearman correlation between each method's map from the trained model and from the same
 architecture with re-initialised weights; explanations that survive randomisation are not
-explaining the model. Figures go to ``explanations.json`` and the card's "Explanations" section.
+explaining the model. LIME is measured the same way. Figures go to ``explanations.json`` and the card's "Explanations" section.
 
 Usage: ``.venv/bin/python models/demo-cxr/evaluate_explanations.py [--count 40]``
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.explain import METHODS
+from dicom_node.explain import METHODS, lime, slic
 from dicom_node.explain.quality import deletion_insertion, iou, pointing_game, random_map, rank_agreement
 from dicom_node.inference import ModelRegistry, preprocess
-from dicom_node.inference.architectures import SmallCNN
+from dicom_node.inference.architectures import BUILDERS
 from dicom_node.phantoms import LABELS, render, to_dataset
 
 HERE = Path(__file__).resolve().parent
@@ -34,24 +34,35 @@ START, END = "<!-- explanations: written by evaluate_explanations.py -->", "<!--
 def evaluate(count: int) -> dict:
     """Per label and method: hit rate, mean IoU, deletion-beats-random rate, randomisation rho."""
     loaded = ModelRegistry(HERE.parent).load("demo-cxr")
+    manifest = loaded.manifest
     torch.manual_seed(1)
-    randomised = SmallCNN(len(LABELS), 1).eval().to(memory_format=torch.channels_last)
+    randomised = BUILDERS[manifest.architecture](len(LABELS), manifest.input.channels).eval().to(
+        memory_format=torch.channels_last)
+    methods = [*METHODS, "lime"]
+
+    def explain(module: torch.nn.Module, method: str, x: torch.Tensor, segments: np.ndarray, k: int,
+                seed: int) -> torch.Tensor:
+        if method == "lime":
+            return torch.from_numpy(lime(module, x, segments, seed=seed).maps()[k]).float()
+        return METHODS[method](manifest.cam_layer)(module, x[None], [k]).maps[0, 0]
+
     figures: dict = {}
     for k, label in enumerate(LABELS):
         rows: dict[str, dict[str, list[float]]] = {m: {"hit": [], "iou": [], "beats": [], "rho": []}
-                                                   for m in METHODS}
+                                                   for m in methods}
         for i in range(count):
-            phantom = render(FIRST_SEED + 100 * k + i, 512, findings={label: True})
-            [item] = preprocess(to_dataset(phantom), loaded.manifest.input)
+            seed = FIRST_SEED + 100 * k + i
+            phantom = render(seed, 512, findings={label: True})
+            [item] = preprocess(to_dataset(phantom), manifest.input)
             x = torch.from_numpy(item.array)
-            for name, method in METHODS.items():
-                cam = method(loaded.manifest.cam_layer)
-                model_map = cam(loaded.module, x[None], [k]).maps[0, 0]
+            segments = slic(item.array.mean(axis=0), segments=64)
+            for name in methods:
+                model_map = explain(loaded.module, name, x, segments, k, seed)
                 native = item.map.warp_to_source(model_map.numpy())
                 mask = phantom.masks[label]
                 deletion, _ = deletion_insertion(loaded.module, x, torch.stack(
                     [model_map, random_map(*model_map.shape, seed=i)]), k)
-                random_model_map = cam(randomised, x[None], [k]).maps[0, 0].numpy()
+                random_model_map = explain(randomised, name, x, segments, k, seed).numpy()
                 row = rows[name]
                 row["hit"].append(float(pointing_game(native, mask)))
                 row["iou"].append(iou(native, mask))
@@ -81,8 +92,8 @@ of a re-initialised model (near 0 is good: the map depends on what the model lea
 {rows}
 
 Effusion and cardiomegaly are global findings (a fluid level, the heart's size): a single maximum
-or a half-maximum region says little about them. LIME is not in this table (1000 forward passes an
-image); the node reports its figures per image.
+or a half-maximum region says little about them. LIME: 64 SLIC superpixels, 1000 samples, the
+seed of the phantom.
 {END}
 """
 

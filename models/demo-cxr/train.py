@@ -20,14 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from dicom_node.inference.architectures import SmallCNN
+from dicom_node.inference.architectures import BUILDERS
 from dicom_node.inference.manifest import InputSpec
 from dicom_node.inference.preprocess import preprocess
 from dicom_node.inference.registry import sha256_of
 from dicom_node.phantoms import LABELS, render, to_dataset
 
 HERE = Path(__file__).resolve().parent
-VERSION = "1.0.0"
+VERSION = "2.0.0"
+DESIGNS = {  # what the card says of each architecture this script can train, and its CAM layer
+    "compact_cnn": ("four 3x3 conv blocks (8/16/32/64 channels, batch norm, ReLU, 2x2 max-pooling "
+                    "after the first two), global average + max pooling, two linear layers "
+                    "(128 -> 32 -> 4); about 30 M multiply-adds an image at 128 px", "features.relu4"),
+    "small_cnn": ("three 3x3 conv blocks (32/64/128 channels, batch norm, ReLU, 2x2 max-pooling "
+                  "after the first two), global average + max pooling, two linear layers "
+                  "(256 -> 64 -> 4); about 156 M multiply-adds an image at 128 px", "features.relu3"),
+}
 HELD_OUT_SEED = 1_000_000  # held-out phantoms use seeds from here on; training seeds stay below
 CODES = {  # SNOMED CT concepts for the findings
     "nodule": ("SCT", "27925004", "Nodule"),
@@ -126,8 +134,8 @@ def manifest(args: argparse.Namespace, sha256: str) -> str:
         for label in LABELS
     )
     return (
-        f'name = "demo-cxr"\nversion = "{VERSION}"\narchitecture = "small_cnn"\n'
-        f'weights = "weights.pt"\nsha256 = "{sha256}"\ncam_layer = "features.relu3"\n'
+        f'name = "demo-cxr"\nversion = "{VERSION}"\narchitecture = "{args.architecture}"\n'
+        f'weights = "weights.pt"\nsha256 = "{sha256}"\ncam_layer = "{DESIGNS[args.architecture][1]}"\n'
         'intended_use = "Research demo trained on synthetic phantoms, not for clinical use."\n\n'
         f'[input]\nsize = {args.size}\nchannels = 1\nnormalization = "zero_one"\nmultiframe = "middle"\n\n'
         '[scope]\nmodalities = ["CR", "DX"]\nbody_parts = ["CHEST"]\n' + labels
@@ -149,10 +157,10 @@ explanations can be measured against known ground truth.
 
 | | |
 | --- | --- |
-| Architecture | `small_cnn`: three 3x3 conv layers (32/64/128, batch norm, ReLU, 2x2 max-pooling after the first two), global average + max pooling, two linear layers (256 -> 64 -> 4) |
+| Architecture | `{t['architecture']}`: {DESIGNS[t['architecture']][0]} |
 | Input | {t['size']} x {t['size']}, 1 channel, values in [0, 1] after the file's VOI window (the node's preprocessing, letterboxed) |
 | Outputs | 4 independent logits (sigmoid): nodule, consolidation, effusion, cardiomegaly; threshold 0.5 each |
-| CAM layer | `features.relu3` |
+| CAM layer | `{DESIGNS[t['architecture']][1]}` |
 | Weights | `weights.pt`, sha256 `{metrics['sha256']}` |
 | Scope | CR and DX, chest, frontal |
 
@@ -200,11 +208,12 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=3000, help="training phantoms")
     parser.add_argument("--held-out", type=int, default=500, help="held-out phantoms")
     parser.add_argument("--size", type=int, default=128, help="model input side")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--architecture", default="compact_cnn", choices=sorted(DESIGNS))
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -217,7 +226,7 @@ def main() -> int:
     made = time.perf_counter() - started
     print(f"{len(x)} training and {len(xt)} held-out phantoms in {made:.0f} s", flush=True)
 
-    model = SmallCNN(len(LABELS), 1)
+    model = BUILDERS[args.architecture](len(LABELS), 1)
     losses = train(model, x, y, args.epochs, args.batch, args.seed)
     report = evaluate(model, xt, yt)
     elapsed = time.perf_counter() - started
@@ -226,13 +235,14 @@ def main() -> int:
               f"specificity {figures['specificity']:.3f}  ({figures['positives']} positives)")
     print(f"total {elapsed / 60:.1f} min", flush=True)
 
+    args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / "weights.pt"
     torch.save(model.eval().state_dict(), weights)
     sha256 = sha256_of(weights)
     (args.out / "model.toml").write_text(manifest(args, sha256))
     metrics = {
         "version": VERSION, "sha256": sha256, "held_out": report, "losses": [round(v, 5) for v in losses],
-        "training": {"phantoms": args.train, "held_out": args.held_out, "size": args.size,
+        "training": {"architecture": args.architecture, "phantoms": args.train, "held_out": args.held_out, "size": args.size,
                      "epochs": args.epochs, "batch": args.batch, "seed": args.seed,
                      "render_sizes_train": train_sizes, "render_sizes_held_out": test_sizes,
                      "minutes": round(elapsed / 60, 1), "threads": args.threads,

@@ -1,0 +1,149 @@
+"""What every object the node creates shares: identity, provenance, deterministic UIDs and codes.
+
+Every output names its model and version, is marked AI-generated and unverified, and references
+its source images (PS3.3 C.7.6.1.1.3 Derivation Description, Source Image Sequence). Its Series
+and SOP Instance UIDs are 2.25 UIDs from a UUID5 of the inputs, the model version and the method,
+so a re-run of the same job replaces its earlier results instead of adding copies.
+"""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.uid import UID
+
+from dicom_node import MANUFACTURER, __version__
+from dicom_node.inference.manifest import ModelManifest
+
+#: Burned into every overlay; attributes carry the ASCII form (no character set needed).
+DISCLAIMER = "AI-GENERATED · UNVERIFIED · NOT FOR DIAGNOSTIC USE"
+DISCLAIMER_TEXT = DISCLAIMER.replace(" · ", " - ")
+#: Namespace of every UID the node derives.
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dicom-node:derived")
+
+#: Our coding scheme, used only where no standard code exists (listed in docs/conformance.md).
+SCHEME = "99DCMNODE"
+UNITLESS = CodedConcept("1", "UCUM", "no units")
+PROBABILITY = CodedConcept("122157", "DCM", "Probability")
+PRESENT = CodedConcept("52101004", "SCT", "Present")
+ABSENT = CodedConcept("272519000", "SCT", "Absent")
+METHOD_CODES = {  # DCM CID 7203 "Image Derivation" has codes for the kinds of visual explanation
+    "gradcam": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
+    "gradcampp": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
+    "hirescam": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
+    "lime": CodedConcept("130404", "DCM", "Saliency"),
+}
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "lime": "LIME"}
+#: Quality figures of an explanation (dicom_node.explain.quality): no standard codes exist.
+QUALITY_CODES = {
+    "deletion_auc": CodedConcept("DN001", SCHEME, "Deletion AUC"),
+    "insertion_auc": CodedConcept("DN002", SCHEME, "Insertion AUC"),
+    "deletion_auc_random": CodedConcept("DN003", SCHEME, "Deletion AUC of a random map"),
+    "insertion_auc_random": CodedConcept("DN004", SCHEME, "Insertion AUC of a random map"),
+    "deletion_auc_edges": CodedConcept("DN005", SCHEME, "Deletion AUC of an edge map"),
+    "insertion_auc_edges": CodedConcept("DN006", SCHEME, "Insertion AUC of an edge map"),
+    "stability": CodedConcept("DN007", SCHEME, "Explanation stability"),
+    "sparseness": CodedConcept("DN008", SCHEME, "Explanation sparseness"),
+    "rank_agreement_gradcam": CodedConcept("DN009", SCHEME, "Rank agreement with Grad-CAM"),
+}
+#: The Series Number block of each kind of output; the method's position is added for SC, SEG,
+#: PM and GSPS, so each (pipeline, method) series is told apart in a viewer's series list.
+SERIES_NUMBERS = {"sc": 9100, "sr": 9200, "seg": 9300, "pm": 9400, "gsps": 9500, "not_analysed": 9900}
+
+
+def derived_uid(*parts: str) -> UID:
+    """A 2.25 UID from a UUID5 of ``parts``: the same parts always give the same UID."""
+    return UID(f"2.25.{uuid.uuid5(NAMESPACE, '/'.join(parts)).int}")
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Who made an output: the node (a device), the pipeline and the model.
+
+    Parameters
+    ----------
+    pipeline
+        The pipeline's name from the config.
+    manifest
+        The model's manifest: name, version, weights sha256, label codes and thresholds.
+    station
+        The node's AE title, used as Station Name and as the device observer's name.
+    """
+
+    pipeline: str
+    manifest: ModelManifest
+    station: str
+
+    @property
+    def device_uid(self) -> UID:
+        """The node as an SR device observer: stable for one AE title."""
+        return derived_uid("device", self.station)
+
+    @property
+    def manufacturer(self) -> str:
+        return MANUFACTURER
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
+    @property
+    def software_versions(self) -> str:
+        return f"dicom-node {__version__}"
+
+    def series_uid(self, kind: str, source_series: str, method: str = "") -> UID:
+        return derived_uid(kind, source_series, self.pipeline, self.manifest.name, self.manifest.version,
+                           self.manifest.sha256, method)
+
+    def instance_uid(self, kind: str, source_series: str, *parts: str) -> UID:
+        return derived_uid(kind, source_series, self.pipeline, self.manifest.name, self.manifest.version,
+                           self.manifest.sha256, *parts)
+
+    def series_number(self, kind: str, method: str = "") -> int:
+        methods = list(METHOD_NAMES)
+        return SERIES_NUMBERS[kind] + (methods.index(method) + 1 if method in methods else 0)
+
+    def label_code(self, label: str) -> CodedConcept:
+        """The finding's code from the manifest, or one of ours when the manifest has none."""
+        spec = next(item for item in self.manifest.labels if item.name == label)
+        if spec.code is not None:
+            return CodedConcept(spec.code[1], spec.code[0], spec.code[2])
+        return CodedConcept(f"L-{label}"[:16], SCHEME, label)
+
+    def threshold(self, label: str) -> float:
+        return next(item.threshold for item in self.manifest.labels if item.name == label)
+
+    def description(self, what: str, method: str = "") -> str:
+        """A Series Description a radiologist reads in the series list (at most 64 characters)."""
+        method_name = f" {METHOD_NAMES.get(method, method)}" if method else ""
+        return f"AI {what}{method_name} {self.manifest.name} {self.manifest.version}"[:64]
+
+
+def mark_derived(ds: Dataset, sources: Sequence[Dataset], producer: Producer, description: str) -> None:
+    """Provenance every output carries: the AI-generated notice, the model, the source images.
+
+    Sets Manufacturer (the node; series with it are never routed again), the model as
+    Manufacturer's Model Name, Software Versions, Station Name, Derivation Description and the
+    Source Image Sequence (PS3.3 C.7.6.1.1.3). Callers set the object-specific attributes.
+    """
+    if "SpecificCharacterSet" in sources[0]:  # patient names copied from the source need it
+        ds.SpecificCharacterSet = sources[0].SpecificCharacterSet
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = producer.model_name[:64]
+    ds.SoftwareVersions = producer.software_versions
+    ds.StationName = producer.station[:16]
+    ds.DerivationDescription = (
+        f"{DISCLAIMER_TEXT}. {description}. Model {producer.model_name} (weights sha256 "
+        f"{producer.manifest.sha256[:16]}), pipeline {producer.pipeline}."
+    )[:1024]
+    if "SourceImageSequence" not in ds:
+        ds.SourceImageSequence = [source_reference(source) for source in sources]
+
+
+def source_reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item

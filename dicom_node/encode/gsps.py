@@ -1,0 +1,50 @@
+"""Grayscale Softcopy Presentation States (PS3.3 A.33.1): the hot regions drawn over the untouched
+original, for viewers that honour GSPS; one per source frame and method."""
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+
+from dicom_node.encode.common import DISCLAIMER_TEXT, METHOD_NAMES, Producer
+from dicom_node.encode.region import hot_region
+from dicom_node.explain.heatmap import Heatmap
+
+
+def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: Producer,
+                       instance_number: int) -> Dataset | None:
+    """The hot-region ellipses and outlines of ``heatmaps`` (one frame, one method) with their
+    labels and the AI notice, or None when none has a hot region."""
+    kept = [(h, r) for h in heatmaps if (r := hot_region(h.native_map)) is not None]
+    if not kept:
+        return None
+    method, frame = kept[0][0].method, kept[0][0].frame
+    method_name = METHOD_NAMES.get(method, method)
+    layer = hd.pr.GraphicLayer(layer_name="AI", order=1, description=DISCLAIMER_TEXT[:64])
+    graphics, texts = [], [hd.pr.TextObject(
+        DISCLAIMER_TEXT, units="DISPLAY", bounding_box=(0.02, 0.01, 0.98, 0.05))]
+    for heatmap, region in kept:
+        graphics.append(hd.pr.GraphicObject("POLYLINE", region.contour, units="PIXEL"))
+        column, row = region.contour[:, 0].min(), region.contour[:, 1].min()
+        texts.append(hd.pr.TextObject(
+            f"{heatmap.label} p={heatmap.probability:.2f} ({method_name})", units="PIXEL",
+            anchor_point=(float(column), float(row)), anchor_point_visible=False))
+    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
+    annotation = hd.pr.GraphicAnnotation(
+        referenced_images=[source], graphic_layer=layer, graphic_objects=graphics, text_objects=texts,
+        referenced_frame_number=frame + 1 if multi_frame else None)
+    series = str(source.SeriesInstanceUID)
+    ds = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[source], series_instance_uid=producer.series_uid("gsps", series, method),
+        series_number=producer.series_number("gsps", method),
+        sop_instance_uid=producer.instance_uid("gsps", series, method, str(source.SOPInstanceUID),
+                                               str(frame)),
+        instance_number=instance_number, manufacturer=producer.manufacturer,
+        manufacturer_model_name=producer.model_name[:64], software_versions=producer.software_versions,
+        device_serial_number=producer.station, content_label="AI_HOT_REGIONS",
+        content_description=f"AI {method_name} hot regions, unverified"[:64],
+        graphic_annotations=[annotation], graphic_layers=[layer],
+    )
+    ds.SeriesDescription = producer.description("hot regions GSPS", method)
+    ds.StationName = producer.station[:16]
+    return ds

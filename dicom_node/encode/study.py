@@ -1,0 +1,56 @@
+"""Attributes an output takes from its source: patient, study, geometry."""
+
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset
+
+#: Patient and General Study module attributes copied as they are, so the output joins the study.
+PATIENT_AND_STUDY = {
+    "patient_name": "PatientName", "patient_id": "PatientID", "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex", "accession_number": "AccessionNumber", "study_id": "StudyID",
+    "study_date": "StudyDate", "study_time": "StudyTime",
+    "referring_physician_name": "ReferringPhysicianName",
+}
+
+
+def patient_and_study(source: Dataset) -> dict[str, Any]:
+    """highdicom keyword arguments for the source's patient and study (empty values left out)."""
+    values = {argument: source.get(keyword) for argument, keyword in PATIENT_AND_STUDY.items()}
+    if values["patient_sex"] not in ("M", "F", "O"):
+        values["patient_sex"] = None
+    return {argument: value for argument, value in values.items() if value not in (None, "")}
+
+
+def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    """Pixel Spacing, else Imager Pixel Spacing (projection radiographs), else none."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = source.get(keyword)
+        if value is not None and len(value) == 2:
+            return float(value[0]), float(value[1])
+    shared = source.get("SharedFunctionalGroupsSequence")
+    if shared and "PixelMeasuresSequence" in shared[0]:
+        value = shared[0].PixelMeasuresSequence[0].get("PixelSpacing")
+        if value is not None:
+            return float(value[0]), float(value[1])
+    return None
+
+
+def orientation(source: Dataset) -> tuple[str, str]:
+    """Patient Orientation of the source: its own, else from Image Orientation (Patient), else the
+    frontal chest radiograph's ("L", "F")."""
+    value = source.get("PatientOrientation")
+    if value and len(value) == 2 and all(value):
+        return str(value[0]), str(value[1])
+    cosines = source.get("ImageOrientationPatient")
+    if cosines and len(cosines) == 6:
+        return _letters(np.array(cosines[:3], float)), _letters(np.array(cosines[3:], float))
+    return ("L", "F")
+
+
+def _letters(direction: np.ndarray) -> str:
+    """The patient-axis letters of a direction (PS3.3 C.7.6.1.1.1), strongest first, up to two."""
+    names = (("L", "R"), ("P", "A"), ("H", "F"))  # +x is patient left, +y posterior, +z head
+    order = np.argsort(-np.abs(direction))
+    letters = [names[axis][0 if direction[axis] > 0 else 1] for axis in order if abs(direction[axis]) > 0.25]
+    return "".join(letters[:2]) or "L"
