@@ -2,9 +2,10 @@
 
 A step is a named function of a :class:`PipelineContext`; :func:`run` calls them in order and
 records each one's duration on the job. Steps are passed in, so tests (and later modules) add
-their own without global registries. Today the chain is: collect the series' instances, read
-them, preprocess (decode and map to the model's input), infer (explanations, encoding and export
-are added by their own modules).
+their own without global registries. The chain: collect the series' instances, read them,
+preprocess (decode and map to the model's input), infer, explain (the pipeline's methods, with
+quality figures), encode (the pipeline's outputs as DICOM) and store them under
+``data_dir/results`` (export to the PACS is added by its own module).
 """
 
 import time
@@ -14,12 +15,14 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 
-from dicom_node.config import Settings
+from dicom_node.config import Pipeline, Settings
+from dicom_node.encode import Producer, encode_results
 from dicom_node.errors import PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
 from dicom_node.jobs.queue import Job
 from dicom_node.store import InstanceRecord, InstanceStore
+from dicom_node.store.results import ResultArea
 
 
 @dataclass
@@ -35,6 +38,7 @@ class PipelineContext:
     inputs: list[Preprocessed] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
     heatmaps: list[Heatmap] = field(default_factory=list)
+    outputs: list[Dataset] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""
@@ -47,7 +51,15 @@ class PipelineContext:
             {"sop_instance_uid": h.sop_instance_uid, "frame": h.frame, "label": h.label,
              "method": h.method, "layer": h.layer, "quality": {k: round(v, 4) for k, v in h.quality.items()}}
             for h in self.heatmaps
+        ], "outputs": [
+            {"sop_class_uid": str(ds.SOPClassUID), "sop_instance_uid": str(ds.SOPInstanceUID),
+             "series_instance_uid": str(ds.SeriesInstanceUID),
+             "series_description": str(ds.SeriesDescription)}
+            for ds in self.outputs
         ]}
+
+    def pipeline(self) -> Pipeline | None:
+        return next((p for p in self.settings.pipelines if p.name == self.job.pipeline), None)
 
     def model(self) -> ModelManifest:
         if self.runner is None:
@@ -102,7 +114,7 @@ def infer(ctx: PipelineContext) -> None:
 def explain(ctx: PipelineContext) -> None:
     """Explain the chosen labels of every frame with the pipeline's methods, with quality figures."""
     assert ctx.runner is not None
-    config = next((p for p in ctx.settings.pipelines if p.name == ctx.job.pipeline), None)
+    config = ctx.pipeline()
     if config is None or not config.explain:
         return
     loaded = ctx.runner.model(ctx.job.model)
@@ -114,10 +126,27 @@ def explain(ctx: PipelineContext) -> None:
                                           lime_samples=config.lime_samples)
 
 
+def encode(ctx: PipelineContext) -> None:
+    """Build the pipeline's outputs (SC, SR, SEG, PM, GSPS) for the series."""
+    config = ctx.pipeline()
+    if config is None or not config.outputs:
+        return
+    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
+    ctx.outputs = encode_results(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
+                                 config.explain)
+
+
+def store_results(ctx: PipelineContext) -> None:
+    """Write the outputs under ``data_dir/results``, each atomically, for export."""
+    area = ResultArea(ctx.settings.node.data_dir)
+    for ds in ctx.outputs:
+        area.save(ds)
+
+
 def default_steps() -> list[tuple[str, Step]]:
     """The steps every job runs, in order."""
     return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer),
-            ("explain", explain)]
+            ("explain", explain), ("encode", encode), ("store", store_results)]
 
 
 def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def test_a_radiograph_series_is_read_preprocessed_and_inferred(
     timings: dict[str, float] = {}
     ctx = run(job_for(tuple(r.sop_instance_uid for r in records)), timings, settings=settings,
               store=store, steps=default_steps(), runner=_runner(tmp_path))
-    assert list(timings) == ["collect", "read", "preprocess", "inference", "explain"]
+    assert list(timings) == ["collect", "read", "preprocess", "inference", "explain", "encode", "store"]
     assert [p.sop_instance_uid for p in ctx.predictions] == [r.sop_instance_uid for r in records]
     assert all(set(p.probabilities) == {"nodule", "consolidation", "effusion", "cardiomegaly"}
                for p in ctx.predictions)
@@ -145,3 +145,9 @@ def test_positive_labels_are_explained_with_provenance_and_quality(
     lime_map = next(h for h in ctx.heatmaps if h.method == "lime" and h.label == "nodule")
     assert "rank_agreement_gradcam" in lime_map.quality
     assert len(ctx.summary()["explanations"]) == 4
+    # default outputs: an overlay per heatmap and one SR, written under results/ for export
+    kinds = sorted(ds.Modality for ds in ctx.outputs)
+    assert kinds == ["OT"] * 4 + ["SR"] and {"encode", "store"} <= set(timings)
+    written = sorted(p.name for p in (settings.node.data_dir / "results").rglob("*.dcm"))
+    assert written == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in ctx.outputs)
+    assert {o["sop_instance_uid"] for o in ctx.summary()["outputs"]} == {ds.SOPInstanceUID for ds in ctx.outputs}

@@ -45,7 +45,7 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
     colours = _colour_map((relative * 255).astype(np.uint8))
     alpha = (BLEND * relative)[..., None]
     image = (display * (1 - alpha) + colours * alpha).astype(np.uint8)
-    unit = max(1, round(min(rows, columns) / 400))  # line width and text scale follow the image size
+    unit = max(1, round(min(rows, columns) / 500))  # line width and text scale follow the image size
     region = hot_region(heatmap.native_map)
     if region is not None:
         cv2.polylines(image, [np.round(region.contour - 0.5).astype(np.int32)], True, CONTOUR, 2 * unit,
@@ -79,8 +79,8 @@ def _text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float, c
 
 
 def _fit_scale(lines: list[str], width: int, unit: int) -> float:
-    """The largest text scale (up to 0.6 per unit) at which every line fits ``width``."""
-    scale = 0.6 * unit
+    """The largest text scale (up to 0.5 per unit) at which every line fits ``width``."""
+    scale = 0.5 * unit
     widest = max(cv2.getTextSize(line.replace(" · ", "   "), cv2.FONT_HERSHEY_SIMPLEX, scale, unit)[0][0]
                  for line in lines)
     return scale * min(1.0, width / max(widest, 1))
@@ -89,7 +89,7 @@ def _fit_scale(lines: list[str], width: int, unit: int) -> float:
 def _banner(image: np.ndarray, unit: int, lines: list[str]) -> None:
     columns = image.shape[1]
     scale = _fit_scale(lines, columns - 16 * unit, unit)
-    line_height = cv2.getTextSize("Xg", cv2.FONT_HERSHEY_SIMPLEX, scale, unit)[0][1] * 2
+    line_height = round(cv2.getTextSize("Xg", cv2.FONT_HERSHEY_SIMPLEX, scale, unit)[0][1] * 1.7)
     height = line_height * len(lines) + 6 * unit
     band = image[:height]
     band[:] = (band * 0.15).astype(np.uint8)  # darkened, not blank: the film's edge stays visible

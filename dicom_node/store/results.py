@@ -1,0 +1,41 @@
+"""The node's own outputs on disk: ``results/<study>/<series>/<instance>.dcm``, written atomically.
+
+A re-run derives the same UIDs (dicom_node.encode), so it replaces its earlier files.
+"""
+
+import io
+import os
+import uuid
+from pathlib import Path
+
+from pydicom import Dataset
+
+from dicom_node.store.files import check_uid, fsync_dir
+
+
+class ResultArea:
+    """Where encoded results wait for export."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "results"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, ds: Dataset) -> Path:
+        parts = [check_uid(name, ds.get(keyword)) for name, keyword in (
+            ("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"), ("instance", "SOPInstanceUID"))]
+        return self.root.joinpath(*parts[:2], f"{parts[2]}.dcm")
+
+    def save(self, ds: Dataset) -> Path:
+        """Write ``ds`` as a DICOM file (temporary file, fsync, rename, folder fsync)."""
+        target = self.path_of(ds)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        temporary = target.parent / f".{uuid.uuid4().hex}.part"
+        with temporary.open("xb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, target)
+        fsync_dir(target.parent)
+        return target
