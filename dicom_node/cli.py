@@ -61,6 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("id", type=int, nargs="?", help="the job to requeue")
     which.add_argument("--failed", action="store_true", help="every failed and dead job")
 
+    outbox = commands.add_parser("outbox", help="results waiting for, or given up by, their destinations")
+    outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    pending = outbox_commands.add_parser("list", parents=[common], help="outbox records, newest first")
+    pending.add_argument("--state", choices=["pending", "delivered", "dead"], help="only this state")
+    pending.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    retry = outbox_commands.add_parser("retry", parents=[common],
+                                       help="send dead (or delivered) records again")
+    chosen = retry.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("id", type=int, nargs="?", help="the record to send again")
+    chosen.add_argument("--dead", action="store_true", help="every dead record")
+
+    explain = commands.add_parser("explain", parents=[common],
+                                  help="run the pipelines on files, without a network, writing the results")
+    explain.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="DICOM files or folders")
+    explain.add_argument("--out", type=Path, required=True, help="folder for the result files")
+    explain.add_argument("--pipeline",
+                         help="run this pipeline on every series (default: route as serve does)")
+
     models = commands.add_parser("models", help="the model repository")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_commands.add_parser("list", parents=[common], help="the models and their manifests")
@@ -96,6 +114,12 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
             return jobs_command(settings, args, sys.stdout)
         if args.command == "models":
             return models_command(settings, args.models_command, sys.stdout)
+        if args.command == "outbox":
+            return outbox_command(settings, args, sys.stdout)
+        if args.command == "explain":
+            from dicom_node.offline import explain_files
+
+            return explain_files(settings, args.inputs, args.out, args.pipeline, sys.stdout)
         return echo(settings, args.peer, args.timeout, sys.stdout)
     except ConfigError as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)
@@ -156,6 +180,39 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         return 0
     finally:
         queue.backend.close()
+
+
+def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """``dicom-node outbox list|retry``: read and re-drive the outbox of ``data_dir``."""
+    from dicom_node.export import DeliveryState, Outbox
+    from dicom_node.store.db import DATABASE_NAME
+
+    path = settings.node.data_dir / DATABASE_NAME
+    if not path.exists():
+        print(f"no outbox: {settings.node.data_dir} has no database yet", file=out)
+        return 0 if args.outbox_command == "list" else 1
+    outbox = Outbox(path)
+    try:
+        if args.outbox_command == "list":
+            records = outbox.list(args.state, args.limit)
+            counts = ", ".join(f"{n} {state}" for state, n in sorted(outbox.counts().items())) or "empty"
+            lines = [f"outbox: {counts}", f"{'ID':>5}  {'STATE':<9} {'TRY':>3}  {'DESTINATION':<12} "
+                                          f"{'UPDATED':<19}  SOP INSTANCE / REASON"]
+            for r in records:
+                lines.append(f"{r.id:>5}  {r.state:<9} {r.attempts:>3}  {r.destination:<12} "
+                             f"{_when(r.updated_at):<19}  {r.sop_instance_uid}")
+                if r.reason:
+                    lines.append(f"{'':>54}{r.reason}")
+            print("\n".join(lines), file=out)
+            return 0
+        ids = [r.id for r in outbox.list(DeliveryState.DEAD, 100_000)] if args.dead else [args.id]
+        for record_id in ids:
+            outbox.retry(record_id)
+        logger.info("operator asked to send outbox record(s) %s again", ids)
+        print(f"{len(ids)} record(s) pending again: {' '.join(map(str, ids))}", file=out)
+        return 0
+    finally:
+        outbox.close()
 
 
 def models_command(settings: Settings, action: str, out: TextIO) -> int:

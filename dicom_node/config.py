@@ -177,6 +177,17 @@ class JobsSettings:
 
 
 @dataclass(frozen=True)
+class ExportSettings:
+    """``[export]``: sending results to the destinations (the outbox)."""
+
+    max_attempts: int = field(default=5, metadata=_check(_positive))
+    backoff_seconds: float = field(default=5.0, metadata=_check(_non_negative))
+    max_backoff_seconds: float = field(default=300.0, metadata=_check(_non_negative))
+    timeout_seconds: float = field(default=30.0, metadata=_check(_positive))
+    poll_seconds: float = field(default=1.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
 class WorkersSettings:
     """``[workers]``: the threads that run jobs inside ``dicom-node serve``."""
 
@@ -259,6 +270,7 @@ class Pipeline:
     lime_samples: int = field(default=1000, metadata=_check(_positive))
     outputs: tuple[str, ...] = field(default=("sc", "sr"), metadata=_check(_one_of(OUTPUT_KINDS)))
     send_to: tuple[str, ...] = ()
+    reply_to_caller: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,6 +285,7 @@ class Settings:
     inference: InferenceSettings = InferenceSettings()
     study: StudySettings = StudySettings()
     jobs: JobsSettings = JobsSettings()
+    export: ExportSettings = ExportSettings()
     workers: WorkersSettings = WorkersSettings()
     web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -18,6 +18,7 @@ import torch
 from dicom_node import pipeline
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
+from dicom_node.export import Exporter, Outbox
 from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.ingest.scp import IngestServer, start_ingest
 from dicom_node.jobs.queue import JobQueue, QueuePolicy
@@ -114,6 +115,8 @@ class Node:
         policy = QueuePolicy(s.jobs.max_attempts, s.jobs.backoff_seconds,
                              s.jobs.max_backoff_seconds, s.jobs.lease_seconds)
         self.queue = JobQueue(self.backend, policy, clock=self.clock)
+        self.outbox = Outbox(s.node.data_dir / DATABASE_NAME, clock=self.clock)
+        self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock)
         released = self.queue.release_running()
         if released:
             logger.warning("%d job(s) interrupted by the last stop are queued again", released)
@@ -126,9 +129,10 @@ class Node:
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
+        self._spawn("exporter", self._export_loop)
         for i, inference in enumerate(runners):
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
-                             runner=inference)
+                             runner=inference, outbox=self.outbox)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds))
 
@@ -156,6 +160,13 @@ class Node:
             except Exception:
                 logger.exception("scheduler tick failed; trying again")
 
+    def _export_loop(self) -> None:
+        while not self._stop.wait(self.settings.export.poll_seconds):
+            try:
+                self.exporter.send_due()
+            except Exception:
+                logger.exception("export pass failed; trying again")
+
     def stop(self) -> None:
         """Stop receiving and starting jobs, let running jobs finish within the grace, release the
         rest, close."""
@@ -175,6 +186,7 @@ class Node:
 
     def _close(self, clean: bool) -> None:
         self.backend.close()
+        self.outbox.close()
         self.store.close(clean_shutdown=clean)
         if self._lock_fd is not None:
             os.close(self._lock_fd)

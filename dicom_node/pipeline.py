@@ -8,6 +8,7 @@ quality figures), encode (the pipeline's outputs as DICOM) and store them under
 ``data_dir/results`` (export to the PACS is added by its own module).
 """
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,13 +17,16 @@ from typing import Any
 from pydicom import Dataset, dcmread
 
 from dicom_node.config import Pipeline, Settings
-from dicom_node.encode import Producer, encode_results
+from dicom_node.encode import Producer, encode_results, not_analysed_report
 from dicom_node.errors import PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
+from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
 from dicom_node.jobs.queue import Job
 from dicom_node.store import InstanceRecord, InstanceStore
 from dicom_node.store.results import ResultArea
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +43,8 @@ class PipelineContext:
     predictions: list[Prediction] = field(default_factory=list)
     heatmaps: list[Heatmap] = field(default_factory=list)
     outputs: list[Dataset] = field(default_factory=list)
+    outbox: Outbox | None = None
+    saved: list[Result] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""
@@ -84,10 +90,16 @@ def collect(ctx: PipelineContext) -> None:
 
 
 def read(ctx: PipelineContext) -> None:
-    """Read the instances' data sets (pixels are decoded later, by preprocessing)."""
+    """Read the instances' data sets (pixels are decoded later, by preprocessing) and check that
+    they are what the model is meant for."""
+    ctx.datasets = [dcmread(ctx.store.path_of(record)) for record in ctx.instances]
+    check_scope(ctx)
+
+
+def check_scope(ctx: PipelineContext) -> None:
+    """The model's modalities and body parts: a series outside them fails permanently, with why."""
     manifest = ctx.model()
-    datasets: list[Dataset] = [dcmread(ctx.store.path_of(record)) for record in ctx.instances]
-    for ds in datasets:
+    for ds in ctx.datasets:
         modality = str(ds.get("Modality", ""))
         if manifest.modalities and modality not in manifest.modalities:
             raise PermanentError(f"model {manifest.name} is meant for modalities "
@@ -96,7 +108,6 @@ def read(ctx: PipelineContext) -> None:
         if manifest.body_parts and body_part and body_part not in {b.upper() for b in manifest.body_parts}:
             raise PermanentError(f"model {manifest.name} is meant for body parts "
                                  f"{list(manifest.body_parts)}, not {body_part!r}")
-    ctx.datasets = datasets
 
 
 def prepare(ctx: PipelineContext) -> None:
@@ -138,15 +149,46 @@ def encode(ctx: PipelineContext) -> None:
 
 def store_results(ctx: PipelineContext) -> None:
     """Write the outputs under ``data_dir/results``, each atomically, for export."""
-    area = ResultArea(ctx.settings.node.data_dir)
-    for ds in ctx.outputs:
-        area.save(ds)
+    area = ResultArea(ctx.settings.node.data_dir / "results")
+    ctx.saved = [Result(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), area.save(ds))
+                 for ds in ctx.outputs]
+
+
+def destinations(ctx: PipelineContext) -> list[str]:
+    """The pipeline's ``send_to``, and the calling AE where ``reply_to_caller`` names a destination."""
+    config = ctx.pipeline()
+    if config is None:
+        return []
+    names = list(config.send_to)
+    if config.reply_to_caller:
+        callers = {record.calling_ae_title for record in ctx.instances}
+        names += [d.name for d in ctx.settings.destinations if d.ae_title in callers and d.name not in names]
+    return names
+
+
+def enqueue(ctx: PipelineContext) -> None:
+    """Put every stored output in the outbox, once per destination."""
+    if ctx.outbox is not None and ctx.saved:
+        ctx.outbox.enqueue(ctx.job.id, ctx.saved, destinations(ctx))
+
+
+def report_not_analysed(ctx: PipelineContext, reason: str) -> None:
+    """The "not analysed" SR of a routed series that could not be analysed, stored and enqueued,
+    so that silence never means "normal"."""
+    config = ctx.pipeline()
+    if config is None or "sr" not in config.outputs or not ctx.instances or ctx.runner is None:
+        return
+    sources = ctx.datasets or [dcmread(ctx.store.path_of(r), stop_before_pixels=True) for r in ctx.instances]
+    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
+    ctx.outputs = [not_analysed_report(sources, reason, producer)]
+    store_results(ctx)
+    enqueue(ctx)
 
 
 def default_steps() -> list[tuple[str, Step]]:
     """The steps every job runs, in order."""
     return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer),
-            ("explain", explain), ("encode", encode), ("store", store_results)]
+            ("explain", explain), ("encode", encode), ("store", store_results), ("outbox", enqueue)]
 
 
 def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any]:
@@ -156,14 +198,24 @@ def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any
 
 def run(
     job: Job, timings: dict[str, float], *, settings: Settings, store: InstanceStore,
-    steps: Sequence[tuple[str, Step]], runner: InferenceRunner | None = None,
+    steps: Sequence[tuple[str, Step]], runner: InferenceRunner | None = None, outbox: Outbox | None = None,
 ) -> PipelineContext:
-    """Run ``steps`` for ``job``, recording each step's seconds in ``timings`` as it ends."""
-    ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner)
+    """Run ``steps`` for ``job``, recording each step's seconds in ``timings`` as it ends.
+
+    A step that fails permanently once the instances are collected (wrong modality, undecodable
+    pixels, ...) leaves a "not analysed" SR for the PACS, then fails the job with the reason.
+    """
+    ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox)
     for name, step in steps:
         started = time.perf_counter()
         try:
             step(ctx)
+        except PermanentError as exc:
+            try:
+                report_not_analysed(ctx, str(exc))
+            except Exception:
+                logger.exception("job %s: the 'not analysed' report could not be made", job.id)
+            raise
         finally:
             timings[name] = round(time.perf_counter() - started, 6)
     return ctx

@@ -36,3 +36,15 @@ def test_every_setting_is_documented() -> None:
         assert isinstance(cls, type) and dataclasses.is_dataclass(cls)
         for key in dataclasses.fields(cls):
             assert f"| `{key.name}` |" in text, f"{section.name}.{key.name}"
+
+
+def test_conformance_statement_lists_every_created_object() -> None:
+    from tests.encode.test_objects import SOP_CLASSES
+
+    text = (DOCS / "conformance.md").read_text()
+    for kind, uid in SOP_CLASSES.items():
+        assert f"| `{kind}` |" in text and f"| {uid} |" in text, kind
+    from dicom_node.encode.common import QUALITY_CODES
+
+    for code in QUALITY_CODES.values():
+        assert f"| {code.value} | 99DCMNODE | {code.meaning} |" in text, code.meaning

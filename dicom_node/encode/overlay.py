@@ -140,6 +140,7 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
     ds.SeriesDescription = producer.description("overlay", heatmap.method)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "YES"
+    ds.ConversionType = "WSD"  # made by a workstation, not digitised
     ds.RecognizableVisualFeatures = source.get("RecognizableVisualFeatures", "NO")
     ds.ImageComments = f"{DISCLAIMER_TEXT}. {method_name} of {heatmap.label}, p={heatmap.probability:.3f}"
     reference = source_reference(source)

@@ -32,7 +32,7 @@ class HotRegion:
 
 def hot_region(native_map: np.ndarray, fraction: float = FRACTION) -> HotRegion | None:
     """The hot region of ``native_map`` (rows, columns), or None where the map has no positive value."""
-    positive = np.nan_to_num(native_map.astype(np.float32), nan=0.0)
+    positive = np.nan_to_num(native_map.astype(np.float32), nan=0.0, copy=False)
     top = float(positive.max())
     if top <= 0:
         return None
@@ -50,10 +50,10 @@ def hot_region(native_map: np.ndarray, fraction: float = FRACTION) -> HotRegion 
 
 def _ellipse(mask: np.ndarray) -> np.ndarray:
     """The ellipse with the region's centroid and second moments (exact for an elliptic region)."""
-    rows, columns = np.nonzero(mask)
-    points = np.stack([columns, rows], axis=1).astype(np.float64) + 0.5
-    centre = points.mean(axis=0)
-    covariance = np.cov(points.T) if len(points) > 1 else np.zeros((2, 2))
+    moments = cv2.moments(mask.astype(np.uint8), binaryImage=True)
+    area = moments["m00"]
+    centre = np.array([moments["m10"] / area, moments["m01"] / area]) + 0.5  # pixel centres
+    covariance = np.array([[moments["mu20"], moments["mu11"]], [moments["mu11"], moments["mu02"]]]) / area
     values, vectors = np.linalg.eigh(covariance + np.eye(2) / 12)  # + a pixel's own spread
     semi = 2 * np.sqrt(values)  # a uniform ellipse with semi-axis a has variance a^2 / 4
     minor, major = vectors[:, 0] * semi[0], vectors[:, 1] * semi[1]

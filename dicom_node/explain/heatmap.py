@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dicom_node.explain.cam import METHODS
-from dicom_node.explain.lime import lime, slic
+from dicom_node.explain.lime import explain_lime
 from dicom_node.explain.quality import (
     deletion_insertion,
     random_map,
@@ -64,8 +64,7 @@ def explain_frame(
     maps: dict[str, torch.Tensor] = {}
     for method in methods:
         if method == "lime":
-            segments = slic(item.array.mean(axis=0), segments=64)
-            result = lime(module, x, segments, samples=lime_samples, seed=seed)
+            result = explain_lime(module, x, samples=lime_samples, seed=seed)
             maps[method] = torch.from_numpy(result.maps()[index]).float().to(loaded.device)
         else:
             maps[method] = METHODS[method](manifest.cam_layer)(module, x[None], index).maps[0]

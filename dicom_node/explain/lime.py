@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dicom_node.explain.quality import blurred
+
 
 def slic(
     image: np.ndarray, segments: int = 64, compactness: float = 0.1, iterations: int = 5
@@ -88,8 +90,11 @@ def weighted_ridge(
 
 @torch.no_grad()
 def lime(model: nn.Module, image: torch.Tensor, segments: np.ndarray, samples: int = 1000,
-         seed: int = 0, batch_size: int | None = None) -> LimeResult:
+         seed: int = 0, batch_size: int | None = None, background: torch.Tensor | None = None) -> LimeResult:
     """LIME of ``image`` (C, H, W) on the model's device for every output of ``model``.
+
+    A hidden superpixel shows ``background`` (C, H, W) there; None: the superpixel's mean, as
+    lime does by default.
 
     ``batch_size`` defaults to 256 on a GPU and 8 on the CPU, where small channels-last batches
     stay in cache and run fastest (measured: 3.7 against 9.4 ms an image for the demo model).
@@ -103,7 +108,7 @@ def lime(model: nn.Module, image: torch.Tensor, segments: np.ndarray, samples: i
     labels = torch.from_numpy(segments).to(device)
     means = torch.zeros(image.shape[0], count, device=device).index_add_(
         1, labels.flatten(), image.flatten(1)) / torch.bincount(labels.flatten(), minlength=count)
-    fudged = means[:, labels]  # each pixel replaced by its superpixel's mean
+    fudged = means[:, labels] if background is None else background  # what a hidden superpixel shows
     on = torch.from_numpy(patterns).to(device)
     outputs = []
     for start in range(0, samples, batch_size):
@@ -114,3 +119,21 @@ def lime(model: nn.Module, image: torch.Tensor, segments: np.ndarray, samples: i
     weights = kernel_weights(patterns.astype(np.float64))
     coefficients, intercepts = weighted_ridge(patterns.astype(np.float64), probabilities, weights)
     return LimeResult(segments, coefficients, intercepts, patterns, probabilities, weights)
+
+
+#: Superpixels per image at model resolution: about 11 x 11 pixels each at 128 px.
+SEGMENTS = 128
+
+
+def explain_lime(model: nn.Module, image: torch.Tensor, samples: int = 1000, seed: int = 0) -> LimeResult:
+    """The node's LIME: :data:`SEGMENTS` SLIC superpixels of the channel mean, hidden superpixels
+    showing a heavily blurred copy of the image (the "absent" of the deletion figure).
+
+    lime's default shows a hidden superpixel's mean instead; SLIC follows edges, so a superpixel
+    often is the finding itself and its mean still shows it. Measured on 10 held-out phantoms per
+    finding with the demo model: the map's deletion AUC beat a random map's in 100 % of images for
+    every finding with the blurred copy, against 20-70 % with the means (MODEL_CARD.md has the
+    full figures).
+    """
+    segments = slic(image.mean(dim=0).cpu().numpy(), segments=SEGMENTS)
+    return lime(model, image, segments, samples=samples, seed=seed, background=blurred(image))

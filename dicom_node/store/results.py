@@ -1,4 +1,5 @@
-"""The node's own outputs on disk: ``results/<study>/<series>/<instance>.dcm``, written atomically.
+"""The node's own outputs on disk: ``<root>/<study>/<series>/<instance>.dcm``, written atomically
+(``root`` is ``data_dir/results`` in the node, ``--out`` for ``dicom-node explain``).
 
 A re-run derives the same UIDs (dicom_node.encode), so it replaces its earlier files.
 """
@@ -16,8 +17,8 @@ from dicom_node.store.files import check_uid, fsync_dir
 class ResultArea:
     """Where encoded results wait for export."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / "results"
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_of(self, ds: Dataset) -> Path:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.explain import METHODS, lime, slic
+from dicom_node.explain import METHODS
+from dicom_node.explain.lime import SEGMENTS, explain_lime
 from dicom_node.explain.quality import deletion_insertion, iou, pointing_game, random_map, rank_agreement
 from dicom_node.inference import ModelRegistry, preprocess
 from dicom_node.inference.architectures import BUILDERS
@@ -40,10 +41,9 @@ def evaluate(count: int) -> dict:
         memory_format=torch.channels_last)
     methods = [*METHODS, "lime"]
 
-    def explain(module: torch.nn.Module, method: str, x: torch.Tensor, segments: np.ndarray, k: int,
-                seed: int) -> torch.Tensor:
+    def explain(module: torch.nn.Module, method: str, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         if method == "lime":
-            return torch.from_numpy(lime(module, x, segments, seed=seed).maps()[k]).float()
+            return torch.from_numpy(explain_lime(module, x, seed=seed).maps()[k]).float()
         return METHODS[method](manifest.cam_layer)(module, x[None], [k]).maps[0, 0]
 
     figures: dict = {}
@@ -55,14 +55,13 @@ def evaluate(count: int) -> dict:
             phantom = render(seed, 512, findings={label: True})
             [item] = preprocess(to_dataset(phantom), manifest.input)
             x = torch.from_numpy(item.array)
-            segments = slic(item.array.mean(axis=0), segments=64)
             for name in methods:
-                model_map = explain(loaded.module, name, x, segments, k, seed)
+                model_map = explain(loaded.module, name, x, k, seed)
                 native = item.map.warp_to_source(model_map.numpy())
                 mask = phantom.masks[label]
                 deletion, _ = deletion_insertion(loaded.module, x, torch.stack(
                     [model_map, random_map(*model_map.shape, seed=i)]), k)
-                random_model_map = explain(randomised, name, x, segments, k, seed).numpy()
+                random_model_map = explain(randomised, name, x, k, seed).numpy()
                 row = rows[name]
                 row["hit"].append(float(pointing_game(native, mask)))
                 row["iou"].append(iou(native, mask))
@@ -92,8 +91,8 @@ of a re-initialised model (near 0 is good: the map depends on what the model lea
 {rows}
 
 Effusion and cardiomegaly are global findings (a fluid level, the heart's size): a single maximum
-or a half-maximum region says little about them. LIME: 64 SLIC superpixels, 1000 samples, the
-seed of the phantom.
+or a half-maximum region says little about them. LIME: {SEGMENTS} SLIC superpixels, hidden ones
+showing a blurred copy, 1000 samples, the seed of the phantom.
 {END}
 """
 

@@ -1,0 +1,207 @@
+"""The outbox: one record per (result instance, destination), in the node's SQLite database
+(component ``outbox``), so that every result is kept until its destination has taken it.
+
+States::
+
+    pending --sent, success or warning--> delivered
+       ^  \\--transient failure (busy, down, timeout)--> pending (not before now + backoff)
+       |   \\--data error or permanent rejection, attempts left--> pending (backoff)
+       |    \\--data error or permanent rejection, no attempts left--> dead (with the reason)
+       +-- retry (operator) -- dead | delivered
+
+A job that runs again after a crash enqueues the same instances (their UIDs derive from the
+inputs): a record the same job already enqueued keeps its state, so nothing is sent twice. A new
+job (the series changed) makes them pending again.
+"""
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from dicom_node.errors import DicomNodeError
+from dicom_node.store.db import connect, migrate
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sop_instance_uid TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        path TEXT NOT NULL,
+        job_id INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before REAL NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        delivered_at REAL NOT NULL DEFAULT 0,
+        UNIQUE (sop_instance_uid, destination)
+    );
+    CREATE INDEX outbox_due ON outbox (state, not_before)
+    """,
+)
+_COLUMNS = ("id, sop_instance_uid, destination, sop_class_uid, study_instance_uid, path, job_id, state, "
+            "attempts, not_before, reason, created_at, updated_at, delivered_at")
+
+
+_UPSERT = (
+    "INSERT INTO outbox (sop_instance_uid, destination, sop_class_uid, study_instance_uid, path, "
+    "job_id, state, attempts, not_before, reason, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, '', ?, ?) "
+    "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET path = excluded.path, "
+    "job_id = excluded.job_id, state = excluded.state, attempts = 0, "
+    "not_before = excluded.not_before, reason = '', updated_at = excluded.updated_at"
+)
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class OutboxError(DicomNodeError):
+    """An operation the record's state does not allow, or a record that does not exist."""
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    id: int
+    sop_instance_uid: str
+    destination: str
+    sop_class_uid: str
+    study_instance_uid: str
+    path: str
+    job_id: int
+    state: DeliveryState
+    attempts: int
+    not_before: float
+    reason: str
+    created_at: float
+    updated_at: float
+    delivered_at: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """One file to deliver."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    path: Path
+
+
+class Outbox:
+    """The outbox records; thread-safe. Policy (when to retry, when to give up) lives in the exporter."""
+
+    def __init__(self, database: Path, clock: Callable[[], float] = time.time) -> None:
+        self._conn = connect(database)
+        migrate(self._conn, "outbox", _MIGRATIONS)
+        self._lock = threading.Lock()
+        self.clock = clock
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def enqueue(self, job_id: int, results: Sequence[Result], destinations: Sequence[str]) -> int:
+        """Add a record per result and destination; returns how many became pending."""
+        now = self.clock()
+        added = 0
+        with self._transaction() as conn:
+            for r in results:
+                for destination in destinations:
+                    row = conn.execute("SELECT job_id FROM outbox WHERE sop_instance_uid = ? "
+                                       "AND destination = ?", (r.sop_instance_uid, destination)).fetchone()
+                    if row is not None and row[0] == job_id:
+                        continue  # the same job ran again (after a crash): keep what was done
+                    conn.execute(_UPSERT, (r.sop_instance_uid, destination, r.sop_class_uid,
+                                           r.study_instance_uid, str(r.path), job_id, DeliveryState.PENDING,
+                                           now, now, now))
+                    added += 1
+        return added
+
+    def due(self, limit: int = 500) -> list[OutboxRecord]:
+        """Pending records whose time has come, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE state = ? AND not_before <= ? ORDER BY id LIMIT ?",
+                (DeliveryState.PENDING, self.clock(), limit)).fetchall()
+        return [_record(row) for row in rows]
+
+    def delivered(self, record_id: int, note: str = "") -> None:
+        now = self.clock()
+        self._update("state = ?, attempts = attempts + 1, reason = ?, delivered_at = ?, updated_at = ?",
+                     (DeliveryState.DELIVERED, note, now, now), record_id)
+
+    def retry_later(self, record_id: int, reason: str, not_before: float) -> None:
+        self._update("attempts = attempts + 1, reason = ?, not_before = ?, updated_at = ?",
+                     (reason, not_before, self.clock()), record_id)
+
+    def dead(self, record_id: int, reason: str) -> None:
+        self._update("state = ?, attempts = attempts + 1, reason = ?, updated_at = ?",
+                     (DeliveryState.DEAD, reason, self.clock()), record_id)
+
+    def retry(self, record_id: int) -> OutboxRecord:
+        """Send a dead or delivered record again, now (an operator's action)."""
+        with self._transaction() as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (record_id,)).fetchone()
+            if row is None:
+                raise OutboxError(f"no outbox record {record_id}")
+            if row[7] == DeliveryState.PENDING:
+                raise OutboxError(f"outbox record {record_id} is pending already")
+            now = self.clock()
+            conn.execute("UPDATE outbox SET state = ?, attempts = 0, not_before = ?, reason = ?, "
+                         "updated_at = ? WHERE id = ?",
+                         (DeliveryState.PENDING, now, "retry requested", now, record_id))
+        return self.get(record_id)
+
+    def get(self, record_id: int) -> OutboxRecord:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (record_id,)).fetchone()
+        if row is None:
+            raise OutboxError(f"no outbox record {record_id}")
+        return _record(row)
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[OutboxRecord]:
+        query = f"SELECT {_COLUMNS} FROM outbox"
+        args: tuple = ()
+        if state:
+            query, args = query + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_record(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        return {state: count for state, count in rows}
+
+    def _update(self, assignments: str, values: tuple, record_id: int) -> None:
+        with self._transaction() as conn:
+            conn.execute(f"UPDATE outbox SET {assignments} WHERE id = ?", (*values, record_id))
+
+
+def _record(row: tuple) -> OutboxRecord:
+    values = list(row)
+    values[7] = DeliveryState(values[7])
+    return OutboxRecord(*values)

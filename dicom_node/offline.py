@@ -1,0 +1,152 @@
+"""``dicom-node explain``: the node's pipeline on files, without a network or a data folder.
+
+Files are grouped by series and routed to pipelines as ``serve`` routes them (or all go to
+``--pipeline``); each series runs read, preprocess, inference, explain and encode, and its
+results are written under ``OUT/<study>/<series>/<instance>.dcm``. A series that cannot be
+analysed gets its "not analysed" SR. A progress bar shows on a terminal when there are several
+series; a summary table ends the run. Exit code 0 when every series gave results (or a "not
+analysed" report), 1 otherwise.
+"""
+
+import dataclasses
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_node import pipeline as steps
+from dicom_node.config import Pipeline, Settings
+from dicom_node.encode import Producer, not_analysed_report
+from dicom_node.errors import ConfigError, PermanentError
+from dicom_node.inference import InferenceRunner, ModelRegistry
+from dicom_node.jobs.queue import Job, JobState
+from dicom_node.jobs.routing import SeriesFacts, route
+from dicom_node.store.results import ResultArea
+
+
+def _files(inputs: Sequence[Path]) -> Iterator[Path]:
+    for item in inputs:
+        if item.is_dir():
+            yield from sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.is_file():
+            yield item
+        else:
+            raise ConfigError(f"{item}: no such file or folder")
+
+
+def _series(inputs: Sequence[Path], out: TextIO) -> dict[str, list[tuple[Path, Dataset]]]:
+    groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    for path in _files(inputs):
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            groups[str(header.SeriesInstanceUID)].append((path, header))
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            print(f"skipped {path}: not a DICOM instance ({str(exc).splitlines()[0]})", file=out)
+    return groups
+
+
+def _job(series: str, headers: Sequence[Dataset], pipeline: Pipeline, model_version: str) -> Job:
+    now = time.time()
+    return Job(0, f"offline/{series}/{pipeline.name}", str(headers[0].StudyInstanceUID), series,
+               tuple(str(h.SOPInstanceUID) for h in headers), pipeline.name, pipeline.model, model_version, 1,
+               JobState.RUNNING, "", 1, now, "offline", now, now, now, now)
+
+
+class _Progress:
+    """A one-line bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.shown = total > 1 and stream.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.shown:
+            filled = round(30 * self.done / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            self.stream.write(f"\r[{bar}] {self.done}/{self.total} {label[:40]:<40}")
+            self.stream.flush()
+            if self.done == self.total:
+                self.stream.write("\n")
+
+
+OFFLINE_STEPS = (steps.check_scope, steps.prepare, steps.infer, steps.explain, steps.encode)
+Row = tuple[str, str, str, str, int, float]  # series, modality, pipeline, result, files, seconds
+
+
+def explain_files(settings: Settings, inputs: Sequence[Path], out_dir: Path, pipeline_name: str | None,
+                  out: TextIO) -> int:
+    """Run the pipelines on ``inputs`` and write the results under ``out_dir``; see the module."""
+    registry = ModelRegistry(settings.models.dir)
+    pipelines = settings.pipelines
+    if pipeline_name is not None:
+        pipelines = tuple(p for p in pipelines if p.name == pipeline_name)
+        if not pipelines:
+            names = [p.name for p in settings.pipelines]
+            raise ConfigError(f"--pipeline {pipeline_name!r}: expected one of {names}")
+    inference = settings.inference
+    runner = InferenceRunner(registry, inference.device, inference.batch_size, inference.bf16)
+    groups = _series(inputs, out)
+    local = dataclasses.replace(settings, node=dataclasses.replace(settings.node, data_dir=out_dir))
+    rows: list[Row] = []
+    progress = _Progress(len(groups))
+    for series, members in groups.items():
+        headers = [h for _, h in members]
+        modality = str(headers[0].get("Modality", ""))
+        chosen = route(_facts(headers), pipelines) if pipeline_name is None else None
+        if chosen is not None and not chosen.pipelines:
+            rows.append((series, modality, "-", "not routed: " + chosen.reason, 0, 0.0))
+        for pipeline in chosen.pipelines if chosen is not None else pipelines:
+            rows.append(_run(local, registry, runner, pipeline, series, members))
+        progress.step(series)
+    _summary(rows, out_dir, out)
+    return 1 if any(row[3].startswith("error") for row in rows) else 0
+
+
+def _facts(headers: Sequence[Dataset]) -> SeriesFacts:
+    first = headers[0]
+    return SeriesFacts(str(first.get("Modality", "")), str(first.get("BodyPartExamined", "") or ""),
+                       str(first.get("SeriesDescription", "") or ""), "", str(first.get("Manufacturer", "")),
+                       frozenset(str(h.SOPClassUID) for h in headers))
+
+
+def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, pipeline: Pipeline,
+         series: str, members: Sequence[tuple[Path, Dataset]]) -> Row:
+    """One series through one pipeline; its results written; its summary row."""
+    started = time.perf_counter()
+    headers = [h for _, h in members]
+    manifest = registry.manifest(pipeline.model)
+    job = _job(series, headers, pipeline, manifest.version)
+    ctx = steps.PipelineContext(job=job, settings=settings, store=None, runner=runner)  # type: ignore[arg-type]
+    try:
+        ctx.datasets = [dcmread(path) for path, _ in members]
+        for step in OFFLINE_STEPS:
+            step(ctx)
+        found = sorted({label for p in ctx.predictions for label in p.positives})
+        status = "analysed: " + (", ".join(found) or "no finding above threshold")
+    except PermanentError as exc:
+        status = f"not analysed: {exc}"
+        producer = Producer(pipeline.name, manifest, settings.node.ae_title)
+        reported = "sr" in pipeline.outputs
+        ctx.outputs = [not_analysed_report(ctx.datasets or headers, str(exc), producer)] if reported else []
+    except Exception as exc:  # a damaged file must not stop the other series
+        status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ctx.outputs = []
+    area = ResultArea(settings.node.data_dir)  # --out itself
+    for ds in ctx.outputs:
+        area.save(ds)
+    return (series, str(headers[0].get("Modality", "")), pipeline.name, status, len(ctx.outputs),
+            time.perf_counter() - started)
+
+
+def _summary(rows: list[Row], out_dir: Path, out: TextIO) -> None:
+    print(f"{'SERIES':<24} {'MOD':<4} {'PIPELINE':<10} {'FILES':>5} {'SECONDS':>8}  RESULT", file=out)
+    for series, modality, name, status, count, seconds in rows:
+        short = series if len(series) <= 24 else "…" + series[-23:]
+        print(f"{short:<24} {modality:<4} {name:<10} {count:>5} {seconds:>8.2f}  {status}", file=out)
+    print(f"{sum(r[4] for r in rows)} result file(s) in {out_dir}", file=out)
