@@ -72,7 +72,7 @@ def test_a_radiograph_series_is_read_preprocessed_and_inferred(
     timings: dict[str, float] = {}
     ctx = run(job_for(tuple(r.sop_instance_uid for r in records)), timings, settings=settings,
               store=store, steps=default_steps(), runner=_runner(tmp_path))
-    assert list(timings) == ["collect", "read", "preprocess", "inference", "explain", "encode", "store"]
+    assert list(timings) == ["collect", "read", "preprocess", "inference", "explain", "encode", "store", "outbox"]
     assert [p.sop_instance_uid for p in ctx.predictions] == [r.sop_instance_uid for r in records]
     assert all(set(p.probabilities) == {"nodule", "consolidation", "effusion", "cardiomegaly"}
                for p in ctx.predictions)
