@@ -4,10 +4,11 @@ CAM part: torchvision DenseNet121 (random weights, 14 labels, 224 px, ``features
 CheXNet-style model: the node's all-label Grad-CAM, Grad-CAM++, HiResCAM against pytorch-grad-cam
 looping over the labels and captum's LayerGradCam looping over the labels; one forward and one
 forward+backward as anchors. LIME part: the demo model (``models/demo-cxr``) on a phantom: the
-node's LIME-1000 (all 4 labels) against lime's LimeImageExplainer (batch 10 and 256, top 4
-labels, its own quickshift segmentation) and captum's Lime (perturbations_per_eval=256, one call
-per label, the node's superpixels); 1000 batched forward passes as the anchor. Same device for
-all; medians of ``--repeats`` runs after a warm-up (the slow baselines run once).
+node's LIME-1000 (all 4 labels, its SLIC superpixels and blurred background included) against
+lime's LimeImageExplainer (batch 10 and 256, top 4 labels, its own quickshift segmentation) and
+captum's Lime (perturbations_per_eval=256, one call per label, the node's superpixels); 1000
+batched forward passes as the anchor. Same device for all; medians of ``--repeats`` runs after a
+warm-up (the slow baselines run once).
 
 Usage: ``.venv/bin/python bench/explain.py [--device cpu|cuda] [--repeats 5]``
 """
@@ -25,7 +26,8 @@ from pytorch_grad_cam import GradCAMPlusPlus as RefGradCAMPlusPlus
 from pytorch_grad_cam import HiResCAM as RefHiResCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from dicom_node.explain import METHODS, lime, slic
+from dicom_node.explain import METHODS, slic
+from dicom_node.explain.lime import SEGMENTS, explain_lime
 from dicom_node.inference import ModelRegistry, preprocess
 from dicom_node.inference.architectures import BUILDERS
 from dicom_node.phantoms import render, to_dataset
@@ -97,7 +99,7 @@ def lime_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
     loaded = ModelRegistry(MODELS).load("demo-cxr", device)
     [item] = preprocess(to_dataset(render(7, 1024, findings={"nodule": True})), loaded.manifest.input)
     x = torch.from_numpy(item.array).to(device)
-    segments = slic(item.array[0], segments=64)
+    segments = slic(item.array[0], segments=SEGMENTS)  # what the node's LIME uses, for captum's Lime
     model = loaded.module
 
     def classify(images: np.ndarray) -> np.ndarray:
@@ -115,7 +117,7 @@ def lime_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
 
     rgb = np.repeat(item.array[0][..., None], 3, axis=2).astype(np.double)
     rows = [("1000 forward passes (the node's LIME batches)", timed(forwards, 1, device)),
-            ("node LIME-1000, 4 labels", timed(lambda: lime(model, x, segments, samples=1000), 1, device))]
+            ("node LIME-1000, 4 labels", timed(lambda: explain_lime(model, x, samples=1000), 1, device))]
     for batch in (10, 256):
         explainer = LimeImageExplainer(random_state=0)
         rows.append((f"lime LIME-1000, batch {batch}, top 4 labels", timed(

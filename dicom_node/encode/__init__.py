@@ -13,6 +13,7 @@ Every UID derives from the inputs, the model version and the method (:func:`.com
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 from pydicom import Dataset
 
 from dicom_node.encode.common import DISCLAIMER, Producer, derived_uid
@@ -49,9 +50,14 @@ def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction]
     results: list[Dataset] = []
     overlays: dict[tuple[str, int, str, str], Dataset] = {}
     if "sc" in outputs:
+        displays: dict[tuple[str, int], np.ndarray] = {}  # each frame decoded and windowed once
         for number, heatmap in enumerate(heatmaps, start=1):
+            source = by_uid[heatmap.sop_instance_uid]
+            frame = (heatmap.sop_instance_uid, heatmap.frame)
+            if frame not in displays:
+                displays[frame] = source_display(source, heatmap.frame)
             key = (heatmap.sop_instance_uid, heatmap.frame, heatmap.label, heatmap.method)
-            overlays[key] = secondary_capture(by_uid[heatmap.sop_instance_uid], heatmap, producer, number)
+            overlays[key] = secondary_capture(source, heatmap, producer, number, displays[frame])
         results += overlays.values()
     if "pm" in outputs:
         maps = [parametric_map(by_uid[h.sop_instance_uid], h, producer, n) for n, h in enumerate(heatmaps, 1)]

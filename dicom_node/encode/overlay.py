@@ -39,12 +39,15 @@ def source_display(source: Dataset, frame: int) -> np.ndarray:
 def render_overlay(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
     """``display`` (rows, columns, 3) with the heatmap, hot-region contour, legend and banner."""
     rows, columns = display.shape[:2]
-    values = np.clip(np.nan_to_num(heatmap.native_map.astype(np.float32)), 0, None)
+    values = np.nan_to_num(heatmap.native_map.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0, copy=False)
     top = float(values.max())
-    relative = values / top if top > 0 else values
-    colours = _colour_map((relative * 255).astype(np.uint8))
-    alpha = (BLEND * relative)[..., None]
-    image = (display * (1 - alpha) + colours * alpha).astype(np.uint8)
+    image = display.copy()
+    if top > 0:
+        shown = values > top / 255  # where the map adds colour; elsewhere the source stays as it is
+        relative = values[shown] / top
+        colours = _colour_map(np.round(relative * 255).astype(np.uint8)[:, None])[:, 0].astype(np.float32)
+        alpha = (BLEND * relative)[:, None]
+        image[shown] = np.round(display[shown] * (1 - alpha) + colours * alpha).astype(np.uint8)
     unit = max(1, round(min(rows, columns) / 500))  # line width and text scale follow the image size
     region = hot_region(heatmap.native_map)
     if region is not None:
@@ -116,13 +119,17 @@ def _legend(image: np.ndarray, unit: int, method: str) -> None:
                 scale, (255, 255, 255), unit, cv2.LINE_AA)
 
 
-def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, instance_number: int) -> Dataset:
+def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, instance_number: int,
+                      display: np.ndarray | None = None) -> Dataset:
     """The overlay of ``heatmap`` on ``source`` as a Secondary Capture Image in the source's study.
 
     One series per (source series, pipeline, method); the instance UID follows from the source
-    instance, frame, label and method, so a re-run replaces it.
+    instance, frame, label and method, so a re-run replaces it. ``display``: the frame's
+    :func:`source_display`, when the caller has it already.
     """
-    pixels = render_overlay(source_display(source, heatmap.frame), heatmap)
+    if display is None:
+        display = source_display(source, heatmap.frame)
+    pixels = render_overlay(display, heatmap)
     series = str(source.SeriesInstanceUID)
     method_name = METHOD_NAMES.get(heatmap.method, heatmap.method)
     ds = SCImage(
