@@ -98,6 +98,8 @@ class Node:
         self.steps = list(steps) if steps is not None else pipeline.default_steps()
         self.clock = clock
         self._stop = threading.Event()
+        self._export_due = threading.Event()  # set when a job has put results in the outbox
+        self._work_due = threading.Event()  # set when the scheduler has queued jobs
         self._threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
         self.ingest: IngestServer | None = None
@@ -115,7 +117,8 @@ class Node:
         policy = QueuePolicy(s.jobs.max_attempts, s.jobs.backoff_seconds,
                              s.jobs.max_backoff_seconds, s.jobs.lease_seconds)
         self.queue = JobQueue(self.backend, policy, clock=self.clock)
-        self.outbox = Outbox(s.node.data_dir / DATABASE_NAME, clock=self.clock)
+        self.outbox = Outbox(s.node.data_dir / DATABASE_NAME, clock=self.clock,
+                             on_enqueue=self._export_due.set)
         self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock)
         released = self.queue.release_running()
         if released:
@@ -134,7 +137,8 @@ class Node:
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
                              runner=inference, outbox=self.outbox)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
-            self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds))
+            self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
+                                               self._work_due))
 
     def _runners(self) -> list[InferenceRunner]:
         """One inference runner per worker, each on its device; a bad device is a config error."""
@@ -156,12 +160,18 @@ class Node:
         interval = tick_interval(self.settings.study.stable_seconds)
         while not self._stop.wait(interval):
             try:
-                self.scheduler.tick()
+                if self.scheduler.tick():
+                    self._work_due.set()
             except Exception:
                 logger.exception("scheduler tick failed; trying again")
 
     def _export_loop(self) -> None:
-        while not self._stop.wait(self.settings.export.poll_seconds):
+        """A pass when a job has enqueued results, and every ``export.poll_seconds`` for retries."""
+        while not self._stop.is_set():
+            self._export_due.wait(self.settings.export.poll_seconds)
+            self._export_due.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.exporter.send_due()
             except Exception:
@@ -172,6 +182,8 @@ class Node:
         rest, close."""
         s = self.settings
         self._stop.set()  # no new jobs from here on
+        self._export_due.set()
+        self._work_due.set()
         if self.ingest is not None:
             self.ingest.stop(s.ingest.shutdown_grace_seconds)
         deadline = time.monotonic() + s.workers.shutdown_grace_seconds

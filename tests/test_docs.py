@@ -48,3 +48,18 @@ def test_conformance_statement_lists_every_created_object() -> None:
 
     for code in QUALITY_CODES.values():
         assert f"| {code.value} | 99DCMNODE | {code.meaning} |" in text, code.meaning
+
+
+def test_the_readme_orthanc_config_and_the_default_node_config_point_at_each_other() -> None:
+    import json
+
+    from dicom_node.config import load_settings
+
+    repo = DOCS.parent
+    orthanc = json.loads((repo / "config" / "orthanc.json").read_text())
+    settings = load_settings(repo / "config" / "node.toml")
+    aet, host, port = orthanc["DicomModalities"]["xai"]
+    assert (aet, port) == (settings.node.ae_title, settings.node.port) and host == "127.0.0.1"
+    [pacs] = [d for d in settings.destinations if d.name == "pacs"]
+    assert (pacs.ae_title, pacs.port) == (orthanc["DicomAet"], orthanc["DicomPort"])
+    assert "config/orthanc.json" in (repo / "README.md").read_text()

@@ -103,11 +103,13 @@ class Result:
 class Outbox:
     """The outbox records; thread-safe. Policy (when to retry, when to give up) lives in the exporter."""
 
-    def __init__(self, database: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, database: Path, clock: Callable[[], float] = time.time,
+                 on_enqueue: Callable[[], None] | None = None) -> None:
         self._conn = connect(database)
         migrate(self._conn, "outbox", _MIGRATIONS)
         self._lock = threading.Lock()
         self.clock = clock
+        self.on_enqueue = on_enqueue  # wakes the exporter: a new result need not wait for its poll
 
     def close(self) -> None:
         self._conn.close()
@@ -138,6 +140,8 @@ class Outbox:
                                            r.study_instance_uid, str(r.path), job_id, DeliveryState.PENDING,
                                            now, now, now))
                     added += 1
+        if added and self.on_enqueue is not None:
+            self.on_enqueue()
         return added
 
     def due(self, limit: int = 500) -> list[OutboxRecord]:

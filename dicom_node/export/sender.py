@@ -6,11 +6,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from enum import Enum
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from dicom_node.config import Destination, ExportSettings
@@ -57,6 +58,9 @@ class Exporter:
         self.settings = settings
         self.ae_title = ae_title
         self.clock = clock
+        # Send result files as they are on disk (no decode and re-encode of a 12 MB overlay) when
+        # the destination accepted their transfer syntax; this process only ever sends results.
+        _config.STORE_SEND_CHUNKED_DATASET = True
 
     def send_due(self) -> int:
         """One pass: every due record, grouped per destination; returns how many were delivered."""
@@ -111,15 +115,16 @@ class Exporter:
 
     def _store(self, assoc: Association, name: str, record: OutboxRecord) -> int:
         try:
-            ds = dcmread(record.path)
+            response = assoc.send_c_store(Path(record.path))
         except (OSError, InvalidDicomError) as exc:
             self.outbox.dead(record.id, f"result file unreadable: {exc}")
             return 0
-        try:
-            response = assoc.send_c_store(ds)
-        except ValueError as exc:  # no accepted presentation context for its SOP class or syntax
-            self._failed(record, Outcome.PERMANENT, f"{name}: {exc}")
-            return 0
+        except ValueError:  # the file's transfer syntax was not accepted: let pynetdicom re-encode it
+            try:
+                response = assoc.send_c_store(dcmread(record.path))
+            except ValueError as exc:  # no accepted presentation context for its SOP class at all
+                self._failed(record, Outcome.PERMANENT, f"{name}: {exc}")
+                return 0
         status = int(response.Status) if "Status" in response else None
         outcome = classify(status)
         if outcome is Outcome.DELIVERED:

@@ -73,8 +73,10 @@ class Worker:
             except Exception:
                 logger.exception("job %d: heartbeat failed; trying again", job_id)
 
-    def run_until(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
-        """Run jobs until ``stop`` is set; the job in hand is finished first."""
+    def run_until(self, stop: threading.Event, poll_seconds: float = 1.0,
+                  wake: threading.Event | None = None) -> None:
+        """Run jobs until ``stop`` is set; the job in hand is finished first. With nothing to do,
+        wait ``poll_seconds``, or until ``wake`` is set (new jobs were queued)."""
         while not stop.is_set():
             try:
                 ran = self.run_once()
@@ -82,4 +84,8 @@ class Worker:
                 logger.exception("worker %s: unexpected error; continuing", self.name)
                 ran = None
             if ran is None:
-                stop.wait(poll_seconds)
+                if wake is None:
+                    stop.wait(poll_seconds)
+                else:
+                    wake.wait(poll_seconds)
+                    wake.clear()

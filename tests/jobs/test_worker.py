@@ -109,3 +109,25 @@ def test_a_failing_heartbeat_is_retried_and_the_lease_kept() -> None:
     job = Worker(queue, runner, "w").run_once()
     assert len(calls) >= 4  # beating went on after the error
     assert job is not None and job.state == JobState.DONE
+
+
+def test_a_waiting_worker_wakes_for_new_work_without_waiting_its_poll() -> None:
+    queue = JobQueue(MemoryJobBackend(), POLICY)
+    stop, wake, done = threading.Event(), threading.Event(), threading.Event()
+
+    def runner(job: Job, timings: dict[str, float]) -> None:
+        done.set()
+
+    thread = threading.Thread(target=Worker(queue, runner, "w").run_until, args=(stop, 60.0, wake))
+    thread.start()
+    try:
+        time.sleep(0.2)  # the worker found nothing and waits (60 s poll)
+        queue.enqueue(JobSpec("1.2", "1.2.3", ("1.2.3.4",), pipeline="p", model="m", model_version="1"))
+        started = time.monotonic()
+        wake.set()
+        assert done.wait(10) and time.monotonic() - started < 5
+    finally:
+        stop.set()
+        wake.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
