@@ -157,3 +157,42 @@ def test_jobs_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert f"requeued 1 job(s): {failed.id}" in capsys.readouterr().out
     assert main(["jobs", "requeue", str(failed.id), "--config", str(config)]) == 1
     assert "only failed, dead or done jobs" in capsys.readouterr().err
+
+
+EXPLAIN_CONFIG = """
+[models]
+dir = "{models}"
+[[pipelines]]
+name = "chest"
+model = "demo-cxr"
+match = {{ modality = ["CR", "DX"] }}
+explain = ["gradcam"]
+outputs = ["sc", "sr"]
+"""
+
+
+def test_explain_runs_the_pipeline_on_files_without_a_network(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.phantoms import write_study
+    from dicom_node.phantoms.cross_section import cross_section
+
+    config = tmp_path / "node.toml"
+    config.write_text(EXPLAIN_CONFIG.format(models=Path(__file__).resolve().parents[1] / "models"))
+    inputs = tmp_path / "in"
+    write_study(inputs / "cr", 1, seed=3_000_002, size=256, findings={"nodule": True})
+    piece = cross_section(3, "CT", size=64)
+    piece.dataset.save_as(inputs / "ct.dcm", enforce_file_format=True)
+    (inputs / "notes.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    assert main(["explain", str(inputs), "--out", str(out), "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "notes.txt" in printed
+    assert "analysed: nodule" in printed and "not routed" in printed
+    written = [dcmread(p) for p in out.rglob("*.dcm")]
+    assert sorted(ds.Modality for ds in written) == ["OT", "SR"]  # the nodule's overlay and the report
+    assert main(["explain", str(inputs / "ct.dcm"), "--out", str(out), "--pipeline", "chest",
+                 "--config", str(config)]) == 0  # forced onto a chest X-ray model
+    assert "not analysed: model demo-cxr is meant for modalities" in capsys.readouterr().out
+    reports = [ds for ds in map(dcmread, out.rglob("*.dcm")) if ds.StudyInstanceUID == piece.dataset.StudyInstanceUID]
+    assert [ds.SeriesDescription for ds in reports] == ["AI not analysed demo-cxr 2.0.0"]
+    assert main(["explain", str(inputs), "--out", str(out), "--pipeline", "nope", "--config", str(config)]) == 2

@@ -151,3 +151,22 @@ def test_positive_labels_are_explained_with_provenance_and_quality(
     written = sorted(p.name for p in (settings.node.data_dir / "results").rglob("*.dcm"))
     assert written == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in ctx.outputs)
     assert {o["sop_instance_uid"] for o in ctx.summary()["outputs"]} == {ds.SOPInstanceUID for ds in ctx.outputs}
+
+
+def test_results_go_to_send_to_and_back_to_a_calling_ae_that_is_a_destination(settings: Settings) -> None:
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dicom_node.config import Destination, Pipeline
+    from dicom_node.pipeline import PipelineContext, destinations
+
+    pacs = Destination("pacs", "ORTHANC", "127.0.0.1", 4242)
+    viewer = Destination("viewer", "WORKSTATION", "127.0.0.1", 104)
+    for reply, expected in ((False, ["pacs"]), (True, ["pacs", "viewer"])):
+        pipeline = Pipeline(name="p", model="m", send_to=("pacs",), reply_to_caller=reply)
+        configured = dataclasses.replace(settings, destinations=(pacs, viewer), pipelines=(pipeline,))
+        ctx = PipelineContext(job=job_for(("1.2.3",)), settings=configured, store=None)  # type: ignore[arg-type]
+        ctx.instances = [SimpleNamespace(calling_ae_title="WORKSTATION")]  # type: ignore[list-item]
+        assert destinations(ctx) == expected
+        ctx.instances = [SimpleNamespace(calling_ae_title="ORTHANC")]  # type: ignore[list-item]
+        assert destinations(ctx) == ["pacs"]  # already a destination: sent once
