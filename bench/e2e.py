@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pydicom
 
 from dicom_node.phantoms import write_study
-from tests.nodeproc import REPO, NodeProcess
+from tests.nodeproc import NodeProcess, pacs_config
 from tests.orthanc import Orthanc
 from tests.peers.test_dcmtk import run_storescu
 
@@ -33,29 +33,7 @@ STABLE = 0.5
 
 
 def config(pacs_port: int, explain: str) -> str:
-    return f"""
-[models]
-dir = "{REPO / 'models'}"
-[study]
-stable_seconds = {STABLE}
-[workers]
-count = 1
-poll_seconds = 0.05
-[export]
-poll_seconds = 0.05
-[[destinations]]
-name = "pacs"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs_port}
-[[pipelines]]
-name = "chest"
-model = "demo-cxr"
-match = {{ modality = ["CR"] }}
-explain = {explain}
-outputs = ["sc", "sr"]
-send_to = ["pacs"]
-"""
+    return pacs_config(pacs_port, explain, stable_seconds=STABLE, export="poll_seconds = 1")
 
 
 def sr_in(pacs: Orthanc, study_uid: str) -> bool:

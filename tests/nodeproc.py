@@ -29,6 +29,42 @@ level = "INFO"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pacs_config(pacs_port: int, explain: str = '["gradcam"]', pacs_aet: str = "ORTHANC",
+                stable_seconds: float = 0.5, export: str = "") -> str:
+    """Config for a node with the demo model that sends SC and SR of CR/DX series to a PACS, and
+    routes CT series to the same model (which cannot analyse them: a "not analysed" SR)."""
+    return f"""
+[models]
+dir = "{REPO / 'models'}"
+[study]
+stable_seconds = {stable_seconds}
+[workers]
+count = 1
+poll_seconds = 0.1
+[export]
+{export}
+[[destinations]]
+name = "pacs"
+ae_title = "{pacs_aet}"
+host = "127.0.0.1"
+port = {pacs_port}
+[[pipelines]]
+name = "chest"
+model = "demo-cxr"
+match = {{ modality = ["CR", "DX"] }}
+explain = {explain}
+lime_samples = 1000
+outputs = ["sc", "sr"]
+send_to = ["pacs"]
+[[pipelines]]
+name = "ct-to-chest"
+model = "demo-cxr"
+match = {{ modality = ["CT"] }}
+outputs = ["sc", "sr"]
+send_to = ["pacs"]
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,11 +10,10 @@ or MR Image, VOI LUT, SOP Common.
 from dataclasses import dataclass
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, MRImageStorage
 
-from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.phantoms.dataset import MANUFACTURER, STUDY_DATE, STUDY_TIME, phantom_uid
+from dicom_node.phantoms.dataset import MANUFACTURER, STUDY_DATE, STUDY_TIME, add_file_meta, phantom_uid
 
 SPACING_MM = 0.8
 THICKNESS_MM = 5.0
@@ -89,10 +88,5 @@ def cross_section(seed: int, modality: str = "CT", size: int = 256, position: in
         ds.MRAcquisitionType, ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "2D", 500, 15, 1
         ds.WindowCenter, ds.WindowWidth = 500, 1000
     ds.PixelData = stored.astype("<u2").tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    add_file_meta(ds)
     return Slice(ds, lesion)

@@ -174,13 +174,18 @@ def to_dataset(ph: Phantom, *, modality: str = "CR", photometric: str = "MONOCHR
     _image(ds, ph, photometric, bits_stored, instance_number)
     if modality == "DX":
         _dx_modules(ds, photometric)
+    add_file_meta(ds)
+    return ds
+
+
+def add_file_meta(ds: Dataset) -> None:
+    """File Meta Information for ``ds`` in Explicit VR Little Endian, naming this implementation."""
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    return ds
 
 
 def write_study(folder: Path, count: int, seed: int, *, size: int = 2048,

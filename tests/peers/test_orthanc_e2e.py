@@ -19,7 +19,7 @@ from dicom_node.phantoms import write_study
 from dicom_node.phantoms.cross_section import cross_section
 from tests.conftest import require_tool
 from tests.jobs.test_crash import wait_for
-from tests.nodeproc import REPO, NodeProcess
+from tests.nodeproc import REPO, NodeProcess, pacs_config
 from tests.orthanc import Orthanc
 from tests.peers.test_dcmtk import run_storescu
 
@@ -27,42 +27,15 @@ pytestmark = pytest.mark.peers
 KNOWN_FALSE_POSITIVE = "Missing attribute Type 2C Conditional Element=<Laterality> Module=<GeneralSeries>"
 
 
-def node_config(pacs_port: int, pacs_aet: str = "ORTHANC", lime: bool = False) -> str:
-    explain = '["gradcam", "lime"]' if lime else '["gradcam"]'
-    return f"""
-[models]
-dir = "{REPO / 'models'}"
-[study]
-stable_seconds = 0.5
-[workers]
-count = 1
-poll_seconds = 0.1
-[export]
-backoff_seconds = 0.3
+EXPORT = """backoff_seconds = 0.3
 max_backoff_seconds = 1
 max_attempts = 2
 poll_seconds = 0.2
-timeout_seconds = 10
-[[destinations]]
-name = "pacs"
-ae_title = "{pacs_aet}"
-host = "127.0.0.1"
-port = {pacs_port}
-[[pipelines]]
-name = "chest"
-model = "demo-cxr"
-match = {{ modality = ["CR", "DX"] }}
-explain = {explain}
-lime_samples = 300
-outputs = ["sc", "sr"]
-send_to = ["pacs"]
-[[pipelines]]
-name = "ct-to-chest"
-model = "demo-cxr"
-match = {{ modality = ["CT"] }}
-outputs = ["sc", "sr"]
-send_to = ["pacs"]
-"""
+timeout_seconds = 10"""
+
+
+def node_config(pacs_port: int, pacs_aet: str = "ORTHANC", lime: bool = False) -> str:
+    return pacs_config(pacs_port, '["gradcam", "lime"]' if lime else '["gradcam"]', pacs_aet, export=EXPORT)
 
 
 @pytest.fixture
