@@ -72,12 +72,14 @@ def explain_frame(
     heatmaps = []
     for k, label in enumerate(labels):
         baselines = [random_map(size, size, seed + k, loaded.device), sobel_map(x)]
-        for method, stack in maps.items():
-            quality = _quality(loaded, x, stack[k], baselines, index[k], method, quality_steps)
-            if "gradcam" in maps and "lime" in maps and method == "lime":
-                quality["rank_agreement_gradcam"] = rank_agreement(
-                    maps["gradcam"][k].cpu().numpy(), stack[k].cpu().numpy())
-            model_map = stack[k].cpu().numpy()
+        stack = torch.stack([m[k] for m in maps.values()] + baselines)  # one batched pass per label
+        deletion, insertion = deletion_insertion(module, x, stack, index[k], steps=quality_steps)
+        for j, (method, method_maps) in enumerate(maps.items()):
+            model_map = method_maps[k].cpu().numpy()
+            quality = _quality(loaded, x, method_maps[k], index[k], method, deletion, insertion, j)
+            if "gradcam" in maps and method == "lime":
+                gradcam = maps["gradcam"][k].cpu().numpy()
+                quality["rank_agreement_gradcam"] = rank_agreement(gradcam, model_map)
             heatmaps.append(Heatmap(
                 item.sop_instance_uid, item.frame, label, prediction.probabilities[label], method,
                 "superpixels" if method == "lime" else manifest.cam_layer, manifest.name,
@@ -86,14 +88,14 @@ def explain_frame(
     return heatmaps
 
 
-def _quality(loaded: LoadedModel, x: torch.Tensor, explanation: torch.Tensor, baselines: list[torch.Tensor],
-             label: int, method: str, steps: int) -> dict[str, float]:
-    stack = torch.stack([explanation, *baselines])
-    deletion, insertion = deletion_insertion(loaded.module, x, stack, label, steps=steps)
+def _quality(loaded: LoadedModel, x: torch.Tensor, explanation: torch.Tensor, label: int, method: str,
+             deletion: np.ndarray, insertion: np.ndarray, row: int) -> dict[str, float]:
+    """Figures of one map: its row of the label's deletion/insertion pass (whose last two rows are
+    the random and edge baselines), sparseness, and stability for the CAM family."""
     figures = {
-        "deletion_auc": float(deletion[0]), "insertion_auc": float(insertion[0]),
-        "deletion_auc_random": float(deletion[1]), "insertion_auc_random": float(insertion[1]),
-        "deletion_auc_edges": float(deletion[2]), "insertion_auc_edges": float(insertion[2]),
+        "deletion_auc": float(deletion[row]), "insertion_auc": float(insertion[row]),
+        "deletion_auc_random": float(deletion[-2]), "insertion_auc_random": float(insertion[-2]),
+        "deletion_auc_edges": float(deletion[-1]), "insertion_auc_edges": float(insertion[-1]),
         "sparseness": sparseness(explanation.cpu().numpy()),
     }
     if method in METHODS:
