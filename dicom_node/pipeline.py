@@ -45,6 +45,7 @@ class PipelineContext:
     outputs: list[Dataset] = field(default_factory=list)
     outbox: Outbox | None = None
     saved: list[Result] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # finer than the steps: decode, each method
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""
@@ -113,7 +114,7 @@ def check_scope(ctx: PipelineContext) -> None:
 def prepare(ctx: PipelineContext) -> None:
     """Decode every instance and turn its frames into model input (a bad one fails the job)."""
     spec = ctx.model().input
-    ctx.inputs = [item for ds in ctx.datasets for item in preprocess(ds, spec)]
+    ctx.inputs = [item for ds in ctx.datasets for item in preprocess(ds, spec, ctx.timings)]
 
 
 def infer(ctx: PipelineContext) -> None:
@@ -134,7 +135,7 @@ def explain(ctx: PipelineContext) -> None:
         labels = labels_to_explain(prediction, config.explain_labels)
         if labels:
             ctx.heatmaps += explain_frame(loaded, item, prediction, labels, config.explain, seed,
-                                          lime_samples=config.lime_samples)
+                                          lime_samples=config.lime_samples, timings=ctx.timings)
 
 
 def encode(ctx: PipelineContext) -> None:
@@ -205,7 +206,8 @@ def run(
     A step that fails permanently once the instances are collected (wrong modality, undecodable
     pixels, ...) leaves a "not analysed" SR for the PACS, then fails the job with the reason.
     """
-    ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox)
+    ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox,
+                          timings=timings)
     for name, step in steps:
         started = time.perf_counter()
         try:
@@ -217,5 +219,6 @@ def run(
                 logger.exception("job %s: the 'not analysed' report could not be made", job.id)
             raise
         finally:
-            timings[name] = round(time.perf_counter() - started, 6)
+            timings[name] = time.perf_counter() - started
+            timings.update({key: round(value, 6) for key, value in timings.items()})
     return ctx

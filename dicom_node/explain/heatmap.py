@@ -1,6 +1,7 @@
 """Heatmaps with their provenance and quality figures: what the explain step hands to encoding."""
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,20 +57,27 @@ def study_seed(uid: str) -> int:
 def explain_frame(
     loaded: LoadedModel, item: Preprocessed, prediction: Prediction, labels: Sequence[str],
     methods: Sequence[str], seed: int, quality_steps: int = 16, lime_samples: int = 1000,
+    timings: dict[str, float] | None = None,
 ) -> list[Heatmap]:
-    """Every method's map of every label for one frame, with its quality figures."""
+    """Every method's map of every label for one frame, with its quality figures; the seconds each
+    method and the quality figures took are added to ``timings`` (``explain.<method>``,
+    ``quality``) when given."""
+    spent = timings if timings is not None else {}
     manifest, module = loaded.manifest, loaded.module
     index = [manifest.label_names.index(label) for label in labels]
     x = torch.from_numpy(item.array).to(loaded.device)
     maps: dict[str, torch.Tensor] = {}
     for method in methods:
+        started = time.perf_counter()
         if method == "lime":
             result = explain_lime(module, x, samples=lime_samples, seed=seed)
             maps[method] = torch.from_numpy(result.maps()[index]).float().to(loaded.device)
         else:
             maps[method] = METHODS[method](manifest.cam_layer)(module, x[None], index).maps[0]
+        spent[f"explain.{method}"] = spent.get(f"explain.{method}", 0.0) + time.perf_counter() - started
     size = item.array.shape[-1]
     heatmaps = []
+    started = time.perf_counter()
     for k, label in enumerate(labels):
         baselines = [random_map(size, size, seed + k, loaded.device), sobel_map(x)]
         stack = torch.stack([m[k] for m in maps.values()] + baselines)  # one batched pass per label
@@ -85,6 +93,7 @@ def explain_frame(
                 "superpixels" if method == "lime" else manifest.cam_layer, manifest.name,
                 manifest.version, manifest.sha256, model_map, item.map.warp_to_source(model_map), quality,
             ))
+    spent["quality"] = spent.get("quality", 0.0) + time.perf_counter() - started
     return heatmaps
 
 

@@ -10,6 +10,7 @@ Coordinates are continuous: pixel ``(row i, column j)`` covers ``[j, j+1) x [i, 
 image's top-left corner is ``(0, 0)`` and its bottom-right corner ``(columns, rows)``.
 """
 
+import time
 from dataclasses import dataclass
 
 import cv2
@@ -156,8 +157,9 @@ def normalise(square: np.ndarray, convention: str) -> np.ndarray:
     return np.ascontiguousarray(square.transpose(2, 0, 1), dtype=np.float32)
 
 
-def preprocess(ds: Dataset, spec: InputSpec) -> list[Preprocessed]:
-    """Every frame the manifest's multi-frame policy selects, ready for the model.
+def preprocess(ds: Dataset, spec: InputSpec, timings: dict[str, float] | None = None) -> list[Preprocessed]:
+    """Every frame the manifest's multi-frame policy selects, ready for the model; the seconds
+    spent decoding are added to ``timings["decode"]`` when given.
 
     Raises
     ------
@@ -167,7 +169,11 @@ def preprocess(ds: Dataset, spec: InputSpec) -> list[Preprocessed]:
     """
     out = []
     for frame in _frames(ds, spec.multiframe):
-        unit, window, source = to_unit(ds, decode_frame(ds, frame), frame, spec)
+        started = time.perf_counter()
+        raw = decode_frame(ds, frame)
+        if timings is not None:
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
+        unit, window, source = to_unit(ds, raw, frame, spec)
         square, mapping = letterbox(_channels(unit, spec.channels), spec.size)
         out.append(Preprocessed(normalise(square, spec.normalization), mapping,
                                 str(ds.SOPInstanceUID), frame, window, source))
