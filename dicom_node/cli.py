@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 the operation failed (a peer refused, say), 2 bad usage
 """
 
 import argparse
+import json
 import logging
 import re
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dicom_node import __version__
+from dicom_node.audit import append_event, study_history
 from dicom_node.config import DEFAULT_CONFIG, ENV_CONFIG, Settings, load_settings, parse_assignment
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.jobs.queue import Job, JobError, JobQueue, JobState
@@ -79,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--pipeline",
                          help="run this pipeline on every series (default: route as serve does)")
 
+    audit = commands.add_parser("audit", parents=[common], help="the audit trail of a study")
+    audit.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    audit.add_argument("--json", action="store_true", help="print the events as JSON lines")
+
     models = commands.add_parser("models", help="the model repository")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_commands.add_parser("list", parents=[common], help="the models and their manifests")
@@ -116,6 +122,8 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
             return models_command(settings, args.models_command, sys.stdout)
         if args.command == "outbox":
             return outbox_command(settings, args, sys.stdout)
+        if args.command == "audit":
+            return audit_command(settings, args.study, args.json, sys.stdout)
         if args.command == "explain":
             from dicom_node.offline import explain_files
 
@@ -176,6 +184,10 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
             return 0
         requeued = queue.requeue_failed() if args.failed else [queue.requeue(args.id)]
         logger.info("operator requeued job(s) %s", [j.id for j in requeued])
+        for job in requeued:
+            append_event(settings.node.data_dir / "audit", "operator_requeued_job", actor="cli",
+                         job=job.id, study_instance_uid=job.study_instance_uid,
+                         series_instance_uid=job.series_instance_uid)
         print(f"requeued {len(requeued)} job(s): {' '.join(str(j.id) for j in requeued)}", file=out)
         return 0
     finally:
@@ -207,12 +219,31 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
             return 0
         ids = [r.id for r in outbox.list(DeliveryState.DEAD, 100_000)] if args.dead else [args.id]
         for record_id in ids:
-            outbox.retry(record_id)
+            record = outbox.retry(record_id)
+            append_event(settings.node.data_dir / "audit", "operator_retried_result", actor="cli",
+                         outbox_record=record.id, study_instance_uid=record.study_instance_uid,
+                         sop_instance_uid=record.sop_instance_uid, destination=record.destination)
         logger.info("operator asked to send outbox record(s) %s again", ids)
         print(f"{len(ids)} record(s) pending again: {' '.join(map(str, ids))}", file=out)
         return 0
     finally:
         outbox.close()
+
+
+def audit_command(settings: Settings, study: str, as_json: bool, out: TextIO) -> int:
+    """``dicom-node audit --study UID``: every event of one study, oldest first."""
+    events = study_history(settings.node.data_dir / "audit", study)
+    if not events:
+        print(f"no audit events for study {study}", file=out)
+        return 1
+    for event in events:
+        if as_json:
+            print(json.dumps(event), file=out)
+            continue
+        shown = {k: v for k, v in event.items() if k not in ("time", "event", "study_instance_uid")}
+        details = "  ".join(f"{k}={v}" for k, v in shown.items())
+        print(f"{event['time']}  {event['event']:<22} {details}", file=out)
+    return 0
 
 
 def models_command(settings: Settings, action: str, out: TextIO) -> int:

@@ -205,6 +205,14 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: the append-only audit trail under ``data_dir/audit``."""
+
+    max_bytes: ByteSize = field(default=ByteSize(10 * 2**20), metadata=_check(_positive))
+    backups: int = field(default=10, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     """``[logging]``: what the node prints to stderr."""
 
@@ -289,6 +297,7 @@ class Settings:
     workers: WorkersSettings = WorkersSettings()
     web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings = AuditSettings()
     destinations: tuple[Destination, ...] = ()
     pipelines: tuple[Pipeline, ...] = ()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dicom_node import pipeline
+from dicom_node.audit import AuditTrail
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
 from dicom_node.export import Exporter, Outbox
@@ -111,6 +112,8 @@ class Node:
         check_models(s, self.registry)
         runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
+        self.audit = AuditTrail(s.node.data_dir / "audit", s.audit.max_bytes, s.audit.backups,
+                                clock=self.clock)
         self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock)
         self.store.recover()
         self.backend = SQLiteJobBackend(s.node.data_dir / DATABASE_NAME)
@@ -119,12 +122,13 @@ class Node:
         self.queue = JobQueue(self.backend, policy, clock=self.clock)
         self.outbox = Outbox(s.node.data_dir / DATABASE_NAME, clock=self.clock,
                              on_enqueue=self._export_due.set)
-        self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock)
+        self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock,
+                                 audit=self.audit)
         released = self.queue.release_running()
         if released:
             logger.warning("%d job(s) interrupted by the last stop are queued again", released)
         try:
-            self.ingest = start_ingest(s, self.store)
+            self.ingest = start_ingest(s, self.store, self.audit)
         except OSError as exc:
             self._close(clean=True)
             raise ConfigError(f"{s.source}: cannot listen on node.bind = {s.node.bind!r}, "
@@ -135,7 +139,7 @@ class Node:
         self._spawn("exporter", self._export_loop)
         for i, inference in enumerate(runners):
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
-                             runner=inference, outbox=self.outbox)
+                             runner=inference, outbox=self.outbox, audit=self.audit)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))
@@ -199,6 +203,7 @@ class Node:
     def _close(self, clean: bool) -> None:
         self.backend.close()
         self.outbox.close()
+        self.audit.close()
         self.store.close(clean_shutdown=clean)
         if self._lock_fd is not None:
             os.close(self._lock_fd)

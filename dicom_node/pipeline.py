@@ -16,6 +16,7 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 
+from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Pipeline, Settings
 from dicom_node.encode import Producer, encode_results, not_analysed_report
 from dicom_node.errors import PermanentError
@@ -200,6 +201,7 @@ def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any
 def run(
     job: Job, timings: dict[str, float], *, settings: Settings, store: InstanceStore,
     steps: Sequence[tuple[str, Step]], runner: InferenceRunner | None = None, outbox: Outbox | None = None,
+    audit: Audit = NO_AUDIT,
 ) -> PipelineContext:
     """Run ``steps`` for ``job``, recording each step's seconds in ``timings`` as it ends.
 
@@ -208,6 +210,27 @@ def run(
     """
     ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox,
                           timings=timings)
+    where = {"job": job.id, "study_instance_uid": job.study_instance_uid,
+             "series_instance_uid": job.series_instance_uid, "pipeline": job.pipeline}
+    audit.record("job_started", **where, model=job.model, model_version=job.model_version,
+                 instances=len(job.instance_uids))
+    try:
+        _run_steps(ctx, steps, timings)
+    except Exception as exc:
+        audit.record("job_failed", **where, reason=str(exc)[:500],
+                     outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs])
+        raise
+    manifest = ctx.model() if ctx.runner is not None else None
+    config = ctx.pipeline()
+    audit.record("job_finished", **where, model=job.model, model_version=manifest.version if manifest else "",
+                 weights_sha256=manifest.sha256 if manifest else "",
+                 methods=list(config.explain) if config else [],
+                 positives=sorted({label for p in ctx.predictions for label in p.positives}),
+                 outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs])
+    return ctx
+
+
+def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings: dict[str, float]) -> None:
     for name, step in steps:
         started = time.perf_counter()
         try:
@@ -216,9 +239,8 @@ def run(
             try:
                 report_not_analysed(ctx, str(exc))
             except Exception:
-                logger.exception("job %s: the 'not analysed' report could not be made", job.id)
+                logger.exception("job %s: the 'not analysed' report could not be made", ctx.job.id)
             raise
         finally:
             timings[name] = time.perf_counter() - started
             timings.update({key: round(value, 6) for key, value in timings.items()})
-    return ctx

@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Destination, ExportSettings
 from dicom_node.export.outbox import Outbox, OutboxRecord
 
@@ -52,12 +53,13 @@ class Exporter:
     """Delivers outbox records to the configured destinations."""
 
     def __init__(self, outbox: Outbox, destinations: Sequence[Destination], settings: ExportSettings,
-                 ae_title: str, clock: Callable[[], float] = time.time) -> None:
+                 ae_title: str, clock: Callable[[], float] = time.time, audit: Audit | None = None) -> None:
         self.outbox = outbox
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
         self.ae_title = ae_title
         self.clock = clock
+        self.audit = audit or NO_AUDIT
         # Send result files as they are on disk (no decode and re-encode of a 12 MB overlay) when
         # the destination accepted their transfer syntax; this process only ever sends results.
         _config.STORE_SEND_CHUNKED_DATASET = True
@@ -76,6 +78,7 @@ class Exporter:
     def _failed(self, record: OutboxRecord, outcome: Outcome, reason: str) -> None:
         if outcome is Outcome.PERMANENT and record.attempts + 1 >= self.settings.max_attempts:
             self.outbox.dead(record.id, reason)
+            self._audit("result_dead", record, reason=reason)
             logger.error("result %s to %s is dead after %d attempts: %s", record.sop_instance_uid,
                          record.destination, record.attempts + 1, reason)
         else:
@@ -83,11 +86,18 @@ class Exporter:
             logger.warning("result %s to %s not delivered (attempt %d), will retry: %s",
                            record.sop_instance_uid, record.destination, record.attempts + 1, reason)
 
+    def _audit(self, event: str, record: OutboxRecord, **fields: str) -> None:
+        self.audit.record(event, study_instance_uid=record.study_instance_uid,
+                          sop_instance_uid=record.sop_instance_uid, sop_class_uid=record.sop_class_uid,
+                          destination=record.destination, job=record.job_id, attempts=record.attempts + 1,
+                          **fields)
+
     def _send(self, name: str, records: list[OutboxRecord]) -> int:
         destination = self.destinations.get(name)
         if destination is None:
             for record in records:
                 self.outbox.dead(record.id, f"destination {name!r} is not configured")
+                self._audit("result_dead", record, reason=f"destination {name!r} is not configured")
             return 0
         ae = AE(ae_title=self.ae_title)
         timeout = self.settings.timeout_seconds
@@ -118,6 +128,7 @@ class Exporter:
             response = assoc.send_c_store(Path(record.path))
         except (OSError, InvalidDicomError) as exc:
             self.outbox.dead(record.id, f"result file unreadable: {exc}")
+            self._audit("result_dead", record, reason=f"result file unreadable: {exc}")
             return 0
         except ValueError:  # the file's transfer syntax was not accepted: let pynetdicom re-encode it
             try:
@@ -132,6 +143,7 @@ class Exporter:
             if note:
                 logger.warning("result %s to %s stored with %s", record.sop_instance_uid, name, note)
             self.outbox.delivered(record.id, note)
+            self._audit("result_delivered", record, status=f"0x{status or 0:04X}")
             return 1
         comment = f": {response.ErrorComment}" if "ErrorComment" in response else ""
         reason = "no response (timeout or abort)" if status is None else f"status 0x{status:04X}{comment}"

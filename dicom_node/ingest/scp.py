@@ -34,6 +34,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Settings
 from dicom_node.ingest.policy import AssociationPolicy
 from dicom_node.ingest.status import EchoStatus, StoreStatus
@@ -85,16 +86,18 @@ def handle_echo(event: Event) -> int:
     return int(EchoStatus.SUCCESS)
 
 
-def handle_store(event: Event, store: InstanceStore, max_instance_size: int) -> int | Dataset:
+def handle_store(
+    event: Event, store: InstanceStore, max_instance_size: int, audit: Audit = NO_AUDIT
+) -> int | Dataset:
     """C-STORE: store the data set durably and index it before answering success."""
     try:
-        return _store(event, store, max_instance_size)
+        return _store(event, store, max_instance_size, audit)
     except Exception as exc:  # never let pynetdicom answer 0xC211 without a reason
         logger.exception("C-STORE failed unexpectedly")
         return failure(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
 
 
-def _store(event: Event, store: InstanceStore, max_instance_size: int) -> int | Dataset:
+def _store(event: Event, store: InstanceStore, max_instance_size: int, audit: Audit) -> int | Dataset:
     request = cast(C_STORE, event.request)
     calling = event.assoc.requestor.ae_title.strip()
     sop_uid = str(request.AffectedSOPInstanceUID or "")
@@ -119,7 +122,7 @@ def _store(event: Event, store: InstanceStore, max_instance_size: int) -> int | 
             return _refuse(exc, sop_uid, calling)
         except StorageError as exc:
             return _storage_failure(exc, sop_uid, calling)
-    return _commit(store, staged, request, calling)
+    return _commit(store, staged, request, calling, audit)
 
 
 def _storage_failure(exc: StorageError, sop_uid: str, calling: str) -> Dataset:
@@ -154,7 +157,8 @@ def _mismatch(staged: StagedInstance, request: object) -> Dataset | None:
     return None
 
 
-def _commit(store: InstanceStore, staged: StagedInstance, request: object, calling: str) -> int | Dataset:
+def _commit(store: InstanceStore, staged: StagedInstance, request: object, calling: str,
+            audit: Audit) -> int | Dataset:
     committed = False
     try:
         refusal = _mismatch(staged, request)
@@ -172,10 +176,20 @@ def _commit(store: InstanceStore, staged: StagedInstance, request: object, calli
     logger.debug(
         "stored %s (series %s) from %s", record.sop_instance_uid, record.series_instance_uid, calling
     )
+    audit.record("instance_stored", study_instance_uid=record.study_instance_uid,
+                 series_instance_uid=record.series_instance_uid, sop_instance_uid=record.sop_instance_uid,
+                 sop_class_uid=record.sop_class_uid, calling_ae_title=calling)
     return int(StoreStatus.SUCCESS)
 
 
-def handle_requested(event: Event, policy: AssociationPolicy) -> None:
+def handle_accepted(event: Event, audit: Audit) -> None:
+    """A-ASSOCIATE-AC sent: recorded in the audit trail."""
+    requestor = event.assoc.requestor
+    audit.record("association_accepted", calling_ae_title=requestor.ae_title.strip(),
+                 address=requestor.address)
+
+
+def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_AUDIT) -> None:
     """A-ASSOCIATE-RQ: apply the association policy; reject with the proper reason."""
     assoc = event.assoc
     primitive = assoc.requestor.primitive
@@ -187,6 +201,8 @@ def handle_requested(event: Event, policy: AssociationPolicy) -> None:
     if rejection is not None:
         logger.warning("rejected association from %s@%s: %s", calling.strip(), address,
                        rejection.description)
+        audit.record("association_rejected", calling_ae_title=calling.strip(), called_ae_title=called.strip(),
+                     address=address, reason=rejection.description)
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ has gone out
         # and the peer closed, or the socket would be shut before the PDU is sent.
@@ -241,7 +257,7 @@ class IngestServer:
             assoc.join(timeout=30)
 
 
-def start_ingest(settings: Settings, store: InstanceStore) -> IngestServer:
+def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUDIT) -> IngestServer:
     """Wire the handlers and start the SCP in background threads."""
     ae = build_ae(settings)
     policy = AssociationPolicy(
@@ -250,9 +266,10 @@ def start_ingest(settings: Settings, store: InstanceStore) -> IngestServer:
         max_associations=settings.ingest.max_associations,
     )
     handlers: list[Any] = [
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
+        (evt.EVT_REQUESTED, handle_requested, [policy, audit]),
+        (evt.EVT_ACCEPTED, handle_accepted, [audit]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store, settings.ingest.max_instance_size]),
+        (evt.EVT_C_STORE, handle_store, [store, settings.ingest.max_instance_size, audit]),
     ]
     server = ae.start_server(
         (settings.node.bind, settings.node.port), block=False, evt_handlers=handlers

@@ -176,6 +176,20 @@ def test_a_node_killed_mid_pipeline_delivers_every_result_once(tmp_path: Path, o
             records = delivered(again)
     assert sorted(arrived) == sorted(uid for uid, _, _ in records)
     assert all(attempts == 1 for _, _, attempts in records)  # each sent once
+    # the study's audit trail shows every step, from before the kill and after the restart
+    shown = subprocess.run([sys.executable, "-m", "dicom_node", "audit", "--study", uid, "--json",
+                            "--config", str(node.config)], capture_output=True, text=True, timeout=60,
+                           check=True, cwd=REPO).stdout
+    events = [json.loads(line) for line in shown.splitlines()]
+    names = [e["event"] for e in events]
+    assert names.count("instance_stored") == len(cr)
+    assert names.count("job_started") == 2 and names.count("job_finished") == 1  # killed, then again
+    finished = next(e for e in events if e["event"] == "job_finished")
+    assert finished["weights_sha256"] and finished["methods"] == ["gradcam", "lime"]
+    assert sorted(finished["outputs"]) == sorted(arrived)
+    assert sorted(e["sop_instance_uid"] for e in events if e["event"] == "result_delivered") == sorted(arrived)
+    trail = "".join(p.read_text() for p in (node.data_dir / "audit").glob("*.jsonl"))
+    assert "association_accepted" in trail and "PHANTOM" not in trail  # UIDs only, no patient name or ID
 
 
 def test_a_destination_that_rejects_us_ends_dead_and_the_cli_says_why(tmp_path: Path, orthanc_program: str) -> None:

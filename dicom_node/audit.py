@@ -1,0 +1,112 @@
+"""The audit trail: append-only JSON lines saying what happened to which study, when, by whom.
+
+One event per association accepted or rejected, instance stored, job started and finished
+(model, version, weights sha256, methods, output UIDs), result delivered or dead, and operator
+action (CLI or web). UIDs, AE titles and addresses only: never patient names or IDs. Files live in
+``data_dir/audit/``: ``audit.jsonl`` is written, and rotated by size to ``audit.1.jsonl`` ...
+``audit.<backups>.jsonl`` (oldest dropped). Each line is flushed as it is written; the trail is
+read back across the rotated files, oldest first, so it survives restarts.
+"""
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+#: The fields that place an event in a study's history.
+STUDY = "study_instance_uid"
+
+
+class Audit(Protocol):
+    def record(self, event: str, **fields: Any) -> None: ...
+
+
+class NoAudit:
+    """For code run without a node (tests, ``dicom-node explain``): records nothing."""
+
+    def record(self, event: str, **fields: Any) -> None:
+        return None
+
+
+#: The shared do-nothing trail (it holds no state).
+NO_AUDIT = NoAudit()
+
+
+class AuditTrail:
+    """The node's audit trail in ``folder``; thread-safe, shared by every part of the node."""
+
+    def __init__(self, folder: Path, max_bytes: int = 10 << 20, backups: int = 10,
+                 clock: Callable[[], float] = time.time) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.max_bytes, self.backups, self.clock = folder, max_bytes, backups, clock
+        self.path = folder / "audit.jsonl"
+        self._lock = threading.Lock()
+        self._file = self.path.open("a", encoding="utf-8")
+        if self._file.tell() > 0 and _last_byte(self.path) != b"\n":
+            self._file.write("\n")  # end a line cut by a crash, so the next event starts clean
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append one event: its time (UTC, ISO 8601), its name, and ``fields``."""
+        line = _line(self.clock(), event, fields)
+        with self._lock:
+            if self._file.tell() + len(line) > self.max_bytes and self._file.tell() > 0:
+                self._rotate()
+            self._file.write(line)
+            self._file.flush()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for n in range(self.backups - 1, 0, -1):
+            older = self.folder / f"audit.{n}.jsonl"
+            if older.exists():
+                os.replace(older, self.folder / f"audit.{n + 1}.jsonl")
+        if self.backups > 0:
+            os.replace(self.path, self.folder / "audit.1.jsonl")
+        else:
+            self.path.unlink()
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def _line(now: float, event: str, fields: dict[str, Any]) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return json.dumps({"time": stamp, "event": event, **fields}, default=str) + "\n"
+
+
+def append_event(folder: Path, event: str, **fields: Any) -> None:
+    """One event from another process (an operator's CLI command): appended in one write, never
+    rotating (the node rotates); small appends to a local file do not interleave."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "audit.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(_line(time.time(), event, fields))
+
+
+def read_events(folder: Path) -> Iterator[dict[str, Any]]:
+    """Every event in ``folder``, oldest first (rotated files first); damaged lines are skipped."""
+    rotated = sorted(folder.glob("audit.*.jsonl"), key=lambda p: int(p.name.split(".")[1]), reverse=True)
+    for path in [*rotated, folder / "audit.jsonl"]:
+        if not path.exists():
+            continue
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+
+
+def study_history(folder: Path, study_uid: str) -> list[dict[str, Any]]:
+    """The events of one study, oldest first."""
+    return [e for e in read_events(folder) if e.get(STUDY) == study_uid]
