@@ -25,3 +25,4 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every attribute it copies
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its invalid-value warnings quote the value

@@ -28,6 +28,7 @@ from dicom_node.jobs.sqlite import SQLiteJobBackend
 from dicom_node.jobs.worker import Worker
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
+from dicom_node.store.results import ResultArea
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class Node:
                                 clock=self.clock)
         self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock)
         self.store.recover()
+        ResultArea(s.node.data_dir / "results").remove_temporaries()
         self.backend = SQLiteJobBackend(s.node.data_dir / DATABASE_NAME)
         policy = QueuePolicy(s.jobs.max_attempts, s.jobs.backoff_seconds,
                              s.jobs.max_backoff_seconds, s.jobs.lease_seconds)
@@ -177,7 +179,7 @@ class Node:
             if self._stop.is_set():
                 return
             try:
-                self.exporter.send_due()
+                self.exporter.send_due(self._stop)
             except Exception:
                 logger.exception("export pass failed; trying again")
 

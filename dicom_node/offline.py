@@ -132,14 +132,21 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
     except PermanentError as exc:
         status = f"not analysed: {exc}"
         producer = Producer(pipeline.name, manifest, settings.node.ae_title)
-        reported = "sr" in pipeline.outputs
-        ctx.outputs = [not_analysed_report(ctx.datasets or headers, str(exc), producer)] if reported else []
+        if "sr" not in pipeline.outputs:
+            status = f"error: {status} (and no 'sr' output to report it)"
+        try:
+            ctx.outputs = [not_analysed_report(ctx.datasets or headers, str(exc), producer)] \
+                if "sr" in pipeline.outputs else []
+        except Exception as report_exc:
+            status, ctx.outputs = f"error: {status}; the report failed ({type(report_exc).__name__})", []
     except Exception as exc:  # a damaged file must not stop the other series
-        status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ctx.outputs = []
+        status, ctx.outputs = f"error: {type(exc).__name__}", []
     area = ResultArea(settings.node.data_dir)  # --out itself
-    for ds in ctx.outputs:
-        area.save(ds)
+    try:
+        for ds in ctx.outputs:
+            area.save(ds)
+    except OSError as exc:
+        status = f"error: writing the results failed: {exc.strerror or exc}"
     return (series, str(headers[0].get("Modality", "")), pipeline.name, status, len(ctx.outputs),
             time.perf_counter() - started)
 

@@ -145,8 +145,14 @@ def encode(ctx: PipelineContext) -> None:
     if config is None or not config.outputs:
         return
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
-    ctx.outputs = encode_results(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
-                                 config.explain)
+    try:
+        ctx.outputs = encode_results(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
+                                     config.explain)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # the source lacks or garbles what an object needs; the message may quote header values,
+        # so only its type goes into the job's reason (and the "not analysed" report)
+        reason = f"the results could not be encoded from this series ({type(exc).__name__})"
+        raise PermanentError(reason) from None
 
 
 def store_results(ctx: PipelineContext) -> None:

@@ -23,13 +23,15 @@ from dicom_node.encode.pmap import parametric_map
 from dicom_node.encode.region import HotRegion, hot_region
 from dicom_node.encode.seg import segmentation
 from dicom_node.encode.sr import measurement_report, not_analysed_report
+from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.inference.runner import Prediction
 
 OUTPUTS = ("sc", "sr", "seg", "pm", "gsps")
 
 __all__ = [
-    "DISCLAIMER", "OUTPUTS", "HotRegion", "Producer", "derived_uid", "encode_results", "hot_region",
+    "DISCLAIMER", "OUTPUTS", "HotRegion", "Producer", "clean_source", "derived_uid", "encode_results",
+    "hot_region",
     "measurement_report", "not_analysed_report", "parametric_map", "presentation_state", "render_overlay",
     "secondary_capture", "segmentation", "source_display",
 ]
@@ -46,7 +48,8 @@ def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction]
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
         raise ValueError(f"outputs: unknown {unknown}, expected some of {list(OUTPUTS)}")
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    originals = {str(ds.SOPInstanceUID): ds for ds in sources}  # their decoded pixels are reused
+    by_uid = originals  # each builder writes from a cleaned copy (encode.study.clean_source)
     results: list[Dataset] = []
     overlays: dict[tuple[str, int, str, str], Dataset] = {}
     if "sc" in outputs:
@@ -55,7 +58,7 @@ def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction]
             source = by_uid[heatmap.sop_instance_uid]
             frame = (heatmap.sop_instance_uid, heatmap.frame)
             if frame not in displays:
-                displays[frame] = source_display(source, heatmap.frame)
+                displays[frame] = source_display(originals[heatmap.sop_instance_uid], heatmap.frame)
             key = (heatmap.sop_instance_uid, heatmap.frame, heatmap.label, heatmap.method)
             overlays[key] = secondary_capture(source, heatmap, producer, number, displays[frame])
         results += overlays.values()

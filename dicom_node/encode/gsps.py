@@ -8,6 +8,7 @@ from pydicom import Dataset
 
 from dicom_node.encode.common import DISCLAIMER_TEXT, METHOD_NAMES, Producer
 from dicom_node.encode.region import hot_region
+from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 
 
@@ -20,6 +21,7 @@ def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: P
         return None
     method, frame = kept[0][0].method, kept[0][0].frame
     method_name = METHOD_NAMES.get(method, method)
+    source = clean_source(source)
     layer = hd.pr.GraphicLayer(layer_name="AI", order=1, description=DISCLAIMER_TEXT[:64])
     graphics, texts = [], [hd.pr.TextObject(
         DISCLAIMER_TEXT, units="DISPLAY", bounding_box=(0.02, 0.01, 0.98, 0.05))]
@@ -44,6 +46,11 @@ def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: P
         device_serial_number=producer.station, content_label="AI_HOT_REGIONS",
         content_description=f"AI {method_name} hot regions, unverified"[:64],
         graphic_annotations=[annotation], graphic_layers=[layer],
+        # a presentation state overrides the image's photometric interpretation: keep MONOCHROME1
+        # sources the way round their own viewers show them
+        presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape=(
+            hd.PresentationLUTShapeValues.INVERSE if source.get("PhotometricInterpretation") == "MONOCHROME1"
+            else hd.PresentationLUTShapeValues.IDENTITY)),
     )
     ds.SeriesDescription = producer.description("hot regions GSPS", method)
     ds.StationName = producer.station[:16]

@@ -19,7 +19,7 @@ from dicom_node.encode.common import (
     source_reference,
 )
 from dicom_node.encode.region import hot_region
-from dicom_node.encode.study import orientation, patient_and_study, pixel_spacing
+from dicom_node.encode.study import clean_source, orientation, patient_and_study, pixel_spacing
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.inference.manifest import InputSpec
 from dicom_node.inference.preprocess import decode_frame, to_unit
@@ -129,6 +129,7 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
     """
     if display is None:
         display = source_display(source, heatmap.frame)
+    source = clean_source(source)
     pixels = render_overlay(display, heatmap)
     series = str(source.SeriesInstanceUID)
     method_name = METHOD_NAMES.get(heatmap.method, heatmap.method)
@@ -140,10 +141,11 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
         sop_instance_uid=producer.instance_uid("sc", series, heatmap.method, source.SOPInstanceUID,
                                                str(heatmap.frame), heatmap.label),
         instance_number=instance_number, manufacturer=producer.manufacturer,
-        pixel_spacing=pixel_spacing(source), patient_orientation=orientation(source),
+        pixel_spacing=pixel_spacing(source), patient_orientation=orientation(source) or ("L", "F"),
         laterality=source.get("Laterality") or None,
         **patient_and_study(source),
     )
+    ds.PatientOrientation = list(orientation(source) or [])  # unknown stays empty (Type 2C), not guessed
     ds.SeriesDescription = producer.description("overlay", heatmap.method)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "YES"

@@ -10,6 +10,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.encode.common import METHOD_CODES, METHOD_NAMES, UNITLESS, Producer, mark_derived
+from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 
 
@@ -24,6 +25,7 @@ def parametric_map(source: Dataset, heatmap: Heatmap, producer: Producer,
     if not has_frame_of_reference(source) or int(source.get("NumberOfFrames", 1) or 1) > 1:
         return None
     values = np.nan_to_num(heatmap.native_map.astype(np.float32))
+    source = clean_source(source)
     method_name = METHOD_NAMES.get(heatmap.method, heatmap.method)
     low, high = float(values.min()), float(values.max())
     mapping = hd.pm.RealWorldValueMapping(

@@ -57,6 +57,11 @@ def _ellipse(mask: np.ndarray) -> np.ndarray:
     values, vectors = np.linalg.eigh(covariance + np.eye(2) / 12)  # + a pixel's own spread
     semi = 2 * np.sqrt(values)  # a uniform ellipse with semi-axis a has variance a^2 / 4
     minor, major = vectors[:, 0] * semi[0], vectors[:, 1] * semi[1]
-    ends = np.array([centre - major, centre + major, centre - minor, centre + minor])
     height, width = mask.shape
-    return np.clip(ends, [0, 0], [width, height])
+    # an ellipse reaching past the image is shrunk about its centre (clipping its end points would
+    # leave axes that no longer bisect each other: not an ellipse)
+    reach = np.abs(np.stack([major, minor]))
+    room = np.array([[min(centre[0], width - centre[0]), min(centre[1], height - centre[1])]])
+    scale = float(np.min(np.where(reach > 0, room / np.maximum(reach, 1e-9), np.inf), initial=1.0))
+    major, minor = major * min(1.0, scale), minor * min(1.0, scale)
+    return np.array([centre - major, centre + major, centre - minor, centre + minor])

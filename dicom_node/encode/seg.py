@@ -11,7 +11,7 @@ from pydicom import Dataset
 from dicom_node import __version__
 from dicom_node.encode.common import METHOD_NAMES, Producer, mark_derived
 from dicom_node.encode.region import hot_region
-from dicom_node.encode.study import orientation
+from dicom_node.encode.study import clean_source, orientation
 from dicom_node.explain.heatmap import Heatmap
 
 ABNORMAL = CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
@@ -37,6 +37,7 @@ def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Produce
     if not kept:
         return None
     method, frame = kept[0][0].method, kept[0][0].frame
+    source = clean_source(source)
     series = str(source.SeriesInstanceUID)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -66,8 +67,8 @@ def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Produce
         device_serial_number=producer.station, content_label="AI_HOT_REGION",
         content_description=f"AI {METHOD_NAMES.get(method, method)} hot regions, unverified"[:64],
     )
-    if "FrameOfReferenceUID" not in source:  # a radiograph: the SEG's own orientation (Type 2C)
-        ds.PatientOrientation = list(orientation(source))
+    if "FrameOfReferenceUID" not in source:  # a radiograph: the source's orientation (Type 2C)
+        ds.PatientOrientation = list(orientation(source) or [])
     ds.SeriesDescription = producer.description("hot regions", method)
     mark_derived(ds, [source], producer, f"{METHOD_NAMES.get(method, method)} maps thresholded at half "
                  "their maximum, the connected part holding the maximum")

@@ -11,6 +11,7 @@ A series that was routed but could not be analysed gets a report saying so and w
 (:func:`not_analysed_report`), so that silence never means "normal".
 """
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -32,6 +33,7 @@ from dicom_node.encode.common import (
     Producer,
 )
 from dicom_node.encode.region import hot_region
+from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.inference.runner import Prediction
 
@@ -95,7 +97,8 @@ def _group(source: Dataset, prediction: Prediction, label: str, heatmaps: Sequen
         measurements += _quality(heatmap)
     evaluation = [hd.sr.QualitativeEvaluation(
         finding, PRESENT if probability >= producer.threshold(label) else ABSENT)]
-    region = hot_region(heatmaps[0].native_map) if heatmaps else None
+    present = probability >= producer.threshold(label)
+    region = hot_region(heatmaps[0].native_map) if heatmaps and present else None  # no ellipse for Absent
     group: Group
     if region is None:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -140,6 +143,7 @@ def measurement_report(
         The pipeline's explanation methods, listed in the algorithm's parameters.
     """
     overlays = overlays or {}
+    sources = [clean_source(ds) for ds in sources]
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     algorithm_id = algorithm(producer, methods)
     groups = []
@@ -151,13 +155,23 @@ def measurement_report(
             groups.append(_group(source, prediction, label, explained, overlays, producer, algorithm_id))
     content = hd.sr.MeasurementReport(
         observation_context=_observation_context(producer), procedure_reported=IMAGING_PROCEDURE,
-        imaging_measurements=groups, referenced_images=list(sources))
+        imaging_measurements=groups, referenced_images=_library(sources))
     return _document(sources, [*sources, *overlays.values()], content, producer, "sr")
+
+
+def _library(sources: Sequence[Dataset]) -> list[Dataset] | None:
+    """The Image Library's entries: highdicom describes a radiograph by its Patient Orientation
+    and Imager Pixel Spacing, so one without them is left out (it is still the evidence and each
+    group's source image); None when no source qualifies."""
+    kept = [ds for ds in sources if "ImageOrientationPatient" in ds
+            or (ds.get("PatientOrientation") and "ImagerPixelSpacing" in ds)]
+    return kept or None
 
 
 def not_analysed_report(sources: Sequence[Dataset], reason: str,
                         producer: Producer) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report stating that the series was routed to the model but not analysed, and why."""
+    sources = [clean_source(ds) for ds in sources]
     source = sources[0]
     series = str(source.SeriesInstanceUID)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -172,17 +186,19 @@ def not_analysed_report(sources: Sequence[Dataset], reason: str,
         COMMENT, f"{NOT_ANALYSED.meaning}: {reason}"[:1024], relationship_type="CONTAINS"))
     content = hd.sr.MeasurementReport(
         observation_context=_observation_context(producer), procedure_reported=IMAGING_PROCEDURE,
-        imaging_measurements=[group], referenced_images=list(sources))
+        imaging_measurements=[group], referenced_images=_library(sources))
     return _document(sources, list(sources), content, producer, "not_analysed")
 
 
 def _document(sources: Sequence[Dataset], evidence: Sequence[Dataset], content: hd.sr.MeasurementReport,
               producer: Producer, kind: str) -> hd.sr.Comprehensive3DSR:
     series = str(sources[0].SeriesInstanceUID)
+    # the report depends on every instance of the series: a changed series is a new report
+    analysed = hashlib.sha256("/".join(sorted(str(ds.SOPInstanceUID) for ds in sources)).encode()).hexdigest()
     ds = hd.sr.Comprehensive3DSR(
         evidence=list(evidence), content=content[0], series_instance_uid=producer.series_uid(kind, series),
         series_number=producer.series_number(kind),
-        sop_instance_uid=producer.instance_uid(kind, series, "report"), instance_number=1,
+        sop_instance_uid=producer.instance_uid(kind, series, "report", analysed[:32]), instance_number=1,
         manufacturer=producer.manufacturer, is_complete=True, is_final=False, is_verified=False,
     )
     what = "not analysed" if kind == "not_analysed" else "findings"

@@ -134,8 +134,8 @@ class Outbox:
                 for destination in destinations:
                     row = conn.execute("SELECT job_id FROM outbox WHERE sop_instance_uid = ? "
                                        "AND destination = ?", (r.sop_instance_uid, destination)).fetchone()
-                    if row is not None and row[0] == job_id:
-                        continue  # the same job ran again (after a crash): keep what was done
+                    if row is not None and row[0] >= job_id:
+                        continue  # the same job again (after a crash) keeps what was done; an older one loses
                     conn.execute(_UPSERT, (r.sop_instance_uid, destination, r.sop_class_uid,
                                            r.study_instance_uid, str(r.path), job_id, DeliveryState.PENDING,
                                            now, now, now))
@@ -152,18 +152,21 @@ class Outbox:
                 (DeliveryState.PENDING, self.clock(), limit)).fetchall()
         return [_record(row) for row in rows]
 
-    def delivered(self, record_id: int, note: str = "") -> None:
+    def delivered(self, record: OutboxRecord, note: str = "") -> bool:
+        """Mark ``record`` (as it was read) delivered; False if it changed meanwhile (a newer job
+        or an operator reset it), in which case the newer state stands and it is sent again."""
         now = self.clock()
-        self._update("state = ?, attempts = attempts + 1, reason = ?, delivered_at = ?, updated_at = ?",
-                     (DeliveryState.DELIVERED, note, now, now), record_id)
+        return self._update(
+            "state = ?, attempts = attempts + 1, reason = ?, delivered_at = ?, updated_at = ?",
+            (DeliveryState.DELIVERED, note, now, now), record)
 
-    def retry_later(self, record_id: int, reason: str, not_before: float) -> None:
-        self._update("attempts = attempts + 1, reason = ?, not_before = ?, updated_at = ?",
-                     (reason, not_before, self.clock()), record_id)
+    def retry_later(self, record: OutboxRecord, reason: str, not_before: float) -> bool:
+        return self._update("attempts = attempts + 1, reason = ?, not_before = ?, updated_at = ?",
+                            (reason, not_before, self.clock()), record)
 
-    def dead(self, record_id: int, reason: str) -> None:
-        self._update("state = ?, attempts = attempts + 1, reason = ?, updated_at = ?",
-                     (DeliveryState.DEAD, reason, self.clock()), record_id)
+    def dead(self, record: OutboxRecord, reason: str) -> bool:
+        return self._update("state = ?, attempts = attempts + 1, reason = ?, updated_at = ?",
+                            (DeliveryState.DEAD, reason, self.clock()), record)
 
     def retry(self, record_id: int) -> OutboxRecord:
         """Send a dead or delivered record again, now (an operator's action)."""
@@ -200,9 +203,13 @@ class Outbox:
             rows = self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
         return {state: count for state, count in rows}
 
-    def _update(self, assignments: str, values: tuple, record_id: int) -> None:
+    def _update(self, assignments: str, values: tuple, record: OutboxRecord) -> bool:
         with self._transaction() as conn:
-            conn.execute(f"UPDATE outbox SET {assignments} WHERE id = ?", (*values, record_id))
+            cursor = conn.execute(
+                f"UPDATE outbox SET {assignments} "
+                "WHERE id = ? AND job_id = ? AND updated_at = ? AND state = ?",
+                (*values, record.id, record.job_id, record.updated_at, record.state))
+        return cursor.rowcount == 1
 
 
 def _record(row: tuple) -> OutboxRecord:

@@ -2,6 +2,7 @@
 response (PS3.4 B.2.3 statuses; PS3.8 A-ASSOCIATE-RJ results)."""
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -14,14 +15,15 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Destination, ExportSettings
 from dicom_node.export.outbox import Outbox, OutboxRecord
 
 logger = logging.getLogger(__name__)
 
-#: Warning statuses of C-STORE: the destination kept the instance (PS3.4 B.2.3, GG.4).
-WARNINGS = frozenset({0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
+#: Warning statuses of C-STORE outside 0xBxxx: the destination kept the instance (PS3.4 B.2.3).
+WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 
 
 class Outcome(Enum):
@@ -34,12 +36,15 @@ def classify(status: int | None) -> Outcome:
     """What a C-STORE response status means for the record (None: no response at all)."""
     if status is None or 0xA700 <= status <= 0xA7FF:  # timeout/abort, or out of resources
         return Outcome.TRANSIENT
-    if status == 0x0000 or status in WARNINGS:
+    if status == 0x0000 or status in WARNINGS or 0xB000 <= status <= 0xBFFF:  # every 0xBxxx is a warning
         return Outcome.DELIVERED
     return Outcome.PERMANENT  # 0xA9xx, 0xCxxx, 0x01xx failures: the data or the request is wrong
 
 
 def _association_failure(assoc: Association) -> tuple[Outcome, str]:
+    accepted = assoc.acceptor.primitive is not None and assoc.acceptor.primitive.result == 0x00
+    if accepted and not assoc.is_rejected:  # accepted, then aborted by pynetdicom: no context fits
+        return Outcome.PERMANENT, "the destination accepted none of the results' SOP classes"
     if assoc.is_rejected and assoc.acceptor.primitive is not None:
         primitive = assoc.acceptor.primitive
         result, source, reason = primitive.result, primitive.result_source, primitive.diagnostic
@@ -47,6 +52,12 @@ def _association_failure(assoc: Association) -> tuple[Outcome, str]:
                f"{primitive.reason_str})"
         return (Outcome.PERMANENT if result == 0x01 else Outcome.TRANSIENT), text
     return Outcome.TRANSIENT, "no association (connection refused, aborted or timed out)"
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A peer's Error Comment, cut to its VR's 64 characters, printable ASCII only (some PACS echo
+    identifiers there; it goes into records and logs)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
 class Exporter:
@@ -64,25 +75,34 @@ class Exporter:
         # the destination accepted their transfer syntax; this process only ever sends results.
         _config.STORE_SEND_CHUNKED_DATASET = True
 
-    def send_due(self) -> int:
-        """One pass: every due record, grouped per destination; returns how many were delivered."""
+    def send_due(self, stop: threading.Event | None = None) -> int:
+        """One pass: every due record, grouped per destination; returns how many were delivered.
+        With ``stop`` set, the pass ends after the record in hand (the rest stay pending)."""
         groups: dict[str, list[OutboxRecord]] = defaultdict(list)
         for record in self.outbox.due():
             groups[record.destination].append(record)
-        return sum(self._send(name, records) for name, records in groups.items())
+        delivered = 0
+        for name, records in groups.items():
+            if stop is not None and stop.is_set():
+                break
+            try:
+                delivered += self._send(name, records, stop)
+            except Exception:  # one destination's trouble must not hold up the others
+                logger.exception("export to %s failed unexpectedly", name)
+        return delivered
 
     def _backoff(self, attempts: int) -> float:
         s = self.settings
-        return self.clock() + min(s.max_backoff_seconds, s.backoff_seconds * 2 ** attempts)
+        return self.clock() + min(s.max_backoff_seconds, s.backoff_seconds * 2 ** min(attempts, 30))
 
     def _failed(self, record: OutboxRecord, outcome: Outcome, reason: str) -> None:
         if outcome is Outcome.PERMANENT and record.attempts + 1 >= self.settings.max_attempts:
-            self.outbox.dead(record.id, reason)
-            self._audit("result_dead", record, reason=reason)
+            if self.outbox.dead(record, reason):
+                self._audit("result_dead", record, reason=reason)
             logger.error("result %s to %s is dead after %d attempts: %s", record.sop_instance_uid,
                          record.destination, record.attempts + 1, reason)
         else:
-            self.outbox.retry_later(record.id, reason, self._backoff(record.attempts))
+            self.outbox.retry_later(record, reason, self._backoff(record.attempts))
             logger.warning("result %s to %s not delivered (attempt %d), will retry: %s",
                            record.sop_instance_uid, record.destination, record.attempts + 1, reason)
 
@@ -92,14 +112,16 @@ class Exporter:
                           destination=record.destination, job=record.job_id, attempts=record.attempts + 1,
                           **fields)
 
-    def _send(self, name: str, records: list[OutboxRecord]) -> int:
+    def _send(self, name: str, records: list[OutboxRecord], stop: threading.Event | None) -> int:
         destination = self.destinations.get(name)
         if destination is None:
             for record in records:
-                self.outbox.dead(record.id, f"destination {name!r} is not configured")
-                self._audit("result_dead", record, reason=f"destination {name!r} is not configured")
+                if self.outbox.dead(record, f"destination {name!r} is not configured"):
+                    self._audit("result_dead", record, reason=f"destination {name!r} is not configured")
             return 0
         ae = AE(ae_title=self.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         timeout = self.settings.timeout_seconds
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         for sop_class in sorted({r.sop_class_uid for r in records})[:128]:
@@ -114,10 +136,16 @@ class Exporter:
         delivered = 0
         try:
             for record in records:
+                if stop is not None and stop.is_set():
+                    break  # the node is stopping: the rest stay pending
                 if not assoc.is_established:
                     self._failed(record, Outcome.TRANSIENT, f"{name}: association lost")
                     continue
-                delivered += self._store(assoc, name, record)
+                try:
+                    delivered += self._store(assoc, name, record)
+                except Exception as exc:  # e.g. a damaged result file: this record, not the pass
+                    logger.exception("result %s to %s: unexpected error", record.sop_instance_uid, name)
+                    self._failed(record, Outcome.PERMANENT, f"{name}: {type(exc).__name__}: {exc}"[:500])
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -127,8 +155,7 @@ class Exporter:
         try:
             response = assoc.send_c_store(Path(record.path))
         except (OSError, InvalidDicomError) as exc:
-            self.outbox.dead(record.id, f"result file unreadable: {exc}")
-            self._audit("result_dead", record, reason=f"result file unreadable: {exc}")
+            self._failed(record, Outcome.PERMANENT, f"result file unreadable: {exc}")
             return 0
         except ValueError:  # the file's transfer syntax was not accepted: let pynetdicom re-encode it
             try:
@@ -142,10 +169,11 @@ class Exporter:
             note = "" if status == 0 else f"warning 0x{status:04X}"
             if note:
                 logger.warning("result %s to %s stored with %s", record.sop_instance_uid, name, note)
-            self.outbox.delivered(record.id, note)
+            if not self.outbox.delivered(record, note):
+                return 0  # reset by a newer job meanwhile: it goes again with the new content
             self._audit("result_delivered", record, status=f"0x{status or 0:04X}")
             return 1
-        comment = f": {response.ErrorComment}" if "ErrorComment" in response else ""
+        comment = f": {_printable(str(response.ErrorComment))}" if "ErrorComment" in response else ""
         reason = "no response (timeout or abort)" if status is None else f"status 0x{status:04X}{comment}"
         self._failed(record, outcome, f"{name}: {reason}")
         return 0

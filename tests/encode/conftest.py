@@ -17,7 +17,7 @@ from dicom_node.phantoms import render, to_dataset
 from dicom_node.phantoms.cross_section import cross_section
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-KINDS = ("CR", "DX", "CT", "MR")
+KINDS = ("CR", "DX", "CT", "MR", "CR-odd")
 
 
 @dataclass
@@ -34,10 +34,14 @@ def producer() -> Producer:
 
 
 def make_case(kind: str, producer: Producer, methods: tuple[str, ...] = ("gradcam",)) -> Case:
-    if kind in ("CR", "DX"):
+    if kind in ("CR", "DX", "CR-odd"):
         phantom = render(11, 256, findings={"nodule": True})
-        source = to_dataset(phantom, modality=kind, photometric="MONOCHROME1" if kind == "CR" else "MONOCHROME2")
+        modality = kind[:2]
+        source = to_dataset(phantom, modality=modality, photometric="MONOCHROME2" if kind == "DX" else "MONOCHROME1")
         lesion = phantom.masks["nodule"]
+        if kind == "CR-odd":  # what peers send: no orientation, values a writer must not copy
+            del source.PatientOrientation
+            source.PatientSex, source.PatientBirthDate, source.StudyTime = "m", "1980-01-01", "9:30"
     else:
         piece = cross_section(5, kind, size=128)
         source, lesion = piece.dataset, piece.lesion

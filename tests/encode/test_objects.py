@@ -54,7 +54,7 @@ def test_every_object_passes_dciodvfy_strict_pydicom_and_sr_readers(tmp_path: Pa
     dsr2html = require_tool("dsr2html", "dcmtk")
     case = make_case(kind, producer, methods=("gradcam", "lime"))
     objects = encode_results([case.source], case.predictions, case.heatmaps, producer, ALL, ["gradcam", "lime"])
-    expected = set(ALL) - ({"pm"} if kind in ("CR", "DX") else set())  # no Frame of Reference, no PM
+    expected = set(ALL) - ({"pm"} if kind[:2] in ("CR", "DX") else set())  # no Frame of Reference, no PM
     assert _kinds(objects) == expected
     objects.append(not_analysed_report([case.source], "photometric interpretation 'YBR_FULL' is not supported",
                                        producer))
@@ -79,6 +79,9 @@ def test_outputs_are_marked_ai_generated_and_join_the_source_study(producer: Pro
     for ds in encode_results([case.source], case.predictions, case.heatmaps, producer, ALL, ["gradcam"]):
         assert ds.StudyInstanceUID == case.source.StudyInstanceUID
         assert ds.PatientID == case.source.PatientID
+        if kind == "CR-odd":  # invalid values are left empty, never copied; orientation never guessed
+            assert not ds.get("PatientSex") and not ds.get("PatientBirthDate")
+            assert not ds.get("StudyTime") and not ds.get("PatientOrientation")
         assert ds.SeriesInstanceUID != case.source.SeriesInstanceUID
         assert ds.Manufacturer == MANUFACTURER  # never routed back into a model
         assert ds.SeriesDescription.startswith("AI ") and "demo-cxr" in ds.SeriesDescription

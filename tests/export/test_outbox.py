@@ -161,12 +161,43 @@ def test_the_same_job_again_keeps_deliveries_and_a_new_job_sends_again(tmp_path:
     assert exporter.outbox.counts() == {"delivered": 2}
 
 
-def test_a_missing_file_or_destination_is_dead_at_once(tmp_path: Path, peer: Peer) -> None:
+def test_a_missing_destination_is_dead_at_once_and_a_missing_file_after_its_attempts(
+        tmp_path: Path, peer: Peer) -> None:
     clock = Clock()
     exporter = _exporter(tmp_path, peer.port, clock)
     [result] = _results(tmp_path, 1)
     result.path.unlink()
     exporter.outbox.enqueue(1, [result], ["pacs", "gone"])
     exporter.send_due()
+    [gone] = exporter.outbox.list(DeliveryState.DEAD)
+    assert gone.reason == "destination 'gone' is not configured"
+    for _ in range(2):
+        clock.now += 1000
+        exporter.send_due()
     reasons = sorted(r.reason for r in exporter.outbox.list(DeliveryState.DEAD))
-    assert reasons[0] == "destination 'gone' is not configured" and reasons[1].startswith("result file unreadable")
+    assert len(reasons) == 2 and reasons[1].startswith("result file unreadable")
+
+
+def test_a_record_reset_by_a_newer_job_while_in_flight_is_not_marked_delivered(tmp_path: Path, peer: Peer) -> None:
+    clock = Clock()
+    exporter = _exporter(tmp_path, peer.port, clock)
+    results = _results(tmp_path, 1)
+    exporter.outbox.enqueue(1, results, ["pacs"])
+    [snapshot] = exporter.outbox.due()
+    clock.now += 1
+    exporter.outbox.enqueue(2, results, ["pacs"])  # the series changed while job 1's copy was sent
+    assert not exporter.outbox.delivered(snapshot)
+    assert exporter.outbox.enqueue(1, results, ["pacs"]) == 0  # an older job never takes it back
+    [record] = exporter.outbox.list()
+    assert record.state == DeliveryState.PENDING and record.job_id == 2
+
+
+def test_every_0xbxxx_status_is_a_warning_and_a_pass_survives_a_bad_record(tmp_path: Path, peer: Peer) -> None:
+    assert classify(0xB123) is Outcome.DELIVERED
+    clock = Clock()
+    exporter = _exporter(tmp_path, peer.port, clock)
+    results = _results(tmp_path, 2)
+    results[0].path.write_bytes(b"\0" * 128 + b"DICM")  # a preamble and nothing else
+    exporter.outbox.enqueue(1, results, ["pacs"])
+    assert exporter.send_due() == 1  # the good one still goes
+    assert exporter._backoff(5000) == clock.now + 40  # no overflow after days of retries
