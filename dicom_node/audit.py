@@ -31,6 +31,17 @@ class NoAudit:
         return None
 
 
+class Fanout:
+    """Several sinks as one: the audit trail and the metrics see the same events."""
+
+    def __init__(self, *sinks: Audit) -> None:
+        self.sinks = sinks
+
+    def record(self, event: str, **fields: Any) -> None:
+        for sink in self.sinks:
+            sink.record(event, **fields)
+
+
 #: The shared do-nothing trail (it holds no state).
 NO_AUDIT = NoAudit()
 
@@ -38,8 +49,13 @@ NO_AUDIT = NoAudit()
 class AuditTrail:
     """The node's audit trail in ``folder``; thread-safe, shared by every part of the node."""
 
-    def __init__(self, folder: Path, max_bytes: int = 10 << 20, backups: int = 10,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        max_bytes: int = 10 << 20,
+        backups: int = 10,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.max_bytes, self.backups, self.clock = folder, max_bytes, backups, clock
         self.path = folder / "audit.jsonl"

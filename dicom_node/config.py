@@ -200,8 +200,10 @@ class WorkersSettings:
 class WebSettings:
     """``[web]``: the dashboard and JSON API."""
 
+    enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = field(default=8080, metadata=_check(_port))
+    token: str = ""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dicom_node import pipeline
-from dicom_node.audit import AuditTrail
+from dicom_node.audit import AuditTrail, Fanout
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
 from dicom_node.export import Exporter, Outbox
@@ -29,6 +29,7 @@ from dicom_node.jobs.worker import Worker
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.results import ResultArea
+from dicom_node.web import Metrics, Sources, WebServer
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,10 @@ class Node:
         check_models(s, self.registry)
         runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
-        self.audit = AuditTrail(s.node.data_dir / "audit", s.audit.max_bytes, s.audit.backups,
+        self.trail = AuditTrail(s.node.data_dir / "audit", s.audit.max_bytes, s.audit.backups,
                                 clock=self.clock)
+        self.metrics = Metrics()
+        self.audit = Fanout(self.trail, self.metrics)
         self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock)
         self.store.recover()
         ResultArea(s.node.data_dir / "results").remove_temporaries()
@@ -139,12 +142,32 @@ class Node:
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
         self._spawn("exporter", self._export_loop)
+        self.web: WebServer | None = None
+        if s.web.enabled:
+            sources = Sources(s.node.data_dir, self.queue, self.outbox, self.registry,
+                              sorted({str(r.device) for r in runners}), self._not_ready)
+            try:
+                self.web = WebServer(s.web, sources, self.metrics, self.audit).start()
+            except OSError as exc:
+                self.stop()
+                raise ConfigError(f"{s.source}: cannot serve the dashboard on web.bind = {s.web.bind!r}, "
+                                  f"web.port = {s.web.port}: {exc.strerror or exc}") from None
         for i, inference in enumerate(runners):
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
                              runner=inference, outbox=self.outbox, audit=self.audit)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))
+
+    def _not_ready(self) -> str | None:
+        """Why the node cannot take work now, or None: the SCP listens and the database answers."""
+        if self.ingest is None or self._stop.is_set():
+            return "stopping" if self._stop.is_set() else "the DICOM server is not listening"
+        try:
+            self.queue.list(None, 1)
+        except Exception as exc:
+            return f"the database does not answer: {type(exc).__name__}"
+        return None
 
     def _runners(self) -> list[InferenceRunner]:
         """One inference runner per worker, each on its device; a bad device is a config error."""
@@ -188,6 +211,8 @@ class Node:
         rest, close."""
         s = self.settings
         self._stop.set()  # no new jobs from here on
+        if getattr(self, "web", None) is not None:
+            self.web.stop()  # type: ignore[union-attr]
         self._export_due.set()
         self._work_due.set()
         if self.ingest is not None:
@@ -205,7 +230,7 @@ class Node:
     def _close(self, clean: bool) -> None:
         self.backend.close()
         self.outbox.close()
-        self.audit.close()
+        self.trail.close()
         self.store.close(clean_shutdown=clean)
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -224,7 +224,7 @@ def run(
         _run_steps(ctx, steps, timings)
     except Exception as exc:
         audit.record("job_failed", **where, reason=str(exc)[:500],
-                     outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs])
+                     outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs], timings=dict(timings))
         raise
     manifest = ctx.model() if ctx.runner is not None else None
     config = ctx.pipeline()
@@ -232,7 +232,7 @@ def run(
                  weights_sha256=manifest.sha256 if manifest else "",
                  methods=list(config.explain) if config else [],
                  positives=sorted({label for p in ctx.predictions for label in p.positives}),
-                 outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs])
+                 outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs], timings=dict(timings))
     return ctx
 
 

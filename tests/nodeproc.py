@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from types import TracebackType
 
@@ -21,6 +22,8 @@ data_dir = "data"
 shutdown_grace_seconds = {grace}
 [store]
 min_free_space = 0
+[web]
+port = {web_port}
 [logging]
 level = "INFO"
 """
@@ -93,7 +96,8 @@ class NodeProcess:
         folder.mkdir(parents=True, exist_ok=True)
         self.config = folder / "node.toml"
         if not self.config.exists():
-            self.config.write_text(CONFIG.format(grace=grace) + extra_config)
+            self.config.write_text(CONFIG.format(grace=grace, web_port=free_port()) + extra_config)
+        self.web_port = int(tomllib.loads(self.config.read_text()).get("web", {}).get("port", 0))
         self.module = module
         self.env = env or {}
         self.data_dir = folder / "data"

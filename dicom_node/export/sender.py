@@ -102,7 +102,8 @@ class Exporter:
             logger.error("result %s to %s is dead after %d attempts: %s", record.sop_instance_uid,
                          record.destination, record.attempts + 1, reason)
         else:
-            self.outbox.retry_later(record, reason, self._backoff(record.attempts))
+            if self.outbox.retry_later(record, reason, self._backoff(record.attempts)):
+                self._audit("result_deferred", record, reason=reason)
             logger.warning("result %s to %s not delivered (attempt %d), will retry: %s",
                            record.sop_instance_uid, record.destination, record.attempts + 1, reason)
 

@@ -1,0 +1,196 @@
+"""What the dashboard and the JSON API show: plain dicts read from the node's database and
+folders. The same functions serve the HTML pages and ``/api``; actions call the same core
+functions as the CLI (``JobQueue.requeue``, ``Outbox.retry``)."""
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.export import Outbox
+from dicom_node.inference import ModelRegistry
+from dicom_node.jobs.queue import Job, JobQueue
+from dicom_node.store.db import DATABASE_NAME
+
+
+@dataclass
+class Sources:
+    """What a running node hands to its web server."""
+
+    data_dir: Path
+    queue: JobQueue
+    outbox: Outbox
+    registry: ModelRegistry
+    devices: list[str]
+    ready: Any  # () -> str | None: None when ready, else why not
+
+
+def _db(data_dir: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{data_dir / DATABASE_NAME}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(job).items()}
+
+
+def overview(src: Sources) -> dict[str, Any]:
+    hour_ago = time.time() - 3600
+    with _db(src.data_dir) as conn:
+        counts = conn.execute(
+            "SELECT (SELECT COUNT(*) FROM studies), (SELECT COUNT(*) FROM series), "
+            "(SELECT COUNT(*) FROM instances), (SELECT COALESCE(SUM(size_bytes), 0) "
+            "FROM instances)"
+        ).fetchone()
+        jobs = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        received = conn.execute(
+            "SELECT COUNT(*) FROM instances WHERE received_at >= ?", (hour_ago,)
+        ).fetchone()[0]
+        finished = conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished_at >= ?", (hour_ago,)
+        ).fetchone()[0]
+        delivered = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'delivered' AND delivered_at >= ?", (hour_ago,)
+        ).fetchone()[0]
+        errors = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT 'job' AS kind, id, state, reason, updated_at, study_instance_uid FROM jobs "
+                "WHERE state IN ('failed', 'dead') UNION ALL "
+                "SELECT 'result', id, state, reason, updated_at, study_instance_uid FROM outbox "
+                "WHERE state = 'dead' "
+                "ORDER BY updated_at DESC LIMIT 10"
+            ).fetchall()
+        ]
+    return {
+        "studies": counts[0],
+        "series": counts[1],
+        "instances": counts[2],
+        "bytes": counts[3],
+        "jobs": jobs,
+        "outbox": src.outbox.counts(),
+        "last_errors": errors,
+        "last_hour": {"instances_received": received, "jobs_done": finished, "results_delivered": delivered},
+        "models": [
+            {"name": m.name, "version": m.version, "architecture": m.architecture}
+            for m in (src.registry.manifest(n) for n in src.registry.names())
+        ],
+        "devices": src.devices,
+    }
+
+
+def studies(src: Sources, query: str = "", limit: int = 200) -> list[dict[str, Any]]:
+    """Studies, newest first; ``query`` matches a part of the Study or Series Instance UID."""
+    like = f"%{query}%"
+    with _db(src.data_dir) as conn:
+        rows = conn.execute(
+            "SELECT s.study_instance_uid, s.first_received_at, s.last_received_at, "
+            "COUNT(DISTINCT r.series_instance_uid) AS series, "
+            "GROUP_CONCAT(DISTINCT r.modality) AS modalities, "
+            "(SELECT COUNT(*) FROM instances i WHERE i.study_instance_uid = s.study_instance_uid) "
+            "AS instances, (SELECT GROUP_CONCAT(DISTINCT j.state) FROM jobs j "
+            "WHERE j.study_instance_uid = s.study_instance_uid) "
+            "AS job_states FROM studies s JOIN series r ON r.study_instance_uid = s.study_instance_uid "
+            "WHERE s.study_instance_uid LIKE ? OR r.series_instance_uid LIKE ? "
+            "GROUP BY s.study_instance_uid ORDER BY s.last_received_at DESC LIMIT ?",
+            (like, like, limit),
+        ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def study(src: Sources, uid: str) -> dict[str, Any] | None:
+    """One study: its series, each series' jobs (state, timings, predictions, explanations,
+    outputs) and the delivery of every result."""
+    with _db(src.data_dir) as conn:
+        head = conn.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (uid,)).fetchone()
+        if head is None:
+            return None
+        series = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT series_instance_uid, modality, body_part_examined, series_description, manufacturer, "
+                "calling_ae_title, last_received_at, (SELECT COUNT(*) FROM instances i WHERE "
+                "i.series_instance_uid = r.series_instance_uid) AS instances FROM series r "
+                "WHERE study_instance_uid = ? ORDER BY first_received_at",
+                (uid,),
+            ).fetchall()
+        ]
+        job_ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM jobs WHERE study_instance_uid = ? ORDER BY id", (uid,)
+            ).fetchall()
+        ]
+        deliveries = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT id, sop_instance_uid, sop_class_uid, destination, state, attempts, reason, "
+                "delivered_at "
+                "FROM outbox WHERE study_instance_uid = ? ORDER BY id",
+                (uid,),
+            ).fetchall()
+        ]
+    jobs = [job_dict(j) for j in (src.queue.get(i) for i in job_ids) if j is not None]
+    for s in series:
+        s["jobs"] = [j for j in jobs if j["series_instance_uid"] == s["series_instance_uid"]]
+    return {
+        "study_instance_uid": uid,
+        "first_received_at": head["first_received_at"],
+        "last_received_at": head["last_received_at"],
+        "series": series,
+        "deliveries": deliveries,
+    }
+
+
+def result_path(data_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    from dicom_node.store.files import check_uid
+
+    parts = [check_uid("study", study_uid), check_uid("series", series_uid), check_uid("instance", sop_uid)]
+    return data_dir / "results" / parts[0] / parts[1] / f"{parts[2]}.dcm"
+
+
+def models(src: Sources) -> list[dict[str, Any]]:
+    out = []
+    for name in src.registry.names():
+        m = src.registry.manifest(name)
+        card = m.path.parent / "MODEL_CARD.md"
+        out.append(
+            {
+                "name": m.name,
+                "version": m.version,
+                "architecture": m.architecture,
+                "sha256": m.sha256,
+                "cam_layer": m.cam_layer,
+                "intended_use": m.intended_use,
+                "input": asdict(m.input),
+                "labels": [
+                    {"name": label.name, "threshold": label.threshold, "code": label.code}
+                    for label in m.labels
+                ],
+                "modalities": list(m.modalities),
+                "body_parts": list(m.body_parts),
+                "model_card": card.read_text() if card.exists() else "",
+                "manifest": m.path.read_text(),
+            }
+        )
+    return out
+
+
+def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, Any]]:
+    from dicom_node.jobs.queue import JobState
+
+    return [job_dict(j) for j in src.queue.list(JobState(state) if state else None, limit)]
+
+
+def outbox(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, Any]]:
+    return [
+        {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(r).items()}
+        for r in src.outbox.list(state, limit)
+    ]
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, indent=1, default=str).encode()
