@@ -90,6 +90,27 @@ class AuditTrail:
             self._file.close()
 
 
+def job_requeued(job: Any, actor: str) -> tuple[str, dict[str, Any]]:
+    """The event of an operator requeueing ``job`` (a jobs.queue.Job), from ``actor`` (cli, web)."""
+    return "operator_requeued_job", {
+        "actor": actor,
+        "job": job.id,
+        STUDY: job.study_instance_uid,
+        "series_instance_uid": job.series_instance_uid,
+    }
+
+
+def result_retried(record: Any, actor: str) -> tuple[str, dict[str, Any]]:
+    """The event of an operator sending an outbox record (export.OutboxRecord) again."""
+    return "operator_retried_result", {
+        "actor": actor,
+        "outbox_record": record.id,
+        STUDY: record.study_instance_uid,
+        "sop_instance_uid": record.sop_instance_uid,
+        "destination": record.destination,
+    }
+
+
 def _last_byte(path: Path) -> bytes:
     with path.open("rb") as fh:
         fh.seek(-1, os.SEEK_END)

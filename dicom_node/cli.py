@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dicom_node import __version__
-from dicom_node.audit import append_event, study_history
+from dicom_node.audit import append_event, job_requeued, result_retried, study_history
 from dicom_node.config import DEFAULT_CONFIG, ENV_CONFIG, Settings, load_settings, parse_assignment
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.jobs.queue import Job, JobError, JobQueue, JobState
@@ -185,9 +185,8 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         requeued = queue.requeue_failed() if args.failed else [queue.requeue(args.id)]
         logger.info("operator requeued job(s) %s", [j.id for j in requeued])
         for job in requeued:
-            append_event(settings.node.data_dir / "audit", "operator_requeued_job", actor="cli",
-                         job=job.id, study_instance_uid=job.study_instance_uid,
-                         series_instance_uid=job.series_instance_uid)
+            event, fields = job_requeued(job, "cli")
+            append_event(settings.node.data_dir / "audit", event, **fields)
         print(f"requeued {len(requeued)} job(s): {' '.join(str(j.id) for j in requeued)}", file=out)
         return 0
     finally:
@@ -219,10 +218,8 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
             return 0
         ids = [r.id for r in outbox.list(DeliveryState.DEAD, 100_000)] if args.dead else [args.id]
         for record_id in ids:
-            record = outbox.retry(record_id)
-            append_event(settings.node.data_dir / "audit", "operator_retried_result", actor="cli",
-                         outbox_record=record.id, study_instance_uid=record.study_instance_uid,
-                         sop_instance_uid=record.sop_instance_uid, destination=record.destination)
+            event, fields = result_retried(outbox.retry(record_id), "cli")
+            append_event(settings.node.data_dir / "audit", event, **fields)
         logger.info("operator asked to send outbox record(s) %s again", ids)
         print(f"{len(ids)} record(s) pending again: {' '.join(map(str, ids))}", file=out)
         return 0

@@ -34,7 +34,7 @@ def _db(data_dir: Path) -> sqlite3.Connection:
 
 
 def job_dict(job: Job) -> dict[str, Any]:
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(job).items()}
+    return record_dict(job)
 
 
 def overview(src: Sources) -> dict[str, Any]:
@@ -185,11 +185,13 @@ def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, An
     return [job_dict(j) for j in src.queue.list(JobState(state) if state else None, limit)]
 
 
+def record_dict(record: Any) -> dict[str, Any]:
+    """A dataclass record (a job, an outbox record) as JSON-able values."""
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(record).items()}
+
+
 def outbox(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, Any]]:
-    return [
-        {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(r).items()}
-        for r in src.outbox.list(state, limit)
-    ]
+    return [record_dict(r) for r in src.outbox.list(state, limit)]
 
 
 def dumps(value: Any) -> bytes:

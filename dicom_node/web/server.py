@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 from pydicom import dcmread
 
-from dicom_node.audit import Audit
+from dicom_node.audit import Audit, job_requeued, result_retried
 from dicom_node.config import WebSettings
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.export import OutboxError
@@ -121,28 +121,17 @@ class WebServer:
         try:
             if m := re.fullmatch(r"/jobs/(\d+)/requeue", route):
                 job = self.src.queue.requeue(int(m[1]))
-                self.audit.record(
-                    "operator_requeued_job",
-                    actor="web",
-                    job=job.id,
-                    study_instance_uid=job.study_instance_uid,
-                    series_instance_uid=job.series_instance_uid,
-                )
+                event, fields = job_requeued(job, "web")
+                self.audit.record(event, **fields)
                 if api:
                     return 200, "application/json", data.dumps(data.job_dict(job))
                 return _back(f"/studies/{job.study_instance_uid}?requeued={job.id}&state={job.state.value}")
             if m := re.fullmatch(r"/outbox/(\d+)/retry", route):
                 record = self.src.outbox.retry(int(m[1]))
-                self.audit.record(
-                    "operator_retried_result",
-                    actor="web",
-                    outbox_record=record.id,
-                    study_instance_uid=record.study_instance_uid,
-                    sop_instance_uid=record.sop_instance_uid,
-                    destination=record.destination,
-                )
+                event, fields = result_retried(record, "web")
+                self.audit.record(event, **fields)
                 return (
-                    (200, "application/json", data.dumps(data.outbox(self.src, None, 1)[0]))
+                    (200, "application/json", data.dumps(data.record_dict(record)))
                     if api
                     else _back("/outbox")
                 )

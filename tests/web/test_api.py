@@ -75,3 +75,19 @@ def test_requeue_from_the_api_changes_the_jobs_state(served: Served) -> None:
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.status == 200
     assert served.api(f"/jobs/{failed['id']}")["state"] in ("queued", "running", "failed")
+
+
+def test_retry_from_the_api_answers_the_record_it_retried(served: Served) -> None:
+    import json
+    import urllib.request
+
+    records = served.api("/outbox")
+    oldest = min(records, key=lambda r: r["id"])
+    assert oldest["state"] == "pending"
+    request = urllib.request.Request(f"{served.base}/api/outbox/{oldest['id']}/retry", method="POST",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("a pending record cannot be retried")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 409 and "pending already" in json.loads(exc.read())["error"]
