@@ -34,8 +34,10 @@ METHOD_CODES = {  # DCM CID 7203 "Image Derivation" has codes for the kinds of v
     "gradcampp": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
     "hirescam": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
     "lime": CodedConcept("130404", "DCM", "Saliency"),
+    "cam": CodedConcept("130402", "DCM", "Class activation"),
 }
-METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "lime": "LIME"}
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "lime": "LIME",
+                "cam": "CAM"}
 #: Quality figures of an explanation (dicom_node.explain.quality): no standard codes exist.
 QUALITY_CODES = {
     "deletion_auc": CodedConcept("DN001", SCHEME, "Deletion AUC"),

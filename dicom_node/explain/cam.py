@@ -119,4 +119,60 @@ class HiResCAM(CamMethod):
         return (gradients * activations).sum(dim=2)
 
 
-METHODS: dict[str, type[CamMethod]] = {m.name: m for m in (GradCAM, GradCAMPlusPlus, HiResCAM)}
+class CAM(CamMethod):
+    """Class activation maps (Zhou et al. 2016) in closed form, without a backward pass: for a head
+    that is global average pooling then one linear layer, label ``l``'s map is ``sum_c W[l, c] A_c``.
+
+    The head is not read from the architecture's name: the forward pass's logits must equal the
+    linear layer applied to the pooled activations (within 1e-4), else the model's head is of
+    another kind and a ``ValueError`` says to use a gradient method.
+    """
+
+    name = "cam"
+
+    def combine(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("CAM needs no gradients")  # pragma: no cover - __call__ is overridden
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: Sequence[int]) -> CamMaps:
+        layer = dict(model.named_modules()).get(self.layer)
+        if layer is None:
+            raise ValueError(f"model has no layer {self.layer!r}")
+        captured: list[torch.Tensor] = []
+        owner = threading.get_ident()
+
+        def keep(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor | None:
+            if threading.get_ident() == owner:
+                captured.append(output.detach().clone())
+            return None
+
+        handle = layer.register_forward_hook(keep)
+        try:
+            with torch.no_grad():
+                logits = model(inputs).float()
+        finally:
+            handle.remove()
+        activations = captured[-1].float()
+        head = _linear_head(model, activations, logits)
+        weights = head.weight.detach().float()[list(labels)]  # (L, K)
+        with torch.no_grad():
+            layer_maps = torch.einsum("lk,bkhw->blhw", weights, activations)
+            maps = F.interpolate(layer_maps, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+        return CamMaps(self.name, self.layer, tuple(labels), maps, layer_maps, logits)
+
+
+def _linear_head(model: nn.Module, activations: torch.Tensor, logits: torch.Tensor) -> nn.Linear:
+    """The model's last linear layer, if the logits are it applied to the pooled activations."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    channels = activations.shape[1]
+    if linears and linears[-1].in_features == channels and linears[-1].out_features == logits.shape[1]:
+        head = linears[-1]
+        with torch.no_grad():
+            expected = F.linear(activations.mean(dim=(-2, -1)), head.weight.float(),
+                                None if head.bias is None else head.bias.float())
+        if torch.allclose(expected, logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max()) + 1e-6):
+            return head
+    raise ValueError("plain CAM needs a head of global average pooling and one linear layer after the "
+                     "CAM layer, and this model's is not; use gradcam, gradcampp or hirescam")
+
+
+METHODS: dict[str, type[CamMethod]] = {m.name: m for m in (GradCAM, GradCAMPlusPlus, HiResCAM, CAM)}

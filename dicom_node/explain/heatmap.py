@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dicom_node.errors import PermanentError
 from dicom_node.explain.cam import METHODS
 from dicom_node.explain.lime import explain_lime
 from dicom_node.explain.quality import (
@@ -73,7 +74,10 @@ def explain_frame(
             result = explain_lime(module, x, samples=lime_samples, seed=seed)
             maps[method] = torch.from_numpy(result.maps()[index]).float().to(loaded.device)
         else:
-            maps[method] = METHODS[method](manifest.cam_layer)(module, x[None], index).maps[0]
+            try:
+                maps[method] = METHODS[method](manifest.cam_layer)(module, x[None], index).maps[0]
+            except ValueError as exc:  # the method does not fit this model: no retry will change that
+                raise PermanentError(f"{method}: {exc}") from None
         spent[f"explain.{method}"] = spent.get(f"explain.{method}", 0.0) + time.perf_counter() - started
     size = item.array.shape[-1]
     heatmaps = []

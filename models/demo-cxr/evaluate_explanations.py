@@ -23,13 +23,22 @@ import torch
 from dicom_node.explain import METHODS
 from dicom_node.explain.lime import SEGMENTS, explain_lime
 from dicom_node.explain.quality import deletion_insertion, iou, pointing_game, random_map, rank_agreement
-from dicom_node.inference import ModelRegistry, preprocess
+from dicom_node.inference import ModelManifest, ModelRegistry, preprocess
 from dicom_node.inference.architectures import BUILDERS
 from dicom_node.phantoms import LABELS, render, to_dataset
 
 HERE = Path(__file__).resolve().parent
 FIRST_SEED = 5_000_000
 START, END = "<!-- explanations: written by evaluate_explanations.py -->", "<!-- end of explanations -->"
+
+
+def _applies(method: str, module: torch.nn.Module, manifest: ModelManifest) -> bool:
+    """Whether ``method`` can explain this model (plain CAM needs a pooling + linear head)."""
+    try:
+        METHODS[method](manifest.cam_layer)(module, torch.zeros(1, manifest.input.channels, 32, 32), [0])
+    except ValueError:
+        return False
+    return True
 
 
 def evaluate(count: int) -> dict:
@@ -39,7 +48,7 @@ def evaluate(count: int) -> dict:
     torch.manual_seed(1)
     randomised = BUILDERS[manifest.architecture](len(LABELS), manifest.input.channels).eval().to(
         memory_format=torch.channels_last)
-    methods = [*METHODS, "lime"]
+    methods = [m for m in METHODS if _applies(m, loaded.module, manifest)] + ["lime"]
 
     def explain(module: torch.nn.Module, method: str, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         if method == "lime":

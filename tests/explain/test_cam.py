@@ -38,7 +38,7 @@ def reference_raw(method: str, model: nn.Module, layer: str, x: torch.Tensor, la
         return cam.get_cam_image(x, module, targets, activations, gradients, eigen_smooth=False)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(REFERENCES))
 @pytest.mark.parametrize(("architecture", "layer", "channels"),
                          [("small_cnn", "features.relu3", 1), ("resnet18", "layer4", 3)])
 def test_every_label_equals_pytorch_grad_cam(method: str, architecture: str, layer: str, channels: int) -> None:
@@ -118,3 +118,26 @@ def test_four_threads_on_one_shared_model_match_serial_runs() -> None:
     for t in threads:
         t.join(timeout=120)
     assert all(torch.allclose(results[i], serial[i], atol=1e-6) for i in range(8))
+
+
+def test_plain_cam_is_closed_form_and_equals_grad_cam_times_the_grid_on_a_pooling_linear_head() -> None:
+    from dicom_node.explain import CAM
+
+    torch.manual_seed(3)
+    model = BUILDERS["resnet18"](5, 3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cam = CAM("layer4")(model, x, [0, 3])
+    grad = GradCAM("layer4")(model, x, [0, 3])
+    h, w = cam.layer_maps.shape[-2:]
+    # on global average pooling + linear, Grad-CAM's weights are W[l] / (h w): CAM is that times h w
+    assert torch.allclose(cam.layer_maps, grad.layer_maps * h * w, rtol=1e-4, atol=1e-5)
+    assert cam.maps.shape == (2, 2, 64, 64) and torch.equal(cam.logits, grad.logits)
+    assert not any(m._forward_hooks for m in model.modules())  # hooks released
+
+
+def test_plain_cam_refuses_a_head_it_cannot_explain() -> None:
+    from dicom_node.explain import CAM
+
+    model = BUILDERS["compact_cnn"](4, 1).eval()  # average + max pooling and a two-layer head
+    with pytest.raises(ValueError, match="use gradcam"):
+        CAM("features.relu4")(model, torch.randn(1, 1, 32, 32), [0])
