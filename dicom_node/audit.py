@@ -9,12 +9,15 @@ read back across the rotated files, oldest first, so it survives restarts.
 """
 
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
 
 #: The fields that place an event in a study's history.
 STUDY = "study_instance_uid"
@@ -39,7 +42,10 @@ class Fanout:
 
     def record(self, event: str, **fields: Any) -> None:
         for sink in self.sinks:
-            sink.record(event, **fields)
+            try:
+                sink.record(event, **fields)
+            except Exception:  # one sink's trouble never reaches the code that audits, nor the others
+                logger.exception("audit sink %s failed on %s", type(sink).__name__, event)
 
 
 #: The shared do-nothing trail (it holds no state).
@@ -60,34 +66,57 @@ class AuditTrail:
         self.folder, self.max_bytes, self.backups, self.clock = folder, max_bytes, backups, clock
         self.path = folder / "audit.jsonl"
         self._lock = threading.Lock()
+        self.errors = 0
+        self._rotate_at = max_bytes
         self._file = self.path.open("a", encoding="utf-8")
         if self._file.tell() > 0 and _last_byte(self.path) != b"\n":
             self._file.write("\n")  # end a line cut by a crash, so the next event starts clean
 
     def record(self, event: str, **fields: Any) -> None:
-        """Append one event: its time (UTC, ISO 8601), its name, and ``fields``."""
-        line = _line(self.clock(), event, fields)
-        with self._lock:
-            if self._file.tell() + len(line) > self.max_bytes and self._file.tell() > 0:
-                self._rotate()
-            self._file.write(line)
-            self._file.flush()
+        """Append one event: its time (UTC, ISO 8601), its name, and ``fields``.
+
+        Never raises: what was audited has already happened (an instance stored, a job done), so
+        a full disk or a closed file must not turn it into a failure. A write that fails is
+        logged and counted in :attr:`errors` (``/metrics``).
+        """
+        try:
+            line = _line(self.clock(), event, fields)
+            with self._lock:
+                size = self._file.tell()
+                if size + len(line) > self._rotate_at and size > 0:
+                    self._try_rotate(size)
+                self._file.write(line)
+                self._file.flush()
+        except (OSError, ValueError) as exc:
+            self.errors += 1
+            logger.error("audit trail: event %s not written: %s", event, exc)
+
+    def _try_rotate(self, size: int) -> None:
+        try:
+            self._rotate()
+            self._rotate_at = self.max_bytes
+        except OSError as exc:  # keep appending; try again after another max_bytes
+            self.errors += 1
+            self._rotate_at = size + self.max_bytes
+            logger.error("audit trail: rotation failed, %s keeps growing: %s", self.path, exc)
 
     def _rotate(self) -> None:
         self._file.close()
-        for n in range(self.backups - 1, 0, -1):
-            older = self.folder / f"audit.{n}.jsonl"
-            if older.exists():
-                os.replace(older, self.folder / f"audit.{n + 1}.jsonl")
-        if self.backups > 0:
-            os.replace(self.path, self.folder / "audit.1.jsonl")
-        else:
-            self.path.unlink()
-        self._file = self.path.open("a", encoding="utf-8")
+        try:
+            for n in range(self.backups - 1, 0, -1):
+                older = self.folder / f"audit.{n}.jsonl"
+                if older.exists():
+                    os.replace(older, self.folder / f"audit.{n + 1}.jsonl")
+            if self.backups > 0:
+                os.replace(self.path, self.folder / "audit.1.jsonl")
+            else:
+                self.path.unlink()
+        finally:  # a failed rotation keeps appending to the current file
+            self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            self._file.close()  # later events (threads still finishing) are logged as not written
 
 
 def job_requeued(job: Any, actor: str) -> tuple[str, dict[str, Any]]:
@@ -134,7 +163,7 @@ def read_events(folder: Path) -> Iterator[dict[str, Any]]:
     """Every event in ``folder``, oldest first (rotated files first); damaged lines are skipped."""
     rotated = sorted(folder.glob("audit.*.jsonl"), key=lambda p: int(p.name.split(".")[1]), reverse=True)
     for path in [*rotated, folder / "audit.jsonl"]:
-        if not path.exists():
+        if not path.is_file():
             continue
         with path.open(encoding="utf-8") as fh:
             for line in fh:

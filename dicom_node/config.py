@@ -43,6 +43,12 @@ def _ae_title(value: str) -> str:
     return stripped
 
 
+def _token(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{16,}", value):
+        raise ValueError("at least 16 characters of letters, digits and ._~+/=- (no spaces, quotes, ; or ,)")
+    return value
+
+
 def _port(value: int) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("a TCP port from 0 to 65535 (0 picks a free one)")
@@ -203,7 +209,7 @@ class WebSettings:
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = field(default=8080, metadata=_check(_port))
-    token: str = ""
+    token: str = field(default="", metadata=_check(_token))
 
 
 @dataclass(frozen=True)

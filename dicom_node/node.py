@@ -29,7 +29,7 @@ from dicom_node.jobs.worker import Worker
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.results import ResultArea
-from dicom_node.web import Metrics, Sources, WebServer
+from dicom_node.web import Metrics, Sources, WebServer, check_exposure
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class Node:
     def start(self) -> None:
         """Check the models, recover from any earlier crash, then start receiving and working."""
         s = self.settings
+        if s.web.enabled:
+            check_exposure(s.web)  # before anything listens
         self.registry = ModelRegistry(s.models.dir)
         check_models(s, self.registry)
         runners = self._runners()

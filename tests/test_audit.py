@@ -36,3 +36,16 @@ def test_a_study_history_survives_a_restart_and_other_processes_append(tmp_path:
     assert [e["event"] for e in history] == ["job_started", "operator_requeued_job", "job_finished"]
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["job"] == 1 and len(lines) == 5  # the cut line stays, alone
+
+
+def test_a_failing_write_or_rotation_never_raises_and_is_counted(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path, max_bytes=200, backups=1)
+    (tmp_path / "audit.1.jsonl").mkdir()  # rotation cannot replace a folder: it must fail
+    for i in range(10):
+        trail.record("instance_stored", study_instance_uid="1.2", n=i)  # never raises
+    assert 1 <= trail.errors < 10  # rotation failed (counted, retried only after another max_bytes)
+    assert len(list(read_events(tmp_path))) == 10  # and no event was lost: the file keeps growing
+    failed = trail.errors
+    trail.close()
+    trail.record("job_finished", study_instance_uid="1.2")  # after close: counted, not raised
+    assert trail.errors == failed + 1

@@ -178,7 +178,7 @@ def _commit(store: InstanceStore, staged: StagedInstance, request: object, calli
     )
     audit.record("instance_stored", study_instance_uid=record.study_instance_uid,
                  series_instance_uid=record.series_instance_uid, sop_instance_uid=record.sop_instance_uid,
-                 sop_class_uid=record.sop_class_uid, calling_ae_title=calling)
+                 sop_class_uid=record.sop_class_uid, calling_ae_title=calling, size_bytes=record.size_bytes)
     return int(StoreStatus.SUCCESS)
 
 
@@ -201,12 +201,12 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_
     if rejection is not None:
         logger.warning("rejected association from %s@%s: %s", calling.strip(), address,
                        rejection.description)
-        audit.record("association_rejected", calling_ae_title=calling.strip(), called_ae_title=called.strip(),
-                     address=address, reason=rejection.description)
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ has gone out
         # and the peer closed, or the socket would be shut before the PDU is sent.
         assoc.kill()
+        audit.record("association_rejected", calling_ae_title=calling.strip(), called_ae_title=called.strip(),
+                     address=address, reason=rejection.reason.name.lower(), detail=rejection.description)
 
 
 def build_ae(settings: Settings) -> AE:

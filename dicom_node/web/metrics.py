@@ -26,11 +26,16 @@ class Metrics:
         self.rejections: dict[str, int] = defaultdict(int)
         self.deliveries: dict[tuple[str, str], int] = defaultdict(int)
         self.jobs: dict[str, int] = defaultdict(int)
+        self.received: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # calling AE -> [instances, bytes]
         self.steps: dict[str, list[float]] = {}  # step -> bucket counts..., sum, count
 
     def record(self, event: str, **fields: Any) -> None:
         with self._lock:
-            if event == "association_accepted":
+            if event == "instance_stored":
+                counts = self.received[str(fields.get("calling_ae_title", ""))]
+                counts[0] += 1
+                counts[1] += int(fields.get("size_bytes", 0) or 0)
+            elif event == "association_accepted":
                 self.associations["accepted"] += 1
             elif event == "association_rejected":
                 self.associations["rejected"] += 1
@@ -50,7 +55,7 @@ class Metrics:
         row[-2] += seconds
         row[-1] += 1
 
-    def render(self, src: Sources) -> str:
+    def render(self, src: Sources, audit_errors: int = 0) -> str:
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
@@ -58,7 +63,7 @@ class Metrics:
             out.append(f"# TYPE {name} {kind}")
             for labels, value in samples:
                 text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+                out.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
 
         metric("dicom_node_info", "gauge", "The node's version.", [({"version": __version__}, 1)])
         with _db(src.data_dir) as conn:
@@ -68,18 +73,36 @@ class Metrics:
             ).fetchall()
             jobs = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         metric(
-            "dicom_node_instances_received_total",
-            "counter",
-            "Instances stored, by calling AE title.",
+            "dicom_node_stored_instances",
+            "gauge",
+            "Instances in the store, by the calling AE title that sent them last.",
             [({"calling_ae": ae}, n) for ae, n, _ in received],
         )
         metric(
-            "dicom_node_bytes_received_total",
-            "counter",
-            "Bytes of stored instances, by calling AE title.",
+            "dicom_node_stored_bytes",
+            "gauge",
+            "Bytes in the store, by the calling AE title that sent them last.",
             [({"calling_ae": ae}, size) for ae, _, size in received],
         )
+        metric(
+            "dicom_node_audit_write_errors_total",
+            "counter",
+            "Audit events that could not be written since start (see the node's log).",
+            [({}, audit_errors)],
+        )
         with self._lock:
+            metric(
+                "dicom_node_instances_received_total",
+                "counter",
+                "Instances stored since start (each arrival, re-sends too), by calling AE title.",
+                [({"calling_ae": ae}, n) for ae, (n, _) in sorted(self.received.items())],
+            )
+            metric(
+                "dicom_node_bytes_received_total",
+                "counter",
+                "Bytes of the instances stored since start, by calling AE title.",
+                [({"calling_ae": ae}, size) for ae, (_, size) in sorted(self.received.items())],
+            )
             metric(
                 "dicom_node_associations_total",
                 "counter",
@@ -110,11 +133,13 @@ class Metrics:
             for step, row in sorted(self.steps.items()):
                 for bound, count in zip(BUCKETS, row, strict=False):
                     out.append(
-                        f'dicom_node_job_step_seconds_bucket{{step="{step}",le="{bound:g}"}} {count:g}'
+                        f'dicom_node_job_step_seconds_bucket{{step="{_escape(step)}",le="{bound:g}"}} '
+                        f"{_number(count)}"
                     )
-                out.append(f'dicom_node_job_step_seconds_bucket{{step="{step}",le="+Inf"}} {row[-1]:g}')
-                out.append(f'dicom_node_job_step_seconds_sum{{step="{step}"}} {row[-2]:g}')
-                out.append(f'dicom_node_job_step_seconds_count{{step="{step}"}} {row[-1]:g}')
+                label = f'step="{_escape(step)}"'
+                out.append(f'dicom_node_job_step_seconds_bucket{{{label},le="+Inf"}} {_number(row[-1])}')
+                out.append(f"dicom_node_job_step_seconds_sum{{{label}}} {_number(row[-2])}")
+                out.append(f"dicom_node_job_step_seconds_count{{{label}}} {_number(row[-1])}")
         metric(
             "dicom_node_jobs",
             "gauge",
@@ -138,6 +163,11 @@ class Metrics:
                 ],
             )
         return "\n".join(out) + "\n"
+
+
+def _number(value: float) -> str:
+    """Exact integers as integers; other values in full precision (``:g`` keeps 6 digits)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _escape(value: str) -> str:

@@ -7,7 +7,6 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -68,11 +67,24 @@ class WebServer:
         self.httpd.server_close()
         self.thread.join(timeout=10)
 
+    def audit_errors(self) -> int:
+        sinks = getattr(self.audit, "sinks", (self.audit,))
+        return sum(int(getattr(sink, "errors", 0)) for sink in sinks)
+
+    def host_allowed(self, host: str) -> bool:
+        """DNS rebinding: a page of another site must not reach the dashboard by a name that
+        resolves to it. On loopback only loopback names are answered."""
+        name = host.rsplit(":", 1)[0].strip("[]").lower() if host else ""
+        if self.settings.bind in ("0.0.0.0", "::"):
+            return True  # every address: the token guards it
+        return name in {"127.0.0.1", "localhost", "::1", self.settings.bind.lower()}
+
     def authorised(self, header: str, cookie: str) -> bool:
         token = self.settings.token
         if not token:
             return True
-        offered = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else cookie
+        scheme, _, value = header.partition(" ")
+        offered = value.strip() if scheme.lower() == "bearer" else cookie
         return bool(offered) and hmac.compare_digest(offered.encode(), token.encode())
 
     def get(self, path: str, query: dict[str, list[str]]) -> Reply:
@@ -136,7 +148,8 @@ class WebServer:
                     else _back("/outbox")
                 )
         except (JobError, OutboxError) as exc:
-            return 409, "application/json", data.dumps({"error": str(exc)})
+            missing = "does not exist" in str(exc) or str(exc).startswith("no outbox record")
+            return (404 if missing else 409), "application/json", data.dumps({"error": str(exc)})
         return _missing(api, f"no action {path}")
 
     def preview(self, study: str, series: str, sop: str) -> Reply:
@@ -150,6 +163,16 @@ class WebServer:
         small = cv2.resize(pixels, (PREVIEW_WIDTH, height), interpolation=cv2.INTER_AREA)
         ok, png = cv2.imencode(".png", cv2.cvtColor(small, cv2.COLOR_RGB2BGR) if small.ndim == 3 else small)
         return (200, "image/png", png.tobytes()) if ok else (500, "text/plain", b"encoding failed")
+
+
+def _cookie(header: str, name: str) -> str:
+    """One cookie's value, read by hand: a malformed cookie of another application on this host
+    must not hide ours (``http.cookies`` gives up on the whole header)."""
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value.strip('"')
+    return ""
 
 
 def _out(api: bool, value: T, render: Callable[[T], bytes]) -> Reply:
@@ -172,8 +195,10 @@ class _Handler(BaseHTTPRequestHandler):
     app: WebServer
     server_version = "dicom-node"
 
+    timeout = 30  # a client that never finishes its request does not hold a thread for ever
+
     def log_message(self, format: str, *args: object) -> None:
-        logger.debug("web: " + format, *args)
+        logger.debug("web: %s", (format % args).split("?", 1)[0])  # never the query: it may hold a token
 
     def _send(self, status: int, content_type: str, body: bytes, extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -194,11 +219,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _gate(self, query: dict[str, list[str]]) -> dict[str, str] | None:
         """None if allowed (with headers to set), else the request was answered 401."""
+        if not self.app.host_allowed(self.headers.get("Host", "")):
+            self._send(421, "text/plain", b"unknown host name\n")
+            return None
         token = query.get("token", [""])[0]
-        cookies = SimpleCookie(self.headers.get("Cookie", ""))
-        cookie = cookies[COOKIE].value if COOKIE in cookies else ""
+        cookie = _cookie(self.headers.get("Cookie", ""), COOKIE)
         if token and self.app.authorised(f"Bearer {token}", ""):
-            return {"Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"}
+            # set the cookie, then take the token out of the address bar and history
+            self._send(
+                303,
+                urlsplit(self.path).path,
+                b"",
+                {"Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"},
+            )
+            return None
         if self.app.authorised(self.headers.get("Authorization", ""), cookie):
             return {}
         self._send(
@@ -229,6 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             else:
                 reply = self.app.get(url.path, query)
+        except ValueError as exc:  # e.g. an unknown ?state=
+            reply = (400, "application/json", data.dumps({"error": str(exc)}))
         except Exception:
             logger.exception("web: GET %s failed", url.path)
             reply = (500, "text/plain", b"internal error (see the node's log)")
@@ -238,6 +274,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         if self._gate({}) is None:
+            return
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host", ""):
+            # cross-site request forgery: another page's form or script posting to the dashboard
+            self._send(403, "application/json", b'{"error": "cross-origin request refused"}')
+            return
+        if origin is None and self.headers.get("Sec-Fetch-Site", "same-origin") not in (
+            "same-origin",
+            "none",
+        ):
+            self._send(403, "application/json", b'{"error": "cross-site request refused"}')
             return
         try:
             reply = self.app.post(url.path)
