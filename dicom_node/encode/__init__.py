@@ -48,8 +48,9 @@ def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction]
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
         raise ValueError(f"outputs: unknown {unknown}, expected some of {list(OUTPUTS)}")
-    originals = {str(ds.SOPInstanceUID): ds for ds in sources}  # their decoded pixels are reused
-    by_uid = originals  # each builder writes from a cleaned copy (encode.study.clean_source)
+    # each builder writes from a cleaned copy (encode.study.clean_source); the originals keep the
+    # pixels preprocessing already decoded
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     results: list[Dataset] = []
     overlays: dict[tuple[str, int, str, str], Dataset] = {}
     if "sc" in outputs:
@@ -58,7 +59,7 @@ def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction]
             source = by_uid[heatmap.sop_instance_uid]
             frame = (heatmap.sop_instance_uid, heatmap.frame)
             if frame not in displays:
-                displays[frame] = source_display(originals[heatmap.sop_instance_uid], heatmap.frame)
+                displays[frame] = source_display(source, heatmap.frame)
             key = (heatmap.sop_instance_uid, heatmap.frame, heatmap.label, heatmap.method)
             overlays[key] = secondary_capture(source, heatmap, producer, number, displays[frame])
         results += overlays.values()

@@ -141,6 +141,8 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
         sop_instance_uid=producer.instance_uid("sc", series, heatmap.method, source.SOPInstanceUID,
                                                str(heatmap.frame), heatmap.label),
         instance_number=instance_number, manufacturer=producer.manufacturer,
+        # highdicom insists on an orientation for the PATIENT coordinate system; the real one (or
+        # none) is set right after
         pixel_spacing=pixel_spacing(source), patient_orientation=orientation(source) or ("L", "F"),
         laterality=source.get("Laterality") or None,
         **patient_and_study(source),

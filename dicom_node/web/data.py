@@ -5,13 +5,14 @@ functions as the CLI (``JobQueue.requeue``, ``Outbox.retry``)."""
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dicom_node.export import Outbox
 from dicom_node.inference import ModelRegistry
-from dicom_node.jobs.queue import Job, JobQueue
+from dicom_node.jobs.queue import JobQueue
 from dicom_node.store.db import DATABASE_NAME
 
 
@@ -24,22 +25,19 @@ class Sources:
     outbox: Outbox
     registry: ModelRegistry
     devices: list[str]
-    ready: Any  # () -> str | None: None when ready, else why not
+    ready: Callable[[], str | None]  # None when ready, else why not
 
 
-def _db(data_dir: Path) -> sqlite3.Connection:
+def read_only(data_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{data_dir / DATABASE_NAME}?mode=ro", uri=True, timeout=10)
     conn.row_factory = sqlite3.Row
     return conn
 
 
-def job_dict(job: Job) -> dict[str, Any]:
-    return record_dict(job)
-
 
 def overview(src: Sources) -> dict[str, Any]:
     hour_ago = time.time() - 3600
-    with _db(src.data_dir) as conn:
+    with read_only(src.data_dir) as conn:
         counts = conn.execute(
             "SELECT (SELECT COUNT(*) FROM studies), (SELECT COUNT(*) FROM series), "
             "(SELECT COUNT(*) FROM instances), (SELECT COALESCE(SUM(size_bytes), 0) "
@@ -85,7 +83,7 @@ def overview(src: Sources) -> dict[str, Any]:
 def studies(src: Sources, query: str = "", limit: int = 200) -> list[dict[str, Any]]:
     """Studies, newest first; ``query`` matches a part of the Study or Series Instance UID."""
     like = f"%{query}%"
-    with _db(src.data_dir) as conn:
+    with read_only(src.data_dir) as conn:
         rows = conn.execute(
             "SELECT s.study_instance_uid, s.first_received_at, s.last_received_at, "
             "COUNT(DISTINCT r.series_instance_uid) AS series, "
@@ -104,7 +102,7 @@ def studies(src: Sources, query: str = "", limit: int = 200) -> list[dict[str, A
 def study(src: Sources, uid: str) -> dict[str, Any] | None:
     """One study: its series, each series' jobs (state, timings, predictions, explanations,
     outputs) and the delivery of every result."""
-    with _db(src.data_dir) as conn:
+    with read_only(src.data_dir) as conn:
         head = conn.execute("SELECT * FROM studies WHERE study_instance_uid = ?", (uid,)).fetchone()
         if head is None:
             return None
@@ -133,7 +131,7 @@ def study(src: Sources, uid: str) -> dict[str, Any] | None:
                 (uid,),
             ).fetchall()
         ]
-    jobs = [job_dict(j) for j in (src.queue.get(i) for i in job_ids) if j is not None]
+    jobs = [record_dict(j) for j in (src.queue.get(i) for i in job_ids) if j is not None]
     for s in series:
         s["jobs"] = [j for j in jobs if j["series_instance_uid"] == s["series_instance_uid"]]
     return {
@@ -182,7 +180,7 @@ def models(src: Sources) -> list[dict[str, Any]]:
 def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, Any]]:
     from dicom_node.jobs.queue import JobState
 
-    return [job_dict(j) for j in src.queue.list(JobState(state) if state else None, limit)]
+    return [record_dict(j) for j in src.queue.list(JobState(state) if state else None, limit)]
 
 
 def record_dict(record: Any) -> dict[str, Any]:

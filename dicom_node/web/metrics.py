@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dicom_node import __version__
-from dicom_node.web.data import Sources, _db
+from dicom_node.web.data import Sources, read_only
 
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -66,7 +66,7 @@ class Metrics:
                 out.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
 
         metric("dicom_node_info", "gauge", "The node's version.", [({"version": __version__}, 1)])
-        with _db(src.data_dir) as conn:
+        with read_only(src.data_dir) as conn:
             received = conn.execute(
                 "SELECT calling_ae_title, COUNT(*), COALESCE(SUM(size_bytes), 0) "
                 "FROM instances GROUP BY calling_ae_title"

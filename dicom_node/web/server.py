@@ -114,7 +114,7 @@ class WebServer:
             return (
                 _missing(api, f"no job {m[1]}")
                 if job is None
-                else (200, "application/json", data.dumps(data.job_dict(job)))
+                else (200, "application/json", data.dumps(data.record_dict(job)))
             )
         if route == "/outbox":
             return _out(api, data.outbox(self.src, q.get("state") or None), pages.outbox)
@@ -136,7 +136,7 @@ class WebServer:
                 event, fields = job_requeued(job, "web")
                 self.audit.record(event, **fields)
                 if api:
-                    return 200, "application/json", data.dumps(data.job_dict(job))
+                    return 200, "application/json", data.dumps(data.record_dict(job))
                 return _back(f"/studies/{job.study_instance_uid}?requeued={job.id}&state={job.state.value}")
             if m := re.fullmatch(r"/outbox/(\d+)/retry", route):
                 record = self.src.outbox.retry(int(m[1]))
