@@ -74,7 +74,7 @@ def _exporter(tmp_path: Path, port: int, clock: Clock, ae_title: str = "PACS") -
 @pytest.mark.parametrize(("status", "outcome"), [
     (0x0000, Outcome.DELIVERED), (0xB000, Outcome.DELIVERED), (0xB007, Outcome.DELIVERED),
     (0x0107, Outcome.DELIVERED), (0xA700, Outcome.TRANSIENT), (0xA7FF, Outcome.TRANSIENT),
-    (None, Outcome.TRANSIENT), (0xA900, Outcome.PERMANENT), (0xC000, Outcome.PERMANENT),
+    (None, Outcome.NO_RESPONSE), (0xA900, Outcome.PERMANENT), (0xC000, Outcome.PERMANENT),
     (0x0110, Outcome.PERMANENT), (0x0122, Outcome.PERMANENT),
 ])
 def test_statuses_are_classified(status: int | None, outcome: Outcome) -> None:
