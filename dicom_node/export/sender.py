@@ -4,7 +4,7 @@ destination, and checks every response (PS3.4 B.2.3 statuses; PS3.8 A-ASSOCIATE-
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -159,15 +159,20 @@ class Exporter:
                           destination=record.destination, job=record.job_id, attempts=record.attempts + 1,
                           sends=record.sends, **fields)
 
-    def _associate(self, destination: Destination, records: list[OutboxRecord]) -> Association:
+    def _ae(self, destination: Destination, sop_classes: Collection[str]) -> AE:
+        """The requesting AE for ``destination``, with its timeouts and a context per SOP class."""
         ae = AE(ae_title=self.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         timeout = destination.timeout_seconds or self.settings.timeout_seconds
         ae.acse_timeout = ae.connection_timeout = destination.connect_timeout_seconds or timeout
         ae.dimse_timeout = ae.network_timeout = timeout
-        for sop_class in sorted({r.sop_class_uid for r in records})[:128]:
+        for sop_class in sorted(sop_classes)[:128]:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae
+
+    def _associate(self, destination: Destination, records: list[OutboxRecord]) -> Association:
+        ae = self._ae(destination, {r.sop_class_uid for r in records})
         return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, max_pdu=131072)
 
     def _send(self, destination: Destination, records: list[OutboxRecord],
