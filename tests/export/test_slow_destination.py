@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, evt
+from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import Destination, ExportSettings
@@ -38,7 +38,7 @@ class SlowPeer:
         self._lock = threading.Lock()
         self._release = threading.Event()  # ends every pending sleep at teardown
         self.ae = AE(ae_title="SLOW")
-        self.ae.add_supported_context(SecondaryCaptureImageStorage)
+        self.ae.supported_contexts = StoragePresentationContexts  # whatever the node makes
         self.server = self.ae.start_server(("127.0.0.1", 0), block=False,
                                            evt_handlers=[(evt.EVT_C_STORE, self._store)])
         self.port = self.server.server_address[1]
