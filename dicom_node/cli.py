@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     chosen = retry.add_mutually_exclusive_group(required=True)
     chosen.add_argument("id", type=int, nargs="?", help="the record to send again")
     chosen.add_argument("--dead", action="store_true", help="every dead record")
+    chosen.add_argument("--unconfirmed", action="store_true",
+                        help="every unconfirmed record (sent, never answered: the destination may hold it)")
 
     explain = commands.add_parser("explain", parents=[common],
                                   help="run the pipelines on files, without a network, writing the results")
@@ -217,7 +219,9 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
                     lines.append(f"{'':>63}{r.reason}")
             print("\n".join(lines), file=out)
             return 0
-        ids = [r.id for r in outbox.list(DeliveryState.DEAD, 100_000)] if args.dead else [args.id]
+        given_up = (DeliveryState.DEAD if args.dead
+                    else DeliveryState.UNCONFIRMED if args.unconfirmed else None)
+        ids = [r.id for r in outbox.list(given_up, 100_000)] if given_up else [args.id]
         for record_id in ids:
             event, fields = result_retried(outbox.retry(record_id), "cli")
             append_event(settings.node.data_dir / "audit", event, **fields)

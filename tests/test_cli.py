@@ -183,7 +183,10 @@ def test_outbox_commands_show_sends_and_unconfirmed_records(tmp_path: Path,
     header, line = capsys.readouterr().out.splitlines()[1:3]
     assert header.split()[:4] == ["ID", "STATE", "TRY", "SENT"]
     assert line.split()[:4] == ["1", "unconfirmed", "4", "4"]
-    assert main(["outbox", "retry", "1", "--config", str(config)]) == 0
+    assert main(["outbox", "retry", "--dead", "--config", str(config)]) == 0
+    assert "0 record(s) pending again" in capsys.readouterr().out
+    assert main(["outbox", "retry", "--unconfirmed", "--config", str(config)]) == 0
+    assert "1 record(s) pending again: 1" in capsys.readouterr().out
     outbox = Outbox(data / "index.sqlite")
     [record] = outbox.list()
     outbox.close()
