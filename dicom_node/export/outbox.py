@@ -171,13 +171,6 @@ class Outbox:
             rows = self._conn.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         return [_record(row) for row in rows]
 
-    def destinations(self) -> list[str]:
-        """The destinations of pending records."""
-        with self._lock:
-            rows = self._conn.execute("SELECT DISTINCT destination FROM outbox WHERE state = ?",
-                                      (DeliveryState.PENDING,)).fetchall()
-        return [row[0] for row in rows]
-
     def sending(self, record: OutboxRecord) -> OutboxRecord | None:
         """Count a C-STORE of ``record`` before it goes out; returns the record as it is now, for
         the updates that follow, or None if it changed meanwhile (it is not to be sent)."""

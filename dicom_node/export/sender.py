@@ -17,7 +17,7 @@ from pynetdicom.association import Association
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Destination, ExportSettings
-from dicom_node.export.outbox import Outbox, OutboxRecord
+from dicom_node.export.outbox import DeliveryState, Outbox, OutboxRecord
 from dicom_node.jobs.queue import QueuePolicy
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ class Exporter:
     def bury_unconfigured(self) -> int:
         """Pending records for a destination no longer configured are dead; returns how many."""
         buried = 0
-        for name in set(self.outbox.destinations()) - set(self.destinations):
-            reason = f"destination {name!r} is not configured"
-            for record in self.outbox.due(100_000, destination=name):
+        for record in self.outbox.list(DeliveryState.PENDING, 1_000_000):
+            if record.destination not in self.destinations:
+                reason = f"destination {record.destination!r} is not configured"
                 if self.outbox.dead(record, reason):
                     self._audit("result_dead", record, reason=reason)
                     buried += 1
