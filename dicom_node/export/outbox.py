@@ -11,9 +11,9 @@ States::
        |      \\--data error or permanent rejection, no attempts left--> dead (with the reason)
        +-- retry (operator) -- dead | delivered | unconfirmed
 
-``sends`` counts the C-STORE requests of a record that went out (counted before each one leaves,
-so a send cut short by a crash counts too, and never reset); ``timeouts`` counts the sends since
-the last reset that got no response.
+``sends`` counts the C-STORE requests of a record (each counted before it leaves, so a send cut
+short by a crash counts too; never reset). ``timeouts`` counts those that got no response since
+the record was last queued by a job or retried by an operator.
 
 A job that runs again after a crash enqueues the same instances (their UIDs derive from the
 inputs): a record the same job already enqueued keeps its state, so nothing is sent twice. A new
