@@ -5,6 +5,7 @@ Times are scaled down from the field report (a PACS taking 40 s per store agains
 timeout): here a store takes 4 s against a 1 s timeout.
 """
 
+import socket
 import sqlite3
 import threading
 import time
@@ -255,3 +256,23 @@ def test_an_outbox_of_the_old_schema_opens_and_gains_the_new_columns(tmp_path: P
     version = conn.execute("SELECT version FROM schema_versions WHERE component = 'outbox'").fetchone()
     conn.close()
     assert {"sends", "timeouts"} <= columns and version == (len(_MIGRATIONS),)
+
+
+def test_a_destination_that_never_answers_the_association_is_retried_and_nothing_counts_as_sent(
+        tmp_path: Path) -> None:
+    with socket.socket() as silent:  # the kernel completes the TCP handshake; nobody ever reads
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        destination = Destination("silent", "SILENT", "127.0.0.1", port, connect_timeout_seconds=0.5)
+        exporter = Exporter(Outbox(tmp_path / "db.sqlite"), [destination], replace(SETTINGS, timeout_seconds=5.0),
+                            "XAI_NODE")
+        exporter.outbox.enqueue(1, _results(tmp_path, 2), ["silent"])
+        started = time.monotonic()
+        assert exporter.send_due() == 0
+        took = time.monotonic() - started
+    assert took < 3  # its connect timeout (0.5 s), once for both records; not the 5 s timeout
+    for record in exporter.outbox.list():
+        assert record.state == DeliveryState.PENDING and record.attempts == 1
+        assert (record.sends, record.timeouts) == (0, 0) and "no association" in record.reason
+    exporter.outbox.close()
