@@ -66,13 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     outbox = commands.add_parser("outbox", help="results waiting for, or given up by, their destinations")
     outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
     pending = outbox_commands.add_parser("list", parents=[common], help="outbox records, newest first")
-    pending.add_argument("--state", choices=["pending", "delivered", "dead"], help="only this state")
+    pending.add_argument("--state", choices=["pending", "delivered", "dead", "unconfirmed"],
+                         help="only this state")
     pending.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     retry = outbox_commands.add_parser("retry", parents=[common],
-                                       help="send dead (or delivered) records again")
+                                       help="send dead, unconfirmed (or delivered) records again")
     chosen = retry.add_mutually_exclusive_group(required=True)
     chosen.add_argument("id", type=int, nargs="?", help="the record to send again")
     chosen.add_argument("--dead", action="store_true", help="every dead record")
+    chosen.add_argument("--unconfirmed", action="store_true",
+                        help="every unconfirmed record (sent, never answered: the destination may hold it)")
 
     explain = commands.add_parser("explain", parents=[common],
                                   help="run the pipelines on files, without a network, writing the results")
@@ -207,16 +210,18 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
         if args.outbox_command == "list":
             records = outbox.list(args.state, args.limit)
             counts = ", ".join(f"{n} {state}" for state, n in sorted(outbox.counts().items())) or "empty"
-            lines = [f"outbox: {counts}", f"{'ID':>5}  {'STATE':<9} {'TRY':>3}  {'DESTINATION':<12} "
-                                          f"{'UPDATED':<19}  SOP INSTANCE / REASON"]
+            lines = [f"outbox: {counts}", f"{'ID':>5}  {'STATE':<11} {'TRY':>3} {'SENT':>4}  "
+                                          f"{'DESTINATION':<12} {'UPDATED':<19}  SOP INSTANCE / REASON"]
             for r in records:
-                lines.append(f"{r.id:>5}  {r.state:<9} {r.attempts:>3}  {r.destination:<12} "
+                lines.append(f"{r.id:>5}  {r.state:<11} {r.attempts:>3} {r.sends:>4}  {r.destination:<12} "
                              f"{_when(r.updated_at):<19}  {r.sop_instance_uid}")
                 if r.reason:
-                    lines.append(f"{'':>54}{r.reason}")
+                    lines.append(f"{'':>63}{r.reason}")
             print("\n".join(lines), file=out)
             return 0
-        ids = [r.id for r in outbox.list(DeliveryState.DEAD, 100_000)] if args.dead else [args.id]
+        given_up = (DeliveryState.DEAD if args.dead
+                    else DeliveryState.UNCONFIRMED if args.unconfirmed else None)
+        ids = [r.id for r in outbox.list(given_up, 100_000)] if given_up else [args.id]
         for record_id in ids:
             event, fields = result_retried(outbox.retry(record_id), "cli")
             append_event(settings.node.data_dir / "audit", event, **fields)

@@ -191,6 +191,7 @@ class ExportSettings:
     max_backoff_seconds: float = field(default=300.0, metadata=_check(_non_negative))
     timeout_seconds: float = field(default=30.0, metadata=_check(_positive))
     poll_seconds: float = field(default=1.0, metadata=_check(_positive))
+    max_unconfirmed: int = field(default=3, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,9 @@ class Destination:
     ae_title: str = field(metadata=_check(_ae_title))
     host: str = field(metadata=_check(_nonempty))
     port: int = field(metadata=_check(_peer_port))
+    # None: [export].timeout_seconds; connect_timeout_seconds then defaults to timeout_seconds
+    timeout_seconds: float | None = field(default=None, metadata=_check(_positive))
+    connect_timeout_seconds: float | None = field(default=None, metadata=_check(_positive))
 
 
 PIPELINE_MATCH_KEYS = frozenset(
@@ -334,7 +338,10 @@ def _coerce(hint: Any, raw: Any) -> Any:
             raise ValueError("a list")
         (inner, _ellipsis) = typing.get_args(hint)
         return tuple(_coerce(inner, item) for item in raw)
-    if origin is dict or origin is types.UnionType:
+    if origin is types.UnionType:  # an optional key (``X | None``): TOML has no null, so an X
+        inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _coerce(inner[0], raw) if len(inner) == 1 else raw
+    if origin is dict:
         return raw
     if hint is ByteSize:
         return _byte_size(raw)

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from dicom_node import pipeline
 from dicom_node.audit import AuditTrail, Fanout
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
-from dicom_node.export import Exporter, Outbox
+from dicom_node.export import DestinationWorker, Exporter, Outbox
 from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.ingest.scp import IngestServer, start_ingest
 from dicom_node.jobs.queue import JobQueue, QueuePolicy
@@ -91,7 +91,8 @@ def tick_interval(stable_seconds: float) -> float:
 
 
 class Node:
-    """The whole node in one process: SCP threads, a scheduler thread and worker threads."""
+    """The whole node in one process: SCP threads, a scheduler thread, worker threads and an
+    exporter thread per destination."""
 
     def __init__(
         self, settings: Settings, steps: Sequence[tuple[str, pipeline.Step]] | None = None,
@@ -101,7 +102,7 @@ class Node:
         self.steps = list(steps) if steps is not None else pipeline.default_steps()
         self.clock = clock
         self._stop = threading.Event()
-        self._export_due = threading.Event()  # set when a job has put results in the outbox
+        self._exporters: dict[str, DestinationWorker] = {}  # one per destination, woken by the outbox
         self._work_due = threading.Event()  # set when the scheduler has queued jobs
         self._threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
@@ -128,9 +129,10 @@ class Node:
                              s.jobs.max_backoff_seconds, s.jobs.lease_seconds)
         self.queue = JobQueue(self.backend, policy, clock=self.clock)
         self.outbox = Outbox(s.node.data_dir / DATABASE_NAME, clock=self.clock,
-                             on_enqueue=self._export_due.set)
+                             on_enqueue=self._wake_exporters)
         self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock,
                                  audit=self.audit)
+        self.exporter.bury_unconfigured()  # a destination removed from the config since the last run
         released = self.queue.release_running()
         if released:
             logger.warning("%d job(s) interrupted by the last stop are queued again", released)
@@ -143,7 +145,9 @@ class Node:
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
-        self._spawn("exporter", self._export_loop)
+        for exporter in self.exporter.workers():
+            self._exporters[exporter.name] = exporter
+            self._spawn(f"exporter-{exporter.name}", partial(exporter.run_until, self._stop))
         self.web: WebServer | None = None
         if s.web.enabled:
             sources = Sources(s.node.data_dir, self.queue, self.outbox, self.registry,
@@ -196,17 +200,11 @@ class Node:
             except Exception:
                 logger.exception("scheduler tick failed; trying again")
 
-    def _export_loop(self) -> None:
-        """A pass when a job has enqueued results, and every ``export.poll_seconds`` for retries."""
-        while not self._stop.is_set():
-            self._export_due.wait(self.settings.export.poll_seconds)
-            self._export_due.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.exporter.send_due(self._stop)
-            except Exception:
-                logger.exception("export pass failed; trying again")
+    def _wake_exporters(self, destinations: Collection[str]) -> None:
+        """Results were queued for ``destinations``: their exporters need not wait for the poll."""
+        for name in destinations:
+            if name in self._exporters:
+                self._exporters[name].wake()
 
     def stop(self) -> None:
         """Stop receiving and starting jobs, let running jobs finish within the grace, release the
@@ -215,7 +213,8 @@ class Node:
         self._stop.set()  # no new jobs from here on
         if getattr(self, "web", None) is not None:
             self.web.stop()  # type: ignore[union-attr]
-        self._export_due.set()
+        for exporter in self._exporters.values():
+            exporter.wake()
         self._work_due.set()
         if self.ingest is not None:
             self.ingest.stop(s.ingest.shutdown_grace_seconds)

@@ -159,6 +159,40 @@ def test_jobs_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "only failed, dead or done jobs" in capsys.readouterr().err
 
 
+def test_outbox_commands_show_sends_and_unconfirmed_records(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.export import DeliveryState, Outbox, Result
+
+    data = tmp_path / "data"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data}"\n')
+    data.mkdir()
+    outbox = Outbox(data / "index.sqlite")
+    outbox.enqueue(1, [Result("1.2.3.4", "1.2.840.10008.5.1.4.1.1.7", "1.2.3", data / "x.dcm")], ["pacs"])
+    [record] = outbox.due()
+    for _ in range(3):  # three sends, none answered
+        sent = outbox.sending(record)
+        assert sent is not None
+        assert outbox.retry_later(sent, "pacs: no response (timeout or abort)", 0.0, timed_out=True)
+        [record] = outbox.due()
+    sent = outbox.sending(record)
+    assert sent is not None and outbox.unconfirmed(sent, "pacs: no response (timeout or abort)")
+    outbox.close()
+
+    assert main(["outbox", "list", "--state", "unconfirmed", "--config", str(config)]) == 0
+    header, line = capsys.readouterr().out.splitlines()[1:3]
+    assert header.split()[:4] == ["ID", "STATE", "TRY", "SENT"]
+    assert line.split()[:4] == ["1", "unconfirmed", "4", "4"]
+    assert main(["outbox", "retry", "--dead", "--config", str(config)]) == 0
+    assert "0 record(s) pending again" in capsys.readouterr().out
+    assert main(["outbox", "retry", "--unconfirmed", "--config", str(config)]) == 0
+    assert "1 record(s) pending again: 1" in capsys.readouterr().out
+    outbox = Outbox(data / "index.sqlite")
+    [record] = outbox.list()
+    outbox.close()
+    assert (record.state, record.sends, record.timeouts) == (DeliveryState.PENDING, 4, 0)
+
+
 EXPLAIN_CONFIG = """
 [models]
 dir = "{models}"

@@ -39,6 +39,18 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert load_settings(path, environ=env).node.port == 2000
 
 
+DESTINATION = '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 104\n'
+
+
+def test_destination_timeouts_are_optional(tmp_path: Path) -> None:
+    text = DESTINATION + "timeout_seconds = 45\n" + DESTINATION.replace('"a"', '"b"') + "[export]\nmax_unconfirmed = 2\n"
+    settings = load_settings(write(tmp_path, text), environ={})
+    own, plain = settings.destinations
+    assert (own.timeout_seconds, own.connect_timeout_seconds) == (45.0, None)
+    assert (plain.timeout_seconds, plain.connect_timeout_seconds) == (None, None)
+    assert settings.export.max_unconfirmed == 2
+
+
 def test_environment_lists_and_config_path(tmp_path: Path) -> None:
     path = write(tmp_path, "")
     env = {"DICOM_NODE_CONFIG": str(path), "DICOM_NODE_NODE_ALLOWED_PEERS": '["CT01", "MR@10.1.2.3"]'}
@@ -76,6 +88,11 @@ def test_environment_lists_and_config_path(tmp_path: Path) -> None:
         ("[workers]\nshutdown_grace_seconds = inf\n", {}, "expected a finite number"),
         ("[study]\nstable_seconds = nan\n", {}, "expected a finite number"),
         ("", {"DICOM_NODE_JOBS_LEASE_SECONDS": "inf"}, "expected a finite number"),
+        (DESTINATION + 'timeout_seconds = "slow"\n', {}, "'destinations[0].timeout_seconds' = 'slow' is invalid; "
+         "expected a finite number"),
+        (DESTINATION + "connect_timeout_seconds = 0\n", {}, "'destinations[0].connect_timeout_seconds' = 0 is "
+         "invalid; expected a number greater than 0"),
+        ("[export]\nmax_unconfirmed = 0\n", {}, "'export.max_unconfirmed' = 0 is invalid"),
     ],
 )
 def test_mistakes_name_the_source_key_value_and_expectation(

@@ -4,10 +4,16 @@
 States::
 
     pending --sent, success or warning--> delivered
-       ^  \\--transient failure (busy, down, timeout)--> pending (not before now + backoff)
-       |   \\--data error or permanent rejection, attempts left--> pending (backoff)
-       |    \\--data error or permanent rejection, no attempts left--> dead (with the reason)
-       +-- retry (operator) -- dead | delivered
+       ^  \\--transient failure (busy, down, refused)--> pending (not before now + backoff)
+       |   \\--sent, no response (timeout, abort), unconfirmed sends left--> pending (backoff)
+       |    \\--sent, no response, no unconfirmed sends left--> unconfirmed (the PACS may hold it)
+       |     \\--data error or permanent rejection, attempts left--> pending (backoff)
+       |      \\--data error or permanent rejection, no attempts left--> dead (with the reason)
+       +-- retry (operator) -- dead | delivered | unconfirmed
+
+``sends`` counts the C-STORE requests of a record (each counted before it leaves, so a send cut
+short by a crash counts too; never reset). ``timeouts`` counts those that got no response since
+the record was last queued by a job or retried by an operator.
 
 A job that runs again after a crash enqueues the same instances (their UIDs derive from the
 inputs): a record the same job already enqueued keeps its state, so nothing is sent twice. A new
@@ -17,9 +23,9 @@ job (the series changed) makes them pending again.
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -47,9 +53,15 @@ _MIGRATIONS = (
     );
     CREATE INDEX outbox_due ON outbox (state, not_before)
     """,
+    # 2: how often each record went out, and how many of those went unanswered
+    """
+    ALTER TABLE outbox ADD COLUMN sends INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN timeouts INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX outbox_destination_due ON outbox (destination, state, not_before)
+    """,
 )
 _COLUMNS = ("id, sop_instance_uid, destination, sop_class_uid, study_instance_uid, path, job_id, state, "
-            "attempts, not_before, reason, created_at, updated_at, delivered_at")
+            "attempts, not_before, reason, created_at, updated_at, delivered_at, sends, timeouts")
 
 
 _UPSERT = (
@@ -57,7 +69,7 @@ _UPSERT = (
     "job_id, state, attempts, not_before, reason, created_at, updated_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, '', ?, ?) "
     "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET path = excluded.path, "
-    "job_id = excluded.job_id, state = excluded.state, attempts = 0, "
+    "job_id = excluded.job_id, state = excluded.state, attempts = 0, timeouts = 0, "
     "not_before = excluded.not_before, reason = '', updated_at = excluded.updated_at"
 )
 
@@ -66,6 +78,7 @@ class DeliveryState(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     DEAD = "dead"
+    UNCONFIRMED = "unconfirmed"  # sent, never answered, given up: the destination may hold it
 
 
 class OutboxError(DicomNodeError):
@@ -88,6 +101,8 @@ class OutboxRecord:
     created_at: float
     updated_at: float
     delivered_at: float
+    sends: int = 0
+    timeouts: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,12 +119,13 @@ class Outbox:
     """The outbox records; thread-safe. Policy (when to retry, when to give up) lives in the exporter."""
 
     def __init__(self, database: Path, clock: Callable[[], float] = time.time,
-                 on_enqueue: Callable[[], None] | None = None) -> None:
+                 on_enqueue: Callable[[Collection[str]], None] | None = None) -> None:
         self._conn = connect(database)
         migrate(self._conn, "outbox", _MIGRATIONS)
         self._lock = threading.Lock()
         self.clock = clock
-        self.on_enqueue = on_enqueue  # wakes the exporter: a new result need not wait for its poll
+        # wakes the destinations' exporters: a new result need not wait for their poll
+        self.on_enqueue = on_enqueue
 
     def close(self) -> None:
         self._conn.close()
@@ -128,7 +144,7 @@ class Outbox:
     def enqueue(self, job_id: int, results: Sequence[Result], destinations: Sequence[str]) -> int:
         """Add a record per result and destination; returns how many became pending."""
         now = self.clock()
-        added = 0
+        count, added = 0, set[str]()
         with self._transaction() as conn:
             for r in results:
                 for destination in destinations:
@@ -139,18 +155,29 @@ class Outbox:
                     conn.execute(_UPSERT, (r.sop_instance_uid, destination, r.sop_class_uid,
                                            r.study_instance_uid, str(r.path), job_id, DeliveryState.PENDING,
                                            now, now, now))
-                    added += 1
+                    added.add(destination)
+                    count += 1
         if added and self.on_enqueue is not None:
-            self.on_enqueue()
-        return added
+            self.on_enqueue(added)
+        return count
 
-    def due(self, limit: int = 500) -> list[OutboxRecord]:
-        """Pending records whose time has come, oldest first."""
+    def due(self, limit: int = 500, destination: str | None = None) -> list[OutboxRecord]:
+        """Pending records whose time has come (for one destination, or all), oldest first."""
+        query = f"SELECT {_COLUMNS} FROM outbox WHERE state = ? AND not_before <= ?"
+        args: tuple = (DeliveryState.PENDING, self.clock())
+        if destination is not None:
+            query, args = query + " AND destination = ?", (*args, destination)
         with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE state = ? AND not_before <= ? ORDER BY id LIMIT ?",
-                (DeliveryState.PENDING, self.clock(), limit)).fetchall()
+            rows = self._conn.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         return [_record(row) for row in rows]
+
+    def sending(self, record: OutboxRecord) -> OutboxRecord | None:
+        """Count a C-STORE of ``record`` before it goes out; returns the record as it is now, for
+        the updates that follow, or None if it changed meanwhile (it is not to be sent)."""
+        now = self.clock()
+        if not self._update("sends = sends + 1, updated_at = ?", (now,), record):
+            return None
+        return replace(record, sends=record.sends + 1, updated_at=now)
 
     def delivered(self, record: OutboxRecord, note: str = "") -> bool:
         """Mark ``record`` (as it was read) delivered; False if it changed meanwhile (a newer job
@@ -160,16 +187,23 @@ class Outbox:
             "state = ?, attempts = attempts + 1, reason = ?, delivered_at = ?, updated_at = ?",
             (DeliveryState.DELIVERED, note, now, now), record)
 
-    def retry_later(self, record: OutboxRecord, reason: str, not_before: float) -> bool:
-        return self._update("attempts = attempts + 1, reason = ?, not_before = ?, updated_at = ?",
-                            (reason, not_before, self.clock()), record)
+    def retry_later(self, record: OutboxRecord, reason: str, not_before: float,
+                    timed_out: bool = False) -> bool:
+        """Another attempt not before ``not_before``; ``timed_out``: it went out and got no answer."""
+        return self._update("attempts = attempts + 1, timeouts = timeouts + ?, reason = ?, not_before = ?, "
+                            "updated_at = ?", (int(timed_out), reason, not_before, self.clock()), record)
+
+    def unconfirmed(self, record: OutboxRecord, reason: str) -> bool:
+        """Give up a record that went out and was never answered (it is not sent again by itself)."""
+        return self._update("state = ?, attempts = attempts + 1, timeouts = timeouts + 1, reason = ?, "
+                            "updated_at = ?", (DeliveryState.UNCONFIRMED, reason, self.clock()), record)
 
     def dead(self, record: OutboxRecord, reason: str) -> bool:
         return self._update("state = ?, attempts = attempts + 1, reason = ?, updated_at = ?",
                             (DeliveryState.DEAD, reason, self.clock()), record)
 
     def retry(self, record_id: int) -> OutboxRecord:
-        """Send a dead or delivered record again, now (an operator's action)."""
+        """Send a dead, unconfirmed or delivered record again, now (an operator's action)."""
         with self._transaction() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (record_id,)).fetchone()
             if row is None:
@@ -177,8 +211,8 @@ class Outbox:
             if row[7] == DeliveryState.PENDING:
                 raise OutboxError(f"outbox record {record_id} is pending already")
             now = self.clock()
-            conn.execute("UPDATE outbox SET state = ?, attempts = 0, not_before = ?, reason = ?, "
-                         "updated_at = ? WHERE id = ?",
+            conn.execute("UPDATE outbox SET state = ?, attempts = 0, timeouts = 0, not_before = ?, "
+                         "reason = ?, updated_at = ? WHERE id = ?",
                          (DeliveryState.PENDING, now, "retry requested", now, record_id))
         return self.get(record_id)
 

@@ -1,11 +1,10 @@
-"""The exporter: sends due outbox records, one association per destination, and checks every
-response (PS3.4 B.2.3 statuses; PS3.8 A-ASSOCIATE-RJ results)."""
+"""The exporter: sends due outbox records, one thread and one association at a time per
+destination, and checks every response (PS3.4 B.2.3 statuses; PS3.8 A-ASSOCIATE-RJ results)."""
 
 import logging
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from pynetdicom.association import Association
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Destination, ExportSettings
-from dicom_node.export.outbox import Outbox, OutboxRecord
+from dicom_node.export.outbox import DeliveryState, Outbox, OutboxRecord
+from dicom_node.jobs.queue import QueuePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +29,15 @@ WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 class Outcome(Enum):
     DELIVERED = "delivered"
     TRANSIENT = "transient"  # retried with backoff for as long as it takes
+    NO_RESPONSE = "no response"  # sent, never answered: retried max_unconfirmed times, then unconfirmed
     PERMANENT = "permanent"  # retried max_attempts times, then dead
 
 
 def classify(status: int | None) -> Outcome:
     """What a C-STORE response status means for the record (None: no response at all)."""
-    if status is None or 0xA700 <= status <= 0xA7FF:  # timeout/abort, or out of resources
+    if status is None:  # timed out or aborted after the request went out: the PACS may hold it
+        return Outcome.NO_RESPONSE
+    if 0xA700 <= status <= 0xA7FF:  # out of resources
         return Outcome.TRANSIENT
     if status == 0x0000 or status in WARNINGS or 0xB000 <= status <= 0xBFFF:  # every 0xBxxx is a warning
         return Outcome.DELIVERED
@@ -61,7 +64,11 @@ def _printable(text: str, limit: int = 64) -> str:
 
 
 class Exporter:
-    """Delivers outbox records to the configured destinations."""
+    """Delivers outbox records to the configured destinations, each destination on its own.
+
+    ``serve`` runs one :class:`DestinationWorker` per destination (see :meth:`workers`), so a slow
+    or dead destination delays no other; :meth:`send_due` is one pass over all of them in turn.
+    """
 
     def __init__(self, outbox: Outbox, destinations: Sequence[Destination], settings: ExportSettings,
                  ae_title: str, clock: Callable[[], float] = time.time, audit: Audit | None = None) -> None:
@@ -71,77 +78,124 @@ class Exporter:
         self.ae_title = ae_title
         self.clock = clock
         self.audit = audit or NO_AUDIT
+        # the job queue's retry policy; only its backoff is used (the exporter's give-up rules differ)
+        self._policy = QueuePolicy(settings.max_attempts, settings.backoff_seconds,
+                                   settings.max_backoff_seconds)
         # Send result files as they are on disk (no decode and re-encode of a 12 MB overlay) when
         # the destination accepted their transfer syntax; this process only ever sends results.
         _config.STORE_SEND_CHUNKED_DATASET = True
 
+    def workers(self) -> list["DestinationWorker"]:
+        """One worker per configured destination, for a thread each."""
+        return [DestinationWorker(self, name, self.settings.poll_seconds) for name in self.destinations]
+
     def send_due(self, stop: threading.Event | None = None) -> int:
-        """One pass: every due record, grouped per destination; returns how many were delivered.
-        With ``stop`` set, the pass ends after the record in hand (the rest stay pending)."""
-        groups: dict[str, list[OutboxRecord]] = defaultdict(list)
-        for record in self.outbox.due():
-            groups[record.destination].append(record)
+        """One pass: every destination's due records, one destination after the other; returns how
+        many were delivered. With ``stop`` set, the pass ends after the record in hand."""
+        self.bury_unconfigured()
         delivered = 0
-        for name, records in groups.items():
+        for name in self.destinations:
             if stop is not None and stop.is_set():
                 break
             try:
-                delivered += self._send(name, records, stop)
+                delivered += self.send_to(name, stop)
             except Exception:  # one destination's trouble must not hold up the others
                 logger.exception("export to %s failed unexpectedly", name)
         return delivered
 
+    def bury_unconfigured(self) -> int:
+        """Pending records for a destination no longer configured are dead; returns how many."""
+        buried = 0
+        for record in self.outbox.list(DeliveryState.PENDING, 1_000_000):
+            if record.destination not in self.destinations:
+                reason = f"destination {record.destination!r} is not configured"
+                if self.outbox.dead(record, reason):
+                    self._audit("result_dead", record, reason=reason)
+                    buried += 1
+        return buried
+
+    def send_to(self, name: str, stop: threading.Event | None = None) -> int:
+        """Send ``name``'s due records; returns how many were delivered.
+
+        An association lost mid-pass (a store that timed out) leaves the records after it untried:
+        they go on a new association at once, so one slow record never starves the next ones.
+        """
+        delivered = 0
+        while stop is None or not stop.is_set():
+            records = self.outbox.due(destination=name)
+            if not records:
+                break
+            sent, untried = self._send(self.destinations[name], records, stop)
+            delivered += sent
+            if not untried or len(untried) == len(records):
+                break  # all done, or no progress (the rest wait for their backoff or the stop)
+        return delivered
+
     def _backoff(self, attempts: int) -> float:
-        s = self.settings
-        return self.clock() + min(s.max_backoff_seconds, s.backoff_seconds * 2 ** min(attempts, 30))
+        return self.clock() + self._policy.backoff(min(attempts, 60) + 1)
 
     def _failed(self, record: OutboxRecord, outcome: Outcome, reason: str) -> None:
-        if outcome is Outcome.PERMANENT and record.attempts + 1 >= self.settings.max_attempts:
+        if outcome is Outcome.NO_RESPONSE and record.timeouts + 1 >= self.settings.max_unconfirmed:
+            if self.outbox.unconfirmed(record, reason):
+                self._audit("result_unconfirmed", record, reason=reason)
+            logger.error("outbox record %d: %s to %s is unconfirmed after %d sends without a response "
+                         "(the destination may hold it; outbox retry sends it again): %s", record.id,
+                         record.sop_instance_uid, record.destination, record.timeouts + 1, reason)
+        elif outcome is Outcome.PERMANENT and record.attempts + 1 >= self.settings.max_attempts:
             if self.outbox.dead(record, reason):
                 self._audit("result_dead", record, reason=reason)
-            logger.error("result %s to %s is dead after %d attempts: %s", record.sop_instance_uid,
-                         record.destination, record.attempts + 1, reason)
+            logger.error("outbox record %d: %s to %s is dead after %d attempts: %s", record.id,
+                         record.sop_instance_uid, record.destination, record.attempts + 1, reason)
         else:
-            if self.outbox.retry_later(record, reason, self._backoff(record.attempts)):
+            timed_out = outcome is Outcome.NO_RESPONSE
+            if self.outbox.retry_later(record, reason, self._backoff(record.attempts), timed_out):
                 self._audit("result_deferred", record, reason=reason)
-            logger.warning("result %s to %s not delivered (attempt %d), will retry: %s",
+            logger.warning("outbox record %d: %s to %s not delivered (attempt %d), will retry: %s", record.id,
                            record.sop_instance_uid, record.destination, record.attempts + 1, reason)
 
     def _audit(self, event: str, record: OutboxRecord, **fields: str) -> None:
         self.audit.record(event, study_instance_uid=record.study_instance_uid,
                           sop_instance_uid=record.sop_instance_uid, sop_class_uid=record.sop_class_uid,
                           destination=record.destination, job=record.job_id, attempts=record.attempts + 1,
-                          **fields)
+                          sends=record.sends, **fields)
 
-    def _send(self, name: str, records: list[OutboxRecord], stop: threading.Event | None) -> int:
-        destination = self.destinations.get(name)
-        if destination is None:
-            for record in records:
-                if self.outbox.dead(record, f"destination {name!r} is not configured"):
-                    self._audit("result_dead", record, reason=f"destination {name!r} is not configured")
-            return 0
+    def _ae(self, destination: Destination, sop_classes: Collection[str]) -> AE:
+        """The requesting AE for ``destination``, with its timeouts and a context per SOP class."""
         ae = AE(ae_title=self.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        timeout = self.settings.timeout_seconds
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-        for sop_class in sorted({r.sop_class_uid for r in records})[:128]:
+        timeout = destination.timeout_seconds or self.settings.timeout_seconds
+        ae.acse_timeout = ae.connection_timeout = destination.connect_timeout_seconds or timeout
+        ae.dimse_timeout = ae.network_timeout = timeout
+        for sop_class in sorted(sop_classes)[:128]:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             max_pdu=131072)
+        return ae
+
+    def _associate(self, destination: Destination, records: list[OutboxRecord]) -> Association:
+        ae = self._ae(destination, {r.sop_class_uid for r in records})
+        return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, max_pdu=131072)
+
+    def _send(self, destination: Destination, records: list[OutboxRecord],
+              stop: threading.Event | None) -> tuple[int, list[OutboxRecord]]:
+        """One association: returns how many were delivered and the records left untried."""
+        name = destination.name
+        assoc = self._associate(destination, records)
         if not assoc.is_established:
             outcome, reason = _association_failure(assoc)
             for record in records:
                 self._failed(record, outcome, f"{name}: {reason}")
-            return 0
+            return 0, []
         delivered = 0
         try:
-            for record in records:
+            for i, record in enumerate(records):
                 if stop is not None and stop.is_set():
-                    break  # the node is stopping: the rest stay pending
-                if not assoc.is_established:
-                    self._failed(record, Outcome.TRANSIENT, f"{name}: association lost")
-                    continue
+                    return delivered, records[i:]
+                if not assoc.is_established and i > 0:
+                    return delivered, records[i:]  # lost after a store that timed out: a new one for these
+                if not assoc.is_established:  # lost before any store: these wait for their backoff
+                    for rest in records:
+                        self._failed(rest, Outcome.TRANSIENT, f"{name}: association lost")
+                    return 0, []
                 try:
                     delivered += self._store(assoc, name, record)
                 except Exception as exc:  # e.g. a damaged result file: this record, not the pass
@@ -150,9 +204,13 @@ class Exporter:
         finally:
             if assoc.is_established:
                 assoc.release()
-        return delivered
+        return delivered, []
 
     def _store(self, assoc: Association, name: str, record: OutboxRecord) -> int:
+        current = self.outbox.sending(record)  # counted before it goes out: a crash mid-send counts
+        if current is None:
+            return 0  # reset by a newer job or an operator since it was read: the next pass takes it
+        record = current
         try:
             response = assoc.send_c_store(Path(record.path))
         except (OSError, InvalidDicomError) as exc:
@@ -167,14 +225,42 @@ class Exporter:
         status = int(response.Status) if "Status" in response else None
         outcome = classify(status)
         if outcome is Outcome.DELIVERED:
-            note = "" if status == 0 else f"warning 0x{status:04X}"
-            if note:
-                logger.warning("result %s to %s stored with %s", record.sop_instance_uid, name, note)
-            if not self.outbox.delivered(record, note):
-                return 0  # reset by a newer job meanwhile: it goes again with the new content
-            self._audit("result_delivered", record, status=f"0x{status or 0:04X}")
-            return 1
+            return self._delivered(record, name, status or 0)
         comment = f": {_printable(str(response.ErrorComment))}" if "ErrorComment" in response else ""
         reason = "no response (timeout or abort)" if status is None else f"status 0x{status:04X}{comment}"
         self._failed(record, outcome, f"{name}: {reason}")
         return 0
+
+    def _delivered(self, record: OutboxRecord, name: str, status: int) -> int:
+        note = "" if status == 0 else f"warning 0x{status:04X}"
+        if not self.outbox.delivered(record, note):
+            return 0  # reset by a newer job meanwhile: it goes again with the new content
+        logger.log(logging.INFO if status == 0 else logging.WARNING,
+                   "outbox record %d: %s delivered to %s, status 0x%04X (send %d)", record.id,
+                   record.sop_instance_uid, name, status, record.sends)
+        self._audit("result_delivered", record, status=f"0x{status:04X}")
+        return 1
+
+
+class DestinationWorker:
+    """Sends one destination's records in a thread of its own; woken when results are queued for
+    it, and every ``poll_seconds`` for retries."""
+
+    def __init__(self, exporter: Exporter, name: str, poll_seconds: float) -> None:
+        self.exporter = exporter
+        self.name = name
+        self.poll_seconds = poll_seconds
+        self._wake = threading.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run_until(self, stop: threading.Event) -> None:
+        """Send, then wait for a wake-up or the poll, until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                self.exporter.send_to(self.name, stop)
+            except Exception:  # a database hiccup: try again on the next poll
+                logger.exception("export to %s failed; trying again", self.name)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()

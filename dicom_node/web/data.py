@@ -59,7 +59,7 @@ def overview(src: Sources) -> dict[str, Any]:
                 "SELECT 'job' AS kind, id, state, reason, updated_at, study_instance_uid FROM jobs "
                 "WHERE state IN ('failed', 'dead') UNION ALL "
                 "SELECT 'result', id, state, reason, updated_at, study_instance_uid FROM outbox "
-                "WHERE state = 'dead' "
+                "WHERE state IN ('dead', 'unconfirmed') "
                 "ORDER BY updated_at DESC LIMIT 10"
             ).fetchall()
         ]
@@ -125,7 +125,7 @@ def study(src: Sources, uid: str) -> dict[str, Any] | None:
         deliveries = [
             dict(r)
             for r in conn.execute(
-                "SELECT id, sop_instance_uid, sop_class_uid, destination, state, attempts, reason, "
+                "SELECT id, sop_instance_uid, sop_class_uid, destination, state, attempts, sends, reason, "
                 "delivered_at "
                 "FROM outbox WHERE study_instance_uid = ? ORDER BY id",
                 (uid,),

@@ -40,7 +40,7 @@ class Metrics:
             elif event == "association_rejected":
                 self.associations["rejected"] += 1
                 self.rejections[str(fields.get("reason", ""))] += 1
-            elif event in ("result_delivered", "result_dead", "result_deferred"):
+            elif event in ("result_delivered", "result_dead", "result_deferred", "result_unconfirmed"):
                 self.deliveries[(str(fields.get("destination", "")), event.removeprefix("result_"))] += 1
             elif event in ("job_finished", "job_failed"):
                 self.jobs[event.removeprefix("job_")] += 1
@@ -119,7 +119,7 @@ class Metrics:
                 "dicom_node_results_total",
                 "counter",
                 "Result instances since start, by destination and "
-                "outcome (delivered, deferred for a retry, dead).",
+                "outcome (delivered, deferred for a retry, dead, unconfirmed).",
                 [({"destination": d, "outcome": o}, v) for (d, o), v in sorted(self.deliveries.items())],
             )
             metric(

@@ -14,7 +14,7 @@ table{border-collapse:collapse;background:#fff;margin-bottom:12px;width:100%}
 td,th{border-bottom:1px solid #e3e6ea;padding:5px 8px;text-align:left;vertical-align:top}
 th{background:#eef1f5;font-weight:600}.uid{font-family:ui-monospace,monospace;font-size:12px}
 .state{padding:1px 7px;border-radius:9px;font-size:12px;background:#e3e6ea}
-.done,.delivered{background:#d4f1dd}.failed,.dead{background:#f8d3d3}.queued,.pending,.running{background:#fdf0c4}
+.done,.delivered{background:#d4f1dd}.failed,.dead,.unconfirmed{background:#f8d3d3}.queued,.pending,.running{background:#fdf0c4}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:12px}
 .card{background:#fff;border:1px solid #e3e6ea;border-radius:6px;padding:10px 14px;min-width:130px}
 .card b{display:block;font-size:22px}.banner{background:#fff3cd;border:1px solid #e0c36a;padding:6px 10px;
@@ -261,7 +261,7 @@ def outbox(rows: list[dict[str, Any]]) -> bytes:
     return page(
         "Outbox",
         table(
-            ["id", "state", "destination", "result", "attempts", "updated", "reason", ""],
+            ["id", "state", "destination", "result", "attempts", "sends", "updated", "reason", ""],
             [
                 [
                     str(r["id"]),
@@ -269,6 +269,7 @@ def outbox(rows: list[dict[str, Any]]) -> bytes:
                     escape(r["destination"]),
                     f"<span class='uid'>{escape(r['sop_instance_uid'])}</span>",
                     str(r["attempts"]),
+                    str(r["sends"]),
                     when(r["updated_at"]),
                     escape(r["reason"]),
                     button(f"/outbox/{r['id']}/retry", "Retry") if r["state"] != "pending" else "",

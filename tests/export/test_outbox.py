@@ -74,7 +74,7 @@ def _exporter(tmp_path: Path, port: int, clock: Clock, ae_title: str = "PACS") -
 @pytest.mark.parametrize(("status", "outcome"), [
     (0x0000, Outcome.DELIVERED), (0xB000, Outcome.DELIVERED), (0xB007, Outcome.DELIVERED),
     (0x0107, Outcome.DELIVERED), (0xA700, Outcome.TRANSIENT), (0xA7FF, Outcome.TRANSIENT),
-    (None, Outcome.TRANSIENT), (0xA900, Outcome.PERMANENT), (0xC000, Outcome.PERMANENT),
+    (None, Outcome.NO_RESPONSE), (0xA900, Outcome.PERMANENT), (0xC000, Outcome.PERMANENT),
     (0x0110, Outcome.PERMANENT), (0x0122, Outcome.PERMANENT),
 ])
 def test_statuses_are_classified(status: int | None, outcome: Outcome) -> None:
@@ -201,3 +201,15 @@ def test_every_0xbxxx_status_is_a_warning_and_a_pass_survives_a_bad_record(tmp_p
     exporter.outbox.enqueue(1, results, ["pacs"])
     assert exporter.send_due() == 1  # the good one still goes
     assert exporter._backoff(5000) == clock.now + 40  # no overflow after days of retries
+
+
+def test_records_waiting_for_a_destination_removed_from_the_config_are_dead(tmp_path: Path, peer: Peer) -> None:
+    clock = Clock()
+    exporter = _exporter(tmp_path, peer.port, clock)
+    exporter.outbox.enqueue(1, _results(tmp_path, 1), ["pacs", "gone"])
+    for record in exporter.outbox.due():
+        exporter.outbox.retry_later(record, "busy", clock.now + 1000)  # waiting out a backoff
+    assert exporter.bury_unconfigured() == 1
+    assert exporter.outbox.counts() == {"dead": 1, "pending": 1}
+    [dead] = exporter.outbox.list(DeliveryState.DEAD)
+    assert dead.destination == "gone" and dead.reason == "destination 'gone' is not configured"
