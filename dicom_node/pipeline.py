@@ -111,14 +111,16 @@ def check_membership(job: Job, sop_instance_uid: str, study_instance_uid: str,
 
 def read(ctx: PipelineContext) -> None:
     """Read the instances' data sets (pixels are decoded later, by preprocessing) and check that
-    each is still in the job's study and series (an instance may have moved since ``collect``)
-    and what the model is meant for."""
+    they are what the model is meant for."""
     datasets: list[Dataset] = []
     for record in ctx.instances:
-        ds = dcmread(ctx.store.path_of(record))
-        check_membership(ctx.job, record.sop_instance_uid, str(ds.get("StudyInstanceUID", "")),
-                         str(ds.get("SeriesInstanceUID", "")))
-        datasets.append(ds)
+        try:
+            datasets.append(dcmread(ctx.store.path_of(record)))
+        except FileNotFoundError:
+            # stored again under another study or series since collect (the old copy is removed
+            # once the new one is indexed): collect again says so; anything else is retried
+            collect(ctx)
+            raise
     ctx.datasets = datasets
     check_scope(ctx)
 
