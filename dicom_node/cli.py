@@ -277,10 +277,11 @@ def _when(seconds: float) -> str:
 def format_jobs(jobs: Sequence[Job]) -> str:
     """One line per job, for a terminal."""
     lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2}  {'UPDATED':<19}  "
-             "SERIES / REASON"]
+             "STUDY SERIES / REASON"]
     for j in jobs:
+        # a series is its study and its Series Instance UID: two studies may share the latter
         lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2}  "
-                     f"{_when(j.updated_at):<19}  {j.series_instance_uid}")
+                     f"{_when(j.updated_at):<19}  {j.study_instance_uid} {j.series_instance_uid}")
         if j.reason:
             lines.append(f"{'':>47}{j.reason}")
     return "\n".join(lines) if jobs else "no jobs"

@@ -121,7 +121,8 @@ class Node:
                                 clock=self.clock)
         self.metrics = Metrics()
         self.audit = Fanout(self.trail, self.metrics)
-        self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock)
+        self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock,
+                                   audit=self.audit)
         self.store.recover()
         ResultArea(s.node.data_dir / "results").remove_temporaries()
         self.backend = SQLiteJobBackend(s.node.data_dir / DATABASE_NAME)

@@ -1,6 +1,7 @@
 """``dicom-node explain``: the node's pipeline on files, without a network or a data folder.
 
-Files are grouped by series and routed to pipelines as ``serve`` routes them (or all go to
+Files are grouped by series (a study and a Series Instance UID: two studies sharing a Series
+Instance UID are two series) and routed to pipelines as ``serve`` routes them (or all go to
 ``--pipeline``); each series runs read, preprocess, inference, explain and encode, and its
 results are written under ``OUT/<study>/<series>/<instance>.dcm``. A series that cannot be
 analysed gets its "not analysed" SR. A progress bar shows on a terminal when there are several
@@ -26,6 +27,7 @@ from dicom_node.errors import ConfigError, PermanentError
 from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.jobs.queue import Job, JobState
 from dicom_node.jobs.routing import SeriesFacts, route
+from dicom_node.store.index import SeriesKey
 from dicom_node.store.results import ResultArea
 
 
@@ -39,20 +41,22 @@ def _files(inputs: Sequence[Path]) -> Iterator[Path]:
             raise ConfigError(f"{item}: no such file or folder")
 
 
-def _series(inputs: Sequence[Path], out: TextIO) -> dict[str, list[tuple[Path, Dataset]]]:
-    groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+def _series(inputs: Sequence[Path], out: TextIO) -> dict[SeriesKey, list[tuple[Path, Dataset]]]:
+    groups: dict[SeriesKey, list[tuple[Path, Dataset]]] = defaultdict(list)
     for path in _files(inputs):
         try:
             header = dcmread(path, stop_before_pixels=True)
-            groups[str(header.SeriesInstanceUID)].append((path, header))
+            key = SeriesKey(str(header.StudyInstanceUID), str(header.SeriesInstanceUID))
+            groups[key].append((path, header))
         except (InvalidDicomError, AttributeError, OSError) as exc:
             print(f"skipped {path}: not a DICOM instance ({str(exc).splitlines()[0]})", file=out)
     return groups
 
 
-def _job(series: str, headers: Sequence[Dataset], pipeline: Pipeline, model_version: str) -> Job:
+def _job(series: SeriesKey, headers: Sequence[Dataset], pipeline: Pipeline, model_version: str) -> Job:
     now = time.time()
-    return Job(0, f"offline/{series}/{pipeline.name}", str(headers[0].StudyInstanceUID), series,
+    study_uid, series_uid = series
+    return Job(0, f"offline/{study_uid}/{series_uid}/{pipeline.name}", study_uid, series_uid,
                tuple(str(h.SOPInstanceUID) for h in headers), pipeline.name, pipeline.model, model_version, 1,
                JobState.RUNNING, "", 1, now, "offline", now, now, now, now)
 
@@ -100,10 +104,10 @@ def explain_files(settings: Settings, inputs: Sequence[Path], out_dir: Path, pip
         modality = str(headers[0].get("Modality", ""))
         chosen = route(_facts(headers), pipelines) if pipeline_name is None else None
         if chosen is not None and not chosen.pipelines:
-            rows.append((series, modality, "-", "not routed: " + chosen.reason, 0, 0.0))
+            rows.append((series.series_instance_uid, modality, "-", "not routed: " + chosen.reason, 0, 0.0))
         for pipeline in chosen.pipelines if chosen is not None else pipelines:
             rows.append(_run(local, registry, runner, pipeline, series, members))
-        progress.step(series)
+        progress.step(series.series_instance_uid)
     _summary(rows, out_dir, out)
     return 1 if any(row[3].startswith("error") for row in rows) else 0
 
@@ -116,7 +120,7 @@ def _facts(headers: Sequence[Dataset]) -> SeriesFacts:
 
 
 def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, pipeline: Pipeline,
-         series: str, members: Sequence[tuple[Path, Dataset]]) -> Row:
+         series: SeriesKey, members: Sequence[tuple[Path, Dataset]]) -> Row:
     """One series through one pipeline; its results written; its summary row."""
     started = time.perf_counter()
     headers = [h for _, h in members]
@@ -147,8 +151,8 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
             area.save(ds)
     except OSError as exc:
         status = f"error: writing the results failed: {exc.strerror or exc}"
-    return (series, str(headers[0].get("Modality", "")), pipeline.name, status, len(ctx.outputs),
-            time.perf_counter() - started)
+    return (series.series_instance_uid, str(headers[0].get("Modality", "")), pipeline.name, status,
+            len(ctx.outputs), time.perf_counter() - started)
 
 
 def _summary(rows: list[Row], out_dir: Path, out: TextIO) -> None:

@@ -78,23 +78,50 @@ class PipelineContext:
 Step = Callable[[PipelineContext], None]
 
 
+class StaleJobError(PermanentError):
+    """An instance of the job now belongs to another study or series: the same SOP Instance UID
+    was stored again elsewhere, and the newer copy won. The job must not read it (that would put
+    another study's image, perhaps another patient's, into this study's results); its series,
+    if anything is left in it, was marked changed and gets a newer job."""
+
+
 def collect(ctx: PipelineContext) -> None:
-    """Load the records of the job's instances; a missing instance or file fails permanently."""
+    """Load the records of the job's instances; a missing instance or file fails permanently, and
+    so does an instance that moved to another study or series since the job was made."""
     records = []
     for uid in ctx.job.instance_uids:
         record = ctx.store.index.get(uid)
         if record is None:
             raise PermanentError(f"instance {uid} of the job is no longer stored")
+        check_membership(ctx.job, uid, record.study_instance_uid, record.series_instance_uid)
         if not ctx.store.path_of(record).is_file():
             raise PermanentError(f"file of instance {uid} is missing from the store")
         records.append(record)
     ctx.instances = records
 
 
+def check_membership(job: Job, sop_instance_uid: str, study_instance_uid: str,
+                     series_instance_uid: str) -> None:
+    """Raise :class:`StaleJobError` unless the instance is in the job's study and series."""
+    if (study_instance_uid, series_instance_uid) != (job.study_instance_uid, job.series_instance_uid):
+        raise StaleJobError(f"instance {sop_instance_uid} of the job is now stored in study "
+                            f"{study_instance_uid}, series {series_instance_uid}; a newer job covers "
+                            "what is left of the series")
+
+
 def read(ctx: PipelineContext) -> None:
     """Read the instances' data sets (pixels are decoded later, by preprocessing) and check that
     they are what the model is meant for."""
-    ctx.datasets = [dcmread(ctx.store.path_of(record)) for record in ctx.instances]
+    datasets: list[Dataset] = []
+    for record in ctx.instances:
+        try:
+            datasets.append(dcmread(ctx.store.path_of(record)))
+        except FileNotFoundError:
+            # stored again under another study or series since collect (the old copy is removed
+            # once the new one is indexed): collect again says so; anything else is retried
+            collect(ctx)
+            raise
+    ctx.datasets = datasets
     check_scope(ctx)
 
 
@@ -241,6 +268,8 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
         started = time.perf_counter()
         try:
             step(ctx)
+        except StaleJobError:
+            raise  # nothing to report: the instances are another series' now, and it has its own job
         except PermanentError as exc:
             try:
                 report_not_analysed(ctx, str(exc))

@@ -8,27 +8,34 @@ from dicom_node.config import Settings
 from dicom_node.errors import PermanentError
 from dicom_node.jobs.queue import Job, JobState
 from dicom_node.pipeline import PipelineContext, collect, default_steps, run
-from dicom_node.store import InstanceStore
+from dicom_node.store import InstanceRecord, InstanceStore
 from tests.factories import ct_dataset
 from tests.store.test_store import put
 
 
-def job_for(uids: tuple[str, ...]) -> Job:
-    return Job(id=1, key="k", study_instance_uid="1.2", series_instance_uid="1.2.3", instance_uids=uids,
+def job_for(uids: tuple[str, ...], study: str = "1.2", series: str = "1.2.3") -> Job:
+    return Job(id=1, key="k", study_instance_uid=study, series_instance_uid=series, instance_uids=uids,
                pipeline="p", model="tiny", model_version="1", version=1, state=JobState.RUNNING,
                reason="", attempts=1, not_before=0, lease_owner="w", lease_expires_at=0, created_at=0,
                updated_at=0, finished_at=0)
 
 
+def job_of(records: list[InstanceRecord]) -> Job:
+    """The job of these records, which share a study and series."""
+    return job_for(tuple(r.sop_instance_uid for r in records), records[0].study_instance_uid,
+                   records[0].series_instance_uid)
+
+
 def test_steps_run_in_order_and_each_is_timed(store: InstanceStore, settings: Settings) -> None:
-    records = [put(store, ct_dataset()) for _ in range(2)]
+    first = ct_dataset()
+    records = [put(store, first), put(store, ct_dataset(study=first.StudyInstanceUID, series=first.SeriesInstanceUID))]
     order: list[str] = []
 
     def later(ctx: PipelineContext) -> None:
         order.append(f"later saw {len(ctx.instances)}")
 
     timings: dict[str, float] = {}
-    ctx = run(job_for(tuple(r.sop_instance_uid for r in records)), timings, settings=settings,
+    ctx = run(job_of(records), timings, settings=settings,
               store=store, steps=[("collect", collect), ("later", later)])
     assert order == ["later saw 2"]
     assert [r.sop_instance_uid for r in ctx.instances] == [r.sop_instance_uid for r in records]
@@ -46,7 +53,7 @@ def test_a_missing_file_fails_permanently(store: InstanceStore, settings: Settin
     record = put(store, ct_dataset())
     Path(store.path_of(record)).unlink()
     with pytest.raises(PermanentError, match="missing from the store"):
-        run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
+        run(job_of([record]), {}, settings=settings, store=store,
             steps=default_steps())
 
 
@@ -70,7 +77,7 @@ def test_a_radiograph_series_is_read_preprocessed_and_inferred(
                         study_uid=study, series_uid=series)
         records.append(put(store, ds))
     timings: dict[str, float] = {}
-    ctx = run(job_for(tuple(r.sop_instance_uid for r in records)), timings, settings=settings,
+    ctx = run(job_of(records), timings, settings=settings,
               store=store, steps=default_steps(), runner=_runner(tmp_path))
     steps = ["collect", "read", "preprocess", "inference", "explain", "encode", "store", "outbox"]
     assert [name for name in timings if name in steps] == steps and "decode" in timings
@@ -88,7 +95,7 @@ def test_a_series_of_another_modality_fails_permanently_with_the_reason(
 ) -> None:
     record = put(store, ct_dataset())
     with pytest.raises(PermanentError, match=r"meant for modalities \['CR', 'DX'\], not 'CT'"):
-        run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
+        run(job_of([record]), {}, settings=settings, store=store,
             steps=default_steps(), runner=_runner(tmp_path))
 
 
@@ -108,7 +115,7 @@ def test_a_body_part_outside_the_models_scope_fails_permanently(
     manifest.write_text(manifest.read_text().replace('[scope]\n', '[scope]\nbody_parts = ["CHEST"]\n'))
     runner = InferenceRunner(ModelRegistry(tmp_path / "models"), device="cpu")
     with pytest.raises(PermanentError, match=r"meant for body parts \['CHEST'\], not 'KNEE'"):
-        run(job_for((record.sop_instance_uid,)), {}, settings=settings, store=store,
+        run(job_of([record]), {}, settings=settings, store=store,
             steps=default_steps(), runner=runner)
 
 
@@ -129,7 +136,7 @@ def test_positive_labels_are_explained_with_provenance_and_quality(
     record = put(store, ds)
     pipeline = Pipeline(name="p", model="demo-cxr", explain=("gradcam", "lime"), lime_samples=100)
     configured = dataclasses.replace(settings, pipelines=(pipeline,))
-    job = dataclasses.replace(job_for((record.sop_instance_uid,)), model="demo-cxr")
+    job = dataclasses.replace(job_of([record]), model="demo-cxr")
     timings: dict[str, float] = {}
     ctx = run(job, timings, settings=configured, store=store, steps=default_steps(), runner=runner)
     assert {"explain", "explain.gradcam", "explain.lime", "quality", "decode"} <= set(timings)

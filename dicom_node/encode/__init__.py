@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom import Dataset
 
-from dicom_node.encode.common import DISCLAIMER, Producer, derived_uid
+from dicom_node.encode.common import DISCLAIMER, Producer, check_one_series, derived_uid
 from dicom_node.encode.gsps import presentation_state
 from dicom_node.encode.overlay import render_overlay, secondary_capture, source_display
 from dicom_node.encode.pmap import parametric_map
@@ -43,11 +43,12 @@ def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction]
 
     SEG and GSPS show only findings at or above their threshold; PM only where the source has a
     Frame of Reference; the SR covers every label of every analysed frame and references the
-    overlays made here.
+    overlays made here. ``sources`` must be of one study and series (ValueError otherwise).
     """
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
         raise ValueError(f"outputs: unknown {unknown}, expected some of {list(OUTPUTS)}")
+    check_one_series(sources)
     # each builder writes from a cleaned copy (encode.study.clean_source); the originals keep the
     # pixels preprocessing already decoded
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}

@@ -2,8 +2,9 @@
 
 Every output names its model and version, is marked AI-generated and unverified, and references
 its source images (PS3.3 C.7.6.1.1.3 Derivation Description, Source Image Sequence). Its Series
-and SOP Instance UIDs are 2.25 UIDs from a UUID5 of the inputs, the model version and the method,
-so a re-run of the same job replaces its earlier results instead of adding copies.
+and SOP Instance UIDs are 2.25 UIDs from a UUID5 of the inputs (the source's study and series
+together), the model version and the method, so a re-run of the same job replaces its earlier
+results instead of adding copies.
 """
 
 import uuid
@@ -60,6 +61,20 @@ def derived_uid(*parts: str) -> UID:
     return UID(f"2.25.{uuid.uuid5(NAMESPACE, '/'.join(parts)).int}")
 
 
+def source_series(source: Dataset) -> tuple[str, str]:
+    """The source's series as output UIDs derive from it: its Study AND Series Instance UIDs, so
+    that two studies sharing a Series Instance UID never get the same output UIDs."""
+    return str(source.StudyInstanceUID), str(source.SeriesInstanceUID)
+
+
+def check_one_series(sources: Sequence[Dataset]) -> None:
+    """Raise ValueError unless every source is of one study and one series: results made from
+    several would file one study's (one patient's) findings and images in another's."""
+    found = sorted({source_series(ds) for ds in sources})
+    if len(found) > 1:
+        raise ValueError(f"sources: {len(found)} (study, series) pairs, expected one: {found}")
+
+
 @dataclass(frozen=True)
 class Producer:
     """Who made an output: the node (a device), the pipeline and the model.
@@ -95,13 +110,15 @@ class Producer:
     def software_versions(self) -> str:
         return f"dicom-node {__version__}"
 
-    def series_uid(self, kind: str, source_series: str, method: str = "") -> UID:
-        return derived_uid(kind, source_series, self.pipeline, self.manifest.name, self.manifest.version,
-                           self.manifest.sha256, method)
+    def series_uid(self, kind: str, source: Dataset, method: str = "") -> UID:
+        """The Series Instance UID of the ``kind`` outputs made from ``source``'s series."""
+        return derived_uid(kind, *source_series(source), self.pipeline, self.manifest.name,
+                           self.manifest.version, self.manifest.sha256, method)
 
-    def instance_uid(self, kind: str, source_series: str, *parts: str) -> UID:
-        return derived_uid(kind, source_series, self.pipeline, self.manifest.name, self.manifest.version,
-                           self.manifest.sha256, *parts)
+    def instance_uid(self, kind: str, source: Dataset, *parts: str) -> UID:
+        """A UID (SOP Instance, Tracking) of an output made from ``source``'s series and ``parts``."""
+        return derived_uid(kind, *source_series(source), self.pipeline, self.manifest.name,
+                           self.manifest.version, self.manifest.sha256, *parts)
 
     def series_number(self, kind: str, method: str = "") -> int:
         methods = list(METHOD_NAMES)

@@ -35,11 +35,10 @@ def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: P
     annotation = hd.pr.GraphicAnnotation(
         referenced_images=[source], graphic_layer=layer, graphic_objects=graphics, text_objects=texts,
         referenced_frame_number=frame + 1 if multi_frame else None)
-    series = str(source.SeriesInstanceUID)
     ds = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[source], series_instance_uid=producer.series_uid("gsps", series, method),
+        referenced_images=[source], series_instance_uid=producer.series_uid("gsps", source, method),
         series_number=producer.series_number("gsps", method),
-        sop_instance_uid=producer.instance_uid("gsps", series, method, str(source.SOPInstanceUID),
+        sop_instance_uid=producer.instance_uid("gsps", source, method, str(source.SOPInstanceUID),
                                                str(frame)),
         instance_number=instance_number, manufacturer=producer.manufacturer,
         manufacturer_model_name=producer.model_name[:64], software_versions=producer.software_versions,

@@ -131,14 +131,13 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
         display = source_display(source, heatmap.frame)
     source = clean_source(source)
     pixels = render_overlay(display, heatmap)
-    series = str(source.SeriesInstanceUID)
     method_name = METHOD_NAMES.get(heatmap.method, heatmap.method)
     ds = SCImage(
         pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         study_instance_uid=source.StudyInstanceUID,
-        series_instance_uid=producer.series_uid("sc", series, heatmap.method),
+        series_instance_uid=producer.series_uid("sc", source, heatmap.method),
         series_number=producer.series_number("sc", heatmap.method),
-        sop_instance_uid=producer.instance_uid("sc", series, heatmap.method, source.SOPInstanceUID,
+        sop_instance_uid=producer.instance_uid("sc", source, heatmap.method, source.SOPInstanceUID,
                                                str(heatmap.frame), heatmap.label),
         instance_number=instance_number, manufacturer=producer.manufacturer,
         # highdicom insists on an orientation for the PATIENT coordinate system; the real one (or

@@ -34,11 +34,10 @@ def parametric_map(source: Dataset, heatmap: Heatmap, producer: Producer,
         value_range=(low, high if high > low else low + 1.0), slope=1.0, intercept=0.0,
         quantity_definition=METHOD_CODES.get(heatmap.method, METHOD_CODES["lime"]),
     )
-    series = str(source.SeriesInstanceUID)
     ds = hd.pm.ParametricMap(
         source_images=[source], pixel_array=values, series_instance_uid=producer.series_uid(
-            "pm", series, heatmap.method), series_number=producer.series_number("pm", heatmap.method),
-        sop_instance_uid=producer.instance_uid("pm", series, heatmap.method, str(source.SOPInstanceUID),
+            "pm", source, heatmap.method), series_number=producer.series_number("pm", heatmap.method),
+        sop_instance_uid=producer.instance_uid("pm", source, heatmap.method, str(source.SOPInstanceUID),
                                                heatmap.label),
         instance_number=instance_number, manufacturer=producer.manufacturer,
         manufacturer_model_name=producer.model_name[:64], software_versions=producer.software_versions,

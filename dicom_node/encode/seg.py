@@ -38,7 +38,6 @@ def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Produce
         return None
     method, frame = kept[0][0].method, kept[0][0].frame
     source = clean_source(source)
-    series = str(source.SeriesInstanceUID)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -46,7 +45,7 @@ def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Produce
             segmented_property_category=ABNORMAL, segmented_property_type=producer.label_code(h.label),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm_identification(producer, method),
-            tracking_uid=producer.instance_uid("tracking", series, str(source.SOPInstanceUID), str(frame),
+            tracking_uid=producer.instance_uid("tracking", source, str(source.SOPInstanceUID), str(frame),
                                                h.label),
             tracking_id=h.label,
         )
@@ -59,9 +58,9 @@ def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Produce
         masks[frame] = np.stack([r.mask for _, r in kept], axis=-1)
     ds = hd.seg.Segmentation(
         source_images=[source], pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=producer.series_uid("seg", series, method),
+        segment_descriptions=descriptions, series_instance_uid=producer.series_uid("seg", source, method),
         series_number=producer.series_number("seg", method),
-        sop_instance_uid=producer.instance_uid("seg", series, method, str(source.SOPInstanceUID), str(frame)),
+        sop_instance_uid=producer.instance_uid("seg", source, method, str(source.SOPInstanceUID), str(frame)),
         instance_number=instance_number, manufacturer=producer.manufacturer,
         manufacturer_model_name=producer.model_name[:64], software_versions=producer.software_versions,
         device_serial_number=producer.station, content_label="AI_HOT_REGION",

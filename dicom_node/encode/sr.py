@@ -31,6 +31,7 @@ from dicom_node.encode.common import (
     SCHEME,
     UNITLESS,
     Producer,
+    check_one_series,
 )
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source
@@ -83,11 +84,11 @@ def _quality(heatmap: Heatmap) -> list[hd.sr.Measurement]:
 def _group(source: Dataset, prediction: Prediction, label: str, heatmaps: Sequence[Heatmap],
            overlays: Mapping[OverlayKey, Dataset], producer: Producer,
            algorithm_id: hd.sr.AlgorithmIdentification) -> Group:
-    series, sop = str(source.SeriesInstanceUID), str(source.SOPInstanceUID)
+    sop = str(source.SOPInstanceUID)
     probability = prediction.probabilities[label]
     finding = producer.label_code(label)
     tracking = hd.sr.TrackingIdentifier(
-        uid=producer.instance_uid("tracking", series, sop, str(prediction.frame), label),
+        uid=producer.instance_uid("tracking", source, sop, str(prediction.frame), label),
         identifier=f"{label}, instance {source.get('InstanceNumber', '')} frame {prediction.frame + 1}")
     measurements = [hd.sr.Measurement(
         name=PROBABILITY, value=round(probability, 6), unit=UNITLESS, algorithm_id=algorithm_id,
@@ -173,10 +174,9 @@ def not_analysed_report(sources: Sequence[Dataset], reason: str,
     """A TID 1500 report stating that the series was routed to the model but not analysed, and why."""
     sources = [clean_source(ds) for ds in sources]
     source = sources[0]
-    series = str(source.SeriesInstanceUID)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=producer.instance_uid("tracking", series, "not-analysed"), identifier="not analysed"),
+            uid=producer.instance_uid("tracking", source, "not-analysed"), identifier="not analysed"),
         algorithm_id=algorithm(producer, []),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(SUMMARY, NONE_SUCCEEDED)],
         source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
@@ -192,13 +192,14 @@ def not_analysed_report(sources: Sequence[Dataset], reason: str,
 
 def _document(sources: Sequence[Dataset], evidence: Sequence[Dataset], content: hd.sr.MeasurementReport,
               producer: Producer, kind: str) -> hd.sr.Comprehensive3DSR:
-    series = str(sources[0].SeriesInstanceUID)
+    check_one_series(sources)
     # the report depends on every instance of the series: a changed series is a new report
     analysed = hashlib.sha256("/".join(sorted(str(ds.SOPInstanceUID) for ds in sources)).encode()).hexdigest()
     ds = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence), content=content[0], series_instance_uid=producer.series_uid(kind, series),
+        evidence=list(evidence), content=content[0],
+        series_instance_uid=producer.series_uid(kind, sources[0]),
         series_number=producer.series_number(kind),
-        sop_instance_uid=producer.instance_uid(kind, series, "report", analysed[:32]), instance_number=1,
+        sop_instance_uid=producer.instance_uid(kind, sources[0], "report", analysed[:32]), instance_number=1,
         manufacturer=producer.manufacturer, is_complete=True, is_final=False, is_verified=False,
     )
     what = "not analysed" if kind == "not_analysed" else "findings"

@@ -39,9 +39,10 @@ class MemoryJobBackend:
         self._jobs[job.id] = job
         return job
 
-    def versions(self, series_instance_uid: str, pipeline: str) -> int:
+    def versions(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> int:
         return sum(1 for j in self._jobs.values()
-                   if j.series_instance_uid == series_instance_uid and j.pipeline == pipeline)
+                   if (j.study_instance_uid, j.series_instance_uid, j.pipeline)
+                   == (study_instance_uid, series_instance_uid, pipeline))
 
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)

@@ -56,9 +56,16 @@ class JobSpec:
     @property
     def key(self) -> str:
         """Idempotency key: the same series, instances, pipeline and model version are one job."""
-        parts = [self.series_instance_uid, *sorted(self.instance_uids), self.pipeline, self.model,
-                 self.model_version]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+        return job_key(self.study_instance_uid, self.series_instance_uid, self.instance_uids, self.pipeline,
+                       self.model, self.model_version)
+
+
+def job_key(study_instance_uid: str, series_instance_uid: str, instance_uids: Sequence[str], pipeline: str,
+            model: str, model_version: str) -> str:
+    """The idempotency key of a job: a hash of the series (its study and Series Instance UID: two
+    studies sharing a Series Instance UID are two series), its instances, pipeline and model version."""
+    parts = [study_instance_uid, series_instance_uid, *sorted(instance_uids), pipeline, model, model_version]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ class JobBackend(Protocol):
     def transaction(self) -> AbstractContextManager[None]: ...
     def close(self) -> None: ...
     def insert(self, spec: JobSpec, version: int, now: float) -> Job | None: ...
-    def versions(self, series_instance_uid: str, pipeline: str) -> int: ...
+    def versions(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> int: ...
     def get(self, job_id: int) -> Job | None: ...
     def save(self, job: Job) -> None: ...
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]: ...
@@ -141,7 +148,8 @@ class JobQueue:
     def enqueue(self, spec: JobSpec) -> Job | None:
         """Record a job; None if a job with the same idempotency key exists already."""
         with self.backend.transaction():
-            version = self.backend.versions(spec.series_instance_uid, spec.pipeline) + 1
+            version = self.backend.versions(spec.study_instance_uid, spec.series_instance_uid,
+                                            spec.pipeline) + 1
             return self.backend.insert(spec, version, self.clock())
 
     def claim(self, worker: str) -> Job | None:

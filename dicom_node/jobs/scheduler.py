@@ -9,6 +9,9 @@ is skipped, however slow a commit or however the clock steps. The watermark is k
 database: series that became complete while the node was down are picked up after a restart.
 Instances arriving later give the series a new change number: it is looked at again, and if its
 set of instances changed, the idempotency key changes and a new job version is queued.
+
+A series is its study and its Series Instance UID together (:class:`~dicom_node.store.SeriesKey`):
+two studies that share a Series Instance UID are two series, two jobs, never one.
 """
 
 import dataclasses
@@ -75,12 +78,14 @@ class Scheduler:
         try:
             created.extend(self._schedule(series))
         except Exception:
-            logger.exception("could not schedule series %s; will try again", series.series_instance_uid)
+            logger.exception("could not schedule series %s of study %s; will try again",
+                             series.series_instance_uid, series.study_instance_uid)
             return False
         return True
 
     def _schedule(self, series: SeriesRecord) -> list[Job]:
-        instances = self.store.index.instances(series.series_instance_uid)
+        # the study's own instances only: another study may use the same Series Instance UID
+        instances = self.store.index.instances(series.key)
         facts = SeriesFacts(
             modality=series.modality, body_part_examined=series.body_part_examined,
             series_description=series.series_description, calling_ae_title=series.calling_ae_title,
@@ -97,7 +102,8 @@ class Scheduler:
             job = self.queue.enqueue(
                 dataclasses.replace(base, state=JobState.NOT_ROUTED, reason=decision.reason))
             if job is not None:
-                logger.info("series %s not routed: %s", series.series_instance_uid, decision.reason)
+                logger.info("series %s of study %s not routed: %s", series.series_instance_uid,
+                            series.study_instance_uid, decision.reason)
             return [job] if job else []
         created = []
         for pipeline in decision.pipelines:
@@ -106,8 +112,8 @@ class Scheduler:
                 model_version=self.model_version(pipeline.model),
             ))
             if job is not None:
-                logger.info("job %d queued: series %s (%d instances), pipeline %s, version %d",
-                            job.id, job.series_instance_uid, len(job.instance_uids), job.pipeline,
-                            job.version)
+                logger.info("job %d queued: series %s of study %s (%d instances), pipeline %s, "
+                            "version %d", job.id, job.series_instance_uid, job.study_instance_uid,
+                            len(job.instance_uids), job.pipeline, job.version)
                 created.append(job)
         return created

@@ -7,10 +7,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from dicom_node.jobs.queue import Job, JobSpec, JobState
-from dicom_node.store.db import connect, migrate
+from dicom_node.jobs.queue import Job, JobSpec, JobState, job_key
+from dicom_node.store.db import Migration, connect, migrate
 
-_MIGRATIONS = (
+
+def _key_series_by_study(conn: sqlite3.Connection) -> None:
+    """Schema 2: a series is its study and its Series Instance UID together; idempotency keys are
+    recomputed with the study, so instances already processed and sent again still change nothing."""
+    conn.execute("DROP INDEX jobs_by_series")
+    conn.execute("CREATE INDEX jobs_by_series ON jobs (study_instance_uid, series_instance_uid, pipeline)")
+    rows = conn.execute("SELECT id, study_instance_uid, series_instance_uid, instance_uids, pipeline, model, "
+                        "model_version FROM jobs").fetchall()
+    for job_id, study, series, uids, pipeline, model, version in rows:
+        key = job_key(study, series, json.loads(uids), pipeline, model, version)
+        conn.execute("UPDATE jobs SET key = ? WHERE id = ?", (key, job_id))
+
+
+_MIGRATIONS: tuple[Migration, ...] = (
     """
     CREATE TABLE jobs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,6 +55,7 @@ _MIGRATIONS = (
         value REAL NOT NULL
     );
     """,
+    _key_series_by_study,
 )
 _COLUMNS = (
     "id, key, study_instance_uid, series_instance_uid, instance_uids, pipeline, model, "
@@ -105,10 +119,11 @@ class SQLiteJobBackend:
         assert cursor.lastrowid is not None
         return self.get(cursor.lastrowid)
 
-    def versions(self, series_instance_uid: str, pipeline: str) -> int:
+    def versions(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> int:
         row = self.conn.execute(
-            "SELECT count(*) FROM jobs WHERE series_instance_uid = ? AND pipeline = ?",
-            (series_instance_uid, pipeline),
+            "SELECT count(*) FROM jobs WHERE study_instance_uid = ? AND series_instance_uid = ? "
+            "AND pipeline = ?",
+            (study_instance_uid, series_instance_uid, pipeline),
         ).fetchone()
         return int(row[0])
 

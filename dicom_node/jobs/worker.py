@@ -37,8 +37,8 @@ class Worker:
         job = self.queue.claim(self.name)
         if job is None:
             return None
-        logger.info("job %d started (attempt %d): series %s, pipeline %s", job.id, job.attempts,
-                    job.series_instance_uid, job.pipeline)
+        logger.info("job %d started (attempt %d): series %s of study %s, pipeline %s", job.id, job.attempts,
+                    job.series_instance_uid, job.study_instance_uid, job.pipeline)
         timings: dict[str, float] = {}
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, done), daemon=True,

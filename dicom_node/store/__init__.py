@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydicom.dataset import FileMetaDataset
 
+from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.errors import RetryableError
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.files import (
@@ -35,11 +36,11 @@ from dicom_node.store.files import (
     read_header,
     relative_path,
 )
-from dicom_node.store.index import Index, InstanceRecord, SeriesRecord
+from dicom_node.store.index import Index, Indexed, InstanceRecord, SeriesKey, SeriesRecord
 
 __all__ = [
     "InstanceHeader", "InstanceRecord", "InstanceStore", "InvalidInstanceError", "OutOfSpaceError",
-    "SeriesRecord", "StagedInstance", "StorageError", "check_uid",
+    "SeriesKey", "SeriesRecord", "StagedInstance", "StorageError", "check_uid",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,18 @@ class InstanceStore:
         Bytes that must stay free on the data folder's file system after a write.
     clock
         Returns the current time as seconds since the epoch (injectable for tests).
+    audit
+        Where events about stored data go (a Series Instance UID seen under several studies).
     """
 
     def __init__(
-        self, data_dir: Path, min_free_space: int = 0, clock: Callable[[], float] = time.time
+        self, data_dir: Path, min_free_space: int = 0, clock: Callable[[], float] = time.time,
+        audit: Audit = NO_AUDIT,
     ) -> None:
         self.data_dir = data_dir
         self.min_free_space = min_free_space
         self.clock = clock
+        self.audit = audit
         self.files = FileArea(data_dir)
         self.index = Index(data_dir / DATABASE_NAME, synchronous="NORMAL")
         self._clean_marker = data_dir / "clean-shutdown"
@@ -153,15 +158,35 @@ class InstanceStore:
                 raise _write_error(exc) from exc
             record = _record(header, calling_ae_title, staged.size_bytes, relative, 0.0)
             try:
-                record, old = self.index.put(record, header.manufacturer, clock=self.clock)
+                indexed = self.index.put(record, header.manufacturer, clock=self.clock)
             except Exception as exc:
                 self.needs_scan = True
                 logger.error("index commit failed for %s: %s", header.sop_instance_uid, exc)
                 raise StorageError(f"cannot index instance: {exc}") from exc
-            if old is not None and old.path != record.path:
-                # Same SOP Instance UID under another study or series: the new copy wins.
-                self.files.unlink(Path(old.path))
-        return record
+            self._after_put(indexed)
+        return indexed.record
+
+    def _after_put(self, indexed: Indexed) -> None:
+        """Remove the copy a moved instance left behind; report a Series Instance UID that a
+        second study uses (it stays a series of its own: the index keys series by study too)."""
+        old, record = indexed.replaced, indexed.record
+        if old is not None and old.path != record.path:
+            # Same SOP Instance UID under another study or series: the new copy wins.
+            self.files.unlink(Path(old.path))
+            if old.study_instance_uid != record.study_instance_uid:
+                self.audit.record("instance_moved_to_another_study", sop_instance_uid=record.sop_instance_uid,
+                                  study_instance_uid=record.study_instance_uid,
+                                  previous_study_instance_uid=old.study_instance_uid,
+                                  series_instance_uid=record.series_instance_uid,
+                                  previous_series_instance_uid=old.series_instance_uid)
+        others = indexed.other_studies
+        if others:
+            logger.warning("series %s arrived in study %s but is also in study(ies) %s; each study's "
+                           "series is processed on its own", record.series_instance_uid,
+                           record.study_instance_uid, ", ".join(others))
+            self.audit.record("series_uid_in_several_studies", study_instance_uid=record.study_instance_uid,
+                              series_instance_uid=record.series_instance_uid,
+                              other_study_instance_uids=list(indexed.other_studies))
 
     def _uid_lock(self, sop_instance_uid: str) -> threading.Lock:
         """One of a fixed set of locks, chosen by UID: the same UID never commits twice at once."""
@@ -206,9 +231,7 @@ class InstanceStore:
             self.files.unlink(relative)
             return
         record = _record(header, header.source_ae_title, path.stat().st_size, relative, mtime)
-        self.index.put(record, header.manufacturer)
-        if old is not None:
-            self.files.unlink(Path(old.path))
+        self._after_put(self.index.put(record, header.manufacturer))
         logger.info("indexed %s, written before an interrupted index commit", header.sop_instance_uid)
 
 

@@ -2,10 +2,14 @@
 the job queue and (later) the outbox. Each component migrates its own tables."""
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 DATABASE_NAME = "index.sqlite"
+
+#: One schema version: an SQL script (statements separated by ``;``), or a function for what SQL
+#: alone cannot do (recomputing a hash); either runs inside the migration's transaction.
+Migration = str | Callable[[sqlite3.Connection], None]
 
 
 def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
@@ -25,8 +29,9 @@ def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
-def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str]) -> None:
-    """Run the scripts of ``migrations`` that ``component``'s tables have not had yet."""
+def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[Migration]) -> None:
+    """Run the steps of ``migrations`` that ``component``'s tables have not had yet, all in one
+    transaction: a failed upgrade leaves the file as it was."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         row = conn.execute(
@@ -38,8 +43,11 @@ def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str])
                 f"{component} tables are at schema version {version}, newer than this software "
                 f"({len(migrations)}); upgrade dicom-node"
             )
-        for script in migrations[version:]:
-            for statement in script.split(";"):
+        for step in migrations[version:]:
+            if callable(step):
+                step(conn)
+                continue
+            for statement in step.split(";"):
                 if statement.strip():
                     conn.execute(statement)
         conn.execute(

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from dicom_node.store.db import connect, migrate
 
@@ -47,7 +48,65 @@ _MIGRATIONS = (
     );
     CREATE INDEX instances_by_series ON instances (series_instance_uid);
     """,
+    # 2: a series is keyed by its study AND its Series Instance UID (two patients' studies may
+    # share a Series Instance UID, by error or by attack). Series records are rebuilt from the
+    # instances. A record keeps its change number when no other study holds its Series Instance
+    # UID; each (study, series) pair of a UID that several studies hold gets a new, higher one,
+    # so the scheduler makes a job for it with its own study's instances only. Records and
+    # studies without instances go.
+    """
+    CREATE TABLE series_v2 (
+        series_instance_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        body_part_examined TEXT NOT NULL,
+        series_description TEXT NOT NULL,
+        manufacturer TEXT NOT NULL,
+        calling_ae_title TEXT NOT NULL,
+        first_received_at REAL NOT NULL,
+        last_received_at REAL NOT NULL,
+        change_seq INTEGER NOT NULL,
+        PRIMARY KEY (study_instance_uid, series_instance_uid)
+    );
+    INSERT INTO series_v2
+        SELECT s.series_instance_uid, s.study_instance_uid, s.modality, s.body_part_examined,
+               s.series_description, s.manufacturer, s.calling_ae_title, s.first_received_at,
+               s.last_received_at, s.change_seq
+        FROM series s WHERE EXISTS (SELECT 1 FROM instances i WHERE
+            i.study_instance_uid = s.study_instance_uid AND i.series_instance_uid = s.series_instance_uid)
+        AND NOT EXISTS (SELECT 1 FROM instances i WHERE
+            i.series_instance_uid = s.series_instance_uid AND i.study_instance_uid != s.study_instance_uid);
+    INSERT INTO series_v2
+        SELECT i.series_instance_uid, i.study_instance_uid, min(i.modality), min(i.body_part_examined),
+               min(i.series_description), coalesce(min(s.manufacturer), ''), min(i.calling_ae_title),
+               min(i.received_at), max(i.received_at),
+               (SELECT coalesce(max(change_seq), 0) FROM series)
+                   + row_number() OVER (ORDER BY max(i.received_at), i.study_instance_uid)
+        FROM instances i LEFT JOIN series s ON s.series_instance_uid = i.series_instance_uid
+        WHERE NOT EXISTS (SELECT 1 FROM series_v2 n WHERE
+            n.study_instance_uid = i.study_instance_uid AND n.series_instance_uid = i.series_instance_uid)
+        GROUP BY i.study_instance_uid, i.series_instance_uid;
+    DROP TABLE series;
+    ALTER TABLE series_v2 RENAME TO series;
+    CREATE UNIQUE INDEX series_by_change ON series (change_seq);
+    CREATE INDEX series_by_uid ON series (series_instance_uid);
+    DROP INDEX instances_by_series;
+    CREATE INDEX instances_by_series ON instances (study_instance_uid, series_instance_uid);
+    DELETE FROM studies WHERE NOT EXISTS (
+        SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)
+    """,
 )
+
+
+class SeriesKey(NamedTuple):
+    """A series as the node knows it: its study and its Series Instance UID together.
+
+    A Series Instance UID alone is not a key: two studies (even of two patients) may carry the
+    same one, by a modality's error or by a peer's design, and must never be mixed.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -68,6 +127,10 @@ class InstanceRecord:
     received_at: float
     times_received: int = 1
 
+    @property
+    def series_key(self) -> SeriesKey:
+        return SeriesKey(self.study_instance_uid, self.series_instance_uid)
+
 
 @dataclass(frozen=True)
 class SeriesRecord:
@@ -82,11 +145,36 @@ class SeriesRecord:
     calling_ae_title: str
     first_received_at: float
     last_received_at: float
-    change_seq: int  # grows with every instance stored in the series; unique across series
+    change_seq: int  # grows with every change of the series' instances; unique across series
     instance_count: int
+
+    @property
+    def key(self) -> SeriesKey:
+        return SeriesKey(self.study_instance_uid, self.series_instance_uid)
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """What :meth:`Index.put` did.
+
+    Attributes
+    ----------
+    record
+        The instance's record as stored.
+    replaced
+        The record it replaced (the same SOP Instance UID stored before), or None.
+    other_studies
+        When this put created the series' record: the other studies that already hold a series
+        with the same Series Instance UID (sorted); empty otherwise.
+    """
+
+    record: InstanceRecord
+    replaced: InstanceRecord | None
+    other_studies: tuple[str, ...] = ()
 
 
 _INSTANCE_COLUMNS = ", ".join(f.name for f in fields(InstanceRecord))
+_SAME_SERIES = "study_instance_uid = ? AND series_instance_uid = ?"
 
 
 class Index:
@@ -103,11 +191,15 @@ class Index:
 
     def put(
         self, record: InstanceRecord, manufacturer: str, clock: Callable[[], float] | None = None
-    ) -> tuple[InstanceRecord, InstanceRecord | None]:
-        """Insert or replace an instance record; return it as stored and the record it replaced.
+    ) -> Indexed:
+        """Insert or replace an instance record; say what it replaced and whether its Series
+        Instance UID is now held by several studies.
 
         With ``clock``, the record's ``received_at`` is taken inside the transaction, so arrival
-        times follow commit order. Every put gives the series a new, higher ``change_seq``.
+        times follow commit order. Every put gives the series a new, higher ``change_seq``. An
+        instance that moves (the same SOP Instance UID under another study or series) leaves
+        its old series changed too (a new ``change_seq``, so its jobs are made again without
+        it), and the old series' and study's records go when nothing is left in them.
         """
         with self._lock:
             conn = self._conn
@@ -123,30 +215,64 @@ class Index:
                     f"VALUES ({', '.join('?' * len(fields(InstanceRecord)))})",
                     astuple(record),
                 )
-                self._upsert_series(record, manufacturer)
+                created = self._upsert_series(record, manufacturer)
                 conn.execute(
                     "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET "
                     "last_received_at = max(last_received_at, excluded.last_received_at)",
                     (record.study_instance_uid, record.received_at, record.received_at),
                 )
+                if old is not None and old.series_key != record.series_key:
+                    self._instance_left(old.series_key, record.received_at)
+                others = self._other_studies(record.series_key) if created else ()
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return record, old
+        return Indexed(record, old, others)
 
-    def _upsert_series(self, r: InstanceRecord, manufacturer: str) -> None:
+    def _next_change(self) -> int:
         (seq,) = self._conn.execute("SELECT coalesce(max(change_seq), 0) + 1 FROM series").fetchone()
+        return int(seq)
+
+    def _upsert_series(self, r: InstanceRecord, manufacturer: str) -> bool:
+        """Record the instance's arrival in its series; True if the series' record is new."""
+        exists = self._conn.execute(
+            f"SELECT 1 FROM series WHERE {_SAME_SERIES}", r.series_key).fetchone() is not None
         self._conn.execute(
-            "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (study_instance_uid, series_instance_uid) DO UPDATE SET "
             "last_received_at = max(last_received_at, excluded.last_received_at), "
             "change_seq = excluded.change_seq",
             (
                 r.series_instance_uid, r.study_instance_uid, r.modality, r.body_part_examined,
                 r.series_description, manufacturer, r.calling_ae_title,
-                r.received_at, r.received_at, seq,
+                r.received_at, r.received_at, self._next_change(),
             ),
         )
+        return not exists
+
+    def _instance_left(self, key: SeriesKey, now: float) -> None:
+        """An instance moved out of series ``key``: drop what is left empty, else mark it changed."""
+        conn = self._conn
+        (left,) = conn.execute(f"SELECT count(*) FROM instances WHERE {_SAME_SERIES}", key).fetchone()
+        if left == 0:
+            conn.execute(f"DELETE FROM series WHERE {_SAME_SERIES}", key)
+        else:
+            # its set of instances changed: the scheduler looks at it again once it is quiet
+            conn.execute(
+                "UPDATE series SET change_seq = ?, last_received_at = max(last_received_at, ?) "
+                f"WHERE {_SAME_SERIES}", (self._next_change(), now, *key))
+        conn.execute(
+            "DELETE FROM studies WHERE study_instance_uid = ? AND NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)",
+            (key.study_instance_uid,))
+
+    def _other_studies(self, key: SeriesKey) -> tuple[str, ...]:
+        rows = self._conn.execute(
+            "SELECT study_instance_uid FROM series WHERE series_instance_uid = ? "
+            "AND study_instance_uid != ? ORDER BY study_instance_uid",
+            (key.series_instance_uid, key.study_instance_uid)).fetchall()
+        return tuple(row[0] for row in rows)
 
     def _get(self, sop_instance_uid: str) -> InstanceRecord | None:
         row = self._conn.execute(
@@ -160,13 +286,13 @@ class Index:
         with self._lock:
             return self._get(sop_instance_uid)
 
-    def instances(self, series_instance_uid: str | None = None) -> list[InstanceRecord]:
-        """All instance records, or those of one series, in order of receipt."""
+    def instances(self, series: SeriesKey | None = None) -> list[InstanceRecord]:
+        """All instance records, or those of one series (of one study), in order of receipt."""
         query = f"SELECT {_INSTANCE_COLUMNS} FROM instances"
         args: tuple[str, ...] = ()
-        if series_instance_uid is not None:
-            query += " WHERE series_instance_uid = ?"
-            args = (series_instance_uid,)
+        if series is not None:
+            query += f" WHERE {_SAME_SERIES}"
+            args = (series.study_instance_uid, series.series_instance_uid)
         with self._lock:
             rows = self._conn.execute(query + " ORDER BY received_at", args).fetchall()
         return [InstanceRecord(*row) for row in rows]
@@ -178,13 +304,15 @@ class Index:
         return self._series("s.study_instance_uid = ?", (study_instance_uid,), "s.first_received_at")
 
     def series_changed_since(self, change_seq: int) -> list[SeriesRecord]:
-        """Series that stored an instance after ``change_seq``, in order of their last change."""
+        """Series that changed (an instance stored in or moved out of them) after ``change_seq``,
+        in order of their last change."""
         return self._series("s.change_seq > ?", (change_seq,), "s.change_seq")
 
     def _series(self, where: str, args: tuple[object, ...], order: str) -> list[SeriesRecord]:
         query = (
             "SELECT s.*, (SELECT count(*) FROM instances i "
-            f"WHERE i.series_instance_uid = s.series_instance_uid) FROM series s "
+            "WHERE i.study_instance_uid = s.study_instance_uid "
+            "AND i.series_instance_uid = s.series_instance_uid) FROM series s "
             f"WHERE {where} ORDER BY {order}"
         )
         with self._lock:

@@ -111,6 +111,7 @@ def study(src: Sources, uid: str) -> dict[str, Any] | None:
             for r in conn.execute(
                 "SELECT series_instance_uid, modality, body_part_examined, series_description, manufacturer, "
                 "calling_ae_title, last_received_at, (SELECT COUNT(*) FROM instances i WHERE "
+                "i.study_instance_uid = r.study_instance_uid AND "
                 "i.series_instance_uid = r.series_instance_uid) AS instances FROM series r "
                 "WHERE study_instance_uid = ? ORDER BY first_received_at",
                 (uid,),
