@@ -191,7 +191,8 @@ class AssociationGuard:
                 continue
             if self._admit(data):
                 single = P_DATA()
-                single.presentation_data_value_list = [[context_id, data]]
+                # typed as tuples, but its setter accepts only lists
+                single.presentation_data_value_list = [cast(Any, [context_id, data])]
                 self._receive(single)
             elif not self.closing:
                 self._refuse(context_id)
