@@ -128,3 +128,19 @@ class Attacker:
     def readable(self) -> bool:
         """Whether the node has sent something (or closed) that is not read yet."""
         return bool(select.select([self.sock], [], [], 0)[0])
+
+
+def store_bytes(port: int, sop_class: str, sop_instance: str, transfer_syntax: str,
+                data: bytes, fragment: int = 16384) -> tuple[int, str]:
+    """Send ``data`` as the data set of one C-STORE, as it is; the (status, error comment)."""
+    with Attacker(port) as attacker:
+        attacker.associate(sop_class, transfer_syntax)
+        attacker.send(store_command(1, sop_class, sop_instance))
+        chunks = [data[i:i + fragment] for i in range(0, len(data), fragment)] or [b""]
+        for number, chunk in enumerate(chunks, 1):
+            attacker.send(p_data(1, LAST if number == len(chunks) else 0, chunk))
+        answer = attacker.read(attacker.timeout)
+        attacker.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+        attacker.read(attacker.timeout)
+    assert answer is not None and answer.command is not None, "no C-STORE response"
+    return int(answer.command.Status), str(answer.command.get("ErrorComment", ""))
