@@ -22,6 +22,7 @@ pynetdicom's classes: other associations and other AEs in the process are untouc
 
 import logging
 import tempfile
+from io import BytesIO
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -243,13 +244,15 @@ class AssociationGuard:
         """Move the data set received so far to a file; pynetdicom appends the rest to it."""
         if message._data_set_file is not None:
             return
+        logger.debug("spooling the data set of %s to disk past %d bytes",
+                     str(message.command_set.AffectedSOPInstanceUID or "")[:64], self.received)
         spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- closed by pynetdicom or release()
             dir=self.limits.spool_dir, prefix=_SPOOL_PREFIX, suffix=".part", delete=False
         )
         buffer = cast(Any, message.data_set)
         spool.write(buffer.getbuffer())
         buffer.close()
-        message.data_set = None
+        message.data_set = BytesIO()  # empty, not None: pynetdicom needs one to see a request
         # pynetdicom writes later fragments to ``_data_set_file``, hands ``_data_set_path`` to
         # the handler, and closes and deletes the file once the handler returns.
         message._data_set_file = cast(Any, spool)
