@@ -22,10 +22,10 @@ pynetdicom's classes: other associations and other AEs in the process are untouc
 
 import logging
 import tempfile
-from io import BytesIO
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
