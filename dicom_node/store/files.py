@@ -116,17 +116,32 @@ _DEFLATE_TRAILER_MAX = 8
 _CHUNK = 2**20  # copy in 1 MiB chunks: large data sets never sit in memory whole
 
 
-def chunks(fp: BinaryIO, start: int, end: int, skip: Iterable[tuple[int, int]] = ()) -> Iterator[bytes]:
+def chunks(
+    fp: BinaryIO, start: int, end: int, skip: Iterable[tuple[int, int]] = ()
+) -> Iterator[bytes | memoryview]:
     """The bytes of ``fp[start:end]`` in bounded chunks, leaving out the ``skip`` ranges."""
-    position = start
-    for cut_start, cut_end in [*sorted(skip), (end, end)]:
-        fp.seek(position)
-        while position < cut_start:
-            data = fp.read(min(_CHUNK, cut_start - position))
+    if isinstance(fp, io.BytesIO):  # already in memory: slices of it, not copies
+        with fp.getbuffer() as view:
+            for cut_start, cut_end in _kept(start, end, skip):
+                yield view[cut_start:cut_end]
+        return
+    for cut_start, cut_end in _kept(start, end, skip):
+        fp.seek(cut_start)
+        position = cut_start
+        while position < cut_end:
+            data = fp.read(min(_CHUNK, cut_end - position))
             if not data:
                 raise InvalidInstanceError("unparseable", "data set shorter than announced")
             position += len(data)
             yield data
+
+
+def _kept(start: int, end: int, skip: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The ranges of ``[start, end)`` outside the ``skip`` ranges."""
+    position = start
+    for cut_start, cut_end in [*sorted(skip), (end, end)]:
+        if position < cut_start:
+            yield position, cut_start
         position = max(position, cut_end)
 
 
