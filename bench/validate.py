@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -28,7 +29,7 @@ from dicom_node.store.files import encode_file_meta, read_header
 from dicom_node.store.walk import walk
 
 
-def instance(modality: str, size: int) -> tuple[object, bytes]:
+def instance(modality: str, size: int) -> tuple[Any, bytes]:
     """(file meta, data set bytes) of an instance with a real header and ``size``² pixels."""
     path = get_testdata_file("CT_small.dcm")
     assert path is not None
@@ -53,34 +54,37 @@ def timed(repeats: int, step: Callable[[], None]) -> float:
     return statistics.median(times)
 
 
+def measure(store: InstanceStore, name: str, meta: Any, data: bytes, repeats: int) -> None:
+    """Print the table rows of one instance, in memory and spooled."""
+
+    def anchor() -> None:  # the previous stage(): write in one piece, parse the header
+        temporary = store.files.write_temporary([encode_file_meta(meta), data])
+        read_header(temporary)
+        temporary.unlink()
+
+    walk_ms = timed(repeats, lambda: walk(io.BytesIO(data), 0, len(data), ExplicitVRLittleEndian))
+    before = timed(repeats, anchor)
+    now = timed(repeats, lambda: store.discard(store.stage(meta, io.BytesIO(data))))
+    print(f"| {name} | {len(data)} | {walk_ms:.3f} | {before:.2f} | {now:.2f} | {now / before:.2f} |")
+    spool = store.files.tmp / "bench-spool.part"
+    spool.write_bytes(data)
+    with spool.open("rb") as fp:
+        now = timed(repeats, lambda: store.discard(store.stage(meta, fp)))
+    spool.unlink()
+    print(f"| {name}, spooled | {len(data)} | | {before:.2f} | {now:.2f} | {now / before:.2f} |")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=40)
     repeats = parser.parse_args().repeats
     with tempfile.TemporaryDirectory() as folder:
         store = InstanceStore(Path(folder))
-
-        def anchor(meta: object, data: bytes) -> None:  # the previous stage(): write, parse
-            temporary = store.files.write_temporary([encode_file_meta(meta), data])  # type: ignore[arg-type]
-            read_header(temporary)
-            temporary.unlink()
-
-        def staged(meta: object, source: io.BytesIO | io.BufferedReader) -> None:
-            store.discard(store.stage(meta, source))  # type: ignore[arg-type]
-
         print("| instance | data set bytes | walk alone ms | stage before ms | stage now ms | ratio |")
         print("| --- | --- | --- | --- | --- | --- |")
         for name, modality, size in (("CT 512x512", "CT", 512), ("CR 2048x2048", "CR", 2048)):
             meta, data = instance(modality, size)
-            walk_ms = timed(repeats, lambda: walk(io.BytesIO(data), 0, len(data), ExplicitVRLittleEndian))
-            before = timed(repeats, lambda: anchor(meta, data))
-            now = timed(repeats, lambda: staged(meta, io.BytesIO(data)))
-            print(f"| {name} | {len(data)} | {walk_ms:.3f} | {before:.2f} | {now:.2f} | {now / before:.2f} |")
-            spool = Path(folder) / "spool.part"
-            spool.write_bytes(data)
-            with spool.open("rb") as fp:
-                now = timed(repeats, lambda: staged(meta, fp))
-            print(f"| {name}, spooled | {len(data)} | | {before:.2f} | {now:.2f} | {now / before:.2f} |")
+            measure(store, name, meta, data, repeats)
         store.close()
 
 
