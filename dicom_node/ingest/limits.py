@@ -217,8 +217,8 @@ class AssociationGuard:
             self._message, self.received = message, 0
         self.received += len(data) - 1
         if self.received > self.limits.max_instance_size:
-            if isinstance(message, C_STORE_RQ):
-                return False
+            if isinstance(message, C_STORE_RQ) and message.command_set.MessageID is not None:
+                return False  # refused with 0xA701
             self.abort(f"data set over {self.limits.max_instance_size} bytes")
             return False
         if self.received > self.limits.spool_threshold and isinstance(message, C_STORE_RQ):
