@@ -17,10 +17,10 @@ from dicom_node.config import Settings
 from dicom_node.ingest.scp import IngestServer, start_ingest
 from dicom_node.ingest.status import StoreStatus
 from dicom_node.store import InstanceStore
+from tests.conftest import require_tool
 from tests.factories import ct_dataset
 from tests.ingest.attacker import store_bytes
 from tests.malformed import body, malformed_cases, well_formed_encapsulated
-from tests.peers.test_dcmtk import require_tool
 
 
 class RecordingAudit:
