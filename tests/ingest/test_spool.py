@@ -2,6 +2,7 @@
 protocol violations that could make the node buffer without bound."""
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from dicom_node.ingest.status import StoreStatus
 from dicom_node.store import InstanceStore
 from tests.conftest import make_settings
 from tests.factories import ct_dataset
-from tests.ingest.attacker import COMMAND, Attacker, p_data
+from tests.ingest.attacker import COMMAND, Attacker, p_data, store_command
 from tests.ingest.test_scp import send
 
 KiB, MiB = 2**10, 2**20
@@ -78,3 +79,21 @@ def test_an_endless_command_set_is_aborted(small_node: tuple[IngestServer, Insta
             if not attacker.send(p_data(1, COMMAND, bytes(16 * KiB))):
                 break
         assert _aborted(attacker)
+
+
+def test_a_connection_cut_mid_spool_leaves_no_spool_file(small_node: tuple[IngestServer, InstanceStore]) -> None:
+    server, store = small_node
+    with Attacker(server.port) as attacker:
+        attacker.associate(CTImageStorage, ExplicitVRLittleEndian)
+        attacker.send(store_command(1, CTImageStorage, "1.2.826.0.1.3680043.10.1543.78"))
+        for _ in range(5):  # 640 KiB: spooled (threshold 256 KiB), under the 1 MiB limit
+            attacker.send(p_data(1, 0x00, bytes(128 * KiB - 6)))  # a PDU of exactly the maximum
+        deadline = time.monotonic() + 10
+        while not list(store.files.tmp.glob("spool-*.part")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(store.files.tmp.glob("spool-*.part")), "the data set was never spooled"
+    # the connection is gone mid-data set
+    deadline = time.monotonic() + 10
+    while list(store.files.tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not list(store.files.tmp.iterdir())
