@@ -153,7 +153,9 @@ class _Walker:
                 return
             if tag >> 16 == 0xFFFE:
                 raise MalformedDataSetError(f"unexpected {_tag_text(tag)} at byte {start}")
-            if tag <= previous:
+            if tag == previous:  # readers disagree on which copy counts (DCMTK: the first)
+                raise MalformedDataSetError(f"{_tag_text(tag)} at byte {start} repeated")
+            if tag < previous:
                 raise MalformedDataSetError(
                     f"{_tag_text(tag)} at byte {start} out of order (after {_tag_text(previous)}): "
                     "trailing or misplaced bytes?"

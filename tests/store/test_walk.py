@@ -63,3 +63,12 @@ def test_real_files_pass(name: str) -> None:
         fp.seek(132)
         syntax = _read_file_meta_info(fp).TransferSyntaxUID
         walk(fp, fp.tell(), os.path.getsize(path), syntax)
+
+
+def test_a_repeated_element_is_refused() -> None:
+    data = body(ct_dataset())
+    modality = data.index(b"\x08\x00\x60\x00CS")  # (0008,0060) Modality, explicit VR
+    element = data[modality:modality + 8 + int.from_bytes(data[modality + 6:modality + 8], "little")]
+    doubled = data[:modality] + element + data[modality:]
+    with pytest.raises(MalformedDataSetError, match="repeated"):
+        walk(io.BytesIO(doubled), 0, len(doubled), ExplicitVRLittleEndian)
