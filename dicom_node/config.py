@@ -130,6 +130,7 @@ class IngestSettings:
     max_associations: int = field(default=16, metadata=_check(_positive))
     max_pdu_size: int = field(default=131072, metadata=_check(_pdu_size))
     max_instance_size: ByteSize = field(default=ByteSize(2 * 2**30), metadata=_check(_positive))
+    spool_threshold: ByteSize = field(default=ByteSize(4 * 2**20), metadata=_check(_non_negative))
     acse_timeout: float = field(default=30.0, metadata=_check(_positive))
     dimse_timeout: float = field(default=60.0, metadata=_check(_positive))
     network_timeout: float = field(default=60.0, metadata=_check(_positive))

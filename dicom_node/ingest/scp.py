@@ -6,10 +6,11 @@ durable on disk and indexed. Every other outcome is a named failure status with 
 """
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -36,8 +37,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Settings
+from dicom_node.ingest.limits import ReceiveLimits, install_guard, spooled_path
 from dicom_node.ingest.policy import AssociationPolicy
-from dicom_node.ingest.status import EchoStatus, StoreStatus
+from dicom_node.ingest.status import EchoStatus, StoreStatus, error_comment
 from dicom_node.store import (
     InstanceStore,
     InvalidInstanceError,
@@ -67,17 +69,11 @@ TRANSFER_SYNTAXES = (
     JPEG2000,
 )
 
-_ERROR_COMMENT_MAX = 64  # Error Comment is LO
-
-
 def failure(status: StoreStatus, comment: str) -> Dataset:
     """A C-STORE response status with an Error Comment (truncated to fit LO)."""
     ds = Dataset()
     ds.Status = int(status)
-    # LO: printable ASCII without backslash (a backslash would split it into several values)
-    ds.ErrorComment = "".join(
-        c if " " <= c <= "~" and c != "\\" else "?" for c in comment
-    )[:_ERROR_COMMENT_MAX]
+    ds.ErrorComment = error_comment(comment)
     return ds
 
 
@@ -99,29 +95,43 @@ def handle_store(
 
 def _store(event: Event, store: InstanceStore, max_instance_size: int, audit: Audit) -> int | Dataset:
     request = cast(C_STORE, event.request)
+    spooled = spooled_path(request)  # a large data set arrives in a file under data_dir/tmp
+    if spooled is not None:
+        with spooled.open("rb") as fp:
+            return _stage(event, store, fp, max_instance_size, audit)
+    if request.DataSet is None:
+        return failure(StoreStatus.CANNOT_UNDERSTAND, "no data set in the request")
+    return _stage(event, store, request.DataSet, max_instance_size, audit)
+
+
+def _stage(event: Event, store: InstanceStore, dataset: BinaryIO, max_instance_size: int,
+           audit: Audit) -> int | Dataset:
+    request = cast(C_STORE, event.request)
     calling = event.assoc.requestor.ae_title.strip()
     sop_uid = str(request.AffectedSOPInstanceUID or "")
-    dataset = request.DataSet
-    if dataset is None:
-        return failure(StoreStatus.CANNOT_UNDERSTAND, "no data set in the request")
-    with dataset.getbuffer() as encoded:
-        size = encoded.nbytes
-        if size > max_instance_size:
-            logger.warning("refused %s from %s: %d bytes over limit", sop_uid[:64], calling, size)
-            return failure(
-                StoreStatus.OUT_OF_RESOURCES_INSTANCE_TOO_LARGE,
-                f"instance of {size} bytes exceeds limit {max_instance_size}",
-            )
-        meta = event.file_meta
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        meta.SourceApplicationEntityTitle = calling
-        try:
-            staged = store.stage(meta, [encoded])
-        except InvalidInstanceError as exc:
-            return _refuse(exc, sop_uid, calling)
-        except StorageError as exc:
-            return _storage_failure(exc, sop_uid, calling)
+    size = dataset.seek(0, os.SEEK_END)
+    if size > max_instance_size:  # the association guard refuses earlier; this is the backstop
+        logger.warning("refused %s from %s: %d bytes over limit", sop_uid[:64], calling, size)
+        return failure(
+            StoreStatus.OUT_OF_RESOURCES_INSTANCE_TOO_LARGE,
+            f"instance of {size} bytes exceeds limit {max_instance_size}",
+        )
+    meta = event.file_meta
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = calling
+    try:
+        staged = store.stage(meta, dataset, max_inflated_size=max_instance_size)
+    except InvalidInstanceError as exc:
+        return _refuse(exc, sop_uid, calling)
+    except StorageError as exc:
+        return _storage_failure(exc, sop_uid, calling)
+    if staged.stripped_tags:
+        logger.warning("left out %d group 0002 element(s) found in the data set of %s from %s",
+                       len(staged.stripped_tags), staged.header.sop_instance_uid, calling)
+        audit.record("file_meta_stripped", study_instance_uid=staged.header.study_instance_uid,
+                     sop_instance_uid=staged.header.sop_instance_uid, calling_ae_title=calling,
+                     tags=list(staged.stripped_tags))
     return _commit(store, staged, request, calling, audit)
 
 
@@ -266,6 +276,7 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
         max_associations=settings.ingest.max_associations,
     )
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, install_guard, [ReceiveLimits.from_settings(settings)]),
         (evt.EVT_REQUESTED, handle_requested, [policy, audit]),
         (evt.EVT_ACCEPTED, handle_accepted, [audit]),
         (evt.EVT_C_ECHO, handle_echo),

@@ -6,6 +6,17 @@ in docs/conformance.md.
 
 from enum import IntEnum
 
+ERROR_COMMENT_MAX = 64  # Error Comment (0000,0902) is LO
+
+
+def error_comment(text: str) -> str:
+    """``text`` made a valid Error Comment: printable ASCII without backslash, at most 64 characters.
+
+    A backslash would split the LO into several values; other characters may not be in the
+    peer's character repertoire.
+    """
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)[:ERROR_COMMENT_MAX]
+
 
 class StoreStatus(IntEnum):
     """C-STORE response statuses."""

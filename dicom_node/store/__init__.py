@@ -12,16 +12,21 @@ lacks. A clean stop leaves a marker so the next start skips that scan.
 """
 
 import errno
+import io
+import itertools
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
 
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.errors import RetryableError
@@ -31,12 +36,15 @@ from dicom_node.store.files import (
     InstanceHeader,
     InvalidInstanceError,
     check_uid,
+    chunks,
     encode_file_meta,
     fsync_dir,
+    inflate,
     read_header,
     relative_path,
 )
 from dicom_node.store.index import Index, Indexed, InstanceRecord, SeriesKey, SeriesRecord
+from dicom_node.store.walk import MalformedDataSetError, WalkResult, walk
 
 __all__ = [
     "InstanceHeader", "InstanceRecord", "InstanceStore", "InvalidInstanceError", "OutOfSpaceError",
@@ -61,6 +69,8 @@ class StagedInstance:
     header: InstanceHeader
     temporary: Path
     size_bytes: int
+    #: Tags of File Meta Information elements (group 0002) found in the data set and left out.
+    stripped_tags: tuple[str, ...] = ()
 
 
 class InstanceStore:
@@ -101,37 +111,73 @@ class InstanceStore:
             self._clean_marker.touch()
             fsync_dir(self.data_dir)
 
-    def stage(self, file_meta: FileMetaDataset, dataset: Iterable[bytes | memoryview]) -> StagedInstance:
-        """Write a received data set and its file meta to a temporary file and parse its header.
+    def stage(
+        self, file_meta: FileMetaDataset, dataset: BinaryIO | bytes | memoryview,
+        max_inflated_size: int = 2**31,
+    ) -> StagedInstance:
+        """Check a received data set, write it and its file meta to a temporary file, parse it.
+
+        Every element header of the data set is checked against the transfer syntax of
+        ``file_meta`` first (:func:`dicom_node.store.walk.walk`); group 0002 elements in the data
+        set are left out, so the file's meta, the node's, is the only one a reader sees.
+
+        Parameters
+        ----------
+        file_meta
+            The node's File Meta Information for the instance (negotiated transfer syntax).
+        dataset
+            The data set as received: bytes, or a seekable binary file (a spooled data set).
+        max_inflated_size
+            Bytes a deflated data set may inflate to.
 
         Raises
         ------
         OutOfSpaceError
             If the write would leave less than ``min_free_space`` free.
         InvalidInstanceError
-            If the data set does not parse or its UIDs are missing or malformed; nothing stays
-            on disk.
+            If the data set is malformed, does not parse, or its UIDs are missing or malformed;
+            nothing stays on disk.
         """
+        fp = io.BytesIO(dataset) if isinstance(dataset, (bytes, memoryview)) else dataset
+        length = fp.seek(0, os.SEEK_END)
+        found = self._check(fp, length, str(file_meta.TransferSyntaxUID), max_inflated_size)
+        cut = found.file_meta_ranges
         head = encode_file_meta(file_meta)
-        parts = [head, *dataset]
-        size = sum(len(p) for p in parts)
+        size = len(head) + length - sum(end - start for start, end in cut)
         free = shutil.disk_usage(self.data_dir).free
         if free - size < self.min_free_space:
             raise OutOfSpaceError(
                 f"free space {free // 2**20} MiB is below the floor of "
                 f"{self.min_free_space // 2**20} MiB"
             )
-        temporary = self._write(parts)
+        temporary = self._write(head, fp, length, cut)
         try:
             header = read_header(temporary)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        return StagedInstance(header, temporary, size)
+        return StagedInstance(header, temporary, size, tuple(found.file_meta_tags))
 
-    def _write(self, parts: list[bytes | memoryview]) -> Path:
+    def _check(self, fp: BinaryIO, length: int, transfer_syntax: str, max_inflated: int) -> WalkResult:
+        """Walk the data set; a deflated one is inflated to a scratch file under ``tmp/`` first."""
         try:
-            return self.files.write_temporary(parts)
+            if not UID(transfer_syntax).is_deflated:
+                return walk(fp, 0, length, transfer_syntax)
+            with tempfile.TemporaryFile(dir=self.files.tmp) as inflated:
+                size = inflate(fp, 0, length, inflated, max_inflated)
+                found = walk(inflated, 0, size, transfer_syntax)
+        except MalformedDataSetError as exc:
+            raise InvalidInstanceError("unparseable", str(exc)) from None
+        if found.file_meta_ranges:
+            # Leaving them out would mean deflating again; a peer that sends them is refused.
+            raise InvalidInstanceError(
+                "unparseable", "File Meta Information (group 0002) inside a deflated data set"
+            )
+        return found
+
+    def _write(self, head: bytes, fp: BinaryIO, length: int, cut: list[tuple[int, int]]) -> Path:
+        try:
+            return self.files.write_temporary(itertools.chain((head,), chunks(fp, 0, length, cut)))
         except OSError as exc:
             raise _write_error(exc) from exc
 

@@ -10,7 +10,8 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -111,6 +112,69 @@ def read_header(fp: BinaryIO | Path) -> InstanceHeader:
     )
 
 
+_DEFLATE_TRAILER_MAX = 8
+_CHUNK = 2**20  # copy in 1 MiB chunks: large data sets never sit in memory whole
+
+
+def chunks(
+    fp: BinaryIO, start: int, end: int, skip: Iterable[tuple[int, int]] = ()
+) -> Iterator[bytes | memoryview]:
+    """The bytes of ``fp[start:end]`` in bounded chunks, leaving out the ``skip`` ranges."""
+    if isinstance(fp, io.BytesIO):  # already in memory: slices of it, not copies
+        with fp.getbuffer() as view:
+            for cut_start, cut_end in _kept(start, end, skip):
+                yield view[cut_start:cut_end]
+        return
+    for cut_start, cut_end in _kept(start, end, skip):
+        fp.seek(cut_start)
+        position = cut_start
+        while position < cut_end:
+            data = fp.read(min(_CHUNK, cut_end - position))
+            if not data:
+                raise InvalidInstanceError("unparseable", "data set shorter than announced")
+            position += len(data)
+            yield data
+
+
+def _kept(start: int, end: int, skip: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The ranges of ``[start, end)`` outside the ``skip`` ranges."""
+    position = start
+    for cut_start, cut_end in [*sorted(skip), (end, end)]:
+        if position < cut_start:
+            yield position, cut_start
+        position = max(position, cut_end)
+
+
+def inflate(fp: BinaryIO, start: int, end: int, target: BinaryIO, limit: int) -> int:
+    """Inflate the deflated data set ``fp[start:end]`` (PS3.5 A.5) into ``target``; its length.
+
+    Raises
+    ------
+    InvalidInstanceError
+        If it is not a raw deflate stream, is cut short, is followed by other bytes, or inflates
+        to more than ``limit`` bytes (a few KiB of deflate can announce gigabytes).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    written = 0
+    try:
+        for data in chunks(fp, start, end):
+            while data:
+                out = inflater.decompress(data, limit + 1 - written)
+                written += target.write(out)
+                if written > limit:
+                    raise InvalidInstanceError(
+                        "unparseable", f"deflated data set inflates to more than {limit} bytes")
+                data = inflater.unconsumed_tail
+        written += target.write(inflater.flush())
+    except zlib.error as exc:
+        raise InvalidInstanceError("unparseable", f"deflated data set does not inflate: {exc}") from None
+    # Writers add a padding byte (even length) or a gzip trailer (8 bytes: CRC-32 and size)
+    # after the stream, which readers ignore; more than that is not a deflated data set.
+    if not inflater.eof or len(inflater.unused_data) > _DEFLATE_TRAILER_MAX:
+        raise InvalidInstanceError("unparseable", "deflated data set is truncated or has trailing bytes")
+    return written
+
+
 def relative_path(header: InstanceHeader) -> Path:
     """Where an instance lives below ``<data_dir>/instances``."""
     return Path(
@@ -148,13 +212,21 @@ class FileArea:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def write_temporary(self, parts: Iterable[bytes | memoryview]) -> Path:
-        """Write ``parts`` to a new temporary file, flushed to disk, and return its path."""
+        """Write ``parts`` to a new temporary file, flushed to disk, and return its path.
+
+        ``parts`` may be a generator that raises (a data set shorter than announced): the
+        temporary file is then removed.
+        """
         path = self.tmp / f"{uuid.uuid4().hex}.part"
-        with path.open("xb") as fh:
-            for part in parts:
-                fh.write(part)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with path.open("xb") as fh:
+                for part in parts:
+                    fh.write(part)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return path
 
     def commit(self, temporary: Path, relative: Path) -> Path:

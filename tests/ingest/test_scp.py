@@ -260,7 +260,7 @@ def test_data_set_that_does_not_parse(node: IngestServer, store: InstanceStore, 
     path.write_bytes(raw[:meta_end] + b"\x08\x00\x16\x00ZZ\x04\x00abcd")  # VR "ZZ" does not exist
     status, comment = _send_file(node.port, path)
     assert status == StoreStatus.CANNOT_UNDERSTAND
-    assert "does not parse" in comment
+    assert "no valid VR" in comment
     assert leftovers(store.data_dir) == []
     assert send(node.port, ct_dataset()) == [(0, "")]
 

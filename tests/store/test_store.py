@@ -33,7 +33,7 @@ def place_unindexed(store: InstanceStore, ds, folder: Path) -> Path:
 
 def put(store: InstanceStore, ds, calling: str = "SCU"):
     meta, body = encoded(ds)
-    return store.commit(store.stage(meta, [body]), calling)
+    return store.commit(store.stage(meta, body), calling)
 
 
 @pytest.mark.parametrize("uid", ["1.2.3", "1.2.840.10008.1.2.1", "0", "1.02.3"])
@@ -67,7 +67,7 @@ def test_invalid_instance_leaves_nothing_behind(store: InstanceStore) -> None:
     ds.SeriesInstanceUID = "../../escape"
     meta, body = encoded(ds)
     with pytest.raises(InvalidInstanceError):
-        store.stage(meta, [body])
+        store.stage(meta, body)
     assert list(store.files.tmp.iterdir()) == []
     assert list(store.files.instances.iterdir()) == []
     assert store.index.counts() == (0, 0, 0)
@@ -78,7 +78,7 @@ def test_free_space_floor_refuses_before_writing(tmp_path: Path) -> None:
     try:
         meta, body = encoded(ct_dataset())
         with pytest.raises(OutOfSpaceError):
-            store.stage(meta, [body])
+            store.stage(meta, body)
         assert list(store.files.tmp.iterdir()) == []
     finally:
         store.close()
@@ -107,7 +107,7 @@ def test_series_records_keep_routing_attributes(store: InstanceStore) -> None:
 
 def test_recover_removes_temporaries_of_interrupted_writes(store: InstanceStore) -> None:
     meta, body = encoded(ct_dataset())
-    store.stage(meta, [body])  # staged, never committed: the process died here
+    store.stage(meta, body)  # staged, never committed: the process died here
     assert len(list(store.files.tmp.iterdir())) == 1
     store.recover()
     assert list(store.files.tmp.iterdir()) == []
@@ -195,7 +195,7 @@ def test_concurrent_stores_of_one_uid_leave_exactly_one_consistent_copy(store: I
 
 def encoded_parts(ds) -> tuple:
     meta, body = encoded(ds)
-    return meta, [body]
+    return meta, body
 
 
 def test_a_failed_index_commit_loses_nothing_and_forces_a_scan(tmp_path: Path) -> None:

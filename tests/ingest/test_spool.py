@@ -1,0 +1,99 @@
+"""The association guard in process: spooling, refusal without losing the association, and
+protocol violations that could make the node buffer without bound."""
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from dicom_node.ingest.scp import IngestServer, start_ingest
+from dicom_node.ingest.status import StoreStatus
+from dicom_node.store import InstanceStore
+from tests.conftest import make_settings
+from tests.factories import ct_dataset
+from tests.ingest.attacker import COMMAND, Attacker, p_data, store_command
+from tests.ingest.test_scp import send
+
+KiB, MiB = 2**10, 2**20
+
+
+@pytest.fixture
+def small_node(tmp_path: Path) -> Iterator[tuple[IngestServer, InstanceStore]]:
+    settings = make_settings(tmp_path / "data", max_instance_size=1 * MiB, spool_threshold=256 * KiB)
+    store = InstanceStore(settings.node.data_dir, 0)
+    server = start_ingest(settings, store)
+    yield server, store
+    server.stop(grace_seconds=2.0)
+    store.close()
+
+
+def test_a_data_set_past_the_threshold_is_spooled_then_stored(
+    small_node: tuple[IngestServer, InstanceStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, store = small_node
+    ds = ct_dataset(size=512, seed=3)  # 512 KiB of pixels: spooled after 256 KiB
+    with caplog.at_level(logging.DEBUG, logger="dicom_node.ingest.limits"):
+        assert send(server.port, ds) == [(StoreStatus.SUCCESS, "")]
+    assert any("spooling" in r.getMessage() for r in caplog.records)
+    record = store.index.get(ds.SOPInstanceUID)
+    assert record is not None
+    assert dcmread(store.path_of(record)).PixelData == ds.PixelData
+    assert not list((store.data_dir / "tmp").iterdir())  # pynetdicom removed the spool file
+
+
+def test_a_refused_instance_leaves_the_association_usable(
+    small_node: tuple[IngestServer, InstanceStore]
+) -> None:
+    server, store = small_node
+    big, small = ct_dataset(size=866), ct_dataset()  # 1.43 MiB of pixels, then a tiny one
+    statuses = send(server.port, big, small)
+    assert statuses[0][0] == StoreStatus.OUT_OF_RESOURCES_INSTANCE_TOO_LARGE
+    assert "exceeds limit 1048576" in statuses[0][1]
+    assert statuses[1] == (StoreStatus.SUCCESS, "")
+    assert store.index.get(big.SOPInstanceUID) is None
+    assert not list((store.data_dir / "tmp").iterdir())
+
+
+def _aborted(attacker: Attacker) -> bool:
+    answer = attacker.read(5.0)
+    return answer is not None and answer.pdu_type == 0x07 and attacker.read(5.0) is None and attacker.closed
+
+
+def test_a_data_set_before_its_command_is_aborted(small_node: tuple[IngestServer, InstanceStore]) -> None:
+    server, _ = small_node
+    with Attacker(server.port) as attacker:
+        attacker.associate(CTImageStorage, ExplicitVRLittleEndian)
+        attacker.send(p_data(1, 0x00, bytes(64 * KiB)))
+        assert _aborted(attacker)
+
+
+def test_an_endless_command_set_is_aborted(small_node: tuple[IngestServer, InstanceStore]) -> None:
+    server, _ = small_node
+    with Attacker(server.port) as attacker:
+        attacker.associate(CTImageStorage, ExplicitVRLittleEndian)
+        for _ in range(8):  # command fragments that never say "last": 128 KiB in all
+            if not attacker.send(p_data(1, COMMAND, bytes(16 * KiB))):
+                break
+        assert _aborted(attacker)
+
+
+def test_a_connection_cut_mid_spool_leaves_no_spool_file(small_node: tuple[IngestServer, InstanceStore]) -> None:
+    server, store = small_node
+    with Attacker(server.port) as attacker:
+        attacker.associate(CTImageStorage, ExplicitVRLittleEndian)
+        attacker.send(store_command(1, CTImageStorage, "1.2.826.0.1.3680043.10.1543.78"))
+        for _ in range(5):  # 640 KiB: spooled (threshold 256 KiB), under the 1 MiB limit
+            attacker.send(p_data(1, 0x00, bytes(128 * KiB - 6)))  # a PDU of exactly the maximum
+        deadline = time.monotonic() + 10
+        while not list(store.files.tmp.glob("spool-*.part")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(store.files.tmp.glob("spool-*.part")), "the data set was never spooled"
+    # the connection is gone mid-data set
+    deadline = time.monotonic() + 10
+    while list(store.files.tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not list(store.files.tmp.iterdir())
