@@ -104,8 +104,8 @@ class Outbox:
     """The outbox records; thread-safe. Policy (when to retry, when to give up) lives in the exporter."""
 
     def __init__(self, database: Path, clock: Callable[[], float] = time.time,
-                 on_enqueue: Callable[[], None] | None = None) -> None:
-        self._conn = connect(database)
+                 on_enqueue: Callable[[], None] | None = None, *, read_only: bool = False) -> None:
+        self._conn = connect(database, read_only=read_only)  # read_only: outbox list on a full disk
         migrate(self._conn, "outbox", _MIGRATIONS)
         self._lock = threading.Lock()
         self.clock = clock
