@@ -62,9 +62,12 @@ def _job(row: tuple) -> Job:
 class SQLiteJobBackend:
     """Job records in ``jobs``; every commit is durable (``synchronous=FULL``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.conn = connect(path, synchronous="FULL")
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        # read_only: for commands that only look (jobs list/show); they must work on a full disk
+        self.conn = connect(path, synchronous="FULL", read_only=read_only)
         migrate(self.conn, "jobs", _MIGRATIONS)
+        # a reader's transactions take no write lock (it could not get one)
+        self._begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
         self._lock = threading.RLock()
         self._depth = 0
 
@@ -77,7 +80,7 @@ class SQLiteJobBackend:
         with self._lock:
             outer = self._depth == 0
             if outer:
-                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute(self._begin)
             self._depth += 1
             try:
                 yield
