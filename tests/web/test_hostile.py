@@ -110,15 +110,13 @@ def test_readiness_says_ready_and_shows_free_space(tmp_path: Path) -> None:
         assert b"Free space on data_dir" in app.request("GET", "/")[2]
 
 
-def test_the_audit_error_metric_counts_lost_events(app: App) -> None:
-    before = _audit_errors(app)
-    app.trail._file.close()  # the trail's file gone: every event from here is lost
-    try:
+def test_the_audit_error_metric_counts_lost_events(tmp_path: Path) -> None:
+    with web_app(tmp_path / "data") as app:
+        before = _audit_errors(app)
+        app.trail.close()  # the trail's file gone: every event from here on is lost
         for _ in range(3):
             app.trail.record("association_accepted", calling_ae_title="PROBE")
         assert _audit_errors(app) == before + 3
-    finally:
-        app.trail._file = app.trail.path.open("a", encoding="utf-8")
 
 
 def _audit_errors(app: App) -> int:
