@@ -296,10 +296,16 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The standard library's own refusals (request line or headers too long, bad syntax):
         a short JSON reason like ours, not its HTML page; an over-long address is a 400 as
-        every other malformed request."""
+        every other malformed request, and nothing a client sends is answered 5xx."""
         if code == HTTPStatus.REQUEST_URI_TOO_LONG:
             code, message = HTTPStatus.BAD_REQUEST, f"URL too long: at most {MAX_URL} characters"
+        elif code == HTTPStatus.NOT_IMPLEMENTED:  # a method nobody knows: refused like PUT
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed"
+        elif code >= 500:  # e.g. "HTTP/9.9": the client's fault, not the server's
+            code = HTTPStatus.BAD_REQUEST
         self.close_connection = True
+        # a request line that did not parse leaves HTTP/0.9, which has no status line to say why
+        self.request_version = "HTTP/1.0" if self.request_version == "HTTP/0.9" else self.request_version
         reason = message or HTTPStatus(code).phrase
         self._send(code, "application/json", data.dumps({"error": reason}), {"Connection": "close"})
 

@@ -3,6 +3,7 @@ or a traceback; a handler that fails anyway answers 500 without one and logs the
 
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,28 @@ def test_hostile_input_gets_a_short_4xx_answer(app: App, method: str, path: str,
         if "json" in headers.get("Content-Type", ""):
             reason = json.loads(body)["error"]
             assert 0 < len(reason) <= 200  # a short reason, not the input echoed back
+
+
+#: Requests broken below HTTP's surface, answered by the standard library's own checks.
+RAW = [
+    (b"FOO / HTTP/1.0\r\n\r\n", 405),
+    (b"GET / HTTP/9.9\r\n\r\n", 400),
+    (b"\x00\x01\x02 garbage\r\n\r\n", 400),
+    (b"GET / HTTP/1.0\r\n" + b"X-A: b\r\n" * 150 + b"\r\n", 431),  # too many headers
+    (b"GET / HTTP/1.0\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),  # a header line over 64 KiB
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), RAW, ids=[r[:16].decode("latin-1") for r, _ in RAW])
+def test_malformed_http_gets_a_short_4xx_answer(app: App, raw: bytes, expected: int) -> None:
+    with socket.create_connection(("127.0.0.1", app.server.port), timeout=30) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert int(head.split()[1]) == expected, answer[:300]
+    assert len(body) < 512 and json.loads(body)["error"] and b"Traceback" not in answer
 
 
 def test_a_handler_that_fails_answers_500_without_a_traceback_and_logs_the_path_only(
