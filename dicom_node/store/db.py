@@ -7,7 +7,7 @@ no WAL set-up, no checkpoint, so they work on a full disk and never change the s
 """
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,6 +16,10 @@ from dicom_node.errors import DicomNodeError
 DATABASE_NAME = "index.sqlite"
 #: Record ids (jobs, outbox records) are SQLite rowids: 1 .. 2**63-1.
 MAX_RECORD_ID = 2**63 - 1
+
+#: One schema version: an SQL script (statements separated by ``;``), or a function for what SQL
+#: alone cannot do (recomputing a hash); either runs inside the migration's transaction.
+Migration = str | Callable[[sqlite3.Connection], None]
 
 
 class DatabaseError(DicomNodeError):
@@ -136,8 +140,9 @@ def schema_version(conn: sqlite3.Connection, component: str) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str]) -> None:
-    """Run the scripts of ``migrations`` that ``component``'s tables have not had yet.
+def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[Migration]) -> None:
+    """Run the steps of ``migrations`` that ``component``'s tables have not had yet, all in one
+    transaction: a failed upgrade leaves the file as it was.
 
     On a read-only connection nothing runs: the tables must already be at this software's
     version. Nothing is written when they are (a component opened again writes nothing).
@@ -154,8 +159,11 @@ def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[str])
         if _check_version(conn, component, len(migrations)):  # another process migrated meanwhile
             conn.execute("COMMIT")
             return
-        for script in migrations[schema_version(conn, component):]:
-            for statement in script.split(";"):
+        for step in migrations[schema_version(conn, component):]:
+            if callable(step):
+                step(conn)
+                continue
+            for statement in step.split(";"):
                 if statement.strip():
                     conn.execute(statement)
         conn.execute(
