@@ -48,7 +48,7 @@ def small_filesystem(folder: Path, size: str = "16m", mount: bool = True) -> Ite
 
 def fill(folder: Path) -> None:
     """Write a file until the file system has no byte left."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         for block in (1 << 20, 4096, 1):  # big blocks, then the last pages, then the last bytes
             while True:
@@ -143,5 +143,8 @@ def test_a_node_on_a_full_disk_says_so_and_its_cli_still_reads(tmp_path: Path, d
             kept = associations_kept(node.data_dir, mounted) - kept_before
             assert kept + associations_lost(node.log) - lost_before == 40
             assert node.stop(timeout=60) == 0
+        if mounted:  # the stopped node removed its write-ahead log: full again, to the last byte
+            fill(node.data_dir)
+            assert os.statvfs(node.data_dir).f_bavail == 0
         check_read_only_commands(node.config, simulated=not mounted)  # no node holds the database now
         print(f"full disk {'tmpfs (real)' if mounted else 'simulated'}: {lost} audit events lost and counted")
