@@ -91,6 +91,10 @@ def check_read_only_commands(config: Path, simulated: bool) -> None:
     assert shown.returncode == 0 and "time collect" in shown.stdout, shown.stderr
     outbox = cli(config, "outbox", "list", simulated=simulated)
     assert outbox.returncode == 0 and "outbox: 1 " in outbox.stdout, outbox.stderr
+    models = cli(config, "models", "list", simulated=simulated)
+    assert models.returncode == 0, models.stderr
+    audit = cli(config, "audit", "--study", "1.2.3", simulated=simulated)  # a study with no events
+    assert audit.returncode == 1 and audit.stdout == "no audit events for study 1.2.3\n", audit.stderr
 
 
 def associations_kept(data_dir: Path, mounted: bool) -> int:
@@ -130,6 +134,8 @@ def test_a_node_on_a_full_disk_says_so_and_its_cli_still_reads(tmp_path: Path, d
             status, body = http_get(base + "/readyz", {"Accept": "application/json"})
             answer = json.loads(body)
             assert answer["free_bytes"] < answer["min_free_space"] == floor
+            status, page = http_get(base + "/")  # the overview says it too
+            assert status == 200 and b"Not ready:</b> below min_free_space" in page
             kept_before, lost_before = associations_kept(node.data_dir, mounted), associations_lost(node.log)
             for _ in range(40):  # associations are audited: ~6 KB of events, more than a page's slack
                 assert echo_ok(node.port)
