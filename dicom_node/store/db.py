@@ -82,6 +82,11 @@ def connect(path: Path, synchronous: str = "FULL", *, read_only: bool = False) -
     return conn
 
 
+#: The errors of a reader that could not create or size the shared-memory file.
+_NO_SHARED_MEMORY = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
+                               sqlite3.SQLITE_READONLY})
+
+
 def connect_read_only(path: Path, timeout: float = 10.0) -> sqlite3.Connection:
     """Open an existing database for reading only (SQLite ``mode=ro`` and ``query_only``).
 
@@ -102,7 +107,9 @@ def connect_read_only(path: Path, timeout: float = 10.0) -> sqlite3.Connection:
         conn = _open_uri(uri, timeout)
     except sqlite3.Error as exc:
         wal = path.with_name(path.name + "-wal")
-        if wal.exists() and wal.stat().st_size > 0:
+        # not for "locked" or "busy": a writer is at work, and a file read past it may be torn
+        no_space = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _NO_SHARED_MEMORY
+        if not no_space or (wal.exists() and wal.stat().st_size > 0):
             raise DatabaseError(f"{path}: cannot be opened for reading: {exc}") from None
         try:
             conn = _open_uri(uri + "&immutable=1", timeout)
