@@ -84,13 +84,16 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
         return exc.code, exc.read()
 
 
-def check_read_only_commands(config: Path, simulated: bool) -> None:
+def check_read_only_commands(config: Path, simulated: bool, every: bool = True) -> None:
+    """The reading commands answer; ``every``: also those that never open the database."""
     jobs = cli(config, "jobs", "list", simulated=simulated)
     assert jobs.returncode == 0 and "not a chest radiograph" in jobs.stdout, jobs.stderr
-    shown = cli(config, "jobs", "show", "1", simulated=simulated)
-    assert shown.returncode == 0 and "time collect" in shown.stdout, shown.stderr
     outbox = cli(config, "outbox", "list", simulated=simulated)
     assert outbox.returncode == 0 and "outbox: 1 " in outbox.stdout, outbox.stderr
+    if not every:
+        return
+    shown = cli(config, "jobs", "show", "1", simulated=simulated)
+    assert shown.returncode == 0 and "time collect" in shown.stdout, shown.stderr
     models = cli(config, "models", "list", simulated=simulated)
     assert models.returncode == 0, models.stderr
     audit = cli(config, "audit", "--study", "1.2.3", simulated=simulated)  # a study with no events
@@ -152,5 +155,5 @@ def test_a_node_on_a_full_disk_says_so_and_its_cli_still_reads(tmp_path: Path, d
         if mounted:  # the stopped node removed its write-ahead log: full again, to the last byte
             fill(node.data_dir)
             assert os.statvfs(node.data_dir).f_bavail == 0
-        check_read_only_commands(node.config, simulated=not mounted)  # no node holds the database now
+        check_read_only_commands(node.config, not mounted, every=False)  # no node holds the database now
         print(f"full disk {'tmpfs (real)' if mounted else 'simulated'}: {lost} audit events lost and counted")
