@@ -9,6 +9,7 @@ read back across the rotated files, oldest first, so it survives restarts.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -105,7 +106,10 @@ class AuditTrail:
         try:
             written = 0
             while written < len(line):  # a write may take part of the line (a page's slack), then fail
-                written += self._file.write(line[written:]) or 0
+                taken = self._file.write(line[written:]) or 0
+                if taken == 0:  # no progress and no error: as good as a full disk
+                    raise OSError(errno.ENOSPC, "no byte of the event was written")
+                written += taken
         except OSError:
             with contextlib.suppress(OSError):  # shrinking a file needs no space
                 os.ftruncate(self._file.fileno(), start)
