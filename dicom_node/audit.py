@@ -101,19 +101,7 @@ class AuditTrail:
         return os.fstat(self._file.fileno()).st_size
 
     def _append(self, line: bytes) -> None:
-        """Write ``line`` whole, or undo the part a full disk took and raise."""
-        start = self._size()
-        try:
-            written = 0
-            while written < len(line):  # a write may take part of the line (a page's slack), then fail
-                taken = self._file.write(line[written:]) or 0
-                if taken == 0:  # no progress and no error: as good as a full disk
-                    raise OSError(errno.ENOSPC, "no byte of the event was written")
-                written += taken
-        except OSError:
-            with contextlib.suppress(OSError):  # shrinking a file needs no space
-                os.ftruncate(self._file.fileno(), start)
-            raise
+        _append_whole(self._file, line)
 
     def _try_rotate(self, size: int) -> None:
         try:
@@ -168,6 +156,22 @@ def result_retried(record: Any, actor: str) -> tuple[str, dict[str, Any]]:
     }
 
 
+def _append_whole(file: BinaryIO, line: bytes) -> None:
+    """Write ``line`` at the end of ``file`` whole, or undo the part a full disk took and raise."""
+    start = os.fstat(file.fileno()).st_size
+    try:
+        written = 0
+        while written < len(line):  # a write may take part of the line (a page's slack), then fail
+            taken = file.write(line[written:]) or 0
+            if taken == 0:  # no progress and no error: as good as a full disk
+                raise OSError(errno.ENOSPC, "no byte of the event was written")
+            written += taken
+    except OSError:
+        with contextlib.suppress(OSError):  # shrinking a file needs no space
+            os.ftruncate(file.fileno(), start)
+        raise
+
+
 def _open_unbuffered(path: Path) -> BinaryIO:
     """The trail's file: appended to, unbuffered, so each event is one write that succeeds or
     is undone (a buffer would keep a lost event and write it, or half of it, later)."""
@@ -187,10 +191,16 @@ def _line(now: float, event: str, fields: dict[str, Any]) -> str:
 
 def append_event(folder: Path, event: str, **fields: Any) -> None:
     """One event from another process (an operator's CLI command): appended in one write, never
-    rotating (the node rotates); small appends to a local file do not interleave."""
+    rotating (the node rotates); small appends to a local file do not interleave.
+
+    Raises
+    ------
+    OSError
+        The event was not written (a full disk); nothing of it is left in the file.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "audit.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(_line(time.time(), event, fields))
+    with _open_unbuffered(folder / "audit.jsonl") as fh:
+        _append_whole(fh, _line(time.time(), event, fields).encode("utf-8"))
 
 
 def read_events(folder: Path) -> Iterator[dict[str, Any]]:

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
     except sqlite3.Error as exc:  # a full disk or a locked database: one line, not a traceback
         print(f"dicom-node: database error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # e.g. the audit trail of an operator action on a full disk
+    except OSError as exc:
         print(f"dicom-node: {exc.filename or 'I/O'}: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
@@ -184,6 +184,16 @@ def _open_queue(settings: Settings, read_only: bool) -> JobQueue | None:
     return JobQueue(SQLiteJobBackend(path, read_only=read_only)) if path.exists() else None
 
 
+def _audit_operator(settings: Settings, event: str, fields: dict[str, Any]) -> None:
+    """Audit an operator action that has been done; if the trail cannot take it (a full disk),
+    say so in one line that does not read as if the action had failed."""
+    try:
+        append_event(settings.node.data_dir / "audit", event, **fields)
+    except OSError as exc:
+        raise DicomNodeError(f"done, but its audit event {event} was not written: "
+                             f"{exc.strerror or exc}") from None
+
+
 def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     """``dicom-node jobs list|show|requeue``: read and re-drive the job table of ``data_dir``."""
     queue = _open_queue(settings, read_only=args.jobs_command in ("list", "show"))
@@ -204,8 +214,7 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         requeued = queue.requeue_failed() if args.failed else [queue.requeue(args.id)]
         logger.info("operator requeued job(s) %s", [j.id for j in requeued])
         for job in requeued:
-            event, fields = job_requeued(job, "cli")
-            append_event(settings.node.data_dir / "audit", event, **fields)
+            _audit_operator(settings, *job_requeued(job, "cli"))
         print(f"requeued {len(requeued)} job(s): {' '.join(str(j.id) for j in requeued)}", file=out)
         return 0
     finally:
@@ -237,8 +246,7 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
             return 0
         ids = [r.id for r in outbox.list(DeliveryState.DEAD, 100_000)] if args.dead else [args.id]
         for record_id in ids:
-            event, fields = result_retried(outbox.retry(record_id), "cli")
-            append_event(settings.node.data_dir / "audit", event, **fields)
+            _audit_operator(settings, *result_retried(outbox.retry(record_id), "cli"))
         logger.info("operator asked to send outbox record(s) %s again", ids)
         print(f"{len(ids)} record(s) pending again: {' '.join(map(str, ids))}", file=out)
         return 0

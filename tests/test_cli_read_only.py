@@ -3,6 +3,8 @@ one-line answer when the database is missing or at another schema version."""
 
 import hashlib
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,37 @@ def test_an_id_out_of_range_is_a_usage_error(tmp_path: Path, capsys: pytest.Capt
     with pytest.raises(SystemExit) as exit_:
         main(["jobs", "show", bad, "--config", str(config)])
     assert exit_.value.code == 2 and "expected a record id" in capsys.readouterr().err
+
+
+def test_an_operator_action_on_a_full_disk_says_what_happened_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, data = _config(tmp_path)
+    make_database(data)
+    (data / "audit").mkdir()
+    (data / "audit" / "audit.jsonl").symlink_to("/dev/full")  # every audit write: ENOSPC
+    assert main(["jobs", "requeue", "1", "--config", str(config)]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the log line saying it was requeued
+    assert last == "dicom-node: done, but its audit event operator_requeued_job was not written: " \
+                   "No space left on device"
+    assert main(["jobs", "list", "--state", "queued", "--config", str(config)]) == 0
+    assert "not a chest radiograph" not in capsys.readouterr().out  # requeued: the reason is cleared
+
+
+_WRITE_WITHOUT_SPACE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+from dicom_node.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_write_command_on_a_full_disk_fails_in_one_line(tmp_path: Path) -> None:
+    config, data = _config(tmp_path)
+    make_database(data)
+    result = subprocess.run([sys.executable, "-c", _WRITE_WITHOUT_SPACE, "jobs", "requeue", "1", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1], check=False)
+    assert result.returncode == 1 and result.stderr.startswith("dicom-node: database error: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
