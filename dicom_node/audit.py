@@ -8,6 +8,8 @@ action (CLI or web). UIDs, AE titles and addresses only: never patient names or 
 read back across the rotated files, oldest first, so it survives restarts.
 """
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -68,28 +70,38 @@ class AuditTrail:
         self._lock = threading.Lock()
         self.errors = 0
         self._rotate_at = max_bytes
-        self._file = self.path.open("a", encoding="utf-8")
-        if self._file.tell() > 0 and _last_byte(self.path) != b"\n":
-            self._file.write("\n")  # end a line cut by a crash, so the next event starts clean
+        self._file = _open_unbuffered(self.path)
+        if self._size() > 0 and _last_byte(self.path) != b"\n":
+            try:
+                self._file.write(b"\n")  # end a line cut by a crash, so the next event starts clean
+            except OSError as exc:  # a full disk: start anyway, the node must come up to say so
+                logger.error("audit trail: %s ends with a cut line: %s", self.path, exc)
 
     def record(self, event: str, **fields: Any) -> None:
         """Append one event: its time (UTC, ISO 8601), its name, and ``fields``.
 
         Never raises: what was audited has already happened (an instance stored, a job done), so
         a full disk or a closed file must not turn it into a failure. A write that fails is
-        logged and counted in :attr:`errors` (``/metrics``).
+        logged and counted in :attr:`errors` (``/metrics``), and leaves nothing of the event in
+        the file: an event is either in the trail or counted lost, never both.
         """
         try:
-            line = _line(self.clock(), event, fields)
+            line = _line(self.clock(), event, fields).encode("utf-8")
             with self._lock:
-                size = self._file.tell()
+                size = self._size()
                 if size + len(line) > self._rotate_at and size > 0:
                     self._try_rotate(size)
-                self._file.write(line)
-                self._file.flush()
+                self._append(line)
         except (OSError, ValueError) as exc:
             self.errors += 1
             logger.error("audit trail: event %s not written: %s", event, exc)
+
+    def _size(self) -> int:
+        # not tell(): an operator's CLI command appends to the same file from another process
+        return os.fstat(self._file.fileno()).st_size
+
+    def _append(self, line: bytes) -> None:
+        _append_whole(self._file, line)
 
     def _try_rotate(self, size: int) -> None:
         try:
@@ -112,11 +124,15 @@ class AuditTrail:
             else:
                 self.path.unlink()
         finally:  # a failed rotation keeps appending to the current file
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = _open_unbuffered(self.path)
 
     def close(self) -> None:
+        """Close the file; never raises (a node stopping on a full disk still stops cleanly)."""
         with self._lock:
-            self._file.close()  # later events (threads still finishing) are logged as not written
+            try:
+                self._file.close()  # later events (threads still finishing) are logged as not written
+            except OSError as exc:  # a node stopping on a full disk still stops cleanly
+                logger.error("audit trail: %s not closed cleanly: %s", self.path, exc)
 
 
 def job_requeued(job: Any, actor: str) -> tuple[str, dict[str, Any]]:
@@ -140,6 +156,28 @@ def result_retried(record: Any, actor: str) -> tuple[str, dict[str, Any]]:
     }
 
 
+def _append_whole(file: BinaryIO, line: bytes) -> None:
+    """Write ``line`` at the end of ``file`` whole, or undo the part a full disk took and raise."""
+    start = os.fstat(file.fileno()).st_size
+    try:
+        written = 0
+        while written < len(line):  # a write may take part of the line (a page's slack), then fail
+            taken = file.write(line[written:]) or 0
+            if taken == 0:  # no progress and no error: as good as a full disk
+                raise OSError(errno.ENOSPC, "no byte of the event was written")
+            written += taken
+    except OSError:
+        with contextlib.suppress(OSError):  # shrinking a file needs no space
+            os.ftruncate(file.fileno(), start)
+        raise
+
+
+def _open_unbuffered(path: Path) -> BinaryIO:
+    """The trail's file: appended to, unbuffered, so each event is one write that succeeds or
+    is undone (a buffer would keep a lost event and write it, or half of it, later)."""
+    return path.open("ab", buffering=0)
+
+
 def _last_byte(path: Path) -> bytes:
     with path.open("rb") as fh:
         fh.seek(-1, os.SEEK_END)
@@ -153,10 +191,16 @@ def _line(now: float, event: str, fields: dict[str, Any]) -> str:
 
 def append_event(folder: Path, event: str, **fields: Any) -> None:
     """One event from another process (an operator's CLI command): appended in one write, never
-    rotating (the node rotates); small appends to a local file do not interleave."""
+    rotating (the node rotates); small appends to a local file do not interleave.
+
+    Raises
+    ------
+    OSError
+        The event was not written (a full disk); nothing of it is left in the file.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "audit.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(_line(time.time(), event, fields))
+    with _open_unbuffered(folder / "audit.jsonl") as fh:
+        _append_whole(fh, _line(time.time(), event, fields).encode("utf-8"))
 
 
 def read_events(folder: Path) -> Iterator[dict[str, Any]]:

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -29,6 +30,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PEER_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+
+
+def _record_id(text: str) -> int:
+    """An argparse type: a job or outbox record id, else a usage error (exit 2), not a traceback."""
+    from dicom_node.store.db import parse_record_id
+
+    try:
+        return parse_record_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,11 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     show = jobs_commands.add_parser("show", parents=[common], help="one job in full")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_record_id)
     requeue = jobs_commands.add_parser("requeue", parents=[common],
                                        help="run a failed, dead or done job again")
     which = requeue.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", type=int, nargs="?", help="the job to requeue")
+    which.add_argument("id", type=_record_id, nargs="?", help="the job to requeue")
     which.add_argument("--failed", action="store_true", help="every failed and dead job")
 
     outbox = commands.add_parser("outbox", help="results waiting for, or given up by, their destinations")
@@ -72,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     retry = outbox_commands.add_parser("retry", parents=[common],
                                        help="send dead, unconfirmed (or delivered) records again")
     chosen = retry.add_mutually_exclusive_group(required=True)
-    chosen.add_argument("id", type=int, nargs="?", help="the record to send again")
+    chosen.add_argument("id", type=_record_id, nargs="?", help="the record to send again")
     chosen.add_argument("--dead", action="store_true", help="every dead record")
     chosen.add_argument("--unconfirmed", action="store_true",
                         help="every unconfirmed record (sent, never answered: the destination may hold it)")
@@ -138,6 +149,12 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
     except DicomNodeError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # a full disk or a locked database: one line, not a traceback
+        print(f"dicom-node: database error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"dicom-node: {exc.filename or 'I/O'}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def serve(settings: Settings, steps: "Sequence[tuple[str, Step]] | None" = None) -> int:
@@ -160,17 +177,29 @@ def serve(settings: Settings, steps: "Sequence[tuple[str, Step]] | None" = None)
     return 0
 
 
-def _open_queue(settings: Settings) -> JobQueue | None:
+def _open_queue(settings: Settings, read_only: bool) -> JobQueue | None:
+    """The job queue of ``data_dir``, or None if it has no database yet. ``read_only`` for the
+    commands that only look: they never write, so they work on a full disk."""
     from dicom_node.jobs.sqlite import SQLiteJobBackend
     from dicom_node.store.db import DATABASE_NAME
 
     path = settings.node.data_dir / DATABASE_NAME
-    return JobQueue(SQLiteJobBackend(path)) if path.exists() else None
+    return JobQueue(SQLiteJobBackend(path, read_only=read_only)) if path.exists() else None
+
+
+def _audit_operator(settings: Settings, event: str, fields: dict[str, Any]) -> None:
+    """Audit an operator action that has been done; if the trail cannot take it (a full disk),
+    say so in one line that does not read as if the action had failed."""
+    try:
+        append_event(settings.node.data_dir / "audit", event, **fields)
+    except OSError as exc:
+        raise DicomNodeError(f"done, but its audit event {event} was not written: "
+                             f"{exc.strerror or exc}") from None
 
 
 def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     """``dicom-node jobs list|show|requeue``: read and re-drive the job table of ``data_dir``."""
-    queue = _open_queue(settings)
+    queue = _open_queue(settings, read_only=args.jobs_command in ("list", "show"))
     if queue is None:
         print(f"no jobs: {settings.node.data_dir} has no database yet", file=out)
         return 0 if args.jobs_command == "list" else 1
@@ -188,8 +217,7 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         requeued = queue.requeue_failed() if args.failed else [queue.requeue(args.id)]
         logger.info("operator requeued job(s) %s", [j.id for j in requeued])
         for job in requeued:
-            event, fields = job_requeued(job, "cli")
-            append_event(settings.node.data_dir / "audit", event, **fields)
+            _audit_operator(settings, *job_requeued(job, "cli"))
         print(f"requeued {len(requeued)} job(s): {' '.join(str(j.id) for j in requeued)}", file=out)
         return 0
     finally:
@@ -205,7 +233,7 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
     if not path.exists():
         print(f"no outbox: {settings.node.data_dir} has no database yet", file=out)
         return 0 if args.outbox_command == "list" else 1
-    outbox = Outbox(path)
+    outbox = Outbox(path, read_only=args.outbox_command == "list")
     try:
         if args.outbox_command == "list":
             records = outbox.list(args.state, args.limit)
@@ -223,8 +251,7 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
                     else DeliveryState.UNCONFIRMED if args.unconfirmed else None)
         ids = [r.id for r in outbox.list(given_up, 100_000)] if given_up else [args.id]
         for record_id in ids:
-            event, fields = result_retried(outbox.retry(record_id), "cli")
-            append_event(settings.node.data_dir / "audit", event, **fields)
+            _audit_operator(settings, *result_retried(outbox.retry(record_id), "cli"))
         logger.info("operator asked to send outbox record(s) %s again", ids)
         print(f"{len(ids)} record(s) pending again: {' '.join(map(str, ids))}", file=out)
         return 0

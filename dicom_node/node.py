@@ -152,7 +152,8 @@ class Node:
         self.web: WebServer | None = None
         if s.web.enabled:
             sources = Sources(s.node.data_dir, self.queue, self.outbox, self.registry,
-                              sorted({str(r.device) for r in runners}), self._not_ready)
+                              sorted({str(r.device) for r in runners}), self._not_ready,
+                              s.store.min_free_space)
             try:
                 self.web = WebServer(s.web, sources, self.metrics, self.audit).start()
             except OSError as exc:

@@ -30,7 +30,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dicom_node.errors import DicomNodeError
-from dicom_node.store.db import connect, migrate
+from dicom_node.store.db import connect, migrate, transaction
 
 _MIGRATIONS = (
     """
@@ -119,8 +119,9 @@ class Outbox:
     """The outbox records; thread-safe. Policy (when to retry, when to give up) lives in the exporter."""
 
     def __init__(self, database: Path, clock: Callable[[], float] = time.time,
-                 on_enqueue: Callable[[Collection[str]], None] | None = None) -> None:
-        self._conn = connect(database)
+                 on_enqueue: Callable[[Collection[str]], None] | None = None, *,
+                 read_only: bool = False) -> None:
+        self._conn = connect(database, read_only=read_only)  # read_only: outbox list on a full disk
         migrate(self._conn, "outbox", _MIGRATIONS)
         self._lock = threading.Lock()
         self.clock = clock
@@ -132,14 +133,8 @@ class Outbox:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn) as conn:
+            yield conn
 
     def enqueue(self, job_id: int, results: Sequence[Result], destinations: Sequence[str]) -> int:
         """Add a record per result and destination; returns how many became pending."""

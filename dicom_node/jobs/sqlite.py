@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dicom_node.jobs.queue import Job, JobSpec, JobState, job_key
-from dicom_node.store.db import Migration, connect, migrate
+from dicom_node.store.db import Migration, connect, migrate, transaction
 
 
 def _key_series_by_study(conn: sqlite3.Connection) -> None:
@@ -76,9 +76,12 @@ def _job(row: tuple) -> Job:
 class SQLiteJobBackend:
     """Job records in ``jobs``; every commit is durable (``synchronous=FULL``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.conn = connect(path, synchronous="FULL")
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        # read_only: for commands that only look (jobs list/show); they must work on a full disk
+        self.conn = connect(path, synchronous="FULL", read_only=read_only)
         migrate(self.conn, "jobs", _MIGRATIONS)
+        # a reader's transactions take no write lock (it could not get one)
+        self._begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
         self._lock = threading.RLock()
         self._depth = 0
 
@@ -90,17 +93,13 @@ class SQLiteJobBackend:
     def transaction(self) -> Iterator[None]:
         with self._lock:
             outer = self._depth == 0
-            if outer:
-                self.conn.execute("BEGIN IMMEDIATE")
             self._depth += 1
             try:
-                yield
                 if outer:
-                    self.conn.execute("COMMIT")
-            except BaseException:
-                if outer and self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
+                    with transaction(self.conn, self._begin):
+                        yield
+                else:
+                    yield
             finally:
                 self._depth -= 1
 

@@ -8,7 +8,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from dicom_node.store.db import connect, migrate
+from dicom_node.store.db import connect, migrate, transaction
 
 _MIGRATIONS = (
     """
@@ -201,33 +201,26 @@ class Index:
         its old series changed too (a new ``change_seq``, so its jobs are made again without
         it), and the old series' and study's records go when nothing is left in them.
         """
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                old = self._get(record.sop_instance_uid)
-                record = dataclasses.replace(
-                    record, times_received=old.times_received + 1 if old else 1,
-                    received_at=clock() if clock is not None else record.received_at,
-                )
-                conn.execute(
-                    f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
-                    f"VALUES ({', '.join('?' * len(fields(InstanceRecord)))})",
-                    astuple(record),
-                )
-                created = self._upsert_series(record, manufacturer)
-                conn.execute(
-                    "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET "
-                    "last_received_at = max(last_received_at, excluded.last_received_at)",
-                    (record.study_instance_uid, record.received_at, record.received_at),
-                )
-                if old is not None and old.series_key != record.series_key:
-                    self._instance_left(old.series_key, record.received_at)
-                others = self._other_studies(record.series_key) if created else ()
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn) as conn:
+            old = self._get(record.sop_instance_uid)
+            record = dataclasses.replace(
+                record, times_received=old.times_received + 1 if old else 1,
+                received_at=clock() if clock is not None else record.received_at,
+            )
+            conn.execute(
+                f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
+                f"VALUES ({', '.join('?' * len(fields(InstanceRecord)))})",
+                astuple(record),
+            )
+            created = self._upsert_series(record, manufacturer)
+            conn.execute(
+                "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET "
+                "last_received_at = max(last_received_at, excluded.last_received_at)",
+                (record.study_instance_uid, record.received_at, record.received_at),
+            )
+            if old is not None and old.series_key != record.series_key:
+                self._instance_left(old.series_key, record.received_at)
+            others = self._other_studies(record.series_key) if created else ()
         return Indexed(record, old, others)
 
     def _next_change(self) -> int:

@@ -5,7 +5,8 @@ functions as the CLI (``JobQueue.requeue``, ``Outbox.retry``)."""
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from typing import Any
 from dicom_node.export import Outbox
 from dicom_node.inference import ModelRegistry
 from dicom_node.jobs.queue import JobQueue
-from dicom_node.store.db import DATABASE_NAME
+from dicom_node.store.db import DATABASE_NAME, connect_read_only
+from dicom_node.web.health import Readiness, readiness
 
 
 @dataclass
@@ -26,13 +28,18 @@ class Sources:
     registry: ModelRegistry
     devices: list[str]
     ready: Callable[[], str | None]  # None when ready, else why not
+    min_free_space: int = 0  # store.min_free_space: below it the node refuses every C-STORE
 
 
-def read_only(data_dir: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{data_dir / DATABASE_NAME}?mode=ro", uri=True, timeout=10)
+@contextmanager
+def read_only(data_dir: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the node's database (works on a full disk), closed on exit."""
+    conn = connect_read_only(data_dir / DATABASE_NAME)
     conn.row_factory = sqlite3.Row
-    return conn
-
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def overview(src: Sources) -> dict[str, Any]:
@@ -77,7 +84,13 @@ def overview(src: Sources) -> dict[str, Any]:
             for m in (src.registry.manifest(n) for n in src.registry.names())
         ],
         "devices": src.devices,
+        "readiness": ready(src).as_dict(),
     }
+
+
+def ready(src: Sources) -> Readiness:
+    """``/readyz``'s answer: the node's own and the free space on ``data_dir``."""
+    return readiness(src.ready, src.data_dir, src.min_free_space)
 
 
 def studies(src: Sources, query: str = "", limit: int = 200) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ th{background:#eef1f5;font-weight:600}.uid{font-family:ui-monospace,monospace;fo
 margin-bottom:12px}.previews{display:flex;gap:12px;flex-wrap:wrap}.previews figure{margin:0;background:#fff;
 border:1px solid #e3e6ea;padding:6px}.previews img{width:320px;display:block}button{cursor:pointer}
 .notice{background:#d4f1dd;border:1px solid #7cc895;padding:6px 10px}
+.alert{background:#f8d3d3;border:1px solid #c0392b;padding:6px 10px;margin-bottom:12px}
 pre{background:#fff;border:1px solid #e3e6ea;padding:10px;overflow:auto;white-space:pre-wrap}
 """
 NAV = (
@@ -67,6 +68,18 @@ def button(action: str, label: str) -> str:
     )
 
 
+def readiness(r: dict[str, Any]) -> str:
+    """A red banner while the node is not ready (a full disk refuses every C-STORE), and the
+    free space either way."""
+    free = r["free_bytes"]
+    space = (f"Free space on data_dir: {free / 2**30:.2f} GiB (floor {r['min_free_space'] / 2**30:.2f} GiB)."
+             if free is not None else "Free space on data_dir: unknown.")
+    if r["ready"]:
+        return f"<p class='disk'>{escape(space)}</p>"
+    reasons = "; ".join(r["reasons"])
+    return f"<div class='alert'><b>Not ready:</b> {escape(reasons)}. {escape(space)}</div>"
+
+
 def overview(o: dict[str, Any]) -> bytes:
     cards = [
         ("studies", o["studies"]),
@@ -77,7 +90,7 @@ def overview(o: dict[str, Any]) -> bytes:
         ("jobs done, last hour", o["last_hour"]["jobs_done"]),
         ("results delivered, last hour", o["last_hour"]["results_delivered"]),
     ]
-    body = (
+    body = readiness(o["readiness"]) + (
         "<div class='cards'>"
         + "".join(f"<div class='card'><b>{escape(str(v))}</b>{escape(k)}</div>" for k, v in cards)
         + "</div>"
