@@ -1,0 +1,237 @@
+"""The SCP's TCP server: connection admission and the handshake deadline in front of pynetdicom.
+
+pynetdicom's server starts an :class:`~pynetdicom.association.Association` (two threads, one
+association slot) for every accepted TCP connection, then waits up to the ACSE timeout for the
+A-ASSOCIATE-RQ, reading it with blocking ``recv`` calls that a peer can stretch forever by
+sending one byte at a time. :class:`AdmissionServer` replaces that front end, through the
+``server_class`` seam of :meth:`pynetdicom.AE.make_server`:
+
+1. In the accept loop, :class:`~dicom_node.ingest.admission.Admission` decides from the peer's
+   address alone (handshakes in progress, connections and attempts per host); a refused
+   connection is closed at once, before any thread exists for it.
+2. In the connection's own thread, :func:`await_request` waits, under one overall deadline
+   (``ingest.handshake_timeout``), until the whole A-ASSOCIATE-RQ PDU sits in the kernel's
+   receive buffer. It only peeks, so pynetdicom later reads the untouched byte stream; and it
+   waits with ``SO_RCVLOWAT`` set to the bytes still missing, so a trickling peer costs no CPU.
+3. Only then is pynetdicom's request handler run: it creates the Association, which finds the
+   complete request waiting and answers it at once. The policy handler in ``scp.py`` counts
+   accepted associations only.
+
+Everything after the A-ASSOCIATE-RQ (negotiation, DIMSE, release) is upstream's, unchanged.
+"""
+
+import contextlib
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicom_node.ingest.admission import Admission, host_key
+from dicom_node.logs import PeerLogLimiter
+
+logger = logging.getLogger(__name__)
+
+#: Longest A-ASSOCIATE-RQ accepted. 128 presentation contexts of a long SOP class UID with 13
+#: transfer syntaxes each come to about 120 KiB; real requests are a few KiB.
+MAX_REQUEST_LENGTH = 256 * 1024
+_PDU_HEADER = struct.Struct(">BBL")
+_A_ASSOCIATE_RQ = 0x01
+
+
+class DropReason(StrEnum):
+    """Why a connection was dropped during the handshake."""
+
+    TIMEOUT = "no complete A-ASSOCIATE-RQ within the handshake timeout"
+    CLOSED = "closed the connection during the handshake"
+    NOT_A_REQUEST = "sent something other than an A-ASSOCIATE-RQ"
+    TOO_LONG = "announced an A-ASSOCIATE-RQ over the length limit"
+
+
+def await_request(sock: socket.socket, timeout: float,
+                  clock: Callable[[], float] = time.monotonic) -> DropReason | None:
+    """Wait until a whole A-ASSOCIATE-RQ PDU can be read from ``sock``, without reading it.
+
+    Returns None once it can, or why the connection should be dropped. ``timeout`` bounds the
+    whole wait, however the peer spaces its bytes.
+    """
+    deadline = clock() + timeout
+    need, have = _PDU_HEADER.size, 0
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    try:
+        while True:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                return DropReason.TIMEOUT
+            _wake_at(sock, need)
+            if not poller.poll(max(1, int(remaining * 1000))):
+                return DropReason.TIMEOUT
+            data = sock.recv(need, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if need == _PDU_HEADER.size and len(data) >= need:
+                pdu_type, _, length = _PDU_HEADER.unpack_from(data)
+                if pdu_type != _A_ASSOCIATE_RQ:
+                    return DropReason.NOT_A_REQUEST
+                if length > MAX_REQUEST_LENGTH:
+                    return DropReason.TOO_LONG
+                need = _PDU_HEADER.size + length
+                continue
+            if len(data) >= need:
+                return None
+            if len(data) <= have:
+                # Readable without new bytes: the peer closed (or the kernel is short of memory,
+                # when it wakes readers early; dropping is then no great loss either).
+                return DropReason.CLOSED
+            have = len(data)
+    except BlockingIOError:
+        return DropReason.CLOSED  # woken by an error condition with nothing to read
+    except OSError:
+        return DropReason.CLOSED
+    finally:
+        _wake_at(sock, 1)
+
+
+def _wake_at(sock: socket.socket, nbytes: int) -> None:
+    """Make poll report ``sock`` readable only once ``nbytes`` are buffered (or on EOF/error)."""
+    with contextlib.suppress(OSError):  # if unsupported, poll wakes per segment; the deadline holds
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, nbytes))
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways and close it; never raises, never waits on the peer.
+
+    ``shutdown`` is what wakes another thread blocked in ``recv`` or ``send`` on it.
+    """
+    _shutdown(sock)
+    sock.close()
+
+
+class _RequestHandler(RequestHandler):
+    """Upstream's handler, but it runs the association to its end in the connection's thread,
+    so the server knows when the connection is over."""
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+
+class AdmissionServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with admission rules and a handshake deadline in front.
+
+    Pass it to :meth:`pynetdicom.AE.make_server` as ``server_class``, with the keyword arguments
+    below; it serves without TLS (the node has none).
+
+    Parameters
+    ----------
+    admission
+        The connection rules, checked in the accept loop.
+    handshake_timeout
+        Seconds a connection has to deliver its whole A-ASSOCIATE-RQ.
+    peer_log
+        Rate-limits the lines about refused and dropped connections, per host.
+    """
+
+    daemon_threads = True
+    block_on_close = False  # stop() closes the sockets; nothing waits on a peer
+
+    def __init__(self, ae: Any, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: Any = None, evt_handlers: list[Any] | None = None, *,
+                 admission: Admission, handshake_timeout: float, peer_log: PeerLogLimiter) -> None:
+        if ssl_context is not None:
+            raise ValueError("AdmissionServer does not do TLS")
+        self.admission = admission
+        self.handshake_timeout = handshake_timeout
+        self.peer_log = peer_log
+        self._lock = threading.Lock()
+        self._handshaking: set[socket.socket] = set()
+        self._connections: set[socket.socket] = set()
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers,
+                         request_handler=_RequestHandler)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """The accept loop's admission check; a False closes the socket at once."""
+        refusal = self.admission.open(str(client_address[0]))
+        if refusal is None:
+            return True
+        self._note(client_address, "closed connection from %s: %s", refusal.value)
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._handshaking.add(request)
+            self._connections.add(request)
+        try:
+            super().process_request(request, client_address)
+        except Exception:  # no thread (out of threads): undo the admission, drop the peer
+            self._finished(request, client_address, in_handshake=True)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        in_handshake = True
+        try:
+            drop = await_request(request, self.handshake_timeout)
+            self._handshake_ended(request)
+            in_handshake = False
+            if drop is not None:
+                self._note(client_address, "dropped connection from %s: %s", drop.value)
+                return
+            self.finish_request(request, client_address)
+        except Exception:
+            logger.exception("association with %s failed", client_address[0])
+        finally:
+            self._finished(request, client_address, in_handshake)
+
+    def drop_handshakes(self) -> None:
+        """Close every connection still in the handshake (at stop: none of them is a peer yet)."""
+        with self._lock:
+            pending = list(self._handshaking)
+        for sock in pending:
+            _shutdown(sock)
+
+    def close_connections(self) -> None:
+        """Shut down every open connection, waking any thread blocked on one."""
+        with self._lock:
+            open_ = list(self._connections)
+        for sock in open_:
+            _shutdown(sock)
+
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed (handshakes and associations)."""
+        with self._lock:
+            return len(self._connections)
+
+    def _handshake_ended(self, request: socket.socket) -> None:
+        with self._lock:
+            self._handshaking.discard(request)
+        self.admission.handshake_ended()
+
+    def _finished(self, request: socket.socket, client_address: Any, in_handshake: bool) -> None:
+        if in_handshake:
+            self._handshake_ended(request)
+        with self._lock:
+            self._connections.discard(request)
+        self.admission.closed(str(client_address[0]))
+        close_socket(request)
+
+    def _note(self, client_address: Any, msg: str, reason: str) -> None:
+        address = str(client_address[0])
+        self.peer_log.log(logging.WARNING, host_key(address), msg, address, reason)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed, or never connected
+        sock.shutdown(socket.SHUT_RDWR)
