@@ -39,8 +39,8 @@ class SafeFormatter(logging.Formatter):
     """A formatter whose output cannot contain a line the program did not write.
 
     The message is escaped whole (its arguments are where peer data lands). A traceback keeps
-    its line breaks but every line after the first is indented, so an exception message that
-    holds a newline cannot start a line that looks like a record of its own.
+    its line breaks but every line of it is indented, so an exception message that holds a
+    newline cannot start a line that looks like a record of its own.
     """
 
     def formatMessage(self, record: logging.LogRecord) -> str:
@@ -55,8 +55,7 @@ class SafeFormatter(logging.Formatter):
 
 
 def _indent(text: str) -> str:
-    lines = [clean_text(line) for line in text.split("\n")]
-    return "\n".join(lines[:1] + ["  " + line for line in lines[1:]])
+    return "\n".join("  " + clean_text(line) for line in text.split("\n"))
 
 
 @dataclass

@@ -9,19 +9,20 @@ sending one byte at a time. :class:`AdmissionServer` replaces that front end, th
 1. In the accept loop, :class:`~dicom_node.ingest.admission.Admission` decides from the peer's
    address alone (handshakes in progress, connections and attempts per host); a refused
    connection is closed at once, before any thread exists for it.
-2. In the connection's own thread, :func:`await_request` waits, under one overall deadline
-   (``ingest.handshake_timeout``), until the whole A-ASSOCIATE-RQ PDU sits in the kernel's
-   receive buffer. It only peeks, so pynetdicom later reads the untouched byte stream; and it
-   waits with ``SO_RCVLOWAT`` set to the bytes still missing, so a trickling peer costs no CPU.
-3. Only then is pynetdicom's request handler run: it creates the Association, which finds the
-   complete request waiting and answers it at once. The policy handler in ``scp.py`` counts
-   accepted associations only.
+2. In the connection's own thread, :func:`read_request` reads the whole A-ASSOCIATE-RQ PDU
+   under one overall deadline (``ingest.handshake_timeout``). It waits with ``SO_RCVLOWAT`` set
+   to the bytes still missing, so a trickling peer costs no CPU.
+3. Only then is pynetdicom's request handler run: it creates the Association, whose socket
+   (upstream's :class:`~pynetdicom.transport.AssociationSocket`, see :class:`_PrefixedSocket`)
+   hands out the bytes already read before reading on, so the request is answered at once.
+   The policy handler in ``scp.py`` counts accepted associations only.
 
 Everything after the A-ASSOCIATE-RQ (negotiation, DIMSE, release) is upstream's, unchanged.
 """
 
 import contextlib
 import logging
+import math
 import select
 import socket
 import struct
@@ -29,18 +30,19 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.ingest.admission import Admission, host_key
 from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
 
-#: Longest A-ASSOCIATE-RQ accepted. 128 presentation contexts of a long SOP class UID with 13
-#: transfer syntaxes each come to about 120 KiB; real requests are a few KiB.
+#: Longest A-ASSOCIATE-RQ accepted: the whole request waits in the kernel's receive buffer.
+#: pynetdicom's largest (128 presentation contexts of 13 transfer syntaxes each) is 46 KB;
+#: real requests are a few KB.
 MAX_REQUEST_LENGTH = 256 * 1024
 _PDU_HEADER = struct.Struct(">BBL")
 _A_ASSOCIATE_RQ = 0x01
@@ -55,47 +57,46 @@ class DropReason(StrEnum):
     TOO_LONG = "announced an A-ASSOCIATE-RQ over the length limit"
 
 
-def await_request(sock: socket.socket, timeout: float,
-                  clock: Callable[[], float] = time.monotonic) -> DropReason | None:
-    """Wait until a whole A-ASSOCIATE-RQ PDU can be read from ``sock``, without reading it.
+def read_request(sock: socket.socket, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> bytearray | DropReason:
+    """Read one whole A-ASSOCIATE-RQ PDU from ``sock``, or say why the peer should be dropped.
 
-    Returns None once it can, or why the connection should be dropped. ``timeout`` bounds the
-    whole wait, however the peer spaces its bytes.
+    ``timeout`` bounds the whole read, however the peer spaces its bytes. Between reads the
+    thread sleeps in ``poll`` until the bytes still missing have arrived (``SO_RCVLOWAT``), so
+    a peer sending one byte at a time wakes it only at the deadline.
     """
     deadline = clock() + timeout
-    need, have = _PDU_HEADER.size, 0
+    data = bytearray()
+    need = _PDU_HEADER.size
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     try:
-        while True:
+        while len(data) < need:
             remaining = deadline - clock()
             if remaining <= 0:
                 return DropReason.TIMEOUT
-            _wake_at(sock, need)
-            if not poller.poll(max(1, int(remaining * 1000))):
+            _wake_at(sock, need - len(data))
+            if not poller.poll(max(1, math.ceil(remaining * 1000))):
                 return DropReason.TIMEOUT
-            data = sock.recv(need, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if need == _PDU_HEADER.size and len(data) >= need:
+            try:
+                chunk = sock.recv(need - len(data), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # a spurious wake-up
+            if not chunk:
+                return DropReason.CLOSED
+            data += chunk
+            if need == _PDU_HEADER.size and len(data) == need:
                 pdu_type, _, length = _PDU_HEADER.unpack_from(data)
                 if pdu_type != _A_ASSOCIATE_RQ:
                     return DropReason.NOT_A_REQUEST
                 if length > MAX_REQUEST_LENGTH:
                     return DropReason.TOO_LONG
-                need = _PDU_HEADER.size + length
-                continue
-            if len(data) >= need:
-                return None
-            if len(data) <= have:
-                # Readable without new bytes: the peer closed (or the kernel is short of memory,
-                # when it wakes readers early; dropping is then no great loss either).
-                return DropReason.CLOSED
-            have = len(data)
-    except BlockingIOError:
-        return DropReason.CLOSED  # woken by an error condition with nothing to read
-    except OSError:
+                need += length
+    except OSError:  # reset by the peer
         return DropReason.CLOSED
     finally:
         _wake_at(sock, 1)
+    return data
 
 
 def _wake_at(sock: socket.socket, nbytes: int) -> None:
@@ -113,12 +114,40 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
+class _PrefixedSocket(AssociationSocket):
+    """Upstream's socket wrapper, serving the bytes :func:`read_request` read before the socket's."""
+
+    _prefix: bytearray
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._prefix) or super().ready
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self._prefix:
+            return super().recv(nr_bytes)
+        head = self._prefix[:nr_bytes]
+        del self._prefix[:nr_bytes]
+        if len(head) < nr_bytes:
+            head += super().recv(nr_bytes - len(head))
+        return head
+
+
 class _RequestHandler(RequestHandler):
-    """Upstream's handler, but it runs the association to its end in the connection's thread,
-    so the server knows when the connection is over."""
+    """Upstream's handler, but its socket starts with the request already read, and it runs
+    the association to its end in the connection's thread, so the server knows when the
+    connection is over."""
+
+    server: "AdmissionServer"
 
     def handle(self) -> None:
         assoc = self._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None
+        # Re-classed rather than replaced: upstream's constructor has already queued the
+        # "transport connection open" event, and a second wrapper would queue it twice.
+        sock.__class__ = _PrefixedSocket
+        cast(_PrefixedSocket, sock)._prefix = self.server.take_request(self.request)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
@@ -154,6 +183,7 @@ class AdmissionServer(ThreadedAssociationServer):
         self._lock = threading.Lock()
         self._handshaking: set[socket.socket] = set()
         self._connections: set[socket.socket] = set()
+        self._requests: dict[socket.socket, bytearray] = {}
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers,
                          request_handler=_RequestHandler)
 
@@ -183,17 +213,24 @@ class AdmissionServer(ThreadedAssociationServer):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         in_handshake = True
         try:
-            drop = await_request(request, self.handshake_timeout)
+            pdu = read_request(request, self.handshake_timeout)
             self._handshake_ended(request)
             in_handshake = False
-            if drop is not None:
-                self._note(client_address, "dropped connection from %s: %s", drop.value)
+            if isinstance(pdu, DropReason):
+                self._note(client_address, "dropped connection from %s: %s", pdu.value)
                 return
+            with self._lock:
+                self._requests[request] = pdu
             self.finish_request(request, client_address)
         except Exception:
             logger.exception("association with %s failed", client_address[0])
         finally:
             self._finished(request, client_address, in_handshake)
+
+    def take_request(self, request: socket.socket) -> bytearray:
+        """The A-ASSOCIATE-RQ read from ``request``, handed over once."""
+        with self._lock:
+            return self._requests.pop(request, bytearray())
 
     def drop_handshakes(self) -> None:
         """Close every connection still in the handshake (at stop: none of them is a peer yet)."""
@@ -224,6 +261,7 @@ class AdmissionServer(ThreadedAssociationServer):
             self._handshake_ended(request)
         with self._lock:
             self._connections.discard(request)
+            self._requests.pop(request, None)
         self.admission.closed(str(client_address[0]))
         close_socket(request)
 

@@ -1,0 +1,307 @@
+"""The SCP's front end: the handshake deadline, admission in the accept loop, and a stop that
+never waits on a peer. Real sockets on loopback; attackers on their own loopback addresses."""
+
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.ingest.scp import TRANSFER_SYNTAXES, IngestServer, start_ingest
+from dicom_node.ingest.transport import MAX_REQUEST_LENGTH, DropReason, read_request
+from dicom_node.store import InstanceStore
+from tests.conftest import make_settings
+from tests.ingest.hostile import associate_rq, closed_by_peer, connect, stalled_association
+
+
+@contextmanager
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(client, server side) of one loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+    try:
+        yield client, server_side
+    finally:
+        client.close()
+        server_side.close()
+
+
+def timed_read(sock: socket.socket, timeout: float) -> tuple[bytearray | DropReason, float, float]:
+    """read_request in this thread: (result, wall seconds, CPU seconds of this thread)."""
+    start, cpu = time.monotonic(), time.thread_time()
+    result = read_request(sock, timeout)
+    return result, time.monotonic() - start, time.thread_time() - cpu
+
+
+def later(delay: float, action: object) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay), action()))  # type: ignore[operator]
+    thread.start()
+    return thread
+
+
+def test_a_whole_request_is_read_and_nothing_after_it() -> None:
+    rq = associate_rq()
+    with tcp_pair() as (client, server_side):
+        client.sendall(rq + b"\x04trailing")
+        result, wall, _ = timed_read(server_side, 5.0)
+        assert result == rq and wall < 1.0
+        assert server_side.recv(100) == b"\x04trailing"  # left for pynetdicom
+
+
+def test_a_request_in_pieces_is_awaited() -> None:
+    rq = associate_rq()
+    with tcp_pair() as (client, server_side):
+        client.sendall(rq[:3])
+        sender = later(0.2, lambda: client.sendall(rq[3:40]))
+        final = later(0.4, lambda: client.sendall(rq[40:]))
+        result, wall, _ = timed_read(server_side, 5.0)
+        sender.join()
+        final.join()
+        assert result == rq and 0.3 < wall < 2.0
+
+
+def test_a_trickler_is_dropped_at_the_deadline_and_costs_no_cpu_meanwhile() -> None:
+    with tcp_pair() as (client, server_side):
+        client.sendall(struct.pack(">BBL", 1, 0, 500))
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(0.1):
+                client.send(b"\x00")
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        try:
+            result, wall, cpu = timed_read(server_side, 1.5)
+        finally:
+            stop.set()
+            thread.join()
+    assert result is DropReason.TIMEOUT
+    assert 1.4 < wall < 2.5  # one deadline for the whole request, not per byte
+    assert cpu < 0.1, f"the wait used {cpu:.3f} s of CPU"
+
+
+def test_silence_times_out() -> None:
+    with tcp_pair() as (_, server_side):
+        result, wall, _ = timed_read(server_side, 0.5)
+    assert result is DropReason.TIMEOUT and 0.4 < wall < 1.5
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01\x00\x00", b"\x01\x00\x00\x00\x00\xc8partial"])
+def test_a_peer_that_closes_is_dropped_at_once(data: bytes) -> None:
+    with tcp_pair() as (client, server_side):
+        client.sendall(data)
+        client.close()
+        result, wall, cpu = timed_read(server_side, 5.0)
+    assert result is DropReason.CLOSED and wall < 1.0 and cpu < 0.1
+
+
+def test_a_reset_is_dropped_at_once() -> None:
+    with tcp_pair() as (client, server_side):
+        client.sendall(b"\x01\x00")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        result, wall, _ = timed_read(server_side, 5.0)
+    assert result is DropReason.CLOSED and wall < 1.0
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00\x01",
+                                  struct.pack(">BBL", 0x04, 0, 10)])
+def test_anything_but_an_a_associate_rq_is_dropped(data: bytes) -> None:
+    with tcp_pair() as (client, server_side):
+        client.sendall(data)
+        assert read_request(server_side, 5.0) is DropReason.NOT_A_REQUEST
+
+
+def test_a_request_of_the_maximum_length_is_read() -> None:
+    pdu = struct.pack(">BBL", 0x01, 0, MAX_REQUEST_LENGTH) + bytes(MAX_REQUEST_LENGTH)
+    with tcp_pair() as (client, server_side):
+        sender = threading.Thread(target=client.sendall, args=(pdu,))
+        sender.start()
+        result, wall, _ = timed_read(server_side, 10.0)
+        sender.join(timeout=5)
+        assert result == pdu and wall < 5.0
+        assert not sender.is_alive()
+
+
+def test_an_overlong_request_is_dropped_before_it_is_read() -> None:
+    with tcp_pair() as (client, server_side):
+        client.sendall(struct.pack(">BBL", 0x01, 0, MAX_REQUEST_LENGTH + 1))
+        assert read_request(server_side, 5.0) is DropReason.TOO_LONG
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+@contextmanager
+def running(tmp_path: Path, **ingest: object) -> Iterator[IngestServer]:
+    settings = make_settings(tmp_path / "data", **ingest)
+    store = InstanceStore(settings.node.data_dir)
+    server = start_ingest(settings, store)
+    try:
+        yield server
+    finally:
+        server.stop(grace_seconds=1.0)
+        store.close()
+
+
+def echo(port: int, source: str = "127.0.0.1", contexts: int = 1) -> bool:
+    ae = AE(ae_title="GOOD_SCU")
+    ae.add_requested_context(Verification)
+    for context in AllStoragePresentationContexts[: contexts - 1]:
+        assert context.abstract_syntax is not None
+        ae.add_requested_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="XAI_NODE", bind_address=(source, 0))
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return getattr(status, "Status", None) == 0
+
+
+def wait_closed(sock: socket.socket, timeout: float) -> float | None:
+    """Seconds until the node closed ``sock``, or None if it did not within ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if closed_by_peer(sock):
+            return time.monotonic() - start
+        time.sleep(0.01)
+    return None
+
+
+def test_a_silent_connection_is_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
+    with running(tmp_path, handshake_timeout=0.5) as server:
+        sock = connect(server.port, "127.0.0.2")
+        sock.sendall(b"\x01\x00")
+        waited = wait_closed(sock, 5.0)
+        sock.close()
+        assert waited is not None and 0.4 < waited < 2.0
+        assert echo(server.port)
+
+
+def test_the_largest_request_pynetdicom_can_make_passes(tmp_path: Path) -> None:
+    """128 presentation contexts of 13 transfer syntaxes each, in one A-ASSOCIATE-RQ."""
+    with running(tmp_path) as server:
+        assert echo(server.port, contexts=128)
+
+
+def test_over_the_per_host_limit_connections_are_closed_at_once(tmp_path: Path) -> None:
+    with running(tmp_path, max_connections_per_host=2, handshake_timeout=10.0) as server:
+        held = [connect(server.port, "127.0.0.2") for _ in range(2)]
+        extra = connect(server.port, "127.0.0.2")
+        waited = wait_closed(extra, 3.0)
+        assert waited is not None and waited < 1.0  # not the 10 s handshake timeout
+        assert not any(closed_by_peer(s) for s in held)
+        assert echo(server.port)  # another host is not affected
+        held[0].close()
+        again = connect(server.port, "127.0.0.2")
+        assert wait_closed(again, 0.5) is None  # a freed place is taken again
+        for s in (*held, extra, again):
+            s.close()
+
+
+def test_over_the_per_host_rate_connections_are_closed_at_once(tmp_path: Path) -> None:
+    with running(tmp_path, connects_per_host_per_minute=5, handshake_timeout=10.0) as server:
+        for _ in range(5):
+            connect(server.port, "127.0.0.3").close()
+        extra = connect(server.port, "127.0.0.3")
+        waited = wait_closed(extra, 3.0)
+        extra.close()
+        assert waited is not None and waited < 1.0
+        assert echo(server.port)
+
+
+def test_peers_in_the_handshake_hold_no_association_slot(tmp_path: Path) -> None:
+    with running(tmp_path, max_associations=1, handshake_timeout=10.0) as server:
+        silent = [connect(server.port, "127.0.0.2") for _ in range(5)]
+        assert echo(server.port)  # five half-open connections, yet the one slot is free
+        stalled = stalled_association(server.port, "127.0.0.4")  # now the slot is taken
+        assert not echo(server.port)  # rejected: local limit exceeded
+        for s in (*silent, stalled):
+            s.close()
+
+
+def test_handshakes_are_bounded_apart(tmp_path: Path) -> None:
+    with running(tmp_path, max_handshakes=3, handshake_timeout=10.0) as server:
+        silent = [connect(server.port, f"127.0.0.{2 + i}") for i in range(3)]
+        extra = connect(server.port, "127.0.0.9")
+        waited = wait_closed(extra, 3.0)
+        assert waited is not None and waited < 1.0
+        silent[0].close()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not echo(server.port):
+            time.sleep(0.05)  # the freed place is noticed once the server sees the close
+        assert echo(server.port)
+        for s in (*silent, extra):
+            s.close()
+
+
+def test_junk_connections_log_a_bounded_number_of_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    with running(tmp_path, log_lines_per_host_per_minute=3, handshake_timeout=0.3) as server:
+        for _ in range(20):
+            sock = connect(server.port, "127.0.0.5")
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            wait_closed(sock, 3.0)
+            sock.close()
+        assert echo(server.port)
+    about_junk = [r for r in caplog.records if "127.0.0.5" in r.getMessage()]
+    assert len(about_junk) == 3, [r.getMessage() for r in about_junk]
+    assert all(DropReason.NOT_A_REQUEST.value in r.getMessage() for r in about_junk)
+
+
+def test_rejections_are_rate_limited_per_host(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    with running(tmp_path, log_lines_per_host_per_minute=2) as server:
+        for _ in range(6):
+            sock = connect(server.port, "127.0.0.6")
+            sock.sendall(associate_rq(called="WRONG_AET"))
+            wait_closed(sock, 5.0)
+            sock.close()
+    rejected = [r for r in caplog.records if "rejected association" in r.getMessage()]
+    assert len(rejected) == 2
+
+
+def test_stop_cuts_handshakes_and_stalled_associations_within_the_grace(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", handshake_timeout=30.0)
+    store = InstanceStore(settings.node.data_dir)
+    server = start_ingest(settings, store)
+    tricklers = [connect(server.port, "127.0.0.2") for _ in range(8)]
+    for sock in tricklers:
+        sock.sendall(struct.pack(">BBL", 1, 0, 500))
+    stalled = [stalled_association(server.port, "127.0.0.4") for _ in range(3)]
+    start = time.monotonic()
+    server.stop(grace_seconds=1.0)
+    took = time.monotonic() - start
+    store.close()
+    assert took < 1.0 + 1.5, f"stop took {took:.2f} s"
+    assert not server.server.active_associations
+    assert server.server.open_connections() == 0
+    assert all(wait_closed(s, 2.0) is not None for s in (*tricklers, *stalled))
+    for s in (*tricklers, *stalled):
+        s.close()
+
+
+def test_explicit_vr_peer_still_stores_through_the_new_front_end(tmp_path: Path) -> None:
+    from tests.factories import ct_dataset
+    from tests.ingest.test_scp import send
+
+    with running(tmp_path) as server:
+        results = send(server.port, ct_dataset(), contexts=[
+            (ds_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            for ds_class in ["1.2.840.10008.5.1.4.1.1.2"]])
+    assert results == [(0, "")]
