@@ -262,7 +262,7 @@ class IngestServer:
 
         Connections still in the handshake are dropped at once. Aborting shuts the sockets down,
         which wakes any thread blocked on a peer, so this returns within about
-        ``grace_seconds + 1.5`` s whatever the peers do; an association thread still running then
+        ``grace_seconds + 1.2`` s whatever the peers do; an association thread still running then
         (a handler stuck outside the network) is logged and left.
         """
         self.server.shutdown()
@@ -275,7 +275,7 @@ class IngestServer:
             logger.warning("aborting %d association(s) still open at shutdown", len(remaining))
             for assoc in remaining:
                 assoc.abort(block=False)  # an A-ABORT, if the peer still reads
-            _join(remaining, clock() + 0.25, clock)
+            _join(remaining, clock() + 0.1, clock)
         self.server.close_connections()
         _join(remaining, clock() + _ABORT_JOIN_SECONDS, clock)
         stuck = [a for a in remaining if a.is_alive()]
