@@ -13,6 +13,7 @@ import signal
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,8 @@ def test_a_good_peer_is_served_during_an_attack(
                 time.sleep(pause)  # a fixed cadence, not a wait for a condition
             if time.monotonic() > start + ATTACK_SECONDS + 15:
                 break  # hopelessly behind: the rest count as failures
-            echoes.append(timed(lambda: echo_once(ae, server.port)))
-            stores.append(timed(lambda: store_once(ae, server.port, i)))
+            echoes.append(timed(partial(echo_once, ae, server.port)))
+            stores.append(timed(partial(store_once, ae, server.port, i)))
     finally:
         counts = attack.stop()
         server.stop(grace_seconds=2.0)
