@@ -90,7 +90,12 @@ class PeerLogLimiter:
         self._peers: dict[str, _Budget] = {}
 
     def log(self, level: int, peer: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` at ``level`` for ``peer`` if its budget allows; return whether it did."""
+        """Log ``msg % args`` at ``level`` for ``peer`` if its budget allows; return whether it did.
+
+        A line the logger would not emit at ``level`` anyway spends no budget.
+        """
+        if not self.logger.isEnabledFor(level):
+            return False
         now = self._clock()
         with self._lock:
             key, budget = self._budget(peer, now)

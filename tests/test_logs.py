@@ -105,6 +105,17 @@ def test_each_peer_gets_n_lines_a_minute_then_one_summary(
     ]
 
 
+def test_lines_below_the_level_spend_no_budget(
+    captured: tuple[logging.Logger, io.StringIO]
+) -> None:
+    logger, stream = captured
+    logger.setLevel(logging.INFO)
+    limiter = PeerLogLimiter(logger, 1, Clock())
+    assert not limiter.log(logging.DEBUG, "10.0.0.1", "health check")
+    assert limiter.log(logging.WARNING, "10.0.0.1", "junk")
+    assert stream.getvalue().splitlines() == ["WARNING tests.logs.captured: junk"]
+
+
 def test_peers_remembered_are_bounded(
     captured: tuple[logging.Logger, io.StringIO], monkeypatch: pytest.MonkeyPatch
 ) -> None:

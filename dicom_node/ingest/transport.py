@@ -52,6 +52,7 @@ class DropReason(StrEnum):
     """Why a connection was dropped during the handshake."""
 
     TIMEOUT = "no complete A-ASSOCIATE-RQ within the handshake timeout"
+    SILENT = "closed the connection without a word"  # port scans, TCP health checks
     CLOSED = "closed the connection during the handshake"
     NOT_A_REQUEST = "sent something other than an A-ASSOCIATE-RQ"
     TOO_LONG = "announced an A-ASSOCIATE-RQ over the length limit"
@@ -83,7 +84,7 @@ def read_request(sock: socket.socket, timeout: float,
             except BlockingIOError:
                 continue  # a spurious wake-up
             if not chunk:
-                return DropReason.CLOSED
+                return DropReason.CLOSED if data else DropReason.SILENT
             data += chunk
             if need == _PDU_HEADER.size and len(data) == need:
                 pdu_type, _, length = _PDU_HEADER.unpack_from(data)
@@ -93,7 +94,7 @@ def read_request(sock: socket.socket, timeout: float,
                     return DropReason.TOO_LONG
                 need += length
     except OSError:  # reset by the peer
-        return DropReason.CLOSED
+        return DropReason.CLOSED if data else DropReason.SILENT
     finally:
         _wake_at(sock, 1)
     return data
@@ -217,7 +218,9 @@ class AdmissionServer(ThreadedAssociationServer):
             self._handshake_ended(request)
             in_handshake = False
             if isinstance(pdu, DropReason):
-                self._note(client_address, "dropped connection from %s: %s", pdu.value)
+                # A bare connect and close is what TCP health checks do: not worth a warning.
+                level = logging.DEBUG if pdu is DropReason.SILENT else logging.WARNING
+                self._note(client_address, "dropped connection from %s: %s", pdu.value, level)
                 return
             with self._lock:
                 self._requests[request] = pdu
@@ -265,9 +268,9 @@ class AdmissionServer(ThreadedAssociationServer):
         self.admission.closed(str(client_address[0]))
         close_socket(request)
 
-    def _note(self, client_address: Any, msg: str, reason: str) -> None:
+    def _note(self, client_address: Any, msg: str, reason: str, level: int = logging.WARNING) -> None:
         address = str(client_address[0])
-        self.peer_log.log(logging.WARNING, host_key(address), msg, address, reason)
+        self.peer_log.log(level, host_key(address), msg, address, reason)
 
 
 def _shutdown(sock: socket.socket) -> None:
