@@ -323,3 +323,24 @@ def test_explicit_vr_peer_still_stores_through_the_new_front_end(tmp_path: Path)
             (ds_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
             for ds_class in ["1.2.840.10008.5.1.4.1.1.2"]])
     assert results == [(0, "")]
+
+
+def test_finished_associations_are_reclaimed(tmp_path: Path) -> None:
+    """The accept loop no longer forces a full collection; finished associations are plain
+    garbage (cycles at worst) that Python's own collector reclaims."""
+    import gc
+    import weakref
+
+    from pynetdicom import evt
+
+    seen: list[weakref.ref[object]] = []
+    with running(tmp_path) as server:
+        server.server.bind(evt.EVT_ACCEPTED, lambda event: seen.append(weakref.ref(event.assoc)))
+        for _ in range(5):
+            assert echo(server.port)
+        deadline = time.monotonic() + 5
+        while server.server.active_associations:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    gc.collect()
+    assert len(seen) == 5 and all(ref() is None for ref in seen)
