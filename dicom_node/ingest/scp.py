@@ -257,13 +257,14 @@ class IngestServer:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
-    def stop(self, grace_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def stop(self, grace_seconds: float, clock: Callable[[], float] = time.monotonic) -> bool:
         """Stop accepting, give open associations ``grace_seconds`` to finish, abort the rest.
 
         Connections still in the handshake are dropped at once. Aborting shuts the sockets down,
         which wakes any thread blocked on a peer, so this returns within about
-        ``grace_seconds + 1.2`` s whatever the peers do; an association thread still running then
-        (a handler stuck outside the network) is logged and left.
+        ``grace_seconds + 1.2`` s whatever the peers do. Returns False if an association thread
+        is still running then (a handler stuck outside the network, say in a slow fsync): the
+        stop is then not clean, and the next start checks the files against the index.
         """
         self.server.shutdown()
         self.server.drop_handshakes()
@@ -281,6 +282,7 @@ class IngestServer:
         stuck = [a for a in remaining if a.is_alive()]
         if stuck:
             logger.error("%d association thread(s) still running after abort", len(stuck))
+        return not stuck
 
 
 def _join(threads: list[Any], deadline: float, clock: Callable[[], float]) -> None:

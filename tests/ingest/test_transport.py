@@ -1,6 +1,7 @@
 """The SCP's front end: the handshake deadline, admission in the accept loop, and a stop that
 never waits on a peer. Real sockets on loopback; attackers on their own loopback addresses."""
 
+import contextlib
 import logging
 import socket
 import struct
@@ -344,3 +345,52 @@ def test_finished_associations_are_reclaimed(tmp_path: Path) -> None:
             time.sleep(0.01)
     gc.collect()
     assert len(seen) == 5 and all(ref() is None for ref in seen)
+
+
+def test_stop_says_when_a_handler_outlived_the_abort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler stuck outside the network (a slow disk) is not waited for: the stop returns on
+    time and reports itself unclean, so the next start checks the files against the index."""
+    from tests.factories import ct_dataset
+    from tests.ingest.test_scp import send
+
+    settings = make_settings(tmp_path / "data")
+    store = InstanceStore(settings.node.data_dir)
+    release, entered = threading.Event(), threading.Event()
+    real_stage = store.stage
+
+    def slow_stage(*args: object, **kwargs: object) -> object:
+        entered.set()
+        release.wait(10)
+        return real_stage(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "stage", slow_stage)
+    server = start_ingest(settings, store)
+    def send_aborted() -> None:
+        with contextlib.suppress(Exception):  # the association is aborted under it
+            send(server.port, ct_dataset())
+
+    sender = threading.Thread(target=send_aborted, daemon=True)
+    sender.start()
+    try:
+        assert entered.wait(10)
+        start = time.monotonic()
+        clean = server.stop(grace_seconds=0.2)
+        took = time.monotonic() - start
+        assert clean is False and took < 0.2 + 1.5
+    finally:
+        release.set()
+        sender.join(timeout=15)
+        deadline = time.monotonic() + 10
+        while server.server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        store.close()
+    assert not server.server.active_associations  # it ended once its handler returned
+
+
+def test_a_clean_stop_says_so(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    store = InstanceStore(settings.node.data_dir)
+    server = start_ingest(settings, store)
+    assert echo(server.port)
+    assert server.stop(grace_seconds=1.0) is True
+    store.close()
