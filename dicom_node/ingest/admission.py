@@ -10,12 +10,20 @@ others:
 - connection attempts per host over time: a token bucket that holds ``connects_per_minute``
   tokens and refills at that many per minute.
 
+When one of the first two is full, a new connection does not simply lose: the oldest
+connection still in the handshake (of that host, or of all hosts) is evicted to make room if it
+has been at it for ``evict_after`` seconds. A real peer sends its A-ASSOCIATE-RQ within
+milliseconds of connecting, so only slow or silent connections are ever that old; without this,
+a peer behind the same address (or a few hosts together) could keep every place taken by
+connections that never finish.
+
 Accepted associations are counted apart, by :class:`dicom_node.ingest.policy.AssociationPolicy`.
 The rules are plain bookkeeping under one lock with an injected clock; the socket work is in
 :mod:`dicom_node.ingest.transport`.
 """
 
 import ipaddress
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +51,7 @@ class AdmissionLimits:
     max_handshakes: int = 64
     max_connections_per_host: int = 20
     connects_per_minute: int = 600
+    evict_after: float = 1.0
 
 
 def host_key(address: str) -> str:
@@ -63,6 +72,14 @@ def host_key(address: str) -> str:
     return str(ip)
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A connection let in: its ticket, and the ticket of a connection to evict for it, if any."""
+
+    ticket: int
+    evict: int | None = None
+
+
 @dataclass
 class _Host:
     connections: int
@@ -70,13 +87,20 @@ class _Host:
     updated: float
 
 
-class Admission:
-    """Thread-safe counters for the admission rules.
+@dataclass(frozen=True)
+class _Connection:
+    host: str
+    opened: float
 
-    A connection's life is :meth:`open` (in the accept loop; a refusal means close it at once),
-    then :meth:`handshake_ended` (the A-ASSOCIATE-RQ arrived, or the peer was dropped), then
-    :meth:`closed`. Each call of :meth:`open` that returned None must be followed by exactly
-    one of each.
+
+class Admission:
+    """Thread-safe bookkeeping of the admission rules.
+
+    A connection's life is :meth:`open` (in the accept loop; a :class:`Refusal` means close it
+    at once), then :meth:`handshake_ended` (the A-ASSOCIATE-RQ arrived, or the peer was
+    dropped), then :meth:`closed`, both with the ticket :meth:`open` gave. When
+    :meth:`open` names a connection to evict, its places are freed at once; the caller closes
+    it, and the later calls for its ticket change nothing.
 
     Parameters
     ----------
@@ -91,12 +115,14 @@ class Admission:
         self._clock = clock
         self._lock = threading.Lock()
         self._hosts: dict[str, _Host] = {}
-        self._handshakes = 0
+        self._open: dict[int, _Connection] = {}
+        self._handshaking: dict[int, _Connection] = {}  # insertion order: oldest first
+        self._tickets = itertools.count(1)
 
     @property
     def handshakes(self) -> int:
         """Connections now in the handshake."""
-        return self._handshakes
+        return len(self._handshaking)
 
     def connections(self, address: str) -> int:
         """Open connections now counted for the host of ``address``."""
@@ -104,36 +130,59 @@ class Admission:
             host = self._hosts.get(host_key(address))
             return host.connections if host else 0
 
-    def open(self, address: str) -> Refusal | None:
-        """Count a new connection from ``address``, or say why it must be closed."""
+    def open(self, address: str) -> Admitted | Refusal:
+        """Let a new connection from ``address`` in, or say why it must be closed."""
         now = self._clock()
+        key = host_key(address)
         with self._lock:
-            host = self._host(host_key(address), now)
+            host = self._host(key, now)
             if host is None:
                 return Refusal.TOO_MANY_HOSTS
             self._refill(host, now)
             if host.tokens < 1:
                 return Refusal.HOST_RATE
             host.tokens -= 1  # an attempt costs a token even when refused below
+            evict = None
             if host.connections >= self.limits.max_connections_per_host:
-                return Refusal.HOST_CONNECTIONS
-            if self._handshakes >= self.limits.max_handshakes:
-                return Refusal.HANDSHAKES_FULL
+                evict = self._oldest_slow(now, key)
+                if evict is None:
+                    return Refusal.HOST_CONNECTIONS
+            elif len(self._handshaking) >= self.limits.max_handshakes:
+                evict = self._oldest_slow(now)
+                if evict is None:
+                    return Refusal.HANDSHAKES_FULL
+            if evict is not None:
+                self._release(evict, self._handshaking.pop(evict))
+            ticket = next(self._tickets)
+            self._open[ticket] = self._handshaking[ticket] = _Connection(key, now)
             host.connections += 1
-            self._handshakes += 1
-            return None
+            return Admitted(ticket, evict)
 
-    def handshake_ended(self) -> None:
+    def handshake_ended(self, ticket: int) -> None:
         """The connection left the handshake: its A-ASSOCIATE-RQ arrived, or it was dropped."""
         with self._lock:
-            self._handshakes = max(0, self._handshakes - 1)
+            self._handshaking.pop(ticket, None)
 
-    def closed(self, address: str) -> None:
-        """The connection from ``address`` is closed."""
+    def closed(self, ticket: int) -> None:
+        """The connection is closed."""
         with self._lock:
-            host = self._hosts.get(host_key(address))
-            if host is not None:
-                host.connections = max(0, host.connections - 1)
+            self._handshaking.pop(ticket, None)
+            connection = self._open.get(ticket)
+            if connection is not None:
+                self._release(ticket, connection)
+
+    def _release(self, ticket: int, connection: _Connection) -> None:
+        del self._open[ticket]
+        host = self._hosts.get(connection.host)
+        if host is not None:
+            host.connections = max(0, host.connections - 1)
+
+    def _oldest_slow(self, now: float, host: str | None = None) -> int | None:
+        """The oldest connection in the handshake (of ``host``, if given), if it is slow."""
+        for ticket, connection in self._handshaking.items():
+            if host is None or connection.host == host:
+                return ticket if now - connection.opened >= self.limits.evict_after else None
+        return None
 
     def _host(self, key: str, now: float) -> _Host | None:
         host = self._hosts.get(key)

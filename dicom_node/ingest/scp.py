@@ -310,6 +310,7 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
         max_handshakes=ingest.max_handshakes,
         max_connections_per_host=ingest.max_connections_per_host,
         connects_per_minute=ingest.connects_per_host_per_minute,
+        evict_after=ingest.handshake_evict_after,
     ))
     server = ae.make_server(
         (settings.node.bind, settings.node.port), evt_handlers=handlers,

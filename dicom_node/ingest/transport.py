@@ -35,7 +35,7 @@ from typing import Any, cast
 from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicom_node.ingest.admission import Admission, host_key
+from dicom_node.ingest.admission import Admission, Refusal, host_key
 from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class DropReason(StrEnum):
     CLOSED = "closed the connection during the handshake"
     NOT_A_REQUEST = "sent something other than an A-ASSOCIATE-RQ"
     TOO_LONG = "announced an A-ASSOCIATE-RQ over the length limit"
+    EVICTED = "still in the handshake when a newer connection needed its place"
 
 
 def read_request(sock: socket.socket, timeout: float,
@@ -182,8 +183,9 @@ class AdmissionServer(ThreadedAssociationServer):
         self.handshake_timeout = handshake_timeout
         self.peer_log = peer_log
         self._lock = threading.Lock()
-        self._handshaking: set[socket.socket] = set()
-        self._connections: set[socket.socket] = set()
+        self._tickets: dict[socket.socket, int] = {}  # every open connection
+        self._handshaking: dict[int, socket.socket] = {}
+        self._evicted: set[int] = set()
         self._requests: dict[socket.socket, bytearray] = {}
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers,
                          request_handler=_RequestHandler)
@@ -203,32 +205,34 @@ class AdmissionServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """The accept loop's admission check; a False closes the socket at once."""
-        refusal = self.admission.open(str(client_address[0]))
-        if refusal is None:
-            return True
-        self._note(client_address, "closed connection from %s: %s", refusal.value)
-        return False
+        admitted = self.admission.open(str(client_address[0]))
+        if isinstance(admitted, Refusal):
+            self._note(client_address, "closed connection from %s: %s", admitted.value)
+            return False
+        with self._lock:
+            self._tickets[request] = admitted.ticket
+            self._handshaking[admitted.ticket] = request
+            victim = None
+            if admitted.evict is not None:
+                self._evicted.add(admitted.evict)
+                victim = self._handshaking.pop(admitted.evict, None)
+        if victim is not None:
+            _shutdown(victim)  # its thread wakes, and reports it as evicted
+        return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._lock:
-            self._handshaking.add(request)
-            self._connections.add(request)
         try:
             super().process_request(request, client_address)
         except Exception:  # no thread (out of threads): undo the admission, drop the peer
-            self._finished(request, client_address, in_handshake=True)
+            self._finished(request, client_address)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        in_handshake = True
         try:
             pdu = read_request(request, self.handshake_timeout)
-            self._handshake_ended(request)
-            in_handshake = False
+            ticket = self._handshake_ended(request)
             if isinstance(pdu, DropReason):
-                # A bare connect and close is what TCP health checks do: not worth a warning.
-                level = logging.DEBUG if pdu is DropReason.SILENT else logging.WARNING
-                self._note(client_address, "dropped connection from %s: %s", pdu.value, level)
+                self._dropped(client_address, ticket, pdu)
                 return
             with self._lock:
                 self._requests[request] = pdu
@@ -236,7 +240,7 @@ class AdmissionServer(ThreadedAssociationServer):
         except Exception:
             logger.exception("association with %s failed", client_address[0])
         finally:
-            self._finished(request, client_address, in_handshake)
+            self._finished(request, client_address)
 
     def take_request(self, request: socket.socket) -> bytearray:
         """The A-ASSOCIATE-RQ read from ``request``, handed over once."""
@@ -246,34 +250,45 @@ class AdmissionServer(ThreadedAssociationServer):
     def drop_handshakes(self) -> None:
         """Close every connection still in the handshake (at stop: none of them is a peer yet)."""
         with self._lock:
-            pending = list(self._handshaking)
+            pending = list(self._handshaking.values())
         for sock in pending:
             _shutdown(sock)
 
     def close_connections(self) -> None:
         """Shut down every open connection, waking any thread blocked on one."""
         with self._lock:
-            open_ = list(self._connections)
+            open_ = list(self._tickets)
         for sock in open_:
             _shutdown(sock)
 
     def open_connections(self) -> int:
         """Connections accepted and not yet closed (handshakes and associations)."""
         with self._lock:
-            return len(self._connections)
+            return len(self._tickets)
 
-    def _handshake_ended(self, request: socket.socket) -> None:
+    def _handshake_ended(self, request: socket.socket) -> int:
         with self._lock:
-            self._handshaking.discard(request)
-        self.admission.handshake_ended()
+            ticket = self._tickets[request]
+            self._handshaking.pop(ticket, None)
+        self.admission.handshake_ended(ticket)
+        return ticket
 
-    def _finished(self, request: socket.socket, client_address: Any, in_handshake: bool) -> None:
-        if in_handshake:
-            self._handshake_ended(request)
+    def _dropped(self, client_address: Any, ticket: int, reason: DropReason) -> None:
         with self._lock:
-            self._connections.discard(request)
+            if ticket in self._evicted:
+                self._evicted.discard(ticket)
+                reason = DropReason.EVICTED
+        # A bare connect and close is what TCP health checks do: not worth a warning.
+        level = logging.DEBUG if reason is DropReason.SILENT else logging.WARNING
+        self._note(client_address, "dropped connection from %s: %s", reason.value, level)
+
+    def _finished(self, request: socket.socket, client_address: Any) -> None:
+        with self._lock:
+            ticket = self._tickets.pop(request)
+            self._handshaking.pop(ticket, None)
+            self._evicted.discard(ticket)
             self._requests.pop(request, None)
-        self.admission.closed(str(client_address[0]))
+        self.admission.closed(ticket)
         close_socket(request)
 
     def _note(self, client_address: Any, msg: str, reason: str, level: int = logging.WARNING) -> None:

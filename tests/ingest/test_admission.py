@@ -3,7 +3,7 @@
 import pytest
 
 from dicom_node.ingest import admission as admission_module
-from dicom_node.ingest.admission import Admission, AdmissionLimits, Refusal, host_key
+from dicom_node.ingest.admission import Admission, AdmissionLimits, Admitted, Refusal, host_key
 
 
 class Clock:
@@ -14,8 +14,23 @@ class Clock:
         return self.now
 
 
-def make(clock: Clock, **limits: int) -> Admission:
-    return Admission(AdmissionLimits(**limits), clock)
+def make(clock: Clock, **limits: float) -> Admission:
+    return Admission(AdmissionLimits(**limits), clock)  # type: ignore[arg-type]
+
+
+def admit(rules: Admission, address: str) -> Admitted:
+    result = rules.open(address)
+    assert isinstance(result, Admitted), result
+    return result
+
+
+def connect_and_close(rules: Admission, address: str) -> Refusal | None:
+    result = rules.open(address)
+    if isinstance(result, Refusal):
+        return result
+    rules.handshake_ended(result.ticket)
+    rules.closed(result.ticket)
+    return None
 
 
 def test_host_keys_group_an_ipv6_64_and_unmap_ipv4() -> None:
@@ -30,67 +45,95 @@ def test_host_keys_group_an_ipv6_64_and_unmap_ipv4() -> None:
 def test_handshakes_are_bounded_across_hosts_and_freed_when_they_end() -> None:
     clock = Clock()
     rules = make(clock, max_handshakes=2)
-    assert rules.open("10.0.0.1") is None
-    assert rules.open("10.0.0.2") is None
+    first = admit(rules, "10.0.0.1")
+    admit(rules, "10.0.0.2")
     assert rules.open("10.0.0.3") is Refusal.HANDSHAKES_FULL
-    rules.handshake_ended()  # the first one's A-ASSOCIATE-RQ arrived: it no longer counts here
-    assert rules.open("10.0.0.3") is None
+    rules.handshake_ended(first.ticket)  # its A-ASSOCIATE-RQ arrived: it no longer counts here
+    assert admit(rules, "10.0.0.3").evict is None
     assert rules.handshakes == 2
 
 
 def test_connections_per_host_count_handshakes_and_associations_until_closed() -> None:
     clock = Clock()
     rules = make(clock, max_connections_per_host=2)
-    assert rules.open("10.0.0.1") is None
-    rules.handshake_ended()  # now an association: still an open connection of its host
-    assert rules.open("10.0.0.1") is None
+    first = admit(rules, "10.0.0.1")
+    rules.handshake_ended(first.ticket)  # now an association: still an open connection of its host
+    second = admit(rules, "10.0.0.1")
+    rules.handshake_ended(second.ticket)
     assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS
-    assert rules.open("10.0.0.2") is None  # other hosts are not affected
-    rules.closed("10.0.0.1")
+    admit(rules, "10.0.0.2")  # other hosts are not affected
+    rules.closed(first.ticket)
     assert rules.connections("10.0.0.1") == 1
-    assert rules.open("10.0.0.1") is None
+    admit(rules, "10.0.0.1")
 
 
 def test_an_ipv6_host_cannot_escape_its_limit_by_changing_address() -> None:
     rules = make(Clock(), max_connections_per_host=1)
-    assert rules.open("2001:db8::1") is None
+    rules.handshake_ended(admit(rules, "2001:db8::1").ticket)
     assert rules.open("2001:db8::2") is Refusal.HOST_CONNECTIONS
 
 
-def _connect_and_close(rules: Admission, address: str) -> Refusal | None:
-    refusal = rules.open(address)
-    if refusal is None:
-        rules.handshake_ended()
-        rules.closed(address)
-    return refusal
+def test_a_full_host_evicts_its_oldest_slow_handshake() -> None:
+    clock = Clock()
+    rules = make(clock, max_connections_per_host=3, evict_after=1.0)
+    slow = admit(rules, "10.0.0.1")
+    clock.now += 0.5
+    association = admit(rules, "10.0.0.1")
+    rules.handshake_ended(association.ticket)
+    other = admit(rules, "10.0.0.1")
+    assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS  # the oldest is 0.5 s old: not slow
+    clock.now += 0.5
+    newcomer = admit(rules, "10.0.0.1")
+    assert newcomer.evict == slow.ticket  # not the association, not the younger handshake
+    assert rules.connections("10.0.0.1") == 3
+    rules.handshake_ended(slow.ticket)  # the evicted connection's own calls change nothing
+    rules.closed(slow.ticket)
+    assert rules.connections("10.0.0.1") == 3
+    clock.now += 5
+    assert admit(rules, "10.0.0.1").evict == other.ticket
+    assert admit(rules, "10.0.0.1").evict == newcomer.ticket  # slow too by now
+    assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS  # two young ones and an association
+
+
+def test_full_handshakes_evict_the_oldest_slow_one_of_any_host() -> None:
+    clock = Clock()
+    rules = make(clock, max_handshakes=2, evict_after=1.0)
+    oldest = admit(rules, "10.0.0.1")
+    clock.now += 0.6
+    admit(rules, "10.0.0.2")
+    assert rules.open("10.0.0.3") is Refusal.HANDSHAKES_FULL
+    clock.now += 0.6
+    result = admit(rules, "10.0.0.3")
+    assert result.evict == oldest.ticket
+    assert rules.handshakes == 2 and rules.connections("10.0.0.1") == 0
 
 
 def test_connection_attempts_per_host_are_a_token_bucket() -> None:
     clock = Clock()
     rules = make(clock, connects_per_minute=60)  # one a second, bursts of 60
     for _ in range(60):
-        assert _connect_and_close(rules, "10.0.0.1") is None
-    assert _connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
-    assert _connect_and_close(rules, "10.0.0.2") is None
+        assert connect_and_close(rules, "10.0.0.1") is None
+    assert connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
+    assert connect_and_close(rules, "10.0.0.2") is None
     clock.now += 0.5
-    assert _connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
+    assert connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
     clock.now += 0.5  # one token back
-    assert _connect_and_close(rules, "10.0.0.1") is None
-    assert _connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
+    assert connect_and_close(rules, "10.0.0.1") is None
+    assert connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
     clock.now += 3600  # refills to the burst, never beyond
     for _ in range(60):
-        assert _connect_and_close(rules, "10.0.0.1") is None
-    assert _connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
+        assert connect_and_close(rules, "10.0.0.1") is None
+    assert connect_and_close(rules, "10.0.0.1") is Refusal.HOST_RATE
 
 
 def test_a_refused_attempt_costs_a_token_but_no_connection() -> None:
     clock = Clock()
     rules = make(clock, connects_per_minute=3, max_connections_per_host=1)
-    assert rules.open("10.0.0.1") is None
+    held = admit(rules, "10.0.0.1")
     assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS
     assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS
-    rules.handshake_ended()
-    rules.closed("10.0.0.1")
+    rules.handshake_ended(held.ticket)
+    rules.closed(held.ticket)
     assert rules.connections("10.0.0.1") == 0
     assert rules.open("10.0.0.1") is Refusal.HOST_RATE  # hammering while full spent the bucket
 
@@ -99,22 +142,23 @@ def test_hosts_tracked_are_bounded_and_idle_ones_forgotten(monkeypatch: pytest.M
     monkeypatch.setattr(admission_module, "MAX_TRACKED_HOSTS", 3)
     clock = Clock()
     rules = make(clock, connects_per_minute=10)
-    for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
-        assert rules.open(host) is None
+    tickets = {host: admit(rules, host).ticket for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3")}
     assert rules.open("10.0.0.4") is Refusal.TOO_MANY_HOSTS  # all three have open connections
     for host in ("10.0.0.1", "10.0.0.2"):
-        rules.handshake_ended()
-        rules.closed(host)
+        rules.closed(tickets[host])
     assert rules.open("10.0.0.4") is Refusal.TOO_MANY_HOSTS  # closed, but their buckets are not full
     clock.now += 60  # buckets full again: nothing to remember about those two
-    assert rules.open("10.0.0.4") is None
-    assert rules.open("10.0.0.5") is None
+    admit(rules, "10.0.0.4")
+    admit(rules, "10.0.0.5")
 
 
-def test_closing_more_than_opened_never_goes_negative() -> None:
+def test_unknown_and_repeated_tickets_change_nothing() -> None:
     rules = make(Clock(), max_handshakes=1)
-    rules.handshake_ended()
-    rules.closed("10.0.0.9")
-    assert rules.handshakes == 0
-    assert rules.open("10.0.0.9") is None
+    rules.handshake_ended(12345)
+    rules.closed(12345)
+    ticket = admit(rules, "10.0.0.9").ticket
+    rules.closed(ticket)
+    rules.closed(ticket)
+    assert rules.handshakes == 0 and rules.connections("10.0.0.9") == 0
+    admit(rules, "10.0.0.9")
     assert rules.open("10.0.0.8") is Refusal.HANDSHAKES_FULL

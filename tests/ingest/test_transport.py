@@ -216,7 +216,8 @@ def test_the_largest_request_pynetdicom_can_make_passes(tmp_path: Path) -> None:
 
 
 def test_over_the_per_host_limit_connections_are_closed_at_once(tmp_path: Path) -> None:
-    with running(tmp_path, max_connections_per_host=2, handshake_timeout=10.0) as server:
+    with running(tmp_path, max_connections_per_host=2, handshake_timeout=10.0,
+                 handshake_evict_after=60.0) as server:
         held = [connect(server.port, "127.0.0.2") for _ in range(2)]
         extra = connect(server.port, "127.0.0.2")
         waited = wait_closed(extra, 3.0)
@@ -227,6 +228,25 @@ def test_over_the_per_host_limit_connections_are_closed_at_once(tmp_path: Path) 
         assert connect_kept(server.port, "127.0.0.2")  # a freed place can be taken again
         for s in (*held, extra):
             s.close()
+
+
+def test_a_good_peer_behind_a_slow_one_evicts_its_oldest_handshake(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same address as a trickler: a full host makes room by dropping its slowest handshake."""
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    with running(tmp_path, max_connections_per_host=3, handshake_timeout=30.0,
+                 handshake_evict_after=0.3) as server:
+        held = [connect(server.port, "127.0.0.1") for _ in range(3)]
+        for sock in held:
+            sock.sendall(struct.pack(">BBL", 1, 0, 500))
+        time.sleep(0.4)  # the scenario: the three are now older than handshake_evict_after
+        assert echo(server.port, "127.0.0.1")
+        assert wait_closed(held[0], 2.0) is not None  # the oldest made room
+        assert wait_closed(held[2], 0.2) is None  # the youngest was kept
+        for sock in held:
+            sock.close()
+    assert any(DropReason.EVICTED.value in r.getMessage() for r in caplog.records)
 
 
 def test_over_the_per_host_rate_connections_are_closed_at_once(tmp_path: Path) -> None:
@@ -241,7 +261,7 @@ def test_over_the_per_host_rate_connections_are_closed_at_once(tmp_path: Path) -
 
 
 def test_peers_in_the_handshake_hold_no_association_slot(tmp_path: Path) -> None:
-    with running(tmp_path, max_associations=1, handshake_timeout=10.0) as server:
+    with running(tmp_path, max_associations=1, handshake_timeout=10.0, handshake_evict_after=60.0) as server:
         silent = [connect(server.port, "127.0.0.2") for _ in range(5)]
         assert echo(server.port)  # five half-open connections, yet the one slot is free
         stalled = stalled_association(server.port, "127.0.0.4")  # now the slot is taken
@@ -251,7 +271,7 @@ def test_peers_in_the_handshake_hold_no_association_slot(tmp_path: Path) -> None
 
 
 def test_handshakes_are_bounded_apart(tmp_path: Path) -> None:
-    with running(tmp_path, max_handshakes=3, handshake_timeout=10.0) as server:
+    with running(tmp_path, max_handshakes=3, handshake_timeout=10.0, handshake_evict_after=60.0) as server:
         silent = [connect(server.port, f"127.0.0.{2 + i}") for i in range(3)]
         extra = connect(server.port, "127.0.0.9")
         waited = wait_closed(extra, 3.0)
