@@ -11,11 +11,17 @@ others:
   tokens and refills at that many per minute.
 
 When one of the first two is full, a new connection does not simply lose: the oldest
-connection still in the handshake (of that host, or of all hosts) is evicted to make room if it
-has been at it for ``evict_after`` seconds. A real peer sends its A-ASSOCIATE-RQ within
-milliseconds of connecting, so only slow or silent connections are ever that old; without this,
-a peer behind the same address (or a few hosts together) could keep every place taken by
-connections that never finish.
+connection still in the handshake is evicted to make room. A real peer sends its
+A-ASSOCIATE-RQ within milliseconds of connecting, so the oldest are the slow or silent ones;
+without this, a peer behind the same address (or a few hosts together) could keep every place
+taken by connections that never finish.
+
+- A full host evicts its own oldest handshake, however young: its connections compete among
+  themselves, and its attempt rate is bounded, so a good peer's handshake (milliseconds) is not
+  outlived by the host's whole allowance of newer ones.
+- A full pool evicts the oldest handshake of any host only once it is ``evict_after`` seconds
+  old: the number of hosts is not bounded, so under a flood from many of them the newcomer is
+  refused rather than a handshake that might just be on a slow link.
 
 Accepted associations are counted apart, by :class:`dicom_node.ingest.policy.AssociationPolicy`.
 The rules are plain bookkeeping under one lock with an injected clock; the socket work is in
@@ -24,6 +30,7 @@ The rules are plain bookkeeping under one lock with an injected clock; the socke
 
 import ipaddress
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -144,11 +151,11 @@ class Admission:
             host.tokens -= 1  # an attempt costs a token even when refused below
             evict = None
             if host.connections >= self.limits.max_connections_per_host:
-                evict = self._oldest_slow(now, key)
+                evict = self._oldest(key)
                 if evict is None:
                     return Refusal.HOST_CONNECTIONS
             elif len(self._handshaking) >= self.limits.max_handshakes:
-                evict = self._oldest_slow(now)
+                evict = self._oldest(None, now - self.limits.evict_after)
                 if evict is None:
                     return Refusal.HANDSHAKES_FULL
             if evict is not None:
@@ -177,11 +184,11 @@ class Admission:
         if host is not None:
             host.connections = max(0, host.connections - 1)
 
-    def _oldest_slow(self, now: float, host: str | None = None) -> int | None:
-        """The oldest connection in the handshake (of ``host``, if given), if it is slow."""
+    def _oldest(self, host: str | None, opened_by: float = math.inf) -> int | None:
+        """The oldest connection in the handshake (of ``host``, if given) opened by ``opened_by``."""
         for ticket, connection in self._handshaking.items():
             if host is None or connection.host == host:
-                return ticket if now - connection.opened >= self.limits.evict_after else None
+                return ticket if connection.opened <= opened_by else None
         return None
 
     def _host(self, key: str, now: float) -> _Host | None:

@@ -73,26 +73,29 @@ def test_an_ipv6_host_cannot_escape_its_limit_by_changing_address() -> None:
     assert rules.open("2001:db8::2") is Refusal.HOST_CONNECTIONS
 
 
-def test_a_full_host_evicts_its_oldest_slow_handshake() -> None:
+def test_a_full_host_evicts_its_oldest_handshake() -> None:
     clock = Clock()
     rules = make(clock, max_connections_per_host=3, evict_after=1.0)
-    slow = admit(rules, "10.0.0.1")
-    clock.now += 0.5
+    oldest = admit(rules, "10.0.0.1")
     association = admit(rules, "10.0.0.1")
     rules.handshake_ended(association.ticket)
-    other = admit(rules, "10.0.0.1")
-    assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS  # the oldest is 0.5 s old: not slow
-    clock.now += 0.5
+    younger = admit(rules, "10.0.0.1")
+    admit(rules, "10.0.0.2")  # another host's handshake is older than `younger`, but not this host's
     newcomer = admit(rules, "10.0.0.1")
-    assert newcomer.evict == slow.ticket  # not the association, not the younger handshake
+    assert newcomer.evict == oldest.ticket  # however young: the host competes with itself
     assert rules.connections("10.0.0.1") == 3
-    rules.handshake_ended(slow.ticket)  # the evicted connection's own calls change nothing
-    rules.closed(slow.ticket)
+    rules.handshake_ended(oldest.ticket)  # the evicted connection's own calls change nothing
+    rules.closed(oldest.ticket)
     assert rules.connections("10.0.0.1") == 3
-    clock.now += 5
-    assert admit(rules, "10.0.0.1").evict == other.ticket
-    assert admit(rules, "10.0.0.1").evict == newcomer.ticket  # slow too by now
-    assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS  # two young ones and an association
+    assert admit(rules, "10.0.0.1").evict == younger.ticket
+    assert admit(rules, "10.0.0.1").evict == newcomer.ticket
+
+
+def test_a_full_host_with_only_associations_refuses() -> None:
+    rules = make(Clock(), max_connections_per_host=2)
+    for _ in range(2):
+        rules.handshake_ended(admit(rules, "10.0.0.1").ticket)
+    assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS
 
 
 def test_full_handshakes_evict_the_oldest_slow_one_of_any_host() -> None:
@@ -130,9 +133,9 @@ def test_a_refused_attempt_costs_a_token_but_no_connection() -> None:
     clock = Clock()
     rules = make(clock, connects_per_minute=3, max_connections_per_host=1)
     held = admit(rules, "10.0.0.1")
+    rules.handshake_ended(held.ticket)  # an association: nothing to evict
     assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS
     assert rules.open("10.0.0.1") is Refusal.HOST_CONNECTIONS
-    rules.handshake_ended(held.ticket)
     rules.closed(held.ticket)
     assert rules.connections("10.0.0.1") == 0
     assert rules.open("10.0.0.1") is Refusal.HOST_RATE  # hammering while full spent the bucket

@@ -216,16 +216,15 @@ def test_the_largest_request_pynetdicom_can_make_passes(tmp_path: Path) -> None:
 
 
 def test_over_the_per_host_limit_connections_are_closed_at_once(tmp_path: Path) -> None:
-    with running(tmp_path, max_connections_per_host=2, handshake_timeout=10.0,
-                 handshake_evict_after=60.0) as server:
-        held = [connect(server.port, "127.0.0.2") for _ in range(2)]
-        extra = connect(server.port, "127.0.0.2")
+    with running(tmp_path, max_connections_per_host=2) as server:
+        held = [stalled_association(server.port, "127.0.0.4") for _ in range(2)]
+        extra = connect(server.port, "127.0.0.4")
         waited = wait_closed(extra, 3.0)
-        assert waited is not None and waited < 1.0  # not the 10 s handshake timeout
+        assert waited is not None and waited < 1.0  # nothing to evict: both are associations
         assert not any(closed_by_peer(s) for s in held)
         assert echo(server.port)  # another host is not affected
         held[0].close()
-        assert connect_kept(server.port, "127.0.0.2")  # a freed place can be taken again
+        assert connect_kept(server.port, "127.0.0.4")  # a freed place can be taken again
         for s in (*held, extra):
             s.close()
 
@@ -235,18 +234,31 @@ def test_a_good_peer_behind_a_slow_one_evicts_its_oldest_handshake(
 ) -> None:
     """The same address as a trickler: a full host makes room by dropping its slowest handshake."""
     caplog.set_level(logging.WARNING, logger="dicom_node")
-    with running(tmp_path, max_connections_per_host=3, handshake_timeout=30.0,
-                 handshake_evict_after=0.3) as server:
+    with running(tmp_path, max_connections_per_host=3, handshake_timeout=30.0) as server:
         held = [connect(server.port, "127.0.0.1") for _ in range(3)]
         for sock in held:
             sock.sendall(struct.pack(">BBL", 1, 0, 500))
-        time.sleep(0.4)  # the scenario: the three are now older than handshake_evict_after
         assert echo(server.port, "127.0.0.1")
         assert wait_closed(held[0], 2.0) is not None  # the oldest made room
         assert wait_closed(held[2], 0.2) is None  # the youngest was kept
         for sock in held:
             sock.close()
     assert any(DropReason.EVICTED.value in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_pool_evicts_only_handshakes_older_than_evict_after(tmp_path: Path) -> None:
+    with running(tmp_path, max_handshakes=2, handshake_timeout=30.0,
+                 handshake_evict_after=1.5) as server:
+        held = [connect(server.port, f"127.0.0.{2 + i}") for i in range(2)]
+        early = connect(server.port, "127.0.0.9")
+        waited = wait_closed(early, 3.0)
+        assert waited is not None and waited < 1.0  # both are younger than 1.5 s: refused
+        time.sleep(1.6)  # the scenario: now both are older than handshake_evict_after
+        assert echo(server.port)  # evicts the oldest, held[0]
+        assert wait_closed(held[0], 2.0) is not None
+        assert wait_closed(held[1], 0.2) is None
+        for s in (*held, early):
+            s.close()
 
 
 def test_over_the_per_host_rate_connections_are_closed_at_once(tmp_path: Path) -> None:
