@@ -8,7 +8,8 @@ sending one byte at a time. :class:`AdmissionServer` replaces that front end, th
 
 1. In the accept loop, :class:`~dicom_node.ingest.admission.Admission` decides from the peer's
    address alone (handshakes in progress, connections and attempts per host); a refused
-   connection is closed at once, before any thread exists for it.
+   connection is closed at once, before any thread exists for it, and an evicted one (the
+   oldest still in the handshake, when a bound is full) is shut down.
 2. In the connection's own thread, :func:`read_request` reads the whole A-ASSOCIATE-RQ PDU
    under one overall deadline (``ingest.handshake_timeout``). It waits with ``SO_RCVLOWAT`` set
    to the bytes still missing, so a trickling peer costs no CPU.
@@ -40,9 +41,9 @@ from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
 
-#: Longest A-ASSOCIATE-RQ accepted: the whole request waits in the kernel's receive buffer.
-#: pynetdicom's largest (128 presentation contexts of 13 transfer syntaxes each) is 46 KB;
-#: real requests are a few KB.
+#: Longest A-ASSOCIATE-RQ accepted (it is held in memory until pynetdicom reads it). pynetdicom's
+#: largest (128 presentation contexts of 13 transfer syntaxes each) is 46 KB; real requests are
+#: a few KB.
 MAX_REQUEST_LENGTH = 256 * 1024
 _PDU_HEADER = struct.Struct(">BBL")
 _A_ASSOCIATE_RQ = 0x01
