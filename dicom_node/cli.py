@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 the operation failed (a peer refused, say), 2 bad usage
 """
 
 import argparse
+import gc
 import json
 import logging
 import re
@@ -174,6 +175,10 @@ def serve(settings: Settings, steps: "Sequence[tuple[str, Step]] | None" = None)
     finally:
         node.stop()
     logger.info("stopped")
+    # Everything is closed; what is left is the interpreter's teardown, whose last garbage
+    # collections walk every object torch and friends created (about 1 s on 2 busy cores).
+    # Frozen objects are skipped: the process exits in a third of that, within the grace + 2 s.
+    gc.freeze()
     return 0
 
 

@@ -135,6 +135,12 @@ class IngestSettings:
     dimse_timeout: float = field(default=60.0, metadata=_check(_positive))
     network_timeout: float = field(default=60.0, metadata=_check(_positive))
     shutdown_grace_seconds: float = field(default=10.0, metadata=_check(_non_negative))
+    handshake_timeout: float = field(default=5.0, metadata=_check(_positive))
+    handshake_evict_after: float = field(default=1.0, metadata=_check(_non_negative))
+    max_handshakes: int = field(default=64, metadata=_check(_positive))
+    max_connections_per_host: int = field(default=20, metadata=_check(_positive))
+    connects_per_host_per_minute: int = field(default=600, metadata=_check(_positive))
+    log_lines_per_host_per_minute: int = field(default=10, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)

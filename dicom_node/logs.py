@@ -1,17 +1,133 @@
-"""Logging set-up, called once by the CLI.
+"""Logging set-up, called once by the CLI, and the two guards every peer-facing log line needs.
 
 Modules log with ``logging.getLogger(__name__)`` and never configure logging
 themselves. Log records name UIDs and job ids, never patient names or IDs.
+
+- :class:`SafeFormatter` escapes control characters in every record, so a peer that puts a
+  newline or an ANSI escape in its AE title cannot forge or hide a log line.
+- :class:`PeerLogLimiter` lets through at most N lines per peer per minute and then says once
+  how many it held back, so junk connections cannot flood the log.
 """
 
 import logging
+import re
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators and bidirectional overrides
+# that terminals and log viewers treat as line breaks or use to reorder text.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+#: Peers remembered by a :class:`PeerLogLimiter`; beyond this, new peers share one budget.
+MAX_PEERS = 4096
+_OTHERS = "(other peers)"
+
+
+def clean_text(value: object) -> str:
+    r"""``str(value)`` with every control character escaped (a newline becomes ``\x0a``)."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                       else f"\\u{ord(m.group()):04x}", str(value))
+
+
+class SafeFormatter(logging.Formatter):
+    """A formatter whose output cannot contain a line the program did not write.
+
+    The message is escaped whole (its arguments are where peer data lands). A traceback keeps
+    its line breaks but every line of it is indented, so an exception message that holds a
+    newline cannot start a line that looks like a record of its own.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = clean_text(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indent(super().formatStack(stack_info))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + clean_text(line) for line in text.split("\n"))
+
+
+@dataclass
+class _Budget:
+    window_start: float
+    lines: int = 0
+    suppressed: int = 0
+
+
+class PeerLogLimiter:
+    """At most ``per_minute`` log lines per peer per minute; the rest are counted, not written.
+
+    When a peer's next minute starts, the first line it logs is preceded by one line saying how
+    many were held back. Thread-safe.
+
+    Parameters
+    ----------
+    logger
+        Where the lines go.
+    per_minute
+        Lines a peer may log in one minute; 0 logs none (but still counts them).
+    clock
+        Seconds, monotonic; injected for tests.
+    """
+
+    def __init__(self, logger: logging.Logger, per_minute: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.per_minute = per_minute
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._peers: dict[str, _Budget] = {}
+
+    def log(self, level: int, peer: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` at ``level`` for ``peer`` if its budget allows; return whether it did.
+
+        A line the logger would not emit at ``level`` anyway spends no budget.
+        """
+        if not self.logger.isEnabledFor(level):
+            return False
+        now = self._clock()
+        with self._lock:
+            key, budget = self._budget(peer, now)
+            suppressed = 0
+            if now - budget.window_start >= 60.0:
+                suppressed, budget.suppressed = budget.suppressed, 0
+                budget.window_start, budget.lines = now, 0
+            allowed = budget.lines < self.per_minute
+            if allowed:
+                budget.lines += 1
+            else:
+                budget.suppressed += 1
+        if suppressed:
+            self.logger.log(level, "suppressed %d log line(s) about %s in the last minute",
+                            suppressed, key)
+        if allowed:
+            self.logger.log(level, msg, *args)
+        return allowed
+
+    def _budget(self, peer: str, now: float) -> tuple[str, _Budget]:
+        if peer not in self._peers and len(self._peers) >= MAX_PEERS:
+            # Forget peers whose minute is over and who have nothing left to report.
+            for key, budget in list(self._peers.items()):
+                if now - budget.window_start >= 60.0 and not budget.suppressed:
+                    del self._peers[key]
+            if len(self._peers) >= MAX_PEERS:
+                peer = _OTHERS
+        return peer, self._peers.setdefault(peer, _Budget(now))
+
 
 def setup_logging(level: str = "INFO") -> None:
-    """Send the node's log records to stderr at ``level``.
+    """Send the node's log records to stderr at ``level``, through :class:`SafeFormatter`.
 
     pynetdicom's per-PDU debug logging is kept at WARNING: it is verbose,
     slows every association and can print dataset contents.
@@ -20,7 +136,7 @@ def setup_logging(level: str = "INFO") -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(SafeFormatter(_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -218,13 +218,15 @@ class Node:
         for exporter in self._exporters.values():
             exporter.wake()
         self._work_due.set()
-        if self.ingest is not None:
-            self.ingest.stop(s.ingest.shutdown_grace_seconds)
+        # Both graces run from the signal, side by side: jobs finish while associations do.
         deadline = time.monotonic() + s.workers.shutdown_grace_seconds
+        ingest_clean = True
+        if self.ingest is not None:
+            ingest_clean = self.ingest.stop(s.ingest.shutdown_grace_seconds)
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         busy = [t.name for t in self._threads if t.is_alive()]
-        clean = not busy
+        clean = not busy and ingest_clean  # a handler still writing: check the files next start
         if busy:
             released = self.queue.release_running("the node stopped before the job finished")
             logger.warning("%s still busy at stop; %d job(s) queued again", busy, released)

@@ -54,9 +54,11 @@ class PduType(IntEnum):
     A_ABORT = 0x07
 
 
-#: Bound on an A-ASSOCIATE-RQ/AC, which has no negotiated maximum: 128 presentation contexts
-#: with 20 transfer syntaxes each and a 64 KiB user identity stay well under it.
-ASSOCIATE_PDU_LIMIT = 2**20
+#: Bound on an A-ASSOCIATE-RQ/AC, which has no negotiated maximum (the request is held in memory
+#: until pynetdicom reads it): 128 presentation contexts with 20 transfer syntaxes each and a
+#: 64 KiB user identity (about 135 KB) stay under it; pynetdicom's largest request is 46 KB and
+#: real ones are a few KB. The admission server's reading of the request uses the same bound.
+ASSOCIATE_PDU_LIMIT = 256 * 1024
 #: A-ASSOCIATE-RJ, A-RELEASE-RQ/RP and A-ABORT are 4 bytes long (PS3.8 9.3.4, 9.3.6-9.3.8).
 FIXED_PDU_LIMIT = 64
 #: A command set is a few hundred bytes; this leaves room for any conformant one.

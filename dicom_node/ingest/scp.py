@@ -7,6 +7,7 @@ durable on disk and indexed. Every other outcome is a named failure status with 
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,14 +33,16 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Settings
+from dicom_node.ingest.admission import Admission, AdmissionLimits, host_key
 from dicom_node.ingest.limits import ReceiveLimits, install_guard, spooled_path
 from dicom_node.ingest.policy import AssociationPolicy
 from dicom_node.ingest.status import EchoStatus, StoreStatus, error_comment
+from dicom_node.ingest.transport import AdmissionServer
+from dicom_node.logs import PeerLogLimiter
 from dicom_node.store import (
     InstanceStore,
     InvalidInstanceError,
@@ -199,18 +202,27 @@ def handle_accepted(event: Event, audit: Audit) -> None:
                  address=requestor.address)
 
 
-def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_AUDIT) -> None:
-    """A-ASSOCIATE-RQ: apply the association policy; reject with the proper reason."""
+def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_AUDIT,
+                     peer_log: PeerLogLimiter | None = None) -> None:
+    """A-ASSOCIATE-RQ: apply the association policy; reject with the proper reason.
+
+    Only accepted associations hold a slot: peers still in the handshake are bounded apart,
+    by :class:`~dicom_node.ingest.admission.Admission`.
+    """
     assoc = event.assoc
     primitive = assoc.requestor.primitive
     called = str(primitive.called_ae_title) if primitive else ""
     calling = str(primitive.calling_ae_title) if primitive else ""
     address = assoc.requestor.address
-    others = sum(1 for a in assoc.ae.active_associations if a.is_acceptor and a is not assoc)
+    others = sum(1 for a in assoc.ae.active_associations
+                 if a.is_acceptor and a.is_established and a is not assoc)
     rejection = policy.check(called, calling, address, others)
     if rejection is not None:
-        logger.warning("rejected association from %s@%s: %s", calling.strip(), address,
-                       rejection.description)
+        line = ("rejected association from %s@%s: %s", calling.strip(), address, rejection.description)
+        if peer_log is None:
+            logger.warning(*line)
+        else:
+            peer_log.log(logging.WARNING, host_key(address), *line)
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ has gone out
         # and the peer closed, or the socket would be shut before the PDU is sent.
@@ -226,7 +238,9 @@ def build_ae(settings: Settings) -> AE:
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.require_called_aet = False  # the policy checks it, to log and reject in one place
-    ae.maximum_associations = settings.ingest.max_associations + 1  # the policy rejects first
+    # pynetdicom counts every Association thread, accepted or still deciding; the policy counts
+    # accepted ones and rejects first. This is only a backstop.
+    ae.maximum_associations = settings.ingest.max_associations + settings.ingest.max_handshakes
     ae.maximum_pdu_size = settings.ingest.max_pdu_size
     ae.acse_timeout = settings.ingest.acse_timeout
     ae.dimse_timeout = settings.ingest.dimse_timeout
@@ -238,54 +252,87 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+#: Seconds the threads of aborted associations get to end once their sockets are shut down.
+_ABORT_JOIN_SECONDS = 1.0
+
+
 @dataclass
 class IngestServer:
     """A running SCP bound to an address; stop it with :meth:`stop`."""
 
     ae: AE
-    server: ThreadedAssociationServer
+    server: AdmissionServer
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
 
-    def stop(self, grace_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def stop(self, grace_seconds: float, clock: Callable[[], float] = time.monotonic) -> bool:
         """Stop accepting, give open associations ``grace_seconds`` to finish, abort the rest.
 
-        Returns once every association thread has ended, so no handler is left mid-write.
+        Connections still in the handshake are dropped at once. Aborting shuts the sockets down,
+        which wakes any thread blocked on a peer, so this returns within about
+        ``grace_seconds + 1.2`` s whatever the peers do. Returns False if an association thread
+        is still running then (a handler stuck outside the network, say in a slow fsync): the
+        stop is then not clean, and the next start checks the files against the index.
         """
         self.server.shutdown()
+        self.server.drop_handshakes()
         deadline = clock() + grace_seconds
         while self.server.active_associations and clock() < deadline:
             time.sleep(0.05)
         remaining = self.server.active_associations
         if remaining:
             logger.warning("aborting %d association(s) still open at shutdown", len(remaining))
-        for assoc in remaining:
-            assoc.abort()
-        for assoc in remaining:
-            assoc.join(timeout=30)
+            for assoc in remaining:
+                assoc.abort(block=False)  # an A-ABORT, if the peer still reads
+            _join(remaining, clock() + 0.1, clock)
+        self.server.close_connections()
+        _join(remaining, clock() + _ABORT_JOIN_SECONDS, clock)
+        stuck = [a for a in remaining if a.is_alive()]
+        if stuck:
+            logger.error("%d association thread(s) still running after abort", len(stuck))
+        return not stuck
+
+
+def _join(threads: list[Any], deadline: float, clock: Callable[[], float]) -> None:
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - clock()))
 
 
 def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUDIT) -> IngestServer:
     """Wire the handlers and start the SCP in background threads."""
     ae = build_ae(settings)
+    ingest = settings.ingest
     policy = AssociationPolicy(
         ae_title=settings.node.ae_title,
         allowed_peers=settings.node.allowed_peers,
-        max_associations=settings.ingest.max_associations,
+        max_associations=ingest.max_associations,
     )
+    peer_log = PeerLogLimiter(logger, ingest.log_lines_per_host_per_minute)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, install_guard, [ReceiveLimits.from_settings(settings)]),
-        (evt.EVT_REQUESTED, handle_requested, [policy, audit]),
+        (evt.EVT_REQUESTED, handle_requested, [policy, audit, peer_log]),
         (evt.EVT_ACCEPTED, handle_accepted, [audit]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store, settings.ingest.max_instance_size, audit]),
+        (evt.EVT_C_STORE, handle_store, [store, ingest.max_instance_size, audit]),
     ]
-    server = ae.start_server(
-        (settings.node.bind, settings.node.port), block=False, evt_handlers=handlers
+    admission = Admission(AdmissionLimits(
+        max_handshakes=ingest.max_handshakes,
+        max_connections_per_host=ingest.max_connections_per_host,
+        connects_per_minute=ingest.connects_per_host_per_minute,
+        evict_after=ingest.handshake_evict_after,
+    ))
+    server = ae.make_server(
+        (settings.node.bind, settings.node.port), evt_handlers=handlers,
+        server_class=AdmissionServer, admission=admission,
+        handshake_timeout=ingest.handshake_timeout, peer_log=peer_log,
     )
-    assert server is not None  # block=False always returns the server
+    assert isinstance(server, AdmissionServer)
+    ae._servers.append(server)  # as AE.start_server does, so AE.shutdown() reaches it too
+    # A short poll interval: stop() waits one interval for the accept loop to notice.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                     name="ingest-accept", daemon=True).start()
     logger.info(
         "SCP %s listening on %s:%d", settings.node.ae_title, settings.node.bind,
         server.server_address[1],

@@ -1,0 +1,299 @@
+"""The SCP's TCP server: connection admission and the handshake deadline in front of pynetdicom.
+
+pynetdicom's server starts an :class:`~pynetdicom.association.Association` (two threads, one
+association slot) for every accepted TCP connection, then waits up to the ACSE timeout for the
+A-ASSOCIATE-RQ, reading it with blocking ``recv`` calls that a peer can stretch forever by
+sending one byte at a time. :class:`AdmissionServer` replaces that front end, through the
+``server_class`` seam of :meth:`pynetdicom.AE.make_server`:
+
+1. In the accept loop, :class:`~dicom_node.ingest.admission.Admission` decides from the peer's
+   address alone (handshakes in progress, connections and attempts per host); a refused
+   connection is closed at once, before any thread exists for it, and an evicted one (the
+   oldest still in the handshake, when a bound is full) is shut down.
+2. In the connection's own thread, :func:`read_request` reads the whole A-ASSOCIATE-RQ PDU
+   under one overall deadline (``ingest.handshake_timeout``). It waits with ``SO_RCVLOWAT`` set
+   to the bytes still missing, so a trickling peer costs no CPU.
+3. Only then is pynetdicom's request handler run: it creates the Association, whose socket
+   (upstream's :class:`~pynetdicom.transport.AssociationSocket`, see :class:`_PrefixedSocket`)
+   hands out the bytes already read before reading on, so the request is answered at once.
+   The policy handler in ``scp.py`` counts accepted associations only.
+
+Everything after the A-ASSOCIATE-RQ (negotiation, DIMSE, release) is upstream's, unchanged.
+"""
+
+import contextlib
+import logging
+import math
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from dicom_node.ingest.admission import Admission, Refusal, host_key
+from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT
+from dicom_node.logs import PeerLogLimiter
+
+logger = logging.getLogger(__name__)
+
+_PDU_HEADER = struct.Struct(">BBL")
+_A_ASSOCIATE_RQ = 0x01
+
+
+class DropReason(StrEnum):
+    """Why a connection was dropped during the handshake."""
+
+    TIMEOUT = "no complete A-ASSOCIATE-RQ within the handshake timeout"
+    SILENT = "closed the connection without a word"  # port scans, TCP health checks
+    CLOSED = "closed the connection during the handshake"
+    NOT_A_REQUEST = "sent something other than an A-ASSOCIATE-RQ"
+    TOO_LONG = "announced an A-ASSOCIATE-RQ over the length limit"
+    EVICTED = "still in the handshake when a newer connection needed its place"
+
+
+def read_request(sock: socket.socket, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> bytearray | DropReason:
+    """Read one whole A-ASSOCIATE-RQ PDU from ``sock``, or say why the peer should be dropped.
+
+    ``timeout`` bounds the whole read, however the peer spaces its bytes. Between reads the
+    thread sleeps in ``poll`` until the bytes still missing have arrived (``SO_RCVLOWAT``), so
+    a peer sending one byte at a time wakes it only at the deadline.
+    """
+    deadline = clock() + timeout
+    data = bytearray()
+    need = _PDU_HEADER.size
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    try:
+        while len(data) < need:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                return DropReason.TIMEOUT
+            _wake_at(sock, need - len(data))
+            if not poller.poll(max(1, math.ceil(remaining * 1000))):
+                return DropReason.TIMEOUT
+            try:
+                chunk = sock.recv(need - len(data), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # a spurious wake-up
+            if not chunk:
+                return DropReason.CLOSED if data else DropReason.SILENT
+            data += chunk
+            if need == _PDU_HEADER.size and len(data) == need:
+                pdu_type, _, length = _PDU_HEADER.unpack_from(data)
+                if pdu_type != _A_ASSOCIATE_RQ:
+                    return DropReason.NOT_A_REQUEST
+                if length > ASSOCIATE_PDU_LIMIT:
+                    return DropReason.TOO_LONG
+                need += length
+    except OSError:  # reset by the peer
+        return DropReason.CLOSED if data else DropReason.SILENT
+    finally:
+        _wake_at(sock, 1)
+    return data
+
+
+def _wake_at(sock: socket.socket, nbytes: int) -> None:
+    """Make poll report ``sock`` readable only once ``nbytes`` are buffered (or on EOF/error)."""
+    with contextlib.suppress(OSError):  # if unsupported, poll wakes per segment; the deadline holds
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, nbytes))
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways and close it; never raises, never waits on the peer.
+
+    ``shutdown`` is what wakes another thread blocked in ``recv`` or ``send`` on it.
+    """
+    _shutdown(sock)
+    sock.close()
+
+
+class _PrefixedSocket(AssociationSocket):
+    """Upstream's socket wrapper, serving the bytes :func:`read_request` read before the socket's."""
+
+    _prefix: bytearray
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._prefix) or super().ready
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self._prefix:
+            return super().recv(nr_bytes)
+        head = self._prefix[:nr_bytes]
+        del self._prefix[:nr_bytes]
+        if len(head) < nr_bytes:
+            head += super().recv(nr_bytes - len(head))
+        return head
+
+
+class _RequestHandler(RequestHandler):
+    """Upstream's handler, but its socket starts with the request already read, and it runs
+    the association to its end in the connection's thread, so the server knows when the
+    connection is over."""
+
+    server: "AdmissionServer"
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None
+        # Re-classed rather than replaced: upstream's constructor has already queued the
+        # "transport connection open" event, and a second wrapper would queue it twice.
+        sock.__class__ = _PrefixedSocket
+        cast(_PrefixedSocket, sock)._prefix = self.server.take_request(self.request)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+
+class AdmissionServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with admission rules and a handshake deadline in front.
+
+    Pass it to :meth:`pynetdicom.AE.make_server` as ``server_class``, with the keyword arguments
+    below; it serves without TLS (the node has none).
+
+    Parameters
+    ----------
+    admission
+        The connection rules, checked in the accept loop.
+    handshake_timeout
+        Seconds a connection has to deliver its whole A-ASSOCIATE-RQ.
+    peer_log
+        Rate-limits the lines about refused and dropped connections, per host.
+    """
+
+    daemon_threads = True
+    block_on_close = False  # stop() closes the sockets; nothing waits on a peer
+
+    def __init__(self, ae: Any, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: Any = None, evt_handlers: list[Any] | None = None, *,
+                 admission: Admission, handshake_timeout: float, peer_log: PeerLogLimiter) -> None:
+        if ssl_context is not None:
+            raise ValueError("AdmissionServer does not do TLS")
+        self.admission = admission
+        self.handshake_timeout = handshake_timeout
+        self.peer_log = peer_log
+        self._lock = threading.Lock()
+        self._tickets: dict[socket.socket, int] = {}  # every open connection
+        self._handshaking: dict[int, socket.socket] = {}
+        self._evicted: set[int] = set()
+        self._requests: dict[socket.socket, bytearray] = {}
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers,
+                         request_handler=_RequestHandler)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        return sock, address
+
+    def service_actions(self) -> None:
+        """Nothing: upstream runs a full ``gc.collect()`` in the accept loop every 60 connections.
+
+        With torch loaded that takes 0.25-0.5 s, during which nothing is accepted, and a flood of
+        connections would buy as many as it likes. Python's own collector still reclaims the
+        cycles of finished associations (see ``test_finished_associations_are_reclaimed``).
+        """
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """The accept loop's admission check; a False closes the socket at once."""
+        admitted = self.admission.open(str(client_address[0]))
+        if isinstance(admitted, Refusal):
+            self._note(client_address, "closed connection from %s: %s", admitted.value)
+            return False
+        with self._lock:
+            self._tickets[request] = admitted.ticket
+            self._handshaking[admitted.ticket] = request
+            victim = None
+            if admitted.evict is not None:
+                self._evicted.add(admitted.evict)
+                victim = self._handshaking.pop(admitted.evict, None)
+        if victim is not None:
+            _shutdown(victim)  # its thread wakes, and reports it as evicted
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except Exception:  # no thread (out of threads): undo the admission, drop the peer
+            self._finished(request, client_address)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            pdu = read_request(request, self.handshake_timeout)
+            ticket = self._handshake_ended(request)
+            if isinstance(pdu, DropReason):
+                self._dropped(client_address, ticket, pdu)
+                return
+            with self._lock:
+                self._requests[request] = pdu
+            self.finish_request(request, client_address)
+        except Exception:
+            logger.exception("association with %s failed", client_address[0])
+        finally:
+            self._finished(request, client_address)
+
+    def take_request(self, request: socket.socket) -> bytearray:
+        """The A-ASSOCIATE-RQ read from ``request``, handed over once."""
+        with self._lock:
+            return self._requests.pop(request, bytearray())
+
+    def drop_handshakes(self) -> None:
+        """Close every connection still in the handshake (at stop: none of them is a peer yet)."""
+        with self._lock:
+            pending = list(self._handshaking.values())
+        for sock in pending:
+            _shutdown(sock)
+
+    def close_connections(self) -> None:
+        """Shut down every open connection, waking any thread blocked on one."""
+        with self._lock:
+            open_ = list(self._tickets)
+        for sock in open_:
+            _shutdown(sock)
+
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed (handshakes and associations)."""
+        with self._lock:
+            return len(self._tickets)
+
+    def _handshake_ended(self, request: socket.socket) -> int:
+        with self._lock:
+            ticket = self._tickets[request]
+            self._handshaking.pop(ticket, None)
+        self.admission.handshake_ended(ticket)
+        return ticket
+
+    def _dropped(self, client_address: Any, ticket: int, reason: DropReason) -> None:
+        with self._lock:
+            if ticket in self._evicted:
+                self._evicted.discard(ticket)
+                reason = DropReason.EVICTED
+        # A bare connect and close is what TCP health checks do: not worth a warning.
+        level = logging.DEBUG if reason is DropReason.SILENT else logging.WARNING
+        self._note(client_address, "dropped connection from %s: %s", reason.value, level)
+
+    def _finished(self, request: socket.socket, client_address: Any) -> None:
+        with self._lock:
+            ticket = self._tickets.pop(request)
+            self._handshaking.pop(ticket, None)
+            self._evicted.discard(ticket)
+            self._requests.pop(request, None)
+        self.admission.closed(ticket)
+        close_socket(request)
+
+    def _note(self, client_address: Any, msg: str, reason: str, level: int = logging.WARNING) -> None:
+        address = str(client_address[0])
+        self.peer_log.log(level, host_key(address), msg, address, reason)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed, or never connected
+        sock.shutdown(socket.SHUT_RDWR)
