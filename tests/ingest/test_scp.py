@@ -60,7 +60,7 @@ def association(
     ae = AE(ae_title=calling)
     for sop_class, syntaxes in contexts or [(CTImageStorage, [ExplicitVRLittleEndian])]:
         ae.add_requested_context(sop_class, syntaxes)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30  # a loaded 2-core machine is slow, not wrong
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     try:
         yield assoc
