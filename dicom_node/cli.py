@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 the operation failed (a peer refused, say), 2 bad usage
 import argparse
 import json
 import logging
-import re
 import signal
 import sqlite3
 import sys
@@ -29,9 +28,6 @@ if TYPE_CHECKING:
     from dicom_node.pipeline import Step
 
 logger = logging.getLogger(__name__)
-
-_PEER_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
-
 
 def _record_id(text: str) -> int:
     """An argparse type: a job or outbox record id, else a usage error (exit 2), not a traceback."""
@@ -106,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     models_commands.add_parser("verify", parents=[common],
                                help="load every model, check weights and pipelines (as serve does)")
 
+    send = commands.add_parser("send", parents=[common],
+                               help="send DICOM files to a peer as they are (compressed ones too)")
+    send.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="DICOM files or folders")
+    send.add_argument("--to", required=True, metavar="AET@HOST:PORT|DESTINATION",
+                      help="the peer, or the name of a [[destinations]] entry")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the peer (default 30)")
+
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to verify")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
@@ -143,6 +146,10 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
             from dicom_node.offline import explain_files
 
             return explain_files(settings, args.inputs, args.out, args.pipeline, sys.stdout)
+        if args.command == "send":
+            from dicom_node.export.push import send_files
+
+            return send_files(settings, args.inputs, args.to, args.timeout, sys.stdout)
         return echo(settings, args.peer, args.timeout, sys.stdout)
     except ConfigError as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)
@@ -388,13 +395,15 @@ def echo(settings: Settings, peer: str, timeout: float, out: TextIO) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    match = _PEER_RE.match(peer)
-    if not match or not 0 < int(match["port"]) < 65536:
+    from dicom_node.export.push import parse_peer
+
+    target = parse_peer(peer)
+    if target is None:
         raise ConfigError(f"peer {peer!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(match["host"], int(match["port"]), ae_title=match["aet"])
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "no association (refused, aborted or timed out)"
         print(f"C-ECHO {peer}: {reason}", file=out)
