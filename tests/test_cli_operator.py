@@ -1,5 +1,6 @@
 """What an operator reads: job outcomes, the outbox's next tries (issue 14, operator visibility)."""
 
+import dataclasses
 import time
 from pathlib import Path
 from unittest.mock import MagicMock
@@ -7,11 +8,18 @@ from unittest.mock import MagicMock
 import pytest
 
 from dicom_node.cli import main
+from dicom_node.config import Destination, Pipeline, Settings
 from dicom_node.errors import PermanentError
 from dicom_node.export import Outbox, Result
+from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.jobs.queue import JobQueue, JobSpec
 from dicom_node.jobs.sqlite import SQLiteJobBackend
+from dicom_node.phantoms import render, to_dataset
+from dicom_node.pipeline import default_steps, run
+from dicom_node.store import InstanceStore
 from dicom_node.web import data, pages
+from tests.inference.models import write_model
+from tests.store.test_store import put
 
 SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
@@ -117,3 +125,42 @@ def test_outbox_list_says_when_each_pending_record_is_tried_next(
     absolute = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + 185))
     assert absolute in pending
     assert delivered.split()[1] == "delivered" and " - " in delivered
+
+
+def test_jobs_failed_by_the_pipeline_show_whether_their_report_went_out(
+        tmp_path: Path, settings: Settings, store: InstanceStore,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The real chain: a knee series on a chest model fails permanently; with an ``sr`` output
+    and a destination its "not analysed" SR is queued; without, nothing is."""
+    data_dir = settings.node.data_dir
+    queue = JobQueue(SQLiteJobBackend(data_dir / "index.sqlite"))
+    outbox = Outbox(data_dir / "index.sqlite")
+    pacs = Destination("pacs", "ORTHANC", "127.0.0.1", 4242)
+    write_model(tmp_path / "models", "tiny", extra="")
+    manifest = tmp_path / "models" / "tiny" / "model.toml"
+    manifest.write_text(manifest.read_text().replace("[scope]\n", '[scope]\nbody_parts = ["CHEST"]\n'))
+    runner = InferenceRunner(ModelRegistry(tmp_path / "models"), device="cpu")
+    ids = {}
+    for seed, outputs in ((1, ("sc", "sr")), (2, ("sc",))):
+        source = to_dataset(render(seed, 64), modality="CR")  # a complete header (the phantom's)
+        source.BodyPartExamined = "KNEE"  # that the model is not meant for
+        record = put(store, source)
+        pipeline = Pipeline(name="p", model="tiny", outputs=outputs, send_to=("pacs",))
+        configured = dataclasses.replace(settings, destinations=(pacs,), pipelines=(pipeline,))
+        queue.enqueue(JobSpec(record.study_instance_uid, record.series_instance_uid,
+                              (record.sop_instance_uid,), pipeline="p", model="tiny"))
+        job = queue.claim("w")
+        assert job is not None
+        with pytest.raises(PermanentError) as failure:
+            run(job, {}, settings=configured, store=store, steps=default_steps(), runner=runner, outbox=outbox)
+        queue.fail(job.id, "w", failure.value, {})
+        ids[outputs] = job.id
+    queue.backend.close()
+    outbox.close()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data_dir}"\n')
+    assert main(["jobs", "list", "--config", str(config)]) == 0
+    lines = {int(line.split()[0]): line for line in capsys.readouterr().out.splitlines()[1:]
+             if line.split() and line.split()[0].isdigit()}
+    assert "not analysed, reported (1 pending)" in lines[ids[("sc", "sr")]]
+    assert "failed, nothing sent" in lines[ids[("sc",)]]
