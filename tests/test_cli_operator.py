@@ -113,7 +113,8 @@ def test_outbox_list_says_when_each_pending_record_is_tried_next(
     outbox.enqueue(1, results, ["pacs"])
     later, done = outbox.due()
 
-    assert outbox.retry_later(later, "pacs: association rejected", time.time() + 185)
+    due = time.time() + 185
+    assert outbox.retry_later(later, "pacs: association rejected", due)
     sent = outbox.sending(done)
     assert sent is not None and outbox.delivered(sent)
     outbox.close()
@@ -125,7 +126,7 @@ def test_outbox_list_says_when_each_pending_record_is_tried_next(
     relative = re.search(r"\(in (\d+)m (\d\d)s\)", pending)
     assert relative is not None, pending
     assert 125 <= 60 * int(relative[1]) + int(relative[2]) <= 185  # 185 s, less the seconds it took
-    absolute = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + 185))
+    absolute = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due))
     assert absolute in pending
     assert delivered.split()[1] == "delivered" and " - " in delivered
 
