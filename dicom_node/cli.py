@@ -8,13 +8,12 @@ import argparse
 import gc
 import json
 import logging
-import re
 import signal
 import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -26,12 +25,10 @@ from dicom_node.jobs.queue import Job, JobError, JobQueue, JobState
 from dicom_node.logs import setup_logging
 
 if TYPE_CHECKING:
+    from dicom_node.export import OutboxRecord
     from dicom_node.pipeline import Step
 
 logger = logging.getLogger(__name__)
-
-_PEER_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
-
 
 def _record_id(text: str) -> int:
     """An argparse type: a job or outbox record id, else a usage error (exit 2), not a traceback."""
@@ -106,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     models_commands.add_parser("verify", parents=[common],
                                help="load every model, check weights and pipelines (as serve does)")
 
+    send = commands.add_parser("send", parents=[common],
+                               help="send DICOM files to a peer as they are (compressed ones too)")
+    send.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="DICOM files or folders")
+    send.add_argument("--to", required=True, metavar="AET@HOST:PORT|DESTINATION",
+                      help="the peer, or the name of a [[destinations]] entry")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the peer (default 30)")
+
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to verify")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
@@ -143,6 +147,10 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
             from dicom_node.offline import explain_files
 
             return explain_files(settings, args.inputs, args.out, args.pipeline, sys.stdout)
+        if args.command == "send":
+            from dicom_node.export.push import send_files
+
+            return send_files(settings, args.inputs, args.to, args.timeout, sys.stdout)
         return echo(settings, args.peer, args.timeout, sys.stdout)
     except ConfigError as exc:
         print(f"dicom-node: error: {exc}", file=sys.stderr)
@@ -211,13 +219,14 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
     try:
         if args.jobs_command == "list":
             state = JobState(args.state) if args.state else None
-            print(format_jobs(queue.list(state, args.limit)), file=out)
+            listed = queue.list(state, args.limit)
+            print(format_jobs(listed, _deliveries(settings, [j.id for j in listed])), file=out)
             return 0
         if args.jobs_command == "show":
             job = queue.get(args.id)
             if job is None:
                 raise JobError(f"job {args.id} does not exist")
-            print(format_job(job), file=out)
+            print(format_job(job, _deliveries(settings, [job.id]).get(job.id, [])), file=out)
             return 0
         requeued = queue.requeue_failed() if args.failed else [queue.requeue(args.id)]
         logger.info("operator requeued job(s) %s", [j.id for j in requeued])
@@ -227,6 +236,21 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         return 0
     finally:
         queue.backend.close()
+
+
+def _deliveries(settings: Settings, job_ids: Sequence[int]) -> "dict[int, list[OutboxRecord]]":
+    """The outbox records of each job (read-only); none while the outbox was never opened."""
+    from dicom_node.export import Outbox
+    from dicom_node.store.db import DATABASE_NAME, SchemaError
+
+    try:
+        outbox = Outbox(settings.node.data_dir / DATABASE_NAME, read_only=True)
+    except SchemaError:  # a node that never ran its exporter: nothing was queued
+        return {}
+    try:
+        return outbox.for_jobs(job_ids)
+    finally:
+        outbox.close()
 
 
 def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
@@ -243,14 +267,7 @@ def outbox_command(settings: Settings, args: argparse.Namespace, out: TextIO) ->
         if args.outbox_command == "list":
             records = outbox.list(args.state, args.limit)
             counts = ", ".join(f"{n} {state}" for state, n in sorted(outbox.counts().items())) or "empty"
-            lines = [f"outbox: {counts}", f"{'ID':>5}  {'STATE':<11} {'TRY':>3} {'SENT':>4}  "
-                                          f"{'DESTINATION':<12} {'UPDATED':<19}  SOP INSTANCE / REASON"]
-            for r in records:
-                lines.append(f"{r.id:>5}  {r.state:<11} {r.attempts:>3} {r.sends:>4}  {r.destination:<12} "
-                             f"{_when(r.updated_at):<19}  {r.sop_instance_uid}")
-                if r.reason:
-                    lines.append(f"{'':>63}{r.reason}")
-            print("\n".join(lines), file=out)
+            print(f"outbox: {counts}\n" + format_outbox(records, time.time()), file=out)
             return 0
         given_up = (DeliveryState.DEAD if args.dead
                     else DeliveryState.UNCONFIRMED if args.unconfirmed else None)
@@ -306,22 +323,54 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
 
-def format_jobs(jobs: Sequence[Job]) -> str:
-    """One line per job, for a terminal."""
+def _due(not_before: float, now: float) -> str:
+    """When a pending record goes next: absolute and relative ("2026-01-02 10:00:05 (in 3m 05s)")."""
+    wait = round(not_before - now)
+    if wait <= 0:
+        return f"{_when(not_before)} (now)"
+    minutes, seconds = divmod(wait, 60)
+    hours, minutes = divmod(minutes, 60)
+    relative = (f"{hours}h {minutes:02d}m" if hours
+                else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s")
+    return f"{_when(not_before)} (in {relative})"
+
+
+def format_outbox(records: "Sequence[OutboxRecord]", now: float) -> str:
+    """One line per outbox record, for a terminal; NEXT TRY is "-" unless the record is pending."""
+    lines = [f"{'ID':>5}  {'STATE':<11} {'TRY':>3} {'SENT':>4}  {'DESTINATION':<12} {'UPDATED':<19}  "
+             f"{'NEXT TRY':<30}  SOP INSTANCE / REASON"]
+    for r in records:
+        due = _due(r.not_before, now) if r.state == "pending" else "-"
+        lines.append(f"{r.id:>5}  {r.state:<11} {r.attempts:>3} {r.sends:>4}  {r.destination:<12} "
+                     f"{_when(r.updated_at):<19}  {due:<30}  {r.sop_instance_uid}")
+        if r.reason:
+            lines.append(f"{'':>95}{r.reason}")
+    return "\n".join(lines)
+
+
+def format_jobs(jobs: Sequence[Job], deliveries: "Mapping[int, Sequence[OutboxRecord]]") -> str:
+    """One line per job, for a terminal; OUTCOME says whether the PACS was told anything."""
+    from dicom_node.export.outcome import describe_job
+
     lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2}  {'UPDATED':<19}  "
-             "STUDY SERIES / REASON"]
+             f"{'OUTCOME':<36}  STUDY SERIES / REASON"]
     for j in jobs:
+        outcome = describe_job(j.state, deliveries.get(j.id, []))
         # a series is its study and its Series Instance UID: two studies may share the latter
         lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2}  "
-                     f"{_when(j.updated_at):<19}  {j.study_instance_uid} {j.series_instance_uid}")
+                     f"{_when(j.updated_at):<19}  {outcome:<36}  "
+                     f"{j.study_instance_uid} {j.series_instance_uid}")
         if j.reason:
-            lines.append(f"{'':>47}{j.reason}")
+            lines.append(f"{'':>85}{j.reason}")
     return "\n".join(lines) if jobs else "no jobs"
 
 
-def format_job(job: Job) -> str:
-    """Every field of one job, one per line."""
-    rows = [("id", job.id), ("state", job.state), ("reason", job.reason or "-"),
+def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
+    """Every field of one job, one per line, then what its outbox records became."""
+    from dicom_node.export.outcome import describe_job
+
+    rows = [("id", job.id), ("state", job.state), ("outcome", describe_job(job.state, deliveries)),
+            ("reason", job.reason or "-"),
             ("pipeline", job.pipeline or "-"), ("model", f"{job.model} {job.model_version}".strip() or "-"),
             ("version", job.version), ("attempts", job.attempts), ("study", job.study_instance_uid),
             ("series", job.series_instance_uid), ("instances", len(job.instance_uids)),
@@ -341,6 +390,8 @@ def format_job(job: Job) -> str:
             figures += f", stability {q['stability']:.3f}"
         rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: {figures}"))
     rows += [("instance", uid) for uid in job.instance_uids]
+    rows += [("sent", f"{r.sop_instance_uid} to {r.destination}: {r.state} (outbox record {r.id})")
+             for r in deliveries]
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
 
 
@@ -349,13 +400,15 @@ def echo(settings: Settings, peer: str, timeout: float, out: TextIO) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    match = _PEER_RE.match(peer)
-    if not match or not 0 < int(match["port"]) < 65536:
+    from dicom_node.export.push import parse_peer
+
+    target = parse_peer(peer)
+    if target is None:
         raise ConfigError(f"peer {peer!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(match["host"], int(match["port"]), ae_title=match["aet"])
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "no association (refused, aborted or timed out)"
         print(f"C-ECHO {peer}: {reason}", file=out)

@@ -5,8 +5,9 @@ Instance UID are two series) and routed to pipelines as ``serve`` routes them (o
 ``--pipeline``); each series runs read, preprocess, inference, explain and encode, and its
 results are written under ``OUT/<study>/<series>/<instance>.dcm``. A series that cannot be
 analysed gets its "not analysed" SR. A progress bar shows on a terminal when there are several
-series; a summary table ends the run. Exit code 0 when every series gave results (or a "not
-analysed" report), 1 otherwise.
+series; a summary table ends the run, naming each series by its files and Series Description.
+Exit code 0 when at least one series was analysed and none failed with an error; 1 when nothing
+was analysed (no DICOM files, nothing routed, every series "not analysed") or any series erred.
 """
 
 import dataclasses
@@ -41,6 +42,17 @@ def _files(inputs: Sequence[Path]) -> Iterator[Path]:
             raise ConfigError(f"{item}: no such file or folder")
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why a file is skipped, in the node's words (pydicom's would suggest force=True)."""
+    if isinstance(exc, InvalidDicomError):
+        return "not a DICOM file (no DICOM preamble or file meta information)"
+    if isinstance(exc, AttributeError):
+        return "a DICOM file without a Study or Series Instance UID"
+    if isinstance(exc, OSError):
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    return f"a damaged DICOM file ({type(exc).__name__})"
+
+
 def _series(inputs: Sequence[Path], out: TextIO) -> dict[SeriesKey, list[tuple[Path, Dataset]]]:
     groups: dict[SeriesKey, list[tuple[Path, Dataset]]] = defaultdict(list)
     for path in _files(inputs):
@@ -48,8 +60,8 @@ def _series(inputs: Sequence[Path], out: TextIO) -> dict[SeriesKey, list[tuple[P
             header = dcmread(path, stop_before_pixels=True)
             key = SeriesKey(str(header.StudyInstanceUID), str(header.SeriesInstanceUID))
             groups[key].append((path, header))
-        except (InvalidDicomError, AttributeError, OSError) as exc:
-            print(f"skipped {path}: not a DICOM instance ({str(exc).splitlines()[0]})", file=out)
+        except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
+            print(f"skipped {path}: {_unreadable(exc)}", file=out)
     return groups
 
 
@@ -80,7 +92,27 @@ class _Progress:
 
 
 OFFLINE_STEPS = (steps.check_scope, steps.prepare, steps.infer, steps.explain, steps.encode)
-Row = tuple[str, str, str, str, int, float]  # series, modality, pipeline, result, files, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the summary: a series through one pipeline (or none)."""
+
+    files: str  # the series' first file, and how many more
+    description: str  # its Series Description
+    modality: str
+    pipeline: str
+    result: str  # "analysed: ...", "not analysed: ...", "not routed: ...", "error: ..."
+    outputs: int
+    seconds: float
+
+
+def _label(members: Sequence[tuple[Path, Dataset]]) -> tuple[str, str]:
+    """The series as an operator knows it: its first file (and how many more), its description."""
+    first, header = members[0]
+    more = f" (+{len(members) - 1})" if len(members) > 1 else ""
+    description = " ".join(str(header.get("SeriesDescription", "") or "").split()) or "(no description)"
+    return f"{first}{more}", description
 
 
 def explain_files(settings: Settings, inputs: Sequence[Path], out_dir: Path, pipeline_name: str | None,
@@ -96,20 +128,31 @@ def explain_files(settings: Settings, inputs: Sequence[Path], out_dir: Path, pip
     inference = settings.inference
     runner = InferenceRunner(registry, inference.device, inference.batch_size, inference.bf16)
     groups = _series(inputs, out)
+    if not groups:
+        print(f"no DICOM files found in {' '.join(map(str, inputs))}", file=out)
+        return 1
     local = dataclasses.replace(settings, node=dataclasses.replace(settings.node, data_dir=out_dir))
     rows: list[Row] = []
     progress = _Progress(len(groups))
     for series, members in groups.items():
         headers = [h for _, h in members]
-        modality = str(headers[0].get("Modality", ""))
+        files, description = _label(members)
         chosen = route(_facts(headers), pipelines) if pipeline_name is None else None
         if chosen is not None and not chosen.pipelines:
-            rows.append((series.series_instance_uid, modality, "-", "not routed: " + chosen.reason, 0, 0.0))
+            rows.append(Row(files, description, str(headers[0].get("Modality", "")), "-",
+                            "not routed: " + chosen.reason, 0, 0.0))
         for pipeline in chosen.pipelines if chosen is not None else pipelines:
-            rows.append(_run(local, registry, runner, pipeline, series, members))
-        progress.step(series.series_instance_uid)
+            status, count, seconds = _run(local, registry, runner, pipeline, series, members)
+            rows.append(Row(files, description, str(headers[0].get("Modality", "")), pipeline.name, status,
+                            count, seconds))
+        progress.step(members[0][0].name)
     _summary(rows, out_dir, out)
-    return 1 if any(row[3].startswith("error") for row in rows) else 0
+    if any(row.result.startswith("error") for row in rows):
+        return 1
+    if not any(row.result.startswith("analysed") for row in rows):
+        print("nothing was analysed", file=out)
+        return 1
+    return 0
 
 
 def _facts(headers: Sequence[Dataset]) -> SeriesFacts:
@@ -120,8 +163,8 @@ def _facts(headers: Sequence[Dataset]) -> SeriesFacts:
 
 
 def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, pipeline: Pipeline,
-         series: SeriesKey, members: Sequence[tuple[Path, Dataset]]) -> Row:
-    """One series through one pipeline; its results written; its summary row."""
+         series: SeriesKey, members: Sequence[tuple[Path, Dataset]]) -> tuple[str, int, float]:
+    """One series through one pipeline, its results written: the result, the outputs, the seconds."""
     started = time.perf_counter()
     headers = [h for _, h in members]
     manifest = registry.manifest(pipeline.model)
@@ -151,13 +194,16 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
             area.save(ds)
     except OSError as exc:
         status = f"error: writing the results failed: {exc.strerror or exc}"
-    return (series.series_instance_uid, str(headers[0].get("Modality", "")), pipeline.name, status,
-            len(ctx.outputs), time.perf_counter() - started)
+    return status, len(ctx.outputs), time.perf_counter() - started
 
 
 def _summary(rows: list[Row], out_dir: Path, out: TextIO) -> None:
-    print(f"{'SERIES':<24} {'MOD':<4} {'PIPELINE':<10} {'FILES':>5} {'SECONDS':>8}  RESULT", file=out)
-    for series, modality, name, status, count, seconds in rows:
-        short = series if len(series) <= 24 else "…" + series[-23:]
-        print(f"{short:<24} {modality:<4} {name:<10} {count:>5} {seconds:>8.2f}  {status}", file=out)
-    print(f"{sum(r[4] for r in rows)} result file(s) in {out_dir}", file=out)
+    """A table: each series by its files and description, then what became of it."""
+    width = max([5] + [len(r.files) for r in rows])
+    print(f"{'FILES':<{width}}  {'SERIES DESCRIPTION':<24} {'MOD':<4} {'PIPELINE':<10} {'OUT':>3} "
+          f"{'SECONDS':>8}  RESULT", file=out)
+    for r in rows:
+        described = r.description if len(r.description) <= 24 else r.description[:23] + "…"
+        print(f"{r.files:<{width}}  {described:<24} {r.modality:<4} {r.pipeline:<10} {r.outputs:>3} "
+              f"{r.seconds:>8.2f}  {r.result}", file=out)
+    print(f"{sum(r.outputs for r in rows)} result file(s) in {out_dir}", file=out)

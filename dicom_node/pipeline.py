@@ -24,6 +24,7 @@ from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain
 from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
 from dicom_node.jobs.queue import Job
+from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
 from dicom_node.store.results import ResultArea
 
@@ -178,8 +179,24 @@ def encode(ctx: PipelineContext) -> None:
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # the source lacks or garbles what an object needs; the message may quote header values,
         # so only its type goes into the job's reason (and the "not analysed" report)
+        log_encode_failure(ctx, exc)
         reason = f"the results could not be encoded from this series ({type(exc).__name__})"
         raise PermanentError(reason) from None
+
+
+def log_encode_failure(ctx: PipelineContext, exc: BaseException) -> None:
+    """The traceback of a failed encoding, at DEBUG, with the series' patient values redacted
+    (highdicom's messages quote the values they refuse)."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    try:
+        sources = ctx.datasets or [dcmread(ctx.store.path_of(r), stop_before_pixels=True)
+                                   for r in ctx.instances]
+    except Exception:  # without the values to redact, no traceback
+        logger.debug("job %s: encoding failed (%s); traceback withheld: the sources cannot be read",
+                     ctx.job.id, type(exc).__name__)
+        return
+    logger.debug("job %s: encoding failed:\n%s", ctx.job.id, redacted_traceback(exc, patient_values(sources)))
 
 
 def store_results(ctx: PipelineContext) -> None:
@@ -273,8 +290,10 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
         except PermanentError as exc:
             try:
                 report_not_analysed(ctx, str(exc))
-            except Exception:
-                logger.exception("job %s: the 'not analysed' report could not be made", ctx.job.id)
+            except Exception as report_exc:
+                logger.error("job %s: the 'not analysed' report could not be made (%s)", ctx.job.id,
+                             type(report_exc).__name__)
+                log_encode_failure(ctx, report_exc)
             raise
         finally:
             timings[name] = time.perf_counter() - started

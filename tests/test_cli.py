@@ -225,7 +225,7 @@ def test_explain_runs_the_pipeline_on_files_without_a_network(tmp_path: Path,
     written = [dcmread(p) for p in out.rglob("*.dcm")]
     assert sorted(ds.Modality for ds in written) == ["OT", "SR"]  # the nodule's overlay and the report
     assert main(["explain", str(inputs / "ct.dcm"), "--out", str(out), "--pipeline", "chest",
-                 "--config", str(config)]) == 0  # forced onto a chest X-ray model
+                 "--config", str(config)]) == 1  # forced onto a chest X-ray model: nothing analysed
     assert "not analysed: model demo-cxr is meant for modalities" in capsys.readouterr().out
     reports = [ds for ds in map(dcmread, out.rglob("*.dcm")) if ds.StudyInstanceUID == piece.dataset.StudyInstanceUID]
     assert [ds.SeriesDescription for ds in reports] == ["AI not analysed demo-cxr 2.0.0"]

@@ -197,6 +197,20 @@ class Outbox:
         return self._update("state = ?, attempts = attempts + 1, reason = ?, updated_at = ?",
                             (DeliveryState.DEAD, reason, self.clock()), record)
 
+    def for_jobs(self, job_ids: Collection[int]) -> dict[int, list[OutboxRecord]]:
+        """The records each of ``job_ids`` put in the outbox (none: the job sent nothing)."""
+        ids = sorted(set(job_ids))
+        found: dict[int, list[OutboxRecord]] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one query
+                chunk = ids[start:start + 500]
+                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE job_id IN "
+                                          f"({', '.join('?' * len(chunk))}) ORDER BY id", chunk).fetchall()
+                for row in rows:
+                    record = _record(row)
+                    found.setdefault(record.job_id, []).append(record)
+        return found
+
     def retry(self, record_id: int) -> OutboxRecord:
         """Send a dead, unconfirmed or delivered record again, now (an operator's action)."""
         with self._transaction() as conn:

@@ -192,9 +192,12 @@ def models(src: Sources) -> list[dict[str, Any]]:
 
 
 def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, Any]]:
+    from dicom_node.export.outcome import describe_job
     from dicom_node.jobs.queue import JobState
 
-    return [record_dict(j) for j in src.queue.list(JobState(state) if state else None, limit)]
+    listed = src.queue.list(JobState(state) if state else None, limit)
+    sent = src.outbox.for_jobs([j.id for j in listed])  # "not analysed, reported" vs "nothing sent"
+    return [record_dict(j) | {"outcome": describe_job(j.state, sent.get(j.id, []))} for j in listed]
 
 
 def record_dict(record: Any) -> dict[str, Any]:

@@ -250,11 +250,12 @@ def jobs(rows: list[dict[str, Any]]) -> bytes:
     return page(
         "Jobs",
         table(
-            ["id", "state", "pipeline", "study", "attempts", "updated", "reason", ""],
+            ["id", "state", "outcome", "pipeline", "study", "attempts", "updated", "reason", ""],
             [
                 [
                     str(j["id"]),
                     state(j["state"]),
+                    escape(j.get("outcome", "-")),
                     escape(j["pipeline"]),
                     study_link(j["study_instance_uid"]),
                     str(j["attempts"]),
