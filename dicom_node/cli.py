@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -206,7 +206,8 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
     try:
         if args.jobs_command == "list":
             state = JobState(args.state) if args.state else None
-            print(format_jobs(queue.list(state, args.limit)), file=out)
+            listed = queue.list(state, args.limit)
+            print(format_jobs(listed, queue.current(listed)), file=out)
             return 0
         if args.jobs_command == "show":
             job = queue.get(args.id)
@@ -301,16 +302,18 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
 
-def format_jobs(jobs: Sequence[Job]) -> str:
-    """One line per job, for a terminal."""
-    lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2}  {'UPDATED':<19}  "
-             "STUDY SERIES / REASON"]
+def format_jobs(jobs: Sequence[Job], current: Collection[int] = ()) -> str:
+    """One line per job, for a terminal; CURRENT marks the newest version of each series and
+    pipeline (``current``: their ids), whose results supersede the earlier versions'."""
+    lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2} {'CURRENT':<7}  "
+             f"{'UPDATED':<19}  STUDY SERIES / REASON"]
     for j in jobs:
         # a series is its study and its Series Instance UID: two studies may share the latter
-        lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2}  "
-                     f"{_when(j.updated_at):<19}  {j.study_instance_uid} {j.series_instance_uid}")
+        mark = "yes" if j.id in current else "-"
+        lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2} "
+                     f"{mark:<7}  {_when(j.updated_at):<19}  {j.study_instance_uid} {j.series_instance_uid}")
         if j.reason:
-            lines.append(f"{'':>47}{j.reason}")
+            lines.append(f"{'':>55}{j.reason}")
     return "\n".join(lines) if jobs else "no jobs"
 
 

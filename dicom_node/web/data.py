@@ -194,7 +194,10 @@ def models(src: Sources) -> list[dict[str, Any]]:
 def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, Any]]:
     from dicom_node.jobs.queue import JobState
 
-    return [record_dict(j) for j in src.queue.list(JobState(state) if state else None, limit)]
+    listed = src.queue.list(JobState(state) if state else None, limit)
+    current = src.queue.current(listed)
+    # current: the newest version of its series and pipeline; its results supersede the others'
+    return [{**record_dict(j), "current": j.id in current} for j in listed]
 
 
 def record_dict(record: Any) -> dict[str, Any]:
