@@ -228,12 +228,27 @@ def measurement_report(
                 evaluations.append(_evaluation(source, prediction, label, explained, overlays, producer))
             else:
                 groups.append(group)
+    content = _content(sources, groups, evaluations, producer)
+    return _document(sources, [*sources, *overlays.values()], content, producer, "sr", revision)
+
+
+def _content(sources: Sequence[Dataset], groups: Sequence[Group],
+             evaluations: Sequence[hd.sr.CodeContentItem], producer: Producer) -> hd.sr.MeasurementReport:
+    """TID 1500 with the groups under Imaging Measurements (row 6) and the evaluations under
+    Qualitative Evaluations (row 12). With no group (nothing present and explained) row 6 is left
+    out, as the template allows; highdicom insists on a group, so a placeholder is built and dropped."""
+    placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=hd.sr.TrackingIdentifier(
+        uid=producer.instance_uid("tracking", sources[0], "placeholder"), identifier="placeholder"))
     content = hd.sr.MeasurementReport(
         observation_context=_observation_context(producer), procedure_reported=IMAGING_PROCEDURE,
-        imaging_measurements=groups, referenced_images=_library(sources))
+        imaging_measurements=list(groups) or [placeholder], referenced_images=_library(sources))
+    root = content[0]
+    if not groups:
+        root.ContentSequence = DicomSequence([item for item in root.ContentSequence
+                                              if item.ConceptNameCodeSequence[0].CodeValue != "126010"])
     if evaluations:
-        content[0].ContentSequence.append(_qualitative_evaluations(evaluations))
-    return _document(sources, [*sources, *overlays.values()], content, producer, "sr", revision)
+        root.ContentSequence.append(_qualitative_evaluations(evaluations))
+    return content
 
 
 def _library(sources: Sequence[Dataset]) -> list[Dataset] | None:

@@ -219,3 +219,20 @@ def test_hot_region_is_the_connected_part_at_half_maximum() -> None:
     centre = region.ellipse.mean(axis=0)
     assert centre == pytest.approx([10.0, 15.0])  # (column, row) of the square's centre, DICOM convention
     assert hot_region(-np.abs(field)) is None  # no positive evidence, no region
+
+
+@pytest.mark.peers
+def test_a_report_without_a_located_finding_has_evaluations_only(tmp_path: Path, producer: Producer) -> None:
+    """Nothing explained: no measurement group (OHIF mishandles groups without a region), every
+    label a document-level evaluation, and the report still valid and readable."""
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    case = make_case("DX", producer)
+    [report] = encode_results([case.source], case.predictions, [], producer, ("sr",), [])
+    [path] = _write(tmp_path, [report])
+    result = subprocess.run([dciodvfy, str(path)], capture_output=True, timeout=60, check=False)
+    output = (result.stdout + result.stderr).decode("latin-1")
+    assert not [line for line in output.splitlines() if line.startswith("Error")
+                and KNOWN_FALSE_POSITIVE not in line], output
+    read = hd.sr.srread(path)
+    assert read.content.get_planar_roi_measurement_groups() == read.content.get_image_measurement_groups() == []
+    assert len(document_evaluations(dcmread(path))) == len(case.predictions[0].probabilities)
