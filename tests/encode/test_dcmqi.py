@@ -15,7 +15,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SegmentationStorage
 
-from dicom_node.encode import Producer, encode_results
+from dicom_node.encode import Producer, Revision, encode_results, not_analysed_report, report_reference
 from tests.conftest import IN_CI
 from tests.encode.conftest import KINDS, make_case
 
@@ -131,3 +131,21 @@ def test_paramap2itkimage_reads_every_map(tmp_path: Path, producer: Producer, ki
         assert voxels.shape == (1, pmap.Rows, pmap.Columns)
         np.testing.assert_allclose(voxels[0], pmap.pixel_array, rtol=0, atol=1e-6)
         assert np.ptp(voxels) > 0
+
+
+def test_tid1500reader_reads_the_not_analysed_and_the_superseding_reports(tmp_path: Path,
+                                                                          producer: Producer) -> None:
+    case = make_case("CR", producer)
+    reason = "photometric interpretation 'YBR_FULL' is not supported"
+    older = encode_results([case.source], case.predictions, [], producer, ("sr",), [])[0]
+    revision = Revision(2, (report_reference(older.StudyInstanceUID, older.SeriesInstanceUID, older.SOPClassUID,
+                                             older.SOPInstanceUID),), replaces=1)
+    newer = encode_results([case.source], case.predictions, case.heatmaps, producer, ("sr",), ["gradcam"],
+                           revision)[0]
+    for ds, groups in ((not_analysed_report([case.source], reason, producer), 1), (newer, 2)):
+        path, output = tmp_path / f"{ds.SOPInstanceUID}.dcm", tmp_path / f"{ds.SOPInstanceUID}.json"
+        ds.save_as(path, enforce_file_format=True)
+        result = run("tid1500reader", "--inputDICOM", path, "--outputMetadata", output)
+        assert result.returncode == 0, result.stdout + result.stderr
+        read = json.loads(output.read_text())
+        assert len(read["Measurements"]) == groups and read["SeriesDescription"] == ds.SeriesDescription
