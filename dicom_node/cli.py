@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -220,7 +220,8 @@ def jobs_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         if args.jobs_command == "list":
             state = JobState(args.state) if args.state else None
             listed = queue.list(state, args.limit)
-            print(format_jobs(listed, _deliveries(settings, [j.id for j in listed])), file=out)
+            print(format_jobs(listed, _deliveries(settings, [j.id for j in listed]),
+                              queue.current(listed)), file=out)
             return 0
         if args.jobs_command == "show":
             job = queue.get(args.id)
@@ -348,20 +349,24 @@ def format_outbox(records: "Sequence[OutboxRecord]", now: float) -> str:
     return "\n".join(lines)
 
 
-def format_jobs(jobs: Sequence[Job], deliveries: "Mapping[int, Sequence[OutboxRecord]]") -> str:
-    """One line per job, for a terminal; OUTCOME says whether the PACS was told anything."""
+def format_jobs(jobs: Sequence[Job], deliveries: "Mapping[int, Sequence[OutboxRecord]]",
+                current: Collection[int] = ()) -> str:
+    """One line per job, for a terminal. OUTCOME says whether the PACS was told anything; CURRENT
+    marks the newest version of each series and pipeline (``current``: their ids), whose results
+    supersede the earlier versions'."""
     from dicom_node.export.outcome import describe_job
 
-    lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2}  {'UPDATED':<19}  "
-             f"{'OUTCOME':<36}  STUDY SERIES / REASON"]
+    lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2} {'CURRENT':<7}  "
+             f"{'UPDATED':<19}  {'OUTCOME':<36}  STUDY SERIES / REASON"]
     for j in jobs:
         outcome = describe_job(j.state, deliveries.get(j.id, []))
         # a series is its study and its Series Instance UID: two studies may share the latter
-        lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2}  "
-                     f"{_when(j.updated_at):<19}  {outcome:<36}  "
+        mark = "yes" if j.id in current else "-"
+        lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2} "
+                     f"{mark:<7}  {_when(j.updated_at):<19}  {outcome:<36}  "
                      f"{j.study_instance_uid} {j.series_instance_uid}")
         if j.reason:
-            lines.append(f"{'':>85}{j.reason}")
+            lines.append(f"{'':>107}{j.reason}")
     return "\n".join(lines) if jobs else "no jobs"
 
 

@@ -162,7 +162,7 @@ class Node:
                                   f"web.port = {s.web.port}: {exc.strerror or exc}") from None
         for i, inference in enumerate(runners):
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
-                             runner=inference, outbox=self.outbox, audit=self.audit)
+                             runner=inference, outbox=self.outbox, audit=self.audit, jobs=self.queue)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))

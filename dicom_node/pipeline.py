@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Pipeline, Settings
-from dicom_node.encode import Producer, encode_results, not_analysed_report
+from dicom_node.encode import Producer, Revision, encode_results, not_analysed_report, report_reference
 from dicom_node.errors import PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
-from dicom_node.jobs.queue import Job
+from dicom_node.jobs.queue import Job, JobQueue
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
 from dicom_node.store.results import ResultArea
@@ -47,6 +48,7 @@ class PipelineContext:
     outputs: list[Dataset] = field(default_factory=list)
     outbox: Outbox | None = None
     saved: list[Result] = field(default_factory=list)
+    jobs: JobQueue | None = None  # the earlier versions of the job's series, for superseding
     timings: dict[str, float] = field(default_factory=dict)  # finer than the steps: decode, each method
 
     def summary(self) -> dict[str, Any]:
@@ -175,7 +177,7 @@ def encode(ctx: PipelineContext) -> None:
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
     try:
         ctx.outputs = encode_results(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
-                                     config.explain)
+                                     config.explain, revision(ctx))
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # the source lacks or garbles what an object needs; the message may quote header values,
         # so only its type goes into the job's reason (and the "not analysed" report)
@@ -197,6 +199,22 @@ def log_encode_failure(ctx: PipelineContext, exc: BaseException) -> None:
                      ctx.job.id, type(exc).__name__)
         return
     logger.debug("job %s: encoding failed:\n%s", ctx.job.id, redacted_traceback(exc, patient_values(sources)))
+
+
+def revision(ctx: PipelineContext) -> Revision:
+    """The job's version and the reports of its series' earlier versions, newest first, as their
+    records list them: a later instance makes a new version, whose report supersedes theirs."""
+    earlier = [j for j in ctx.jobs.versions_of(ctx.job) if j.version < ctx.job.version] if ctx.jobs else []
+    predecessors: dict[str, Dataset] = {}
+    replaces = 0
+    for job in sorted(earlier, key=lambda j: j.version, reverse=True):
+        for output in job.results.get("outputs", []):
+            uid = output["sop_instance_uid"]
+            if output["sop_class_uid"] == Comprehensive3DSRStorage and uid not in predecessors:
+                predecessors[uid] = report_reference(job.study_instance_uid, output["series_instance_uid"],
+                                                     output["sop_class_uid"], uid)
+                replaces = replaces or job.version
+    return Revision(ctx.job.version, tuple(predecessors.values()), replaces)
 
 
 def store_results(ctx: PipelineContext) -> None:
@@ -251,7 +269,7 @@ def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any
 def run(
     job: Job, timings: dict[str, float], *, settings: Settings, store: InstanceStore,
     steps: Sequence[tuple[str, Step]], runner: InferenceRunner | None = None, outbox: Outbox | None = None,
-    audit: Audit = NO_AUDIT,
+    audit: Audit = NO_AUDIT, jobs: JobQueue | None = None,
 ) -> PipelineContext:
     """Run ``steps`` for ``job``, recording each step's seconds in ``timings`` as it ends.
 
@@ -259,7 +277,7 @@ def run(
     pixels, ...) leaves a "not analysed" SR for the PACS, then fails the job with the reason.
     """
     ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox,
-                          timings=timings)
+                          timings=timings, jobs=jobs)
     where = {"job": job.id, "study_instance_uid": job.study_instance_uid,
              "series_instance_uid": job.series_instance_uid, "pipeline": job.pipeline}
     audit.record("job_started", **where, model=job.model, model_version=job.model_version,

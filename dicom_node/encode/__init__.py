@@ -22,7 +22,7 @@ from dicom_node.encode.overlay import render_overlay, secondary_capture, source_
 from dicom_node.encode.pmap import parametric_map
 from dicom_node.encode.region import HotRegion, hot_region
 from dicom_node.encode.seg import segmentation
-from dicom_node.encode.sr import measurement_report, not_analysed_report
+from dicom_node.encode.sr import Revision, measurement_report, not_analysed_report, report_reference
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.inference.runner import Prediction
@@ -30,20 +30,23 @@ from dicom_node.inference.runner import Prediction
 OUTPUTS = ("sc", "sr", "seg", "pm", "gsps")
 
 __all__ = [
-    "DISCLAIMER", "OUTPUTS", "HotRegion", "Producer", "clean_source", "derived_uid", "encode_results",
+    "DISCLAIMER", "OUTPUTS", "HotRegion", "Producer", "Revision", "clean_source", "derived_uid",
+    "encode_results",
     "hot_region",
     "measurement_report", "not_analysed_report", "parametric_map", "presentation_state", "render_overlay",
-    "secondary_capture", "segmentation", "source_display",
+    "report_reference", "secondary_capture", "segmentation", "source_display",
 ]
 
 
 def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
-                   producer: Producer, outputs: Sequence[str], methods: Sequence[str] = ()) -> list[Dataset]:
+                   producer: Producer, outputs: Sequence[str], methods: Sequence[str] = (),
+                   revision: Revision | None = None) -> list[Dataset]:
     """Every object ``outputs`` asks for, for one analysed series.
 
     SEG and GSPS show only findings at or above their threshold; PM only where the source has a
-    Frame of Reference; the SR covers every label of every analysed frame and references the
-    overlays made here. ``sources`` must be of one study and series (ValueError otherwise).
+    Frame of Reference; the SR covers every label of every analysed frame, references the
+    overlays made here and, given a ``revision``, the earlier reports it replaces. ``sources``
+    must be of one study and series (ValueError otherwise).
     """
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
@@ -77,5 +80,6 @@ def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction]
                      for number, ((uid, _, _), group) in enumerate(sorted(present.items()), start=1)]
             results += [ds for ds in built if ds is not None]
     if "sr" in outputs:
-        results.append(measurement_report(sources, predictions, heatmaps, producer, overlays, methods))
+        results.append(measurement_report(sources, predictions, heatmaps, producer, overlays, methods,
+                                          revision))
     return results

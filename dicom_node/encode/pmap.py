@@ -3,15 +3,38 @@
 The map's values are the raw, signed explanation on the source grid, in float; the Real World
 Value Mapping's quantity is DCM's code for the method (130403 Gradient-weighted class
 activation, 130404 Saliency). Radiographs (CR, DX) have no Frame of Reference and get none.
+Every map carries the Frame Anatomy functional group: dcmqi (3D Slicer's reader) dereferences it
+without checking, and crashes on a map without it.
 """
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 
 from dicom_node.encode.common import METHOD_CODES, METHOD_NAMES, UNITLESS, Producer, mark_derived
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
+
+#: Body Part Examined (PS3.16 Annex L) as SNOMED CT anatomic regions; others are "Body tissue".
+BODY_PARTS = {
+    "CHEST": Code("51185008", "SCT", "Chest"), "HEAD": Code("69536005", "SCT", "Head"),
+    "BRAIN": Code("12738006", "SCT", "Brain"), "ABDOMEN": Code("113345001", "SCT", "Abdomen"),
+    "PELVIS": Code("12921003", "SCT", "Pelvis"), "NECK": Code("45048000", "SCT", "Neck"),
+}
+TISSUE = Code("85756007", "SCT", "Body tissue")
+
+
+def frame_anatomy(source: Dataset) -> Dataset:
+    """PS3.3 C.7.6.16.2.8 Frame Anatomy of every frame: the source's body part, laterality unpaired."""
+    code = BODY_PARTS.get(str(source.get("BodyPartExamined", "") or "").upper(), TISSUE)
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator = code.value, code.scheme_designator
+    region.CodeMeaning = code.meaning
+    item = Dataset()
+    item.AnatomicRegionSequence = [region]
+    item.FrameLaterality = "U"
+    return item
 
 
 def has_frame_of_reference(source: Dataset) -> bool:
@@ -49,6 +72,7 @@ def parametric_map(source: Dataset, heatmap: Heatmap, producer: Producer,
         content_description=f"AI {method_name} of {heatmap.label}, unverified"[:64],
     )
     ds.SeriesDescription = producer.description("heatmaps", heatmap.method)
+    ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [frame_anatomy(source)]
     mark_derived(ds, [source], producer, f"{method_name} of '{heatmap.label}' (layer {heatmap.layer}), "
                  "raw values on the source grid")
     return ds

@@ -114,6 +114,7 @@ class JobBackend(Protocol):
     def close(self) -> None: ...
     def insert(self, spec: JobSpec, version: int, now: float) -> Job | None: ...
     def versions(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> int: ...
+    def series_jobs(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> list[Job]: ...
     def get(self, job_id: int) -> Job | None: ...
     def save(self, job: Job) -> None: ...
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]: ...
@@ -252,6 +253,20 @@ class JobQueue:
         """Jobs, newest first, optionally of one state."""
         with self.backend.transaction():
             return self.backend.select(list(JobState) if state is None else [state], limit)
+
+    def versions_of(self, job: Job) -> Sequence[Job]:
+        """Every version of ``job``'s series and pipeline, oldest first (``job`` among them)."""
+        with self.backend.transaction():
+            return self.backend.series_jobs(job.study_instance_uid, job.series_instance_uid, job.pipeline)
+
+    def current(self, jobs: Sequence[Job]) -> set[int]:
+        """The ids of those of ``jobs`` that are the newest version of their series and pipeline
+        (a later instance makes a new version; the earlier ones are superseded)."""
+        with self.backend.transaction():
+            newest = {key: self.backend.versions(*key) for key in
+                      {(j.study_instance_uid, j.series_instance_uid, j.pipeline) for j in jobs}}
+        return {j.id for j in jobs
+                if j.version == newest[(j.study_instance_uid, j.series_instance_uid, j.pipeline)]}
 
     def _leased(self, job_id: int, worker: str) -> Job | None:
         job = self.backend.get(job_id)

@@ -126,6 +126,13 @@ class SQLiteJobBackend:
         ).fetchone()
         return int(row[0])
 
+    def series_jobs(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> list[Job]:
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE study_instance_uid = ? AND series_instance_uid = ? "
+            "AND pipeline = ? ORDER BY version", (study_instance_uid, series_instance_uid, pipeline),
+        ).fetchall()
+        return [_job(row) for row in rows]
+
     def get(self, job_id: int) -> Job | None:
         row = self.conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None

@@ -197,7 +197,10 @@ def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, An
 
     listed = src.queue.list(JobState(state) if state else None, limit)
     sent = src.outbox.for_jobs([j.id for j in listed])  # "not analysed, reported" vs "nothing sent"
-    return [record_dict(j) | {"outcome": describe_job(j.state, sent.get(j.id, []))} for j in listed]
+    current = src.queue.current(listed)
+    # current: the newest version of its series and pipeline; its results supersede the others'
+    return [record_dict(j) | {"outcome": describe_job(j.state, sent.get(j.id, [])),
+                              "current": j.id in current} for j in listed]
 
 
 def record_dict(record: Any) -> dict[str, Any]:

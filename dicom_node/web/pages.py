@@ -250,13 +250,14 @@ def jobs(rows: list[dict[str, Any]]) -> bytes:
     return page(
         "Jobs",
         table(
-            ["id", "state", "outcome", "pipeline", "study", "attempts", "updated", "reason", ""],
+            ["id", "state", "outcome", "pipeline", "version", "study", "attempts", "updated", "reason", ""],
             [
                 [
                     str(j["id"]),
                     state(j["state"]),
                     escape(j.get("outcome", "-")),
                     escape(j["pipeline"]),
+                    f"v{j['version']} " + ("<b>current</b>" if j.get("current") else "superseded"),
                     study_link(j["study_instance_uid"]),
                     str(j["attempts"]),
                     when(j["updated_at"]),

@@ -124,9 +124,10 @@ def test_sr_findings_match_the_prediction_and_locate_the_hot_region(tmp_path: Pa
     [sr_path] = [p for p, ds in zip(_write(tmp_path, objects), objects, strict=True)
                  if ds.SOPClassUID == Comprehensive3DSRStorage]
     report = hd.sr.srread(sr_path)
-    groups = report.content.get_planar_roi_measurement_groups() + report.content.get_image_measurement_groups()
+    # OHIF mishandles groups without a region: only present, explained findings are groups
+    assert report.content.get_image_measurement_groups() == []
+    groups = report.content.get_planar_roi_measurement_groups()
     prediction = case.predictions[0]
-    assert len(groups) == len(prediction.probabilities)
     assert len({g.tracking_uid for g in groups}) == len(groups)
     found = {}
     for group in groups:
@@ -135,6 +136,13 @@ def test_sr_findings_match_the_prediction_and_locate_the_hot_region(tmp_path: Pa
         label = next(item.name for item in producer.manifest.labels
                      if producer.label_code(item.name) == evaluation.name)
         found[label] = (evaluation.value.meaning, probability.value)
+    assert set(found) == {"nodule", "cardiomegaly"}  # present (threshold 0.5) and explained
+    for item in document_evaluations(dcmread(sr_path)):  # the others, at document level
+        [number] = [i for i in item.ContentSequence if i.ValueType == "NUM"]
+        label = next(spec.name for spec in producer.manifest.labels
+                     if producer.label_code(spec.name).value == item.ConceptNameCodeSequence[0].CodeValue)
+        found[label] = (item.ConceptCodeSequence[0].CodeMeaning,
+                        float(number.MeasuredValueSequence[0].NumericValue))
     assert found == {label: ("Present" if p >= 0.5 else "Absent", pytest.approx(p))
                      for label, p in prediction.probabilities.items()}
     [nodule] = [g for g in report.content.get_planar_roi_measurement_groups()
@@ -144,10 +152,19 @@ def test_sr_findings_match_the_prediction_and_locate_the_hot_region(tmp_path: Pa
     assert case.lesion[int(centre[1]), int(centre[0])]
     quality = {m.name.meaning: m.value for m in nodule.get_measurements()}
     assert quality["Deletion AUC"] == pytest.approx(0.12) and quality["Explanation stability"] == pytest.approx(0.93)
-    illustrations = [item for item in dcmread(sr_path).ContentSequence[-1].ContentSequence[0].ContentSequence
+    measurements = next(item for item in dcmread(sr_path).ContentSequence
+                        if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    illustrations = [item for item in measurements.ContentSequence[0].ContentSequence
                      if item.ConceptNameCodeSequence[0].CodeValue == "121200"]
     overlay_uids = {ds.SOPInstanceUID for ds in objects if ds.SOPClassUID == SecondaryCaptureImageStorage}
     assert illustrations and {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in illustrations} <= overlay_uids
+
+
+def document_evaluations(report: Dataset) -> list[Dataset]:
+    """The items of the report's document-level Qualitative Evaluations container (TID 1500)."""
+    containers = [item for item in report.ContentSequence
+                  if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return [item for container in containers for item in container.ContentSequence]
 
 
 def test_not_analysed_report_states_the_reason(tmp_path: Path, producer: Producer) -> None:
@@ -202,3 +219,20 @@ def test_hot_region_is_the_connected_part_at_half_maximum() -> None:
     centre = region.ellipse.mean(axis=0)
     assert centre == pytest.approx([10.0, 15.0])  # (column, row) of the square's centre, DICOM convention
     assert hot_region(-np.abs(field)) is None  # no positive evidence, no region
+
+
+@pytest.mark.peers
+def test_a_report_without_a_located_finding_has_evaluations_only(tmp_path: Path, producer: Producer) -> None:
+    """Nothing explained: no measurement group (OHIF mishandles groups without a region), every
+    label a document-level evaluation, and the report still valid and readable."""
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    case = make_case("DX", producer)
+    [report] = encode_results([case.source], case.predictions, [], producer, ("sr",), [])
+    [path] = _write(tmp_path, [report])
+    result = subprocess.run([dciodvfy, str(path)], capture_output=True, timeout=60, check=False)
+    output = (result.stdout + result.stderr).decode("latin-1")
+    assert not [line for line in output.splitlines() if line.startswith("Error")
+                and KNOWN_FALSE_POSITIVE not in line], output
+    read = hd.sr.srread(path)
+    assert read.content.get_planar_roi_measurement_groups() == read.content.get_image_measurement_groups() == []
+    assert len(document_evaluations(dcmread(path))) == len(case.predictions[0].probabilities)

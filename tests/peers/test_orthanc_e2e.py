@@ -18,6 +18,7 @@ import pytest
 from dicom_node.phantoms import write_study
 from dicom_node.phantoms.cross_section import cross_section
 from tests.conftest import require_tool
+from tests.encode.test_objects import document_evaluations
 from tests.jobs.test_crash import wait_for
 from tests.nodeproc import REPO, NodeProcess, pacs_config
 from tests.orthanc import Orthanc
@@ -131,6 +132,13 @@ def test_orthanc_sends_a_study_and_gets_overlays_and_a_report_back(tmp_path: Pat
                      "Cardiomegaly": "cardiomegaly"}[evaluation.name.meaning]
             assert probability.value == pytest.approx(predictions[source]["probabilities"][label], abs=1e-6)
             assert (evaluation.value.meaning == "Present") == (label in predictions[source]["positives"])
+        for item in document_evaluations(ds):  # findings without a region: absent or not explained
+            [image] = [i for i in item.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "260753009"]
+            source = image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            label = {"Nodule": "nodule", "Lung consolidation": "consolidation", "Pleural effusion": "effusion",
+                     "Cardiomegaly": "cardiomegaly"}[item.ConceptNameCodeSequence[0].CodeMeaning]
+            assert (item.ConceptCodeSequence[0].CodeMeaning == "Present") == (
+                label in predictions[source]["positives"])
     [ct_report] = results_in(pacs, ct_uid)  # the CT series could not be analysed by a chest X-ray model
     path = tmp_path / "ct_report.dcm"
     path.write_bytes(pacs.get(f"/instances/{ct_report['ID']}/file", raw=True))

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from dicom_node.phantoms import write_study
+from tests.encode.test_objects import document_evaluations
 from tests.jobs.test_crash import wait_for
 from tests.nodeproc import NodeProcess
 from tests.orthanc import Orthanc
@@ -35,6 +36,12 @@ def sr_probabilities(path: Path) -> list[tuple[str, str, float]]:
         source = (group.source_images[0].referenced_sop_instance_uid if hasattr(group, "source_images")
                   else group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         found.append((str(source), LABELS[evaluation.name.meaning], float(probability.value)))
+    for item in document_evaluations(pydicom.dcmread(path)):  # findings without a region
+        [number] = [i for i in item.ContentSequence if i.ValueType == "NUM"]
+        [image] = [i for i in item.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "260753009"]
+        found.append((str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID),
+                      LABELS[item.ConceptNameCodeSequence[0].CodeMeaning],
+                      float(number.MeasuredValueSequence[0].NumericValue)))
     return found
 
 
