@@ -51,12 +51,15 @@ def blend_heatmap(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
     values = _finite(heatmap.native_map)
     top = float(values.max())
     image = display.copy()
-    if top > 0:
-        shown = values > top / 255
-        relative = values[shown] / top
-        colours = _colour_map(np.round(relative * 255).astype(np.uint8)[:, None])[:, 0].astype(np.float32)
-        alpha = (BLEND * relative)[:, None]
-        image[shown] = np.round(display[shown] * (1 - alpha) + colours * alpha).astype(np.uint8)
+    if top <= 0:
+        return image
+    shown = values > top / 255
+    rows, columns = np.flatnonzero(shown.any(axis=1)), np.flatnonzero(shown.any(axis=0))
+    box = slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)  # where the map adds colour
+    relative = np.where(shown[box], values[box] / top, np.float32(0))  # alpha 0 keeps a pixel as it is
+    colours = _colour_map(np.round(relative * 255).astype(np.uint8)).astype(np.float32)
+    alpha = (BLEND * relative)[..., None]
+    image[box] = np.round(display[box] * (1 - alpha) + colours * alpha).astype(np.uint8)
     return image
 
 
@@ -81,12 +84,22 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
     region = hot_region(heatmap.native_map)
     if region is not None:
         width = max(1, round(min(image.shape[:2]) / 500))  # the outline follows the image size
-        cv2.polylines(image, [np.round(region.contour * factor - 0.5).astype(np.int32)], True, CONTOUR,
-                      2 * width, cv2.LINE_AA)
+        segments = _inner_segments(region.contour, display.shape[0], display.shape[1])
+        points = [np.round(segment * factor - 0.5).astype(np.int32) for segment in segments]
+        cv2.polylines(image, points, False, CONTOUR, 2 * width, cv2.LINE_AA)
     canvas = np.zeros((layout.rows, layout.columns, 3), np.uint8)
     canvas[layout.image_slices] = image
     draw_band(canvas, layout, _colour_map(np.arange(256, dtype=np.uint8)[:, None])[:, 0])
     return canvas
+
+
+def _inner_segments(contour: np.ndarray, rows: int, columns: int) -> list[np.ndarray]:
+    """The contour's segments less those running along the image's edge: a region the edge cuts
+    off has no outline there, which would only hide its own pixels at the film's border."""
+    low, high = 0.5, np.array([columns - 0.5, rows - 0.5])  # pixel centres of the edge pixels
+    starts, ends = contour[:-1], contour[1:]
+    along = np.any(((starts == low) & (ends == low)) | ((starts == high) & (ends == high)), axis=1)
+    return [np.stack([a, b]) for a, b, edge in zip(starts, ends, along, strict=True) if not edge]
 
 
 def _finite(native_map: np.ndarray) -> np.ndarray:
