@@ -43,7 +43,8 @@ class Layout:
     ``rows`` x ``columns`` is the whole SC; the image part (the source scaled by ``factor``,
     ``image_rows`` x ``image_columns``) starts at (``top``, ``left``); the band is rows ``0`` to
     ``top - 1``, the full width. ``lines``: the banner's wrapped lines, then the colour scale's
-    label, each a tuple of words, with its colour.
+    label when it does not fit before the scale, each a tuple of words, with its colour;
+    ``scale_prefix``: the label's words when they do.
     """
 
     rows: int
@@ -55,6 +56,8 @@ class Layout:
     factor: int
     cap: int
     lines: tuple[tuple[tuple[str, ...], Colour], ...]
+    scale_prefix: tuple[str, ...]
+    scale_colour: Colour
 
     @property
     def image_slices(self) -> tuple[slice, slice]:
@@ -103,11 +106,18 @@ def plan(rows: int, columns: int, lines: list[Line], scale_label: str) -> Layout
     while cap > MIN_CAP and 2 * cap + max(max(_width(w, cap) for t, _ in words for w in t),
                                          _ramp_row(cap, 4 * cap)) > band_width:
         cap -= 1
-    wrapped = tuple((tuple(part), colour) for text, colour in words
-                    for part in _wrap(text, cap, band_width - 2 * cap))
+    room = band_width - 2 * cap
+    wrapped = [(tuple(part), colour) for text, colour in words[:-1] for part in _wrap(text, cap, room)]
+    label, colour = words[-1]
+    prefix: tuple[str, ...] = ()
+    if _phrase_width(label, cap) + _width(" ", cap) + _ramp_row(cap, 8 * cap) <= room:
+        prefix = tuple(label)  # the label fits before the colour scale: one line less
+    else:
+        wrapped += [(tuple(part), colour) for part in _wrap(label, cap, room)]
     top = cap + (len(wrapped) + 1) * _line_height(cap) + cap // 2
     left = (band_width - width) // 2
-    return Layout(top + height, band_width, top, left, height, width, factor, cap, wrapped)
+    return Layout(top + height, band_width, top, left, height, width, factor, cap, tuple(wrapped), prefix,
+                  colour)
 
 
 def draw_band(canvas: np.ndarray, layout: Layout, ramp: np.ndarray) -> None:
@@ -122,11 +132,14 @@ def draw_band(canvas: np.ndarray, layout: Layout, ramp: np.ndarray) -> None:
 
 
 def _draw_scale(canvas: np.ndarray, layout: Layout, ramp: np.ndarray, baseline: int) -> None:
-    """"0", the colour ramp (one cap high) and "max" on one row, in the label's colour."""
-    cap, colour = layout.cap, layout.lines[-1][1]
-    _draw_words(canvas, ("0",), (cap, baseline), layout, colour)
-    x = cap + _width("0", cap) + cap // 2
-    length = min(RAMP_CAPS * cap, layout.columns - 2 * cap - _ramp_row(cap, 0))
+    """The label (when it fits on the row), "0", the colour ramp (one cap high) and "max"."""
+    cap, colour, x = layout.cap, layout.scale_colour, layout.cap
+    if layout.scale_prefix:
+        _draw_words(canvas, layout.scale_prefix, (x, baseline), layout, colour)
+        x += _phrase_width(list(layout.scale_prefix), cap) + _width(" ", cap)
+    length = min(RAMP_CAPS * cap, layout.columns - cap - x - _ramp_row(cap, 0))
+    _draw_words(canvas, ("0",), (x, baseline), layout, colour)
+    x += _width("0", cap) + cap // 2
     steps = np.linspace(0, 255, length).round().astype(np.intp)
     canvas[baseline - cap:baseline, x:x + length] = ramp[steps][None]
     _draw_words(canvas, ("max",), (x + length + cap // 2, baseline), layout, colour)
@@ -139,6 +152,10 @@ def _line_height(cap: int) -> int:
 def _ramp_row(cap: int, ramp: int) -> int:
     """Width of the colour scale's row: "0", the ramp, "max" and the gaps between them."""
     return _width("0", cap) + _width("max", cap) + 2 * (cap // 2) + ramp
+
+
+def _phrase_width(words: list[str], cap: int) -> int:
+    return sum(_width(word, cap) for word in words) + _width(" ", cap) * (len(words) - 1)
 
 
 def _width(word: str, cap: int) -> int:

@@ -94,12 +94,23 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
 
 
 def _inner_segments(contour: np.ndarray, rows: int, columns: int) -> list[np.ndarray]:
-    """The contour's segments less those running along the image's edge: a region the edge cuts
-    off has no outline there, which would only hide its own pixels at the film's border."""
+    """The closed ``contour`` as runs of points, less its segments along the image's edge: a
+    region the edge cuts off has no outline there, which would only hide its own edge pixels."""
     low, high = 0.5, np.array([columns - 0.5, rows - 0.5])  # pixel centres of the edge pixels
     starts, ends = contour[:-1], contour[1:]
     along = np.any(((starts == low) & (ends == low)) | ((starts == high) & (ends == high)), axis=1)
-    return [np.stack([a, b]) for a, b, edge in zip(starts, ends, along, strict=True) if not edge]
+    if not along.any():
+        return [contour]
+    runs: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    first = int(np.flatnonzero(along)[0])
+    for i in np.roll(np.arange(len(starts)), -(first + 1)):  # from just after an edge segment
+        if along[i]:
+            runs += [np.array(current)] if current else []
+            current = []
+        else:
+            current += [ends[i]] if current else [starts[i], ends[i]]
+    return runs + ([np.array(current)] if current else [])
 
 
 def _finite(native_map: np.ndarray) -> np.ndarray:
