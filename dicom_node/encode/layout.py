@@ -19,11 +19,11 @@ import numpy as np
 
 MIN_CAP = 8  # pixels: the cap height of an 11 px font, legible on a screen at 1:1
 CAP_SHARE = 0.016  # the cap height's share of the image's longer side (33 px at 2048)
-MIN_SIDE = 256  # smaller images are scaled up: at 8 px caps the disclaimer needs ~250 px
+MIN_SIDE = 256  # smaller images are scaled up: below this, 8 px text would dwarf the image
 CAP_PER_SCALE = 20.3  # ink height of a capital at font scale 1 (measured on OpenCV's Hershey simplex)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 DOT = "·"  # drawn as a filled circle: Hershey fonts have no middle dot
-SEPARATOR = 128
+SEPARATOR = 128  # mid grey: visible against the black band and against a black film edge
 RAMP_CAPS = 20  # the colour scale's length, in cap heights, when the band is wide enough
 Colour = tuple[int, int, int]
 
