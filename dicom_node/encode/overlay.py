@@ -1,8 +1,14 @@
-"""Secondary Capture overlays: the source as a viewer shows it, the heatmap, its hot region, a
-legend and a banner that cannot be missed (PS3.3 A.8.1, Secondary Capture Image).
+"""Secondary Capture overlays: the source as a viewer shows it, the heatmap, its hot region, and
+in a band above the image a banner that cannot be missed and a colour scale (PS3.3 A.8.1,
+Secondary Capture Image).
 
-The image keeps the source's rows, columns and pixel spacing, so a point on the overlay is the
-same point on the source. Burned In Annotation is YES: the banner is part of the pixels.
+Nothing is drawn over the source image but the heatmap blend and the hot region's outline: the
+banner ("AI-GENERATED · UNVERIFIED · NOT FOR DIAGNOSTIC USE", model, version, method, label,
+probability) and the colour scale sit in an annotation band added above the image
+(:mod:`dicom_node.encode.layout`), so the whole image stays visible at native resolution. An
+image too small to carry legible text is scaled up by an integer factor (nearest neighbour) and
+the SC says so. Pixel Spacing, when carried, describes the image part (divided by the factor).
+Burned In Annotation is YES: the banner is part of the pixels.
 """
 
 import cv2
@@ -18,6 +24,7 @@ from dicom_node.encode.common import (
     mark_derived,
     source_reference,
 )
+from dicom_node.encode.layout import Layout, Line, draw_band, plan, scale_factor
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source, orientation, patient_and_study, pixel_spacing
 from dicom_node.explain.heatmap import Heatmap
@@ -27,6 +34,8 @@ from dicom_node.inference.preprocess import decode_frame, to_unit
 COLOUR_MAP = cv2.COLORMAP_INFERNO  # perceptually uniform, readable in grayscale print-outs
 BLEND = 0.55  # opacity of the heatmap where it is at its maximum
 CONTOUR = (0, 255, 255)  # RGB cyan: stands out on inferno's black-red-yellow
+DISCLAIMER_COLOUR = (255, 220, 0)
+TEXT_COLOUR = (255, 255, 255)
 
 
 def source_display(source: Dataset, frame: int) -> np.ndarray:
@@ -36,87 +45,93 @@ def source_display(source: Dataset, frame: int) -> np.ndarray:
     return gray if gray.ndim == 3 else np.repeat(gray[..., None], 3, axis=2)
 
 
-def render_overlay(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
-    """``display`` (rows, columns, 3) with the heatmap, hot-region contour, legend and banner."""
-    rows, columns = display.shape[:2]
-    values = np.nan_to_num(heatmap.native_map.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+def blend_heatmap(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
+    """``display`` (rows, columns, 3) with the positive part of the map blended in, nothing else:
+    where the map adds no colour the pixels are the display's own."""
+    values = _finite(heatmap.native_map)
     top = float(values.max())
     image = display.copy()
-    if top > 0:
-        shown = values > top / 255  # where the map adds colour; elsewhere the source stays as it is
-        relative = values[shown] / top
-        colours = _colour_map(np.round(relative * 255).astype(np.uint8)[:, None])[:, 0].astype(np.float32)
-        alpha = (BLEND * relative)[:, None]
-        image[shown] = np.round(display[shown] * (1 - alpha) + colours * alpha).astype(np.uint8)
-    unit = max(1, round(min(rows, columns) / 500))  # line width and text scale follow the image size
+    if top <= 0:
+        return image
+    shown = values > top / 255
+    rows, columns = np.flatnonzero(shown.any(axis=1)), np.flatnonzero(shown.any(axis=0))
+    box = slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)  # where the map adds colour
+    relative = np.where(shown[box], values[box] / top, np.float32(0))  # alpha 0 keeps a pixel as it is
+    colours = _colour_map(np.round(relative * 255).astype(np.uint8)).astype(np.float32)
+    alpha = (BLEND * relative)[..., None]
+    image[box] = np.round(display[box] * (1 - alpha) + colours * alpha).astype(np.uint8)
+    return image
+
+
+def overlay_layout(display: np.ndarray, heatmap: Heatmap) -> Layout:
+    """Where :func:`render_overlay` puts the image and the band for this display and heatmap."""
+    rows, columns = display.shape[:2]
+    return plan(rows, columns, _lines(heatmap, scale_factor(rows, columns)), _scale_label(heatmap))
+
+
+def render_overlay(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
+    """The overlay's pixels: the annotation band on top, then ``display`` (rows, columns, 3), scaled
+    by the layout's factor, with the heatmap blended in and the hot region outlined.
+
+    The image part (see :func:`overlay_layout`) is :func:`blend_heatmap`'s result scaled up, plus
+    the outline; the band holds the banner and the colour scale and covers none of the image.
+    """
+    layout = overlay_layout(display, heatmap)
+    factor = layout.factor
+    image = blend_heatmap(display, heatmap)
+    if factor > 1:
+        image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
     region = hot_region(heatmap.native_map)
     if region is not None:
-        cv2.polylines(image, [np.round(region.contour - 0.5).astype(np.int32)], True, CONTOUR, 2 * unit,
-                      cv2.LINE_AA)
-    _legend(image, unit, METHOD_NAMES.get(heatmap.method, heatmap.method))
-    _banner(image, unit, [
-        DISCLAIMER,
-        f"{heatmap.model} {heatmap.model_version} · {METHOD_NAMES.get(heatmap.method, heatmap.method)} · "
-        f"{heatmap.label} p={heatmap.probability:.2f}",
-    ])
-    return image
+        width = max(1, round(min(image.shape[:2]) / 500))  # the outline follows the image size
+        segments = _inner_segments(region.contour, display.shape[0], display.shape[1])
+        points = [np.round(segment * factor - 0.5).astype(np.int32) for segment in segments]
+        cv2.polylines(image, points, False, CONTOUR, 2 * width, cv2.LINE_AA)
+    canvas = np.zeros((layout.rows, layout.columns, 3), np.uint8)
+    canvas[layout.image_slices] = image
+    draw_band(canvas, layout, _colour_map(np.arange(256, dtype=np.uint8)[:, None])[:, 0])
+    return canvas
+
+
+def _inner_segments(contour: np.ndarray, rows: int, columns: int) -> list[np.ndarray]:
+    """The closed ``contour`` as runs of points, less its segments along the image's edge: a
+    region the edge cuts off has no outline there, which would only hide its own edge pixels."""
+    low, high = 0.5, np.array([columns - 0.5, rows - 0.5])  # pixel centres of the edge pixels
+    starts, ends = contour[:-1], contour[1:]
+    along = np.any(((starts == low) & (ends == low)) | ((starts == high) & (ends == high)), axis=1)
+    if not along.any():
+        return [contour]
+    runs: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    first = int(np.flatnonzero(along)[0])
+    for i in np.roll(np.arange(len(starts)), -(first + 1)):  # from just after an edge segment
+        if along[i]:
+            runs += [np.array(current)] if current else []
+            current = []
+        else:
+            current += [ends[i]] if current else [starts[i], ends[i]]
+    return runs + ([np.array(current)] if current else [])
+
+
+def _finite(native_map: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(native_map.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+
+
+def _lines(heatmap: Heatmap, factor: int) -> list[Line]:
+    """The banner: the disclaimer, then what made the map (and the scaling, when there is one)."""
+    method = METHOD_NAMES.get(heatmap.method, heatmap.method)
+    about = (f"{heatmap.model} {heatmap.model_version} · {method} · {heatmap.label} "
+             f"p={heatmap.probability:.2f}")
+    scaled = f" · image scaled up x{factor}" if factor > 1 else ""
+    return [Line(DISCLAIMER, DISCLAIMER_COLOUR), Line(about + scaled, TEXT_COLOUR)]
+
+
+def _scale_label(heatmap: Heatmap) -> str:
+    return f"{METHOD_NAMES.get(heatmap.method, heatmap.method)}, relative to its maximum:"
 
 
 def _colour_map(values: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(values, COLOUR_MAP), cv2.COLOR_BGR2RGB)
-
-
-def _text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float, colour: tuple[int, int, int],
-          thickness: int) -> None:
-    """``text`` with " · " drawn as a dot (Hershey fonts are ASCII only)."""
-    x, y = origin
-    parts = text.split(" · ")
-    for i, part in enumerate(parts):
-        cv2.putText(image, part, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
-        x += cv2.getTextSize(part, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0]
-        if i < len(parts) - 1:
-            gap = cv2.getTextSize("  ", cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0]
-            height = cv2.getTextSize("x", cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][1]
-            cv2.circle(image, (x + gap // 2, y - height // 2), max(1, thickness), colour, -1, cv2.LINE_AA)
-            x += gap
-
-
-def _fit_scale(lines: list[str], width: int, unit: int) -> float:
-    """The largest text scale (up to 0.5 per unit) at which every line fits ``width``."""
-    scale = 0.5 * unit
-    widest = max(cv2.getTextSize(line.replace(" · ", "   "), cv2.FONT_HERSHEY_SIMPLEX, scale, unit)[0][0]
-                 for line in lines)
-    return scale * min(1.0, width / max(widest, 1))
-
-
-def _banner(image: np.ndarray, unit: int, lines: list[str]) -> None:
-    columns = image.shape[1]
-    scale = _fit_scale(lines, columns - 16 * unit, unit)
-    line_height = round(cv2.getTextSize("Xg", cv2.FONT_HERSHEY_SIMPLEX, scale, unit)[0][1] * 1.7)
-    height = line_height * len(lines) + 6 * unit
-    band = image[:height]
-    band[:] = (band * 0.15).astype(np.uint8)  # darkened, not blank: the film's edge stays visible
-    for i, line in enumerate(lines):
-        colour = (255, 220, 0) if i == 0 else (255, 255, 255)
-        _text(image, line, (8 * unit, line_height * (i + 1)), scale, colour, unit)
-
-
-def _legend(image: np.ndarray, unit: int, method: str) -> None:
-    """A vertical colour scale at the right edge: the map relative to its own maximum."""
-    rows, columns = image.shape[:2]
-    height, width = rows // 3, max(8, columns // 60)
-    x0, y0 = columns - width - 40 * unit, rows - height - 20 * unit
-    ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None].repeat(width, axis=1)
-    image[y0:y0 + height, x0:x0 + width] = _colour_map(ramp)
-    cv2.rectangle(image, (x0, y0), (x0 + width, y0 + height), (255, 255, 255), unit)
-    scale = 0.4 * unit
-    for text, y in (("max", y0 + 10 * unit), ("0", y0 + height)):
-        cv2.putText(image, text, (x0 + width + 4 * unit, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
-                    unit, cv2.LINE_AA)
-    label = f"{method}, relative"
-    size = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, unit)[0]
-    cv2.putText(image, label, (min(x0, columns - size[0] - 2), y0 - 6 * unit), cv2.FONT_HERSHEY_SIMPLEX,
-                scale, (255, 255, 255), unit, cv2.LINE_AA)
 
 
 def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, instance_number: int,
@@ -125,13 +140,16 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
 
     One series per (source series, pipeline, method); the instance UID follows from the source
     instance, frame, label and method, so a re-run replaces it. ``display``: the frame's
-    :func:`source_display`, when the caller has it already.
+    :func:`source_display`, when the caller has it already. The SC is the annotation band above
+    the image part (:func:`overlay_layout`); Derivation Description says where each is.
     """
     if display is None:
         display = source_display(source, heatmap.frame)
     source = clean_source(source)
+    layout = overlay_layout(display, heatmap)
     pixels = render_overlay(display, heatmap)
     method_name = METHOD_NAMES.get(heatmap.method, heatmap.method)
+    spacing = pixel_spacing(source)
     ds = SCImage(
         pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         study_instance_uid=source.StudyInstanceUID,
@@ -142,7 +160,8 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
         instance_number=instance_number, manufacturer=producer.manufacturer,
         # highdicom insists on an orientation for the PATIENT coordinate system; the real one (or
         # none) is set right after
-        pixel_spacing=pixel_spacing(source), patient_orientation=orientation(source) or ("L", "F"),
+        pixel_spacing=None if spacing is None else (spacing[0] / layout.factor, spacing[1] / layout.factor),
+        patient_orientation=orientation(source) or ("L", "F"),
         laterality=source.get("Laterality") or None,
         **patient_and_study(source),
     )
@@ -158,5 +177,16 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
         reference.ReferencedFrameNumber = heatmap.frame + 1
     ds.SourceImageSequence = [reference]
     mark_derived(ds, [source], producer, f"{method_name} heatmap of '{heatmap.label}' "
-                 f"(layer {heatmap.layer}) blended over the source image")
+                 f"(layer {heatmap.layer}) blended over the source image. {describe_layout(layout)}")
     return ds
+
+
+def describe_layout(layout: Layout) -> str:
+    """Where the image and the annotations are in the SC, for its Derivation Description."""
+    rows, columns = layout.image_slices
+    text = (f"Rows 1-{layout.top}: annotation band (notice, model, colour scale), outside the image; "
+            f"source image at rows {rows.start + 1}-{rows.stop}, columns {columns.start + 1}-{columns.stop}")
+    if layout.factor > 1:
+        factor = layout.factor
+        return f"{text}, scaled up x{factor} (nearest neighbour; Pixel Spacing divided by {factor})"
+    return f"{text}, at native resolution"

@@ -21,6 +21,7 @@ from pydicom.uid import (
 from dicom_node import MANUFACTURER
 from dicom_node.encode import Producer, encode_results, hot_region, not_analysed_report
 from dicom_node.encode.common import DISCLAIMER_TEXT
+from dicom_node.encode.layout import scale_factor
 from tests.conftest import require_tool
 from tests.encode.conftest import KINDS, make_case
 
@@ -100,7 +101,11 @@ def test_outputs_are_marked_ai_generated_and_join_the_source_study(producer: Pro
             assert DISCLAIMER_TEXT in texts
         if ds.SOPClassUID == SecondaryCaptureImageStorage:
             assert ds.BurnedInAnnotation == "YES"
-            assert (ds.Rows, ds.Columns) == (case.source.Rows, case.source.Columns)
+            # the source image below the annotation band, scaled up when too small for legible text
+            factor = scale_factor(case.source.Rows, case.source.Columns)
+            assert ds.Columns == case.source.Columns * factor
+            assert ds.Rows > case.source.Rows * factor
+            assert f"rows {ds.Rows - case.source.Rows * factor + 1}-{ds.Rows}" in ds.DerivationDescription
 
 
 def test_uids_derive_from_inputs_model_version_and_method(producer: Producer) -> None:
