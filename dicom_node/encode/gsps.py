@@ -7,6 +7,7 @@ import highdicom as hd
 from pydicom import Dataset
 
 from dicom_node.encode.common import DISCLAIMER_TEXT, METHOD_NAMES, Producer
+from dicom_node.encode.header import multi_frame
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
@@ -31,10 +32,9 @@ def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: P
         texts.append(hd.pr.TextObject(
             f"{heatmap.label} p={heatmap.probability:.2f} ({method_name})", units="PIXEL",
             anchor_point=(float(column), float(row)), anchor_point_visible=False))
-    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
     annotation = hd.pr.GraphicAnnotation(
         referenced_images=[source], graphic_layer=layer, graphic_objects=graphics, text_objects=texts,
-        referenced_frame_number=frame + 1 if multi_frame else None)
+        referenced_frame_number=frame + 1 if multi_frame(source) else None)
     series = str(source.SeriesInstanceUID)
     ds = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source], series_instance_uid=producer.series_uid("gsps", series, method),

@@ -10,6 +10,7 @@ from pydicom import Dataset
 
 from dicom_node import __version__
 from dicom_node.encode.common import METHOD_NAMES, Producer, mark_derived
+from dicom_node.encode.header import multi_frame
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source, orientation
 from dicom_node.explain.heatmap import Heatmap
@@ -53,8 +54,7 @@ def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Produce
         for number, (h, _) in enumerate(kept, start=1)
     ]
     masks = np.stack([r.mask for _, r in kept], axis=-1)[None]  # (1, rows, columns, segments)
-    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
-    if multi_frame:
+    if multi_frame(source):
         masks = np.zeros((int(source.NumberOfFrames), *masks.shape[1:]), dtype=bool)
         masks[frame] = np.stack([r.mask for _, r in kept], axis=-1)
     ds = hd.seg.Segmentation(

@@ -32,6 +32,7 @@ from dicom_node.encode.common import (
     UNITLESS,
     Producer,
 )
+from dicom_node.encode.header import multi_frame
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
@@ -66,7 +67,7 @@ def _observation_context(producer: Producer) -> hd.sr.ObservationContext:
 
 
 def _frames(source: Dataset, frame: int) -> list[int] | None:
-    return [frame + 1] if int(source.get("NumberOfFrames", 1) or 1) > 1 else None
+    return [frame + 1] if multi_frame(source) else None
 
 
 def _quality(heatmap: Heatmap) -> list[hd.sr.Measurement]:
