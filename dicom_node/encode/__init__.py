@@ -21,7 +21,7 @@ from pydicom import Dataset
 from dicom_node.encode.common import DISCLAIMER, Producer, derived_uid
 from dicom_node.encode.fallback import minimal_report, not_analysed
 from dicom_node.encode.gsps import presentation_state
-from dicom_node.encode.header import HeaderChange, clean_header
+from dicom_node.encode.header import HeaderChange, clean_header, restore_classes, stand_in
 from dicom_node.encode.overlay import render_overlay, secondary_capture, source_display
 from dicom_node.encode.pmap import parametric_map
 from dicom_node.encode.region import HotRegion, hot_region
@@ -94,7 +94,8 @@ def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction],
         raise ValueError(f"outputs: unknown {unknown}, expected some of {list(OUTPUTS)}")
     cleaned = [clean_header(ds) for ds in sources]  # Pixel Data is shared: displays decode it
     changes = tuple(change for item in cleaned for change in item.changes)
-    by_uid = {str(item.dataset.SOPInstanceUID): item.dataset for item in cleaned}
+    by_uid = {str(item.dataset.SOPInstanceUID): stand_in(item.dataset) for item in cleaned}
+    classes = {str(item.dataset.SOPInstanceUID): str(item.dataset.SOPClassUID) for item in cleaned}
     built: dict[str, list[Dataset]] = {}
     failed: list[tuple[str, str]] = []
     for kind in [k for k in OUTPUTS if k in outputs]:  # SC before SR: the SR references overlays
@@ -106,7 +107,10 @@ def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction],
                 raise
             logger.warning("pipeline %s: %s output failed (%s)", producer.pipeline, kind, type(exc).__name__)
             failed.append((kind, type(exc).__name__))
-    return Encoded([ds for kind in OUTPUTS for ds in built.get(kind, [])], changes, tuple(failed))
+    objects = [ds for kind in OUTPUTS for ds in built.get(kind, [])]
+    for ds in objects:
+        restore_classes(ds, classes)
+    return Encoded(objects, changes, tuple(failed))
 
 
 Sources = dict[str, Dataset]

@@ -18,7 +18,7 @@ from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.encode.common import DISCLAIMER_TEXT, Producer
-from dicom_node.encode.header import TYPE_2, clean_header
+from dicom_node.encode.header import TYPE_2, clean_header, restore_classes, stand_in
 from dicom_node.encode.sr import not_analysed_report
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,10 @@ def not_analysed(sources: Sequence[Dataset], reason: str, producer: Producer, st
     source it cannot read (only for UIDs that are not UIDs)."""
     if sources:
         try:
-            return not_analysed_report(sources, reason, producer)
+            cleaned = [clean_header(ds).dataset for ds in sources]
+            report = not_analysed_report([stand_in(ds) for ds in cleaned], reason, producer)
+            restore_classes(report, {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in cleaned})
+            return report
         except Exception as exc:  # whatever failed, a report still goes out
             logger.warning("series %s: the full 'not analysed' report failed (%s); sending the minimal one",
                            series_instance_uid, type(exc).__name__)

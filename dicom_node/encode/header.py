@@ -68,7 +68,8 @@ class Rule:
     """An attribute, the check of its value, and the action taken when the check fails.
 
     ``fix`` gives the replacement value for :attr:`Action.FIX`; ``required`` adds the attribute
-    empty when the source lacks it (Type 2 attributes of the modules every output copies).
+    empty when the source lacks it (Type 2 attributes of the modules every output copies);
+    ``also`` names the attributes dropped with it.
     """
 
     keyword: str
@@ -76,6 +77,7 @@ class Rule:
     action: Action
     fix: Callable[[Any, Dataset], Any] | None = None
     required: bool = False
+    also: tuple[str, ...] = ()  # dropped with it: a module's attributes that only make sense together
 
 
 def _strings(value: Any) -> list[str]:
@@ -116,6 +118,8 @@ def _orientation_cosines(value: Any, dataset: Dataset) -> str | None:
     problem = _finite_numbers(6)(value, dataset)
     if problem:
         return problem
+    if "SliceThickness" not in dataset or "PixelSpacing" not in dataset:
+        return "a plane without a valid Slice Thickness or Pixel Spacing"
     row, column = [float(v) for v in _strings(value)[:3]], [float(v) for v in _strings(value)[3:]]
     lengths = [math.sqrt(sum(c * c for c in axis)) for axis in (row, column)]
     dot = sum(r * c for r, c in zip(row, column, strict=True))
@@ -218,6 +222,9 @@ TIMES = ("PatientBirthTime", "StudyTime", "SeriesTime", "ContentTime", "Acquisit
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
+PLANE = ("ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
+         "SpacingBetweenSlices", "PositionReferenceIndicator", "SliceLocation")
+
 #: The rules, one per attribute; :func:`clean_header` applies them in this order.
 RULES: tuple[Rule, ...] = (
     *(Rule(k, _uid, Action.FIX, _fixed_uid) for k in
@@ -234,11 +241,13 @@ RULES: tuple[Rule, ...] = (
     Rule("PatientIdentityRemoved", _deidentification, Action.FIX, _stated_method),
     Rule("PixelSpacing", _positive_numbers(2), Action.DROP),
     Rule("ImagerPixelSpacing", _positive_numbers(2), Action.DROP),
-    Rule("SliceThickness", _positive_numbers(1), Action.DROP),
+    # a plane whose geometry cannot be stated in full is not stated at all (the Frame of Reference
+    # stays: the image is still in it); SEG and PM need the plane and are not made then
+    Rule("SliceThickness", _positive_numbers(1), Action.DROP, also=PLANE),
     Rule("SpacingBetweenSlices", _positive_numbers(1), Action.DROP),
     Rule("PatientOrientation", _patient_orientation, Action.DROP),
-    Rule("ImageOrientationPatient", _orientation_cosines, Action.DROP),
-    Rule("ImagePositionPatient", _finite_numbers(3), Action.DROP),
+    Rule("ImageOrientationPatient", _orientation_cosines, Action.DROP, also=PLANE),
+    Rule("ImagePositionPatient", _finite_numbers(3), Action.DROP, also=PLANE),
     Rule("Laterality", _one_of("R", "L"), Action.DROP),
     Rule("BodyPartExamined", _text(16), Action.DROP),
 )
@@ -291,6 +300,9 @@ def _apply(clean: Dataset, rule: Rule, sop: str) -> HeaderChange | None:
         action = Action.DROP  # a value that cannot be fixed is not copied
     if action is Action.DROP:
         del clean[tag]
+        for keyword in rule.also:
+            if keyword in clean:
+                delattr(clean, keyword)
     else:
         clean[tag] = DataElement(tag, dictionary_VR(tag), "" if action is Action.EMPTY else fixed)
     return HeaderChange(sop, rule.keyword, label, action, problem)
@@ -330,3 +342,49 @@ def multi_frame(source: Dataset) -> bool:
     except (TypeError, ValueError):
         return False
     return _uid_text(source.get("SOPClassUID", "")) in MULTI_FRAME_CLASSES and frames > 1
+
+
+#: Retired storage classes that modalities still send, and the class that replaced each: highdicom
+#: knows only current IODs, so it is given the successor, and the reference put back after.
+SUCCESSORS = {
+    "1.2.840.10008.5.1.4.1.1.6": "1.2.840.10008.5.1.4.1.1.6.1",  # US Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.3": "1.2.840.10008.5.1.4.1.1.3.1",  # US Multi-frame Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.5": "1.2.840.10008.5.1.4.1.1.20",  # NM Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.77.1": "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL Image Storage - Trial (retired)
+}
+
+
+def stand_in(source: Dataset) -> Dataset:
+    """``source`` (a cleaned copy) with its retired SOP class replaced by its successor, for
+    highdicom; :func:`restore_classes` puts the real class back in what was built from it."""
+    successor = SUCCESSORS.get(str(source.get("SOPClassUID", "")))
+    if successor is None:
+        return source
+    copy = Dataset()
+    copy.update(source)
+    if hasattr(source, "file_meta"):
+        copy.file_meta = source.file_meta
+    copy.SOPClassUID = successor
+    if successor in MULTI_FRAME_CLASSES and "NumberOfFrames" not in copy:
+        copy.NumberOfFrames = 1  # Type 1 in the successor's IOD
+    return copy
+
+
+def restore_classes(ds: Dataset, classes: dict[str, str]) -> None:
+    """Every reference in ``ds`` to an instance of ``classes`` (SOP Instance UID -> its real SOP
+    Class UID) names that class again, so that references match the instance they reference."""
+    for element in ds:
+        if element.VR != "SQ":
+            continue
+        for item in element.value:
+            instance = str(item.get("ReferencedSOPInstanceUID", ""))
+            if instance in classes and "ReferencedSOPClassUID" in item:
+                item.ReferencedSOPClassUID = classes[instance]
+            restore_classes(item, classes)
+
+
+def legacy_multi_frame(source: Dataset) -> bool:
+    """A multi-frame class without functional groups (NM, US, XA multi-frame): highdicom reads
+    the geometry of multi-frame sources from functional groups, so SEG and GSPS skip these."""
+    return _uid_text(source.get("SOPClassUID", "")) in MULTI_FRAME_CLASSES \
+        and "SharedFunctionalGroupsSequence" not in source

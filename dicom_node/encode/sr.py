@@ -162,9 +162,11 @@ def measurement_report(
 
 def _library(sources: Sequence[Dataset]) -> list[Dataset] | None:
     """The Image Library's entries: highdicom describes a radiograph by its Patient Orientation
-    and Imager Pixel Spacing, so one without them is left out (it is still the evidence and each
+    and Imager Pixel Spacing, a cross-section by its plane, spacing and Slice Thickness, so one
+    without them (dropped by encode.header when unfit) is left out (it is still the evidence and each
     group's source image); None when no source qualifies."""
-    kept = [ds for ds in sources if "ImageOrientationPatient" in ds
+    kept = [ds for ds in sources if ("ImageOrientationPatient" in ds and "SliceThickness" in ds
+                                     and "PixelSpacing" in ds)
             or (ds.get("PatientOrientation") and "ImagerPixelSpacing" in ds)]
     return kept or None
 
