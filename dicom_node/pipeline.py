@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Pipeline, Settings
-from dicom_node.encode import Producer, encode_results, not_analysed_report
+from dicom_node.encode import Encoded, Producer, encode_series, not_analysed
 from dicom_node.errors import PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.export.outbox import Outbox, Result
@@ -47,6 +48,7 @@ class PipelineContext:
     outbox: Outbox | None = None
     saved: list[Result] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # finer than the steps: decode, each method
+    audit: Audit = NO_AUDIT
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""
@@ -94,7 +96,13 @@ def collect(ctx: PipelineContext) -> None:
 def read(ctx: PipelineContext) -> None:
     """Read the instances' data sets (pixels are decoded later, by preprocessing) and check that
     they are what the model is meant for."""
-    ctx.datasets = [dcmread(ctx.store.path_of(record)) for record in ctx.instances]
+    ctx.datasets = []
+    for record in ctx.instances:
+        try:
+            ctx.datasets.append(dcmread(ctx.store.path_of(record)))
+        except (InvalidDicomError, ValueError, EOFError) as exc:  # a damaged file stays damaged
+            reason = f"instance {record.sop_instance_uid} cannot be read ({type(exc).__name__})"
+            raise PermanentError(reason) from None
     check_scope(ctx)
 
 
@@ -146,13 +154,34 @@ def encode(ctx: PipelineContext) -> None:
         return
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
     try:
-        ctx.outputs = encode_results(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
-                                     config.explain)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        encoded = encode_series(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
+                                config.explain)
+    except Exception as exc:
         # the source lacks or garbles what an object needs; the message may quote header values,
         # so only its type goes into the job's reason (and the "not analysed" report)
         reason = f"the results could not be encoded from this series ({type(exc).__name__})"
         raise PermanentError(reason) from None
+    audit_encoding(ctx, encoded)
+    if not encoded.objects:
+        kinds = ", ".join(f"{kind} ({error})" for kind, error in encoded.failed)
+        raise PermanentError(f"the results could not be encoded from this series: {kinds or 'none made'}")
+    ctx.outputs = encoded.objects
+
+
+def audit_encoding(ctx: PipelineContext, encoded: Encoded) -> None:
+    """Header attributes changed before copying (names and reasons, never values) and output kinds
+    that failed, in the audit trail: every drop counted."""
+    where = {"job": ctx.job.id, "study_instance_uid": ctx.job.study_instance_uid,
+             "series_instance_uid": ctx.job.series_instance_uid, "pipeline": ctx.job.pipeline}
+    if encoded.changes:
+        counts: dict[str, int] = {}
+        for change in encoded.changes:
+            counts[change.action.value] = counts.get(change.action.value, 0) + 1
+        ctx.audit.record("header_cleaned", **where, counts=counts,
+                         changes=[change.as_record() for change in encoded.changes])
+    for kind, error in encoded.failed:
+        logger.warning("job %s: %s output failed (%s)", ctx.job.id, kind, error)
+        ctx.audit.record("output_failed", **where, output=kind, error=error)
 
 
 def store_results(ctx: PipelineContext) -> None:
@@ -184,13 +213,23 @@ def report_not_analysed(ctx: PipelineContext, reason: str) -> None:
     """The "not analysed" SR of a routed series that could not be analysed, stored and enqueued,
     so that silence never means "normal"."""
     config = ctx.pipeline()
-    if config is None or "sr" not in config.outputs or not ctx.instances or ctx.runner is None:
+    if config is None or "sr" not in config.outputs or ctx.runner is None:
         return
-    sources = ctx.datasets or [dcmread(ctx.store.path_of(r), stop_before_pixels=True) for r in ctx.instances]
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
-    ctx.outputs = [not_analysed_report(sources, reason, producer)]
+    ctx.outputs = [not_analysed(_headers(ctx), reason, producer, ctx.job.study_instance_uid,
+                                ctx.job.series_instance_uid)]
     store_results(ctx)
     enqueue(ctx)
+
+
+def _headers(ctx: PipelineContext) -> list[Dataset]:
+    """The series' headers for the report, as far as they can be read: the report needs none."""
+    if ctx.datasets:
+        return ctx.datasets
+    try:
+        return [dcmread(ctx.store.path_of(r), stop_before_pixels=True) for r in ctx.instances]
+    except Exception:  # unreadable files: the minimal report needs only the job's UIDs
+        return []
 
 
 def default_steps() -> list[tuple[str, Step]]:
@@ -215,7 +254,7 @@ def run(
     pixels, ...) leaves a "not analysed" SR for the PACS, then fails the job with the reason.
     """
     ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox,
-                          timings=timings)
+                          timings=timings, audit=audit)
     where = {"job": job.id, "study_instance_uid": job.study_instance_uid,
              "series_instance_uid": job.series_instance_uid, "pipeline": job.pipeline}
     audit.record("job_started", **where, model=job.model, model_version=job.model_version,

@@ -20,7 +20,8 @@ def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: P
     multi-frame image without functional groups (:func:`.header.legacy_multi_frame`)."""
     kept = [(h, r) for h in heatmaps if (r := hot_region(h.native_map)) is not None]
     # a colour image needs a Color Softcopy Presentation State; its overlay (SC) shows the regions
-    colour = source.get("SamplesPerPixel", 1) != 1 or source.get("PhotometricInterpretation") == "PALETTE COLOR"
+    colour = source.get("SamplesPerPixel", 1) != 1 \
+        or source.get("PhotometricInterpretation") == "PALETTE COLOR"
     if not kept or colour or legacy_multi_frame(source):
         return None
     method, frame = kept[0][0].method, kept[0][0].frame
