@@ -2,6 +2,7 @@
 presentation context the node refuses is logged (WARNING) and audited with its SOP class."""
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,10 @@ class Recorder:
 
     def record(self, event: str, **fields: Any) -> None:
         self.events.append((event, fields))
+
+
+def refused_in(audit: Recorder) -> list[str]:
+    return [fields["sop_class_uid"] for event, fields in audit.events if event == "presentation_context_refused"]
 
 
 @pytest.fixture
@@ -75,6 +80,8 @@ def test_an_association_whose_every_context_is_refused_is_not_silent(
     with caplog.at_level(logging.WARNING, logger="dicom_node.ingest.scp"), \
             association(server.port, contexts=[(UNKNOWN_CLASS, [ExplicitVRLittleEndian])]) as assoc:
         assert not assoc.is_established
-    refused = [fields["sop_class_uid"] for event, fields in audit.events if event == "presentation_context_refused"]
-    assert refused == [UNKNOWN_CLASS]
+    deadline = time.monotonic() + 10  # the acceptor's thread records after it has answered
+    while time.monotonic() < deadline and not refused_in(audit):
+        time.sleep(0.01)
+    assert refused_in(audit) == [UNKNOWN_CLASS]
     assert any(UNKNOWN_CLASS in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
