@@ -3,6 +3,7 @@ presentation context the node refuses is logged (WARNING) and audited with its S
 
 import logging
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,3 +86,9 @@ def test_an_association_whose_every_context_is_refused_is_not_silent(
         time.sleep(0.01)
     assert refused_in(audit) == [UNKNOWN_CLASS]
     assert any(UNKNOWN_CLASS in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_the_conformance_statement_lists_the_retired_classes() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "conformance.md").read_text()
+    for uid in RETIRED_STORAGE:
+        assert f"| {uid} |" in text, uid.name
