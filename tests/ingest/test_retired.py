@@ -3,8 +3,8 @@ presentation context the node refuses is logged (WARNING) and audited with its S
 
 import logging
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
