@@ -162,7 +162,7 @@ def encode(ctx: PipelineContext) -> None:
         reason = f"the results could not be encoded from this series ({type(exc).__name__})"
         raise PermanentError(reason) from None
     audit_encoding(ctx, encoded)
-    if not encoded.objects:
+    if encoded.failed and not encoded.objects:  # no findings to draw is not a failure; this is
         kinds = ", ".join(f"{kind} ({error})" for kind, error in encoded.failed)
         raise PermanentError(f"the results could not be encoded from this series: {kinds or 'none made'}")
     ctx.outputs = encoded.objects
@@ -281,11 +281,21 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
         try:
             step(ctx)
         except PermanentError as exc:
-            try:
-                report_not_analysed(ctx, str(exc))
-            except Exception:
-                logger.exception("job %s: the 'not analysed' report could not be made", ctx.job.id)
+            _report_safely(ctx, str(exc))
+            raise
+        except Exception as exc:
+            # retried by the queue, except on the last attempt: the job is dead after it
+            if ctx.job.attempts >= ctx.settings.jobs.max_attempts:
+                _report_safely(ctx, f"the series could not be processed ({type(exc).__name__}, "
+                                    f"{ctx.job.attempts} attempts)")
             raise
         finally:
             timings[name] = time.perf_counter() - started
             timings.update({key: round(value, 6) for key, value in timings.items()})
+
+
+def _report_safely(ctx: PipelineContext, reason: str) -> None:
+    try:
+        report_not_analysed(ctx, reason)
+    except Exception:
+        logger.exception("job %s: the 'not analysed' report could not be made", ctx.job.id)

@@ -169,3 +169,24 @@ def test_an_unreadable_series_still_gets_the_minimal_report(
     [report] = [dcmread(p) for p in (settings.node.data_dir / "results").rglob("*.dcm")]
     assert report.SOPClassUID == BasicTextSRStorage
     assert report.StudyInstanceUID == record.study_instance_uid
+
+
+@pytest.mark.parametrize("attempts", [1, 5])
+def test_an_unexpected_error_is_reported_on_the_last_attempt_only(
+    store: InstanceStore, settings: Settings, runner: InferenceRunner, attempts: int
+) -> None:
+    """Retried errors are retried; the attempt after which the job is dead leaves a report."""
+    record = put(store, radiograph())
+    configured = dataclasses.replace(settings, pipelines=(Pipeline(name="p", model="tiny", outputs=ALL),))
+    assert configured.jobs.max_attempts == 5
+    job = dataclasses.replace(job_for((record.sop_instance_uid,)), study_instance_uid=record.study_instance_uid,
+                              series_instance_uid=record.series_instance_uid, attempts=attempts)
+
+    def crash(ctx: PipelineContext) -> None:
+        raise RuntimeError("injected")
+
+    steps = [(name, crash if name == "inference" else step) for name, step in default_steps()]
+    with pytest.raises(RuntimeError):
+        run(job, {}, settings=configured, store=store, steps=steps, runner=runner)
+    reports = [dcmread(p) for p in (settings.node.data_dir / "results").rglob("*.dcm")]
+    assert [ds.SeriesDescription for ds in reports] == (["AI not analysed tiny 0.1"] if attempts == 5 else [])
