@@ -364,7 +364,8 @@ def stand_in(source: Dataset) -> Dataset:
     copy.update(source)
     if hasattr(source, "file_meta"):
         copy.file_meta = source.file_meta
-    copy.SOPClassUID = successor
+    # a new element: the copy shares its elements with the source, which must keep its class
+    copy[0x00080016] = DataElement(0x00080016, "UI", successor)
     if successor in MULTI_FRAME_CLASSES and "NumberOfFrames" not in copy:
         copy.NumberOfFrames = 1  # Type 1 in the successor's IOD
     return copy

@@ -89,6 +89,18 @@ def analysis(source: Dataset, producer: Producer) -> tuple[list[Prediction], lis
     return predictions, heatmaps
 
 
+def references_to(ds: Dataset, sop_instance_uid: str) -> list[Dataset]:
+    """Every item anywhere in ``ds`` that references ``sop_instance_uid``."""
+    found = []
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                if str(item.get("ReferencedSOPInstanceUID", "")) == sop_instance_uid:
+                    found.append(item)
+                found += references_to(item, sop_instance_uid)
+    return found
+
+
 def _save(tmp_path: Path, objects: list[Dataset]) -> list[Path]:
     paths = []
     for ds in objects:
@@ -103,22 +115,29 @@ def _save(tmp_path: Path, objects: list[Dataset]) -> list[Path]:
 def test_every_output_of_every_oddity_passes_dciodvfy(tmp_path: Path, producer: Producer, name: str) -> None:
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
     source = ODDITIES[name]()
+    received = [(element.tag, element.VR, str(element.value)) for element in source]
     predictions, heatmaps = analysis(source, producer)
     encoded = encode_series([source], predictions, heatmaps, producer, ALL, ["gradcam"])
+    assert [(element.tag, element.VR, str(element.value)) for element in source] == received  # untouched
     assert encoded.failed == ()
     kinds = {ds.SOPClassUID.name for ds in encoded.objects}
     assert {"Secondary Capture Image Storage", "Comprehensive 3D SR Storage"} <= kinds, kinds
     study, series = str(source.StudyInstanceUID), str(source.SeriesInstanceUID)
+    real_class = str(source.SOPClassUID).rstrip("\x00") if isinstance(source.SOPClassUID, str) \
+        else source.SOPClassUID.decode().rstrip("\x00")
     reports = [not_analysed([source], "test reason", producer, study, series),
                minimal_report(study, series, "test reason", producer, [source])]
+    referenced = 0
     for path in _save(tmp_path, [*encoded.objects, *reports]):
         errors, output = dciodvfy_errors(dciodvfy, path)
         assert not errors, f"{name}: {dcmread(path).SOPClassUID.name}: {output}"
         written = dcmread(path)
         assert "PatientID" in written and written.StudyInstanceUID == study
-        for item in written.get("SourceImageSequence", []):  # references the source as cleaned
-            assert item.ReferencedSOPClassUID == clean_header(source).dataset.SOPClassUID
+        for item in references_to(written, str(source.SOPInstanceUID)):  # its real class, wherever
+            assert item.ReferencedSOPClassUID == real_class
             assert "ReferencedFrameNumber" not in item or multi_frame(source)
+            referenced += 1
+    assert referenced >= len(encoded.objects) + len(reports)  # every object references its source
 
 
 @pytest.mark.peers
