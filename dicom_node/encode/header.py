@@ -211,7 +211,8 @@ def _deidentification(value: Any, dataset: Dataset) -> str | None:
 def _stated_method(value: Any, dataset: Dataset) -> Any:
     if value != "YES":
         return None
-    dataset.DeidentificationMethod = UNSTATED_METHOD
+    # a new element: the copy shares its elements (an empty method too) with the received source
+    dataset[0x00120063] = DataElement(0x00120063, "LO", UNSTATED_METHOD)
     return value
 
 

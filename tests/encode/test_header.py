@@ -66,6 +66,13 @@ def test_de_identified_source_states_an_unknown_method_and_uid_padding_is_remove
     assert cleaned["SOPClassUID"].VR == "UI" and cleaned.SOPClassUID == radiograph().SOPClassUID
 
 
+def test_an_empty_method_is_stated_in_the_copy_only() -> None:
+    source = ODDITIES["de-identified"]()
+    source.DeidentificationMethod = ""
+    cleaned = clean_header(source).dataset
+    assert cleaned.DeidentificationMethod == UNSTATED_METHOD and source.DeidentificationMethod == ""
+
+
 def test_frames_are_numbered_only_in_multi_frame_classes() -> None:
     assert multi_frame(ODDITIES["rgb-multi-frame"]())
     assert not multi_frame(ODDITIES["frames-in-single-frame-class"]())
