@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node import pipeline as steps
 from dicom_node.config import Pipeline, Settings
-from dicom_node.encode import Producer, not_analysed_report
+from dicom_node.encode import Producer, not_analysed
 from dicom_node.errors import ConfigError, PermanentError
 from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.jobs.queue import Job, JobState
@@ -176,18 +176,18 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
             step(ctx)
         found = sorted({label for p in ctx.predictions for label in p.positives})
         status = "analysed: " + (", ".join(found) or "no finding above threshold")
-    except PermanentError as exc:
-        status = f"not analysed: {exc}"
+    except Exception as exc:  # a damaged file must not stop the other series, nor go unreported
+        # only a PermanentError's message is ours; others may quote header values
+        reason = str(exc) if isinstance(exc, PermanentError) else f"processing failed ({type(exc).__name__})"
+        status = f"not analysed: {reason}"
         producer = Producer(pipeline.name, manifest, settings.node.ae_title)
         if "sr" not in pipeline.outputs:
             status = f"error: {status} (and no 'sr' output to report it)"
         try:
-            ctx.outputs = [not_analysed_report(ctx.datasets or headers, str(exc), producer)] \
-                if "sr" in pipeline.outputs else []
+            ctx.outputs = [not_analysed(ctx.datasets or headers, reason, producer, job.study_instance_uid,
+                                        job.series_instance_uid)] if "sr" in pipeline.outputs else []
         except Exception as report_exc:
             status, ctx.outputs = f"error: {status}; the report failed ({type(report_exc).__name__})", []
-    except Exception as exc:  # a damaged file must not stop the other series
-        status, ctx.outputs = f"error: {type(exc).__name__}", []
     area = ResultArea(settings.node.data_dir)  # --out itself
     try:
         for ds in ctx.outputs:

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Pipeline, Settings
-from dicom_node.encode import Producer, Revision, encode_results, not_analysed_report, report_reference
+from dicom_node.encode import Encoded, Producer, Revision, encode_series, not_analysed, report_reference
 from dicom_node.errors import PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.export.outbox import Outbox, Result
@@ -50,6 +51,7 @@ class PipelineContext:
     saved: list[Result] = field(default_factory=list)
     jobs: JobQueue | None = None  # the earlier versions of the job's series, for superseding
     timings: dict[str, float] = field(default_factory=dict)  # finer than the steps: decode, each method
+    audit: Audit = NO_AUDIT
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""
@@ -124,6 +126,9 @@ def read(ctx: PipelineContext) -> None:
             # once the new one is indexed): collect again says so; anything else is retried
             collect(ctx)
             raise
+        except (InvalidDicomError, ValueError, EOFError) as exc:  # a damaged file stays damaged
+            reason = f"instance {record.sop_instance_uid} cannot be read ({type(exc).__name__})"
+            raise PermanentError(reason) from None
     ctx.datasets = datasets
     check_scope(ctx)
 
@@ -176,14 +181,35 @@ def encode(ctx: PipelineContext) -> None:
         return
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
     try:
-        ctx.outputs = encode_results(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
-                                     config.explain, revision(ctx))
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        encoded = encode_series(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
+                                config.explain, revision(ctx))
+    except Exception as exc:
         # the source lacks or garbles what an object needs; the message may quote header values,
         # so only its type goes into the job's reason (and the "not analysed" report)
         log_encode_failure(ctx, exc)
         reason = f"the results could not be encoded from this series ({type(exc).__name__})"
         raise PermanentError(reason) from None
+    audit_encoding(ctx, encoded)
+    if encoded.failed and not encoded.objects:  # no findings to draw is not a failure; this is
+        kinds = ", ".join(f"{kind} ({error})" for kind, error in encoded.failed)
+        raise PermanentError(f"the results could not be encoded from this series: {kinds or 'none made'}")
+    ctx.outputs = encoded.objects
+
+
+def audit_encoding(ctx: PipelineContext, encoded: Encoded) -> None:
+    """Header attributes changed before copying (names and reasons, never values) and output kinds
+    that failed, in the audit trail: every drop counted."""
+    where = {"job": ctx.job.id, "study_instance_uid": ctx.job.study_instance_uid,
+             "series_instance_uid": ctx.job.series_instance_uid, "pipeline": ctx.job.pipeline}
+    if encoded.changes:
+        counts: dict[str, int] = {}
+        for change in encoded.changes:
+            counts[change.action.value] = counts.get(change.action.value, 0) + 1
+        ctx.audit.record("header_cleaned", **where, counts=counts,
+                         changes=[change.as_record() for change in encoded.changes])
+    for kind, error in encoded.failed:
+        logger.warning("job %s: %s output failed (%s)", ctx.job.id, kind, error)
+        ctx.audit.record("output_failed", **where, output=kind, error=error)
 
 
 def log_encode_failure(ctx: PipelineContext, exc: BaseException) -> None:
@@ -246,13 +272,23 @@ def report_not_analysed(ctx: PipelineContext, reason: str) -> None:
     """The "not analysed" SR of a routed series that could not be analysed, stored and enqueued,
     so that silence never means "normal"."""
     config = ctx.pipeline()
-    if config is None or "sr" not in config.outputs or not ctx.instances or ctx.runner is None:
+    if config is None or "sr" not in config.outputs or ctx.runner is None:
         return
-    sources = ctx.datasets or [dcmread(ctx.store.path_of(r), stop_before_pixels=True) for r in ctx.instances]
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
-    ctx.outputs = [not_analysed_report(sources, reason, producer)]
+    ctx.outputs = [not_analysed(_headers(ctx), reason, producer, ctx.job.study_instance_uid,
+                                ctx.job.series_instance_uid)]
     store_results(ctx)
     enqueue(ctx)
+
+
+def _headers(ctx: PipelineContext) -> list[Dataset]:
+    """The series' headers for the report, as far as they can be read: the report needs none."""
+    if ctx.datasets:
+        return ctx.datasets
+    try:
+        return [dcmread(ctx.store.path_of(r), stop_before_pixels=True) for r in ctx.instances]
+    except Exception:  # unreadable files: the minimal report needs only the job's UIDs
+        return []
 
 
 def default_steps() -> list[tuple[str, Step]]:
@@ -277,7 +313,7 @@ def run(
     pixels, ...) leaves a "not analysed" SR for the PACS, then fails the job with the reason.
     """
     ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox,
-                          timings=timings, jobs=jobs)
+                          timings=timings, jobs=jobs, audit=audit)
     where = {"job": job.id, "study_instance_uid": job.study_instance_uid,
              "series_instance_uid": job.series_instance_uid, "pipeline": job.pipeline}
     audit.record("job_started", **where, model=job.model, model_version=job.model_version,
@@ -306,13 +342,23 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
         except StaleJobError:
             raise  # nothing to report: the instances are another series' now, and it has its own job
         except PermanentError as exc:
-            try:
-                report_not_analysed(ctx, str(exc))
-            except Exception as report_exc:
-                logger.error("job %s: the 'not analysed' report could not be made (%s)", ctx.job.id,
-                             type(report_exc).__name__)
-                log_encode_failure(ctx, report_exc)
+            _report_safely(ctx, str(exc))
+            raise
+        except Exception as exc:
+            # retried by the queue, except on the last attempt: the job is dead after it
+            if ctx.job.attempts >= ctx.settings.jobs.max_attempts:
+                _report_safely(ctx, f"the series could not be processed ({type(exc).__name__}, "
+                                    f"{ctx.job.attempts} attempts)")
             raise
         finally:
             timings[name] = time.perf_counter() - started
             timings.update({key: round(value, 6) for key, value in timings.items()})
+
+
+def _report_safely(ctx: PipelineContext, reason: str) -> None:
+    try:
+        report_not_analysed(ctx, reason)
+    except Exception as report_exc:  # the traceback may quote patient values: redacted, at DEBUG
+        logger.error("job %s: the 'not analysed' report could not be made (%s)", ctx.job.id,
+                     type(report_exc).__name__)
+        log_encode_failure(ctx, report_exc)

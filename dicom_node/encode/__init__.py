@@ -10,14 +10,19 @@
 Every UID derives from the inputs, the model version and the method (:func:`.common.derived_uid`).
 """
 
+import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from pydicom import Dataset
 
 from dicom_node.encode.common import DISCLAIMER, Producer, check_one_series, derived_uid
+from dicom_node.encode.fallback import minimal_report, not_analysed
 from dicom_node.encode.gsps import presentation_state
+from dicom_node.encode.header import HeaderChange, clean_header, restore_classes, stand_in
 from dicom_node.encode.overlay import render_overlay, secondary_capture, source_display
 from dicom_node.encode.pmap import parametric_map
 from dicom_node.encode.region import HotRegion, hot_region
@@ -27,59 +32,144 @@ from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.inference.runner import Prediction
 
+logger = logging.getLogger(__name__)
+
 OUTPUTS = ("sc", "sr", "seg", "pm", "gsps")
 
 __all__ = [
-    "DISCLAIMER", "OUTPUTS", "HotRegion", "Producer", "Revision", "clean_source", "derived_uid",
+    "DISCLAIMER",
+    "OUTPUTS",
+    "Encoded",
+    "HeaderChange",
+    "HotRegion",
+    "Producer",
+    "Revision",
+    "clean_header",
+    "clean_source",
+    "derived_uid",
     "encode_results",
+    "encode_series",
     "hot_region",
-    "measurement_report", "not_analysed_report", "parametric_map", "presentation_state", "render_overlay",
-    "report_reference", "secondary_capture", "segmentation", "source_display",
+    "measurement_report",
+    "minimal_report",
+    "not_analysed",
+    "not_analysed_report",
+    "parametric_map",
+    "presentation_state",
+    "render_overlay",
+    "report_reference",
+    "secondary_capture",
+    "segmentation",
+    "source_display",
 ]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What :func:`encode_series` made: the objects, the header changes made to the sources
+    before copying from them (to audit; no values), and the kinds that failed (kind, error type)."""
+
+    objects: list[Dataset]
+    changes: tuple[HeaderChange, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()
 
 
 def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
                    producer: Producer, outputs: Sequence[str], methods: Sequence[str] = (),
                    revision: Revision | None = None) -> list[Dataset]:
-    """Every object ``outputs`` asks for, for one analysed series.
+    """The objects of :func:`encode_series`; an output kind that fails raises its error."""
+    encoded = encode_series(sources, predictions, heatmaps, producer, outputs, methods, revision,
+                            isolate=False)
+    return encoded.objects
 
-    SEG and GSPS show only findings at or above their threshold; PM only where the source has a
-    Frame of Reference; the SR covers every label of every analysed frame, references the
-    overlays made here and, given a ``revision``, the earlier reports it replaces. ``sources``
-    must be of one study and series (ValueError otherwise).
+
+def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+                  producer: Producer, outputs: Sequence[str], methods: Sequence[str] = (),
+                  revision: Revision | None = None, isolate: bool = True) -> Encoded:
+    """Every object ``outputs`` asks for, for one analysed series, from cleaned sources.
+
+    Each source's header is cleaned once (:func:`.header.clean_header`). SEG and GSPS show only
+    findings at or above their threshold; PM only where the source has a Frame of Reference; the
+    SR covers every label of every analysed frame, references the overlays made here and, given a
+    ``revision``, the earlier reports it replaces. ``sources`` must be of one study and series
+    (ValueError otherwise). With ``isolate``, an output kind that fails is listed in
+    :attr:`Encoded.failed` and the other kinds are still made.
     """
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
         raise ValueError(f"outputs: unknown {unknown}, expected some of {list(OUTPUTS)}")
     check_one_series(sources)
-    # each builder writes from a cleaned copy (encode.study.clean_source); the originals keep the
-    # pixels preprocessing already decoded
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    results: list[Dataset] = []
-    overlays: dict[tuple[str, int, str, str], Dataset] = {}
-    if "sc" in outputs:
-        displays: dict[tuple[str, int], np.ndarray] = {}  # each frame decoded and windowed once
-        for number, heatmap in enumerate(heatmaps, start=1):
-            source = by_uid[heatmap.sop_instance_uid]
-            frame = (heatmap.sop_instance_uid, heatmap.frame)
-            if frame not in displays:
-                displays[frame] = source_display(source, heatmap.frame)
-            key = (heatmap.sop_instance_uid, heatmap.frame, heatmap.label, heatmap.method)
-            overlays[key] = secondary_capture(source, heatmap, producer, number, displays[frame])
-        results += overlays.values()
-    if "pm" in outputs:
-        maps = [parametric_map(by_uid[h.sop_instance_uid], h, producer, n) for n, h in enumerate(heatmaps, 1)]
-        results += [ds for ds in maps if ds is not None]
+    cleaned = [clean_header(ds) for ds in sources]  # Pixel Data is shared: displays decode it
+    changes = tuple(change for item in cleaned for change in item.changes)
+    by_uid = {str(item.dataset.SOPInstanceUID): stand_in(item.dataset) for item in cleaned}
+    classes = {str(item.dataset.SOPInstanceUID): str(item.dataset.SOPClassUID) for item in cleaned}
+    built: dict[str, list[Dataset]] = {}
+    builders: dict[str, Builder] = {**_BUILDERS, "sr": partial(_report, revision=revision)}
+    failed: list[tuple[str, str]] = []
+    for kind in [k for k in OUTPUTS if k in outputs]:  # SC before SR: the SR references overlays
+        try:
+            overlays = built.get("sc", [])
+            built[kind] = builders[kind](by_uid, predictions, heatmaps, producer, methods, overlays)
+        except Exception as exc:
+            if not isolate:
+                raise
+            logger.warning("pipeline %s: %s output failed (%s)", producer.pipeline, kind, type(exc).__name__)
+            failed.append((kind, type(exc).__name__))
+    objects = [ds for kind in OUTPUTS for ds in built.get(kind, [])]
+    for ds in objects:
+        restore_classes(ds, classes)
+    return Encoded(objects, changes, tuple(failed))
+
+
+Sources = dict[str, Dataset]
+Builder = Callable[[Sources, Sequence[Prediction], Sequence[Heatmap], Producer, Sequence[str], list[Dataset]],
+                   list[Dataset]]
+
+
+def _overlays(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+              producer: Producer, methods: Sequence[str], _: list[Dataset]) -> list[Dataset]:
+    displays: dict[tuple[str, int], np.ndarray] = {}  # each frame decoded and windowed once
+    overlays = []
+    for number, heatmap in enumerate(heatmaps, start=1):
+        source = by_uid[heatmap.sop_instance_uid]
+        frame = (heatmap.sop_instance_uid, heatmap.frame)
+        if frame not in displays:
+            displays[frame] = source_display(source, heatmap.frame)
+        overlays.append(secondary_capture(source, heatmap, producer, number, displays[frame]))
+    return overlays
+
+
+def _maps(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+          producer: Producer, methods: Sequence[str], _: list[Dataset]) -> list[Dataset]:
+    maps = [parametric_map(by_uid[h.sop_instance_uid], h, producer, n) for n, h in enumerate(heatmaps, 1)]
+    return [ds for ds in maps if ds is not None]
+
+
+def _present(heatmaps: Sequence[Heatmap], producer: Producer) -> list[tuple[str, list[Heatmap]]]:
     present: dict[tuple[str, int, str], list[Heatmap]] = defaultdict(list)
     for heatmap in heatmaps:
         if heatmap.probability >= producer.threshold(heatmap.label):
             present[(heatmap.sop_instance_uid, heatmap.frame, heatmap.method)].append(heatmap)
-    for kind, build in (("seg", segmentation), ("gsps", presentation_state)):
-        if kind in outputs:
-            built = [build(by_uid[uid], group, producer, number)
-                     for number, ((uid, _, _), group) in enumerate(sorted(present.items()), start=1)]
-            results += [ds for ds in built if ds is not None]
-    if "sr" in outputs:
-        results.append(measurement_report(sources, predictions, heatmaps, producer, overlays, methods,
-                                          revision))
-    return results
+    return [(uid, group) for (uid, _, _), group in sorted(present.items())]
+
+
+def _regions(build: Callable[..., Dataset | None]) -> Builder:
+    def regions(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+                producer: Producer, methods: Sequence[str], _: list[Dataset]) -> list[Dataset]:
+        built = [build(by_uid[uid], group, producer, number)
+                 for number, (uid, group) in enumerate(_present(heatmaps, producer), start=1)]
+        return [ds for ds in built if ds is not None]
+    return regions
+
+
+def _report(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+            producer: Producer, methods: Sequence[str], overlays: list[Dataset],
+            revision: Revision | None = None) -> list[Dataset]:
+    keys = [(h.sop_instance_uid, h.frame, h.label, h.method) for h in heatmaps]
+    by_key = dict(zip(keys, overlays, strict=True)) if len(overlays) == len(keys) else {}
+    return [measurement_report(list(by_uid.values()), predictions, heatmaps, producer, by_key, methods,
+                               revision)]
+
+
+_BUILDERS: dict[str, Builder] = {"sc": _overlays, "pm": _maps, "seg": _regions(segmentation),
+                                 "gsps": _regions(presentation_state), "sr": _report}

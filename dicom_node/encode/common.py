@@ -61,9 +61,13 @@ def derived_uid(*parts: str) -> UID:
     return UID(f"2.25.{uuid.uuid5(NAMESPACE, '/'.join(parts)).int}")
 
 
-def source_series(source: Dataset) -> tuple[str, str]:
+def source_series(source: "Dataset | tuple[str, str]") -> tuple[str, str]:
     """The source's series as output UIDs derive from it: its Study AND Series Instance UIDs, so
-    that two studies sharing a Series Instance UID never get the same output UIDs."""
+    that two studies sharing a Series Instance UID never get the same output UIDs. ``source`` is
+    a data set of the series or the pair of UIDs itself (a report made without readable sources)."""
+    if isinstance(source, tuple):
+        study, series = source
+        return str(study), str(series)
     return str(source.StudyInstanceUID), str(source.SeriesInstanceUID)
 
 
@@ -110,12 +114,12 @@ class Producer:
     def software_versions(self) -> str:
         return f"dicom-node {__version__}"
 
-    def series_uid(self, kind: str, source: Dataset, method: str = "") -> UID:
+    def series_uid(self, kind: str, source: "Dataset | tuple[str, str]", method: str = "") -> UID:
         """The Series Instance UID of the ``kind`` outputs made from ``source``'s series."""
         return derived_uid(kind, *source_series(source), self.pipeline, self.manifest.name,
                            self.manifest.version, self.manifest.sha256, method)
 
-    def instance_uid(self, kind: str, source: Dataset, *parts: str) -> UID:
+    def instance_uid(self, kind: str, source: "Dataset | tuple[str, str]", *parts: str) -> UID:
         """A UID (SOP Instance, Tracking) of an output made from ``source``'s series and ``parts``."""
         return derived_uid(kind, *source_series(source), self.pipeline, self.manifest.name,
                            self.manifest.version, self.manifest.sha256, *parts)

@@ -7,6 +7,7 @@ import highdicom as hd
 from pydicom import Dataset
 
 from dicom_node.encode.common import DISCLAIMER_TEXT, METHOD_NAMES, Producer
+from dicom_node.encode.header import legacy_multi_frame, multi_frame
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
@@ -15,9 +16,13 @@ from dicom_node.explain.heatmap import Heatmap
 def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: Producer,
                        instance_number: int) -> Dataset | None:
     """The hot-region ellipses and outlines of ``heatmaps`` (one frame, one method) with their
-    labels and the AI notice, or None when none has a hot region."""
+    labels and the AI notice, or None when none has a hot region, the source is in colour or a
+    multi-frame image without functional groups (:func:`.header.legacy_multi_frame`)."""
     kept = [(h, r) for h in heatmaps if (r := hot_region(h.native_map)) is not None]
-    if not kept:
+    # a colour image needs a Color Softcopy Presentation State; its overlay (SC) shows the regions
+    colour = source.get("SamplesPerPixel", 1) != 1 \
+        or source.get("PhotometricInterpretation") == "PALETTE COLOR"
+    if not kept or colour or legacy_multi_frame(source):
         return None
     method, frame = kept[0][0].method, kept[0][0].frame
     method_name = METHOD_NAMES.get(method, method)
@@ -31,10 +36,9 @@ def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: P
         texts.append(hd.pr.TextObject(
             f"{heatmap.label} p={heatmap.probability:.2f} ({method_name})", units="PIXEL",
             anchor_point=(float(column), float(row)), anchor_point_visible=False))
-    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
     annotation = hd.pr.GraphicAnnotation(
         referenced_images=[source], graphic_layer=layer, graphic_objects=graphics, text_objects=texts,
-        referenced_frame_number=frame + 1 if multi_frame else None)
+        referenced_frame_number=frame + 1 if multi_frame(source) else None)
     ds = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source], series_instance_uid=producer.series_uid("gsps", source, method),
         series_number=producer.series_number("gsps", method),

@@ -24,6 +24,7 @@ from dicom_node.encode.common import (
     mark_derived,
     source_reference,
 )
+from dicom_node.encode.header import multi_frame
 from dicom_node.encode.layout import Layout, Line, draw_band, plan, scale_factor
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source, orientation, patient_and_study, pixel_spacing
@@ -173,7 +174,7 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
     ds.RecognizableVisualFeatures = source.get("RecognizableVisualFeatures", "NO")
     ds.ImageComments = f"{DISCLAIMER_TEXT}. {method_name} of {heatmap.label}, p={heatmap.probability:.3f}"
     reference = source_reference(source)
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+    if multi_frame(source):
         reference.ReferencedFrameNumber = heatmap.frame + 1
     ds.SourceImageSequence = [reference]
     mark_derived(ds, [source], producer, f"{method_name} heatmap of '{heatmap.label}' "

@@ -38,7 +38,9 @@ def frame_anatomy(source: Dataset) -> Dataset:
 
 
 def has_frame_of_reference(source: Dataset) -> bool:
-    return "FrameOfReferenceUID" in source and "ImageOrientationPatient" in source
+    """A Frame of Reference and the plane's geometry: orientation and a (valid) Slice Thickness,
+    which the map's Pixel Measures need (encode.header drops an unfit one)."""
+    return all(k in source for k in ("FrameOfReferenceUID", "ImageOrientationPatient", "SliceThickness"))
 
 
 def parametric_map(source: Dataset, heatmap: Heatmap, producer: Producer,

@@ -10,6 +10,7 @@ from pydicom import Dataset
 
 from dicom_node import __version__
 from dicom_node.encode.common import METHOD_NAMES, Producer, mark_derived
+from dicom_node.encode.header import legacy_multi_frame, multi_frame
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source, orientation
 from dicom_node.explain.heatmap import Heatmap
@@ -31,7 +32,12 @@ def algorithm_identification(producer: Producer, method: str) -> hd.AlgorithmIde
 def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Producer,
                  instance_number: int) -> hd.seg.Segmentation | None:
     """The hot regions of ``heatmaps`` (one source frame, one method) as a binary SEG, or None
-    when no heatmap has a hot region."""
+    when no heatmap has a hot region, the source is a multi-frame image without functional
+    groups, or a plane whose geometry was unfit to copy."""
+    if legacy_multi_frame(source):
+        return None
+    if "FrameOfReferenceUID" in source and "ImageOrientationPatient" not in source:
+        return None  # a plane whose geometry encode.header dropped: no Plane Position to state
     regions = [(h, hot_region(h.native_map)) for h in heatmaps]
     kept = [(h, r) for h, r in regions if r is not None]
     if not kept:
@@ -52,8 +58,7 @@ def segmentation(source: Dataset, heatmaps: Sequence[Heatmap], producer: Produce
         for number, (h, _) in enumerate(kept, start=1)
     ]
     masks = np.stack([r.mask for _, r in kept], axis=-1)[None]  # (1, rows, columns, segments)
-    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
-    if multi_frame:
+    if multi_frame(source):
         masks = np.zeros((int(source.NumberOfFrames), *masks.shape[1:]), dtype=bool)
         masks[frame] = np.stack([r.mask for _, r in kept], axis=-1)
     ds = hd.seg.Segmentation(

@@ -40,6 +40,7 @@ from dicom_node.encode.common import (
     Producer,
     check_one_series,
 )
+from dicom_node.encode.header import multi_frame
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
@@ -76,7 +77,7 @@ def _observation_context(producer: Producer) -> hd.sr.ObservationContext:
 
 
 def _frames(source: Dataset, frame: int) -> list[int] | None:
-    return [frame + 1] if int(source.get("NumberOfFrames", 1) or 1) > 1 else None
+    return [frame + 1] if multi_frame(source) else None
 
 
 def _quality(heatmap: Heatmap) -> list[hd.sr.Measurement]:
@@ -253,9 +254,11 @@ def _content(sources: Sequence[Dataset], groups: Sequence[Group],
 
 def _library(sources: Sequence[Dataset]) -> list[Dataset] | None:
     """The Image Library's entries: highdicom describes a radiograph by its Patient Orientation
-    and Imager Pixel Spacing, so one without them is left out (it is still the evidence and each
+    and Imager Pixel Spacing, a cross-section by its plane, spacing and Slice Thickness, so one
+    without them (dropped by encode.header when unfit) is left out (it is still the evidence and each
     group's source image); None when no source qualifies."""
-    kept = [ds for ds in sources if "ImageOrientationPatient" in ds
+    kept = [ds for ds in sources if ("ImageOrientationPatient" in ds and "SliceThickness" in ds
+                                     and "PixelSpacing" in ds)
             or (ds.get("PatientOrientation") and "ImagerPixelSpacing" in ds)]
     return kept or None
 

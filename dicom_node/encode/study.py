@@ -1,11 +1,12 @@
-"""Attributes an output takes from its source: patient, study, geometry."""
+"""Attributes an output takes from its source: patient, study, geometry (from a header that
+:mod:`.header` cleaned)."""
 
-import warnings
 from typing import Any
 
 import numpy as np
-from pydicom import DataElement, Dataset, config
-from pydicom.valuerep import DA, TM
+from pydicom import Dataset
+
+from dicom_node.encode.header import ORIENTATION_LETTERS, clean_header
 
 #: Patient and General Study module attributes copied as they are, so the output joins the study.
 PATIENT_AND_STUDY = {
@@ -24,40 +25,12 @@ def patient_and_study(source: Dataset) -> dict[str, Any]:
 
 
 def clean_source(source: Dataset) -> Dataset:
-    """A copy of ``source`` whose patient and study attributes a writer will accept: a Patient's
-    Sex other than M, F or O, and dates and times that are not valid DA or TM, are left empty.
+    """A copy of ``source`` whose header every writer accepts (:func:`.header.clean_header`).
 
     The Storage SCP keeps what peers send as it is; what the node writes must be valid, and an
     error message about such a value would carry patient data into logs and job records.
     """
-    clean = Dataset()
-    clean.update(source)  # its own element dict; Pixel Data and sequences are shared, not copied
-    if hasattr(source, "file_meta"):
-        clean.file_meta = source.file_meta
-    replace = {}
-    if clean.get("PatientSex", "") not in ("", "M", "F", "O"):
-        replace["PatientSex"] = ""
-    for kind, keywords in ((DA, DATES), (TM, TIMES)):
-        replace.update({k: "" for k in keywords if k in clean and not _valid(clean[k].value, kind)})
-    for keyword, value in replace.items():
-        clean[keyword] = DataElement(clean[keyword].tag, clean[keyword].VR, value)
-    return clean
-
-
-DATES = ("PatientBirthDate", "StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate")
-TIMES = ("PatientBirthTime", "StudyTime", "SeriesTime", "ContentTime", "AcquisitionTime")
-
-
-def _valid(value: Any, kind: type) -> bool:
-    if value in (None, ""):
-        return True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kind(str(value), validation_mode=config.RAISE)
-        return True
-    except (ValueError, TypeError):
-        return False
+    return clean_header(source).dataset
 
 
 def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
@@ -69,7 +42,7 @@ def pixel_spacing(source: Dataset) -> tuple[float, float] | None:
     shared = source.get("SharedFunctionalGroupsSequence")
     if shared and "PixelMeasuresSequence" in shared[0]:
         value = shared[0].PixelMeasuresSequence[0].get("PixelSpacing")
-        if value is not None:
+        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
             return float(value[0]), float(value[1])
     return None
 
@@ -78,11 +51,13 @@ def orientation(source: Dataset) -> tuple[str, str] | None:
     """Patient Orientation of the source: its own, else from Image Orientation (Patient), else
     unknown (None): never guessed, a wrong side marker is worse than none."""
     value = source.get("PatientOrientation")
-    if value and len(value) == 2 and all(value):
+    if value and len(value) == 2 and all(v in ORIENTATION_LETTERS for v in value):
         return str(value[0]), str(value[1])
     cosines = source.get("ImageOrientationPatient")
     if cosines and len(cosines) == 6:
-        return _letters(np.array(cosines[:3], float)), _letters(np.array(cosines[3:], float))
+        letters = _letters(np.array(cosines[:3], float)), _letters(np.array(cosines[3:], float))
+        # an oblique direction has two letters: not carried over (see encode.header)
+        return letters if all(len(v) == 1 for v in letters) else None
     return None
 
 

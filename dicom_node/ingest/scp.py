@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 from pydicom import Dataset
+from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -32,7 +34,8 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class  # type: ignore[attr-defined]
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
@@ -71,6 +74,17 @@ TRANSFER_SYNTAXES = (
     JPEGLSNearLossless,
     JPEG2000,
 )
+
+#: Retired storage SOP classes (PS3.4 B.5, PS3.6 Table A-1 "Retired") that older modalities still
+#: send, e.g. US Image Storage 1.2.840.10008.5.1.4.1.1.6: accepted and stored like current ones.
+#: pynetdicom's storage list leaves them out; Storage Commitment is a service, not storage.
+RETIRED_STORAGE = tuple(sorted(
+    (UID(uid) for uid, (name, kind, _, retired, _) in UID_dictionary.items()
+     if kind == "SOP Class" and retired == "Retired" and "Storage" in name
+     and not uid.startswith("1.2.840.10008.1.")),
+    key=lambda uid: [int(part) for part in uid.split(".")],
+))
+
 
 def failure(status: StoreStatus, comment: str) -> Dataset:
     """A C-STORE response status with an Error Comment (truncated to fit LO)."""
@@ -196,10 +210,18 @@ def _commit(store: InstanceStore, staged: StagedInstance, request: object, calli
 
 
 def handle_accepted(event: Event, audit: Audit) -> None:
-    """A-ASSOCIATE-AC sent: recorded in the audit trail."""
+    """A-ASSOCIATE-AC sent: recorded in the audit trail, with every presentation context refused."""
     requestor = event.assoc.requestor
     audit.record("association_accepted", calling_ae_title=requestor.ae_title.strip(),
                  address=requestor.address)
+    for context in event.assoc.rejected_contexts:
+        # a refused context is an instance the peer cannot send: never silent
+        uid = str(context.abstract_syntax or "")
+        logger.warning("refused presentation context %s (%s) from %s@%s: %s", uid,
+                       UID(uid).name if uid else "no abstract syntax", requestor.ae_title.strip(),
+                       requestor.address, context.status)
+        audit.record("presentation_context_refused", calling_ae_title=requestor.ae_title.strip(),
+                     address=requestor.address, sop_class_uid=uid, reason=context.status)
 
 
 def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_AUDIT,
@@ -232,7 +254,8 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE that accepts every storage SOP class in :data:`TRANSFER_SYNTAXES`, plus Verification."""
+    """An AE that accepts every storage SOP class, the retired ones too (:data:`RETIRED_STORAGE`),
+    in :data:`TRANSFER_SYNTAXES`, plus Verification."""
     _config.LOG_HANDLER_LEVEL = "none"  # per-PDU log handlers cost 6-15 % even when silent
     ae = AE(ae_title=settings.node.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -249,6 +272,12 @@ def build_ae(settings: Settings) -> AE:
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+    for uid in RETIRED_STORAGE:
+        # pynetdicom hands a C-STORE to the handler only for classes in its storage registry;
+        # registering is its documented way, and idempotent
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, UID_dictionary[uid][4], StorageServiceClass)
+        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
     return ae
 
 
