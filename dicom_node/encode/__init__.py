@@ -14,7 +14,6 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 from pydicom import Dataset
@@ -104,12 +103,12 @@ def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction],
     by_uid = {str(item.dataset.SOPInstanceUID): stand_in(item.dataset) for item in cleaned}
     classes = {str(item.dataset.SOPInstanceUID): str(item.dataset.SOPClassUID) for item in cleaned}
     built: dict[str, list[Dataset]] = {}
-    builders: dict[str, Builder] = {**_BUILDERS, "sr": partial(_report, revision=revision)}
     failed: list[tuple[str, str]] = []
     for kind in [k for k in OUTPUTS if k in outputs]:  # SC before SR: the SR references overlays
         try:
             overlays = built.get("sc", [])
-            built[kind] = builders[kind](by_uid, predictions, heatmaps, producer, methods, overlays)
+            built[kind] = _BUILDERS[kind](by_uid, predictions, heatmaps, producer, methods, overlays,
+                                          revision)
         except Exception as exc:
             if not isolate:
                 raise
@@ -122,12 +121,16 @@ def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction],
 
 
 Sources = dict[str, Dataset]
-Builder = Callable[[Sources, Sequence[Prediction], Sequence[Heatmap], Producer, Sequence[str], list[Dataset]],
-                   list[Dataset]]
+#: One output kind's builder: the sources by SOP Instance UID, the predictions, the heatmaps, the
+#: producer, the methods, the overlays already made (the SR references them) and the revision
+#: (the SR supersedes the earlier reports it names).
+Builder = Callable[[Sources, Sequence[Prediction], Sequence[Heatmap], Producer, Sequence[str], list[Dataset],
+                    "Revision | None"], list[Dataset]]
 
 
 def _overlays(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
-              producer: Producer, methods: Sequence[str], _: list[Dataset]) -> list[Dataset]:
+              producer: Producer, methods: Sequence[str], _: list[Dataset],
+              __: Revision | None) -> list[Dataset]:
     displays: dict[tuple[str, int], np.ndarray] = {}  # each frame decoded and windowed once
     overlays = []
     for number, heatmap in enumerate(heatmaps, start=1):
@@ -140,7 +143,7 @@ def _overlays(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequ
 
 
 def _maps(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
-          producer: Producer, methods: Sequence[str], _: list[Dataset]) -> list[Dataset]:
+          producer: Producer, methods: Sequence[str], _: list[Dataset], __: Revision | None) -> list[Dataset]:
     maps = [parametric_map(by_uid[h.sop_instance_uid], h, producer, n) for n, h in enumerate(heatmaps, 1)]
     return [ds for ds in maps if ds is not None]
 
@@ -155,7 +158,8 @@ def _present(heatmaps: Sequence[Heatmap], producer: Producer) -> list[tuple[str,
 
 def _regions(build: Callable[..., Dataset | None]) -> Builder:
     def regions(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
-                producer: Producer, methods: Sequence[str], _: list[Dataset]) -> list[Dataset]:
+                producer: Producer, methods: Sequence[str], _: list[Dataset],
+                __: Revision | None) -> list[Dataset]:
         built = [build(by_uid[uid], group, producer, number)
                  for number, (uid, group) in enumerate(_present(heatmaps, producer), start=1)]
         return [ds for ds in built if ds is not None]
@@ -164,7 +168,7 @@ def _regions(build: Callable[..., Dataset | None]) -> Builder:
 
 def _report(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
             producer: Producer, methods: Sequence[str], overlays: list[Dataset],
-            revision: Revision | None = None) -> list[Dataset]:
+            revision: Revision | None) -> list[Dataset]:
     keys = [(h.sop_instance_uid, h.frame, h.label, h.method) for h in heatmaps]
     by_key = dict(zip(keys, overlays, strict=True)) if len(overlays) == len(keys) else {}
     return [measurement_report(list(by_uid.values()), predictions, heatmaps, producer, by_key, methods,
