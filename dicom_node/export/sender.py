@@ -188,6 +188,9 @@ class Exporter:
             in_hand = [a for n, a in self._in_hand.items() if name is None or n == name]
         for assoc in in_hand:
             assoc.abort()
+            # A local abort leaves a C-STORE waiting for its response until the DIMSE timeout
+            # (pynetdicom wakes the waiter only when the peer aborts): wake it the same way.
+            assoc.dimse.msg_queue.put((None, None))
         return len(in_hand)
 
     def _send(self, destination: Destination, records: list[OutboxRecord],
