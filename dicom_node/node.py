@@ -213,7 +213,7 @@ class Node:
 
     def stop(self) -> None:
         """Stop receiving and starting jobs, let running jobs finish within the grace, release the
-        rest, close."""
+        rest, close. The exporters' associations in hand are aborted: their records stay pending."""
         s = self.settings
         self._stop.set()  # no new jobs from here on
         if getattr(self, "web", None) is not None:

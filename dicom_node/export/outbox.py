@@ -18,6 +18,9 @@ the record was last queued by a job or retried by an operator.
 A job that runs again after a crash enqueues the same instances (their UIDs derive from the
 inputs): a record the same job already enqueued keeps its state, so nothing is sent twice. A new
 job (the series changed) makes them pending again.
+
+Every change raises a record's ``version``; an update applies only to the version it was given
+(compare-and-set), so an update made from an out-of-date copy is refused, never half-applied.
 """
 
 import sqlite3

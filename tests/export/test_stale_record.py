@@ -10,6 +10,8 @@ import pytest
 
 from dicom_node.config import Destination, ExportSettings
 from dicom_node.export import DeliveryState, Exporter, Outbox
+from dicom_node.export.outbox import _MIGRATIONS
+from dicom_node.store.db import connect, migrate
 from tests.export.test_outbox import Clock, Peer, _results
 
 
@@ -36,10 +38,11 @@ def _real_time_exporter(tmp_path: Path, port: int, backoff: float) -> Exporter:
     return Exporter(outbox, [Destination("pacs", "PACS", "127.0.0.1", port)], settings, "XAI_NODE")
 
 
-def test_an_error_escaping_the_send_counts_an_attempt_backs_off_and_ends_dead(tmp_path: Path) -> None:
+def test_an_error_escaping_the_send_counts_an_attempt_backs_off_and_ends_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     exporter = _real_time_exporter(tmp_path, 1, backoff=60)
     assoc = FailingAssociation()
-    exporter._associate = lambda destination, records: assoc  # type: ignore[method-assign,assignment,return-value]
+    monkeypatch.setattr(exporter, "_associate", lambda destination, records: assoc)
     exporter.outbox.enqueue(1, _results(tmp_path, 1), ["pacs"])
     for _ in range(3):  # passes as fast as the poll: the backoff holds the record back
         exporter.send_to("pacs")
@@ -51,7 +54,7 @@ def test_an_error_escaping_the_send_counts_an_attempt_backs_off_and_ends_dead(tm
 
     (tmp_path / "no-backoff").mkdir()
     exporter = _real_time_exporter(tmp_path / "no-backoff", 1, backoff=0)
-    exporter._associate = lambda destination, records: assoc  # type: ignore[method-assign,assignment,return-value]
+    monkeypatch.setattr(exporter, "_associate", lambda destination, records: assoc)
     exporter.outbox.enqueue(1, _results(tmp_path, 1), ["pacs"])
     for _ in range(6):
         exporter.send_to("pacs")
@@ -94,4 +97,22 @@ def test_an_update_from_an_out_of_date_copy_is_refused_even_within_one_clock_tic
     assert outbox.retry_later(current, "busy", clock.now + 10)
     [record] = outbox.list()
     assert (record.attempts, record.reason, record.version) == (1, "busy", current.version + 1)
+    outbox.close()
+
+
+def test_records_of_the_previous_schema_gain_a_version_and_take_compare_and_set_updates(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite"
+    conn = connect(db)
+    migrate(conn, "outbox", _MIGRATIONS[:2])  # sends and timeouts, no version yet
+    conn.execute("INSERT INTO outbox (sop_instance_uid, destination, sop_class_uid, study_instance_uid, path, "
+                 "job_id, state, attempts, not_before, reason, created_at, updated_at, sends) "
+                 "VALUES ('1.2.3', 'pacs', '1.2', '1.2.4', '/x.dcm', 1, 'pending', 1, 0, 'busy', 1, 2, 1)")
+    conn.close()
+    outbox = Outbox(db)
+    [read] = outbox.due()
+    assert (read.version, read.sends, read.attempts) == (0, 1, 1)
+    current = outbox.sending(read)
+    assert current is not None and not outbox.delivered(read) and outbox.delivered(current)
+    [record] = outbox.list()
+    assert (record.state, record.sends, record.attempts, record.version) == (DeliveryState.DELIVERED, 2, 2, 2)
     outbox.close()
