@@ -104,7 +104,8 @@ class Node:
         self._stop = threading.Event()
         self._exporters: dict[str, DestinationWorker] = {}  # one per destination, woken by the outbox
         self._work_due = threading.Event()  # set when the scheduler has queued jobs
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # the scheduler and the workers
+        self._exporter_threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
         self.ingest: IngestServer | None = None
 
@@ -148,7 +149,8 @@ class Node:
         self._spawn("scheduler", self._schedule_loop)
         for exporter in self.exporter.workers():
             self._exporters[exporter.name] = exporter
-            self._spawn(f"exporter-{exporter.name}", partial(exporter.run_until, self._stop))
+            self._spawn(f"exporter-{exporter.name}", partial(exporter.run_until, self._stop),
+                        self._exporter_threads)
         self.web: WebServer | None = None
         if s.web.enabled:
             sources = Sources(s.node.data_dir, self.queue, self.outbox, self.registry,
@@ -188,10 +190,11 @@ class Node:
             raise ConfigError(f"{s.source}: key 'inference.device' = {s.inference.device!r} is "
                               f"invalid: {exc}") from None
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+    def _spawn(self, name: str, target: Callable[[], None],
+               threads: list[threading.Thread] | None = None) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
-        self._threads.append(thread)
+        (self._threads if threads is None else threads).append(thread)
 
     def _schedule_loop(self) -> None:
         interval = tick_interval(self.settings.study.stable_seconds)
@@ -210,23 +213,29 @@ class Node:
 
     def stop(self) -> None:
         """Stop receiving and starting jobs, let running jobs finish within the grace, release the
-        rest, close."""
+        rest, close. The exporters' associations in hand are aborted: their records stay pending."""
         s = self.settings
         self._stop.set()  # no new jobs from here on
         if getattr(self, "web", None) is not None:
             self.web.stop()  # type: ignore[union-attr]
         for exporter in self._exporters.values():
             exporter.wake()
+            exporter.abort()  # a send to a slow PACS need not outlive the grace; it goes again
         self._work_due.set()
         # Both graces run from the signal, side by side: jobs finish while associations do.
         deadline = time.monotonic() + s.workers.shutdown_grace_seconds
         ingest_clean = True
         if self.ingest is not None:
             ingest_clean = self.ingest.stop(s.ingest.shutdown_grace_seconds)
-        for thread in self._threads:
+        for thread in self._threads + self._exporter_threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        # Clean is about the store's files: an exporter writes none, and a send it cut short is
+        # counted and goes again on the next start.
         busy = [t.name for t in self._threads if t.is_alive()]
         clean = not busy and ingest_clean  # a handler still writing: check the files next start
+        exporting = [t.name for t in self._exporter_threads if t.is_alive()]
+        if exporting:
+            logger.warning("%s still busy at stop (a destination slow to connect)", exporting)
         if busy:
             released = self.queue.release_running("the node stopped before the job finished")
             logger.warning("%s still busy at stop; %d job(s) queued again", busy, released)

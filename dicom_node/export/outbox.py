@@ -18,6 +18,9 @@ the record was last queued by a job or retried by an operator.
 A job that runs again after a crash enqueues the same instances (their UIDs derive from the
 inputs): a record the same job already enqueued keeps its state, so nothing is sent twice. A new
 job (the series changed) makes them pending again.
+
+Every change raises a record's ``version``; an update applies only to the version it was given
+(compare-and-set), so an update made from an out-of-date copy is refused, never half-applied.
 """
 
 import sqlite3
@@ -59,9 +62,14 @@ _MIGRATIONS = (
     ALTER TABLE outbox ADD COLUMN timeouts INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX outbox_destination_due ON outbox (destination, state, not_before)
     """,
+    # 3: a counter every change raises, for the compare-and-set of the updates (updated_at is
+    # not one: two changes within one tick of the clock carry the same time)
+    """
+    ALTER TABLE outbox ADD COLUMN version INTEGER NOT NULL DEFAULT 0
+    """,
 )
 _COLUMNS = ("id, sop_instance_uid, destination, sop_class_uid, study_instance_uid, path, job_id, state, "
-            "attempts, not_before, reason, created_at, updated_at, delivered_at, sends, timeouts")
+            "attempts, not_before, reason, created_at, updated_at, delivered_at, sends, timeouts, version")
 
 
 _UPSERT = (
@@ -70,7 +78,7 @@ _UPSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, '', ?, ?) "
     "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET path = excluded.path, "
     "job_id = excluded.job_id, state = excluded.state, attempts = 0, timeouts = 0, "
-    "not_before = excluded.not_before, reason = '', updated_at = excluded.updated_at"
+    "not_before = excluded.not_before, reason = '', updated_at = excluded.updated_at, version = version + 1"
 )
 
 
@@ -103,6 +111,7 @@ class OutboxRecord:
     delivered_at: float
     sends: int = 0
     timeouts: int = 0
+    version: int = 0  # raised by every change: an update applies only to the version it read
 
 
 @dataclass(frozen=True)
@@ -172,7 +181,7 @@ class Outbox:
         now = self.clock()
         if not self._update("sends = sends + 1, updated_at = ?", (now,), record):
             return None
-        return replace(record, sends=record.sends + 1, updated_at=now)
+        return replace(record, sends=record.sends + 1, updated_at=now, version=record.version + 1)
 
     def delivered(self, record: OutboxRecord, note: str = "") -> bool:
         """Mark ``record`` (as it was read) delivered; False if it changed meanwhile (a newer job
@@ -221,7 +230,7 @@ class Outbox:
                 raise OutboxError(f"outbox record {record_id} is pending already")
             now = self.clock()
             conn.execute("UPDATE outbox SET state = ?, attempts = 0, timeouts = 0, not_before = ?, "
-                         "reason = ?, updated_at = ? WHERE id = ?",
+                         "reason = ?, updated_at = ?, version = version + 1 WHERE id = ?",
                          (DeliveryState.PENDING, now, "retry requested", now, record_id))
         return self.get(record_id)
 
@@ -247,11 +256,10 @@ class Outbox:
         return {state: count for state, count in rows}
 
     def _update(self, assignments: str, values: tuple, record: OutboxRecord) -> bool:
+        """Apply ``assignments`` if the record is still the version ``record`` was read at."""
         with self._transaction() as conn:
-            cursor = conn.execute(
-                f"UPDATE outbox SET {assignments} "
-                "WHERE id = ? AND job_id = ? AND updated_at = ? AND state = ?",
-                (*values, record.id, record.job_id, record.updated_at, record.state))
+            cursor = conn.execute(f"UPDATE outbox SET {assignments}, version = version + 1 "
+                                  "WHERE id = ? AND version = ?", (*values, record.id, record.version))
         return cursor.rowcount == 1
 
 

@@ -84,6 +84,9 @@ class Exporter:
         # Send result files as they are on disk (no decode and re-encode of a 12 MB overlay) when
         # the destination accepted their transfer syntax; this process only ever sends results.
         _config.STORE_SEND_CHUNKED_DATASET = True
+        # each destination's association in hand, so that a stop need not wait out a slow PACS
+        self._in_hand: dict[str, Association] = {}
+        self._in_hand_lock = threading.Lock()
 
     def workers(self) -> list["DestinationWorker"]:
         """One worker per configured destination, for a thread each."""
@@ -175,6 +178,21 @@ class Exporter:
         ae = self._ae(destination, {r.sop_class_uid for r in records})
         return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, max_pdu=131072)
 
+    def abort(self, name: str | None = None) -> int:
+        """Abort the association in hand for ``name`` (None: every destination); returns how many.
+
+        Called when the node stops, after its stop event is set: a store cut short this way
+        leaves its record pending (its send is counted) and it goes again on the next start.
+        """
+        with self._in_hand_lock:
+            in_hand = [a for n, a in self._in_hand.items() if name is None or n == name]
+        for assoc in in_hand:
+            assoc.abort()
+            # A local abort leaves a C-STORE waiting for its response until the DIMSE timeout
+            # (pynetdicom wakes the waiter only when the peer aborts): wake it the same way.
+            assoc.dimse.msg_queue.put((None, None))
+        return len(in_hand)
+
     def _send(self, destination: Destination, records: list[OutboxRecord],
               stop: threading.Event | None) -> tuple[int, list[OutboxRecord]]:
         """One association: returns how many were delivered and the records left untried."""
@@ -185,32 +203,53 @@ class Exporter:
             for record in records:
                 self._failed(record, outcome, f"{name}: {reason}")
             return 0, []
-        delivered = 0
+        with self._in_hand_lock:
+            self._in_hand[name] = assoc
         try:
-            for i, record in enumerate(records):
-                if stop is not None and stop.is_set():
-                    return delivered, records[i:]
-                if not assoc.is_established and i > 0:
-                    return delivered, records[i:]  # lost after a store that timed out: a new one for these
-                if not assoc.is_established:  # lost before any store: these wait for their backoff
-                    for rest in records:
-                        self._failed(rest, Outcome.TRANSIENT, f"{name}: association lost")
-                    return 0, []
-                try:
-                    delivered += self._store(assoc, name, record)
-                except Exception as exc:  # e.g. a damaged result file: this record, not the pass
-                    logger.exception("result %s to %s: unexpected error", record.sop_instance_uid, name)
-                    self._failed(record, Outcome.PERMANENT, f"{name}: {type(exc).__name__}: {exc}"[:500])
+            return self._send_on(assoc, name, records, stop)
         finally:
-            if assoc.is_established:
+            with self._in_hand_lock:
+                self._in_hand.pop(name, None)
+            if assoc.is_established and stop is not None and stop.is_set():
+                assoc.abort()  # stopping: a slow PACS may take long to answer a release too
+            elif assoc.is_established:
                 assoc.release()
+
+    def _send_on(self, assoc: Association, name: str, records: list[OutboxRecord],
+                 stop: threading.Event | None) -> tuple[int, list[OutboxRecord]]:
+        delivered = 0
+        for i, record in enumerate(records):
+            if stop is not None and stop.is_set():
+                return delivered, records[i:]
+            if not assoc.is_established and i > 0:
+                return delivered, records[i:]  # lost after a store that timed out: a new one for these
+            if not assoc.is_established:  # lost before any store: these wait for their backoff
+                for rest in records:
+                    self._failed(rest, Outcome.TRANSIENT, f"{name}: association lost")
+                return 0, []
+            try:
+                delivered += self._store(assoc, name, record, stop)
+            except Exception:  # the outbox itself failed (sending() or _failed()): the next pass
+                logger.exception("result %s to %s: outbox error", record.sop_instance_uid, name)
         return delivered, []
 
-    def _store(self, assoc: Association, name: str, record: OutboxRecord) -> int:
+    def _store(self, assoc: Association, name: str, record: OutboxRecord,
+               stop: threading.Event | None = None) -> int:
         current = self.outbox.sending(record)  # counted before it goes out: a crash mid-send counts
         if current is None:
             return 0  # reset by a newer job or an operator since it was read: the next pass takes it
-        record = current
+        try:
+            return self._store_counted(assoc, name, current, stop)
+        except Exception as exc:  # e.g. a pynetdicom error, or a locked database in delivered()
+            # recorded against the record as sending() left it: the copy read before is stale,
+            # and a failure recorded there would be lost (and the record sent again at once)
+            logger.exception("result %s to %s: unexpected error", current.sop_instance_uid, name)
+            self._failed(current, Outcome.PERMANENT, f"{name}: {type(exc).__name__}: {exc}"[:500])
+            return 0
+
+    def _store_counted(self, assoc: Association, name: str, record: OutboxRecord,
+                       stop: threading.Event | None) -> int:
+        """Send ``record`` (its send counted already) and record the outcome."""
         try:
             response = assoc.send_c_store(Path(record.path))
         except (OSError, InvalidDicomError) as exc:
@@ -223,6 +262,8 @@ class Exporter:
                 self._failed(record, Outcome.PERMANENT, f"{name}: {exc}")
                 return 0
         status = int(response.Status) if "Status" in response else None
+        if status is None and stop is not None and stop.is_set():
+            return 0  # cut short by the node's stop: pending as it is, sent again on the next start
         outcome = classify(status)
         if outcome is Outcome.DELIVERED:
             return self._delivered(record, name, status or 0)
@@ -254,6 +295,10 @@ class DestinationWorker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def abort(self) -> None:
+        """Cut short this destination's association in hand (the node is stopping)."""
+        self.exporter.abort(self.name)
 
     def run_until(self, stop: threading.Event) -> None:
         """Send, then wait for a wake-up or the poll, until ``stop`` is set."""
