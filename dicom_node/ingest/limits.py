@@ -21,6 +21,7 @@ pynetdicom's classes: other associations and other AEs in the process are untouc
 """
 
 import logging
+import queue
 import tempfile
 import time
 from dataclasses import dataclass
@@ -308,6 +309,32 @@ class AssociationGuard:
     def _peer(self) -> str:
         requestor = self.assoc.requestor
         return f"{requestor.ae_title.strip() or '?'}@{requestor.address}"
+
+
+def discard_queued(assoc: Association) -> int:
+    """Empty a finished association's queue of received messages; delete their spool files.
+
+    Call it once the association's thread has ended: nobody takes from the queue any more. A
+    peer that aborts while complete C-STOREs wait for the handler would otherwise leave their
+    spool files under ``data_dir/tmp`` for good. Returns how many messages were dropped.
+    """
+    dimse: Any = assoc.dimse
+    dropped = 0
+    while True:
+        try:
+            _, primitive = dimse.msg_queue.get_nowait()
+        except queue.Empty:
+            break
+        dropped += 1
+        spool = getattr(primitive, "_dataset_file", None)
+        primitive._dataset_file = primitive._dataset_path = None
+        if spool is not None:
+            spool.close()
+            Path(spool.name).unlink(missing_ok=True)
+    message = getattr(dimse, "message", None)
+    if message is not None:  # cut short, and EVT_CONN_CLOSE may not have fired
+        _delete_spool(message)
+    return dropped
 
 
 def _delete_spool(message: DIMSEMessage) -> None:

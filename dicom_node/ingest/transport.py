@@ -37,7 +37,7 @@ from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.ingest.admission import Admission, Admitted, Refusal, host_key
-from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT
+from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT, discard_queued
 from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class _RequestHandler(RequestHandler):
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
+        discard_queued(assoc)  # messages the peer's abort left waiting hold spool files
 
 
 class AdmissionServer(ThreadedAssociationServer):

@@ -2,9 +2,11 @@
 protocol violations that could make the node buffer without bound."""
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -15,7 +17,7 @@ from dicom_node.ingest.status import StoreStatus
 from dicom_node.store import InstanceStore
 from tests.conftest import make_settings
 from tests.factories import ct_dataset
-from tests.ingest.attacker import COMMAND, Attacker, p_data, store_command
+from tests.ingest.attacker import COMMAND, LAST, Attacker, p_data, store_command
 from tests.ingest.test_scp import send
 
 KiB, MiB = 2**10, 2**20
@@ -97,3 +99,50 @@ def test_a_connection_cut_mid_spool_leaves_no_spool_file(small_node: tuple[Inges
     while list(store.files.tmp.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not list(store.files.tmp.iterdir())
+
+
+def _spool_files(store: InstanceStore) -> list[Path]:
+    return list(store.files.tmp.glob("spool-*.part"))
+
+
+def _poll(condition: object, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_an_abort_with_a_spooled_store_queued_leaves_no_spool_file(
+    small_node: tuple[IngestServer, InstanceStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler is busy with one C-STORE; a second, spooled and complete, waits in the
+    queue when the peer aborts: its spool file goes with the association (spoolleak.py)."""
+    server, store = small_node
+    busy, go_on = threading.Event(), threading.Event()
+    real_stage = store.stage
+
+    def slow_stage(*args: Any, **kwargs: Any) -> Any:
+        busy.set()
+        go_on.wait(10.0)
+        return real_stage(*args, **kwargs)
+
+    monkeypatch.setattr(store, "stage", slow_stage)
+    try:
+        with Attacker(server.port) as attacker:
+            attacker.associate(CTImageStorage, ExplicitVRLittleEndian)
+            attacker.send(store_command(1, CTImageStorage, "1.2.826.0.1.3680043.10.1543.80"))
+            attacker.send(p_data(1, LAST, bytes(1000)))
+            assert busy.wait(10.0)
+            attacker.send(store_command(1, CTImageStorage, "1.2.826.0.1.3680043.10.1543.81", 2))
+            for number in range(5):  # 640 KiB: spooled past 256 KiB
+                attacker.send(p_data(1, LAST if number == 4 else 0, bytes(128 * KiB - 6)))
+            queued = lambda: any(a.dimse.msg_queue.qsize() for a in server.server.active_associations)  # noqa: E731
+            assert _poll(queued, 10.0), "the second C-STORE never got queued"
+            assert _spool_files(store)
+            attacker.send(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-ABORT
+    finally:
+        go_on.set()
+    assert _poll(lambda: not server.server.active_associations, 10.0)
+    assert _poll(lambda: not _spool_files(store), 5.0), _spool_files(store)
