@@ -13,8 +13,10 @@ over the two places where received bytes enter:
   ``spool_threshold`` a C-STORE data set goes to a temporary file under ``data_dir/tmp``; past
   ``max_instance_size`` the C-STORE is answered 0xA701 at once, the rest of it is discarded
   unread into memory, and if the peer sends more than another ``max_instance_size`` of it the
-  association is aborted. A new message is not read while a completed one waits for the
-  handler, so TCP flow control holds the peer back instead of the node's memory.
+  association is aborted. The data set of any other request (the node serves only C-ECHO and
+  C-STORE) is bounded by ``OTHER_DATA_SET_LIMIT``, past which the association is aborted. A
+  new message is not read while a completed one waits for the handler, so TCP flow control
+  holds the peer back instead of the node's memory.
 
 Both are instance attributes replaced on one association's own objects, not patches of
 pynetdicom's classes: other associations and other AEs in the process are untouched.
@@ -64,6 +66,10 @@ ASSOCIATE_PDU_LIMIT = 256 * 1024
 FIXED_PDU_LIMIT = 64
 #: A command set is a few hundred bytes; this leaves room for any conformant one.
 COMMAND_SET_LIMIT = 2**16
+#: The data set of any message but a C-STORE-RQ. The node serves C-ECHO (no data set) and
+#: C-STORE only; an identifier of any other request is a few KB, and it is answered "refused"
+#: anyway, so it must not be held in memory up to ``max_instance_size``.
+OTHER_DATA_SET_LIMIT = 2**16
 _POLL_SECONDS = 0.002
 _SPOOL_PREFIX = "spool-"
 
@@ -219,8 +225,13 @@ class AssociationGuard:
         if message is not self._message:
             self._message, self.received = message, 0
         self.received += len(data) - 1
+        if not isinstance(message, C_STORE_RQ):
+            if self.received > OTHER_DATA_SET_LIMIT:
+                self.abort(f"{type(message).__name__} data set over {OTHER_DATA_SET_LIMIT} bytes")
+                return False
+            return True
         if self.received > self.limits.max_instance_size:
-            if isinstance(message, C_STORE_RQ) and message.command_set.MessageID is not None:
+            if message.command_set.MessageID is not None:
                 return False  # refused with 0xA701
             self.abort(f"data set over {self.limits.max_instance_size} bytes")
             return False

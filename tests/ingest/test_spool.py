@@ -2,6 +2,7 @@
 protocol violations that could make the node buffer without bound."""
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom.dsutils import encode
 
 from dicom_node.ingest.scp import IngestServer, start_ingest
 from dicom_node.ingest.status import StoreStatus
@@ -146,3 +148,26 @@ def test_an_abort_with_a_spooled_store_queued_leaves_no_spool_file(
         go_on.set()
     assert _poll(lambda: not server.server.active_associations, 10.0)
     assert _poll(lambda: not _spool_files(store), 5.0), _spool_files(store)
+
+
+def test_the_data_set_of_a_request_other_than_c_store_is_capped(
+    small_node: tuple[IngestServer, InstanceStore]
+) -> None:
+    """A C-FIND-RQ with a 256 KiB identifier: aborted past 64 KiB, not held up to 1 MiB."""
+    server, _ = small_node
+    command = Dataset()
+    command.AffectedSOPClassUID = CTImageStorage
+    command.CommandField = 0x0020  # C-FIND-RQ
+    command.MessageID = 1
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    with Attacker(server.port) as attacker:
+        attacker.associate(CTImageStorage, ExplicitVRLittleEndian)
+        body = encode(command, True, True)
+        assert body is not None
+        group_length = b"\x00\x00\x00\x00\x04\x00\x00\x00" + struct.pack("<L", len(body))
+        attacker.send(p_data(1, COMMAND | LAST, group_length + body))
+        for _ in range(16):
+            if not attacker.send(p_data(1, 0x00, bytes(16 * KiB))):
+                break
+        assert _aborted(attacker)
