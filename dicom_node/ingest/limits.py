@@ -40,7 +40,9 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node.config import Settings
+from dicom_node.ingest.admission import host_key
 from dicom_node.ingest.status import StoreStatus, error_comment
+from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +105,9 @@ class ReceiveLimits:
         return FIXED_PDU_LIMIT
 
 
-def install_guard(event: Event, limits: ReceiveLimits) -> None:
+def install_guard(event: Event, limits: ReceiveLimits, peer_log: PeerLogLimiter | None = None) -> None:
     """``EVT_CONN_OPEN`` handler: put an :class:`AssociationGuard` on the new association."""
-    AssociationGuard(event.assoc, limits).install()
+    AssociationGuard(event.assoc, limits, peer_log).install()
 
 
 def spooled_path(request: C_STORE) -> Path | None:
@@ -117,9 +119,11 @@ def spooled_path(request: C_STORE) -> Path | None:
 class AssociationGuard:
     """Bounds on what one association's peer can make the node buffer."""
 
-    def __init__(self, assoc: Association, limits: ReceiveLimits) -> None:
+    def __init__(self, assoc: Association, limits: ReceiveLimits,
+                 peer_log: PeerLogLimiter | None = None) -> None:
         self.assoc = assoc
         self.limits = limits
+        self.peer_log = peer_log  # a peer decides how often these lines would be written
         self.closing = False  # an abort is under way: read nothing more
         self.received = 0  # data set bytes of the message being received
         self.discarded: int | None = None  # bytes dropped after a refusal; None when not dropping
@@ -173,7 +177,7 @@ class AssociationGuard:
         try:
             pdu, event = dul._decode_pdu(bytearray(header) + body)
         except Exception:  # pynetdicom's decoders raise many types on malformed PDUs
-            logger.warning("undecodable PDU from %s: aborting", self._peer())
+            self._warn("undecodable PDU from %s: aborting", self._peer())
             dul.event_queue.put("Evt19")
             return
         dul.event_queue.put(event)
@@ -181,7 +185,7 @@ class AssociationGuard:
 
     def abort(self, reason: str) -> None:
         """From the DUL thread: send an A-ABORT, close, and read nothing more."""
-        logger.warning("aborting association with %s: %s", self._peer(), reason)
+        self._warn("aborting association with %s: %s", self._peer(), reason)
         self.closing = True
         self._drop_message()
         # Evt19 "invalid PDU": the state machine sends the A-ABORT and tells the association;
@@ -206,6 +210,8 @@ class AssociationGuard:
                 self._receive(single)
             elif not self.closing:
                 self._refuse(context_id)
+                if data[0] & 2:  # the data set ended in the fragment that went over the limit
+                    self.discarded = None
 
     def _admit(self, data: bytes) -> bool:
         """Account for one fragment; ``False`` when it takes its C-STORE past the size limit."""
@@ -277,8 +283,8 @@ class AssociationGuard:
         dimse: Any = self.assoc.dimse
         command = dimse.message.command_set
         limit = self.limits.max_instance_size
-        logger.warning("refused %s from %s: data set over %d bytes",
-                       str(command.AffectedSOPInstanceUID or "")[:64], self._peer(), limit)
+        self._warn("refused %s from %s: data set over %d bytes",
+                   str(command.AffectedSOPInstanceUID or "")[:64], self._peer(), limit)
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = command.MessageID
         rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
@@ -316,6 +322,12 @@ class AssociationGuard:
         message = getattr(self.assoc.dimse, "message", None)
         if message is not None:
             _delete_spool(message)
+
+    def _warn(self, msg: str, *args: object) -> None:
+        if self.peer_log is None:
+            logger.warning(msg, *args)
+        else:
+            self.peer_log.log(logging.WARNING, host_key(self.assoc.requestor.address), msg, *args)
 
     def _peer(self) -> str:
         requestor = self.assoc.requestor

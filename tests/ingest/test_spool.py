@@ -171,3 +171,34 @@ def test_the_data_set_of_a_request_other_than_c_store_is_capped(
             if not attacker.send(p_data(1, 0x00, bytes(16 * KiB))):
                 break
         assert _aborted(attacker)
+
+
+def test_refusals_of_one_peer_log_a_bounded_number_of_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused C-STOREs, by the handler (undecodable) and by the guard (too large), share the
+    peer's budget of log lines: a peer decides how many it sends."""
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    settings = make_settings(tmp_path / "data", max_instance_size=256 * KiB,
+                             spool_threshold=128 * KiB, log_lines_per_host_per_minute=3)
+    store = InstanceStore(settings.node.data_dir, 0)
+    server = start_ingest(settings, store)
+    try:
+        with Attacker(server.port) as attacker:
+            attacker.associate(CTImageStorage, ExplicitVRLittleEndian)
+            for number in range(1, 9):
+                uid = f"1.2.826.0.1.3680043.10.1543.9{number}"
+                attacker.send(store_command(1, CTImageStorage, uid, number))
+                size = 300 * KiB if number % 2 else 1000  # too large, or undecodable
+                for offset in range(0, size, 100 * KiB):
+                    last = offset + 100 * KiB >= size
+                    attacker.send(p_data(1, LAST if last else 0, b"\xff" * min(100 * KiB, size - offset)))
+                answer = attacker.read(10.0)
+                assert answer is not None and answer.command is not None
+                assert answer.command.Status in (StoreStatus.OUT_OF_RESOURCES_INSTANCE_TOO_LARGE,
+                                                 StoreStatus.CANNOT_UNDERSTAND)
+    finally:
+        server.stop(grace_seconds=2.0)
+        store.close()
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 3, [r.getMessage() for r in refused]
