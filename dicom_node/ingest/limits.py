@@ -22,6 +22,7 @@ Both are instance attributes replaced on one association's own objects, not patc
 pynetdicom's classes: other associations and other AEs in the process are untouched.
 """
 
+import contextlib
 import logging
 import queue
 import tempfile
@@ -73,6 +74,7 @@ COMMAND_SET_LIMIT = 2**16
 #: anyway, so it must not be held in memory up to ``max_instance_size``.
 OTHER_DATA_SET_LIMIT = 2**16
 _POLL_SECONDS = 0.002
+_READ_SIZE = 2**16
 _SPOOL_PREFIX = "spool-"
 
 
@@ -85,6 +87,7 @@ class ReceiveLimits:
     spool_threshold: int
     spool_dir: Path
     handler_wait: float  # how long a new message waits for the handler before an abort
+    pdu_timeout: float = 60.0  # a PDU must arrive whole within this of its first byte
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ReceiveLimits":
@@ -94,6 +97,7 @@ class ReceiveLimits:
             spool_threshold=settings.ingest.spool_threshold,
             spool_dir=settings.node.data_dir / "tmp",
             handler_wait=settings.ingest.dimse_timeout,
+            pdu_timeout=settings.ingest.network_timeout,
         )
 
     def pdu_limit(self, pdu_type: int) -> int:
@@ -148,11 +152,10 @@ class AssociationGuard:
         if self.closing:  # whatever follows an oversized header is its body: never read it
             dul.event_queue.put("Evt17")
             return
-        try:
-            header = bytes(dul.socket.recv(6))
-        except (OSError, TimeoutError):
-            dul.event_queue.put("Evt17")
-            return
+        # Called once a first byte is readable. Without a deadline, a peer that sends one byte
+        # and stalls holds this thread, its socket and its association slot for good.
+        deadline = time.monotonic() + self.limits.pdu_timeout
+        header = self._recv(6, deadline)
         if len(header) < 6:
             dul.event_queue.put("Evt17")
             return
@@ -164,13 +167,47 @@ class AssociationGuard:
             self.abort(f"{PduType(pdu_type).name} of {length} bytes exceeds "
                        f"{self.limits.pdu_limit(pdu_type)}")
             return
-        self._read_body(dul, header, length)
+        self._read_body(dul, header, length, deadline)
 
-    def _read_body(self, dul: Any, header: bytes, length: int) -> None:
+    def _recv(self, nbytes: int, deadline: float) -> bytes:
+        """Up to ``nbytes`` from the peer by ``deadline``; fewer only if it closed or ran late.
+
+        The bytes the admission server read ahead (its A-ASSOCIATE-RQ, see
+        ``transport._PrefixedSocket``) come first.
+        """
+        wrapper: Any = self.assoc.dul.socket
+        data = bytearray()
+        prefix = getattr(wrapper, "_prefix", None)
+        if prefix:
+            data += prefix[:nbytes]
+            del prefix[:nbytes]
+        sock = wrapper.socket
         try:
-            body = dul.socket.recv(length)
-        except (OSError, TimeoutError):
-            body = b""
+            while len(data) < nbytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._timed_out(nbytes, len(data))
+                    break
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(nbytes - len(data), _READ_SIZE))
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            self._timed_out(nbytes, len(data))
+        except OSError:
+            pass  # reset or shut down: the caller sees a short read
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)  # pynetdicom's sends expect a blocking socket
+        return bytes(data)
+
+    def _timed_out(self, nbytes: int, got: int) -> None:
+        self._warn("closing association with %s: PDU incomplete after %s s (%d of %d bytes)",
+                   self._peer(), self.limits.pdu_timeout, got, nbytes)
+
+    def _read_body(self, dul: Any, header: bytes, length: int, deadline: float) -> None:
+        body = self._recv(length, deadline)
         if len(body) != length:
             dul.event_queue.put("Evt17")
             return
@@ -348,6 +385,8 @@ def discard_queued(assoc: Association) -> int:
             _, primitive = dimse.msg_queue.get_nowait()
         except queue.Empty:
             break
+        if primitive is None:  # pynetdicom's own (None, None) entries carry nothing
+            continue
         dropped += 1
         spool = getattr(primitive, "_dataset_file", None)
         primitive._dataset_file = primitive._dataset_path = None

@@ -231,9 +231,11 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_
     called = str(primitive.called_ae_title) if primitive else ""
     calling = str(primitive.calling_ae_title) if primitive else ""
     address = assoc.requestor.address
-    others = sum(1 for a in assoc.ae.active_associations
-                 if a.is_acceptor and a.is_established and a is not assoc)
-    rejection = policy.check(called, calling, address, others)
+    others = [a for a in assoc.ae.active_associations
+              if a.is_acceptor and a.is_established and a is not assoc]
+    host = host_key(address)
+    same_host = sum(1 for a in others if host_key(a.requestor.address) == host)
+    rejection = policy.check(called, calling, address, len(others), same_host)
     if rejection is not None:
         line = ("rejected association from %s@%s: %s", calling.strip(), address, rejection.description)
         if peer_log is None:
@@ -325,6 +327,7 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
         ae_title=settings.node.ae_title,
         allowed_peers=settings.node.allowed_peers,
         max_associations=ingest.max_associations,
+        max_associations_per_host=ingest.max_associations_per_host,
     )
     peer_log = PeerLogLimiter(logger, ingest.log_lines_per_host_per_minute)
     handlers: list[Any] = [
