@@ -145,8 +145,10 @@ class AssociationGuard:
     def read_pdu(self) -> None:
         """Read one PDU, as pynetdicom's ``DULServiceProvider._read_pdu_data``, with bounds.
 
-        Puts the state machine's event on the DUL's event queue: Evt17 for a closed connection,
-        Evt19 (A-ABORT, then close) for an unknown or oversized PDU, else the PDU's own.
+        The whole PDU must arrive within ``pdu_timeout`` of this call (made once its first byte
+        is readable). Puts the state machine's event on the DUL's event queue: Evt17 for a
+        closed connection or a PDU past its deadline, Evt19 (A-ABORT, then close) for an
+        unknown or oversized PDU, else the PDU's own.
         """
         dul: Any = self.assoc.dul
         if self.closing:  # whatever follows an oversized header is its body: never read it
