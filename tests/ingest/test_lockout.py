@@ -178,6 +178,8 @@ def test_associations_stalled_mid_pdu_are_cut_and_free_their_places(tmp_path: Pa
                 assert not echo_once(ae, server.port)  # both places are taken
             assert _poll(partial(_all_closed, stalled), timeout + 3.0)
             took = time.monotonic() - start
+            print(f"\nround {round_}: {len(stalled)} stalled peer(s) cut {took:.2f} s after connecting "
+                  f"(network_timeout {timeout} s)")
             assert took < timeout + 3.0, f"stalled peers cut after {took:.2f} s"
             assert _poll(lambda: not server.server.active_associations, 3.0)
             assert _poll(lambda: server.server.open_connections() == 0, 3.0)
