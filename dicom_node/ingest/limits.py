@@ -184,6 +184,8 @@ class AssociationGuard:
             data += prefix[:nbytes]
             del prefix[:nbytes]
         sock = wrapper.socket
+        if sock is None:  # closed under us (a stop): a short read
+            return bytes(data)
         try:
             while len(data) < nbytes:
                 remaining = deadline - time.monotonic()
