@@ -128,6 +128,7 @@ class IngestSettings:
     """``[ingest]``: the association and C-STORE limits of the SCP."""
 
     max_associations: int = field(default=16, metadata=_check(_positive))
+    max_associations_per_host: int = field(default=8, metadata=_check(_positive))
     max_pdu_size: int = field(default=131072, metadata=_check(_pdu_size))
     max_instance_size: ByteSize = field(default=ByteSize(2 * 2**30), metadata=_check(_positive))
     spool_threshold: ByteSize = field(default=ByteSize(4 * 2**20), metadata=_check(_non_negative))

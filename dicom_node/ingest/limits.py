@@ -13,14 +13,18 @@ over the two places where received bytes enter:
   ``spool_threshold`` a C-STORE data set goes to a temporary file under ``data_dir/tmp``; past
   ``max_instance_size`` the C-STORE is answered 0xA701 at once, the rest of it is discarded
   unread into memory, and if the peer sends more than another ``max_instance_size`` of it the
-  association is aborted. A new message is not read while a completed one waits for the
-  handler, so TCP flow control holds the peer back instead of the node's memory.
+  association is aborted. The data set of any other request (the node serves only C-ECHO and
+  C-STORE) is bounded by ``OTHER_DATA_SET_LIMIT``, past which the association is aborted. A
+  new message is not read while a completed one waits for the handler, so TCP flow control
+  holds the peer back instead of the node's memory.
 
 Both are instance attributes replaced on one association's own objects, not patches of
 pynetdicom's classes: other associations and other AEs in the process are untouched.
 """
 
+import contextlib
 import logging
+import queue
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,7 +41,9 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node.config import Settings
+from dicom_node.ingest.admission import host_key
 from dicom_node.ingest.status import StoreStatus, error_comment
+from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +69,12 @@ ASSOCIATE_PDU_LIMIT = 256 * 1024
 FIXED_PDU_LIMIT = 64
 #: A command set is a few hundred bytes; this leaves room for any conformant one.
 COMMAND_SET_LIMIT = 2**16
+#: The data set of any message but a C-STORE-RQ. The node serves C-ECHO (no data set) and
+#: C-STORE only; an identifier of any other request is a few KB, and it is answered "refused"
+#: anyway, so it must not be held in memory up to ``max_instance_size``.
+OTHER_DATA_SET_LIMIT = 2**16
 _POLL_SECONDS = 0.002
+_READ_SIZE = 2**16
 _SPOOL_PREFIX = "spool-"
 
 
@@ -76,6 +87,7 @@ class ReceiveLimits:
     spool_threshold: int
     spool_dir: Path
     handler_wait: float  # how long a new message waits for the handler before an abort
+    pdu_timeout: float = 60.0  # a PDU must arrive whole within this of its first byte
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ReceiveLimits":
@@ -85,6 +97,7 @@ class ReceiveLimits:
             spool_threshold=settings.ingest.spool_threshold,
             spool_dir=settings.node.data_dir / "tmp",
             handler_wait=settings.ingest.dimse_timeout,
+            pdu_timeout=settings.ingest.network_timeout,
         )
 
     def pdu_limit(self, pdu_type: int) -> int:
@@ -96,9 +109,9 @@ class ReceiveLimits:
         return FIXED_PDU_LIMIT
 
 
-def install_guard(event: Event, limits: ReceiveLimits) -> None:
+def install_guard(event: Event, limits: ReceiveLimits, peer_log: PeerLogLimiter | None = None) -> None:
     """``EVT_CONN_OPEN`` handler: put an :class:`AssociationGuard` on the new association."""
-    AssociationGuard(event.assoc, limits).install()
+    AssociationGuard(event.assoc, limits, peer_log).install()
 
 
 def spooled_path(request: C_STORE) -> Path | None:
@@ -110,9 +123,11 @@ def spooled_path(request: C_STORE) -> Path | None:
 class AssociationGuard:
     """Bounds on what one association's peer can make the node buffer."""
 
-    def __init__(self, assoc: Association, limits: ReceiveLimits) -> None:
+    def __init__(self, assoc: Association, limits: ReceiveLimits,
+                 peer_log: PeerLogLimiter | None = None) -> None:
         self.assoc = assoc
         self.limits = limits
+        self.peer_log = peer_log  # a peer decides how often these lines would be written
         self.closing = False  # an abort is under way: read nothing more
         self.received = 0  # data set bytes of the message being received
         self.discarded: int | None = None  # bytes dropped after a refusal; None when not dropping
@@ -130,18 +145,19 @@ class AssociationGuard:
     def read_pdu(self) -> None:
         """Read one PDU, as pynetdicom's ``DULServiceProvider._read_pdu_data``, with bounds.
 
-        Puts the state machine's event on the DUL's event queue: Evt17 for a closed connection,
-        Evt19 (A-ABORT, then close) for an unknown or oversized PDU, else the PDU's own.
+        The whole PDU must arrive within ``pdu_timeout`` of this call (made once its first byte
+        is readable). Puts the state machine's event on the DUL's event queue: Evt17 for a
+        closed connection or a PDU past its deadline, Evt19 (A-ABORT, then close) for an
+        unknown or oversized PDU, else the PDU's own.
         """
         dul: Any = self.assoc.dul
         if self.closing:  # whatever follows an oversized header is its body: never read it
             dul.event_queue.put("Evt17")
             return
-        try:
-            header = bytes(dul.socket.recv(6))
-        except (OSError, TimeoutError):
-            dul.event_queue.put("Evt17")
-            return
+        # Called once a first byte is readable. Without a deadline, a peer that sends one byte
+        # and stalls holds this thread, its socket and its association slot for good.
+        deadline = time.monotonic() + self.limits.pdu_timeout
+        header = self._recv(6, deadline)
         if len(header) < 6:
             dul.event_queue.put("Evt17")
             return
@@ -153,20 +169,56 @@ class AssociationGuard:
             self.abort(f"{PduType(pdu_type).name} of {length} bytes exceeds "
                        f"{self.limits.pdu_limit(pdu_type)}")
             return
-        self._read_body(dul, header, length)
+        self._read_body(dul, header, length, deadline)
 
-    def _read_body(self, dul: Any, header: bytes, length: int) -> None:
+    def _recv(self, nbytes: int, deadline: float) -> bytes:
+        """Up to ``nbytes`` from the peer by ``deadline``; fewer only if it closed or ran late.
+
+        The bytes the admission server read ahead (its A-ASSOCIATE-RQ, see
+        ``transport._PrefixedSocket``) come first.
+        """
+        wrapper: Any = self.assoc.dul.socket
+        data = bytearray()
+        prefix = getattr(wrapper, "_prefix", None)
+        if prefix:
+            data += prefix[:nbytes]
+            del prefix[:nbytes]
+        sock = wrapper.socket
+        if sock is None:  # closed under us (a stop): a short read
+            return bytes(data)
         try:
-            body = dul.socket.recv(length)
-        except (OSError, TimeoutError):
-            body = b""
+            while len(data) < nbytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._timed_out(nbytes, len(data))
+                    break
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(nbytes - len(data), _READ_SIZE))
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            self._timed_out(nbytes, len(data))
+        except OSError:
+            pass  # reset or shut down: the caller sees a short read
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)  # pynetdicom's sends expect a blocking socket
+        return bytes(data)
+
+    def _timed_out(self, nbytes: int, got: int) -> None:
+        self._warn("closing association with %s: PDU incomplete after %s s (%d of %d bytes)",
+                   self._peer(), self.limits.pdu_timeout, got, nbytes)
+
+    def _read_body(self, dul: Any, header: bytes, length: int, deadline: float) -> None:
+        body = self._recv(length, deadline)
         if len(body) != length:
             dul.event_queue.put("Evt17")
             return
         try:
             pdu, event = dul._decode_pdu(bytearray(header) + body)
         except Exception:  # pynetdicom's decoders raise many types on malformed PDUs
-            logger.warning("undecodable PDU from %s: aborting", self._peer())
+            self._warn("undecodable PDU from %s: aborting", self._peer())
             dul.event_queue.put("Evt19")
             return
         dul.event_queue.put(event)
@@ -174,7 +226,7 @@ class AssociationGuard:
 
     def abort(self, reason: str) -> None:
         """From the DUL thread: send an A-ABORT, close, and read nothing more."""
-        logger.warning("aborting association with %s: %s", self._peer(), reason)
+        self._warn("aborting association with %s: %s", self._peer(), reason)
         self.closing = True
         self._drop_message()
         # Evt19 "invalid PDU": the state machine sends the A-ABORT and tells the association;
@@ -199,6 +251,8 @@ class AssociationGuard:
                 self._receive(single)
             elif not self.closing:
                 self._refuse(context_id)
+                if data[0] & 2:  # the data set ended in the fragment that went over the limit
+                    self.discarded = None
 
     def _admit(self, data: bytes) -> bool:
         """Account for one fragment; ``False`` when it takes its C-STORE past the size limit."""
@@ -218,8 +272,13 @@ class AssociationGuard:
         if message is not self._message:
             self._message, self.received = message, 0
         self.received += len(data) - 1
+        if not isinstance(message, C_STORE_RQ):
+            if self.received > OTHER_DATA_SET_LIMIT:
+                self.abort(f"{type(message).__name__} data set over {OTHER_DATA_SET_LIMIT} bytes")
+                return False
+            return True
         if self.received > self.limits.max_instance_size:
-            if isinstance(message, C_STORE_RQ) and message.command_set.MessageID is not None:
+            if message.command_set.MessageID is not None:
                 return False  # refused with 0xA701
             self.abort(f"data set over {self.limits.max_instance_size} bytes")
             return False
@@ -265,8 +324,8 @@ class AssociationGuard:
         dimse: Any = self.assoc.dimse
         command = dimse.message.command_set
         limit = self.limits.max_instance_size
-        logger.warning("refused %s from %s: data set over %d bytes",
-                       str(command.AffectedSOPInstanceUID or "")[:64], self._peer(), limit)
+        self._warn("refused %s from %s: data set over %d bytes",
+                   str(command.AffectedSOPInstanceUID or "")[:64], self._peer(), limit)
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = command.MessageID
         rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
@@ -305,9 +364,43 @@ class AssociationGuard:
         if message is not None:
             _delete_spool(message)
 
+    def _warn(self, msg: str, *args: object) -> None:
+        if self.peer_log is None:
+            logger.warning(msg, *args)
+        else:
+            self.peer_log.log(logging.WARNING, host_key(self.assoc.requestor.address), msg, *args)
+
     def _peer(self) -> str:
         requestor = self.assoc.requestor
         return f"{requestor.ae_title.strip() or '?'}@{requestor.address}"
+
+
+def discard_queued(assoc: Association) -> int:
+    """Empty a finished association's queue of received messages; delete their spool files.
+
+    Call it once the association's thread has ended: nobody takes from the queue any more. A
+    peer that aborts while complete C-STOREs wait for the handler would otherwise leave their
+    spool files under ``data_dir/tmp`` for good. Returns how many messages were dropped.
+    """
+    dimse: Any = assoc.dimse
+    dropped = 0
+    while True:
+        try:
+            _, primitive = dimse.msg_queue.get_nowait()
+        except queue.Empty:
+            break
+        if primitive is None:  # pynetdicom's own (None, None) entries carry nothing
+            continue
+        dropped += 1
+        spool = getattr(primitive, "_dataset_file", None)
+        primitive._dataset_file = primitive._dataset_path = None
+        if spool is not None:
+            spool.close()
+            Path(spool.name).unlink(missing_ok=True)
+    message = getattr(dimse, "message", None)
+    if message is not None:  # cut short, and EVT_CONN_CLOSE may not have fired
+        _delete_spool(message)
+    return dropped
 
 
 def _delete_spool(message: DIMSEMessage) -> None:

@@ -28,18 +28,24 @@ class AssociationPolicy:
         peer's IP address or host name; empty accepts any calling AE title.
     max_associations
         How many associations may be open at once; one more is rejected as transient.
+    max_associations_per_host
+        How many of them one host may hold; one more from that host is rejected as transient.
+        Below ``max_associations``, so that one host (or a few) cannot hold them all.
     """
 
     ae_title: str
     allowed_peers: tuple[str, ...] = ()
     max_associations: int = 16
+    max_associations_per_host: int = 8
 
     def check(
-        self, called_ae_title: str, calling_ae_title: str, address: str, open_associations: int
+        self, called_ae_title: str, calling_ae_title: str, address: str, open_associations: int,
+        host_associations: int = 0,
     ) -> Rejection | None:
         """Return the rejection for a request, or None to accept it.
 
-        ``open_associations`` counts the associations already open, not this one.
+        ``open_associations`` counts the associations already open, not this one;
+        ``host_associations`` those of them from the requestor's host.
         """
         if called_ae_title.strip() != self.ae_title:
             return Rejection(
@@ -59,6 +65,13 @@ class AssociationPolicy:
                 RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
                 RejectReason.LOCAL_LIMIT_EXCEEDED,
                 f"{open_associations} associations already open (max_associations)",
+            )
+        if host_associations >= self.max_associations_per_host:
+            return Rejection(
+                RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                RejectReason.LOCAL_LIMIT_EXCEEDED,
+                f"{host_associations} associations already open from this host "
+                "(max_associations_per_host)",
             )
         return None
 

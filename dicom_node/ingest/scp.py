@@ -99,36 +99,53 @@ def handle_echo(event: Event) -> int:
     return int(EchoStatus.SUCCESS)
 
 
+#: ``note(level, msg, *args)``: a log line about one peer, through its rate limit.
+Note = Callable[..., object]
+
+
+def peer_note(event: Event, peer_log: PeerLogLimiter | None) -> Note:
+    """Where the lines about one peer's requests go: its per-host budget, if there is one.
+
+    A peer decides how many requests it sends, so it must not decide how many lines are logged.
+    """
+    if peer_log is None:
+        return logger.log
+    key = host_key(event.assoc.requestor.address)
+    return lambda level, msg, *args: peer_log.log(level, key, msg, *args)
+
+
 def handle_store(
-    event: Event, store: InstanceStore, max_instance_size: int, audit: Audit = NO_AUDIT
+    event: Event, store: InstanceStore, max_instance_size: int, audit: Audit = NO_AUDIT,
+    peer_log: PeerLogLimiter | None = None,
 ) -> int | Dataset:
     """C-STORE: store the data set durably and index it before answering success."""
     try:
-        return _store(event, store, max_instance_size, audit)
+        return _store(event, store, max_instance_size, audit, peer_note(event, peer_log))
     except Exception as exc:  # never let pynetdicom answer 0xC211 without a reason
         logger.exception("C-STORE failed unexpectedly")
         return failure(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
 
 
-def _store(event: Event, store: InstanceStore, max_instance_size: int, audit: Audit) -> int | Dataset:
+def _store(event: Event, store: InstanceStore, max_instance_size: int, audit: Audit,
+           note: Note) -> int | Dataset:
     request = cast(C_STORE, event.request)
     spooled = spooled_path(request)  # a large data set arrives in a file under data_dir/tmp
     if spooled is not None:
         with spooled.open("rb") as fp:
-            return _stage(event, store, fp, max_instance_size, audit)
+            return _stage(event, store, fp, max_instance_size, audit, note)
     if request.DataSet is None:
         return failure(StoreStatus.CANNOT_UNDERSTAND, "no data set in the request")
-    return _stage(event, store, request.DataSet, max_instance_size, audit)
+    return _stage(event, store, request.DataSet, max_instance_size, audit, note)
 
 
 def _stage(event: Event, store: InstanceStore, dataset: BinaryIO, max_instance_size: int,
-           audit: Audit) -> int | Dataset:
+           audit: Audit, note: Note) -> int | Dataset:
     request = cast(C_STORE, event.request)
     calling = event.assoc.requestor.ae_title.strip()
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     size = dataset.seek(0, os.SEEK_END)
     if size > max_instance_size:  # the association guard refuses earlier; this is the backstop
-        logger.warning("refused %s from %s: %d bytes over limit", sop_uid[:64], calling, size)
+        note(logging.WARNING, "refused %s from %s: %d bytes over limit", sop_uid[:64], calling, size)
         return failure(
             StoreStatus.OUT_OF_RESOURCES_INSTANCE_TOO_LARGE,
             f"instance of {size} bytes exceeds limit {max_instance_size}",
@@ -140,28 +157,28 @@ def _stage(event: Event, store: InstanceStore, dataset: BinaryIO, max_instance_s
     try:
         staged = store.stage(meta, dataset, max_inflated_size=max_instance_size)
     except InvalidInstanceError as exc:
-        return _refuse(exc, sop_uid, calling)
+        return _refuse(exc, sop_uid, calling, note)
     except StorageError as exc:
-        return _storage_failure(exc, sop_uid, calling)
+        return _storage_failure(exc, sop_uid, calling, note)
     if staged.stripped_tags:
-        logger.warning("left out %d group 0002 element(s) found in the data set of %s from %s",
-                       len(staged.stripped_tags), staged.header.sop_instance_uid, calling)
+        note(logging.WARNING, "left out %d group 0002 element(s) found in the data set of %s from %s",
+             len(staged.stripped_tags), staged.header.sop_instance_uid, calling)
         audit.record("file_meta_stripped", study_instance_uid=staged.header.study_instance_uid,
                      sop_instance_uid=staged.header.sop_instance_uid, calling_ae_title=calling,
                      tags=list(staged.stripped_tags))
-    return _commit(store, staged, request, calling, audit)
+    return _commit(store, staged, request, calling, audit, note)
 
 
-def _storage_failure(exc: StorageError, sop_uid: str, calling: str) -> Dataset:
+def _storage_failure(exc: StorageError, sop_uid: str, calling: str, note: Note) -> Dataset:
     """0xA700 for a full disk (or the free-space floor), 0x0110 for any other storage error."""
-    logger.error("refused %s from %s: %s", sop_uid[:64], calling, exc)
+    note(logging.ERROR, "refused %s from %s: %s", sop_uid[:64], calling, exc)
     if isinstance(exc, OutOfSpaceError):
         return failure(StoreStatus.OUT_OF_RESOURCES, f"out of resources: {exc}")
     return failure(StoreStatus.PROCESSING_FAILURE, str(exc))
 
 
-def _refuse(exc: InvalidInstanceError, sop_uid: str, calling: str) -> Dataset:
-    logger.warning("refused %r from %s: %s", sop_uid[:64], calling, exc)
+def _refuse(exc: InvalidInstanceError, sop_uid: str, calling: str, note: Note) -> Dataset:
+    note(logging.WARNING, "refused %r from %s: %s", sop_uid[:64], calling, exc)
     status = (
         StoreStatus.CANNOT_UNDERSTAND_INVALID_UID if exc.kind == "uid"
         else StoreStatus.CANNOT_UNDERSTAND
@@ -185,18 +202,18 @@ def _mismatch(staged: StagedInstance, request: object) -> Dataset | None:
 
 
 def _commit(store: InstanceStore, staged: StagedInstance, request: object, calling: str,
-            audit: Audit) -> int | Dataset:
+            audit: Audit, note: Note) -> int | Dataset:
     committed = False
     try:
         refusal = _mismatch(staged, request)
         if refusal is not None:
-            logger.warning("refused %s from %s: %s", staged.header.sop_instance_uid, calling,
-                           refusal.ErrorComment)
+            note(logging.WARNING, "refused %s from %s: %s", staged.header.sop_instance_uid, calling,
+                 refusal.ErrorComment)
             return refusal
         record = store.commit(staged, calling)
         committed = True
     except StorageError as exc:
-        return _storage_failure(exc, staged.header.sop_instance_uid, calling)
+        return _storage_failure(exc, staged.header.sop_instance_uid, calling, note)
     finally:
         if not committed:
             store.discard(staged)
@@ -236,9 +253,11 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_
     called = str(primitive.called_ae_title) if primitive else ""
     calling = str(primitive.calling_ae_title) if primitive else ""
     address = assoc.requestor.address
-    others = sum(1 for a in assoc.ae.active_associations
-                 if a.is_acceptor and a.is_established and a is not assoc)
-    rejection = policy.check(called, calling, address, others)
+    others = [a for a in assoc.ae.active_associations
+              if a.is_acceptor and a.is_established and a is not assoc]
+    host = host_key(address)
+    same_host = sum(1 for a in others if host_key(a.requestor.address) == host)
+    rejection = policy.check(called, calling, address, len(others), same_host)
     if rejection is not None:
         line = ("rejected association from %s@%s: %s", calling.strip(), address, rejection.description)
         if peer_log is None:
@@ -337,14 +356,15 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
         ae_title=settings.node.ae_title,
         allowed_peers=settings.node.allowed_peers,
         max_associations=ingest.max_associations,
+        max_associations_per_host=ingest.max_associations_per_host,
     )
     peer_log = PeerLogLimiter(logger, ingest.log_lines_per_host_per_minute)
     handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, install_guard, [ReceiveLimits.from_settings(settings)]),
+        (evt.EVT_CONN_OPEN, install_guard, [ReceiveLimits.from_settings(settings), peer_log]),
         (evt.EVT_REQUESTED, handle_requested, [policy, audit, peer_log]),
         (evt.EVT_ACCEPTED, handle_accepted, [audit]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store, ingest.max_instance_size, audit]),
+        (evt.EVT_C_STORE, handle_store, [store, ingest.max_instance_size, audit, peer_log]),
     ]
     admission = Admission(AdmissionLimits(
         max_handshakes=ingest.max_handshakes,

@@ -36,8 +36,8 @@ from typing import Any, cast
 from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicom_node.ingest.admission import Admission, Refusal, host_key
-from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT
+from dicom_node.ingest.admission import Admission, Admitted, Refusal, host_key
+from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT, discard_queued
 from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class _RequestHandler(RequestHandler):
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
+        discard_queued(assoc)  # messages the peer's abort left waiting hold spool files
 
 
 class AdmissionServer(ThreadedAssociationServer):
@@ -203,20 +204,27 @@ class AdmissionServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """The accept loop's admission check; a False closes the socket at once."""
-        admitted = self.admission.open(str(client_address[0]))
+        # Admission and this server's tables change under one lock (taken in that order only):
+        # otherwise a handshake could end between its eviction and the lookup of its socket,
+        # leaving a live association that admission no longer counts.
+        with self._lock:
+            admitted = self.admission.open(str(client_address[0]))
+            victim = None if isinstance(admitted, Refusal) else self._admitted(request, admitted)
         if isinstance(admitted, Refusal):
             self._note(client_address, "closed connection from %s: %s", admitted.value)
             return False
-        with self._lock:
-            self._tickets[request] = admitted.ticket
-            self._handshaking[admitted.ticket] = request
-            victim = None
-            if admitted.evict is not None:
-                self._evicted.add(admitted.evict)
-                victim = self._handshaking.pop(admitted.evict, None)
         if victim is not None:
             _shutdown(victim)  # its thread wakes, and reports it as evicted
         return True
+
+    def _admitted(self, request: socket.socket, admitted: Admitted) -> socket.socket | None:
+        """Record an admitted connection (lock held); the socket of the one it evicts, if any."""
+        self._tickets[request] = admitted.ticket
+        self._handshaking[admitted.ticket] = request
+        if admitted.evict is None:
+            return None
+        self._evicted.add(admitted.evict)
+        return self._handshaking.pop(admitted.evict, None)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:
@@ -265,10 +273,10 @@ class AdmissionServer(ThreadedAssociationServer):
             return len(self._tickets)
 
     def _handshake_ended(self, request: socket.socket) -> int:
-        with self._lock:
+        with self._lock:  # with admission's, as one step (see verify_request)
             ticket = self._tickets[request]
             self._handshaking.pop(ticket, None)
-        self.admission.handshake_ended(ticket)
+            self.admission.handshake_ended(ticket)
         return ticket
 
     def _dropped(self, client_address: Any, ticket: int, reason: DropReason) -> None:

@@ -33,6 +33,7 @@ from dicom_node.errors import RetryableError
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.files import (
     FileArea,
+    InflationLimitError,
     InstanceHeader,
     InvalidInstanceError,
     check_uid,
@@ -163,8 +164,18 @@ class InstanceStore:
         try:
             if not UID(transfer_syntax).is_deflated:
                 return walk(fp, 0, length, transfer_syntax)
+            # The scratch file counts against the free-space floor too: a few KiB of deflate
+            # could otherwise fill the disk before the floor is checked.
+            room = max(0, shutil.disk_usage(self.data_dir).free - self.min_free_space)
             with tempfile.TemporaryFile(dir=self.files.tmp) as inflated:
-                size = inflate(fp, 0, length, inflated, max_inflated)
+                try:
+                    size = inflate(fp, 0, length, inflated, min(max_inflated, room))
+                except InflationLimitError:
+                    if room < max_inflated:
+                        raise OutOfSpaceError(
+                            f"deflated data set inflates past the free space above the floor of "
+                            f"{self.min_free_space // 2**20} MiB") from None
+                    raise
                 found = walk(inflated, 0, size, transfer_syntax)
         except MalformedDataSetError as exc:
             raise InvalidInstanceError("unparseable", str(exc)) from None

@@ -44,6 +44,10 @@ class InvalidInstanceError(PermanentError):
         self.kind = kind
 
 
+class InflationLimitError(InvalidInstanceError):
+    """A deflated data set inflates to more than the bytes it was allowed."""
+
+
 def check_uid(name: str, value: object) -> str:
     """Return ``value`` if it is a UID that is safe to use as a path component.
 
@@ -162,7 +166,7 @@ def inflate(fp: BinaryIO, start: int, end: int, target: BinaryIO, limit: int) ->
                 out = inflater.decompress(data, limit + 1 - written)
                 written += target.write(out)
                 if written > limit:
-                    raise InvalidInstanceError(
+                    raise InflationLimitError(
                         "unparseable", f"deflated data set inflates to more than {limit} bytes")
                 data = inflater.unconsumed_tail
         written += target.write(inflater.flush())

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import DicomDictionary, RepeatersDictionary
 from pydicom.uid import UID
 
 UNDEFINED = 0xFFFFFFFF
@@ -27,6 +27,12 @@ SEQUENCE_END = 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 #: Deeper nesting than this is refused: no IOD comes close, and recursion must stay bounded.
 MAX_DEPTH = 32
+#: More elements than this (at every depth, items and delimiters included) are refused: a real
+#: instance has a few thousand; a million empty ones (8 MiB) already cost seconds of CPU.
+MAX_ELEMENTS = 1_000_000
+#: Public tags whose VR is SQ, for implicit VR data sets (50xx,2600 is the one repeating one).
+_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+_CURVE_SEQUENCE = 0x2600
 #: VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 Table 7.1-1).
 LONG_VRS = frozenset(
     b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
@@ -74,6 +80,25 @@ class Encoding:
         )
 
 
+def _public_vr(tag: int) -> str | None:
+    """The dictionary VR of a public tag; ``None`` for private or unknown ones.
+
+    A dictionary ``get``, not pydicom's ``dictionary_VR``: its miss path (a ``KeyError``, a mask
+    search and a formatted message) cost about 20 us, and a peer chooses how many unknown tags it
+    sends. Of the repeating groups only the curve and overlay ones (50xx, 60xx) are looked up.
+    """
+    group = tag >> 16
+    if group & 1:  # private: no public dictionary entry
+        return None
+    entry = DicomDictionary.get(tag)
+    if entry is not None:
+        return entry[0]
+    if group >> 8 in (0x50, 0x60):
+        entry = RepeatersDictionary.get(f"{group >> 8:02X}xx{tag & 0xFFFF:04X}")
+        return entry[0] if entry is not None else None
+    return None
+
+
 class _Walker:
     """Walks one data set; ``limit`` arguments are the offset no read may pass."""
 
@@ -86,6 +111,7 @@ class _Walker:
         self._u16 = struct.Struct(order + "H")
         self._u32 = struct.Struct(order + "L")
         self.result = WalkResult()
+        self.elements = 0
 
     def read(self, n: int, limit: int, what: str) -> bytes:
         position = self.fp.tell()
@@ -107,6 +133,9 @@ class _Walker:
 
     def header(self, limit: int) -> tuple[int, bytes | None, int]:
         """Read one element header: tag, VR (``None`` when implicit or an item tag) and length."""
+        self.elements += 1
+        if self.elements > MAX_ELEMENTS:
+            raise MalformedDataSetError(f"more than {MAX_ELEMENTS} elements")
         raw = self.read(8, limit, "an element header")
         group, element = self._tag.unpack_from(raw)
         tag = group << 16 | element
@@ -130,9 +159,8 @@ class _Walker:
         The first two bytes of an implicit length equal to a VR code would make an odd length of
         at least 16705 bytes for any VR that could follow, never the case for a real element.
         """
-        try:
-            expected = dictionary_VR(tag)
-        except KeyError:
+        expected = _public_vr(tag)
+        if expected is None:
             return
         if length_bytes == expected.encode("ascii", "replace")[:2]:
             raise MalformedDataSetError(
@@ -186,10 +214,7 @@ class _Walker:
 
     @staticmethod
     def _dictionary_sq(tag: int) -> bool:
-        try:
-            return dictionary_VR(tag) == "SQ"
-        except KeyError:
-            return False
+        return tag in _SEQUENCE_TAGS or (tag >> 24 == 0x50 and tag & 0xFFFF == _CURVE_SEQUENCE)
 
     def undefined_length(self, tag: int, vr: bytes | None, limit: int, depth: int) -> None:
         if tag == PIXEL_DATA:

@@ -31,7 +31,9 @@ PER_ASSOCIATION_PEAK = 4 * SPOOL_THRESHOLD + 1 * MiB
 ATTACK_BYTES = 64 * MiB  # how much an attacker tries to push before giving up
 ATTACK_SECONDS = 15.0
 # acse_timeout: an association aborted before its A-ASSOCIATE-RQ keeps its thread until then
+# max_associations_per_host: the sixteen associations of one test all come from 127.0.0.1
 LIMITS = f"""max_associations = 20
+max_associations_per_host = 20
 acse_timeout = 3
 max_pdu_size = {MAX_PDU}
 max_instance_size = {MAX_INSTANCE}

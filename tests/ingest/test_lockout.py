@@ -7,11 +7,13 @@ Attack (tests/ingest/hostile.py), all at once for 60 s with the default [ingest]
 Meanwhile a good peer on 127.0.0.1 opens one association for a C-ECHO and another for a C-STORE
 every second. At least 95 % of each must succeed. A second run (20 s) puts the attackers on the
 good peer's own address. A third sends SIGTERM to a `dicom-node serve` under attack. About
-60 + 20 + 17 s in all, on 2 cores.
+60 + 20 + 17 s in all, on 2 cores. Two short ones (a few seconds, timeouts scaled down) stall
+accepted associations mid-PDU, and hold idle ones from one host.
 """
 
 import logging
 import signal
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from dicom_node.ingest.scp import start_ingest
 from dicom_node.store import InstanceStore
 from tests.conftest import make_settings
 from tests.factories import ct_dataset
-from tests.ingest.hostile import Attack, stalled_association
+from tests.ingest.hostile import Attack, closed_by_peer, stalled_association
 from tests.nodeproc import NodeProcess
 
 ATTACK_SECONDS = 60
@@ -142,3 +144,72 @@ def test_sigterm_during_an_attack_stops_the_node_within_its_grace(tmp_path: Path
     print(f"\nSIGTERM to exit under attack: {took:.2f} s (grace {grace} s)")
     assert code == 0
     assert took <= grace + 2.0, f"the node took {took:.2f} s to stop"
+
+
+def _poll(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _all_closed(socks: list[socket.socket]) -> bool:
+    return all(closed_by_peer(sock) for sock in socks)
+
+
+def test_associations_stalled_mid_pdu_are_cut_and_free_their_places(tmp_path: Path) -> None:
+    """Review #12, finding 3, scaled down: a limit of 2, two peers stall mid-PDU after the
+    A-ASSOCIATE-AC, one more once they are cut. Each is cut within network_timeout of its first
+    byte, and its thread, socket and places are freed: a good peer gets in, every time."""
+    timeout = 1.0
+    settings = make_settings(tmp_path / "data", max_associations=2, max_associations_per_host=2,
+                             network_timeout=timeout, acse_timeout=2.0, dimse_timeout=2.0)
+    store = InstanceStore(settings.node.data_dir)
+    server = start_ingest(settings, store)
+    ae = good_peer()
+    stalled = []
+    try:
+        for round_ in range(2):
+            start = time.monotonic()
+            stalled = [stalled_association(server.port, "127.0.0.4") for _ in range(2 - round_)]
+            if round_ == 0:
+                assert not echo_once(ae, server.port)  # both places are taken
+            assert _poll(partial(_all_closed, stalled), timeout + 3.0)
+            took = time.monotonic() - start
+            print(f"\nround {round_}: {len(stalled)} stalled peer(s) cut {took:.2f} s after connecting "
+                  f"(network_timeout {timeout} s)")
+            assert took < timeout + 3.0, f"stalled peers cut after {took:.2f} s"
+            assert _poll(lambda: not server.server.active_associations, 3.0)
+            assert _poll(lambda: server.server.open_connections() == 0, 3.0)
+            assert echo_once(ae, server.port), f"round {round_}: the good peer was locked out"
+            for sock in stalled:
+                sock.close()
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop(grace_seconds=1.0)
+        store.close()
+
+
+def test_one_host_cannot_hold_every_association(tmp_path: Path) -> None:
+    """Idle accepted associations from one host stop at max_associations_per_host."""
+    settings = make_settings(tmp_path / "data", max_associations=3, max_associations_per_host=2)
+    store = InstanceStore(settings.node.data_dir)
+    server = start_ingest(settings, store)
+    hog = good_peer()
+    held = []
+    try:
+        for _ in range(3):
+            held.append(hog.associate("127.0.0.1", server.port, ae_title="XAI_NODE",
+                                      bind_address=("127.0.0.5", 0)))
+        assert [a.is_established for a in held] == [True, True, False]
+        assert held[2].is_rejected
+        assert echo_once(good_peer(), server.port)  # another host still gets in
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        server.stop(grace_seconds=1.0)
+        store.close()

@@ -427,3 +427,38 @@ def test_a_clean_stop_says_so(tmp_path: Path) -> None:
     assert echo(server.port)
     assert server.stop(grace_seconds=1.0) is True
     store.close()
+
+
+def test_a_handshake_ending_during_its_eviction_is_still_shut(tmp_path: Path) -> None:
+    """The victim's handshake ends between admission's choice and the lookup of its socket.
+
+    Admission has already stopped counting the victim; unless its socket is shut, it would live
+    on uncounted. The interleaving is forced: the eviction waits for the victim's thread.
+    """
+    with running(tmp_path, max_connections_per_host=1, handshake_timeout=30.0) as ingest:
+        server = ingest.server
+        victim = connect(ingest.port, "127.0.0.5")
+        victim.sendall(b"\x01")  # in the handshake for 30 s
+        deadline = time.monotonic() + 5.0
+        while not server._handshaking and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (victim_side,) = server._handshaking.values()
+        real_open = server.admission.open
+        ended: list[threading.Thread] = []
+
+        def open_then_end_victim_handshake(address: str) -> object:
+            admitted = real_open(address)
+            ending = threading.Thread(target=server._handshake_ended, args=(victim_side,))
+            ending.start()
+            ending.join(0.3)  # blocked on the server's lock when the fix is in
+            ended.append(ending)
+            return admitted
+
+        server.admission.open = open_then_end_victim_handshake  # type: ignore[method-assign]
+        newcomer = connect(ingest.port, "127.0.0.5")
+        assert wait_closed(victim, 3.0) is not None
+        server.admission.open = real_open  # type: ignore[method-assign]
+        for thread in ended:
+            thread.join(5.0)
+        for sock in (victim, newcomer):
+            sock.close()

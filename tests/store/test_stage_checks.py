@@ -1,6 +1,7 @@
 """``InstanceStore.stage`` on what a peer may send: spooled files, group 0002, deflate bombs."""
 
 import io
+import shutil
 import zlib
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from dicom_node.store import InstanceStore, InvalidInstanceError
+from dicom_node.store import InstanceStore, InvalidInstanceError, OutOfSpaceError
 from tests.factories import ct_dataset
 from tests.malformed import body
 
@@ -58,4 +59,26 @@ def test_bad_deflated_data_sets_are_refused_and_leave_nothing(store: InstanceSto
     with pytest.raises(InvalidInstanceError) as info:
         store.stage(meta, io.BytesIO(data), max_inflated_size=2**20)
     assert reason in str(info.value)
+    assert not list(store.files.tmp.iterdir())
+
+
+def test_a_deflate_bomb_stops_at_the_free_space_floor(store: InstanceStore,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.store as store_module
+
+    limits: list[int] = []
+    real_inflate = store_module.inflate
+
+    def recording_inflate(*args: object) -> int:
+        limits.append(int(args[-1]))  # type: ignore[call-overload]
+        return real_inflate(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module, "inflate", recording_inflate)
+    free = shutil.disk_usage(store.data_dir).free
+    store.min_free_space = free - 2**20  # 1 MiB above the floor; the bomb inflates to 64 MiB
+    meta = ct_dataset().file_meta
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    with pytest.raises(OutOfSpaceError, match="free space"):
+        store.stage(meta, io.BytesIO(_deflated(bytes(64 * 2**20))), max_inflated_size=2**31)
+    assert limits and limits[0] <= 2**20 + 2**16  # never inflated far past the room left
     assert not list(store.files.tmp.iterdir())
