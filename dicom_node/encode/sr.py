@@ -44,6 +44,8 @@ COMMENT = CodedConcept("121106", "DCM", "Comment")
 SUMMARY = CodedConcept("111017", "DCM", "CAD Processing and Findings Summary")
 NONE_SUCCEEDED = CodedConcept("111245", "DCM", "No algorithms succeeded; without findings")
 NOT_ANALYSED = CodedConcept("DN100", SCHEME, "Series not analysed")
+INPUT_DISTRIBUTION = CodedConcept("DN310", SCHEME, "Input distribution")
+OUTSIDE_VALIDATED_INPUT = CodedConcept("DN311", SCHEME, "Outside the validated input")
 Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
 OverlayKey = tuple[str, int, str, str]  # (source SOP Instance UID, frame, label, method)
 
@@ -81,6 +83,14 @@ def _quality(heatmap: Heatmap) -> list[hd.sr.Measurement]:
     ]
 
 
+def _distribution(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
+    """The input-distribution gate's warning, on every finding of a frame outside the model's
+    validated input that the pipeline reports anyway (``out_of_distribution = "warn"``)."""
+    if not prediction.outside_validated_input:
+        return []
+    return [hd.sr.QualitativeEvaluation(INPUT_DISTRIBUTION, OUTSIDE_VALIDATED_INPUT)]
+
+
 def _group(source: Dataset, prediction: Prediction, label: str, heatmaps: Sequence[Heatmap],
            overlays: Mapping[OverlayKey, Dataset], producer: Producer,
            algorithm_id: hd.sr.AlgorithmIdentification) -> Group:
@@ -97,7 +107,7 @@ def _group(source: Dataset, prediction: Prediction, label: str, heatmaps: Sequen
     for heatmap in heatmaps:
         measurements += _quality(heatmap)
     evaluation = [hd.sr.QualitativeEvaluation(
-        finding, PRESENT if probability >= producer.threshold(label) else ABSENT)]
+        finding, PRESENT if probability >= producer.threshold(label) else ABSENT), *_distribution(prediction)]
     present = probability >= producer.threshold(label)
     region = hot_region(heatmaps[0].native_map) if heatmaps and present else None  # no ellipse for Absent
     group: Group
