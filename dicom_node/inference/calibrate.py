@@ -137,6 +137,8 @@ def calibrate_model(models_dir: Path, name: str, folder: Path, update: bool,
     inputs = read_folder(folder, runner, name)
     frames = vectors(runner, name, inputs)
     result = calibrate(frames, frames.shape[1] - _statistics_length(inputs), seed)
+    result = dataclasses.replace(result, reference=dataclasses.replace(result.reference,
+                                                                       weights_sha256=manifest.sha256))
     lines = write(result, manifest.path, update)
     held = len(result.held_out_scores)
     report = (f"{name} {manifest.version}: reference of {result.reference.images} frame(s) written to "

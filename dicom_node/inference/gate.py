@@ -104,6 +104,7 @@ class Reference:
     precision: np.ndarray  # (k, k) inverse of the shrunk correlation matrix
     feature_count: int  # how many of the k dimensions are the model's pooled features
     images: int  # how many frames it was fitted on
+    weights_sha256: str = ""  # the weights whose activations it describes (set by calibration)
 
     def score(self, vectors: np.ndarray) -> np.ndarray:
         """The out-of-distribution score of each row of ``vectors`` (frames, k)."""
@@ -141,7 +142,7 @@ def save_reference(reference: Reference, path: Path) -> None:
     partial = path.with_name(path.name + ".partial.npz")
     np.savez(partial, format=np.int64(FORMAT), mean=reference.mean, scale=reference.scale,
              precision=reference.precision, feature_count=np.int64(reference.feature_count),
-             images=np.int64(reference.images))
+             images=np.int64(reference.images), weights_sha256=np.str_(reference.weights_sha256))
     partial.replace(path)
 
 
@@ -158,7 +159,7 @@ def load_reference(path: Path) -> Reference:
             if int(data["format"]) != FORMAT:
                 raise ReferenceError(f"{path}: reference format {int(data['format'])}; expected {FORMAT}")
             reference = Reference(data["mean"], data["scale"], data["precision"], int(data["feature_count"]),
-                                  int(data["images"]))
+                                  int(data["images"]), str(data["weights_sha256"]))
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, ReferenceError):
             raise

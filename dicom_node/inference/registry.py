@@ -145,6 +145,10 @@ def _reference(manifest: ModelManifest, module: nn.Module, device: torch.device)
         with torch.inference_mode():
             module(probe)
         reference = load_reference(gate.reference)
+        if reference.weights_sha256 != manifest.sha256:
+            stale = reference.weights_sha256[:12] or "?"
+            raise ReferenceError(f"it describes the activations of weights {stale}, "
+                                 f"not of these ({manifest.sha256[:12]})")
         reference.score(frame_vectors(pooled[0], probe.cpu().numpy()))
     except ReferenceError as exc:
         raise ModelError(f"{where}: {exc}; calibrate it again for these weights") from None

@@ -10,6 +10,7 @@ import pytest
 from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, load_manifest, preprocess
 from dicom_node.inference.calibrate import calibrate, vectors
 from dicom_node.inference.gate import ReferenceError, fit_reference, load_reference, save_reference
+from dicom_node.inference.registry import sha256_of
 from dicom_node.phantoms import render, to_dataset
 from tests.inference.ood import OOD_SETS, as_chest_cr
 
@@ -84,6 +85,19 @@ def test_a_changed_reference_file_is_refused_by_its_sha256(tmp_path: Path) -> No
     rng = np.random.default_rng(2)
     save_reference(fit_reference(rng.normal(0, 1, (50, 4)), 1), gate.reference)
     with pytest.raises(ModelError, match=r"'gate\.sha256'"):
+        ModelRegistry(tmp_path).load("demo-cxr")
+
+
+def test_a_reference_of_other_weights_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    manifest = _copy_demo(tmp_path)
+    gate = load_manifest(manifest).gate
+    assert gate is not None
+    stale = dataclasses.replace(load_reference(gate.reference), weights_sha256="0" * 64)
+    save_reference(stale, gate.reference)
+    manifest.write_text(manifest.read_text().replace(gate.sha256, sha256_of(gate.reference)))
+    with pytest.raises(ModelError, match="describes the activations of weights 000000000000"):
         ModelRegistry(tmp_path).load("demo-cxr")
 
 
