@@ -105,8 +105,8 @@ Reproduce (after `train.py`): `.venv/bin/python models/demo-cxr/calibrate_gate.p
 def write_card(section: str) -> None:
     card = HERE / "MODEL_CARD.md"
     text = card.read_text()
-    if START in text:
-        text = text[:text.index(START)] + text[text.index(END) + len(END) + 1:]
+    if START in text:  # replaced, without piling up blank lines before it
+        text = text[:text.index(START)].rstrip("\n") + "\n\n" + text[text.index(END) + len(END) + 1:].lstrip("\n")
     marker = "## Reproduce"
     card.write_text(text.replace(marker, section + "\n" + marker, 1))
 
