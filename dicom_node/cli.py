@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     models_commands.add_parser("list", parents=[common], help="the models and their manifests")
     models_commands.add_parser("verify", parents=[common],
                                help="load every model, check weights and pipelines (as serve does)")
+    calibrate = models_commands.add_parser(
+        "calibrate", parents=[common],
+        help="build a model's input-distribution reference from a folder of DICOM")
+    calibrate.add_argument("name", help="the model")
+    calibrate.add_argument("folder", type=Path, help="DICOM images the model is validated on")
+    calibrate.add_argument("--update", action="store_true", help="write the [gate] table into model.toml")
+    calibrate.add_argument("--seed", type=int, default=0, help="the held-out split's seed (default 0)")
 
     send = commands.add_parser("send", parents=[common],
                                help="send DICOM files to a peer as they are (compressed ones too)")
@@ -138,6 +145,8 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
         if args.command == "jobs":
             return jobs_command(settings, args, sys.stdout)
         if args.command == "models":
+            if args.models_command == "calibrate":
+                return calibrate_command(settings, args, sys.stdout)
             return models_command(settings, args.models_command, sys.stdout)
         if args.command == "outbox":
             return outbox_command(settings, args, sys.stdout)
@@ -320,6 +329,19 @@ def models_command(settings: Settings, action: str, out: TextIO) -> int:
     return 0
 
 
+def calibrate_command(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """``dicom-node models calibrate NAME FOLDER``: 0 when the reference was written."""
+    from dicom_node.inference.calibrate import calibrate_model
+
+    try:
+        report, lines = calibrate_model(settings.models.dir, args.name, args.folder, args.update, args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report + lines, end="", file=out)
+    return 0
+
+
 def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
@@ -383,6 +405,7 @@ def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
             ("finished", _when(job.finished_at)),
             ("not before", _when(job.not_before)), ("lease owner", job.lease_owner or "-")]
     rows += [(f"time {step}", f"{seconds:.3f} s") for step, seconds in job.timings.items()]
+    rows += _gate_rows(job.results)
     for p in job.results.get("predictions", []):
         found = ", ".join(p["positives"]) or "nothing above threshold"
         scores = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
@@ -398,6 +421,21 @@ def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
     rows += [("sent", f"{r.sop_instance_uid} to {r.destination}: {r.state} (outbox record {r.id})")
              for r in deliveries]
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
+
+
+def _gate_rows(results: dict[str, Any]) -> list[tuple[str, object]]:
+    """The input-distribution gate's lines of ``jobs show``: the outcome, each frame's score."""
+    gate = results.get("gate")
+    if not gate:
+        return []
+    rows: list[tuple[str, object]] = []
+    if results.get("outcome"):
+        rows.append(("outcome", f"{results['outcome']}: {results.get('outcome_reason', '')}"))
+    rows += [("gate", f"{f['sop_instance_uid']} frame {f['frame']}: "
+                      f"out-of-distribution score {f['score']:.3f} "
+                      f"(threshold {gate['threshold']:.3f}){' OUTSIDE' if f['outside'] else ''}")
+             for f in gate["frames"]]
+    return rows
 
 
 def echo(settings: Settings, peer: str, timeout: float, out: TextIO) -> int:

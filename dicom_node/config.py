@@ -299,6 +299,9 @@ class Pipeline:
     outputs: tuple[str, ...] = field(default=("sc", "sr"), metadata=_check(_one_of(OUTPUT_KINDS)))
     send_to: tuple[str, ...] = ()
     reply_to_caller: bool = False
+    # what a frame outside the model's validated input gets; "model": the manifest's [gate] action
+    out_of_distribution: str = field(default="model",
+                                     metadata=_check(_one_of(frozenset({"model", "abstain", "warn"}))))
 
 
 @dataclass(frozen=True)

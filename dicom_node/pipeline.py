@@ -3,17 +3,20 @@
 A step is a named function of a :class:`PipelineContext`; :func:`run` calls them in order and
 records each one's duration on the job. Steps are passed in, so tests (and later modules) add
 their own without global registries. The chain: collect the series' instances, read them,
-preprocess (decode and map to the model's input), infer, explain (the pipeline's methods, with
-quality figures), encode (the pipeline's outputs as DICOM) and store them under
-``data_dir/results`` (export to the PACS is added by its own module).
+preprocess (decode and map to the model's input), infer, gate (is each frame like the inputs the
+model was validated on? if not, abstain with a "not analysed" report, or warn), explain (the
+pipeline's methods, with quality figures), encode (the pipeline's outputs as DICOM) and store
+them under ``data_dir/results`` (export to the PACS is added by its own module).
 """
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import Comprehensive3DSRStorage
@@ -25,6 +28,7 @@ from dicom_node.errors import PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
+from dicom_node.inference.gate import GateResult, frame_vectors
 from dicom_node.jobs.queue import Job, JobQueue
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
@@ -52,12 +56,29 @@ class PipelineContext:
     jobs: JobQueue | None = None  # the earlier versions of the job's series, for superseding
     timings: dict[str, float] = field(default_factory=dict)  # finer than the steps: decode, each method
     audit: Audit = NO_AUDIT
+    features: list[np.ndarray] = field(default_factory=list)  # pooled CAM-layer activations, per batch
+    gate: list[GateResult] = field(default_factory=list)  # per frame, when the model has a gate
+    outcome: str = ""  # set by a step that ends the job early, e.g. "not analysed, reported"
+    outcome_reason: str = ""
+
+    def gate_summary(self) -> dict[str, Any]:
+        """The gate's scores and threshold, the action taken, and the job's outcome if it ended early."""
+        if not self.gate:
+            return {}
+        outside = [g for g in self.gate if g.outside]
+        return {"gate": {
+            "threshold": self.gate[0].threshold, "max_score": max(g.score for g in self.gate),
+            "frames_outside": len(outside), "action": gate_action(self) if outside else "",
+            "frames": [{"sop_instance_uid": g.sop_instance_uid, "frame": g.frame, "score": g.score,
+                        "outside": g.outside} for g in self.gate],
+        }, **({"outcome": self.outcome, "outcome_reason": self.outcome_reason} if self.outcome else {})}
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""
-        return {"predictions": [
+        return {**self.gate_summary(), "predictions": [
             {"sop_instance_uid": p.sop_instance_uid, "frame": p.frame, "model": p.model,
              "model_version": p.model_version, "positives": p.positives,
+             "outside_validated_input": p.outside_validated_input,
              "probabilities": {k: round(v, 6) for k, v in p.probabilities.items()}}
             for p in self.predictions
         ], "explanations": [
@@ -154,9 +175,48 @@ def prepare(ctx: PipelineContext) -> None:
 
 
 def infer(ctx: PipelineContext) -> None:
-    """Run the model on every frame, batched."""
+    """Run the model on every frame, batched; for a gated model keep the pooled CAM-layer
+    activations of the same forward pass for the gate."""
     assert ctx.runner is not None
-    ctx.predictions = ctx.runner.predict(ctx.job.model, ctx.inputs)
+    gated = ctx.runner.model(ctx.job.model).reference is not None
+    ctx.predictions = ctx.runner.predict(ctx.job.model, ctx.inputs, ctx.features if gated else None)
+
+
+def gate_action(ctx: PipelineContext) -> str:
+    """``abstain`` or ``warn``: the pipeline's ``out_of_distribution``, else the model's ``[gate]``."""
+    config, spec = ctx.pipeline(), ctx.model().gate
+    if config is not None and config.out_of_distribution != "model":
+        return config.out_of_distribution
+    return spec.action if spec is not None else "abstain"
+
+
+def gate(ctx: PipelineContext) -> None:
+    """Score every frame against the model version's reference. Any frame above the threshold:
+    with ``abstain`` the series' findings are not reported (a "not analysed" SR names the score
+    and the threshold, and the job ends there); with ``warn`` its findings are marked."""
+    assert ctx.runner is not None
+    loaded = ctx.runner.model(ctx.job.model)
+    spec = loaded.manifest.gate
+    if loaded.reference is None or spec is None or not ctx.inputs:
+        return
+    vectors = frame_vectors(np.concatenate(ctx.features), np.stack([item.array for item in ctx.inputs]))
+    ctx.gate = [GateResult(item.sop_instance_uid, item.frame, round(float(score), 4), spec.threshold)
+                for item, score in zip(ctx.inputs, loaded.reference.score(vectors), strict=True)]
+    outside = {(g.sop_instance_uid, g.frame) for g in ctx.gate if g.outside}
+    if not outside:
+        return
+    if gate_action(ctx) == "warn":
+        ctx.predictions = [
+            dataclasses.replace(p, outside_validated_input=(p.sop_instance_uid, p.frame) in outside)
+            for p in ctx.predictions]
+        return
+    worst = max(ctx.gate, key=lambda g: g.score)
+    reason = (f"outside the validated input: {len(outside)} of {len(ctx.gate)} frame(s) above the "
+              f"threshold; {worst.describe()}")
+    ctx.predictions = []  # not reported as findings, not even on the job's record
+    report_not_analysed(ctx, reason)
+    ctx.outcome = "not analysed, reported" if ctx.saved else "not analysed"
+    ctx.outcome_reason = reason
 
 
 def explain(ctx: PipelineContext) -> None:
@@ -181,7 +241,7 @@ def encode(ctx: PipelineContext) -> None:
         return
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
     try:
-        encoded = encode_series(ctx.datasets, ctx.predictions, ctx.heatmaps, producer, config.outputs,
+        encoded = encode_series(ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs,
                                 config.explain, revision(ctx))
     except Exception as exc:
         # the source lacks or garbles what an object needs; the message may quote header values,
@@ -243,6 +303,17 @@ def revision(ctx: PipelineContext) -> Revision:
     return Revision(ctx.job.version, tuple(predecessors.values()), replaces)
 
 
+def gate_notes(ctx: PipelineContext) -> list[Heatmap]:
+    """The heatmaps, those of frames outside the validated input with a banner line saying so."""
+    outside = {(g.sop_instance_uid, g.frame): g for g in ctx.gate if g.outside}
+    return [dataclasses.replace(h, notes=(*h.notes, OUTSIDE_BANNER.format(
+                score=outside[key].score, threshold=outside[key].threshold)))
+            if (key := (h.sop_instance_uid, h.frame)) in outside else h for h in ctx.heatmaps]
+
+
+OUTSIDE_BANNER = "OUTSIDE THE VALIDATED INPUT: score {score:.2f} > threshold {threshold:.2f}"
+
+
 def store_results(ctx: PipelineContext) -> None:
     """Write the outputs under ``data_dir/results``, each atomically, for export."""
     area = ResultArea(ctx.settings.node.data_dir / "results")
@@ -294,7 +365,8 @@ def _headers(ctx: PipelineContext) -> list[Dataset]:
 def default_steps() -> list[tuple[str, Step]]:
     """The steps every job runs, in order."""
     return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer),
-            ("explain", explain), ("encode", encode), ("store", store_results), ("outbox", enqueue)]
+            ("gate", gate), ("explain", explain), ("encode", encode), ("store", store_results),
+            ("outbox", enqueue)]
 
 
 def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any]:
@@ -326,7 +398,8 @@ def run(
         raise
     manifest = ctx.model() if ctx.runner is not None else None
     config = ctx.pipeline()
-    audit.record("job_finished", **where, model=job.model, model_version=manifest.version if manifest else "",
+    audit.record("job_finished", **where, **ctx.gate_summary(), model=job.model,
+                 model_version=manifest.version if manifest else "",
                  weights_sha256=manifest.sha256 if manifest else "",
                  methods=list(config.explain) if config else [],
                  positives=sorted({label for p in ctx.predictions for label in p.positives}),

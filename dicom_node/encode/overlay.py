@@ -124,7 +124,8 @@ def _lines(heatmap: Heatmap, factor: int) -> list[Line]:
     about = (f"{heatmap.model} {heatmap.model_version} · {method} · {heatmap.label} "
              f"p={heatmap.probability:.2f}")
     scaled = f" · image scaled up x{factor}" if factor > 1 else ""
-    return [Line(DISCLAIMER, DISCLAIMER_COLOUR), Line(about + scaled, TEXT_COLOUR)]
+    notes = [Line(note, DISCLAIMER_COLOUR) for note in heatmap.notes]  # e.g. outside the validated input
+    return [Line(DISCLAIMER, DISCLAIMER_COLOUR), Line(about + scaled, TEXT_COLOUR), *notes]
 
 
 def _scale_label(heatmap: Heatmap) -> str:

@@ -54,6 +54,8 @@ NONE_SUCCEEDED = CodedConcept("111245", "DCM", "No algorithms succeeded; without
 NOT_ANALYSED = CodedConcept("DN100", SCHEME, "Series not analysed")
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 SOURCE = CodedConcept("260753009", "SCT", "Source")
+INPUT_DISTRIBUTION = CodedConcept("DN320", SCHEME, "Input distribution")
+OUTSIDE_VALIDATED_INPUT = CodedConcept("DN321", SCHEME, "Outside the validated input")
 Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
 OverlayKey = tuple[str, int, str, str]  # (source SOP Instance UID, frame, label, method)
 
@@ -89,6 +91,14 @@ def _quality(heatmap: Heatmap) -> list[hd.sr.Measurement]:
                           method=METHOD_CODES.get(heatmap.method), algorithm_id=method)
         for key, value in heatmap.quality.items() if key in QUALITY_CODES and math.isfinite(value)
     ]
+
+
+def _distribution(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
+    """The input-distribution gate's warning, on every finding of a frame outside the model's
+    validated input that the pipeline reports anyway (``out_of_distribution = "warn"``)."""
+    if not prediction.outside_validated_input:
+        return []
+    return [hd.sr.QualitativeEvaluation(INPUT_DISTRIBUTION, OUTSIDE_VALIDATED_INPUT)]
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,8 @@ def _region_group(source: Dataset, prediction: Prediction, label: str, heatmaps:
         measurements += _quality(heatmap)
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, finding_type=finding, algorithm_id=algorithm_id,
-        measurements=measurements, qualitative_evaluations=[hd.sr.QualitativeEvaluation(finding, PRESENT)],
+        measurements=measurements, qualitative_evaluations=[hd.sr.QualitativeEvaluation(finding, PRESENT),
+                                 *_distribution(prediction)],
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=region.ellipse,
             source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, sop,
@@ -179,7 +190,10 @@ def _evaluation(source: Dataset, prediction: Prediction, label: str, heatmaps: S
                              relationship_type="HAS PROPERTIES"),
         hd.sr.ImageContentItem(SOURCE, source.SOPClassUID, sop, _frames(source, prediction.frame),
                                relationship_type="HAS PROPERTIES"),
-        *_illustrations(sop, label, heatmaps, overlays, "HAS PROPERTIES")])
+        *_illustrations(sop, label, heatmaps, overlays, "HAS PROPERTIES"),
+        *([hd.sr.CodeContentItem(INPUT_DISTRIBUTION, OUTSIDE_VALIDATED_INPUT,
+                                 relationship_type="HAS PROPERTIES")]
+          if prediction.outside_validated_input else [])])
     return item
 
 

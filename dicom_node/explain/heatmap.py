@@ -38,6 +38,7 @@ class Heatmap:
     model_map: np.ndarray  # (size, size) signed, raw, on the model-input grid
     native_map: np.ndarray  # (rows, columns) the same on the source image's grid
     quality: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # extra overlay banner lines (the input-distribution gate's warning)
 
 
 def labels_to_explain(prediction: Prediction, which: str) -> list[str]:

@@ -26,6 +26,12 @@ expected, on one line. Example::
     name = "nodule"
     threshold = 0.5
     code = ["SCT", "27925004", "Nodule"]   # optional: coding scheme, value, meaning
+
+    [gate]                          # optional: the input-distribution gate (dicom-node models calibrate)
+    reference = "reference.npz"
+    sha256 = "0c1d..."
+    threshold = 1.59
+    action = "abstain"              # abstain | warn: what a frame above the threshold gets by default
 """
 
 import math
@@ -41,6 +47,7 @@ ARCHITECTURES = (
 )
 NORMALIZATIONS = ("zero_one", "imagenet", "xrv")
 MULTIFRAME_POLICIES = ("middle", "all")
+GATE_ACTIONS = ("abstain", "warn")
 
 
 class ModelError(ConfigError):
@@ -69,6 +76,17 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class GateSpec:
+    """The ``[gate]`` table: the reference of validated inputs and the score above which a frame is
+    outside them."""
+
+    reference: Path
+    sha256: str
+    threshold: float
+    action: str = "abstain"
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     """A validated ``model.toml``; paths are absolute."""
 
@@ -84,6 +102,7 @@ class ModelManifest:
     intended_use: str
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
+    gate: GateSpec | None = None
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -180,6 +199,26 @@ def _input(reader: _Reader) -> InputSpec:
                      None if center is None else float(center), None if width is None else float(width))
 
 
+def _sha256(reader: _Reader, what: str) -> str:
+    value = str(reader.get("sha256", str, f"{what}'s SHA-256, 64 hex digits")).lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise reader.fail("sha256", f"{what}'s SHA-256, 64 hex digits")
+    return value
+
+
+def _gate(top: _Reader) -> GateSpec | None:
+    if "gate" not in top.table:
+        return None
+    reader = top.sub("gate", {"reference", "sha256", "threshold", "action"})
+    threshold = float(reader.number("threshold", "a positive number (the out-of-distribution score)"))
+    if threshold <= 0:
+        raise reader.fail("threshold", "a positive number (the out-of-distribution score)")
+    reference = reader.get("reference", str, "the reference file, relative to the manifest")
+    return GateSpec(reader.path.parent / reference,
+                    _sha256(reader, "the reference file"), threshold,
+                    reader.choice("action", GATE_ACTIONS, "abstain"))
+
+
 def load_manifest(path: Path) -> ModelManifest:
     """Read and check one ``model.toml`` (the weights file is checked by the registry).
 
@@ -198,10 +237,8 @@ def load_manifest(path: Path) -> ModelManifest:
         raise ModelError(f"{path}: not valid TOML ({exc})") from None
     top = _Reader(path, document)
     top.only({"name", "version", "architecture", "weights", "sha256", "labels", "input", "cam_layer",
-              "intended_use", "scope"})
-    sha256 = top.get("sha256", str, "the weights file's SHA-256, 64 hex digits").lower()
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise top.fail("sha256", "the weights file's SHA-256, 64 hex digits")
+              "intended_use", "scope", "gate"})
+    sha256 = _sha256(top, "the weights file")
     scope = top.sub("scope", {"modalities", "body_parts"})
     cam_layer = top.get("cam_layer", str, "the name of the layer CAM methods use")
     if not cam_layer.strip():
@@ -220,4 +257,5 @@ def load_manifest(path: Path) -> ModelManifest:
         intended_use=top.get("intended_use", str, "the intended-use statement"),
         modalities=scope.strings("modalities"),
         body_parts=scope.strings("body_parts"),
+        gate=_gate(top),
     )

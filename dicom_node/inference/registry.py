@@ -1,18 +1,21 @@
 """The model repository: ``<models.dir>/<name>/model.toml`` plus weights and ``MODEL_CARD.md``.
 
 :meth:`ModelRegistry.verify` checks every model at start-up (manifest, weights file and its
-sha256, that the weights fit the architecture, that the model has one output per label and that
-the CAM layer exists) and raises one :class:`ModelError` naming the file and key.
+sha256, that the weights fit the architecture, that the model has one output per label, that
+the CAM layer exists, and the input-distribution gate's reference file, its sha256 and that it
+describes this model's frames) and raises one :class:`ModelError` naming the file and key.
 """
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from dicom_node.inference.architectures import build
+from dicom_node.inference.gate import Reference, ReferenceError, frame_vectors, load_reference, pool
 from dicom_node.inference.manifest import ModelError, ModelManifest, load_manifest
 
 
@@ -31,6 +34,7 @@ class LoadedModel:
     manifest: ModelManifest
     module: nn.Module
     device: torch.device
+    reference: Reference | None = None  # the input-distribution gate's, when the manifest has one
 
 
 class ModelRegistry:
@@ -85,7 +89,8 @@ class ModelRegistry:
             # oneDNN's convolutions are about 1.6x faster on channels-last tensors on these CPUs
             module = module.to(memory_format=torch.channels_last)
         _check_outputs(manifest, module, torch.device(device))
-        return LoadedModel(manifest, module, torch.device(device))
+        reference = _reference(manifest, module, torch.device(device))
+        return LoadedModel(manifest, module, torch.device(device), reference)
 
     def verify(self) -> list[ModelManifest]:
         """Load every model once on the CPU; raise on the first that is not usable."""
@@ -115,3 +120,38 @@ def _check_outputs(manifest: ModelManifest, module: nn.Module, device: torch.dev
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"{manifest.path}: key 'labels' lists {len(manifest.labels)} labels but the "
                          f"model outputs {shape}; expected (batch, {len(manifest.labels)})")
+
+
+def _reference(manifest: ModelManifest, module: nn.Module, device: torch.device) -> Reference | None:
+    """The gate's reference: the file named in ``[gate]``, its sha256, and that it describes the
+    frames of this model (its pooled CAM-layer channels and the image statistics)."""
+    gate = manifest.gate
+    if gate is None:
+        return None
+    where = f"{manifest.path}: key 'gate.reference' = {gate.reference.name!r}"
+    if not gate.reference.is_file():
+        raise ModelError(f"{where} is invalid; expected an existing file next to the manifest "
+                         "(dicom-node models calibrate writes it)")
+    actual = sha256_of(gate.reference)
+    if actual != gate.sha256:
+        raise ModelError(f"{manifest.path}: key 'gate.sha256' = {gate.sha256!r} does not match the reference "
+                         f"file (sha256 {actual}); the file changed or the manifest is wrong")
+    spec = manifest.input
+    probe = torch.zeros(1, spec.channels, spec.size, spec.size, device=device)
+    pooled: list[np.ndarray] = []
+    layer = dict(module.named_modules())[manifest.cam_layer]
+    hook = layer.register_forward_hook(lambda _m, _i, out: pooled.append(pool(out)))
+    try:
+        with torch.inference_mode():
+            module(probe)
+        reference = load_reference(gate.reference)
+        if reference.weights_sha256 != manifest.sha256:
+            stale = reference.weights_sha256[:12] or "?"
+            raise ReferenceError(f"it describes the activations of weights {stale}, "
+                                 f"not of these ({manifest.sha256[:12]})")
+        reference.score(frame_vectors(pooled[0], probe.cpu().numpy()))
+    except ReferenceError as exc:
+        raise ModelError(f"{where}: {exc}; calibrate it again for these weights") from None
+    finally:
+        hook.remove()
+    return reference

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dicom_node.inference.gate import pool
 from dicom_node.inference.preprocess import Preprocessed
 from dicom_node.inference.registry import LoadedModel, ModelRegistry
 
@@ -44,6 +45,9 @@ class Prediction:
     weights_sha256: str
     probabilities: dict[str, float]
     thresholds: dict[str, float]
+    #: set by the input-distribution gate when the frame is above its threshold and the pipeline
+    #: reports anyway (``out_of_distribution = "warn"``): every finding then says so
+    outside_validated_input: bool = False
 
     @property
     def positives(self) -> list[str]:
@@ -82,24 +86,39 @@ class InferenceRunner:
             logger.info("model %s %s loaded on %s", name, self._models[name].manifest.version, self.device)
         return self._models[name]
 
-    def logits(self, name: str, inputs: Sequence[Preprocessed]) -> torch.Tensor:
-        """Raw outputs, (frames, labels), float32 on the CPU."""
+    def logits(self, name: str, inputs: Sequence[Preprocessed],
+               features: list[np.ndarray] | None = None) -> torch.Tensor:
+        """Raw outputs, (frames, labels), float32 on the CPU.
+
+        Parameters
+        ----------
+        features
+            When given, receives each batch's CAM-layer activations pooled over the layer's grid,
+            (frames, channels), from the same forward pass (the input-distribution gate reads them).
+        """
         loaded = self.model(name)
         outputs = []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
-            for start in range(0, len(inputs), self.batch_size):
-                chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
-                batch = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(
-                    memory_format=torch.channels_last)
-                outputs.append(loaded.module(batch).float().cpu())
+        hook = None if features is None else _pool_into(loaded, features)
+        try:
+            with torch.inference_mode(), autocast:
+                for start in range(0, len(inputs), self.batch_size):
+                    chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
+                    batch = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(
+                        memory_format=torch.channels_last)
+                    outputs.append(loaded.module(batch).float().cpu())
+        finally:
+            if hook is not None:
+                hook.remove()
         return torch.cat(outputs) if outputs else torch.empty(0, len(loaded.manifest.labels))
 
-    def predict(self, name: str, inputs: Sequence[Preprocessed]) -> list[Prediction]:
-        """Probabilities (sigmoid of the logits: multi-label) for every preprocessed frame."""
+    def predict(self, name: str, inputs: Sequence[Preprocessed],
+                features: list[np.ndarray] | None = None) -> list[Prediction]:
+        """Probabilities (sigmoid of the logits: multi-label) for every preprocessed frame;
+        ``features`` as in :meth:`logits`."""
         manifest = self.model(name).manifest
-        probabilities = torch.sigmoid(self.logits(name, inputs)).numpy()
+        probabilities = torch.sigmoid(self.logits(name, inputs, features)).numpy()
         thresholds = {label.name: label.threshold for label in manifest.labels}
         return [
             Prediction(p.sop_instance_uid, p.frame, manifest.name, manifest.version, manifest.sha256,
@@ -107,3 +126,13 @@ class InferenceRunner:
                        thresholds)
             for p, row in zip(inputs, probabilities, strict=True)
         ]
+
+
+def _pool_into(loaded: LoadedModel, features: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
+    """A forward hook on the model's CAM layer appending its output averaged over the grid."""
+    layer = dict(loaded.module.named_modules())[loaded.manifest.cam_layer]
+
+    def capture(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        features.append(pool(output))
+
+    return layer.register_forward_hook(capture)

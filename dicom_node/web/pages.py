@@ -154,6 +154,22 @@ def studies(rows: list[dict[str, Any]], query: str) -> bytes:
     )
 
 
+def _gate(results: dict[str, Any]) -> str:
+    """The input-distribution gate: the outcome when it abstained, each frame's score and threshold."""
+    gate = results.get("gate")
+    if not gate:
+        return ""
+    outcome = (f"<p class='notice'>{escape(results['outcome'])}: "
+               f"{escape(results.get('outcome_reason', ''))}</p>" if results.get("outcome") else "")
+    rows = [
+        [f"<span class='uid'>{escape(f['sop_instance_uid'])}</span> #{f['frame'] + 1}", f"{f['score']:.3f}",
+         f"{gate['threshold']:.3f}", "<b>outside the validated input</b>" if f["outside"] else "within"]
+        for f in gate["frames"]
+    ]
+    return (f"<h2>Input distribution</h2>{outcome}"
+            + table(["image", "out-of-distribution score", "threshold", ""], rows))
+
+
 def _predictions(job: dict[str, Any]) -> str:
     results = job.get("results") or {}
     rows = [
@@ -166,7 +182,7 @@ def _predictions(job: dict[str, Any]) -> str:
         for p in results.get("predictions", [])
         for label, probability in p["probabilities"].items()
     ]
-    out = "<h2>Predictions</h2>" + table(["image", "label", "probability", ""], rows)
+    out = _gate(results) + "<h2>Predictions</h2>" + table(["image", "label", "probability", ""], rows)
     quality = [
         [
             escape(e["label"]),

@@ -52,8 +52,10 @@ def test_a_phantom_study_sent_by_storescu_is_classified(tmp_path: Path) -> None:
     assert all(sorted(p["positives"]) == ["effusion", "nodule"] for p in predictions)
     explained = json.loads(results)["explanations"]
     assert sorted((e["label"], e["method"]) for e in explained) == sorted([("effusion", "gradcam"), ("nodule", "gradcam")] * 2)
-    assert set(json.loads(timings)) == {"collect", "read", "decode", "preprocess", "inference", "explain",
+    assert set(json.loads(timings)) == {"collect", "read", "decode", "preprocess", "inference", "gate", "explain",
                                         "explain.gradcam", "quality", "encode", "store", "outbox"}
+    gate = json.loads(results)["gate"]  # 1024 px phantoms are inside the demo model's validated input
+    assert gate["frames_outside"] == 0 and len(gate["frames"]) == len(paths)
     outputs = json.loads(results)["outputs"]  # an overlay per explanation and the series' SR, on disk
     assert len(outputs) == len(explained) + 1
     written = {p.stem for p in (node.data_dir / "results").rglob("*.dcm")}

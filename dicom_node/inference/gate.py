@@ -1,0 +1,170 @@
+"""The input-distribution gate: is this frame like the inputs the model version was validated on?
+
+Each frame is described by one vector: the model's CAM-layer activations pooled over the layer's
+grid (captured during the forward pass that makes the prediction: no second forward) and a few
+image-level statistics of the preprocessed input on a 32 x 32 grid (intensity quantiles, edge
+strength along each axis, left-right asymmetry, and an 8 x 8 thumbnail of mean intensities,
+which catch what pooled features cannot see: inversion, rotation, cropping, another layout). The score is the
+Mahalanobis distance of that vector to the reference (its mean and a shrunk covariance), divided
+by the square root of its length, so thresholds read alike across models. The reference is an
+``.npz`` file next to the weights, named with its SHA-256 in the manifest's ``[gate]`` table
+together with the threshold.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+THUMBNAIL = 8
+GRID = 32  # image statistics are taken on a 32 x 32 block average of the input
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+SHRINKAGE = 0.05  # the covariance is pulled this far toward its diagonal: a few hundred images
+#: The format of the reference file; a file with another version is refused.
+FORMAT = 1
+
+
+class ReferenceError(ValueError):
+    """A gate reference file is missing, unreadable or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One frame's out-of-distribution score against its model version's threshold."""
+
+    sop_instance_uid: str
+    frame: int
+    score: float
+    threshold: float
+
+    @property
+    def outside(self) -> bool:
+        """True when the frame is outside the validated input."""
+        return self.score > self.threshold
+
+    def describe(self) -> str:
+        """The reason text: names the score and the threshold."""
+        verdict = "above" if self.outside else "within"
+        return (f"out-of-distribution score {self.score:.2f} {verdict} the model's threshold "
+                f"{self.threshold:.2f} (instance {self.sop_instance_uid} frame {self.frame + 1})")
+
+
+def pool(activations: torch.Tensor) -> np.ndarray:
+    """A layer's output averaged over its grid: (frames, channels, ...) -> (frames, channels)."""
+    values = activations.float()
+    return (values.mean(dim=tuple(range(2, values.ndim))) if values.ndim > 2 else values).cpu().numpy()
+
+
+def image_statistics(arrays: np.ndarray) -> np.ndarray:
+    """Image-level statistics of preprocessed inputs, (frames, channels, size, size) -> (frames, k).
+
+    The channels are averaged (a colour input is judged on its luminance) and the image is first
+    averaged down to a :data:`GRID` x :data:`GRID` grid: the statistics describe layout and
+    contrast, not fine detail, and on the small grid they cost a fraction of the forward pass.
+    """
+    images = _grid(np.asarray(arrays, dtype=np.float32).mean(axis=1))
+    frames = images.shape[0]
+    flat = images.reshape(frames, -1)
+    # nearest-rank quantiles of the sorted grid: np.quantile's overhead is most of this function's
+    quantiles = np.sort(flat, axis=1)[:, [round(q * (flat.shape[1] - 1)) for q in QUANTILES]]
+    spread = np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1)
+    # edge strength along each axis (a rotated chest swaps them) and left-right asymmetry (a chest
+    # is not a mirror image: the heart lies to one side; a mirrored half is symmetric), the latter
+    # on a log scale: "exactly symmetric" must be far from "a little symmetric"
+    edges = np.stack([np.abs(np.diff(images, axis=1)).mean(axis=(1, 2)),
+                      np.abs(np.diff(images, axis=2)).mean(axis=(1, 2)),
+                      np.log(np.abs(images - images[:, :, ::-1]).mean(axis=(1, 2)) + 1e-4)], axis=1)
+    cell = GRID // THUMBNAIL
+    thumbnail = images.reshape(frames, THUMBNAIL, cell, THUMBNAIL, cell).mean(axis=(2, 4))
+    return np.concatenate([quantiles, spread, edges, thumbnail.reshape(frames, -1)], axis=1)
+
+
+def _grid(images: np.ndarray) -> np.ndarray:
+    """(frames, size, size) averaged over blocks to (frames, GRID, GRID) (the last rows and
+    columns dropped when size is not a multiple; inputs are 32 px or more, see the manifest)."""
+    frames, size = images.shape[0], images.shape[-1]
+    block = size // GRID
+    cropped = images[:, :block * GRID, :block * GRID]
+    return cropped.reshape(frames, GRID, block, GRID, block).mean(axis=(2, 4))
+
+
+def frame_vectors(features: np.ndarray, arrays: np.ndarray) -> np.ndarray:
+    """The gate's description of each frame: pooled features, then image statistics."""
+    return np.concatenate([np.asarray(features, dtype=np.float64).reshape(len(arrays), -1),
+                           image_statistics(arrays).astype(np.float64)], axis=1)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The validated inputs of one model version, summarised: a mean and a whitening matrix."""
+
+    mean: np.ndarray  # (k,)
+    scale: np.ndarray  # (k,) per-dimension standard deviation, floored
+    precision: np.ndarray  # (k, k) inverse of the shrunk correlation matrix
+    feature_count: int  # how many of the k dimensions are the model's pooled features
+    images: int  # how many frames it was fitted on
+    weights_sha256: str = ""  # the weights whose activations it describes (set by calibration)
+
+    def score(self, vectors: np.ndarray) -> np.ndarray:
+        """The out-of-distribution score of each row of ``vectors`` (frames, k)."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if vectors.ndim != 2 or vectors.shape[1] != self.mean.shape[0]:
+            raise ReferenceError(f"the reference describes {self.mean.shape[0]} values a frame; "
+                                 f"got {vectors.shape[1:] if vectors.ndim == 2 else vectors.shape}")
+        centred = (vectors - self.mean) / self.scale
+        squared = np.einsum("ij,jk,ik->i", centred, self.precision, centred)
+        return np.sqrt(np.maximum(squared, 0.0) / self.mean.shape[0])
+
+
+def fit_reference(vectors: np.ndarray, feature_count: int) -> Reference:
+    """Fit a :class:`Reference` to the rows of ``vectors`` (frames, k), at least 10 frames.
+
+    Raises
+    ------
+    ReferenceError
+        If there are fewer than 10 frames or values that are not finite.
+    """
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.ndim != 2 or len(vectors) < 10 or not np.isfinite(vectors).all():
+        raise ReferenceError(f"a reference needs at least 10 frames of finite values; got {vectors.shape}")
+    mean = vectors.mean(axis=0)
+    std = vectors.std(axis=0)
+    # a constant dimension (an always-empty corner) still needs a scale: a tenth of the typical one
+    scale = np.maximum(std, max(float(np.median(std)) * 0.1, 1e-6))
+    correlation = np.cov(((vectors - mean) / scale).T)
+    shrunk = (1 - SHRINKAGE) * correlation + SHRINKAGE * np.diag(np.diag(correlation) + 1e-3)
+    return Reference(mean, scale, np.linalg.inv(shrunk), feature_count, len(vectors))
+
+
+def save_reference(reference: Reference, path: Path) -> None:
+    """Write ``reference`` to ``path`` (``.npz``), atomically."""
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, format=np.int64(FORMAT), mean=reference.mean, scale=reference.scale,
+             precision=reference.precision, feature_count=np.int64(reference.feature_count),
+             images=np.int64(reference.images), weights_sha256=np.str_(reference.weights_sha256))
+    partial.replace(path)
+
+
+def load_reference(path: Path) -> Reference:
+    """Read a reference written by :func:`save_reference`.
+
+    Raises
+    ------
+    ReferenceError
+        Naming the file and what is wrong with it.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["format"]) != FORMAT:
+                raise ReferenceError(f"{path}: reference format {int(data['format'])}; expected {FORMAT}")
+            reference = Reference(data["mean"], data["scale"], data["precision"], int(data["feature_count"]),
+                                  int(data["images"]), str(data["weights_sha256"]))
+    except (OSError, KeyError, ValueError) as exc:
+        if isinstance(exc, ReferenceError):
+            raise
+        raise ReferenceError(f"{path}: not a gate reference ({type(exc).__name__}: {exc})") from None
+    k = reference.mean.shape[0]
+    if reference.scale.shape != (k,) or reference.precision.shape != (k, k):
+        raise ReferenceError(f"{path}: inconsistent shapes in the reference")
+    return reference

@@ -1,0 +1,118 @@
+"""The input-distribution gate: the reference file, the manifest's [gate], and the demo model's
+gate on held-out phantoms and on generated out-of-distribution sets."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, load_manifest, preprocess
+from dicom_node.inference.calibrate import calibrate, vectors
+from dicom_node.inference.gate import ReferenceError, fit_reference, load_reference, save_reference
+from dicom_node.inference.registry import sha256_of
+from dicom_node.phantoms import render, to_dataset
+from tests.inference.ood import OOD_SETS, as_chest_cr
+
+REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+HELD_OUT_SEED = 4_000_000  # the reference uses 3,000,000 to 3,000,499; training and the card others
+OOD_SEED = 5_000_000
+
+
+@pytest.fixture(scope="module")
+def runner() -> InferenceRunner:
+    return InferenceRunner(ModelRegistry(REPO_MODELS), device="cpu")
+
+
+def _scores(runner: InferenceRunner, datasets: list) -> np.ndarray:
+    loaded = runner.model("demo-cxr")
+    inputs = [item for ds in datasets for item in preprocess(ds, loaded.manifest.input)]
+    assert loaded.reference is not None
+    return loaded.reference.score(vectors(runner, "demo-cxr", inputs))
+
+
+def test_the_reference_round_trips_and_scores_its_own_kind_low(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frames = rng.normal(0, 1, (400, 6)) @ rng.normal(0, 1, (6, 6))
+    reference = fit_reference(frames, feature_count=2)
+    save_reference(reference, tmp_path / "r.npz")
+    again = load_reference(tmp_path / "r.npz")
+    far = frames[:50] + 25.0
+    assert np.allclose(again.score(frames), reference.score(frames))
+    assert np.median(again.score(frames)) < 1.5 < again.score(far).min()
+    with pytest.raises(ReferenceError, match="describes 6 values"):
+        again.score(frames[:, :5])
+
+
+def test_a_file_that_is_not_a_reference_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "r.npz").write_bytes(b"not a reference")
+    with pytest.raises(ReferenceError, match="not a gate reference"):
+        load_reference(tmp_path / "r.npz")
+    with pytest.raises(ReferenceError, match="at least 10 frames"):
+        fit_reference(np.zeros((5, 3)), 1)
+
+
+def test_calibration_holds_out_frames_and_sets_a_threshold_above_them() -> None:
+    rng = np.random.default_rng(1)
+    result = calibrate(rng.normal(0, 1, (300, 8)), feature_count=4, seed=0)
+    assert len(result.held_out_scores) == 60 and result.reference.images == 240
+    assert result.false_abstention <= 0.05 and result.threshold > float(np.median(result.held_out_scores))
+    with pytest.raises(ValueError, match="at least 20 frames"):
+        calibrate(rng.normal(0, 1, (10, 8)), 4)
+
+
+def _copy_demo(tmp_path: Path) -> Path:
+    shutil.copytree(REPO_MODELS / "demo-cxr", tmp_path / "demo-cxr")
+    return tmp_path / "demo-cxr" / "model.toml"
+
+
+@pytest.mark.parametrize("change, message", [
+    (('threshold = 1.', 'threshold = -1.'), "gate.threshold"),
+    (('action = "abstain"', 'action = "ignore"'), "gate.action"),
+    (('reference = "reference.npz"', 'reference = "missing.npz"'), "expected an existing file"),
+])
+def test_a_bad_gate_table_is_refused_naming_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    manifest = _copy_demo(tmp_path)
+    manifest.write_text(manifest.read_text().replace(*change))
+    with pytest.raises(ModelError, match=message):
+        ModelRegistry(tmp_path).load("demo-cxr")
+
+
+def test_a_changed_reference_file_is_refused_by_its_sha256(tmp_path: Path) -> None:
+    manifest = _copy_demo(tmp_path)
+    gate = load_manifest(manifest).gate
+    assert gate is not None and gate.action == "abstain"
+    rng = np.random.default_rng(2)
+    save_reference(fit_reference(rng.normal(0, 1, (50, 4)), 1), gate.reference)
+    with pytest.raises(ModelError, match=r"'gate\.sha256'"):
+        ModelRegistry(tmp_path).load("demo-cxr")
+
+
+def test_a_reference_of_other_weights_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    manifest = _copy_demo(tmp_path)
+    gate = load_manifest(manifest).gate
+    assert gate is not None
+    stale = dataclasses.replace(load_reference(gate.reference), weights_sha256="0" * 64)
+    save_reference(stale, gate.reference)
+    manifest.write_text(manifest.read_text().replace(gate.sha256, sha256_of(gate.reference)))
+    with pytest.raises(ModelError, match="describes the activations of weights 000000000000"):
+        ModelRegistry(tmp_path).load("demo-cxr")
+
+
+def test_the_demo_gate_passes_held_out_phantoms(runner: InferenceRunner) -> None:
+    datasets = [to_dataset(render(HELD_OUT_SEED + i, 128), modality="DX" if i % 2 else "CR",
+                           photometric="MONOCHROME1" if i % 7 == 0 else "MONOCHROME2") for i in range(100)]
+    scores = _scores(runner, datasets)
+    threshold = runner.model("demo-cxr").manifest.gate.threshold  # type: ignore[union-attr]
+    assert float((scores > threshold).mean()) <= 0.01, np.sort(scores)[-5:]
+
+
+@pytest.mark.parametrize("name", sorted(OOD_SETS))
+def test_the_demo_gate_abstains_on_out_of_distribution_sets(runner: InferenceRunner, name: str) -> None:
+    generate = OOD_SETS[name]
+    datasets = [as_chest_cr(generate(OOD_SEED + i, 128), OOD_SEED + i) for i in range(20)]
+    scores = _scores(runner, datasets)
+    threshold = runner.model("demo-cxr").manifest.gate.threshold  # type: ignore[union-attr]
+    assert float((scores > threshold).mean()) >= 0.95, (name, np.sort(scores)[:5])
