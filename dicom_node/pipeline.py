@@ -27,6 +27,7 @@ from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Pre
 from dicom_node.jobs.queue import Job, JobQueue
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
+from dicom_node.store.patient import differing_identity
 from dicom_node.store.results import ResultArea
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,24 @@ class StaleJobError(PermanentError):
     if anything is left in it, was marked changed and gets a newer job."""
 
 
+class MixedPatientsError(PermanentError):
+    """The job's instances name more than one patient (Patient ID, Issuer, Name or Birth Date
+    differ) although they share one study and series: a sender reused the UIDs. Nothing is made,
+    not even a "not analysed" report, since any object would file one patient's images or
+    findings under the other; the job's reason, an ERROR and the audit event
+    ``patients_mixed_in_series`` say so instead.
+
+    Attributes
+    ----------
+    attributes
+        Keywords of the identity attributes that differ (never their values).
+    """
+
+    def __init__(self, attributes: Sequence[str]) -> None:
+        super().__init__("instances of several patients in one study/series: not analysed")
+        self.attributes = list(attributes)
+
+
 def collect(ctx: PipelineContext) -> None:
     """Load the records of the job's instances; a missing instance or file fails permanently, and
     so does an instance that moved to another study or series since the job was made."""
@@ -124,8 +143,16 @@ def read(ctx: PipelineContext) -> None:
             # once the new one is indexed): collect again says so; anything else is retried
             collect(ctx)
             raise
+    check_one_patient(datasets)
     ctx.datasets = datasets
     check_scope(ctx)
+
+
+def check_one_patient(datasets: Sequence[Dataset]) -> None:
+    """Raise :class:`MixedPatientsError` unless every data set names the same patient."""
+    differing = differing_identity(datasets)
+    if differing:
+        raise MixedPatientsError(differing)
 
 
 def check_scope(ctx: PipelineContext) -> None:
@@ -285,6 +312,8 @@ def run(
     try:
         _run_steps(ctx, steps, timings)
     except Exception as exc:
+        if isinstance(exc, MixedPatientsError):
+            report_mixed_patients(job, exc, audit)
         audit.record("job_failed", **where, reason=str(exc)[:500],
                      outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs], timings=dict(timings))
         raise
@@ -298,6 +327,17 @@ def run(
     return ctx
 
 
+def report_mixed_patients(job: Job, exc: MixedPatientsError, audit: Audit) -> None:
+    """An ERROR and the audit event of a job whose instances name several patients (UIDs and
+    attribute keywords only): the PACS gets nothing, so an administrator must hear."""
+    logger.error("job %s: the instances of series %s of study %s name several patients (%s differ): "
+                 "not analysed, nothing sent; fix the sender's UIDs and send the study again", job.id,
+                 job.series_instance_uid, job.study_instance_uid, ", ".join(exc.attributes))
+    audit.record("patients_mixed_in_series", job=job.id, study_instance_uid=job.study_instance_uid,
+                 series_instance_uid=job.series_instance_uid, pipeline=job.pipeline,
+                 attributes=exc.attributes, instances=list(job.instance_uids))
+
+
 def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings: dict[str, float]) -> None:
     for name, step in steps:
         started = time.perf_counter()
@@ -305,6 +345,8 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
             step(ctx)
         except StaleJobError:
             raise  # nothing to report: the instances are another series' now, and it has its own job
+        except MixedPatientsError:
+            raise  # any report would reference several patients' images; run() says it elsewhere
         except PermanentError as exc:
             try:
                 report_not_analysed(ctx, str(exc))
