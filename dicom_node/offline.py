@@ -172,10 +172,13 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
     ctx = steps.PipelineContext(job=job, settings=settings, store=None, runner=runner)  # type: ignore[arg-type]
     try:
         ctx.datasets = [dcmread(path) for path, _ in members]
+        steps.check_one_patient(ctx.datasets)
         for step in OFFLINE_STEPS:
             step(ctx)
         found = sorted({label for p in ctx.predictions for label in p.positives})
         status = "analysed: " + (", ".join(found) or "no finding above threshold")
+    except steps.MixedPatientsError as exc:  # a report would reference both patients' images
+        status, ctx.outputs = f"not analysed: {exc}; nothing written", []
     except PermanentError as exc:
         status = f"not analysed: {exc}"
         producer = Producer(pipeline.name, manifest, settings.node.ae_title)
