@@ -91,7 +91,15 @@ class _Progress:
                 self.stream.write("\n")
 
 
-OFFLINE_STEPS = (steps.check_scope, steps.prepare, steps.infer, steps.explain, steps.encode)
+def _gate(ctx: steps.PipelineContext) -> None:
+    """The input-distribution gate, as in ``serve``: an abstention is this series' "not analysed"
+    report, written with the others' results."""
+    reason = steps.gate_decision(ctx)
+    if reason is not None:
+        raise PermanentError(reason)
+
+
+OFFLINE_STEPS = (steps.check_scope, steps.prepare, steps.infer, _gate, steps.explain, steps.encode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +180,13 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
     ctx = steps.PipelineContext(job=job, settings=settings, store=None, runner=runner)  # type: ignore[arg-type]
     try:
         ctx.datasets = [dcmread(path) for path, _ in members]
+        steps.check_one_patient(ctx.datasets)
         for step in OFFLINE_STEPS:
             step(ctx)
         found = sorted({label for p in ctx.predictions for label in p.positives})
         status = "analysed: " + (", ".join(found) or "no finding above threshold")
+    except steps.MixedPatientsError as exc:  # a report would reference both patients' images
+        status, ctx.outputs = f"not analysed: {exc}; nothing written", []
     except Exception as exc:  # a damaged file must not stop the other series, nor go unreported
         # only a PermanentError's message is ours; others may quote header values
         reason = str(exc) if isinstance(exc, PermanentError) else f"processing failed ({type(exc).__name__})"

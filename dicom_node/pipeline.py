@@ -32,6 +32,7 @@ from dicom_node.inference.gate import GateResult, frame_vectors
 from dicom_node.jobs.queue import Job, JobQueue
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
+from dicom_node.store.patient import differing_identity
 from dicom_node.store.results import ResultArea
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,24 @@ class StaleJobError(PermanentError):
     if anything is left in it, was marked changed and gets a newer job."""
 
 
+class MixedPatientsError(PermanentError):
+    """The job's instances name more than one patient (Patient ID, Issuer, Name or Birth Date
+    differ) although they share one study and series: a sender reused the UIDs. Nothing is made,
+    not even a "not analysed" report, since any object would file one patient's images or
+    findings under the other; the job's reason, an ERROR and the audit event
+    ``patients_mixed_in_series`` say so instead.
+
+    Attributes
+    ----------
+    attributes
+        Keywords of the identity attributes that differ (never their values).
+    """
+
+    def __init__(self, attributes: Sequence[str]) -> None:
+        super().__init__("instances of several patients in one study/series: not analysed")
+        self.attributes = list(attributes)
+
+
 def collect(ctx: PipelineContext) -> None:
     """Load the records of the job's instances; a missing instance or file fails permanently, and
     so does an instance that moved to another study or series since the job was made."""
@@ -150,8 +169,16 @@ def read(ctx: PipelineContext) -> None:
         except (InvalidDicomError, ValueError, EOFError) as exc:  # a damaged file stays damaged
             reason = f"instance {record.sop_instance_uid} cannot be read ({type(exc).__name__})"
             raise PermanentError(reason) from None
+    check_one_patient(datasets)
     ctx.datasets = datasets
     check_scope(ctx)
+
+
+def check_one_patient(datasets: Sequence[Dataset]) -> None:
+    """Raise :class:`MixedPatientsError` unless every data set names the same patient."""
+    differing = differing_identity(datasets)
+    if differing:
+        raise MixedPatientsError(differing)
 
 
 def check_scope(ctx: PipelineContext) -> None:
@@ -194,29 +221,38 @@ def gate(ctx: PipelineContext) -> None:
     """Score every frame against the model version's reference. Any frame above the threshold:
     with ``abstain`` the series' findings are not reported (a "not analysed" SR names the score
     and the threshold, and the job ends there); with ``warn`` its findings are marked."""
+    reason = gate_decision(ctx)
+    if reason is None:
+        return
+    report_not_analysed(ctx, reason)
+    ctx.outcome = "not analysed, reported" if ctx.saved else "not analysed"
+    ctx.outcome_reason = reason
+
+
+def gate_decision(ctx: PipelineContext) -> str | None:
+    """The gate's scores on the context; with ``warn``, findings of frames above the threshold are
+    marked. Returns why the series is not analysed when the gate abstains (its predictions are then
+    dropped: not reported as findings, not even on the job's record), else None."""
     assert ctx.runner is not None
     loaded = ctx.runner.model(ctx.job.model)
     spec = loaded.manifest.gate
     if loaded.reference is None or spec is None or not ctx.inputs:
-        return
+        return None
     vectors = frame_vectors(np.concatenate(ctx.features), np.stack([item.array for item in ctx.inputs]))
     ctx.gate = [GateResult(item.sop_instance_uid, item.frame, round(float(score), 4), spec.threshold)
                 for item, score in zip(ctx.inputs, loaded.reference.score(vectors), strict=True)]
     outside = {(g.sop_instance_uid, g.frame) for g in ctx.gate if g.outside}
     if not outside:
-        return
+        return None
     if gate_action(ctx) == "warn":
         ctx.predictions = [
             dataclasses.replace(p, outside_validated_input=(p.sop_instance_uid, p.frame) in outside)
             for p in ctx.predictions]
-        return
+        return None
     worst = max(ctx.gate, key=lambda g: g.score)
-    reason = (f"outside the validated input: {len(outside)} of {len(ctx.gate)} frame(s) above the "
-              f"threshold; {worst.describe()}")
-    ctx.predictions = []  # not reported as findings, not even on the job's record
-    report_not_analysed(ctx, reason)
-    ctx.outcome = "not analysed, reported" if ctx.saved else "not analysed"
-    ctx.outcome_reason = reason
+    ctx.predictions = []
+    return (f"outside the validated input: {len(outside)} of {len(ctx.gate)} frame(s) above the "
+            f"threshold; {worst.describe()}")
 
 
 def explain(ctx: PipelineContext) -> None:
@@ -393,6 +429,8 @@ def run(
     try:
         _run_steps(ctx, steps, timings)
     except Exception as exc:
+        if isinstance(exc, MixedPatientsError):
+            report_mixed_patients(job, exc, audit)
         audit.record("job_failed", **where, reason=str(exc)[:500],
                      outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs], timings=dict(timings))
         raise
@@ -407,6 +445,17 @@ def run(
     return ctx
 
 
+def report_mixed_patients(job: Job, exc: MixedPatientsError, audit: Audit) -> None:
+    """An ERROR and the audit event of a job whose instances name several patients (UIDs and
+    attribute keywords only): the PACS gets nothing, so an administrator must hear."""
+    logger.error("job %s: the instances of series %s of study %s name several patients (%s differ): "
+                 "not analysed, nothing sent; fix the sender's UIDs and send the study again", job.id,
+                 job.series_instance_uid, job.study_instance_uid, ", ".join(exc.attributes))
+    audit.record("patients_mixed_in_series", job=job.id, study_instance_uid=job.study_instance_uid,
+                 series_instance_uid=job.series_instance_uid, pipeline=job.pipeline,
+                 attributes=exc.attributes, instances=list(job.instance_uids))
+
+
 def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings: dict[str, float]) -> None:
     for name, step in steps:
         started = time.perf_counter()
@@ -414,6 +463,8 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
             step(ctx)
         except StaleJobError:
             raise  # nothing to report: the instances are another series' now, and it has its own job
+        except MixedPatientsError:
+            raise  # any report would reference several patients' images; run() says it elsewhere
         except PermanentError as exc:
             _report_safely(ctx, str(exc))
             raise

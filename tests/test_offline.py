@@ -69,3 +69,21 @@ def test_explain_words_its_own_message_for_files_that_are_not_dicom(
     assert f"skipped {inputs / 'notes.txt'}: not a DICOM file" in out
     assert f"skipped {inputs / 'truncated.dcm'}:" in out
     assert "force" not in out.lower() and "no DICOM files found" in out
+
+
+def test_explain_writes_nothing_for_a_series_of_several_patients(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pydicom import dcmread
+
+    from dicom_node.phantoms import write_study
+
+    paths = write_study(tmp_path / "in", 2, seed=3_000_002, size=256)
+    second = dcmread(paths[1])
+    second.PatientID = "ANOTHER-PATIENT"  # same study and series UIDs: a broken anonymiser
+    second.save_as(paths[1], enforce_file_format=True)
+    out_dir = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "in"), "--out", str(out_dir), "--config", str(_config(tmp_path))]) == 1
+    out = capsys.readouterr().out
+    assert "instances of several patients in one study/series: not analysed; nothing written" in out
+    assert not list(out_dir.rglob("*.dcm"))

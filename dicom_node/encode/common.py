@@ -17,6 +17,7 @@ from pydicom.uid import UID
 
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.inference.manifest import ModelManifest
+from dicom_node.store.patient import differing_identity
 
 #: Burned into every overlay; attributes carry the ASCII form (no character set needed).
 DISCLAIMER = "AI-GENERATED · UNVERIFIED · NOT FOR DIAGNOSTIC USE"
@@ -72,11 +73,16 @@ def source_series(source: "Dataset | tuple[str, str]") -> tuple[str, str]:
 
 
 def check_one_series(sources: Sequence[Dataset]) -> None:
-    """Raise ValueError unless every source is of one study and one series: results made from
-    several would file one study's (one patient's) findings and images in another's."""
+    """Raise ValueError unless every source is of one study, one series and one patient: results
+    made from several would file one study's (one patient's) findings and images in another's.
+    The message names the differing patient attributes, never their values."""
     found = sorted({source_series(ds) for ds in sources})
     if len(found) > 1:
         raise ValueError(f"sources: {len(found)} (study, series) pairs, expected one: {found}")
+    differing = differing_identity(sources)
+    if differing:
+        raise ValueError(f"sources: several patients in one series ({', '.join(differing)} differ), "
+                         "expected one")
 
 
 @dataclass(frozen=True)

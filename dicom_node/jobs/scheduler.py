@@ -86,6 +86,10 @@ class Scheduler:
     def _schedule(self, series: SeriesRecord) -> list[Job]:
         # the study's own instances only: another study may use the same Series Instance UID
         instances = self.store.index.instances(series.key)
+        if not instances:
+            # emptied since it was listed (its instances moved to another study or series): the
+            # series is gone, and the series that received them are scheduled on their own
+            return []
         facts = SeriesFacts(
             modality=series.modality, body_part_examined=series.body_part_examined,
             series_description=series.series_description, calling_ae_title=series.calling_ae_title,

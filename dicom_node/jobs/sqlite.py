@@ -1,14 +1,19 @@
 """The job backend in the node's SQLite database (component ``jobs``), the default."""
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from dicom_node.audit import append_event
 from dicom_node.jobs.queue import Job, JobSpec, JobState, job_key
-from dicom_node.store.db import Migration, connect, migrate, transaction
+from dicom_node.store.db import Migration, connect, database_file, migrate, transaction
+from dicom_node.store.index import studies_of
+
+logger = logging.getLogger(__name__)
 
 
 def _key_series_by_study(conn: sqlite3.Connection) -> None:
@@ -21,6 +26,62 @@ def _key_series_by_study(conn: sqlite3.Connection) -> None:
     for job_id, study, series, uids, pipeline, model, version in rows:
         key = job_key(study, series, json.loads(uids), pipeline, model, version)
         conn.execute("UPDATE jobs SET key = ? WHERE id = ?", (key, job_id))
+
+
+#: Output UIDs a flagged job's reason lists; the audit event lists them all.
+_REASON_OUTPUTS = 10
+
+
+def _flag_mixed_results(conn: sqlite3.Connection) -> None:
+    """Schema 3: flag the finished jobs of the first version that mixed studies.
+
+    That version keyed a series by its Series Instance UID alone, so one job could take the
+    instances of several studies (several patients) and file one's findings in the other's
+    study. Schema 2 makes new jobs per study, but what such a job sent stays in the PACS: each
+    one found (its instances now in more than one study) gets a reason that says which outputs
+    to remove, an ERROR and the audit event ``mixed_results_delivered``, once, here.
+    """
+    has_store = "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'instances'"
+    if conn.execute(has_store).fetchone() is None:
+        return  # no store in this database: nothing stored, nothing mixed
+    rows = conn.execute("SELECT id, study_instance_uid, series_instance_uid, instance_uids, reason, results "
+                        "FROM jobs WHERE state IN (?, ?, ?)",
+                        (str(JobState.DONE), str(JobState.FAILED), str(JobState.DEAD))).fetchall()
+    for job_id, study, series, uids, reason, results in rows:
+        studies = studies_of(conn, json.loads(uids))
+        if len(studies) < 2:
+            continue
+        outputs = [str(out["sop_instance_uid"]) for out in json.loads(results).get("outputs", [])]
+        flag = mixed_results_reason(studies, outputs)
+        flagged = f"{flag}; {reason}" if reason else flag
+        conn.execute("UPDATE jobs SET reason = ? WHERE id = ?", (flagged, job_id))
+        logger.error("job %d (series %s of study %s) mixed the instances of studies %s before the upgrade; "
+                     "its %d output(s) must be removed from the PACS: %s", job_id, series, study,
+                     ", ".join(studies), len(outputs), ", ".join(outputs) or "see its outbox records")
+        _audit_mixed_results(conn, job=job_id, study_instance_uid=study, series_instance_uid=series,
+                             study_instance_uids=studies, outputs=outputs)
+
+
+def mixed_results_reason(studies: Sequence[str], outputs: Sequence[str]) -> str:
+    """The reason a job flagged by :func:`_flag_mixed_results` shows on the dashboard and CLI."""
+    listed = ", ".join(outputs[:_REASON_OUTPUTS])
+    if len(outputs) > _REASON_OUTPUTS:
+        listed += f" and {len(outputs) - _REASON_OUTPUTS} more (audit event mixed_results_delivered)"
+    what = f"outputs {listed}" if outputs else "this job's outputs (its outbox records)"
+    return f"results mixed {len(studies)} studies before the upgrade: remove {what} from the PACS"
+
+
+def _audit_mixed_results(conn: sqlite3.Connection, **fields: object) -> None:
+    """The audit event, in the audit folder beside the database (the node's ``data_dir/audit``);
+    the migration runs before any trail is open. Not written (full disk): the job's reason and the
+    ERROR still say it."""
+    path = database_file(conn)
+    if path is None:
+        return
+    try:
+        append_event(path.parent / "audit", "mixed_results_delivered", **fields)
+    except OSError as exc:
+        logger.error("audit event mixed_results_delivered of job %s not written: %s", fields["job"], exc)
 
 
 _MIGRATIONS: tuple[Migration, ...] = (
@@ -56,6 +117,7 @@ _MIGRATIONS: tuple[Migration, ...] = (
     );
     """,
     _key_series_by_study,
+    _flag_mixed_results,
 )
 _COLUMNS = (
     "id, key, study_instance_uid, series_instance_uid, instance_uids, pipeline, model, "

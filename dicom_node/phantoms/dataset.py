@@ -64,9 +64,9 @@ def _check(modality: str, photometric: str, bits_stored: int) -> None:
         raise ValueError(f"bits_stored: expected an integer from 12 to 16, got {bits_stored!r}")
 
 
-def _patient_study_series(ds: Dataset, seed: int, modality: str, uids: Mapping[str, str]) -> None:
-    ds.PatientName = f"PHANTOM^{seed}"
-    ds.PatientID = f"PHANTOM-{seed}"
+def _patient_study_series(ds: Dataset, patient: str, modality: str, uids: Mapping[str, str]) -> None:
+    ds.PatientName = f"PHANTOM^{patient}"
+    ds.PatientID = f"PHANTOM-{patient}"
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.StudyInstanceUID = uids["study"]
@@ -150,7 +150,9 @@ def to_dataset(ph: Phantom, *, modality: str = "CR", photometric: str = "MONOCHR
     bits_stored
         12 to 16; ``maxval = 2**bits_stored - 1``. Bits Allocated is always 16.
     study_uid, series_uid, sop_uid
-        Default: derived from the seed (study) and the encoding (series, instance).
+        Default: derived from the seed (study) and the encoding (series, instance). The patient
+        is the seed's (``PHANTOM-<seed>``), or the study's when ``study_uid`` is given: phantoms
+        of several seeds put in one study are one patient's, as the node requires of a series.
     instance_number
         Instance Number (0020,0013).
 
@@ -170,7 +172,8 @@ def to_dataset(ph: Phantom, *, modality: str = "CR", photometric: str = "MONOCHR
     ds.SOPClassUID = SOP_CLASSES[modality]
     ds.SOPInstanceUID = sop_uid or phantom_uid("instance", uids["series"], *encoding, instance_number)
     ds.InstanceCreationDate, ds.InstanceCreationTime = STUDY_DATE, STUDY_TIME
-    _patient_study_series(ds, ph.seed, modality, uids)
+    patient = str(ph.seed) if study_uid is None else str(phantom_uid("patient", study_uid))[-8:]
+    _patient_study_series(ds, patient, modality, uids)
     _image(ds, ph, photometric, bits_stored, instance_number)
     if modality == "DX":
         _dx_modules(ds, photometric)

@@ -210,6 +210,12 @@ def _check_version(conn: sqlite3.Connection, component: str, current: int) -> bo
     return version == current
 
 
+def database_file(conn: sqlite3.Connection) -> Path | None:
+    """The file of ``conn``'s main database; None for an in-memory one."""
+    name = conn.execute("PRAGMA database_list").fetchone()[2]
+    return Path(name) if name else None
+
+
 def _file(conn: sqlite3.Connection) -> str:
     """The file of ``conn``'s main database, for messages."""
-    return str(conn.execute("PRAGMA database_list").fetchone()[2] or "database")
+    return str(database_file(conn) or "database")

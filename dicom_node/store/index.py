@@ -2,8 +2,9 @@
 database; :data:`_MIGRATIONS` brings older files up)."""
 
 import dataclasses
+import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -53,7 +54,8 @@ _MIGRATIONS = (
     # instances. A record keeps its change number when no other study holds its Series Instance
     # UID; each (study, series) pair of a UID that several studies hold gets a new, higher one,
     # so the scheduler makes a job for it with its own study's instances only. Records and
-    # studies without instances go.
+    # studies without instances go. Manufacturer (the loop guard reads it) comes only from the
+    # old record of the same study: another study's is not evidence, so such a pair gets ''.
     """
     CREATE TABLE series_v2 (
         series_instance_uid TEXT NOT NULL,
@@ -83,6 +85,7 @@ _MIGRATIONS = (
                (SELECT coalesce(max(change_seq), 0) FROM series)
                    + row_number() OVER (ORDER BY max(i.received_at), i.study_instance_uid)
         FROM instances i LEFT JOIN series s ON s.series_instance_uid = i.series_instance_uid
+            AND s.study_instance_uid = i.study_instance_uid
         WHERE NOT EXISTS (SELECT 1 FROM series_v2 n WHERE
             n.study_instance_uid = i.study_instance_uid AND n.series_instance_uid = i.series_instance_uid)
         GROUP BY i.study_instance_uid, i.series_instance_uid;
@@ -96,6 +99,20 @@ _MIGRATIONS = (
         SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)
     """,
 )
+
+
+def studies_of(conn: sqlite3.Connection, sop_instance_uids: Sequence[str]) -> list[str]:
+    """The studies (sorted) that hold any of the instances, on ``conn``: for another component's
+    migration, which runs on its own connection before an :class:`Index` exists (the ``instances``
+    table is the same in every schema version)."""
+    found: set[str] = set()
+    uids = list(sop_instance_uids)
+    for start in range(0, len(uids), 500):  # SQLite's bound on parameters per statement
+        chunk = uids[start:start + 500]
+        rows = conn.execute("SELECT DISTINCT study_instance_uid FROM instances WHERE sop_instance_uid "
+                            f"IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
+        found.update(row[0] for row in rows)
+    return sorted(found)
 
 
 class SeriesKey(NamedTuple):
@@ -278,6 +295,11 @@ class Index:
         """The record of one instance, or None."""
         with self._lock:
             return self._get(sop_instance_uid)
+
+    def studies_of(self, sop_instance_uids: Sequence[str]) -> list[str]:
+        """The studies (sorted) that now hold any of the instances; unknown UIDs are left out."""
+        with self._lock:
+            return studies_of(self._conn, sop_instance_uids)
 
     def instances(self, series: SeriesKey | None = None) -> list[InstanceRecord]:
         """All instance records, or those of one series (of one study), in order of receipt."""

@@ -9,7 +9,7 @@ import pytest
 from dicom_node.config import Pipeline
 from dicom_node.jobs.queue import JobQueue
 from dicom_node.jobs.scheduler import Scheduler
-from dicom_node.store import InstanceStore
+from dicom_node.store import InstanceStore, SeriesRecord
 from tests.factories import ct_dataset, new_uid
 from tests.jobs.conftest import FakeClock
 from tests.store.test_store import put
@@ -45,3 +45,31 @@ def test_two_studies_sharing_a_series_uid_make_two_jobs_with_their_own_versions(
     [again] = sched.tick()
     assert (again.study_instance_uid, again.version) == (beta, 2)
     assert late.sop_instance_uid in again.instance_uids and len(again.instance_uids) == 3
+
+
+def test_a_series_emptied_after_it_was_listed_makes_no_job(
+    store: InstanceStore, queue: JobQueue, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index lists a changed series, then its only instance moves to another study before
+    the scheduler reads its instances: no job without instances is queued."""
+    sched = Scheduler(store, queue, PIPELINES, 10.0, lambda name: "v1", clock=clock)
+    ds = ct_dataset(study=new_uid(), series=new_uid())
+    put(store, ds)
+    clock.advance(11)
+    moved = ct_dataset(study=new_uid(), series=new_uid())
+    moved.SOPInstanceUID = moved.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    listed = store.index.series_changed_since
+
+    def list_then_move(change_seq: int) -> list[SeriesRecord]:
+        found = listed(change_seq)
+        if found:
+            put(store, moved)  # lands after the listing: the listed series is now empty
+        return found
+
+    monkeypatch.setattr(store.index, "series_changed_since", list_then_move)
+    assert sched.tick() == []
+    assert queue.list() == []
+    monkeypatch.undo()
+    clock.advance(11)
+    [job] = sched.tick()  # the study the instance moved to is scheduled on its own
+    assert (job.study_instance_uid, job.instance_uids) == (moved.StudyInstanceUID, (ds.SOPInstanceUID,))

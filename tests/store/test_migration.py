@@ -5,13 +5,16 @@ old key had folded together are taken apart and processed each with its own stud
 import dataclasses
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from pydicom import Dataset
 
+from dicom_node.audit import read_events
 from dicom_node.config import Pipeline, Settings
 from dicom_node.export import outbox as outbox_module
 from dicom_node.export.outbox import Outbox
@@ -31,6 +34,10 @@ from tests.inference.models import write_model
 
 PIPELINE = Pipeline(name="chest", model="tiny", match={"modality": ("CR",)}, explain=("gradcam",),
                     explain_labels="top-1", outputs=("sc", "sr"))
+
+
+#: What the old mixed job sent: BETA's finding and images filed in ALPHA's study.
+MIXED_OUTPUTS = ("2.25.101", "2.25.102", "2.25.103")
 
 
 def radiograph(seed: int, study: str, series: str, patient: str) -> Dataset:
@@ -61,12 +68,15 @@ def old_put(conn: sqlite3.Connection, data_dir: Path, ds: Dataset, at: float) ->
                  "last_received_at = max(last_received_at, excluded.last_received_at)", (study, at, at))
 
 
-def old_job(conn: sqlite3.Connection, study: str, series: str, uids: list[str], at: float) -> int:
+def old_job(conn: sqlite3.Connection, study: str, series: str, uids: list[str], at: float,
+            outputs: tuple[str, ...] = ()) -> int:
     """A done job as the previous version recorded it (its key without the study)."""
     key = hashlib.sha256("\n".join([series, *sorted(uids), "chest", "tiny", "0.1"]).encode()).hexdigest()
+    results = {"outputs": [{"sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34", "sop_instance_uid": uid,
+                            "series_instance_uid": "2.25.9", "series_description": "AI"} for uid in outputs]}
     cursor = conn.execute(
         "INSERT INTO jobs VALUES (NULL, ?, ?, ?, ?, 'chest', 'tiny', '0.1', 1, 'done', '', 1, 0, '', 0, "
-        "?, ?, ?, '{}', '{}')", (key, study, series, json.dumps(uids), at, at, at))
+        "?, ?, ?, '{}', ?)", (key, study, series, json.dumps(uids), at, at, at, json.dumps(results)))
     assert cursor.lastrowid is not None
     return cursor.lastrowid
 
@@ -88,7 +98,7 @@ def make_old_folder(data_dir: Path) -> dict[str, Dataset]:
     for n, ds in enumerate([moved, sent["alpha"], sent["beta"], sent["gamma"]]):
         old_put(conn, data_dir, ds, at + n)
     old_job(conn, str(sent["alpha"].StudyInstanceUID), shared,
-            [str(sent["alpha"].SOPInstanceUID), str(sent["beta"].SOPInstanceUID)], at + 10)
+            [str(sent["alpha"].SOPInstanceUID), str(sent["beta"].SOPInstanceUID)], at + 10, MIXED_OUTPUTS)
     gamma = sent["gamma"]
     job = old_job(conn, str(gamma.StudyInstanceUID), str(gamma.SeriesInstanceUID), [str(gamma.SOPInstanceUID)],
                   at + 11)
@@ -111,7 +121,7 @@ def test_an_old_data_folder_is_migrated_in_place_listed_and_processable(tmp_path
     outbox = Outbox(data_dir / DATABASE_NAME)
     try:
         versions = dict(backend.conn.execute("SELECT component, version FROM schema_versions").fetchall())
-        assert versions == {"store": 2, "jobs": 2, "outbox": len(outbox_module._MIGRATIONS)}
+        assert versions == {"store": 2, "jobs": 3, "outbox": len(outbox_module._MIGRATIONS)}
         # listed: one series per (study, series); the emptied study of the moved instance is gone
         keys = {SeriesKey(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)) for ds in (alpha, beta, gamma)}
         assert {s.key for s in store.index.series()} == keys
@@ -127,6 +137,9 @@ def test_an_old_data_folder_is_migrated_in_place_listed_and_processable(tmp_path
         assert gamma_job.key == JobSpec(gamma.StudyInstanceUID, gamma.SeriesInstanceUID, (gamma.SOPInstanceUID,),
                                         "chest", "tiny", "0.1").key
         assert [r.state for r in outbox.list()] == ["delivered"]
+        # the series' loop-guard Manufacturer comes from its own study's old record only
+        manufacturers = {s.study_instance_uid: s.manufacturer for s in store.index.series()}
+        assert (manufacturers[alpha.StudyInstanceUID], manufacturers[beta.StudyInstanceUID]) == ("Maker", "")
         # processable: the series the old key mixed are scheduled again, each with its own instances
         queue = JobQueue(backend)
         scheduler = Scheduler(store, queue, (PIPELINE,), 0.0, lambda name: "0.1", clock=time.time)
@@ -146,3 +159,55 @@ def test_an_old_data_folder_is_migrated_in_place_listed_and_processable(tmp_path
         outbox.close()
         backend.close()
         store.close()
+
+
+def test_the_upgrade_flags_a_job_that_delivered_mixed_results_once(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = settings.node.data_dir
+    sent = make_old_folder(data_dir)
+    alpha, beta, gamma = sent["alpha"], sent["beta"], sent["gamma"]
+    store = InstanceStore(data_dir)
+    with caplog.at_level(logging.ERROR, logger="dicom_node.jobs.sqlite"):
+        backend = SQLiteJobBackend(data_dir / DATABASE_NAME)
+    try:
+        by_study = {job.study_instance_uid: job for job in backend.select(list(JobState))}
+        mixed = by_study[str(alpha.StudyInstanceUID)]
+        assert mixed.state == JobState.DONE
+        assert mixed.reason.startswith("results mixed 2 studies before the upgrade: remove outputs ")
+        assert all(uid in mixed.reason for uid in MIXED_OUTPUTS) and "from the PACS" in mixed.reason
+        assert by_study[str(gamma.StudyInstanceUID)].reason == ""  # one study: nothing to flag
+        studies = sorted([str(alpha.StudyInstanceUID), str(beta.StudyInstanceUID)])
+        [event] = [e for e in read_events(data_dir / "audit") if e["event"] == "mixed_results_delivered"]
+        assert event == {**event, "job": mixed.id, "study_instance_uid": alpha.StudyInstanceUID,
+                         "series_instance_uid": alpha.SeriesInstanceUID, "study_instance_uids": studies,
+                         "outputs": list(MIXED_OUTPUTS)}
+        [logged] = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert f"job {mixed.id} " in logged.getMessage() and MIXED_OUTPUTS[0] in logged.getMessage()
+        text = json.dumps(event) + logged.getMessage() + mixed.reason
+        assert not any(value in text for value in ("ALPHA", "BETA"))  # UIDs only, no patient values
+        assert store.index.studies_of([*mixed.instance_uids, "1.2.3"]) == studies
+    finally:
+        backend.close()
+    # once: opening again migrates nothing and records nothing more
+    SQLiteJobBackend(data_dir / DATABASE_NAME).close()
+    store.close()
+    assert sum(e["event"] == "mixed_results_delivered" for e in read_events(data_dir / "audit")) == 1
+
+
+def test_a_study_without_an_old_record_of_its_own_gets_no_manufacturer(settings: Settings) -> None:
+    """The loop guard reads Manufacturer: a study must not inherit another study's (here the
+    node's own, which would stop its series from ever being routed)."""
+    data_dir = settings.node.data_dir
+    data_dir.mkdir(parents=True)
+    conn = connect(data_dir / DATABASE_NAME)
+    migrate(conn, "store", index_module._MIGRATIONS[:1])
+    shared, at = new_uid(), time.time()
+    first, second = radiograph(1, new_uid(), shared, "ALPHA"), radiograph(2, new_uid(), shared, "BETA")
+    old_put(conn, data_dir, first, at)
+    old_put(conn, data_dir, second, at + 1)
+    conn.execute("UPDATE series SET manufacturer = 'dicom-node'")
+    migrate(conn, "store", index_module._MIGRATIONS)
+    rows = dict(conn.execute("SELECT study_instance_uid, manufacturer FROM series").fetchall())
+    conn.close()
+    assert rows == {first.StudyInstanceUID: "dicom-node", second.StudyInstanceUID: ""}
