@@ -87,3 +87,23 @@ def test_explain_writes_nothing_for_a_series_of_several_patients(
     out = capsys.readouterr().out
     assert "instances of several patients in one study/series: not analysed; nothing written" in out
     assert not list(out_dir.rglob("*.dcm"))
+
+
+def test_explain_abstains_on_input_unlike_the_models_as_serve_does(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An inverted radiograph is outside the demo model's validated input: no finding is written,
+    only the "not analysed" report naming the gate's score and threshold."""
+    from pydicom import dcmread
+
+    from tests.inference.ood import as_chest_cr, inverted
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    ds = as_chest_cr(inverted(4_000_123, 256), 4_000_123)
+    ds.save_as(inputs / "inverted.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    assert main(["explain", str(inputs), "--out", str(out), "--config", str(_config(tmp_path))]) == 1
+    assert "not analysed: outside the validated input" in capsys.readouterr().out
+    [report] = [dcmread(p) for p in out.rglob("*.dcm")]
+    texts = [str(element.value) for element in report.iterall() if element.keyword == "TextValue"]
+    assert report.Modality == "SR" and any("outside the validated input" in text for text in texts)
