@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_commands.add_parser("list", parents=[common], help="the models and their manifests")
     models_commands.add_parser("verify", parents=[common],
-                               help="load every model, check weights and pipelines (as serve does)")
+                               help="load every model, check weights and pipelines (as serve does) and the "
+                                    "sanity check of its maps (cached per weights sha256)")
 
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to verify")
@@ -282,7 +283,11 @@ def models_command(settings: Settings, action: str, out: TextIO) -> int:
 
     registry = ModelRegistry(settings.models.dir)
     if action == "verify":
+        from dicom_node.explain.sanity import verify_models
+
         check_models(settings, registry)
+        for line in verify_models(registry):
+            print(line, file=out)
         print(f"ok: {len(registry.names())} model(s) in {settings.models.dir}, "
               f"{len(settings.pipelines)} pipeline(s) checked", file=out)
         return 0

@@ -84,6 +84,7 @@ class ModelManifest:
     intended_use: str
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
+    sanity_accepted_failure: str = ""  # [sanity] accepted_failure: why a failed sanity check is accepted
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -198,7 +199,7 @@ def load_manifest(path: Path) -> ModelManifest:
         raise ModelError(f"{path}: not valid TOML ({exc})") from None
     top = _Reader(path, document)
     top.only({"name", "version", "architecture", "weights", "sha256", "labels", "input", "cam_layer",
-              "intended_use", "scope"})
+              "intended_use", "scope", "sanity"})
     sha256 = top.get("sha256", str, "the weights file's SHA-256, 64 hex digits").lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise top.fail("sha256", "the weights file's SHA-256, 64 hex digits")
@@ -220,4 +221,6 @@ def load_manifest(path: Path) -> ModelManifest:
         intended_use=top.get("intended_use", str, "the intended-use statement"),
         modalities=scope.strings("modalities"),
         body_parts=scope.strings("body_parts"),
+        sanity_accepted_failure=top.sub("sanity", {"accepted_failure"}).get(
+            "accepted_failure", str, "why the model's failed sanity check is accepted", ""),
     )
