@@ -339,7 +339,8 @@ def format_job(job: Job) -> str:
                    f"(random {q.get('deletion_auc_random', float('nan')):.3f})")
         if "stability" in q:
             figures += f", stability {q['stability']:.3f}"
-        rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: {figures}"))
+        rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: "
+                                  f"{e.get('verdict', 'not shown to be faithful')}; {figures}"))
     rows += [("instance", uid) for uid in job.instance_uids]
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
 

@@ -58,6 +58,7 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
         DISCLAIMER,
         f"{heatmap.model} {heatmap.model_version} · {METHOD_NAMES.get(heatmap.method, heatmap.method)} · "
         f"{heatmap.label} p={heatmap.probability:.2f}",
+        heatmap.banner_line,
     ])
     return image
 

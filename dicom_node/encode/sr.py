@@ -23,6 +23,8 @@ from pydicom.sr.codedict import codes
 from dicom_node import __version__
 from dicom_node.encode.common import (
     ABSENT,
+    DERIVATION,
+    FAITHFULNESS,
     METHOD_CODES,
     METHOD_NAMES,
     PRESENT,
@@ -30,6 +32,7 @@ from dicom_node.encode.common import (
     QUALITY_CODES,
     SCHEME,
     UNITLESS,
+    VERDICT_CODES,
     Producer,
     check_one_series,
 )
@@ -81,6 +84,21 @@ def _quality(heatmap: Heatmap) -> list[hd.sr.Measurement]:
     ]
 
 
+def _verdicts(heatmaps: Sequence[Heatmap]) -> list[hd.sr.QualitativeEvaluation]:
+    """One coded verdict per explanation (DN310: DN311 faithful / DN312 not shown to be faithful),
+    its method as a Derivation concept modifier so that two methods' verdicts are told apart."""
+    evaluations = []
+    for heatmap in heatmaps:
+        evaluation = hd.sr.QualitativeEvaluation(
+            FAITHFULNESS, VERDICT_CODES.get(heatmap.verdict, VERDICT_CODES["not shown to be faithful"]))
+        method = METHOD_CODES.get(heatmap.method)
+        if method is not None:
+            evaluation[0].ContentSequence = [hd.sr.CodeContentItem(
+                DERIVATION, method, relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)]
+        evaluations.append(evaluation)
+    return evaluations
+
+
 def _group(source: Dataset, prediction: Prediction, label: str, heatmaps: Sequence[Heatmap],
            overlays: Mapping[OverlayKey, Dataset], producer: Producer,
            algorithm_id: hd.sr.AlgorithmIdentification) -> Group:
@@ -97,7 +115,7 @@ def _group(source: Dataset, prediction: Prediction, label: str, heatmaps: Sequen
     for heatmap in heatmaps:
         measurements += _quality(heatmap)
     evaluation = [hd.sr.QualitativeEvaluation(
-        finding, PRESENT if probability >= producer.threshold(label) else ABSENT)]
+        finding, PRESENT if probability >= producer.threshold(label) else ABSENT), *_verdicts(heatmaps)]
     present = probability >= producer.threshold(label)
     region = hot_region(heatmaps[0].native_map) if heatmaps and present else None  # no ellipse for Absent
     group: Group

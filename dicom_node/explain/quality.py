@@ -262,3 +262,32 @@ def verdict(
     if not sanity_passed or any(key not in figures for key in needed):
         return Verdict.NOT_SHOWN
     return Verdict.FAITHFUL if all(figures[key] >= margin for key in needed) else Verdict.NOT_SHOWN
+
+
+def _beats(figures: Mapping[str, float], kind: str, margin: float) -> list[str]:
+    return [name.replace("_", " ") for name in BASELINES
+            if figures.get(f"{kind}_margin_{name}", -1.0) >= margin]
+
+
+def plain_reading(figures: Mapping[str, float], margin: float = FAITHFULNESS_MARGIN) -> list[str]:
+    """One sentence per figure, in plain language, for the dashboard and ``jobs show``."""
+    lines = []
+    for kind, verb in (("deletion", "deleting the highlighted pixels first lowers the probability faster"),
+                       ("insertion", "restoring the highlighted pixels first raises the probability faster")):
+        beaten = _beats(figures, kind, margin)
+        missed = [name.replace("_", " ") for name in BASELINES if name.replace("_", " ") not in beaten]
+        if f"{kind}_auc" not in figures:
+            continue
+        lines.append(f"{verb} than for {', '.join(beaten) or 'none of the'} maps"
+                     + (f"; not clearly faster than for {', '.join(missed)} maps" if missed else ""))
+    if "stability" in figures and "stability_edges" in figures:
+        lines.append(f"under slight noise the map keeps a correlation of {figures['stability']:.2f} "
+                     f"with itself (an edge map, which knows no model, keeps "
+                     f"{figures['stability_edges']:.2f})")
+    if "sparseness" in figures:
+        lines.append(f"the displayed map's focus (Gini index) is {figures['sparseness']:.2f} "
+                     "(0: spread evenly, 1: on one pixel)")
+    if "lime_r2" in figures:
+        lines.append(f"LIME's linear surrogate explains {100 * max(figures['lime_r2'], 0.0):.0f}% of the "
+                     "model's response to hidden superpixels (weighted R²)")
+    return lines
