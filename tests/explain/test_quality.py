@@ -16,6 +16,7 @@ from dicom_node.explain.quality import (
     iou,
     lime_r2,
     localisation,
+    plain_reading,
     pointing_game,
     random_map,
     randomised_copy,
@@ -192,3 +193,14 @@ def test_lime_r2_is_one_for_a_linear_model_and_low_for_a_nonlinear_one() -> None
         scores.append(float(lime_r2(result.patterns, result.probabilities, result.weights,
                                     result.coefficients, result.intercepts)[0]))
     assert scores[0] > 0.8 > scores[1] + 0.3
+
+
+def test_the_plain_reading_names_the_baselines_beaten_and_missed() -> None:
+    image, model = textured_image(), SquareMean()
+    randomised = randomised_copy(model, seed=0)
+    [good, centre] = faithfulness(model, image, torch.stack([gradient_times_input(model, image), centre_map(64, 64)]),
+                                  torch.stack([gradient_times_input(randomised, image)] * 2), label=0, seed=3)
+    assert plain_reading(good)[0] == ("deleting the highlighted pixels first lowers the probability faster than "
+                                      "for random, edges, centre, randomised model maps")
+    assert "not clearly faster than for" in plain_reading(centre)[0] and "centre" in plain_reading(centre)[0]
+    assert plain_reading({"lime_r2": 0.5})[0].startswith("LIME's linear surrogate explains 50%")
