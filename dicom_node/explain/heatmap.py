@@ -97,7 +97,7 @@ def explain_frame(
 ) -> list[Heatmap]:
     """Every method's map of every label for one frame, with its quality figures and verdict.
 
-    ``randomised`` is the model with re-initialised weights (``InferenceRunner.randomised``, cached
+    ``randomised`` is the model with re-initialised weights (``InferenceRunner.baselines``, cached
     per model version; made here when not given): each method's map of it is a baseline. Unless the
     model version passed the sanity check (``sanity_passed``), no map is called faithful. The seconds each
     method and the quality figures took are added to ``timings`` (``explain.<method>``,
