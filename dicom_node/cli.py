@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_commands.add_parser("list", parents=[common], help="the models and their manifests")
     models_commands.add_parser("verify", parents=[common],
-                               help="load every model, check weights and pipelines (as serve does)")
+                               help="load every model, check weights and pipelines (as serve does) and the "
+                                    "sanity check of its maps (cached per weights sha256)")
     calibrate = models_commands.add_parser(
         "calibrate", parents=[common],
         help="build a model's input-distribution reference from a folder of DICOM")
@@ -314,7 +315,11 @@ def models_command(settings: Settings, action: str, out: TextIO) -> int:
 
     registry = ModelRegistry(settings.models.dir)
     if action == "verify":
+        from dicom_node.explain.sanity import verify_models
+
         check_models(settings, registry)
+        for line in verify_models(registry):
+            print(line, file=out)
         print(f"ok: {len(registry.names())} model(s) in {settings.models.dir}, "
               f"{len(settings.pipelines)} pipeline(s) checked", file=out)
         return 0
@@ -416,7 +421,8 @@ def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
                    f"(random {q.get('deletion_auc_random', float('nan')):.3f})")
         if "stability" in q:
             figures += f", stability {q['stability']:.3f}"
-        rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: {figures}"))
+        rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: "
+                                  f"{e.get('verdict', 'not shown to be faithful')}; {figures}"))
     rows += [("instance", uid) for uid in job.instance_uids]
     rows += [("sent", f"{r.sop_instance_uid} to {r.destination}: {r.state} (outbox record {r.id})")
              for r in deliveries]

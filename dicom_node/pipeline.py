@@ -84,7 +84,8 @@ class PipelineContext:
             for p in self.predictions
         ], "explanations": [
             {"sop_instance_uid": h.sop_instance_uid, "frame": h.frame, "label": h.label,
-             "method": h.method, "layer": h.layer, "quality": {k: round(v, 4) for k, v in h.quality.items()}}
+             "method": h.method, "layer": h.layer, "verdict": h.verdict,
+             "quality": {k: round(v, 4) for k, v in h.quality.items()}}
             for h in self.heatmaps
         ], "outputs": [
             {"sop_class_uid": str(ds.SOPClassUID), "sop_instance_uid": str(ds.SOPInstanceUID),
@@ -262,12 +263,14 @@ def explain(ctx: PipelineContext) -> None:
     if config is None or not config.explain:
         return
     loaded = ctx.runner.model(ctx.job.model)
+    randomised, sanity_passed = ctx.runner.baselines(ctx.job.model)
     seed = study_seed(ctx.job.study_instance_uid)
     for item, prediction in zip(ctx.inputs, ctx.predictions, strict=True):
         labels = labels_to_explain(prediction, config.explain_labels)
         if labels:
             ctx.heatmaps += explain_frame(loaded, item, prediction, labels, config.explain, seed,
-                                          lime_samples=config.lime_samples, timings=ctx.timings)
+                                          lime_samples=config.lime_samples, timings=ctx.timings,
+                                          randomised=randomised, sanity_passed=sanity_passed)
 
 
 def encode(ctx: PipelineContext) -> None:

@@ -51,7 +51,20 @@ QUALITY_CODES = {
     "stability": CodedConcept("DN007", SCHEME, "Explanation stability"),
     "sparseness": CodedConcept("DN008", SCHEME, "Explanation sparseness"),
     "rank_agreement_gradcam": CodedConcept("DN009", SCHEME, "Rank agreement with Grad-CAM"),
+    "deletion_auc_centre": CodedConcept("DN301", SCHEME, "Deletion AUC of a centre map"),
+    "insertion_auc_centre": CodedConcept("DN302", SCHEME, "Insertion AUC of a centre map"),
+    "deletion_auc_randomised_model": CodedConcept("DN303", SCHEME, "Deletion AUC, randomised model's map"),
+    "insertion_auc_randomised_model": CodedConcept("DN304", SCHEME, "Insertion AUC, randomised model's map"),
+    "stability_edges": CodedConcept("DN305", SCHEME, "Stability of an edge map"),
+    "lime_r2": CodedConcept("DN306", SCHEME, "LIME surrogate weighted R2"),
 }
+#: The verdict on one explanation (dicom_node.explain.quality.Verdict), a coded qualitative evaluation.
+FAITHFULNESS = CodedConcept("DN310", SCHEME, "Explanation faithfulness")
+VERDICT_CODES = {
+    "faithful": CodedConcept("DN311", SCHEME, "Faithful"),
+    "not shown to be faithful": CodedConcept("DN312", SCHEME, "Not shown to be faithful"),
+}
+DERIVATION = CodedConcept("121401", "DCM", "Derivation")
 #: The Series Number block of each kind of output; the method's position is added for SC, SEG,
 #: PM and GSPS, so each (pipeline, method) series is told apart in a viewer's series list.
 SERIES_NUMBERS = {"sc": 9100, "sr": 9200, "seg": 9300, "pm": 9400, "gsps": 9500, "not_analysed": 9900}

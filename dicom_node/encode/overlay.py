@@ -125,7 +125,8 @@ def _lines(heatmap: Heatmap, factor: int) -> list[Line]:
              f"p={heatmap.probability:.2f}")
     scaled = f" · image scaled up x{factor}" if factor > 1 else ""
     notes = [Line(note, DISCLAIMER_COLOUR) for note in heatmap.notes]  # e.g. outside the validated input
-    return [Line(DISCLAIMER, DISCLAIMER_COLOUR), Line(about + scaled, TEXT_COLOUR), *notes]
+    return [Line(DISCLAIMER, DISCLAIMER_COLOUR), Line(about + scaled, TEXT_COLOUR),
+            Line(heatmap.banner_line, TEXT_COLOUR), *notes]
 
 
 def _scale_label(heatmap: Heatmap) -> str:

@@ -30,6 +30,8 @@ from pydicom.sr.codedict import codes
 from dicom_node import __version__
 from dicom_node.encode.common import (
     ABSENT,
+    DERIVATION,
+    FAITHFULNESS,
     METHOD_CODES,
     METHOD_NAMES,
     PRESENT,
@@ -37,6 +39,7 @@ from dicom_node.encode.common import (
     QUALITY_CODES,
     SCHEME,
     UNITLESS,
+    VERDICT_CODES,
     Producer,
     check_one_series,
 )
@@ -91,6 +94,38 @@ def _quality(heatmap: Heatmap) -> list[hd.sr.Measurement]:
                           method=METHOD_CODES.get(heatmap.method), algorithm_id=method)
         for key, value in heatmap.quality.items() if key in QUALITY_CODES and math.isfinite(value)
     ]
+
+
+def _verdicts(heatmaps: Sequence[Heatmap]) -> list[hd.sr.QualitativeEvaluation]:
+    """One coded verdict per explanation (DN310: DN311 faithful / DN312 not shown to be faithful),
+    its method as a Derivation concept modifier so that two methods' verdicts are told apart."""
+    evaluations = []
+    for heatmap in heatmaps:
+        evaluation = hd.sr.QualitativeEvaluation(FAITHFULNESS, _verdict_value(heatmap))
+        evaluation[0].ContentSequence = DicomSequence(_method_modifier(heatmap))
+        evaluations.append(evaluation)
+    return evaluations
+
+
+def _verdict_properties(heatmaps: Sequence[Heatmap]) -> list[hd.sr.CodeContentItem]:
+    """The same verdicts as properties of a document-level finding (one without a region)."""
+    items = []
+    for heatmap in heatmaps:
+        item = hd.sr.CodeContentItem(FAITHFULNESS, _verdict_value(heatmap),
+                                     relationship_type="HAS PROPERTIES")
+        item.ContentSequence = DicomSequence(_method_modifier(heatmap))
+        items.append(item)
+    return items
+
+
+def _verdict_value(heatmap: Heatmap) -> CodedConcept:
+    return VERDICT_CODES.get(heatmap.verdict, VERDICT_CODES["not shown to be faithful"])
+
+
+def _method_modifier(heatmap: Heatmap) -> list[hd.sr.CodeContentItem]:
+    method = METHOD_CODES.get(heatmap.method)
+    return [] if method is None else [hd.sr.CodeContentItem(
+        DERIVATION, method, relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)]
 
 
 def _distribution(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
@@ -160,7 +195,7 @@ def _region_group(source: Dataset, prediction: Prediction, label: str, heatmaps:
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, finding_type=finding, algorithm_id=algorithm_id,
         measurements=measurements, qualitative_evaluations=[hd.sr.QualitativeEvaluation(finding, PRESENT),
-                                 *_distribution(prediction)],
+                                 *_distribution(prediction), *_verdicts(heatmaps)],
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=region.ellipse,
             source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, sop,
@@ -191,6 +226,7 @@ def _evaluation(source: Dataset, prediction: Prediction, label: str, heatmaps: S
         hd.sr.ImageContentItem(SOURCE, source.SOPClassUID, sop, _frames(source, prediction.frame),
                                relationship_type="HAS PROPERTIES"),
         *_illustrations(sop, label, heatmaps, overlays, "HAS PROPERTIES"),
+        *_verdict_properties(heatmaps),
         *([hd.sr.CodeContentItem(INPUT_DISTRIBUTION, OUTSIDE_VALIDATED_INPUT,
                                  relationship_type="HAS PROPERTIES")]
           if prediction.outside_validated_input else [])])

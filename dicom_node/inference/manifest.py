@@ -103,6 +103,7 @@ class ModelManifest:
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     gate: GateSpec | None = None
+    sanity_accepted_failure: str = ""  # [sanity] accepted_failure: why a failed sanity check is accepted
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -237,7 +238,7 @@ def load_manifest(path: Path) -> ModelManifest:
         raise ModelError(f"{path}: not valid TOML ({exc})") from None
     top = _Reader(path, document)
     top.only({"name", "version", "architecture", "weights", "sha256", "labels", "input", "cam_layer",
-              "intended_use", "scope", "gate"})
+              "intended_use", "scope", "gate", "sanity"})
     sha256 = _sha256(top, "the weights file")
     scope = top.sub("scope", {"modalities", "body_parts"})
     cam_layer = top.get("cam_layer", str, "the name of the layer CAM methods use")
@@ -258,4 +259,6 @@ def load_manifest(path: Path) -> ModelManifest:
         modalities=scope.strings("modalities"),
         body_parts=scope.strings("body_parts"),
         gate=_gate(top),
+        sanity_accepted_failure=top.sub("sanity", {"accepted_failure"}).get(
+            "accepted_failure", str, "why the model's failed sanity check is accepted", ""),
     )

@@ -79,12 +79,28 @@ class InferenceRunner:
         self.batch_size = batch_size
         self.bf16 = bf16 and self.device.type == "cuda"
         self._models: dict[str, LoadedModel] = {}
+        self._baselines: dict[str, tuple[torch.nn.Module, bool]] = {}
 
     def model(self, name: str) -> LoadedModel:
         if name not in self._models:
             self._models[name] = self.registry.load(name, self.device)
             logger.info("model %s %s loaded on %s", name, self._models[name].manifest.version, self.device)
         return self._models[name]
+
+    def baselines(self, name: str) -> tuple[torch.nn.Module, bool]:
+        """The model with randomised weights (a baseline of the quality figures) and whether its
+        version passed the sanity check, per the cache next to its weights (never computed here:
+        ``dicom-node models verify`` does that). Made once per model."""
+        if name not in self._baselines:
+            from dicom_node.explain.heatmap import RANDOMISED_SEED  # explain imports inference
+            from dicom_node.explain.quality import randomised_copy
+            from dicom_node.explain.sanity import cached_result
+
+            loaded = self.model(name)
+            result = cached_result(loaded.manifest)
+            self._baselines[name] = (randomised_copy(loaded.module, RANDOMISED_SEED),
+                                     result is not None and result.passed)
+        return self._baselines[name]
 
     def logits(self, name: str, inputs: Sequence[Preprocessed],
                features: list[np.ndarray] | None = None) -> torch.Tensor:

@@ -4,6 +4,8 @@ import time
 from html import escape
 from typing import Any
 
+from dicom_node.explain.quality import plain_reading
+
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1b1f24;background:#f6f7f9}
 header{background:#14213d;color:#fff;padding:10px 24px;display:flex;gap:24px;align-items:center}
@@ -187,6 +189,8 @@ def _predictions(job: dict[str, Any]) -> str:
         [
             escape(e["label"]),
             escape(e["method"]),
+            escape(e.get("verdict", "not shown to be faithful")),
+            "<br>".join(escape(line) for line in plain_reading(e["quality"])),
             ", ".join(f"{escape(k)} {v:.3f}" for k, v in sorted(e["quality"].items())),
         ]
         for e in results.get("explanations", [])
@@ -194,7 +198,7 @@ def _predictions(job: dict[str, Any]) -> str:
     return (
         out
         + "<h2>Explanations and their quality figures</h2>"
-        + table(["label", "method", "figures"], quality)
+        + table(["label", "method", "verdict", "reading", "figures"], quality)
     )
 
 

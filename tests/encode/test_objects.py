@@ -20,7 +20,7 @@ from pydicom.uid import (
 
 from dicom_node import MANUFACTURER
 from dicom_node.encode import Producer, encode_results, hot_region, not_analysed_report
-from dicom_node.encode.common import DISCLAIMER_TEXT
+from dicom_node.encode.common import DISCLAIMER_TEXT, FAITHFULNESS, VERDICT_CODES
 from dicom_node.encode.layout import scale_factor
 from tests.conftest import require_tool
 from tests.encode.conftest import KINDS, dciodvfy_errors, make_case
@@ -131,7 +131,7 @@ def test_sr_findings_match_the_prediction_and_locate_the_hot_region(tmp_path: Pa
     assert len({g.tracking_uid for g in groups}) == len(groups)
     found = {}
     for group in groups:
-        [evaluation] = group.get_qualitative_evaluations()
+        [evaluation] = [e for e in group.get_qualitative_evaluations() if e.name != FAITHFULNESS]
         [probability] = group.get_measurements(name=hd.sr.CodedConcept("122157", "DCM", "Probability"))
         label = next(item.name for item in producer.manifest.labels
                      if producer.label_code(item.name) == evaluation.name)
@@ -165,6 +165,29 @@ def document_evaluations(report: Dataset) -> list[Dataset]:
     containers = [item for item in report.ContentSequence
                   if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
     return [item for container in containers for item in container.ContentSequence]
+
+
+def test_sr_carries_one_coded_verdict_per_explanation(tmp_path: Path, producer: Producer) -> None:
+    """DN310 per explanation, its value the Heatmap's verdict, its method as a Derivation modifier."""
+    case = make_case("DX", producer, methods=("gradcam", "lime"))
+    heatmaps = [replace(h, verdict="faithful") if h.method == "gradcam" else h for h in case.heatmaps]
+    objects = encode_results([case.source], case.predictions, heatmaps, producer, ("sr",), ["gradcam", "lime"])
+    [sr_path] = _write(tmp_path, objects)
+
+    def verdicts(items: pydicom.Sequence) -> list[tuple[str, str]]:
+        found = []
+        for item in items:
+            if item.ConceptNameCodeSequence[0].CodeValue == FAITHFULNESS.value:
+                [modifier] = item.ContentSequence
+                found.append((modifier.ConceptCodeSequence[0].CodeMeaning, item.ConceptCodeSequence[0].CodeValue))
+            elif "ContentSequence" in item:
+                found += verdicts(item.ContentSequence)
+        return found
+
+    found = verdicts(dcmread(sr_path).ContentSequence)
+    assert len(found) == 2 * 2  # nodule and cardiomegaly are explained, each by two methods
+    assert set(found) == {("Gradient-weighted class activation", VERDICT_CODES["faithful"].value),
+                          ("Saliency", VERDICT_CODES["not shown to be faithful"].value)}
 
 
 def test_not_analysed_report_states_the_reason(tmp_path: Path, producer: Producer) -> None:
