@@ -480,6 +480,8 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
         finally:
             timings[name] = time.perf_counter() - started
             timings.update({key: round(value, 6) for key, value in timings.items()})
+        if ctx.outcome:
+            break  # the step ended the job (the gate abstained): the later steps have nothing to do
 
 
 def _report_safely(ctx: PipelineContext, reason: str) -> None:

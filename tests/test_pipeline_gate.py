@@ -83,7 +83,7 @@ def test_an_out_of_distribution_series_gets_a_not_analysed_report_naming_score_a
     assert summary["gate"]["action"] == "abstain" and summary["predictions"] == []
     finished = next(e for e in audit.events if e["event"] == "job_finished")
     assert finished["gate"] == summary["gate"] and finished["outcome"] == "not analysed, reported"
-    shown = format_job(dataclasses.replace(ctx.job, state=JobState.DONE, results=summary))
+    shown = format_job(dataclasses.replace(ctx.job, state=JobState.DONE, results=summary), [])
     assert f"out-of-distribution score {ctx.gate[0].score:.3f} (threshold {threshold:.3f}) OUTSIDE" in shown
     assert "outcome      not analysed, reported: outside the validated input" in shown
 
