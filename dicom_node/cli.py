@@ -386,7 +386,7 @@ def format_jobs(jobs: Sequence[Job], deliveries: "Mapping[int, Sequence[OutboxRe
     lines = [f"{'ID':>5}  {'STATE':<10} {'TRY':>3}  {'PIPELINE':<12} {'V':>2} {'CURRENT':<7}  "
              f"{'UPDATED':<19}  {'OUTCOME':<36}  STUDY SERIES / REASON"]
     for j in jobs:
-        outcome = describe_job(j.state, deliveries.get(j.id, []))
+        outcome = describe_job(j.state, deliveries.get(j.id, []), j.results)
         # a series is its study and its Series Instance UID: two studies may share the latter
         mark = "yes" if j.id in current else "-"
         lines.append(f"{j.id:>5}  {j.state:<10} {j.attempts:>3}  {j.pipeline or '-':<12} {j.version:>2} "
@@ -401,7 +401,8 @@ def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
     """Every field of one job, one per line, then what its outbox records became."""
     from dicom_node.export.outcome import describe_job
 
-    rows = [("id", job.id), ("state", job.state), ("outcome", describe_job(job.state, deliveries)),
+    rows = [("id", job.id), ("state", job.state),
+            ("outcome", describe_job(job.state, deliveries, job.results)),
             ("reason", job.reason or "-"),
             ("pipeline", job.pipeline or "-"), ("model", f"{job.model} {job.model_version}".strip() or "-"),
             ("version", job.version), ("attempts", job.attempts), ("study", job.study_instance_uid),
@@ -436,7 +437,7 @@ def _gate_rows(results: dict[str, Any]) -> list[tuple[str, object]]:
         return []
     rows: list[tuple[str, object]] = []
     if results.get("outcome"):
-        rows.append(("outcome", f"{results['outcome']}: {results.get('outcome_reason', '')}"))
+        rows.append(("gate", f"{results['outcome']}: {results.get('outcome_reason', '')}"))
     rows += [("gate", f"{f['sop_instance_uid']} frame {f['frame']}: "
                       f"out-of-distribution score {f['score']:.3f} "
                       f"(threshold {gate['threshold']:.3f}){' OUTSIDE' if f['outside'] else ''}")

@@ -85,7 +85,8 @@ def test_an_out_of_distribution_series_gets_a_not_analysed_report_naming_score_a
     assert finished["gate"] == summary["gate"] and finished["outcome"] == "not analysed, reported"
     shown = format_job(dataclasses.replace(ctx.job, state=JobState.DONE, results=summary), [])
     assert f"out-of-distribution score {ctx.gate[0].score:.3f} (threshold {threshold:.3f}) OUTSIDE" in shown
-    assert "outcome      not analysed, reported: outside the validated input" in shown
+    assert "gate         not analysed, reported: outside the validated input" in shown
+    assert "outcome      failed, nothing sent" in shown  # no outbox record given: the PACS heard nothing
 
 
 def test_with_warn_every_finding_carries_the_coded_evaluation_and_the_banner_says_so(

@@ -7,8 +7,9 @@ nothing. The job's record cannot tell the two apart; its outbox records can, so 
 """
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
+from typing import Any
 
 from dicom_node.export.outbox import DeliveryState, OutboxRecord
 
@@ -24,16 +25,20 @@ class JobOutcome(StrEnum):
     UNDECIDED = "-"  # queued, running, not routed
 
 
-def classify_job(state: str, records: Sequence[OutboxRecord]) -> JobOutcome:
-    """The outcome of a job in ``state`` whose outbox records are ``records``."""
-    if state in _FAILED:
+def classify_job(state: str, records: Sequence[OutboxRecord],
+                 results: Mapping[str, Any] | None = None) -> JobOutcome:
+    """The outcome of a job in ``state`` whose outbox records are ``records``. A job the
+    input-distribution gate ended is done but not analysed: its ``results`` say so."""
+    abstained = str((results or {}).get("outcome", "")).startswith("not analysed")
+    if state in _FAILED or (state == "done" and abstained):
         return JobOutcome.NOT_ANALYSED_REPORTED if records else JobOutcome.FAILED_NOTHING_SENT
     return JobOutcome.ANALYSED if state == "done" else JobOutcome.UNDECIDED
 
 
-def describe_job(state: str, records: Sequence[OutboxRecord]) -> str:
+def describe_job(state: str, records: Sequence[OutboxRecord],
+                 results: Mapping[str, Any] | None = None) -> str:
     """One phrase for an operator, e.g. "not analysed, reported (1 delivered)" or "failed, nothing sent"."""
-    outcome = classify_job(state, records)
+    outcome = classify_job(state, records, results)
     if outcome in (JobOutcome.FAILED_NOTHING_SENT, JobOutcome.UNDECIDED):
         return outcome.value
     if not records:

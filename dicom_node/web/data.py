@@ -199,7 +199,7 @@ def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, An
     sent = src.outbox.for_jobs([j.id for j in listed])  # "not analysed, reported" vs "nothing sent"
     current = src.queue.current(listed)
     # current: the newest version of its series and pipeline; its results supersede the others'
-    return [record_dict(j) | {"outcome": describe_job(j.state, sent.get(j.id, [])),
+    return [record_dict(j) | {"outcome": describe_job(j.state, sent.get(j.id, []), j.results),
                               "current": j.id in current} for j in listed]
 
 
