@@ -67,7 +67,7 @@ def test_a_failed_encoding_logs_its_traceback_at_debug_without_patient_values(
         raise ValueError(f"invalid name {source.PatientName!r} ({str(source.PatientName).upper()}), "
                          f"id {source.PatientID}, born {source.PatientBirthDate}")
 
-    monkeypatch.setattr("dicom_node.pipeline.encode_results", fails)
+    monkeypatch.setattr("dicom_node.pipeline.encode_series", fails)
     monkeypatch.setattr("dicom_node.cli.setup_logging", lambda level: None)  # keep caplog's handler
     caplog.set_level(logging.DEBUG, logger="dicom_node")
     config = tmp_path / "node.toml"

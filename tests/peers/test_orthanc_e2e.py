@@ -125,7 +125,8 @@ def test_orthanc_sends_a_study_and_gets_overlays_and_a_report_back(tmp_path: Pat
         report = hd.sr.srread(path)
         for group in report.content.get_planar_roi_measurement_groups() + report.content.get_image_measurement_groups():
             [probability] = group.get_measurements(name=hd.sr.CodedConcept("122157", "DCM", "Probability"))
-            [evaluation] = group.get_qualitative_evaluations()
+            [evaluation] = [e for e in group.get_qualitative_evaluations()
+                        if e.name.scheme_designator != "99DCMNODE"]  # not the verdicts
             source = (group.source_images[0].referenced_sop_instance_uid if hasattr(group, "source_images")
                       else group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
             label = {"Nodule": "nodule", "Lung consolidation": "consolidation", "Pleural effusion": "effusion",

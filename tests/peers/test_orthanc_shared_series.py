@@ -32,7 +32,8 @@ def sr_probabilities(path: Path) -> list[tuple[str, str, float]]:
     found = []
     for group in report.content.get_planar_roi_measurement_groups() + report.content.get_image_measurement_groups():
         [probability] = group.get_measurements(name=hd.sr.CodedConcept("122157", "DCM", "Probability"))
-        [evaluation] = group.get_qualitative_evaluations()
+        [evaluation] = [e for e in group.get_qualitative_evaluations()
+                        if e.name.scheme_designator != "99DCMNODE"]  # not the verdicts
         source = (group.source_images[0].referenced_sop_instance_uid if hasattr(group, "source_images")
                   else group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         found.append((str(source), LABELS[evaluation.name.meaning], float(probability.value)))
