@@ -14,7 +14,7 @@ import dataclasses
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -28,18 +28,9 @@ from dicom_node.errors import ConfigError, PermanentError
 from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.jobs.queue import Job, JobState
 from dicom_node.jobs.routing import SeriesFacts, route
+from dicom_node.store.files import input_files
 from dicom_node.store.index import SeriesKey
 from dicom_node.store.results import ResultArea
-
-
-def _files(inputs: Sequence[Path]) -> Iterator[Path]:
-    for item in inputs:
-        if item.is_dir():
-            yield from sorted(p for p in item.rglob("*") if p.is_file())
-        elif item.is_file():
-            yield item
-        else:
-            raise ConfigError(f"{item}: no such file or folder")
 
 
 def _unreadable(exc: Exception) -> str:
@@ -55,7 +46,7 @@ def _unreadable(exc: Exception) -> str:
 
 def _series(inputs: Sequence[Path], out: TextIO) -> dict[SeriesKey, list[tuple[Path, Dataset]]]:
     groups: dict[SeriesKey, list[tuple[Path, Dataset]]] = defaultdict(list)
-    for path in _files(inputs):
+    for path in input_files(inputs):
         try:
             header = dcmread(path, stop_before_pixels=True)
             key = SeriesKey(str(header.StudyInstanceUID), str(header.SeriesInstanceUID))

@@ -8,7 +8,7 @@ unchanged, and reports each file's status.
 """
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +23,7 @@ from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.config import Settings
 from dicom_node.errors import ConfigError
 from dicom_node.export.sender import Outcome, _association_failure, _printable, classify
+from dicom_node.store.files import input_files
 
 PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 MAX_CONTEXTS = 128  # what one association can propose (PS3.8: odd context IDs 1..255)
@@ -71,16 +72,6 @@ def resolve_peer(settings: Settings, text: str) -> Peer:
                       f"or a destination name{f' from {names}' if names else ''}")
 
 
-def _paths(inputs: Sequence[Path]) -> Iterator[Path]:
-    for item in inputs:
-        if item.is_dir():
-            yield from sorted(p for p in item.rglob("*") if p.is_file())
-        elif item.is_file():
-            yield item
-        else:
-            raise ConfigError(f"{item}: no such file or folder")
-
-
 def _read(path: Path) -> FileToSend | str:
     """The file's SOP class and transfer syntax, or why it is skipped."""
     try:
@@ -124,7 +115,7 @@ def send_files(settings: Settings, inputs: Sequence[Path], target: str, timeout:
     """Send every DICOM file of ``inputs`` to ``target`` as it is; 1 if any failed or none was sent."""
     peer = resolve_peer(settings, target)
     files: list[FileToSend] = []
-    for path in _paths(inputs):
+    for path in input_files(inputs):
         read = _read(path)
         if isinstance(read, str):
             print(f"{path}: skipped, {read}", file=out)

@@ -11,7 +11,7 @@ import re
 import threading
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +21,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
 
-from dicom_node.errors import PermanentError
+from dicom_node.errors import ConfigError, PermanentError
 
 # A UID is 1..64 characters of digits in dot-separated components (PS3.5 9.1). Components with
 # leading zeros are not valid DICOM but are seen from real equipment; they are still path-safe.
@@ -264,3 +264,15 @@ class FileArea:
         target = self.instances / relative
         target.unlink(missing_ok=True)
         fsync_dir(target.parent)
+
+
+def input_files(inputs: Sequence[Path]) -> Iterator[Path]:
+    """The files a user named on the command line: each file, and every file under each folder
+    (sorted); ConfigError for a path that does not exist."""
+    for item in inputs:
+        if item.is_dir():
+            yield from sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.is_file():
+            yield item
+        else:
+            raise ConfigError(f"{item}: no such file or folder")
