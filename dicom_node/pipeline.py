@@ -279,9 +279,10 @@ def encode(ctx: PipelineContext) -> None:
     if config is None or not config.outputs:
         return
     producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
+    earlier = revision(ctx)  # a database error here is retried, not a "not analysed" series
     try:
         encoded = encode_series(ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs,
-                                config.explain, revision(ctx))
+                                config.explain, earlier)
     except Exception as exc:
         # the source lacks or garbles what an object needs; the message may quote header values,
         # so only its type goes into the job's reason (and the "not analysed" report)

@@ -20,6 +20,7 @@ from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.encode.common import DISCLAIMER_TEXT, Producer
 from dicom_node.encode.header import TYPE_2, clean_header, restore_classes, stand_in
 from dicom_node.encode.sr import not_analysed_report
+from dicom_node.store.patient import differing_identity
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,11 @@ SERIES_UID = ("112002", "DCM", "Series Instance UID")
 def not_analysed(sources: Sequence[Dataset], reason: str, producer: Producer, study_instance_uid: str,
                  series_instance_uid: str) -> Dataset:
     """The full "not analysed" report of the series, else the minimal one; never raises for a
-    source it cannot read (only for UIDs that are not UIDs)."""
+    source it cannot read (only for UIDs that are not UIDs), nor for sources of several patients:
+    no report, full or minimal, may carry one patient's identity and another's images (ValueError)."""
+    differing = differing_identity(sources)
+    if differing:
+        raise ValueError(f"sources of several patients (they differ in {', '.join(differing)}): no report")
     if sources:
         try:
             cleaned = [clean_header(ds).dataset for ds in sources]

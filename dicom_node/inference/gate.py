@@ -41,7 +41,7 @@ class GateResult:
     @property
     def outside(self) -> bool:
         """True when the frame is outside the validated input."""
-        return self.score > self.threshold
+        return not self.score <= self.threshold  # a NaN score (non-finite input) is outside too
 
     def describe(self) -> str:
         """The reason text: names the score and the threshold."""

@@ -159,3 +159,11 @@ def test_minimal_report_needs_only_the_series_uids(tmp_path: Path, producer: Pro
     texts = [item.get("TextValue", "") for item in written.ContentSequence]
     assert "Series not analysed: every encoder failed" in texts
     assert any(item.get("UID") == "1.2.3.4.5" for item in written.ContentSequence)
+
+
+def test_no_report_carries_two_patients(producer: Producer) -> None:
+    """Even the fallback refuses sources of two patients: no report names one and shows the other."""
+    alpha, beta = radiograph(), radiograph()
+    beta.PatientID, beta.PatientName = "OTHER-ID", "Other^Patient"
+    with pytest.raises(ValueError, match="several patients"):
+        not_analysed([alpha, beta], "reason", producer, str(alpha.StudyInstanceUID), str(alpha.SeriesInstanceUID))

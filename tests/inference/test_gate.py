@@ -116,3 +116,11 @@ def test_the_demo_gate_abstains_on_out_of_distribution_sets(runner: InferenceRun
     scores = _scores(runner, datasets)
     threshold = runner.model("demo-cxr").manifest.gate.threshold  # type: ignore[union-attr]
     assert float((scores > threshold).mean()) >= 0.95, (name, np.sort(scores)[:5])
+
+
+def test_a_frame_whose_score_is_not_a_number_is_outside() -> None:
+    from dicom_node.inference.gate import GateResult
+
+    assert GateResult("2.25.1", 0, float("nan"), 1.9).outside
+    assert GateResult("2.25.1", 0, float("inf"), 1.9).outside
+    assert not GateResult("2.25.1", 0, 1.9, 1.9).outside
