@@ -566,6 +566,9 @@ def _check_references(settings: Settings) -> None:
         if not pipeline.outputs:
             raise ConfigError(f"{settings.source}: key 'pipelines[{i}].outputs' = [] is invalid; "
                               f"expected at least one of {sorted(OUTPUT_KINDS)}")
+        if "sr" not in pipeline.outputs:  # the report says "not analysed" when nothing else can
+            raise ConfigError(f"{settings.source}: key 'pipelines[{i}].outputs' = {list(pipeline.outputs)!r} "
+                              "lacks 'sr': every routed series must get a findings or 'not analysed' report")
         unknown = [n for n in pipeline.send_to if n not in known]
         if unknown:
             raise ConfigError(

@@ -83,6 +83,7 @@ def test_environment_lists_and_config_path(tmp_path: Path) -> None:
         ('[[pipelines]]\nname = "p"\nmodel = "m"\nmatch = { modality = [] }\n', {}, "non-empty list"),
         ('[[pipelines]]\nname = ""\nmodel = "m"\n', {}, "'pipelines[0].name' = '' is invalid"),
         ('[[pipelines]]\nname = "p"\nmodel = "m"\noutputs = []\n', {}, "'pipelines[0].outputs' = [] is invalid"),
+        ('[[pipelines]]\nname = "p"\nmodel = "m"\noutputs = ["sc"]\n', {}, "'pipelines[0].outputs' = ['sc'] lacks 'sr'"),
         ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = ""\nport = 104\n', {}, "'destinations[0].host' = ''"),
         ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 0\n', {}, "a TCP port from 1 to 65535"),
         ("[workers]\nshutdown_grace_seconds = inf\n", {}, "expected a finite number"),
