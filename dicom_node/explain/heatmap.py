@@ -22,6 +22,7 @@ from dicom_node.explain.quality import (
     stability,
     verdict,
 )
+from dicom_node.explain.sanity import METHOD as SANITY_CHECKED_METHOD
 from dicom_node.inference import LoadedModel, Prediction, Preprocessed
 
 #: The seed of the randomised-weights baseline model: fixed, so its maps repeat for a model version.
@@ -131,7 +132,8 @@ def explain_frame(
                 item.sop_instance_uid, item.frame, label, prediction.probabilities[label], method,
                 "superpixels" if method == "lime" else manifest.cam_layer, manifest.name, manifest.version,
                 manifest.sha256, model_map, item.map.warp_to_source(model_map), quality,
-                verdict=verdict(quality, sanity_passed).value,
+                # only the method the sanity check ran can be shown faithful: the others are unchecked
+                verdict=verdict(quality, sanity_passed and method == SANITY_CHECKED_METHOD).value,
             ))
     spent["quality"] = spent.get("quality", 0.0) + time.perf_counter() - started
     return heatmaps

@@ -204,3 +204,24 @@ def test_the_plain_reading_names_the_baselines_beaten_and_missed() -> None:
                                       "for random, edges, centre, randomised model maps")
     assert "not clearly faster than for" in plain_reading(centre)[0] and "centre" in plain_reading(centre)[0]
     assert plain_reading({"lime_r2": 0.5})[0].startswith("LIME's linear surrogate explains 50%")
+
+
+def test_a_method_the_sanity_check_did_not_run_is_never_shown_faithful(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sanity check runs Grad-CAM; LIME's and Grad-CAM++'s maps stay "not shown to be faithful"
+    whatever their margins, even on a model version that passed it."""
+    from pathlib import Path
+
+    from dicom_node.explain import heatmap as heatmap_module
+    from dicom_node.inference import InferenceRunner, ModelRegistry, preprocess
+    from dicom_node.phantoms import render, to_dataset
+
+    monkeypatch.setattr(heatmap_module, "verdict", lambda quality, passed: Verdict.FAITHFUL if passed
+                        else Verdict.NOT_SHOWN)  # every margin taken as won: only the sanity gate decides
+    runner = InferenceRunner(ModelRegistry(Path(__file__).resolve().parents[2] / "models"), device="cpu")
+    loaded = runner.model("demo-cxr")
+    [item] = preprocess(to_dataset(render(7_000_003, 256, findings={"nodule": True})), loaded.manifest.input)
+    [prediction] = runner.predict("demo-cxr", [item])
+    maps = heatmap_module.explain_frame(loaded, item, prediction, ["nodule"], ["gradcam", "gradcampp", "lime"],
+                                        seed=1, quality_steps=2, lime_samples=50, sanity_passed=True)
+    assert {h.method: h.verdict for h in maps} == {"gradcam": "faithful", "gradcampp": "not shown to be faithful",
+                                                    "lime": "not shown to be faithful"}
