@@ -15,11 +15,12 @@ from dicom_node.store import InstanceStore
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def require_tool(program: str, package: str) -> str:
-    """Path of a peer program; skip with the package to install, or fail in CI."""
-    path = shutil.which(program)
+def require_tool(program: str, package: str, also_in: Path | None = None, how: str = "") -> str:
+    """Path of a peer program (on PATH, or in ``also_in``); skip saying how to install it, or fail
+    in CI."""
+    path = shutil.which(program) or (shutil.which(program, path=str(also_in)) if also_in else None)
     if path is None:
-        message = f"{program} not found: install the Debian package '{package}'"
+        message = f"{program} not found: {how or f'install the Debian package {package!r}'}"
         if IN_CI:
             pytest.fail(message + " (CI=true: peers are required)")
         pytest.skip(message)

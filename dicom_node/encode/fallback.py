@@ -13,13 +13,12 @@ import time
 from collections.abc import Sequence
 
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian
+from pydicom.uid import BasicTextSRStorage
 
-from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.encode.common import DISCLAIMER_TEXT, Producer
 from dicom_node.encode.header import TYPE_2, clean_header, restore_classes, stand_in
 from dicom_node.encode.sr import not_analysed_report
+from dicom_node.store.files import add_file_meta
 from dicom_node.store.patient import differing_identity
 
 logger = logging.getLogger(__name__)
@@ -140,10 +139,5 @@ def minimal_report(study_instance_uid: str, series_instance_uid: str, reason: st
         _item("TEXT", COMMENT, TextValue=f"{DISCLAIMER_TEXT}. Model {producer.model_name}, "
                                          f"pipeline {producer.pipeline}."[:1024]),
     ]
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    add_file_meta(ds)
     return ds

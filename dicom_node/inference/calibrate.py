@@ -21,6 +21,7 @@ from dicom_node.inference.gate import Reference, fit_reference, frame_vectors, s
 from dicom_node.inference.preprocess import Preprocessed, preprocess
 from dicom_node.inference.registry import sha256_of
 from dicom_node.inference.runner import InferenceRunner
+from dicom_node.store.files import input_files
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def read_folder(folder: Path, runner: InferenceRunner, name: str) -> list[Prepro
     spec = runner.model(name).manifest.input
     inputs: list[Preprocessed] = []
     skipped = 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in input_files([folder]):
         try:
             inputs += preprocess(dcmread(path), spec)
         except (InvalidDicomError, ValueError, AttributeError, KeyError, NotImplementedError, OSError) as exc:

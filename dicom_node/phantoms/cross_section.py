@@ -13,7 +13,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
 
-from dicom_node.phantoms.dataset import MANUFACTURER, STUDY_DATE, STUDY_TIME, add_file_meta, phantom_uid
+from dicom_node.phantoms.dataset import MANUFACTURER, STUDY_DATE, STUDY_TIME, phantom_uid
+from dicom_node.store.files import add_file_meta
 
 SPACING_MM = 0.8
 THICKNESS_MM = 5.0

@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
 )
 
-from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.phantoms.render import Phantom, render
+from dicom_node.store.files import add_file_meta
 
 #: Manufacturer (0008,0070) of every phantom; the node marks its own outputs "dicom-node".
 MANUFACTURER = "dicom-node phantoms"
@@ -179,16 +178,6 @@ def to_dataset(ph: Phantom, *, modality: str = "CR", photometric: str = "MONOCHR
         _dx_modules(ds, photometric)
     add_file_meta(ds)
     return ds
-
-
-def add_file_meta(ds: Dataset) -> None:
-    """File Meta Information for ``ds`` in Explicit VR Little Endian, naming this implementation."""
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
 
 
 def write_study(folder: Path, count: int, seed: int, *, size: int = 2048,

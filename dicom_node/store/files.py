@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.errors import ConfigError, PermanentError
 
 # A UID is 1..64 characters of digits in dot-separated components (PS3.5 9.1). Components with
@@ -276,3 +278,13 @@ def input_files(inputs: Sequence[Path]) -> Iterator[Path]:
             yield item
         else:
             raise ConfigError(f"{item}: no such file or folder")
+
+
+def add_file_meta(ds: Dataset) -> None:
+    """File Meta Information for ``ds`` in Explicit VR Little Endian, naming this implementation."""
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

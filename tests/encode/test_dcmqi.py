@@ -4,7 +4,6 @@ measurement groups and their tracking UIDs, the segments and their voxels, the m
 
 import gzip
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydicom import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SegmentationStorage
 
 from dicom_node.encode import Producer, Revision, encode_results, not_analysed_report, report_reference
-from tests.conftest import IN_CI
+from tests.conftest import require_tool
 from tests.encode.conftest import KINDS, make_case
 
 METHODS = ("gradcam", "lime")
@@ -27,13 +26,8 @@ NO_GEOMETRY = ("CR", "DX")
 
 def dcmqi(program: str) -> str:
     """Path of a dcmqi reader (the PyPI package installs them next to the interpreter)."""
-    path = shutil.which(program) or shutil.which(program, path=str(Path(sys.executable).parent))
-    if path is None:
-        message = f"{program} not found: install the test extras (pip install dcmqi)"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: dcmqi is required)")
-        pytest.skip(message)
-    return path
+    return require_tool(program, "dcmqi", also_in=Path(sys.executable).parent,
+                        how="install the test extras (pip install dcmqi)")
 
 
 def run(program: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
