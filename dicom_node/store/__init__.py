@@ -141,7 +141,7 @@ class InstanceStore:
         """
         fp = io.BytesIO(dataset) if isinstance(dataset, (bytes, memoryview)) else dataset
         length = fp.seek(0, os.SEEK_END)
-        found = self._check(fp, length, str(file_meta.TransferSyntaxUID), max_inflated_size)
+        found, inflated_header = self._check(fp, length, file_meta, max_inflated_size)
         cut = found.file_meta_ranges
         head = encode_file_meta(file_meta)
         size = len(head) + length - sum(end - start for start, end in cut)
@@ -153,17 +153,21 @@ class InstanceStore:
             )
         temporary = self._write(head, fp, length, cut)
         try:
-            header = read_header(temporary)
+            header = inflated_header or read_header(temporary)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
         return StagedInstance(header, temporary, size, tuple(found.file_meta_tags))
 
-    def _check(self, fp: BinaryIO, length: int, transfer_syntax: str, max_inflated: int) -> WalkResult:
-        """Walk the data set; a deflated one is inflated to a scratch file under ``tmp/`` first."""
+    def _check(self, fp: BinaryIO, length: int, file_meta: FileMetaDataset,
+               max_inflated: int) -> tuple[WalkResult, InstanceHeader | None]:
+        """Walk the data set; a deflated one is inflated to a scratch file under ``tmp/`` first,
+        and its header read from there (pydicom would inflate it again, whole, in memory)."""
+        transfer_syntax = str(file_meta.TransferSyntaxUID)
+        header = None
         try:
             if not UID(transfer_syntax).is_deflated:
-                return walk(fp, 0, length, transfer_syntax)
+                return walk(fp, 0, length, transfer_syntax), None
             # The scratch file counts against the free-space floor too: a few KiB of deflate
             # could otherwise fill the disk before the floor is checked.
             room = max(0, shutil.disk_usage(self.data_dir).free - self.min_free_space)
@@ -177,6 +181,8 @@ class InstanceStore:
                             f"{self.min_free_space // 2**20} MiB") from None
                     raise
                 found = walk(inflated, 0, size, transfer_syntax)
+                inflated.seek(0)
+                header = read_header(inflated, file_meta)
         except MalformedDataSetError as exc:
             raise InvalidInstanceError("unparseable", str(exc)) from None
         if found.file_meta_ranges:
@@ -184,7 +190,7 @@ class InstanceStore:
             raise InvalidInstanceError(
                 "unparseable", "File Meta Information (group 0002) inside a deflated data set"
             )
-        return found
+        return found, header
 
     def _write(self, head: bytes, fp: BinaryIO, length: int, cut: list[tuple[int, int]]) -> Path:
         try:

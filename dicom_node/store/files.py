@@ -83,8 +83,10 @@ class InstanceHeader:
     source_ae_title: str = ""  # (0002,0016) of the file meta: the peer that sent it
 
 
-def read_header(fp: BinaryIO | Path) -> InstanceHeader:
-    """Parse the header of a Part 10 file (pixel data is not read) and check its UIDs.
+def read_header(fp: BinaryIO | Path, file_meta: FileMetaDataset | None = None) -> InstanceHeader:
+    """Parse the header of a Part 10 file (pixel data is not read) and check its UIDs. With
+    ``file_meta``, ``fp`` holds the data set alone, in Explicit VR Little Endian (an inflated
+    deflated data set), and the meta is the one given.
 
     Raises
     ------
@@ -92,9 +94,11 @@ def read_header(fp: BinaryIO | Path) -> InstanceHeader:
         If the file does not parse or a UID is missing or malformed.
     """
     try:
-        ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
-        transfer_syntax = ds.file_meta.TransferSyntaxUID
-        source_ae = ds.file_meta.get("SourceApplicationEntityTitle", "")
+        ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(HEADER_TAGS),
+                     force=file_meta is not None)
+        meta = file_meta if file_meta is not None else ds.file_meta
+        transfer_syntax = meta.TransferSyntaxUID
+        source_ae = meta.get("SourceApplicationEntityTitle", "")
         values = {tag: ds.get(tag, "") for tag in HEADER_TAGS}
     except InvalidDicomError as exc:
         raise InvalidInstanceError("unparseable", f"not a DICOM data set: {exc}") from None

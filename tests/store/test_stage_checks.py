@@ -41,6 +41,10 @@ def test_a_deflated_data_set_is_inflated_and_walked(store: InstanceStore) -> Non
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     staged = store.stage(ds.file_meta, data)
     assert dcmread(staged.temporary).PixelData == ds.PixelData
+    header = staged.header  # read from the inflated scratch file, not inflated a second time
+    assert (header.sop_instance_uid, header.series_instance_uid, header.modality) == \
+        (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.Modality)
+    assert header.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
     store.discard(staged)
 
 
