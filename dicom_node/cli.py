@@ -21,6 +21,7 @@ from dicom_node import __version__
 from dicom_node.audit import append_event, job_requeued, result_retried, study_history
 from dicom_node.config import DEFAULT_CONFIG, ENV_CONFIG, Settings, load_settings, parse_assignment
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.export.outbox import DeliveryState
 from dicom_node.jobs.queue import Job, JobError, JobQueue, JobState
 from dicom_node.logs import setup_logging
 
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     outbox = commands.add_parser("outbox", help="results waiting for, or given up by, their destinations")
     outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
     pending = outbox_commands.add_parser("list", parents=[common], help="outbox records, newest first")
-    pending.add_argument("--state", choices=["pending", "delivered", "dead", "unconfirmed"],
+    pending.add_argument("--state", choices=[s.value for s in DeliveryState],
                          help="only this state")
     pending.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     retry = outbox_commands.add_parser("retry", parents=[common],

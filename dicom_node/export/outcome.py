@@ -12,8 +12,9 @@ from enum import StrEnum
 from typing import Any
 
 from dicom_node.export.outbox import DeliveryState, OutboxRecord
+from dicom_node.jobs.queue import JobState
 
-_FAILED = frozenset({"failed", "dead"})
+_FAILED = frozenset({JobState.FAILED, JobState.DEAD})
 
 
 class JobOutcome(StrEnum):

@@ -37,13 +37,12 @@ from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.ingest.admission import Admission, Admitted, Refusal, host_key
-from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT, discard_queued
+from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT, PduType, discard_queued
 from dicom_node.logs import PeerLogLimiter
 
 logger = logging.getLogger(__name__)
 
 _PDU_HEADER = struct.Struct(">BBL")
-_A_ASSOCIATE_RQ = 0x01
 
 
 class DropReason(StrEnum):
@@ -87,7 +86,7 @@ def read_request(sock: socket.socket, timeout: float,
             data += chunk
             if need == _PDU_HEADER.size and len(data) == need:
                 pdu_type, _, length = _PDU_HEADER.unpack_from(data)
-                if pdu_type != _A_ASSOCIATE_RQ:
+                if pdu_type != PduType.A_ASSOCIATE_RQ:
                     return DropReason.NOT_A_REQUEST
                 if length > ASSOCIATE_PDU_LIMIT:
                     return DropReason.TOO_LONG

@@ -24,6 +24,7 @@ from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.export import DeliveryState, OutboxError
 from dicom_node.jobs.queue import JobError, JobState
 from dicom_node.store.db import MAX_RECORD_ID, DatabaseError, parse_record_id
+from dicom_node.store.files import InvalidInstanceError, check_uid
 from dicom_node.web import data, pages
 from dicom_node.web.metrics import Metrics
 
@@ -35,7 +36,6 @@ PREVIEW_WIDTH = 640
 MAX_URL = 4096
 MAX_QUERY_FIELDS = 16
 MAX_SEARCH = 64  # a search matches part of a UID, and a UID has at most 64 characters
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 Reply = tuple[int, str, bytes]
 T = TypeVar("T")
@@ -201,9 +201,10 @@ class WebServer:
 
 
 def _uid(kind: str, text: str) -> str:
-    if len(text) > 64 or not _UID.fullmatch(text):
-        raise BadRequest(f"malformed {kind} UID: expected digits and dots, at most 64 characters")
-    return text
+    try:
+        return check_uid(kind, text)
+    except InvalidInstanceError:  # its message quotes the value; this answer never echoes input
+        raise BadRequest(f"malformed {kind} UID: expected digits and dots, at most 64 characters") from None
 
 
 def _record_id(kind: str, text: str) -> int:
