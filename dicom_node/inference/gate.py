@@ -56,6 +56,18 @@ def pool(activations: torch.Tensor) -> np.ndarray:
     return (values.mean(dim=tuple(range(2, values.ndim))) if values.ndim > 2 else values).cpu().numpy()
 
 
+def pool_into(module: torch.nn.Module, layer_name: str,
+              features: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
+    """A forward hook on ``module``'s layer ``layer_name`` appending its output pooled over the grid
+    (:func:`pool`) to ``features``; remove it when done."""
+    layer = dict(module.named_modules())[layer_name]
+
+    def capture(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        features.append(pool(output))
+
+    return layer.register_forward_hook(capture)
+
+
 def image_statistics(arrays: np.ndarray) -> np.ndarray:
     """Image-level statistics of preprocessed inputs, (frames, channels, size, size) -> (frames, k).
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dicom_node.inference.architectures import build
-from dicom_node.inference.gate import Reference, ReferenceError, frame_vectors, load_reference, pool
+from dicom_node.inference.gate import Reference, ReferenceError, frame_vectors, load_reference, pool_into
 from dicom_node.inference.manifest import ModelError, ModelManifest, load_manifest
 
 
@@ -139,8 +139,7 @@ def _reference(manifest: ModelManifest, module: nn.Module, device: torch.device)
     spec = manifest.input
     probe = torch.zeros(1, spec.channels, spec.size, spec.size, device=device)
     pooled: list[np.ndarray] = []
-    layer = dict(module.named_modules())[manifest.cam_layer]
-    hook = layer.register_forward_hook(lambda _m, _i, out: pooled.append(pool(out)))
+    hook = pool_into(module, manifest.cam_layer, pooled)
     try:
         with torch.inference_mode():
             module(probe)

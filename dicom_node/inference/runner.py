@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicom_node.inference.gate import pool
+from dicom_node.inference.gate import pool_into
 from dicom_node.inference.preprocess import Preprocessed
 from dicom_node.inference.registry import LoadedModel, ModelRegistry
 
@@ -116,7 +116,7 @@ class InferenceRunner:
         outputs = []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
-        hook = None if features is None else _pool_into(loaded, features)
+        hook = None if features is None else pool_into(loaded.module, loaded.manifest.cam_layer, features)
         try:
             with torch.inference_mode(), autocast:
                 for start in range(0, len(inputs), self.batch_size):
@@ -142,13 +142,3 @@ class InferenceRunner:
                        thresholds)
             for p, row in zip(inputs, probabilities, strict=True)
         ]
-
-
-def _pool_into(loaded: LoadedModel, features: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
-    """A forward hook on the model's CAM layer appending its output averaged over the grid."""
-    layer = dict(loaded.module.named_modules())[loaded.manifest.cam_layer]
-
-    def capture(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        features.append(pool(output))
-
-    return layer.register_forward_hook(capture)
