@@ -220,3 +220,20 @@ def read_events(folder: Path) -> Iterator[dict[str, Any]]:
 def study_history(folder: Path, study_uid: str) -> list[dict[str, Any]]:
     """The events of one study, oldest first."""
     return [e for e in read_events(folder) if e.get(STUDY) == study_uid]
+
+
+class AppendingAudit:
+    """An :class:`Audit` for another process than the node (``dicom-node purge``): each event is
+    appended with :func:`append_event`; one the disk refuses is logged and counted, never raised
+    (what it records has been done)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.errors = 0
+
+    def record(self, event: str, **fields: Any) -> None:
+        try:
+            append_event(self.folder, event, **fields)
+        except OSError as exc:
+            self.errors += 1
+            logger.error("audit trail: event %s not written: %s", event, exc)

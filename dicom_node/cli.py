@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="the peer, or the name of a [[destinations]] entry")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the peer (default 30)")
 
+    purge = commands.add_parser("purge", parents=[common],
+                                help="delete inputs and results the retention policy lets go")
+    purge.add_argument("--dry-run", action="store_true", help="only list what would go, and why")
+
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to verify")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
@@ -158,6 +162,10 @@ def main(argv: Sequence[str] | None = None, *, steps: "Sequence[tuple[str, Step]
             from dicom_node.offline import explain_files
 
             return explain_files(settings, args.inputs, args.out, args.pipeline, sys.stdout)
+        if args.command == "purge":
+            from dicom_node.retention.command import purge_command
+
+            return purge_command(settings, args.dry_run, sys.stdout)
         if args.command == "send":
             from dicom_node.export.push import send_files
 

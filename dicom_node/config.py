@@ -151,6 +151,28 @@ class StoreSettings:
     min_free_space: ByteSize = field(default=ByteSize(2**30), metadata=_check(_non_negative))
 
 
+def _percent(value: float) -> float:
+    if not 0 <= value < 100:
+        raise ValueError("a share of the file system in percent, from 0 (off) to below 100")
+    return value
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """``[retention]``: how long inputs and results are kept, and the disk's high-water marks.
+
+    Ages of 0 keep forever; marks of 0 are off. See :mod:`dicom_node.retention`.
+    """
+
+    inputs_days: float = field(default=0.0, metadata=_check(_non_negative))
+    results_days: float = field(default=0.0, metadata=_check(_non_negative))
+    interval_seconds: float = field(default=3600.0, metadata=_check(_positive))
+    disk_check_seconds: float = field(default=10.0, metadata=_check(_positive))
+    purge_above_percent: float = field(default=0.0, metadata=_check(_percent))
+    purge_below_free: ByteSize = field(default=ByteSize(0), metadata=_check(_non_negative))
+    stop_above_percent: float = field(default=0.0, metadata=_check(_percent))
+
+
 @dataclass(frozen=True)
 class ModelsSettings:
     """``[models]``: the model repository."""
@@ -321,6 +343,7 @@ class Settings:
     web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()
     audit: AuditSettings = AuditSettings()
+    retention: RetentionSettings = RetentionSettings()
     destinations: tuple[Destination, ...] = ()
     pipelines: tuple[Pipeline, ...] = ()
 
@@ -533,6 +556,7 @@ def load_settings(
     }
     settings = Settings(source=origin, **sections, **arrays)  # type: ignore[arg-type]
     _check_references(settings)
+    _check_marks(settings)
     return settings
 
 
@@ -575,3 +599,16 @@ def _check_references(settings: Settings) -> None:
                 f"{settings.source}: key 'pipelines[{i}].send_to' = {list(pipeline.send_to)!r} "
                 f"is invalid; expected names of [[destinations]] {sorted(known)}, not {unknown}"
             )
+
+
+def _check_marks(settings: Settings) -> None:
+    """The purge marks must come before the stop marks, or the node would refuse C-STOREs before
+    it ever purged."""
+    r, floor = settings.retention, settings.store.min_free_space
+    if r.purge_above_percent and r.stop_above_percent and r.purge_above_percent >= r.stop_above_percent:
+        raise ConfigError(f"{settings.source}: key 'retention.purge_above_percent' = {r.purge_above_percent} "
+                          "is invalid; expected less than retention.stop_above_percent = "
+                          f"{r.stop_above_percent}")
+    if r.purge_below_free and r.purge_below_free <= floor:
+        raise ConfigError(f"{settings.source}: key 'retention.purge_below_free' = {int(r.purge_below_free)} "
+                          f"is invalid; expected more than store.min_free_space = {int(floor)} bytes")

@@ -26,6 +26,7 @@ from dicom_node.jobs.queue import JobQueue, QueuePolicy
 from dicom_node.jobs.scheduler import Scheduler
 from dicom_node.jobs.sqlite import SQLiteJobBackend
 from dicom_node.jobs.worker import Worker
+from dicom_node.retention import Planner, Purger, Retention, read_usage, store_floor
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.results import ResultArea
@@ -122,16 +123,22 @@ class Node:
                                 clock=self.clock)
         self.metrics = Metrics()
         self.audit = Fanout(self.trail, self.metrics)
-        self.store = InstanceStore(s.node.data_dir, s.store.min_free_space, clock=self.clock,
-                                   audit=self.audit)
-        self.store.recover()
-        ResultArea(s.node.data_dir / "results").remove_temporaries()
+        # the stop mark raises the store's own floor: one free-space guard for C-STORE and /readyz
+        self.floor = store_floor(read_usage(s.node.data_dir), s.store.min_free_space,
+                                 s.retention.stop_above_percent)
+        self.store = InstanceStore(s.node.data_dir, self.floor, clock=self.clock, audit=self.audit)
+        self.results = ResultArea(s.node.data_dir / "results")
+        self.results.remove_temporaries()
         self.backend = SQLiteJobBackend(s.node.data_dir / DATABASE_NAME)
         policy = QueuePolicy(s.jobs.max_attempts, s.jobs.backoff_seconds,
                              s.jobs.max_backoff_seconds, s.jobs.lease_seconds)
         self.queue = JobQueue(self.backend, policy, clock=self.clock)
         self.outbox = Outbox(s.node.data_dir / DATABASE_NAME, clock=self.clock,
                              on_enqueue=self._wake_exporters)
+        self.purger = Purger(s.node.data_dir / DATABASE_NAME, self.store, self.outbox, self.results,
+                             self.audit, self.clock)
+        self.purger.resume()  # before recover(), which would index the files a killed purge left
+        self.store.recover()
         self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock,
                                  audit=self.audit)
         self.exporter.bury_unconfigured()  # a destination removed from the config since the last run
@@ -147,6 +154,10 @@ class Node:
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
+        planner = Planner(self.store.index, self.queue, self.outbox, self.results)
+        self.retention = Retention(s.retention, planner, self.purger, s.node.data_dir, clock=self.clock)
+        if self.retention.enabled:
+            self._spawn("retention", partial(self.retention.run_until, self._stop))
         for exporter in self.exporter.workers():
             self._exporters[exporter.name] = exporter
             self._spawn(f"exporter-{exporter.name}", partial(exporter.run_until, self._stop),
@@ -155,7 +166,7 @@ class Node:
         if s.web.enabled:
             sources = Sources(s.node.data_dir, self.queue, self.outbox, self.registry,
                               sorted({str(r.device) for r in runners}), self._not_ready,
-                              s.store.min_free_space)
+                              self.floor)
             try:
                 self.web = WebServer(s.web, sources, self.metrics, self.audit).start()
             except OSError as exc:
@@ -243,6 +254,7 @@ class Node:
 
     def _close(self, clean: bool) -> None:
         self.backend.close()
+        self.purger.close()
         self.outbox.close()
         self.trail.close()
         self.store.close(clean_shutdown=clean)

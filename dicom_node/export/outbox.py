@@ -89,6 +89,14 @@ class DeliveryState(StrEnum):
     UNCONFIRMED = "unconfirmed"  # sent, never answered, given up: the destination may hold it
 
 
+#: States a record leaves only by an operator's ``retry`` (or a newer job): nothing more is sent by itself.
+SETTLED = frozenset({DeliveryState.DELIVERED, DeliveryState.DEAD, DeliveryState.UNCONFIRMED})
+
+
+class _Changed(Exception):
+    """A record changed since it was read (inside :meth:`Outbox.forget`)."""
+
+
 class OutboxError(DicomNodeError):
     """An operation the record's state does not allow, or a record that does not exist."""
 
@@ -219,6 +227,36 @@ class Outbox:
                     record = _record(row)
                     found.setdefault(record.job_id, []).append(record)
         return found
+
+    def for_instances(self, sop_instance_uids: Collection[str]) -> dict[str, list[OutboxRecord]]:
+        """The records of each of ``sop_instance_uids`` (one per destination; none: never queued)."""
+        uids = sorted(set(sop_instance_uids))
+        found: dict[str, list[OutboxRecord]] = {}
+        with self._lock:
+            for start in range(0, len(uids), 500):  # SQLite bounds the parameters of one query
+                chunk = uids[start:start + 500]
+                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE sop_instance_uid IN "
+                                          f"({', '.join('?' * len(chunk))}) ORDER BY id", chunk).fetchall()
+                for row in rows:
+                    record = _record(row)
+                    found.setdefault(record.sop_instance_uid, []).append(record)
+        return found
+
+    def forget(self, records: Sequence[OutboxRecord]) -> bool:
+        """Delete ``records`` (the retention purge of their result), all or none: only if each is
+        still settled and at the version it was read at; False (nothing deleted) otherwise."""
+        if any(r.state not in SETTLED for r in records):
+            return False
+        try:
+            with self._transaction() as conn:
+                for r in records:
+                    cursor = conn.execute("DELETE FROM outbox WHERE id = ? AND version = ?",
+                                          (r.id, r.version))
+                    if cursor.rowcount != 1:
+                        raise _Changed  # rolls back the deletions made before
+        except _Changed:
+            return False
+        return True
 
     def retry(self, record_id: int) -> OutboxRecord:
         """Send a dead, unconfirmed or delivered record again, now (an operator's action)."""

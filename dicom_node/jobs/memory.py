@@ -44,10 +44,12 @@ class MemoryJobBackend:
                    if (j.study_instance_uid, j.series_instance_uid, j.pipeline)
                    == (study_instance_uid, series_instance_uid, pipeline))
 
-    def series_jobs(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> list[Job]:
+    def series_jobs(self, study_instance_uid: str, series_instance_uid: str,
+                    pipeline: str | None) -> list[Job]:
         return sorted((j for j in self._jobs.values()
-                       if (j.study_instance_uid, j.series_instance_uid, j.pipeline)
-                       == (study_instance_uid, series_instance_uid, pipeline)), key=lambda j: j.version)
+                       if j.study_instance_uid == study_instance_uid
+                       and j.series_instance_uid == series_instance_uid and pipeline in (None, j.pipeline)),
+                      key=lambda j: (j.version, j.id))
 
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)

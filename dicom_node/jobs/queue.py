@@ -34,6 +34,8 @@ class JobState(StrEnum):
 
 
 REQUEUEABLE = frozenset({JobState.FAILED, JobState.DEAD, JobState.DONE})
+#: States in which a job will not run again by itself (an operator may requeue it).
+FINISHED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD, JobState.NOT_ROUTED})
 
 
 class JobError(DicomNodeError):
@@ -114,7 +116,8 @@ class JobBackend(Protocol):
     def close(self) -> None: ...
     def insert(self, spec: JobSpec, version: int, now: float) -> Job | None: ...
     def versions(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> int: ...
-    def series_jobs(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> list[Job]: ...
+    def series_jobs(self, study_instance_uid: str, series_instance_uid: str,
+                    pipeline: str | None) -> list[Job]: ...
     def get(self, job_id: int) -> Job | None: ...
     def save(self, job: Job) -> None: ...
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]: ...
@@ -258,6 +261,11 @@ class JobQueue:
         """Every version of ``job``'s series and pipeline, oldest first (``job`` among them)."""
         with self.backend.transaction():
             return self.backend.series_jobs(job.study_instance_uid, job.series_instance_uid, job.pipeline)
+
+    def of_series(self, study_instance_uid: str, series_instance_uid: str) -> Sequence[Job]:
+        """Every job of a series, all pipelines and versions (``not_routed`` records too)."""
+        with self.backend.transaction():
+            return self.backend.series_jobs(study_instance_uid, series_instance_uid, None)
 
     def current(self, jobs: Sequence[Job]) -> set[int]:
         """The ids of those of ``jobs`` that are the newest version of their series and pipeline

@@ -188,11 +188,14 @@ class SQLiteJobBackend:
         ).fetchone()
         return int(row[0])
 
-    def series_jobs(self, study_instance_uid: str, series_instance_uid: str, pipeline: str) -> list[Job]:
-        rows = self.conn.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE study_instance_uid = ? AND series_instance_uid = ? "
-            "AND pipeline = ? ORDER BY version", (study_instance_uid, series_instance_uid, pipeline),
-        ).fetchall()
+    def series_jobs(self, study_instance_uid: str, series_instance_uid: str,
+                    pipeline: str | None) -> list[Job]:
+        """The jobs of one series and pipeline by version; ``pipeline`` None: of every pipeline."""
+        query = f"SELECT {_COLUMNS} FROM jobs WHERE study_instance_uid = ? AND series_instance_uid = ?"
+        args: tuple[str, ...] = (study_instance_uid, series_instance_uid)
+        if pipeline is not None:
+            query, args = query + " AND pipeline = ?", (*args, pipeline)
+        rows = self.conn.execute(query + " ORDER BY version, id", args).fetchall()
         return [_job(row) for row in rows]
 
     def get(self, job_id: int) -> Job | None:

@@ -255,6 +255,28 @@ class InstanceStore:
         """One of a fixed set of locks, chosen by UID: the same UID never commits twice at once."""
         return self._uid_locks[hash(sop_instance_uid) % len(self._uid_locks)]
 
+    def remove(self, record: InstanceRecord, resuming: bool = False) -> bool:
+        """Delete an instance as the index holds it: the record, then the file, then its folders
+        if empty (the retention purge). False, and nothing changes, if the instance was received
+        again since ``record`` was read: the new copy stays.
+
+        A crash between the index commit and the unlink leaves a file the index lacks; the purge
+        records its intent first (:mod:`dicom_node.retention`) and, ``resuming`` it at the next
+        start, removes such a file when no record of its UID names its path.
+        """
+        relative = Path(record.path)
+        with self._uid_lock(record.sop_instance_uid):
+            if not self.index.remove(record):
+                current = self.index.get(record.sop_instance_uid)
+                if not resuming or (current is not None and current.path == record.path):
+                    return False
+                if not self.files.exists(relative):  # the interrupted purge had removed it too
+                    self.files.remove_empty_dirs(relative)
+                    return True
+            self.files.unlink(relative)
+            self.files.remove_empty_dirs(relative)
+        return True
+
     def path_of(self, record: InstanceRecord) -> Path:
         """The absolute path of an indexed instance."""
         return self.files.instances / record.path

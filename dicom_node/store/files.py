@@ -243,7 +243,12 @@ class FileArea:
         """Rename a flushed temporary file to ``instances/relative`` atomically, durably."""
         target = self.instances / relative
         self._make_dirs(target.parent)
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except FileNotFoundError:
+            # the retention purge removed the folder, empty, between its creation and this rename
+            self._make_dirs(target.parent)
+            os.replace(temporary, target)
         fsync_dir(target.parent)
         return target
 
@@ -265,11 +270,32 @@ class FileArea:
             removed += 1
         return removed
 
+    def exists(self, relative: Path) -> bool:
+        return (self.instances / relative).is_file()
+
     def unlink(self, relative: Path) -> None:
         """Remove an instance file and flush its folder."""
         target = self.instances / relative
         target.unlink(missing_ok=True)
         fsync_dir(target.parent)
+
+    def remove_empty_dirs(self, relative: Path) -> None:
+        """Remove the series and study folders of ``relative`` (an instance's path) if empty.
+
+        Under the folder lock, so no folder goes while another thread creates it; a rename into a
+        folder removed after its creation is retried by :meth:`commit`.
+        """
+        with self._dirs_lock:
+            for folder in (self.instances / relative).parents:
+                if folder == self.instances or self.instances not in folder.parents:
+                    return
+                try:
+                    folder.rmdir()
+                except FileNotFoundError:
+                    continue
+                except OSError:  # not empty: neither it nor its parent goes
+                    return
+                fsync_dir(folder.parent)
 
 
 def input_files(inputs: Sequence[Path]) -> Iterator[Path]:

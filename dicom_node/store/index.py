@@ -197,8 +197,8 @@ _SAME_SERIES = "study_instance_uid = ? AND series_instance_uid = ?"
 class Index:
     """Records of stored instances; safe to share between the SCP's association threads."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
-        self._conn = connect(path, synchronous)
+    def __init__(self, path: Path, synchronous: str = "FULL", *, read_only: bool = False) -> None:
+        self._conn = connect(path, synchronous, read_only=read_only)  # read_only: purge --dry-run
         migrate(self._conn, "store", _MIGRATIONS)
         self._lock = threading.Lock()
 
@@ -342,6 +342,39 @@ class Index:
                 for table in ("studies", "series", "instances")
             )
         return studies, series, instances
+
+    def received_before(self, cutoff: float, after: tuple[float, str] = (float("-inf"), ""),
+                        limit: int = 500) -> list[InstanceRecord]:
+        """Up to ``limit`` records received before ``cutoff``, oldest first, that come after
+        ``after`` (the ``(received_at, sop_instance_uid)`` of the last one of the previous page)."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE received_at < ? "
+                "AND (received_at, sop_instance_uid) > (?, ?) "
+                "ORDER BY received_at, sop_instance_uid LIMIT ?", (cutoff, *after, limit)).fetchall()
+        return [InstanceRecord(*row) for row in rows]
+
+    def remove(self, record: InstanceRecord) -> bool:
+        """Delete ``record`` if the index still holds it as read (same path, same arrival): a copy
+        received again meanwhile stays. Its series and study go when nothing is left in them.
+
+        Unlike an instance that moves, a removal does not mark the series changed: what is left
+        of it is not analysed again for having lost an instance to the retention policy.
+        """
+        with self._lock, transaction(self._conn) as conn:
+            cursor = conn.execute(
+                "DELETE FROM instances WHERE sop_instance_uid = ? AND path = ? AND received_at = ?",
+                (record.sop_instance_uid, record.path, record.received_at))
+            if cursor.rowcount != 1:
+                return False
+            key = record.series_key
+            conn.execute(f"DELETE FROM series WHERE {_SAME_SERIES} AND NOT EXISTS (SELECT 1 FROM instances i "
+                         "WHERE i.study_instance_uid = series.study_instance_uid "
+                         "AND i.series_instance_uid = series.series_instance_uid)", key)
+            conn.execute("DELETE FROM studies WHERE study_instance_uid = ? AND NOT EXISTS (SELECT 1 FROM "
+                         "instances i WHERE i.study_instance_uid = studies.study_instance_uid)",
+                         (key.study_instance_uid,))
+        return True
 
     def paths(self) -> Iterator[tuple[str, str]]:
         """(path, SOP Instance UID) of every indexed instance."""

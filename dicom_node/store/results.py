@@ -4,15 +4,36 @@
 A re-run derives the same UIDs (dicom_node.encode), so it replaces its earlier files.
 """
 
+import contextlib
 import io
 import os
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.store.files import check_uid, fsync_dir
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One result file as found on disk; ``identity`` tells it from a later copy of the same UID
+    (a re-run writes a new file, renamed over the old one)."""
+
+    path: Path
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    written_at: float  # the file's modification time, seconds since the epoch
+    size_bytes: int
+    identity: tuple[int, int]  # (inode, modification time in ns)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_ino, stat.st_mtime_ns
 
 
 class ResultArea:
@@ -55,3 +76,30 @@ class ResultArea:
             raise
         fsync_dir(target.parent)
         return target
+
+    def files(self) -> Iterator[ResultFile]:
+        """Every result file (``<study>/<series>/<uid>.dcm``); files that vanish meanwhile are skipped."""
+        for path in self.root.glob("*/*/*.dcm"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            yield ResultFile(path, path.parent.parent.name, path.parent.name, path.stem, stat.st_mtime,
+                             stat.st_size, _identity(stat))
+
+    def remove(self, found: ResultFile) -> bool:
+        """Delete a result file if it is still the one ``found`` (not a copy a re-run wrote since),
+        flush its folder and remove the folders left empty; False if it was not removed."""
+        try:
+            if _identity(found.path.stat()) != found.identity:
+                return False
+            found.path.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(found.path.parent)
+        for folder in (found.path.parent, found.path.parent.parent):
+            # a job writing into it now recreates it (``save`` makes its folders first)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+                fsync_dir(folder.parent)
+        return True
