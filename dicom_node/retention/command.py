@@ -18,7 +18,7 @@ from dicom_node.export.outbox import Outbox
 from dicom_node.jobs.queue import JobQueue
 from dicom_node.jobs.sqlite import SQLiteJobBackend
 from dicom_node.retention.disk import read_usage, used_percent
-from dicom_node.retention.purge import Intent, Outcome, Purger
+from dicom_node.retention.purge import Intent, Outcome, Purger, read_pending
 from dicom_node.retention.rules import Candidate, Kind, Planner, age_days
 from dicom_node.retention.service import Plan, Retention
 from dicom_node.store import InstanceStore
@@ -63,6 +63,10 @@ def _dry_run(settings: Settings, out: TextIO) -> int:
                               settings.node.data_dir)
         plan = retention.plan()
     _print_plan(plan, retention, out)
+    interrupted = read_pending(database)
+    if interrupted:
+        print(f"{len(interrupted)} deletion(s) of an interrupted purge are finished at the next start "
+              "or purge", file=out)
     return 0
 
 

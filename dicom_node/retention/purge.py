@@ -20,6 +20,7 @@ deletion again on resume: an event may be written twice, never lost.
 
 import json
 import logging
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.export.outbox import SETTLED, Outbox
 from dicom_node.retention.rules import Candidate, Kind, age_days
 from dicom_node.store import InstanceStore
-from dicom_node.store.db import connect, migrate, transaction
+from dicom_node.store.db import SchemaError, connect, migrate, transaction
 from dicom_node.store.index import InstanceRecord
 from dicom_node.store.results import ResultArea, ResultFile
 
@@ -108,7 +109,9 @@ class Purger:
     def __init__(self, database: Path, store: InstanceStore, outbox: Outbox, results: ResultArea,
                  audit: Audit = NO_AUDIT, clock: Callable[[], float] | None = None,
                  actor: str = "node") -> None:
-        self._conn = connect(database)
+        # NORMAL: deleting a finished intent need not reach the disk at once (redoing it is harmless);
+        # the intents themselves are committed with FULL (see execute)
+        self._conn = connect(database, synchronous="NORMAL")
         migrate(self._conn, "retention", _MIGRATIONS)
         self.store, self.outbox, self.results, self.audit = store, outbox, results, audit
         self.clock = clock if clock is not None else store.clock
@@ -120,9 +123,15 @@ class Purger:
     def execute(self, batch: list[Candidate]) -> Outcome:
         """Delete ``batch`` (intents first, see the module's docstring)."""
         intents = [_intent(c) for c in batch]
-        with transaction(self._conn) as conn:
-            conn.executemany(f"INSERT OR REPLACE INTO purge_intents ({_COLUMNS}) VALUES "
-                             f"({', '.join('?' * 9)})", [_row(i) for i in intents])
+        # On disk before any deletion, even through a power cut: the index's own deletions are
+        # committed with synchronous=NORMAL and may be lost while the unlinked files stay gone.
+        self._conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with transaction(self._conn) as conn:
+                conn.executemany(f"INSERT OR REPLACE INTO purge_intents ({_COLUMNS}) VALUES "
+                                 f"({', '.join('?' * 9)})", [_row(i) for i in intents])
+        finally:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         outcome = Outcome()
         for intent in intents:
             self._finish(intent, outcome, resuming=False)
@@ -130,8 +139,7 @@ class Purger:
 
     def pending(self) -> list[Intent]:
         """Intents left by a purge that did not finish."""
-        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM purge_intents ORDER BY since").fetchall()
-        return [Intent(Kind(r[0]), *r[1:]) for r in rows]
+        return _pending(self._conn)
 
     def resume(self) -> Outcome:
         """Finish the deletions a killed purge committed to; call at start-up, before the store's
@@ -176,6 +184,26 @@ class Purger:
         found = ResultFile(Path(intent.path), intent.study_instance_uid, intent.series_instance_uid,
                            intent.sop_instance_uid, intent.since, intent.size_bytes, (inode, mtime_ns))
         return self.results.remove(found) or not found.path.exists()
+
+
+def _pending(conn: sqlite3.Connection) -> list[Intent]:
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM purge_intents ORDER BY since").fetchall()
+    return [Intent(Kind(r[0]), *r[1:]) for r in rows]
+
+
+def read_pending(database: Path) -> list[Intent]:
+    """The intents of an interrupted purge, read without writing (``purge --dry-run``, tests);
+    none where no purge ever ran."""
+    conn = connect(database, read_only=True)
+    try:
+        migrate(conn, "retention", _MIGRATIONS)
+    except SchemaError:
+        conn.close()
+        return []
+    try:
+        return _pending(conn)
+    finally:
+        conn.close()
 
 
 def _intent(c: Candidate) -> Intent:
