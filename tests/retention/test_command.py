@@ -1,0 +1,132 @@
+"""``dicom-node purge [--dry-run]``, the node's periodic purge and the ``[retention]`` settings."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.audit import read_events
+from dicom_node.cli import main
+from dicom_node.config import RetentionSettings, load_settings
+from dicom_node.errors import ConfigError
+from dicom_node.export.outbox import DeliveryState
+from dicom_node.jobs.queue import JobState
+from dicom_node.node import lock_data_dir
+from tests.retention.world import DAY, Clock, World
+
+CONFIG = """
+[node]
+data_dir = "data"
+[store]
+min_free_space = 0
+[retention]
+inputs_days = 30
+results_days = 30
+"""
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A data folder with an old delivered series, an old one whose result is pending, a young one."""
+    world = World(tmp_path / "data", Clock(time.time() - 40 * DAY))
+    delivered = world.series(2)
+    world.result(world.job(delivered, JobState.DONE), DeliveryState.DELIVERED)
+    pending = world.series(2)
+    world.result(world.job(pending, JobState.DONE), DeliveryState.PENDING)
+    world.clock.now = time.time()
+    young = world.series(1)
+    world.job(young, JobState.DONE)
+    world.close()
+    (tmp_path / "node.toml").write_text(CONFIG)
+    (tmp_path / "uids").write_text("\n".join(r.sop_instance_uid for r in delivered))
+    return tmp_path
+
+
+def stored(folder: Path) -> int:
+    return len(list((folder / "data" / "instances").rglob("*.dcm")))
+
+
+def test_dry_run_lists_what_would_go_and_deletes_nothing(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["purge", "--dry-run", "--config", str(folder / "node.toml")]) == 0
+    out = capsys.readouterr().out
+    for uid in (folder / "uids").read_text().split():
+        assert uid in out
+    assert "would purge 2 input(s) and 1 result(s)" in out
+    assert "kept: 2 input of a result not yet delivered to dest0" in out
+    assert "kept: 1 result not yet delivered to dest0" in out
+    assert "older than inputs_days 30" in out and "delivered to dest0" in out
+    assert "PHANTOM" not in out  # the test data's patient name and ID
+    assert stored(folder) == 5
+
+
+def test_purge_deletes_audits_and_refuses_beside_a_running_node(folder: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(folder / "node.toml")
+    lock = lock_data_dir(folder / "data")  # a node is running
+    try:
+        assert main(["purge", "--config", config]) == 1
+        assert "--dry-run" in capsys.readouterr().err
+        assert main(["purge", "--dry-run", "--config", config]) == 0  # reading beside it is fine
+        assert stored(folder) == 5
+    finally:
+        import os
+
+        os.close(lock)
+    assert main(["purge", "--config", config]) == 0
+    assert "purged 2 input(s) and 1 result(s)" in capsys.readouterr().out
+    assert stored(folder) == 3
+    events = [e for e in read_events(folder / "data" / "audit") if e["event"] == "retention_purged"]
+    assert sorted(e["sop_instance_uid"] for e in events if e["kind"] == "input") == sorted(
+        (folder / "uids").read_text().split())
+    assert {e["actor"] for e in events} == {"cli"}
+    assert main(["purge", "--config", config]) == 0 and "purged 0 input(s)" in capsys.readouterr().out
+
+
+def test_nothing_to_purge_without_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "node.toml").write_text(CONFIG)
+    assert main(["purge", "--dry-run", "--config", str(tmp_path / "node.toml")]) == 0
+    assert "nothing to purge" in capsys.readouterr().out
+
+
+def test_the_node_purges_by_itself_every_interval(tmp_path: Path) -> None:
+    world = World(tmp_path / "data")
+    records = world.series(3)
+    world.result(world.job(records, JobState.DONE), DeliveryState.DELIVERED)
+    world.clock.now += 2 * DAY
+    policy = world.retention(RetentionSettings(inputs_days=1, results_days=1, interval_seconds=0.05,
+                                               disk_check_seconds=0.05))
+    stop = threading.Event()
+    thread = threading.Thread(target=policy.run_until, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while world.store.index.instances() or list(world.results.root.rglob("*.dcm")):
+            assert time.monotonic() < deadline, "not purged within 30 s"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    world.close()
+
+
+@pytest.mark.parametrize(("lines", "problem"), [
+    ("purge_above_percent = 90\nstop_above_percent = 80", "expected less than retention.stop_above_percent"),
+    ('purge_below_free = "1 GiB"', "expected more than store.min_free_space"),
+    ("stop_above_percent = 100", r"from 0 \(off\) to below 100"),
+    ("inputs_days = -1", "a number of 0 or more"),
+])
+def test_marks_that_could_never_work_are_refused(tmp_path: Path, lines: str, problem: str) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[store]\nmin_free_space = "2 GiB"\n[retention]\n{lines}\n')
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(path, environ={})
+
+
+def test_retention_is_off_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("")
+    r = load_settings(path, environ={}).retention
+    assert (r.inputs_days, r.results_days, r.purge_above_percent, r.purge_below_free, r.stop_above_percent) == (
+        0, 0, 0, 0, 0)
