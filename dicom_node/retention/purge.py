@@ -22,7 +22,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dicom_node.audit import NO_AUDIT, Audit
@@ -209,7 +209,7 @@ def read_pending(database: Path) -> list[Intent]:
 def _intent(c: Candidate) -> Intent:
     if c.kind == Kind.INPUT:
         assert c.instance is not None
-        path, identity = c.instance.path, json.dumps(c.instance.__dict__)
+        path, identity = c.instance.path, json.dumps(asdict(c.instance))
     else:
         assert c.result is not None
         path, identity = str(c.result.path), json.dumps(list(c.result.identity))
