@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 #: Candidates per batch of intents: each batch is one transaction of intents, then its deletions.
 BATCH = 200
+#: After a purge for space found nothing more that may go, the node looks again this much later,
+#: not at every disk check: each look reads the whole index.
+STUCK_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Retention:
         self.data_dir, self.usage, self.clock = data_dir, usage, clock
         self.marks = DiskMarks.from_settings(settings)
         self._stuck_logged = False
+        self._stuck_until = float("-inf")  # time.monotonic() before which a stuck purge is not retried
 
     @property
     def enabled(self) -> bool:
@@ -87,10 +91,13 @@ class Retention:
         need = self.marks.excess(self.usage(self.data_dir)) if self.marks.enabled else 0
         if not need:
             self._stuck_logged = False
+            self._stuck_until = float("-inf")
+            return outcome
+        if time.monotonic() < self._stuck_until:
             return outcome
         kept = Kept()
         why = self.marks.describe(self.usage(self.data_dir))
-        found = self.planner.oldest(self.clock(), why, kept)
+        found = self.planner.oldest(why, kept)
         while need and not (stop is not None and stop.is_set()):
             batch = take_bytes(found, need, BATCH)
             if not batch:
@@ -98,6 +105,7 @@ class Retention:
                     logger.warning("retention: %s and nothing more may go (%s); C-STOREs are refused once "
                                    "the stop mark is reached", why, _counts(kept) or "nothing stored")
                     self._stuck_logged = True
+                self._stuck_until = time.monotonic() + STUCK_RETRY_SECONDS
                 break
             outcome.add(self._execute(batch, report))
             need = self.marks.excess(self.usage(self.data_dir))
@@ -126,7 +134,7 @@ class Retention:
             need = plan.excess - sum(c.size_bytes for c in plan.by_age)
             if need > 0:
                 listed = {(c.kind, c.sop_instance_uid) for c in plan.by_age}
-                rest = (c for c in self.planner.oldest(now, self.marks.describe(usage), Kept())
+                rest = (c for c in self.planner.oldest(self.marks.describe(usage), Kept())
                         if (c.kind, c.sop_instance_uid) not in listed)
                 plan.for_space = take_bytes(rest, need, 10**9)
         return plan

@@ -130,3 +130,23 @@ def test_retention_is_off_by_default(tmp_path: Path) -> None:
     r = load_settings(path, environ={}).retention
     assert (r.inputs_days, r.results_days, r.purge_above_percent, r.purge_below_free, r.stop_above_percent) == (
         0, 0, 0, 0, 0)
+
+
+def test_above_the_mark_with_nothing_settled_says_so_once_and_keeps_everything(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from dicom_node.retention import DiskUsage
+
+    world = World(tmp_path / "data")
+    records = world.series(2)
+    world.result(world.job(records, JobState.DONE), DeliveryState.PENDING)
+    full = DiskUsage(total=100, used=95, free=5)
+    policy = world.retention(RetentionSettings(purge_above_percent=80, stop_above_percent=90),
+                             usage=lambda _: full)
+    assert policy.plan().excess == 15 and policy.plan().candidates == []
+    for _ in range(3):
+        assert policy.purge_for_space().purged == {"input": 0, "result": 0}
+    warnings = [r for r in caplog.records if "nothing more may go" in r.getMessage()]
+    assert len(warnings) == 1 and "input of a result not yet delivered to dest0" in warnings[0].getMessage()
+    assert "95.0% used > purge_above_percent 80" in warnings[0].getMessage()
+    assert len(world.store.index.instances()) == 2
+    world.close()
