@@ -28,6 +28,7 @@ class Metrics:
         self.jobs: dict[str, int] = defaultdict(int)
         self.received: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # calling AE -> [instances, bytes]
         self.steps: dict[str, list[float]] = {}  # step -> bucket counts..., sum, count
+        self.purged: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # kind -> [deleted, bytes]
 
     def record(self, event: str, **fields: Any) -> None:
         with self._lock:
@@ -42,6 +43,10 @@ class Metrics:
                 self.rejections[str(fields.get("reason", ""))] += 1
             elif event in ("result_delivered", "result_dead", "result_deferred", "result_unconfirmed"):
                 self.deliveries[(str(fields.get("destination", "")), event.removeprefix("result_"))] += 1
+            elif event == "retention_purged":
+                counts = self.purged[str(fields.get("kind", ""))]
+                counts[0] += 1
+                counts[1] += int(fields.get("size_bytes", 0) or 0)
             elif event in ("job_finished", "job_failed"):
                 self.jobs[event.removeprefix("job_")] += 1
                 for step, seconds in (fields.get("timings") or {}).items():
@@ -121,6 +126,18 @@ class Metrics:
                 "Result instances since start, by destination and "
                 "outcome (delivered, deferred for a retry, dead, unconfirmed).",
                 [({"destination": d, "outcome": o}, v) for (d, o), v in sorted(self.deliveries.items())],
+            )
+            metric(
+                "dicom_node_purged_total",
+                "counter",
+                "Inputs and results deleted by the retention policy since start, by kind.",
+                [({"kind": k}, n) for k, (n, _) in sorted(self.purged.items())],
+            )
+            metric(
+                "dicom_node_purged_bytes_total",
+                "counter",
+                "Bytes deleted by the retention policy since start, by kind.",
+                [({"kind": k}, size) for k, (_, size) in sorted(self.purged.items())],
             )
             metric(
                 "dicom_node_jobs_total",

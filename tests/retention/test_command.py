@@ -150,3 +150,18 @@ def test_above_the_mark_with_nothing_settled_says_so_once_and_keeps_everything(
     assert "95.0% used > purge_above_percent 80" in warnings[0].getMessage()
     assert len(world.store.index.instances()) == 2
     world.close()
+
+
+def test_metrics_count_what_the_policy_deleted(tmp_path: Path) -> None:
+    from dicom_node.web import Metrics
+    from tests.web.inprocess import web_app
+
+    with web_app(tmp_path / "data") as app:
+        metrics = Metrics()
+        metrics.record("retention_purged", kind="input", size_bytes=1000, sop_instance_uid="1.2.3")
+        metrics.record("retention_purged", kind="input", size_bytes=24, sop_instance_uid="1.2.4")
+        metrics.record("retention_purged", kind="result", size_bytes=7, sop_instance_uid="1.2.5")
+        text = metrics.render(app.src)
+    assert 'dicom_node_purged_total{kind="input"} 2' in text
+    assert 'dicom_node_purged_total{kind="result"} 1' in text
+    assert 'dicom_node_purged_bytes_total{kind="input"} 1024' in text
