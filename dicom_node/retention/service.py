@@ -141,11 +141,14 @@ class Retention:
 
     def run_until(self, stop: threading.Event) -> None:
         """The node's thread: the disk every ``disk_check_seconds``, ages every ``interval_seconds``
-        (the first time at once)."""
+        (the first time at once). Each age round first finishes the intents a failed round left
+        (an unlink refused, say), which would otherwise wait for the next start."""
         s = self.settings
         every = max(1, round(s.interval_seconds / s.disk_check_seconds))
         for tick in itertools.count():
             try:
+                if self.purger is not None and tick % every == 0:
+                    self.purger.resume()
                 if (s.inputs_days or s.results_days) and tick % every == 0:
                     self.purge_by_age(stop=stop)
                 self.purge_for_space(stop=stop)
