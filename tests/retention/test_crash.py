@@ -151,3 +151,16 @@ def test_sigkill_mid_purge_leaves_nothing_dangling_and_the_node_finishes_it(tmp_
     assert check_consistent(node.data_dir) == set() and on_disk(node.data_dir) == set()
     assert sorted(set(_purged(node.data_dir))) == sorted(uids)
     assert list((node.data_dir / "results").rglob("*.dcm")) == []
+
+
+def test_a_running_node_purges_by_itself(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "node", extra_config="[retention]\ninputs_days = 1\nresults_days = 1\n")
+    uids = _build(node.data_dir, series=2, per_series=3)
+    with node:
+        deadline = time.monotonic() + 60
+        while set(_purged(node.data_dir)) != set(uids):
+            assert time.monotonic() < deadline, "the node did not purge within 60 s"
+            time.sleep(0.1)
+    assert check_consistent(node.data_dir) == set() and on_disk(node.data_dir) == set()
+    assert list((node.data_dir / "results").rglob("*.dcm")) == []
+    assert {e["actor"] for e in read_events(node.data_dir / "audit") if e["event"] == PURGED} == {"node"}
