@@ -26,6 +26,12 @@ results_days = 30
 """
 
 
+@pytest.fixture(autouse=True)
+def keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main`` would point the root logger at this test's captured stderr, closed after it."""
+    monkeypatch.setattr("dicom_node.cli.setup_logging", lambda level: None)
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     """A data folder with an old delivered series, an old one whose result is pending, a young one."""
