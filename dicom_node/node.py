@@ -133,7 +133,7 @@ class Node:
         self.outbox = Outbox(s.node.data_dir / DATABASE_NAME, clock=self.clock,
                              on_enqueue=self._wake_exporters)
         self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock,
-                                 audit=self.audit)
+                                 audit=self.audit, tls=s.tls, source=s.source)
         self.exporter.bury_unconfigured()  # a destination removed from the config since the last run
         released = self.queue.release_running()
         if released:

@@ -14,6 +14,7 @@ that does not match its certificate, or a CA file without certificates is a
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from dicom_node.config import Destination, Settings, TlsSettings
 from dicom_node.errors import ConfigError
@@ -26,10 +27,11 @@ TLS12_CIPHERS = ":".join((
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384",
 ))
+ContextT = TypeVar("ContextT", bound=ssl.SSLContext)
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def harden(context: ssl.SSLContext, min_version: str = "TLSv1.2") -> ssl.SSLContext:
+def harden(context: ContextT, min_version: str = "TLSv1.2") -> ContextT:
     """Apply the node's TLS policy to ``context`` (either side) and return it."""
     context.minimum_version = _VERSIONS[min_version]
     context.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
@@ -78,7 +80,31 @@ def server_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def client_context(settings: Settings, destination: Destination) -> tuple[ssl.SSLContext, str]:
+class _RecordingSocket(ssl.SSLSocket):
+    """An SSLSocket that leaves the reason of a failed client handshake on its context.
+
+    pynetdicom swallows the error of its ``connect`` and reports only "no association"; the
+    exporter reads the reason back from :attr:`ClientContext.failure`.
+    """
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except ssl.SSLError as exc:
+            context = self.context
+            if isinstance(context, ClientContext):
+                context.failure = describe(exc)
+            raise
+
+
+class ClientContext(ssl.SSLContext):
+    """A client context that remembers why its last handshake failed (None: it did not)."""
+
+    failure: str | None = None
+    sslsocket_class = _RecordingSocket
+
+
+def client_context(tls: TlsSettings, destination: Destination, source: str) -> tuple[ClientContext, str]:
     """The exporter's context for ``destination`` and the server name to check.
 
     The destination's own CAs, certificate and key win; otherwise the ``[tls]`` table's. The
@@ -86,15 +112,15 @@ def client_context(settings: Settings, destination: Destination) -> tuple[ssl.SS
     ``tls_server_name`` (default: the destination's host) unless ``tls_check_hostname`` is false.
     Built per association, so renewed certificate files are picked up without a restart.
     """
-    where = f"{settings.source}: [[destinations]] {destination.name!r}"
-    context = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), settings.tls.min_version)
+    where = f"{source}: [[destinations]] {destination.name!r}"
+    context = harden(ClientContext(ssl.PROTOCOL_TLS_CLIENT), tls.min_version)
     context.check_hostname = destination.tls_check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
-    _load_cas(context, destination.tls_ca_certificates or settings.tls.ca_certificates,
+    _load_cas(context, destination.tls_ca_certificates or tls.ca_certificates,
               f"{where} key 'tls_ca_certificates'")
     certificate, key = destination.tls_certificate, destination.tls_private_key
     if certificate is None:
-        certificate, key = settings.tls.certificate, settings.tls.private_key
+        certificate, key = tls.certificate, tls.private_key
     if certificate is not None and key is not None:
         _load_chain(context, certificate, key, f"{where} key 'tls_certificate'")
     return context, destination.tls_server_name or destination.host
