@@ -84,6 +84,12 @@ def _peer(value: str) -> str:
     return value
 
 
+def _long_string(value: str) -> str:
+    if len(value) > 64 or "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError("at most 64 characters, no backslash or control characters (DICOM LO)")
+    return value
+
+
 def _listener(value: str) -> str:
     if value not in LISTENERS:
         raise ValueError(f"a list of listeners from {sorted(LISTENERS)}")
@@ -139,6 +145,8 @@ class NodeSettings:
     port: int = field(default=11112, metadata=_check(_port))
     data_dir: Path = Path("var")
     allowed_peers: tuple[str, ...] = field(default=(), metadata=_check(_peer))
+    # Institution Name of the outputs' equipment (General Equipment, Contributing Equipment)
+    institution_name: str = field(default="", metadata=_check(_long_string))
     # plain DICOM on node.port, DICOM TLS on tls.port, or both
     listen: tuple[str, ...] = field(default=("plain",), metadata=_check(_listener))
 
