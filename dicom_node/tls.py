@@ -133,3 +133,13 @@ def describe(error: BaseException) -> str:
     if isinstance(error, ssl.SSLError):
         return (error.reason or str(error)).lower().replace("_", " ")
     return type(error).__name__
+
+
+def check_files(settings: Settings) -> None:
+    """Build every context the settings call for, so that a wrong file stops the start with a
+    :class:`~dicom_node.errors.ConfigError` before anything listens or the data folder is taken."""
+    if "tls" in settings.node.listen:
+        server_context(settings)
+    for destination in settings.destinations:
+        if destination.tls:
+            client_context(settings.tls, destination, settings.source)
