@@ -213,9 +213,9 @@ def contributing_equipment(producer: Producer, when: datetime) -> Dataset:
     """The node's Contributing Equipment item (PS3.3 C.12.1, Table C.12-1): the node and the
     model that made the output, when, and that it is unverified AI output.
 
-    One item for both, as IHE AI Results describes the AI "device": Manufacturer is the node's,
-    Manufacturer's Model Name the model and its version, Software Versions the node's and the
-    model's, Device UID the one the SR's device observer carries.
+    One item for both, like the output's General Equipment attributes: Manufacturer is the
+    node's, Manufacturer's Model Name the model and its version, Software Versions the node's and
+    the model's, Device UID the one the SR's device observer carries.
     """
     manifest = producer.manifest
     item = hd.ContributingEquipment(

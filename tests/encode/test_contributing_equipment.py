@@ -1,5 +1,5 @@
 """Every object the node writes names the node and the model in its Contributing Equipment
-Sequence (0018,A001), as IHE AI Results asks; dciodvfy and dcmqi checks run in test_objects,
+Sequence (0018,A001); dciodvfy and dcmqi checks run in test_objects,
 test_header and test_dcmqi on the same objects."""
 
 from datetime import datetime, timedelta
