@@ -25,6 +25,7 @@ from dicom_node.ingest.transport import DropReason
 from dicom_node.store import InstanceStore
 from tests.conftest import make_settings, require_tool
 from tests.factories import ct_dataset, save
+from tests.orthanc import Orthanc
 from tests.tls.pki import Identity, Pki, make_pki
 
 pytestmark = pytest.mark.peers
@@ -268,3 +269,55 @@ def test_the_plain_node_of_todays_config_has_no_tls_listener(tmp_path: Path) -> 
     with running(settings) as (server, _):
         assert server.tls_port is None and len(server.servers) == 1
         assert python_echo(server.port)
+
+
+def test_stop_closes_a_stalled_tls_handshake_at_once(tmp_path: Path, pki: Pki) -> None:
+    settings = tls_settings(tmp_path / "data", pki, handshake_timeout=30.0)
+    store = InstanceStore(settings.node.data_dir, 0)
+    server = start_ingest(settings, store)
+    try:
+        assert server.tls_port is not None
+        with socket.create_connection(("127.0.0.1", server.tls_port)) as stalled:
+            deadline = time.monotonic() + 5
+            while server.servers[1].open_connections() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # accepted, its thread in the TLS handshake
+            assert server.servers[1].open_connections() == 1
+            start = time.monotonic()
+            assert server.stop(grace_seconds=5.0)  # clean: no thread left behind
+            assert time.monotonic() - start < 2.0  # not the grace, not the 30 s handshake timeout
+            stalled.settimeout(2.0)
+            assert stalled.recv(1) == b""  # closed by the node
+            deadline = time.monotonic() + 2.0  # and its thread, woken, has let go of it
+            while server.servers[1].open_connections() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.servers[1].open_connections() == 0
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def orthanc_program() -> str:
+    return require_tool("Orthanc", "orthanc")
+
+
+def test_orthanc_echoes_and_stores_to_the_node_over_tls(
+    node: tuple[IngestServer, InstanceStore], pki: Pki, tmp_path: Path, orthanc_program: str,
+) -> None:
+    """Orthanc as the node's TLS client: its certificate (serverAuth and clientAuth) from the
+    node's CA, and the node's CA to verify the node."""
+    server, store = node
+    assert server.tls_port is not None
+    pacs = Orthanc(tmp_path / "orthanc", orthanc_program, {}, extra={
+        "DicomModalities": {"node": {"AET": "XAI_NODE", "Host": "127.0.0.1", "Port": server.tls_port,
+                                     "UseDicomTls": True}},
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.client.certificate),
+        "DicomTlsPrivateKey": str(pki.client.private_key), "DicomTlsTrustedCertificates": str(pki.ca),
+    })
+    ds = ct_dataset(size=32)
+    path = save(ds, tmp_path / "in")
+    with pacs:
+        pacs.post("/modalities/node/echo", {})  # raises on anything but 200
+        uploaded = pacs.upload(path)
+        pacs.post("/modalities/node/store", {"Resources": [uploaded["ID"]], "Synchronous": True})
+    record = store.index.get(str(ds.SOPInstanceUID))
+    assert record is not None and record.times_received == 1
