@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -44,10 +45,20 @@ def tls_settings(data_dir: Path, pki: Pki, handshake_timeout: float = 5.0,
     )
 
 
+class Events:
+    """An audit sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+
 @contextmanager
-def running(settings: Settings) -> Iterator[tuple[IngestServer, InstanceStore]]:
+def running(settings: Settings, audit: Events | None = None) -> Iterator[tuple[IngestServer, InstanceStore]]:
     store = InstanceStore(settings.node.data_dir, 0)
-    server = start_ingest(settings, store)
+    server = start_ingest(settings, store, audit or Events())
     try:
         yield server, store
     finally:
@@ -93,10 +104,16 @@ def python_echo(port: int) -> bool:
     return getattr(status, "Status", None) == 0
 
 
-def test_echoscu_and_storescu_succeed_with_a_certificate_of_the_nodes_ca(
-    node: tuple[IngestServer, InstanceStore], pki: Pki, tmp_path: Path,
-) -> None:
-    server, store = node
+def test_echoscu_and_storescu_succeed_with_a_certificate_of_the_nodes_ca(pki: Pki, tmp_path: Path) -> None:
+    audit = Events()
+    with running(tls_settings(tmp_path / "data", pki), audit) as (server, store):
+        _echo_and_store(server, store, pki, tmp_path)
+        assert python_echo(server.port)  # the plain port at the same time
+    accepted = [fields for event, fields in audit.events if event == "association_accepted"]
+    assert [a.get("tls") for a in accepted] == ["TLSv1.3", "TLSv1.3", None]  # DCMTK 3.6.7 + OpenSSL 3
+
+
+def _echo_and_store(server: IngestServer, store: InstanceStore, pki: Pki, tmp_path: Path) -> None:
     assert server.tls_port is not None and server.tls_port != server.port
     echo = dcmtk("echoscu", server.tls_port, *tls_options(pki.client, pki.ca))
     assert echo.returncode == 0, echo.stderr
