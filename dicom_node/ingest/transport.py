@@ -137,7 +137,15 @@ def tls_handshake(sock: socket.socket, context: ssl.SSLContext, timeout: float,
     :func:`read_request`; on a drop it is closed here.
     """
     deadline = clock() + timeout
-    conn = context.wrap_socket(sock.dup(), server_side=True, do_handshake_on_connect=False)
+    try:
+        duplicate = sock.dup()
+    except OSError:  # out of descriptors: drop this one rather than fail the thread
+        return DropReason.CLOSED, "no descriptor for its TLS socket"
+    try:
+        conn = context.wrap_socket(duplicate, server_side=True, do_handshake_on_connect=False)
+    except OSError:  # reset (or evicted) before the handshake began
+        duplicate.close()
+        return DropReason.CLOSED, "before the TLS handshake"
     conn.setblocking(False)
     poller = select.poll()
     poller.register(conn, select.POLLIN)

@@ -339,3 +339,28 @@ def test_orthanc_echoes_and_stores_to_the_node_over_tls(
         pacs.post("/modalities/node/store", {"Resources": [uploaded["ID"]], "Synchronous": True})
     record = store.index.get(str(ds.SOPInstanceUID))
     assert record is not None and record.times_received == 1
+
+
+def test_stalled_tls_handshakes_count_against_admission_and_are_evicted_for_a_good_peer(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three silent TLS connections fill the host's places; a real client evicts the oldest."""
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    base = tls_settings(tmp_path / "data", pki, handshake_timeout=30.0)
+    settings = replace(base, ingest=replace(base.ingest, max_connections_per_host=3))
+    with running(settings) as (server, _):
+        assert server.tls_port is not None
+        stalled = [socket.create_connection(("127.0.0.1", server.tls_port)) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 5
+            while server.servers[1].open_connections() < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            echo = dcmtk("echoscu", server.tls_port, *tls_options(pki.client, pki.ca))
+            assert echo.returncode == 0, echo.stderr
+            stalled[0].settimeout(2.0)
+            assert stalled[0].recv(1) == b""  # the oldest was evicted
+            assert _still_open(stalled[1]) and _still_open(stalled[2])
+        finally:
+            for sock in stalled:
+                sock.close()
+    assert any(DropReason.EVICTED.value in r.getMessage() for r in caplog.records)
