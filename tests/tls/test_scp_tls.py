@@ -243,7 +243,7 @@ def _handshake(port: int, context: ssl.SSLContext, timeout: float = 5.0) -> str:
         return str(conn.version())
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1], ids=["TLSv1.0", "TLSv1.1"])
 def test_tls_1_0_and_1_1_are_refused_by_the_node(
     node: tuple[IngestServer, InstanceStore], pki: Pki, version: ssl.TLSVersion,
 ) -> None:
