@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--dry-run", action="store_true", help="only list what would go, and why")
 
     echo = commands.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
-    echo.add_argument("peer", metavar="AET@HOST:PORT", help="the peer to verify")
+    echo.add_argument("peer", metavar="AET@HOST:PORT|DESTINATION",
+                      help="the peer to verify, or a [[destinations]] entry (with its TLS settings)")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     return parser
 
@@ -455,21 +456,23 @@ def _gate_rows(results: dict[str, Any]) -> list[tuple[str, object]]:
 
 
 def echo(settings: Settings, peer: str, timeout: float, out: TextIO) -> int:
-    """C-ECHO ``AET@HOST:PORT`` as the node's AE title; 0 if the peer answered success."""
+    """C-ECHO ``AET@HOST:PORT`` or a destination (over TLS if it has ``tls = true``) as the node's
+    AE title; 0 if the peer answered success."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from dicom_node.export.push import parse_peer
+    from dicom_node.export.push import peer_tls, resolve_peer
 
-    target = parse_peer(peer)
-    if target is None:
-        raise ConfigError(f"peer {peer!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
+    target = resolve_peer(settings, peer)
+    tls_args = peer_tls(settings, target)
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "no association (refused, aborted or timed out)"
+        if tls_args is not None and tls_args[0].failure:
+            reason = f"TLS handshake failed: {tls_args[0].failure}"
         print(f"C-ECHO {peer}: {reason}", file=out)
         return 1
     try:

@@ -84,6 +84,24 @@ def _peer(value: str) -> str:
     return value
 
 
+def _long_string(value: str) -> str:
+    if len(value) > 64 or "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError("at most 64 characters, no backslash or control characters (DICOM LO)")
+    return value
+
+
+def _listener(value: str) -> str:
+    if value not in LISTENERS:
+        raise ValueError(f"a list of listeners from {sorted(LISTENERS)}")
+    return value
+
+
+def _tls_version(value: str) -> str:
+    if value not in TLS_VERSIONS:
+        raise ValueError(f"one of {sorted(TLS_VERSIONS)} (BCP 195: never below TLS 1.2)")
+    return value
+
+
 def _name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
         raise ValueError("a name of letters, digits, '_', '.', '-' (1 to 64, starting alphanumeric)")
@@ -108,6 +126,12 @@ def _log_level(value: str) -> str:
     return value.upper()
 
 
+#: What the node listens for (``node.listen``): plain DICOM on ``node.port``, DICOM TLS on ``tls.port``.
+LISTENERS = frozenset({"plain", "tls"})
+#: The lowest TLS version a setting may allow: BCP 195 (RFC 9325) forbids TLS 1.0 and 1.1.
+TLS_VERSIONS = frozenset({"TLSv1.2", "TLSv1.3"})
+
+
 def _check(validator: Any) -> dict[str, Any]:
     return {"validator": validator}
 
@@ -121,6 +145,10 @@ class NodeSettings:
     port: int = field(default=11112, metadata=_check(_port))
     data_dir: Path = Path("var")
     allowed_peers: tuple[str, ...] = field(default=(), metadata=_check(_peer))
+    # Institution Name of the outputs' equipment (General Equipment, Contributing Equipment)
+    institution_name: str = field(default="", metadata=_check(_long_string))
+    # plain DICOM on node.port, DICOM TLS on tls.port, or both
+    listen: tuple[str, ...] = field(default=("plain",), metadata=_check(_listener))
 
 
 @dataclass(frozen=True)
@@ -171,6 +199,22 @@ class RetentionSettings:
     purge_above_percent: float = field(default=0.0, metadata=_check(_percent))
     purge_below_free: ByteSize = field(default=ByteSize(0), metadata=_check(_non_negative))
     stop_above_percent: float = field(default=0.0, metadata=_check(_percent))
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """``[tls]``: the node's DICOM TLS identity, the CAs it trusts, and its TLS listener.
+
+    Used by the SCP when ``node.listen`` has ``"tls"``, and by the exporter for destinations
+    with ``tls = true`` (which may name CAs and a client certificate of their own).
+    """
+
+    port: int = field(default=2762, metadata=_check(_port))  # 2762: IANA's dicom-tls
+    certificate: Path | None = None  # PEM, the node's certificate (chain after it)
+    private_key: Path | None = None  # PEM, unencrypted
+    ca_certificates: tuple[Path, ...] = ()  # PEM files of the CAs whose peers are trusted
+    require_client_certificate: bool = True  # mutual TLS on the SCP
+    min_version: str = field(default="TLSv1.2", metadata=_check(_tls_version))
 
 
 @dataclass(frozen=True)
@@ -269,6 +313,13 @@ class Destination:
     # None: [export].timeout_seconds; connect_timeout_seconds then defaults to timeout_seconds
     timeout_seconds: float | None = field(default=None, metadata=_check(_positive))
     connect_timeout_seconds: float | None = field(default=None, metadata=_check(_positive))
+    # DICOM TLS to this destination; the [tls] table's CAs and certificate unless given here
+    tls: bool = False
+    tls_ca_certificates: tuple[Path, ...] = ()
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_server_name: str = ""  # the name its certificate must carry; "" = host
+    tls_check_hostname: bool = True
 
 
 PIPELINE_MATCH_KEYS = frozenset(
@@ -334,6 +385,7 @@ class Settings:
     node: NodeSettings = NodeSettings()
     ingest: IngestSettings = IngestSettings()
     store: StoreSettings = StoreSettings()
+    tls: TlsSettings = TlsSettings()
     models: ModelsSettings = ModelsSettings()
     inference: InferenceSettings = InferenceSettings()
     study: StudySettings = StudySettings()
@@ -427,8 +479,7 @@ def _build(cls: type, where: str, values: Mapping[str, _Value]) -> Any:
                     value = tuple(validator(v) for v in value)
                 else:
                     value = validator(value)
-            if hints[key] is Path:
-                value = (item.base_dir / value).resolve()
+            value = _resolve_paths(hints[key], value, item.base_dir)
         except (ValueError, TypeError) as exc:
             raise ConfigError(
                 f"{item.origin}: key '{where}.{key}' = {item.value!r} is invalid; expected {exc}"
@@ -444,6 +495,18 @@ def _build(cls: type, where: str, values: Mapping[str, _Value]) -> Any:
         origin = next(iter(values.values())).origin if values else "configuration"
         raise ConfigError(f"{origin}: table '{where}' is missing required key(s) {missing}")
     return cls(**kwargs)
+
+
+def _resolve_paths(hint: Any, value: Any, base_dir: Path) -> Any:
+    """Paths (alone, optional or in a list) made absolute against ``base_dir``."""
+    if hint is Path:
+        return (base_dir / value).resolve()
+    args = typing.get_args(hint)
+    if value is not None and Path in args and (typing.get_origin(hint) is types.UnionType):
+        return (base_dir / value).resolve()
+    if typing.get_origin(hint) is tuple and args and args[0] is Path:
+        return tuple((base_dir / item).resolve() for item in value)
+    return value
 
 
 def _parse_scalar(text: str) -> Any:
@@ -584,7 +647,37 @@ def _build_array(cls: type, name: str, raw: Any, origin: str, base_dir: Path) ->
     return items
 
 
+def _check_tls(settings: Settings) -> None:
+    """What TLS needs beyond each key's own check: a certificate to serve, CAs to verify with."""
+    src, tls = settings.source, settings.tls
+    if not settings.node.listen or len(set(settings.node.listen)) != len(settings.node.listen):
+        raise ConfigError(f"{src}: key 'node.listen' = {list(settings.node.listen)!r} is invalid; "
+                          f"expected one or both of {sorted(LISTENERS)}, each once")
+    if (tls.certificate is None) != (tls.private_key is None):
+        raise ConfigError(f"{src}: keys 'tls.certificate' and 'tls.private_key' go together; "
+                          "expected both or neither")
+    if "tls" in settings.node.listen:
+        if tls.certificate is None:
+            raise ConfigError(f"{src}: key 'node.listen' has \"tls\" but 'tls.certificate' and "
+                              "'tls.private_key' are not set")
+        if tls.require_client_certificate and not tls.ca_certificates:
+            raise ConfigError(f"{src}: key 'tls.require_client_certificate' = true needs "
+                              "'tls.ca_certificates' (the CAs that issue the peers' certificates)")
+        if "plain" in settings.node.listen and tls.port == settings.node.port != 0:
+            raise ConfigError(f"{src}: key 'tls.port' = {tls.port} is invalid; expected a port "
+                              "other than node.port when both listen")
+    for i, d in enumerate(settings.destinations):
+        if (d.tls_certificate is None) != (d.tls_private_key is None):
+            raise ConfigError(f"{src}: keys 'destinations[{i}].tls_certificate' and "
+                              "'tls_private_key' go together; expected both or neither")
+        if d.tls and not (d.tls_ca_certificates or tls.ca_certificates):
+            raise ConfigError(f"{src}: key 'destinations[{i}].tls' = true needs "
+                              f"'destinations[{i}].tls_ca_certificates' or 'tls.ca_certificates' "
+                              "(the CAs that issue the destination's certificate)")
+
+
 def _check_references(settings: Settings) -> None:
+    _check_tls(settings)
     known = {d.name for d in settings.destinations}
     for i, pipeline in enumerate(settings.pipelines):
         if not pipeline.outputs:

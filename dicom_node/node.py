@@ -30,6 +30,7 @@ from dicom_node.retention import Planner, Purger, Retention, read_usage, store_f
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.results import ResultArea
+from dicom_node.tls import check_files
 from dicom_node.web import Metrics, Sources, WebServer, check_exposure
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Node:
         s = self.settings
         if s.web.enabled:
             check_exposure(s.web)  # before anything listens
+        check_files(s)  # TLS certificates, keys and CAs: a wrong file is a config error, now
         self.registry = ModelRegistry(s.models.dir)
         check_models(s, self.registry)
         runners = self._runners()
@@ -140,7 +142,7 @@ class Node:
         self.purger.resume()  # before recover(), which would index the files a killed purge left
         self.store.recover()
         self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock,
-                                 audit=self.audit)
+                                 audit=self.audit, tls=s.tls, source=s.source)
         self.exporter.bury_unconfigured()  # a destination removed from the config since the last run
         released = self.queue.release_running()
         if released:
@@ -149,8 +151,10 @@ class Node:
             self.ingest = start_ingest(s, self.store, self.audit)
         except OSError as exc:
             self._close(clean=True)
+            ports = ([f"node.port = {s.node.port}"] if "plain" in s.node.listen else []) + \
+                ([f"tls.port = {s.tls.port}"] if "tls" in s.node.listen else [])
             raise ConfigError(f"{s.source}: cannot listen on node.bind = {s.node.bind!r}, "
-                              f"node.port = {s.node.port}: {exc.strerror or exc}") from None
+                              f"{' or '.join(ports)}: {exc.strerror or exc}") from None
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)

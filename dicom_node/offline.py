@@ -182,7 +182,7 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
         # only a PermanentError's message is ours; others may quote header values
         reason = str(exc) if isinstance(exc, PermanentError) else f"processing failed ({type(exc).__name__})"
         status = f"not analysed: {reason}"
-        producer = Producer(pipeline.name, manifest, settings.node.ae_title)
+        producer = Producer(pipeline.name, manifest, settings.node.ae_title, settings.node.institution_name)
         if "sr" not in pipeline.outputs:
             status = f"error: {status} (and no 'sr' output to report it)"
         try:

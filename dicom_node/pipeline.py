@@ -278,7 +278,8 @@ def encode(ctx: PipelineContext) -> None:
     config = ctx.pipeline()
     if config is None or not config.outputs:
         return
-    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
+    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title,
+                        ctx.settings.node.institution_name)
     earlier = revision(ctx)  # a database error here is retried, not a "not analysed" series
     try:
         encoded = encode_series(ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs,
@@ -385,7 +386,8 @@ def report_not_analysed(ctx: PipelineContext, reason: str) -> None:
     config = ctx.pipeline()
     if config is None or "sr" not in config.outputs or ctx.runner is None:
         return
-    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title)
+    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title,
+                        ctx.settings.node.institution_name)
     ctx.outputs = [not_analysed(_headers(ctx), reason, producer, ctx.job.study_instance_uid,
                                 ctx.job.series_instance_uid)]
     store_results(ctx)

@@ -18,7 +18,7 @@ class Orthanc:
     """``Orthanc config.json`` in a child process, with a small REST client."""
 
     def __init__(self, folder: Path, executable: str, modalities: dict[str, tuple[str, int]],
-                 ae_title: str = "ORTHANC") -> None:
+                 ae_title: str = "ORTHANC", extra: dict[str, Any] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.executable, self.ae_title = folder, executable, ae_title
         self.dicom_port, self.http_port = free_port(), free_port()
@@ -30,7 +30,7 @@ class Orthanc:
             "HttpServerEnabled": True, "DicomServerEnabled": True, "Plugins": [],
             "DicomModalities": {name: [aet, "127.0.0.1", port] for name, (aet, port) in modalities.items()},
             "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "DicomCheckCalledAet": True,
-            "StableAge": 1, "DicomScuTimeout": 30, "ConcurrentJobs": 2,
+            "StableAge": 1, "DicomScuTimeout": 30, "ConcurrentJobs": 2, **(extra or {}),
         }, indent=2))
         self.log = folder / "orthanc.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -10,10 +10,13 @@ results instead of adding copies.
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
+import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 
 from dicom_node import MANUFACTURER, __version__
 from dicom_node.inference.manifest import ModelManifest
@@ -65,6 +68,10 @@ VERDICT_CODES = {
     "not shown to be faithful": CodedConcept("DN312", SCHEME, "Not shown to be faithful"),
 }
 DERIVATION = CodedConcept("121401", "DCM", "Derivation")
+#: Why the node is in every output's Contributing Equipment Sequence (PS3.16 CID 7005): it made
+#: new instances from the sources. "Modifying Equipment" (109103) is for equipment that changed
+#: existing instances without creating new ones, which the node never does.
+PROCESSING_EQUIPMENT = CodedConcept("109102", "DCM", "Processing Equipment")
 #: The Series Number block of each kind of output; the method's position is added for SC, SEG,
 #: PM and GSPS, so each (pipeline, method) series is told apart in a viewer's series list.
 SERIES_NUMBERS = {"sc": 9100, "sr": 9200, "seg": 9300, "pm": 9400, "gsps": 9500, "not_analysed": 9900}
@@ -110,11 +117,14 @@ class Producer:
         The model's manifest: name, version, weights sha256, label codes and thresholds.
     station
         The node's AE title, used as Station Name and as the device observer's name.
+    institution
+        The node's Institution Name (``node.institution_name``); "" leaves it out.
     """
 
     pipeline: str
     manifest: ModelManifest
     station: str
+    institution: str = ""
 
     @property
     def device_uid(self) -> UID:
@@ -172,16 +182,66 @@ def mark_derived(ds: Dataset, sources: Sequence[Dataset], producer: Producer, de
     """
     if "SpecificCharacterSet" in sources[0]:  # patient names copied from the source need it
         ds.SpecificCharacterSet = sources[0].SpecificCharacterSet
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = producer.model_name[:64]
-    ds.SoftwareVersions = producer.software_versions
-    ds.StationName = producer.station[:16]
+    mark_equipment(ds, producer)
     ds.DerivationDescription = (
         f"{DISCLAIMER_TEXT}. {description}. Model {producer.model_name} (weights sha256 "
         f"{producer.manifest.sha256[:16]}), pipeline {producer.pipeline}."
     )[:1024]
     if "SourceImageSequence" not in ds:
         ds.SourceImageSequence = [source_reference(source) for source in sources]
+
+
+def mark_equipment(ds: Dataset, producer: Producer) -> None:
+    """The node as the output's equipment: General Equipment (Manufacturer, the model as
+    Manufacturer's Model Name, Software Versions, Station Name, Institution Name) and its item in
+    the Contributing Equipment Sequence (0018,A001), after the items highdicom put there (the
+    source's acquisition equipment, highdicom itself). Every encoder calls it once its object's
+    content date is set; calling it again replaces the node's item rather than adding one.
+    """
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = producer.model_name[:64]
+    ds.SoftwareVersions = producer.software_versions
+    ds.StationName = producer.station[:16]
+    if producer.institution:
+        ds.InstitutionName = producer.institution[:64]
+    others = [item for item in ds.get("ContributingEquipmentSequence", [])
+              if item.get("Manufacturer") != MANUFACTURER]
+    ds.ContributingEquipmentSequence = [*others, contributing_equipment(producer, created(ds))]
+
+
+def contributing_equipment(producer: Producer, when: datetime) -> Dataset:
+    """The node's Contributing Equipment item (PS3.3 C.12.1, Table C.12-1): the node and the
+    model that made the output, when, and that it is unverified AI output.
+
+    One item for both, like the output's General Equipment attributes: Manufacturer is the
+    node's, Manufacturer's Model Name the model and its version, Software Versions the node's and
+    the model's, Device UID the one the SR's device observer carries.
+    """
+    manifest = producer.manifest
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=producer.model_name[:64],
+        software_versions=[producer.software_versions[:64], f"{manifest.name} {manifest.version}"[:64]],
+        institution_name=producer.institution[:64] or None, station_name=producer.station[:16],
+        contribution_datetime=when,
+        contribution_description=(f"{DISCLAIMER_TEXT}. Analysed by model {producer.model_name} (weights "
+                                  f"sha256 {manifest.sha256[:16]}), pipeline {producer.pipeline}.")[:1024],
+    )
+    item.DeviceUID = producer.device_uid
+    return item
+
+
+_CREATION = (("ContentDate", "ContentTime"), ("PresentationCreationDate", "PresentationCreationTime"))
+
+
+def created(ds: Dataset) -> datetime:
+    """When ``ds`` was made: its Content (or Presentation Creation) Date and Time, else now."""
+    for date, time in _CREATION:
+        try:
+            return datetime.combine(DA(str(ds[date].value)), TM(str(ds[time].value)))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return datetime.now()
 
 
 def source_reference(source: Dataset) -> Dataset:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pydicom import Dataset
 from pydicom.uid import BasicTextSRStorage
 
-from dicom_node.encode.common import DISCLAIMER_TEXT, Producer
+from dicom_node.encode.common import DISCLAIMER_TEXT, Producer, mark_equipment
 from dicom_node.encode.header import TYPE_2, clean_header, restore_classes, stand_in
 from dicom_node.encode.sr import not_analysed_report
 from dicom_node.store.files import add_file_meta
@@ -120,12 +120,9 @@ def minimal_report(study_instance_uid: str, series_instance_uid: str, reason: st
     ds.SeriesNumber = producer.series_number("not_analysed")
     ds.SeriesDescription = producer.description("not analysed")
     ds.ReferencedPerformedProcedureStepSequence = []
-    ds.Manufacturer = producer.manufacturer
-    ds.ManufacturerModelName = producer.model_name[:64]
-    ds.SoftwareVersions = producer.software_versions
-    ds.StationName = producer.station[:16]
     ds.InstanceNumber = 1
     ds.ContentDate, ds.ContentTime = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
+    mark_equipment(ds, producer)
     ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
     ds.PerformedProcedureCodeSequence = []
     evidence = _evidence(study_instance_uid, series_instance_uid, sources)

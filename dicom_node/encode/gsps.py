@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import highdicom as hd
 from pydicom import Dataset
 
-from dicom_node.encode.common import DISCLAIMER_TEXT, METHOD_NAMES, Producer
+from dicom_node.encode.common import DISCLAIMER_TEXT, METHOD_NAMES, Producer, mark_equipment
 from dicom_node.encode.header import legacy_multi_frame, multi_frame
 from dicom_node.encode.region import hot_region
 from dicom_node.encode.study import clean_source
@@ -56,5 +56,5 @@ def presentation_state(source: Dataset, heatmaps: Sequence[Heatmap], producer: P
             else hd.PresentationLUTShapeValues.IDENTITY)),
     )
     ds.SeriesDescription = producer.description("hot regions GSPS", method)
-    ds.StationName = producer.station[:16]
+    mark_equipment(ds, producer)
     return ds

@@ -42,6 +42,7 @@ from dicom_node.encode.common import (
     VERDICT_CODES,
     Producer,
     check_one_series,
+    mark_equipment,
 )
 from dicom_node.encode.header import multi_frame
 from dicom_node.encode.region import hot_region
@@ -349,9 +350,7 @@ def _document(sources: Sequence[Dataset], evidence: Sequence[Dataset], content: 
     )
     what = "not analysed" if kind == "not_analysed" else "findings"
     ds.SeriesDescription = producer.description(revision.describe(what) if revision else what)
-    ds.ManufacturerModelName = producer.model_name[:64]
-    ds.SoftwareVersions = producer.software_versions
-    ds.StationName = producer.station[:16]
+    mark_equipment(ds, producer)
     if "SpecificCharacterSet" in sources[0]:
         ds.SpecificCharacterSet = sources[0].SpecificCharacterSet
     ds.CodingSchemeIdentificationSequence = [coding_scheme()]

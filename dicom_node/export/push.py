@@ -20,10 +20,11 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.config import Settings
+from dicom_node.config import Destination, Settings
 from dicom_node.errors import ConfigError
 from dicom_node.export.sender import Outcome, _association_failure, _printable, classify
 from dicom_node.store.files import input_files
+from dicom_node.tls import ClientContext, client_context
 
 PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 MAX_CONTEXTS = 128  # what one association can propose (PS3.8: odd context IDs 1..255)
@@ -35,6 +36,7 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    destination: Destination | None = None  # a [[destinations]] entry: its TLS settings apply
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -66,10 +68,17 @@ def resolve_peer(settings: Settings, text: str) -> Peer:
         return peer
     for destination in settings.destinations:
         if destination.name == text:
-            return Peer(destination.ae_title, destination.host, destination.port)
+            return Peer(destination.ae_title, destination.host, destination.port, destination)
     names = [d.name for d in settings.destinations]
     raise ConfigError(f"--to {text!r}: expected AET@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242) "
                       f"or a destination name{f' from {names}' if names else ''}")
+
+
+def peer_tls(settings: Settings, peer: Peer) -> tuple[ClientContext, str] | None:
+    """TLS for ``peer`` when it is a destination configured with ``tls = true``, else None."""
+    if peer.destination is None or not peer.destination.tls:
+        return None
+    return client_context(settings.tls, peer.destination, settings.source)
 
 
 def _read(path: Path) -> FileToSend | str:
@@ -144,10 +153,13 @@ def _ae(settings: Settings, files: Sequence[FileToSend], timeout: float) -> AE:
 def _send_batch(settings: Settings, peer: Peer, files: Sequence[FileToSend], timeout: float,
                 out: TextIO) -> int:
     """One association for ``files``; prints a line per file; returns how many the peer took."""
+    tls_args = peer_tls(settings, peer)
     assoc = _ae(settings, files, timeout).associate(peer.host, peer.port, ae_title=peer.ae_title,
-                                                    max_pdu=131072)
+                                                    max_pdu=131072, tls_args=tls_args)
     if not assoc.is_established:
         _, reason = _association_failure(assoc)
+        if tls_args is not None and tls_args[0].failure:
+            reason = f"TLS handshake failed: {tls_args[0].failure}"
         for item in files:
             print(f"{item.path}: failed, {reason}", file=out)
         return 0

@@ -16,9 +16,10 @@ from pynetdicom.association import Association
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
-from dicom_node.config import Destination, ExportSettings
+from dicom_node.config import Destination, ExportSettings, TlsSettings
 from dicom_node.export.outbox import DeliveryState, Outbox, OutboxRecord
 from dicom_node.jobs.queue import QueuePolicy
+from dicom_node.tls import ClientContext, client_context
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,15 @@ class Exporter:
     """
 
     def __init__(self, outbox: Outbox, destinations: Sequence[Destination], settings: ExportSettings,
-                 ae_title: str, clock: Callable[[], float] = time.time, audit: Audit | None = None) -> None:
+                 ae_title: str, clock: Callable[[], float] = time.time, audit: Audit | None = None,
+                 tls: TlsSettings | None = None, source: str = "<config>") -> None:
         self.outbox = outbox
         self.destinations = {d.name: d for d in destinations}
+        self.tls = tls or TlsSettings()
+        self.source = source
+        self._tls_failures: dict[str, str] = {}  # per destination; each has one thread
+        for destination in destinations:  # a wrong file fails the start, not every send
+            self._tls_args(destination)
         self.settings = settings
         self.ae_title = ae_title
         self.clock = clock
@@ -174,9 +181,20 @@ class Exporter:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 
+    def _tls_args(self, destination: Destination) -> tuple[ClientContext, str] | None:
+        """The TLS context and server name for ``destination``, None for plain DICOM."""
+        return client_context(self.tls, destination, self.source) if destination.tls else None
+
     def _associate(self, destination: Destination, records: list[OutboxRecord]) -> Association:
+        """An association with ``destination``; why its TLS handshake failed goes to
+        :attr:`_tls_failures` (pynetdicom reports only "no association")."""
         ae = self._ae(destination, {r.sop_class_uid for r in records})
-        return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, max_pdu=131072)
+        tls_args = self._tls_args(destination)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             max_pdu=131072, tls_args=tls_args)
+        if tls_args is not None and tls_args[0].failure:
+            self._tls_failures[destination.name] = f"TLS handshake failed: {tls_args[0].failure}"
+        return assoc
 
     def abort(self, name: str | None = None) -> int:
         """Abort the association in hand for ``name`` (None: every destination); returns how many.
@@ -197,9 +215,12 @@ class Exporter:
               stop: threading.Event | None) -> tuple[int, list[OutboxRecord]]:
         """One association: returns how many were delivered and the records left untried."""
         name = destination.name
+        self._tls_failures.pop(name, "")
         assoc = self._associate(destination, records)
         if not assoc.is_established:
             outcome, reason = _association_failure(assoc)
+            # retried like a refused connection: a certificate can be mended
+            reason = self._tls_failures.pop(name, "") or reason
             for record in records:
                 self._failed(record, outcome, f"{name}: {reason}")
             return 0, []

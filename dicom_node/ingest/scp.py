@@ -7,6 +7,7 @@ durable on disk and indexed. Every other outcome is a named failure status with 
 
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from dicom_node.store import (
     StagedInstance,
     StorageError,
 )
+from dicom_node.tls import server_context
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +231,10 @@ def _commit(store: InstanceStore, staged: StagedInstance, request: object, calli
 def handle_accepted(event: Event, audit: Audit) -> None:
     """A-ASSOCIATE-AC sent: recorded in the audit trail, with every presentation context refused."""
     requestor = event.assoc.requestor
+    wrapped = getattr(event.assoc.dul.socket, "socket", None)
+    tls = wrapped.version() if isinstance(wrapped, ssl.SSLSocket) else None  # e.g. "TLSv1.3"
     audit.record("association_accepted", calling_ae_title=requestor.ae_title.strip(),
-                 address=requestor.address)
+                 address=requestor.address, **({"tls": tls} if tls else {}))
     for context in event.assoc.rejected_contexts:
         # a refused context is an instance the peer cannot send: never silent
         uid = str(context.abstract_syntax or "")
@@ -306,14 +310,27 @@ _ABORT_JOIN_SECONDS = 1.0
 
 @dataclass
 class IngestServer:
-    """A running SCP bound to an address; stop it with :meth:`stop`."""
+    """A running SCP, listening on one or two ports (plain, TLS); stop it with :meth:`stop`."""
 
     ae: AE
-    server: AdmissionServer
+    servers: tuple[AdmissionServer, ...]
+
+    @property
+    def server(self) -> AdmissionServer:
+        """The first listener: the plain one when the node listens on both."""
+        return self.servers[0]
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS listener's port, if the node has one."""
+        return next((int(s.server_address[1]) for s in self.servers if s.tls_context is not None), None)
+
+    def _associations(self) -> list[Any]:
+        return [a for server in self.servers for a in server.active_associations]
 
     def stop(self, grace_seconds: float, clock: Callable[[], float] = time.monotonic) -> bool:
         """Stop accepting, give open associations ``grace_seconds`` to finish, abort the rest.
@@ -324,18 +341,20 @@ class IngestServer:
         is still running then (a handler stuck outside the network, say in a slow fsync): the
         stop is then not clean, and the next start checks the files against the index.
         """
-        self.server.shutdown()
-        self.server.drop_handshakes()
+        for server in self.servers:
+            server.shutdown()
+            server.drop_handshakes()
         deadline = clock() + grace_seconds
-        while self.server.active_associations and clock() < deadline:
+        while self._associations() and clock() < deadline:
             time.sleep(0.05)
-        remaining = self.server.active_associations
+        remaining = self._associations()
         if remaining:
             logger.warning("aborting %d association(s) still open at shutdown", len(remaining))
             for assoc in remaining:
                 assoc.abort(block=False)  # an A-ABORT, if the peer still reads
             _join(remaining, clock() + 0.1, clock)
-        self.server.close_connections()
+        for server in self.servers:
+            server.close_connections()
         _join(remaining, clock() + _ABORT_JOIN_SECONDS, clock)
         stuck = [a for a in remaining if a.is_alive()]
         if stuck:
@@ -372,18 +391,37 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
         connects_per_minute=ingest.connects_per_host_per_minute,
         evict_after=ingest.handshake_evict_after,
     ))
-    server = ae.make_server(
-        (settings.node.bind, settings.node.port), evt_handlers=handlers,
-        server_class=AdmissionServer, admission=admission,
-        handshake_timeout=ingest.handshake_timeout, peer_log=peer_log,
-    )
-    assert isinstance(server, AdmissionServer)
+    # Both listeners share the admission bounds and the association policy: a peer's handshakes
+    # and associations count the same on either port.
+    listeners: list[tuple[int, ssl.SSLContext | None]] = (
+        [(settings.node.port, None)] if "plain" in settings.node.listen else [])
+    if "tls" in settings.node.listen:
+        listeners.append((settings.tls.port, server_context(settings)))
+    servers: list[AdmissionServer] = []
+    try:  # bind every port before serving any, so a port in use leaves nothing running
+        for port, context in listeners:
+            servers.append(ae.make_server(  # type: ignore[arg-type]
+                (settings.node.bind, port), evt_handlers=handlers, ssl_context=context,
+                server_class=AdmissionServer, admission=admission,
+                handshake_timeout=ingest.handshake_timeout, peer_log=peer_log,
+            ))
+    except BaseException:
+        for server in servers:
+            server.server_close()
+        raise
+    for server in servers:
+        _serve(ae, settings, server)
+    return IngestServer(ae, tuple(servers))
+
+
+def _serve(ae: AE, settings: Settings, server: AdmissionServer) -> None:
+    """Run ``server``'s accept loop in a thread of its own."""
     ae._servers.append(server)  # as AE.start_server does, so AE.shutdown() reaches it too
+    tls = server.tls_context is not None
     # A short poll interval: stop() waits one interval for the accept loop to notice.
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                     name="ingest-accept", daemon=True).start()
+                     name=f"ingest-accept{'-tls' if tls else ''}", daemon=True).start()
     logger.info(
-        "SCP %s listening on %s:%d", settings.node.ae_title, settings.node.bind,
-        server.server_address[1],
+        "SCP %s listening on %s:%d (%s)", settings.node.ae_title, settings.node.bind,
+        server.server_address[1], "DICOM TLS" if tls else "plain DICOM",
     )
-    return IngestServer(ae, server)

@@ -13,6 +13,10 @@ sending one byte at a time. :class:`AdmissionServer` replaces that front end, th
 2. In the connection's own thread, :func:`read_request` reads the whole A-ASSOCIATE-RQ PDU
    under one overall deadline (``ingest.handshake_timeout``). It waits with ``SO_RCVLOWAT`` set
    to the bytes still missing, so a trickling peer costs no CPU.
+   On a TLS listener the TLS handshake comes first, in the same thread and under the same
+   deadline (:func:`tls_handshake`): pynetdicom 3.0 wraps each socket in TLS inside its accept
+   loop, where one client that connects and never sends its ClientHello holds up every later
+   connection.
 3. Only then is pynetdicom's request handler run: it creates the Association, whose socket
    (upstream's :class:`~pynetdicom.transport.AssociationSocket`, see :class:`_PrefixedSocket`)
    hands out the bytes already read before reading on, so the request is answered at once.
@@ -26,6 +30,7 @@ import logging
 import math
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -39,6 +44,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from dicom_node.ingest.admission import Admission, Admitted, Refusal, host_key
 from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT, PduType, discard_queued
 from dicom_node.logs import PeerLogLimiter
+from dicom_node.tls import describe
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,12 @@ class DropReason(StrEnum):
     NOT_A_REQUEST = "sent something other than an A-ASSOCIATE-RQ"
     TOO_LONG = "announced an A-ASSOCIATE-RQ over the length limit"
     EVICTED = "still in the handshake when a newer connection needed its place"
+    TLS_TIMEOUT = "no TLS handshake within the handshake timeout"
+    TLS_FAILED = "TLS handshake failed"
+
+
+#: Why a connection was dropped, and details (a TLS alert's reason, say) when there are any.
+Drop = tuple[DropReason, str]
 
 
 def read_request(sock: socket.socket, timeout: float,
@@ -74,13 +86,12 @@ def read_request(sock: socket.socket, timeout: float,
             remaining = deadline - clock()
             if remaining <= 0:
                 return DropReason.TIMEOUT
-            _wake_at(sock, need - len(data))
-            if not poller.poll(max(1, math.ceil(remaining * 1000))):
-                return DropReason.TIMEOUT
             try:
-                chunk = sock.recv(need - len(data), socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue  # a spurious wake-up
+                chunk = _receive(sock, poller, need - len(data), remaining)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue  # a spurious wake-up, or a TLS record not yet complete
+            if chunk is None:
+                return DropReason.TIMEOUT
             if not chunk:
                 return DropReason.CLOSED if data else DropReason.SILENT
             data += chunk
@@ -96,6 +107,70 @@ def read_request(sock: socket.socket, timeout: float,
     finally:
         _wake_at(sock, 1)
     return data
+
+
+def _receive(sock: socket.socket, poller: select.poll, nbytes: int, remaining: float) -> bytes | None:
+    """Up to ``nbytes`` once some have arrived, or None when ``remaining`` seconds pass first.
+
+    A TLS socket (non-blocking since its handshake) may hold decrypted bytes that ``poll``
+    cannot see, and its record framing makes ``SO_RCVLOWAT`` meaningless: a trickling TLS peer
+    wakes the thread per record, still bounded by the deadline.
+    """
+    timeout_ms = max(1, math.ceil(remaining * 1000))
+    if isinstance(sock, ssl.SSLSocket):
+        if not sock.pending() and not poller.poll(timeout_ms):
+            return None
+        return sock.recv(nbytes)
+    _wake_at(sock, nbytes)
+    if not poller.poll(timeout_ms):
+        return None
+    return sock.recv(nbytes, socket.MSG_DONTWAIT)
+
+
+def tls_handshake(sock: socket.socket, context: ssl.SSLContext, timeout: float,
+                  clock: Callable[[], float] = time.monotonic) -> ssl.SSLSocket | Drop:
+    """The server side of a TLS handshake on ``sock``, under one overall deadline.
+
+    Works on a duplicate of ``sock``'s descriptor, so ``sock`` stays the connection's handle
+    for admission's bookkeeping: shutting it down (an eviction, the node's stop) wakes this
+    thread and, later, pynetdicom's. The TLS socket is returned non-blocking, for
+    :func:`read_request`; on a drop it is closed here.
+    """
+    deadline = clock() + timeout
+    try:
+        duplicate = sock.dup()
+    except OSError:  # out of descriptors: drop this one rather than fail the thread
+        return DropReason.CLOSED, "no descriptor for its TLS socket"
+    try:
+        conn = context.wrap_socket(duplicate, server_side=True, do_handshake_on_connect=False)
+    except OSError:  # reset (or evicted) before the handshake began
+        duplicate.close()
+        return DropReason.CLOSED, "before the TLS handshake"
+    conn.setblocking(False)
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    try:
+        while True:
+            try:
+                conn.do_handshake()
+                return conn
+            except ssl.SSLWantReadError:
+                poller.modify(conn, select.POLLIN)
+            except ssl.SSLWantWriteError:
+                poller.modify(conn, select.POLLOUT)
+            remaining = deadline - clock()
+            if remaining <= 0 or not poller.poll(max(1, math.ceil(remaining * 1000))):
+                conn.close()
+                return DropReason.TLS_TIMEOUT, ""
+    except ssl.SSLEOFError:  # connected and closed before a ClientHello: a TCP health check
+        conn.close()
+        return DropReason.SILENT, ""
+    except ssl.SSLError as exc:
+        conn.close()
+        return DropReason.TLS_FAILED, describe(exc)
+    except OSError:
+        conn.close()
+        return DropReason.CLOSED, "during the TLS handshake"
 
 
 def _wake_at(sock: socket.socket, nbytes: int) -> None:
@@ -157,7 +232,9 @@ class AdmissionServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with admission rules and a handshake deadline in front.
 
     Pass it to :meth:`pynetdicom.AE.make_server` as ``server_class``, with the keyword arguments
-    below; it serves without TLS (the node has none).
+    below. With an ``ssl_context`` it is a DICOM TLS listener: each connection's TLS handshake
+    runs in the connection's own thread (:func:`tls_handshake`), never in the accept loop, and
+    the handshake timeout covers the TLS handshake and the A-ASSOCIATE-RQ together.
 
     Parameters
     ----------
@@ -175,8 +252,8 @@ class AdmissionServer(ThreadedAssociationServer):
     def __init__(self, ae: Any, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: Any = None, evt_handlers: list[Any] | None = None, *,
                  admission: Admission, handshake_timeout: float, peer_log: PeerLogLimiter) -> None:
-        if ssl_context is not None:
-            raise ValueError("AdmissionServer does not do TLS")
+        # kept apart from upstream's ssl_context, which would wrap sockets in the accept loop
+        self.tls_context: ssl.SSLContext | None = ssl_context
         self.admission = admission
         self.handshake_timeout = handshake_timeout
         self.peer_log = peer_log
@@ -233,19 +310,41 @@ class AdmissionServer(ThreadedAssociationServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        conn: socket.socket | None = None
         try:
-            pdu = read_request(request, self.handshake_timeout)
+            conn, pdu = self._open(request)
             ticket = self._handshake_ended(request)
-            if isinstance(pdu, DropReason):
-                self._dropped(client_address, ticket, pdu)
+            if conn is None or isinstance(pdu, tuple):
+                assert isinstance(pdu, tuple)
+                self._dropped(client_address, ticket, *pdu)
                 return
             with self._lock:
-                self._requests[request] = pdu
-            self.finish_request(request, client_address)
+                self._requests[conn] = pdu
+            self.finish_request(conn, client_address)
         except Exception:
             logger.exception("association with %s failed", client_address[0])
         finally:
+            if conn is not None and conn is not request:
+                with self._lock:
+                    self._requests.pop(conn, None)
+                conn.close()  # the TLS socket's own descriptor; _finished closes the connection
             self._finished(request, client_address)
+
+    def _open(self, request: socket.socket) -> tuple[socket.socket | None, bytearray | Drop]:
+        """The TLS handshake (on a TLS listener), then the A-ASSOCIATE-RQ, within one deadline."""
+        deadline = time.monotonic() + self.handshake_timeout
+        conn: socket.socket = request
+        if self.tls_context is not None:
+            secured = tls_handshake(request, self.tls_context, self.handshake_timeout)
+            if isinstance(secured, tuple):
+                return None, secured
+            conn = secured
+        pdu = read_request(conn, deadline - time.monotonic())
+        if isinstance(pdu, DropReason):
+            return conn, (pdu, "")
+        if isinstance(conn, ssl.SSLSocket):
+            conn.setblocking(True)  # pynetdicom polls before it reads, then reads blocking
+        return conn, pdu
 
     def take_request(self, request: socket.socket) -> bytearray:
         """The A-ASSOCIATE-RQ read from ``request``, handed over once."""
@@ -278,14 +377,15 @@ class AdmissionServer(ThreadedAssociationServer):
             self.admission.handshake_ended(ticket)
         return ticket
 
-    def _dropped(self, client_address: Any, ticket: int, reason: DropReason) -> None:
+    def _dropped(self, client_address: Any, ticket: int, reason: DropReason, detail: str = "") -> None:
         with self._lock:
             if ticket in self._evicted:
                 self._evicted.discard(ticket)
-                reason = DropReason.EVICTED
+                reason, detail = DropReason.EVICTED, ""
         # A bare connect and close is what TCP health checks do: not worth a warning.
         level = logging.DEBUG if reason is DropReason.SILENT else logging.WARNING
-        self._note(client_address, "dropped connection from %s: %s", reason.value, level)
+        text = f"{reason.value} ({detail})" if detail else reason.value
+        self._note(client_address, "dropped connection from %s: %s", text, level)
 
     def _finished(self, request: socket.socket, client_address: Any) -> None:
         with self._lock:

@@ -31,7 +31,7 @@ class Case:
 
 @pytest.fixture(scope="session")
 def producer() -> Producer:
-    return Producer("chest", ModelRegistry(MODELS).manifest("demo-cxr"), "XAI_NODE")
+    return Producer("chest", ModelRegistry(MODELS).manifest("demo-cxr"), "XAI_NODE", "St Elsewhere Hospital")
 
 
 def make_case(kind: str, producer: Producer, methods: tuple[str, ...] = ("gradcam",)) -> Case:
