@@ -121,6 +121,7 @@ class NodeSettings:
     port: int = field(default=11112, metadata=_check(_port))
     data_dir: Path = Path("var")
     allowed_peers: tuple[str, ...] = field(default=(), metadata=_check(_peer))
+    query_peers: tuple[str, ...] = field(default=(), metadata=_check(_peer))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from dicom_node.ingest.policy import AssociationPolicy
 from dicom_node.ingest.status import EchoStatus, StoreStatus, error_comment
 from dicom_node.ingest.transport import AdmissionServer
 from dicom_node.logs import PeerLogLimiter
+from dicom_node.query.scp import QUERY_RETRIEVE_SOP_CLASSES, handle_find, handle_get, handle_move
 from dicom_node.store import (
     InstanceStore,
     InvalidInstanceError,
@@ -116,9 +117,15 @@ def peer_note(event: Event, peer_log: PeerLogLimiter | None) -> Note:
 
 def handle_store(
     event: Event, store: InstanceStore, max_instance_size: int, audit: Audit = NO_AUDIT,
-    peer_log: PeerLogLimiter | None = None,
+    peer_log: PeerLogLimiter | None = None, policy: AssociationPolicy | None = None,
 ) -> int | Dataset:
-    """C-STORE: store the data set durably and index it before answering success."""
+    """C-STORE: store the data set durably and index it before answering success. With
+    ``policy``, a peer without the store role (one admitted to query only) is refused."""
+    requestor = event.assoc.requestor
+    if policy is not None and not policy.may_store(requestor.ae_title, requestor.address):
+        peer_note(event, peer_log)(logging.WARNING, "refused C-STORE from %s@%s: not in allowed_peers",
+                                   requestor.ae_title.strip(), requestor.address)
+        return failure(StoreStatus.NOT_AUTHORIZED, "not authorized to store (node.allowed_peers)")
     try:
         return _store(event, store, max_instance_size, audit, peer_note(event, peer_log))
     except Exception as exc:  # never let pynetdicom answer 0xC211 without a reason
@@ -274,7 +281,8 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_
 
 def build_ae(settings: Settings) -> AE:
     """An AE that accepts every storage SOP class, the retired ones too (:data:`RETIRED_STORAGE`),
-    in :data:`TRANSFER_SYNTAXES`, plus Verification."""
+    in :data:`TRANSFER_SYNTAXES`, plus Verification and Query/Retrieve (Patient and Study Root
+    FIND, GET, MOVE)."""
     _config.LOG_HANDLER_LEVEL = "none"  # per-PDU log handlers cost 6-15 % even when silent
     ae = AE(ae_title=settings.node.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -288,15 +296,19 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = settings.ingest.dimse_timeout
     ae.network_timeout = settings.ingest.network_timeout
     ae.add_supported_context(Verification)
+    for uid in QUERY_RETRIEVE_SOP_CLASSES:
+        ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+        # both roles accepted: a C-GET peer proposes the storage SCP role for what it retrieves
+        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES),
+                                 scu_role=True, scp_role=True)
     for uid in RETIRED_STORAGE:
         # pynetdicom hands a C-STORE to the handler only for classes in its storage registry;
         # registering is its documented way, and idempotent
         if uid_to_service_class(uid) is not StorageServiceClass:
             register_uid(uid, UID_dictionary[uid][4], StorageServiceClass)
-        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
     return ae
 
 
@@ -355,6 +367,7 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
     policy = AssociationPolicy(
         ae_title=settings.node.ae_title,
         allowed_peers=settings.node.allowed_peers,
+        query_peers=settings.node.query_peers,
         max_associations=ingest.max_associations,
         max_associations_per_host=ingest.max_associations_per_host,
     )
@@ -364,7 +377,10 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
         (evt.EVT_REQUESTED, handle_requested, [policy, audit, peer_log]),
         (evt.EVT_ACCEPTED, handle_accepted, [audit]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store, ingest.max_instance_size, audit, peer_log]),
+        (evt.EVT_C_STORE, handle_store, [store, ingest.max_instance_size, audit, peer_log, policy]),
+        (evt.EVT_C_FIND, handle_find, [store, policy.may_query, settings.node.ae_title, audit]),
+        (evt.EVT_C_GET, handle_get, [store, policy.may_query, audit]),
+        (evt.EVT_C_MOVE, handle_move, [store, policy.may_query, settings.destinations, audit]),
     ]
     admission = Admission(AdmissionLimits(
         max_handshakes=ingest.max_handshakes,
