@@ -88,6 +88,7 @@ def handle_find(event: Event, store: InstanceStore, may_query: MayQuery, ae_titl
         return
     calling, _ = _peer(event)
     logger.info("C-FIND at %s level from %s: %d match(es)", query.level.value, calling, len(rows))
+    logger.debug("C-FIND keys: %s", ", ".join(query.return_keys))  # keywords only, never values
     audit.record("query", calling_ae_title=calling, level=query.level.value, matches=len(rows))
     asked_for_ae = "RetrieveAETitle" in event.identifier
     for row in rows:

@@ -125,8 +125,9 @@ def start_archive(folder: Path, port: int) -> subprocess.Popen[bytes]:
                             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def running_node(folder: Path, extra: str = "") -> Iterator[QRNode]:
-    """Start the archive and the node, send the inputs, wait for every study's results."""
+def running_node(folder: Path, extra: str = "", port: int | None = None) -> Iterator[QRNode]:
+    """Start the archive and the node (on ``port``, default a free one; ``extra`` adds to its
+    config's destinations), send the inputs, wait for every study's results."""
     archive_port = free_port()
     archive = start_archive(folder / "archive", archive_port)
     try:
@@ -134,7 +135,9 @@ def running_node(folder: Path, extra: str = "") -> Iterator[QRNode]:
         base = CONFIG.format(grace=5.0, web_port=free_port()).replace(
             'data_dir = "data"', f'data_dir = "data"\nquery_peers = {list(QUERY_PEERS)!r}')
         (folder / "node" / "node.toml").write_text(base + node_config(archive_port, extra))
-        with NodeProcess(folder / "node") as node:
+        node = NodeProcess(folder / "node")
+        node.port = port or node.port
+        with node:
             paths, studies = write_inputs(folder / "inputs")
             run_storescu(node.port, [], paths)
             deadline = time.monotonic() + 240
