@@ -5,8 +5,10 @@ The C-STORE handler only persists, indexes and answers: it writes the data set a
 durable on disk and indexed. Every other outcome is a named failure status with an Error Comment.
 """
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -233,6 +235,16 @@ def _commit(store: InstanceStore, staged: StagedInstance, request: object, calli
     return int(StoreStatus.SUCCESS)
 
 
+def disable_nagle(event: Event) -> None:
+    """Send each response at once (TCP_NODELAY): with Nagle's algorithm a DIMSE response
+    written in two pieces (command, then identifier) waits for the peer's delayed ACK, about
+    40 ms, which made every C-FIND take 90 ms or more."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed by the peer: nothing to speed up
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def handle_accepted(event: Event, audit: Audit) -> None:
     """A-ASSOCIATE-AC sent: recorded in the audit trail, with every presentation context refused."""
     requestor = event.assoc.requestor
@@ -374,6 +386,7 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
     peer_log = PeerLogLimiter(logger, ingest.log_lines_per_host_per_minute)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, install_guard, [ReceiveLimits.from_settings(settings), peer_log]),
+        (evt.EVT_CONN_OPEN, disable_nagle),
         (evt.EVT_REQUESTED, handle_requested, [policy, audit, peer_log]),
         (evt.EVT_ACCEPTED, handle_accepted, [audit]),
         (evt.EVT_C_ECHO, handle_echo),

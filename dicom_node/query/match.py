@@ -153,7 +153,9 @@ def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
     sql += f" WHERE {' AND '.join(where)}" if where else ""
     group = _GROUP[level]
     if group:
-        sql += f" GROUP BY {', '.join(group)}"
+        # With WHERE terms, "+column" keeps the planner from scanning the whole group index to
+        # save a sort: the few matching records are found by their key's index, then grouped.
+        sql += f" GROUP BY {', '.join(('+' if where else '') + column for column in group)}"
         sql += f" HAVING {' AND '.join(having)}" if having else ""
     sql += f" ORDER BY {', '.join(group or ('study_instance_uid', 'series_instance_uid', 'instance_number'))}"
     if limit is not None:
