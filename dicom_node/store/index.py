@@ -264,6 +264,14 @@ class Index:
         with self._lock, transaction(self._conn) as conn:
             put_keys(conn, Kind.RESULT, path, transfer_syntax_uid, received_at, keys)
 
+    def remove_result(self, sop_instance_uid: str) -> bool:
+        """Forget a result's keys (its file is being deleted); True if it was indexed. Inputs'
+        keys go with their ``instances`` record by themselves (a trigger)."""
+        with self._lock, transaction(self._conn) as conn:
+            cursor = conn.execute("DELETE FROM instance_keys WHERE sop_instance_uid = ? AND kind = ?",
+                                  (sop_instance_uid, Kind.RESULT.value))
+        return cursor.rowcount > 0
+
     def find(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
         """The rows of a read-only query of ``instance_keys`` (as built by
         :mod:`dicom_node.query.match`); read in one snapshot."""

@@ -112,6 +112,8 @@ def test_results_are_indexed_as_written_and_input_keys_go_with_their_record(tmp_
         conn.execute("DELETE FROM instances WHERE sop_instance_uid = '2.25.7'")
         assert set(keys_of(tmp_path / "var")) == {ds.SOPInstanceUID}
         assert store.index.result_paths() == [row["path"]]
+        assert store.index.remove_result(ds.SOPInstanceUID) and not store.index.remove_result(ds.SOPInstanceUID)
+        assert store.index.result_paths() == []
     finally:
         store.close()
 
