@@ -1,7 +1,11 @@
 """Store schema 3 (query keys): a data folder written at schema 2 (today's release) migrates in
 place on start-up; inputs get their keys from their files' headers, NULL keys where the file is
 gone, and the results already under ``results/`` are indexed too. Results written from now on
-are indexed as they are written, and the keys follow an input that goes."""
+are indexed as they are written, and the keys follow an input that goes.
+
+The schema-2 folders are built two ways: with schema 2's own migrations and its ``Index.put``
+writes replayed in SQL (:func:`schema2_put`), and with today's store (whose C-STORE path writes
+the schema-2 tables unchanged) with schema 3's table then taken away."""
 
 import sqlite3
 import time
@@ -131,3 +135,30 @@ def test_a_result_written_but_not_indexed_before_a_crash_is_indexed_at_the_next_
         assert keys_of(data_dir)[ds.SOPInstanceUID]["kind"] == "result"
     finally:
         store.close()
+
+
+def test_keys_migrated_from_schema_2_equal_the_keys_written_live(tmp_path: Path) -> None:
+    """The store's own C-STORE path (stage, commit) writes the schema-2 tables exactly as before;
+    take schema 3's table away again and the migration rebuilds, from the files, the very keys
+    that commit wrote (received_at aside: the migration keeps the record's)."""
+    from tests.store.test_store import put
+
+    data_dir = tmp_path / "var"
+    store = InstanceStore(data_dir)
+    try:
+        for seed in range(3):
+            put(store, radiograph(seed + 1, new_uid(), f"P{seed}"), calling="MODALITY")
+        store.save_result(radiograph(7, new_uid(), "R"))
+    finally:
+        store.close()
+    live = keys_of(data_dir)
+    conn = sqlite3.connect(data_dir / DATABASE_NAME)
+    conn.executescript("DROP TRIGGER instance_keys_follow_instances; DROP TABLE instance_keys; "
+                       "UPDATE schema_versions SET version = 2 WHERE component = 'store';")
+    conn.close()
+    InstanceStore(data_dir).close()
+    migrated = keys_of(data_dir)
+    assert set(migrated) == set(live) and len(live) == 4
+    for uid, row in live.items():
+        assert {k: v for k, v in migrated[uid].items() if k != "received_at"} == {
+            k: v for k, v in row.items() if k != "received_at"}, uid
