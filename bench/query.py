@@ -11,9 +11,11 @@ Usage: ``.venv/bin/python bench/query.py [--instances 100000] [--repeats 7]``
 """
 
 import argparse
+import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +83,14 @@ def queries(examples: dict[str, str]) -> dict[str, dict[str, str]]:
     }
 
 
+def findscu(port: int, keys: dict[str, str]) -> int:
+    """One C-FIND by DCMTK's findscu (TCP_NODELAY=1, as users are told to run it)."""
+    args = [a for keyword, value in keys.items() for a in ("-k", f"{keyword}={value}")]
+    subprocess.run(["findscu", "-S", "-aet", "BENCH", "-aec", "XAI_NODE", *args, "127.0.0.1", str(port)],
+                   check=True, capture_output=True, env={**os.environ, "TCP_NODELAY": "1"})
+    return 0
+
+
 def median_ms(run: object, repeats: int) -> tuple[float, int]:
     times, count = [], 0
     for _ in range(repeats):
@@ -94,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--findscu", action="store_true", help="also time DCMTK's findscu")
     parser.add_argument("--client-nodelay", action=argparse.BooleanOptionalAction, default=True,
                         help="the bench's SCU disables Nagle's algorithm (default: yes)")
     args = parser.parse_args()
@@ -129,6 +140,10 @@ def main() -> None:
                 assert answered == matches, (name, answered, matches)
                 print(f"{name:38s} {matches:5d} studies: matching {match_ms:7.1f} ms, "
                       f"C-FIND {find_ms:7.1f} ms = {find_ms / TARGET_MS:.2f} x the {TARGET_MS:.0f} ms target")
+                if args.findscu:
+                    dcmtk_ms, _ = median_ms(lambda k=keys: findscu(server.port, k), args.repeats)
+                    print(f"{'':38s} {'':5s}          findscu (a process of its own, start included) "
+                          f"{dcmtk_ms:7.1f} ms")
         finally:
             assoc.release()
             server.stop(1.0)
