@@ -3,7 +3,7 @@ own results (SC, SR) at every level, with wildcard, range, list and sequence mat
 to an AE that is not a destination gets 0xA801; a peer without the query role is refused."""
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -113,9 +113,51 @@ def test_movescu_to_a_destination_and_to_an_unknown_ae(qr: QRNode, tmp_path: Pat
              - before}
     assert set(s.inputs["beta"]) <= moved
     assert {r.SOPInstanceUID for r in results_of(qr.node.port, s.uid["beta"])} <= moved
+    moved_ct = archived(qr, lambda: dcmtk("movescu", qr, [
+        "-P", "-aem", "ARCHIVE", "-k", "QueryRetrieveLevel=SERIES", "-k", f"PatientID={s.patient['ct']}",
+        "-k", f"StudyInstanceUID={s.uid['ct']}", "-k", f"SeriesInstanceUID={series_of(qr, 'ct', 'CT')}"], tmp_path))
+    assert moved_ct == set(s.inputs["ct"])
+    [report] = results_of(qr.node.port, s.uid["alpha"])
+    moved_sr = archived(qr, lambda: dcmtk("movescu", qr, [
+        "-S", "-aem", "ARCHIVE", "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={s.uid['alpha']}",
+        "-k", f"SeriesInstanceUID={report.SeriesInstanceUID}", "-k", f"SOPInstanceUID={report.SOPInstanceUID}"],
+        tmp_path))
+    assert moved_sr == {report.SOPInstanceUID}
     unknown = dcmtk("movescu", qr, ["-d", "-S", "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY",
                                     "-k", f"StudyInstanceUID={s.uid['beta']}"], tmp_path / "unknown")
     assert "0xa801" in (unknown.stdout + unknown.stderr).lower(), unknown.stdout + unknown.stderr
+
+
+def series_of(qr: QRNode, study: str, modality: str) -> str:
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID, query.Modality = "SERIES", qr.studies.uid[study], modality
+    query.SeriesInstanceUID = ""
+    [series] = c_find(qr.node.port, query)
+    return str(series.SeriesInstanceUID)
+
+
+def archived(qr: QRNode, move: Callable[[], subprocess.CompletedProcess[str]]) -> set[str]:
+    """The SOP Instance UIDs a move added to the archive's folder (storescp names files uniquely)."""
+    before = set(qr.archive_dir.iterdir())
+    result = move()
+    assert result.returncode == 0, result.stderr
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in set(qr.archive_dir.iterdir()) - before}
+
+
+def test_getscu_at_patient_level_and_with_a_list_of_studies(qr: QRNode, tmp_path: Path) -> None:
+    s = qr.studies
+    result = dcmtk("getscu", qr, ["-P", "-k", "QueryRetrieveLevel=PATIENT", "-k", f"PatientID={s.patient['beta']}"],
+                   tmp_path / "patient")
+    assert result.returncode == 0, result.stderr
+    got = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (tmp_path / "patient").iterdir()}
+    assert set(s.inputs["beta"]) | {r.SOPInstanceUID for r in results_of(qr.node.port, s.uid["beta"])} <= got
+    assert not got & set(s.inputs["alpha"] + s.inputs["ct"])
+    result = dcmtk("getscu", qr, ["-S", "-k", "QueryRetrieveLevel=STUDY",
+                                  "-k", f"StudyInstanceUID={s.uid['beta']}\\{s.uid['ct']}"], tmp_path / "list")
+    assert result.returncode == 0, result.stderr
+    got = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (tmp_path / "list").iterdir()}
+    assert set(s.inputs["beta"] + s.inputs["ct"]) <= got and not got & set(s.inputs["alpha"])
 
 
 def test_a_peer_without_the_query_role_is_refused_and_no_patient_value_is_logged(qr: QRNode, tmp_path: Path) -> None:
