@@ -9,7 +9,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from dicom_node.store.db import connect, migrate, transaction
+from dicom_node.store.db import connect, connect_read_only, migrate, transaction
 from dicom_node.store.keyindex import migrate_to_keys, put_keys
 from dicom_node.store.keys import Kind
 
@@ -213,8 +213,14 @@ class Index:
         self._conn = connect(path, synchronous)
         migrate(self._conn, "store", _MIGRATIONS)
         self._lock = threading.Lock()
+        # C-FIND and retrieves read on their own connection (WAL: readers never wait for the
+        # writer), so a long query does not hold up the C-STOREs being indexed meanwhile
+        self._reader = connect_read_only(path)
+        self._reader_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._reader_lock:
+            self._reader.close()
         with self._lock:
             self._conn.close()
 
@@ -274,9 +280,10 @@ class Index:
 
     def find(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
         """The rows of a read-only query of ``instance_keys`` (as built by
-        :mod:`dicom_node.query.match`); read in one snapshot."""
-        with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+        :mod:`dicom_node.query.match`); read in one snapshot, on a read-only connection (a
+        statement that would write fails)."""
+        with self._reader_lock:
+            return self._reader.execute(sql, tuple(params)).fetchall()
 
     def _next_change(self) -> int:
         (seq,) = self._conn.execute("SELECT coalesce(max(change_seq), 0) + 1 FROM series").fetchone()
