@@ -66,6 +66,8 @@ def migrate_to_keys(conn: sqlite3.Connection) -> None:
     rows = conn.execute("SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, "
                         "transfer_syntax_uid, modality, series_description, path, received_at "
                         "FROM instances").fetchall()
+    if rows:
+        logger.info("store schema 3: reading the query keys of %d stored instance(s), once", len(rows))
     for sop, sop_class, study, series, syntax, modality, description, path, received in rows:
         values = _read_keys(data_dir / "instances" / path)[0] if data_dir else None
         if values is None:
