@@ -149,6 +149,7 @@ class NodeSettings:
     institution_name: str = field(default="", metadata=_check(_long_string))
     # plain DICOM on node.port, DICOM TLS on tls.port, or both
     listen: tuple[str, ...] = field(default=("plain",), metadata=_check(_listener))
+    query_peers: tuple[str, ...] = field(default=(), metadata=_check(_peer))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from dicom_node.jobs.queue import Job, JobQueue
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
 from dicom_node.store.patient import differing_identity
-from dicom_node.store.results import ResultArea
 
 logger = logging.getLogger(__name__)
 
@@ -357,9 +356,8 @@ OUTSIDE_BANNER = "OUTSIDE THE VALIDATED INPUT: score {score:.2f} > threshold {th
 
 def store_results(ctx: PipelineContext) -> None:
     """Write the outputs under ``data_dir/results``, each atomically, for export."""
-    area = ResultArea(ctx.settings.node.data_dir / "results")
-    ctx.saved = [Result(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), area.save(ds))
-                 for ds in ctx.outputs]
+    ctx.saved = [Result(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID),
+                        ctx.store.save_result(ds)) for ds in ctx.outputs]
 
 
 def destinations(ctx: PipelineContext) -> list[str]:

@@ -4,15 +4,17 @@ destination, and checks every response (PS3.4 B.2.3 statuses; PS3.8 A-ASSOCIATE-
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
@@ -62,6 +64,20 @@ def _printable(text: str, limit: int = 64) -> str:
     """A peer's Error Comment, cut to its VR's 64 characters, printable ASCII only (some PACS echo
     identifiers there; it goes into records and logs)."""
     return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
+def storage_contexts(syntaxes: Mapping[str, Collection[str]]) -> list[PresentationContext]:
+    """The contexts the node proposes to send instances: one per SOP class (at most 128, PS3.8's
+    limit), each with the given transfer syntaxes of its files first, then Explicit and Implicit
+    VR Little Endian. With no SOP class, Verification (an association needs one context)."""
+    contexts = []
+    for sop_class in sorted(syntaxes)[:128]:
+        context = PresentationContext()
+        context.abstract_syntax = sop_class
+        own = sorted(set(syntaxes[sop_class]) - {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+        context.transfer_syntax = [*own, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        contexts.append(context)
+    return contexts or [build_context(Verification)]
 
 
 class Exporter:
@@ -177,8 +193,7 @@ class Exporter:
         timeout = destination.timeout_seconds or self.settings.timeout_seconds
         ae.acse_timeout = ae.connection_timeout = destination.connect_timeout_seconds or timeout
         ae.dimse_timeout = ae.network_timeout = timeout
-        for sop_class in sorted(sop_classes)[:128]:
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.requested_contexts = storage_contexts({sop_class: set() for sop_class in sop_classes})
         return ae
 
     def _tls_args(self, destination: Destination) -> tuple[ClientContext, str] | None:

@@ -24,8 +24,12 @@ class AssociationPolicy:
     ae_title
         The called AE title the node answers to.
     allowed_peers
-        Calling AE titles allowed to associate, each optionally as ``AET@host`` to also require the
-        peer's IP address or host name; empty accepts any calling AE title.
+        Calling AE titles allowed to store (the store role), each optionally as ``AET@host`` to
+        also require the peer's IP address or host name; empty lets any calling AE title store.
+    query_peers
+        Calling AE titles allowed to query and retrieve (C-FIND, C-GET, C-MOVE), in the same form;
+        ``"*"`` lets any peer; empty lets none (the index holds patient names and IDs). A peer
+        with neither role is rejected at association.
     max_associations
         How many associations may be open at once; one more is rejected as transient.
     max_associations_per_host
@@ -35,6 +39,7 @@ class AssociationPolicy:
 
     ae_title: str
     allowed_peers: tuple[str, ...] = ()
+    query_peers: tuple[str, ...] = ()
     max_associations: int = 16
     max_associations_per_host: int = 8
 
@@ -53,12 +58,12 @@ class AssociationPolicy:
                 RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
                 f"called AE title {called_ae_title.strip()!r} is not {self.ae_title!r}",
             )
-        if self.allowed_peers and not self._allowed(calling_ae_title.strip(), address):
+        if not (self.may_store(calling_ae_title, address) or self.may_query(calling_ae_title, address)):
             return Rejection(
                 RejectResult.PERMANENT, RejectSource.SERVICE_USER,
                 RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED,
                 f"calling AE title {calling_ae_title.strip()!r} from {address} "
-                "is not in allowed_peers",
+                "is not in allowed_peers" + (" or query_peers" if self.query_peers else ""),
             )
         if open_associations >= self.max_associations:
             return Rejection(
@@ -75,9 +80,18 @@ class AssociationPolicy:
             )
         return None
 
-    def _allowed(self, calling_ae_title: str, address: str) -> bool:
-        for peer in self.allowed_peers:
-            aet, _, host = peer.partition("@")
-            if aet.strip() == calling_ae_title and (not host or host == address):
-                return True
-        return False
+    def may_store(self, calling_ae_title: str, address: str) -> bool:
+        """Whether the peer holds the store role (C-STORE)."""
+        return not self.allowed_peers or _listed(self.allowed_peers, calling_ae_title.strip(), address)
+
+    def may_query(self, calling_ae_title: str, address: str) -> bool:
+        """Whether the peer holds the query/retrieve role (C-FIND, C-GET, C-MOVE)."""
+        return "*" in self.query_peers or _listed(self.query_peers, calling_ae_title.strip(), address)
+
+
+def _listed(peers: tuple[str, ...], calling_ae_title: str, address: str) -> bool:
+    for peer in peers:
+        aet, _, host = peer.partition("@")
+        if aet.strip() == calling_ae_title and (not host or host == address):
+            return True
+    return False

@@ -5,8 +5,11 @@ The C-STORE handler only persists, indexes and answers: it writes the data set a
 durable on disk and indexed. Every other outcome is a named failure status with an Error Comment.
 """
 
+import contextlib
+import functools
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -40,13 +43,14 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
-from dicom_node.config import Settings
+from dicom_node.config import Destination, Settings
 from dicom_node.ingest.admission import Admission, AdmissionLimits, host_key
 from dicom_node.ingest.limits import ReceiveLimits, install_guard, spooled_path
 from dicom_node.ingest.policy import AssociationPolicy
 from dicom_node.ingest.status import EchoStatus, StoreStatus, error_comment
 from dicom_node.ingest.transport import AdmissionServer
 from dicom_node.logs import PeerLogLimiter
+from dicom_node.query.scp import QUERY_RETRIEVE_SOP_CLASSES, handle_find, handle_get, handle_move
 from dicom_node.store import (
     InstanceStore,
     InvalidInstanceError,
@@ -54,7 +58,7 @@ from dicom_node.store import (
     StagedInstance,
     StorageError,
 )
-from dicom_node.tls import server_context
+from dicom_node.tls import client_context, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +122,15 @@ def peer_note(event: Event, peer_log: PeerLogLimiter | None) -> Note:
 
 def handle_store(
     event: Event, store: InstanceStore, max_instance_size: int, audit: Audit = NO_AUDIT,
-    peer_log: PeerLogLimiter | None = None,
+    peer_log: PeerLogLimiter | None = None, policy: AssociationPolicy | None = None,
 ) -> int | Dataset:
-    """C-STORE: store the data set durably and index it before answering success."""
+    """C-STORE: store the data set durably and index it before answering success. With
+    ``policy``, a peer without the store role (one admitted to query only) is refused."""
+    requestor = event.assoc.requestor
+    if policy is not None and not policy.may_store(requestor.ae_title, requestor.address):
+        peer_note(event, peer_log)(logging.WARNING, "refused C-STORE from %s@%s: not in allowed_peers",
+                                   requestor.ae_title.strip(), requestor.address)
+        return failure(StoreStatus.NOT_AUTHORIZED, "not authorized to store (node.allowed_peers)")
     try:
         return _store(event, store, max_instance_size, audit, peer_note(event, peer_log))
     except Exception as exc:  # never let pynetdicom answer 0xC211 without a reason
@@ -228,6 +238,16 @@ def _commit(store: InstanceStore, staged: StagedInstance, request: object, calli
     return int(StoreStatus.SUCCESS)
 
 
+def disable_nagle(event: Event) -> None:
+    """Send each response at once (TCP_NODELAY): with Nagle's algorithm a DIMSE response
+    written in two pieces (command, then identifier) waits for the peer's delayed ACK, about
+    40 ms, which made every C-FIND take 90 ms or more."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed by the peer: nothing to speed up
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def handle_accepted(event: Event, audit: Audit) -> None:
     """A-ASSOCIATE-AC sent: recorded in the audit trail, with every presentation context refused."""
     requestor = event.assoc.requestor
@@ -278,7 +298,8 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: Audit = NO_
 
 def build_ae(settings: Settings) -> AE:
     """An AE that accepts every storage SOP class, the retired ones too (:data:`RETIRED_STORAGE`),
-    in :data:`TRANSFER_SYNTAXES`, plus Verification."""
+    in :data:`TRANSFER_SYNTAXES`, plus Verification and Query/Retrieve (Patient and Study Root
+    FIND, GET, MOVE)."""
     _config.LOG_HANDLER_LEVEL = "none"  # per-PDU log handlers cost 6-15 % even when silent
     ae = AE(ae_title=settings.node.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -292,15 +313,19 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = settings.ingest.dimse_timeout
     ae.network_timeout = settings.ingest.network_timeout
     ae.add_supported_context(Verification)
+    for uid in QUERY_RETRIEVE_SOP_CLASSES:
+        ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+        # both roles accepted: a C-GET peer proposes the storage SCP role for what it retrieves
+        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES),
+                                 scu_role=True, scp_role=True)
     for uid in RETIRED_STORAGE:
         # pynetdicom hands a C-STORE to the handler only for classes in its storage registry;
         # registering is its documented way, and idempotent
         if uid_to_service_class(uid) is not StorageServiceClass:
             register_uid(uid, UID_dictionary[uid][4], StorageServiceClass)
-        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
     return ae
 
 
@@ -367,6 +392,12 @@ def _join(threads: list[Any], deadline: float, clock: Callable[[], float]) -> No
         thread.join(timeout=max(0.0, deadline - clock()))
 
 
+def move_tls(settings: Settings, destination: Destination) -> Any:
+    """pynetdicom's ``tls_args`` for a C-MOVE's association to ``destination`` (the exporter's
+    context: :func:`dicom_node.tls.client_context`), or None for a plain destination."""
+    return client_context(settings.tls, destination, settings.source) if destination.tls else None
+
+
 def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUDIT) -> IngestServer:
     """Wire the handlers and start the SCP in background threads."""
     ae = build_ae(settings)
@@ -374,16 +405,22 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
     policy = AssociationPolicy(
         ae_title=settings.node.ae_title,
         allowed_peers=settings.node.allowed_peers,
+        query_peers=settings.node.query_peers,
         max_associations=ingest.max_associations,
         max_associations_per_host=ingest.max_associations_per_host,
     )
     peer_log = PeerLogLimiter(logger, ingest.log_lines_per_host_per_minute)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, install_guard, [ReceiveLimits.from_settings(settings), peer_log]),
+        (evt.EVT_CONN_OPEN, disable_nagle),
         (evt.EVT_REQUESTED, handle_requested, [policy, audit, peer_log]),
         (evt.EVT_ACCEPTED, handle_accepted, [audit]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store, ingest.max_instance_size, audit, peer_log]),
+        (evt.EVT_C_STORE, handle_store, [store, ingest.max_instance_size, audit, peer_log, policy]),
+        (evt.EVT_C_FIND, handle_find, [store, policy.may_query, settings.node.ae_title, audit]),
+        (evt.EVT_C_GET, handle_get, [store, policy.may_query, audit]),
+        (evt.EVT_C_MOVE, handle_move, [store, policy.may_query, settings.destinations, audit,
+                                          functools.partial(move_tls, settings)]),
     ]
     admission = Admission(AdmissionLimits(
         max_handshakes=ingest.max_handshakes,

@@ -22,6 +22,7 @@ class StoreStatus(IntEnum):
     """C-STORE response statuses."""
 
     SUCCESS = 0x0000
+    NOT_AUTHORIZED = 0x0124  # the calling AE may query, not store (node.allowed_peers)
     PROCESSING_FAILURE = 0x0110
     OUT_OF_RESOURCES = 0xA700
     OUT_OF_RESOURCES_INSTANCE_TOO_LARGE = 0xA701

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 
@@ -45,6 +46,8 @@ from dicom_node.store.files import (
     relative_path,
 )
 from dicom_node.store.index import Index, Indexed, InstanceRecord, SeriesKey, SeriesRecord
+from dicom_node.store.keys import KEY_TAGS, key_values
+from dicom_node.store.results import ResultArea
 from dicom_node.store.walk import MalformedDataSetError, WalkResult, walk
 
 __all__ = [
@@ -221,7 +224,8 @@ class InstanceStore:
                 raise _write_error(exc) from exc
             record = _record(header, calling_ae_title, staged.size_bytes, relative, 0.0)
             try:
-                indexed = self.index.put(record, header.manufacturer, clock=self.clock)
+                indexed = self.index.put(record, header.manufacturer, clock=self.clock,
+                                         keys=dict(header.keys))
             except Exception as exc:
                 self.needs_scan = True
                 logger.error("index commit failed for %s: %s", header.sop_instance_uid, exc)
@@ -277,6 +281,17 @@ class InstanceStore:
             self.files.remove_empty_dirs(relative)
         return True
 
+    def save_result(self, ds: Dataset) -> Path:
+        """Write a result the node made under ``results/`` (atomically, :class:`ResultArea`),
+        then index its query keys, so that C-FIND finds results as it finds inputs.
+
+        A crash between the two leaves a file the next start's :meth:`recover` indexes.
+        """
+        path = ResultArea(self.data_dir / "results").save(ds)
+        self.index.put_result(str(path.relative_to(self.data_dir)), str(ds.file_meta.TransferSyntaxUID),
+                              self.clock(), key_values(ds))
+        return path
+
     def path_of(self, record: InstanceRecord) -> Path:
         """The absolute path of an indexed instance."""
         return self.files.instances / record.path
@@ -302,6 +317,24 @@ class InstanceStore:
             relative = str(path.relative_to(self.files.instances))
             if relative not in indexed:
                 self._recover_file(path, Path(relative))
+        self._recover_results()
+
+    def _recover_results(self) -> None:
+        """Index the result files a crash left unindexed (written, not yet indexed)."""
+        indexed = set(self.index.result_paths())
+        for path in sorted((self.data_dir / "results").glob("*/*/*.dcm")):
+            relative = str(path.relative_to(self.data_dir))
+            if relative in indexed:
+                continue
+            try:
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=list(KEY_TAGS))
+                syntax = str(ds.file_meta.TransferSyntaxUID)
+            except Exception as exc:  # pydicom raises many types on a damaged file
+                logger.warning("ignoring unreadable result file %s: %s", relative, type(exc).__name__)
+                continue
+            self.index.put_result(relative, syntax, path.stat().st_mtime, key_values(ds))
+            logger.info("indexed result %s, written before an interrupted index commit",
+                        ds.get("SOPInstanceUID"))
 
     def _recover_file(self, path: Path, relative: Path) -> None:
         try:
@@ -316,7 +349,7 @@ class InstanceStore:
             self.files.unlink(relative)
             return
         record = _record(header, header.source_ae_title, path.stat().st_size, relative, mtime)
-        self._after_put(self.index.put(record, header.manufacturer))
+        self._after_put(self.index.put(record, header.manufacturer, keys=dict(header.keys)))
         logger.info("indexed %s, written before an interrupted index commit", header.sop_instance_uid)
 
 

@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.errors import ConfigError, PermanentError
+from dicom_node.store.keys import KEY_TAGS, key_values
 
 # A UID is 1..64 characters of digits in dot-separated components (PS3.5 9.1). Components with
 # leading zeros are not valid DICOM but are seen from real equipment; they are still path-safe.
@@ -81,6 +82,8 @@ class InstanceHeader:
     series_description: str = ""
     manufacturer: str = ""
     source_ae_title: str = ""  # (0002,0016) of the file meta: the peer that sent it
+    #: The query keys' column values (:func:`dicom_node.store.keys.key_values`), as pairs.
+    keys: tuple[tuple[str, object], ...] = ()
 
 
 def read_header(fp: BinaryIO | Path, file_meta: FileMetaDataset | None = None) -> InstanceHeader:
@@ -94,12 +97,13 @@ def read_header(fp: BinaryIO | Path, file_meta: FileMetaDataset | None = None) -
         If the file does not parse or a UID is missing or malformed.
     """
     try:
-        ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(HEADER_TAGS),
+        ds = dcmread(fp, stop_before_pixels=True, specific_tags=list({*HEADER_TAGS, *KEY_TAGS}),
                      force=file_meta is not None)
         meta = file_meta if file_meta is not None else ds.file_meta
         transfer_syntax = meta.TransferSyntaxUID
         source_ae = meta.get("SourceApplicationEntityTitle", "")
         values = {tag: ds.get(tag, "") for tag in HEADER_TAGS}
+        keys = tuple(key_values(ds).items())
     except InvalidDicomError as exc:
         raise InvalidInstanceError("unparseable", f"not a DICOM data set: {exc}") from None
     except Exception as exc:  # pydicom raises many types on malformed input; all mean the same
@@ -119,6 +123,7 @@ def read_header(fp: BinaryIO | Path, file_meta: FileMetaDataset | None = None) -
         series_description=text(values["SeriesDescription"]),
         manufacturer=text(values["Manufacturer"]),
         source_ae_title=text(source_ae),
+        keys=keys,
     )
 
 

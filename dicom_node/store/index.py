@@ -4,12 +4,14 @@ database; :data:`_MIGRATIONS` brings older files up)."""
 import dataclasses
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from dicom_node.store.db import connect, migrate, transaction
+from dicom_node.store.db import connect, connect_read_only, migrate, transaction
+from dicom_node.store.keyindex import migrate_to_keys, put_keys
+from dicom_node.store.keys import Kind
 
 _MIGRATIONS = (
     """
@@ -98,7 +100,17 @@ _MIGRATIONS = (
     DELETE FROM studies WHERE NOT EXISTS (
         SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid)
     """,
+    # 3: the query keys of inputs and results (C-FIND), read from the stored files' headers
+    migrate_to_keys,
 )
+
+
+def _record_keys(record: "InstanceRecord") -> dict[str, object]:
+    """The keys an instance record itself holds (the ones the node routes by win)."""
+    return {"sop_instance_uid": record.sop_instance_uid, "sop_class_uid": record.sop_class_uid,
+            "study_instance_uid": record.study_instance_uid,
+            "series_instance_uid": record.series_instance_uid,
+            "modality": record.modality, "series_description": record.series_description}
 
 
 def studies_of(conn: sqlite3.Connection, sop_instance_uids: Sequence[str]) -> list[str]:
@@ -201,13 +213,20 @@ class Index:
         self._conn = connect(path, synchronous, read_only=read_only)  # read_only: purge --dry-run
         migrate(self._conn, "store", _MIGRATIONS)
         self._lock = threading.Lock()
+        # C-FIND and retrieves read on their own connection (WAL: readers never wait for the
+        # writer), so a long query does not hold up the C-STOREs being indexed meanwhile
+        self._reader = connect_read_only(path)
+        self._reader_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._reader_lock:
+            self._reader.close()
         with self._lock:
             self._conn.close()
 
     def put(
-        self, record: InstanceRecord, manufacturer: str, clock: Callable[[], float] | None = None
+        self, record: InstanceRecord, manufacturer: str, clock: Callable[[], float] | None = None,
+        keys: Mapping[str, object] | None = None,
     ) -> Indexed:
         """Insert or replace an instance record; say what it replaced and whether its Series
         Instance UID is now held by several studies.
@@ -217,6 +236,8 @@ class Index:
         instance that moves (the same SOP Instance UID under another study or series) leaves
         its old series changed too (a new ``change_seq``, so its jobs are made again without
         it), and the old series' and study's records go when nothing is left in them.
+        ``keys`` (:func:`dicom_node.store.keys.key_values`) are its query keys; without them
+        only what the record holds is searchable.
         """
         with self._lock, transaction(self._conn) as conn:
             old = self._get(record.sop_instance_uid)
@@ -230,6 +251,8 @@ class Index:
                 astuple(record),
             )
             created = self._upsert_series(record, manufacturer)
+            put_keys(conn, Kind.INPUT, f"instances/{record.path}", record.transfer_syntax_uid,
+                     record.received_at, {**(keys or {}), **_record_keys(record)})
             conn.execute(
                 "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET "
                 "last_received_at = max(last_received_at, excluded.last_received_at)",
@@ -239,6 +262,28 @@ class Index:
                 self._instance_left(old.series_key, record.received_at)
             others = self._other_studies(record.series_key) if created else ()
         return Indexed(record, old, others)
+
+    def put_result(self, path: str, transfer_syntax_uid: str, received_at: float,
+                   keys: Mapping[str, object]) -> None:
+        """Index a result the node wrote (``path`` relative to the data folder), replacing an
+        earlier record of the same SOP Instance UID (a re-run writes the same UIDs)."""
+        with self._lock, transaction(self._conn) as conn:
+            put_keys(conn, Kind.RESULT, path, transfer_syntax_uid, received_at, keys)
+
+    def remove_result(self, sop_instance_uid: str) -> bool:
+        """Forget a result's keys (its file is being deleted); True if it was indexed. Inputs'
+        keys go with their ``instances`` record by themselves (a trigger)."""
+        with self._lock, transaction(self._conn) as conn:
+            cursor = conn.execute("DELETE FROM instance_keys WHERE sop_instance_uid = ? AND kind = ?",
+                                  (sop_instance_uid, Kind.RESULT.value))
+        return cursor.rowcount > 0
+
+    def find(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+        """The rows of a read-only query of ``instance_keys`` (as built by
+        :mod:`dicom_node.query.match`); read in one snapshot, on a read-only connection (a
+        statement that would write fails)."""
+        with self._reader_lock:
+            return self._reader.execute(sql, tuple(params)).fetchall()
 
     def _next_change(self) -> int:
         (seq,) = self._conn.execute("SELECT coalesce(max(change_seq), 0) + 1 FROM series").fetchone()
@@ -375,6 +420,13 @@ class Index:
                          "instances i WHERE i.study_instance_uid = studies.study_instance_uid)",
                          (key.study_instance_uid,))
         return True
+
+    def result_paths(self) -> list[str]:
+        """The paths (relative to the data folder) of every indexed result."""
+        with self._lock:
+            rows = self._conn.execute("SELECT path FROM instance_keys WHERE kind = ?",
+                                      (Kind.RESULT.value,)).fetchall()
+        return [row[0] for row in rows]
 
     def paths(self) -> Iterator[tuple[str, str]]:
         """(path, SOP Instance UID) of every indexed instance."""

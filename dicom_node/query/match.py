@@ -1,0 +1,300 @@
+"""C-FIND matching (PS3.4 C.2.2.2) as SQL over the store's ``instance_keys`` table.
+
+The one matching module for every front end: the Q/R SCP (:mod:`dicom_node.query.scp`) and a
+later QIDO-RS both call it. It knows no network code: an identifier is a pydicom ``Dataset`` or
+a plain mapping of keyword to value (a string as DICOM encodes it, ``\\`` between values, or for
+a sequence key a list of mappings), and the result is parameterised SQL plus the keys to return.
+
+API
+---
+:func:`find` -> :class:`Find`: ``Find.sql`` / ``Find.params`` run on the index
+(:meth:`dicom_node.store.index.Index.find`); :meth:`Find.dataset` turns each row into the
+response identifier. :func:`retrieve` -> :class:`Find` whose rows are :class:`Stored` (what
+C-GET and C-MOVE send).
+
+Matching, per key (an empty value is universal matching and only asks for the key back):
+
+- UI: single value, or a list (``\\``-separated) matched as any of them;
+- DA, TM, DT: single value, or a range ``a-b``, ``-b``, ``a-`` (both ends included; a bound of
+  a time matches every time it is a prefix of, so ``-1300`` includes 13:00:59);
+- PN: single value or wildcard (``*``, ``?``), case-insensitive for ASCII letters (PS3.4 allows
+  it, and users type names in any case);
+- every other string VR (CS, SH, LO, ...): single value or wildcard, case-sensitive; a value of
+  ``*`` alone is universal;
+- IS (Series Number, Instance Number): single value, as numbers;
+- sequence (Concept Name Code Sequence, Content Template Sequence): each non-empty attribute of
+  the first item matches as above; an empty item asks for the sequence back;
+- ModalitiesInStudy (STUDY level): the study has a series of any of the listed modalities.
+
+Keys of levels below the query level are not matched (PS3.4 C.4.1.2.1 leaves that out of the
+identifier) and come back empty, as do keys the index does not hold. Keys of the query level
+and those above it all match (relational within the levels above; the unique keys of the
+levels above need not be given).
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, cast
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+
+from dicom_node.store.keys import INTEGER_KEYWORDS, KEYS, LEVELS, Key, Level
+
+#: The unique key of each level (PS3.4 C.6.1.1 and C.6.2.1).
+UNIQUE_KEYS = {Level.PATIENT: "PatientID", Level.STUDY: "StudyInstanceUID",
+               Level.SERIES: "SeriesInstanceUID", Level.IMAGE: "SOPInstanceUID"}
+_BY_KEYWORD = {key.keyword: key for key in KEYS}
+#: What each level's records are grouped by (a patient is its Patient ID).
+_GROUP = {Level.PATIENT: ("patient_id",), Level.STUDY: ("study_instance_uid",),
+          Level.SERIES: ("study_instance_uid", "series_instance_uid"), Level.IMAGE: ()}
+#: Return keys computed from the records of a group: keyword -> (level, SQL aggregate).
+_DERIVED = {
+    "NumberOfPatientRelatedStudies": (Level.PATIENT, "count(DISTINCT study_instance_uid)"),
+    "NumberOfPatientRelatedSeries": (Level.PATIENT,
+                                     "count(DISTINCT study_instance_uid || '/' || series_instance_uid)"),
+    "NumberOfPatientRelatedInstances": (Level.PATIENT, "count(*)"),
+    "NumberOfStudyRelatedSeries": (Level.STUDY, "count(DISTINCT series_instance_uid)"),
+    "NumberOfStudyRelatedInstances": (Level.STUDY, "count(*)"),
+    # a Modality (CS) never holds a comma: the list becomes a multi-valued element
+    "ModalitiesInStudy": (Level.STUDY, "replace(group_concat(DISTINCT modality), ',', '\\')"),
+    "NumberOfSeriesRelatedInstances": (Level.SERIES, "count(*)"),
+}
+#: Identifier elements that are not keys.
+_NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
+                       "QueryRetrieveView", "TimezoneOffsetFromUTC"})
+_RANGED = frozenset({"DA", "TM", "DT"})
+
+
+class QueryError(ValueError):
+    """The identifier cannot be matched (a bad level, a missing unique key); the message says why."""
+
+
+class Stored(NamedTuple):
+    """One instance to send: its file (relative to the data folder) and its UIDs."""
+
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class Find:
+    """A query: run ``sql`` with ``params``; each row holds the ``columns`` of ``return_keys``."""
+
+    level: Level
+    sql: str
+    params: tuple[object, ...]
+    return_keys: tuple[str, ...]
+
+    def dataset(self, row: Sequence[object]) -> Dataset:
+        """The response identifier for one row (Query/Retrieve Level and the return keys)."""
+        ds = Dataset()
+        values = iter(row)
+        for keyword in self.return_keys:
+            key = _BY_KEYWORD.get(keyword)
+            if key is not None and key.items:
+                item = Dataset()
+                for item_keyword, _ in key.items:
+                    item.add(_element(item_keyword, str(next(values) or "")))
+                setattr(ds, keyword, [item] if any(element.value for element in item) else [])
+            else:
+                value = next(values)
+                ds.add(_element(keyword, "" if value is None else str(value)))
+        if any(not str(element.value).isascii() for element in ds.iterall() if element.VR != "SQ"):
+            ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.QueryRetrieveLevel = self.level.value
+        return ds
+
+
+def _element(keyword: str, value: str) -> DataElement:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    vr = dictionary_VR(keyword)
+    many = "\\" in value and vr not in ("LT", "ST", "UT")
+    return DataElement(tag, vr, value.split("\\") if many else value)
+
+
+def level_of(identifier: Dataset | Mapping[str, object]) -> Level:
+    """The identifier's Query/Retrieve Level; :class:`QueryError` if it is missing or unknown."""
+    value = str(_values(identifier).get("QueryRetrieveLevel", "")).strip().upper()
+    try:
+        return Level(value)
+    except ValueError:
+        raise QueryError(f"Query/Retrieve Level {value[:16]!r} is not one of "
+                         f"{', '.join(level.value for level in LEVELS)}") from None
+
+
+def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
+         limit: int | None = None) -> Find:
+    """The C-FIND query for ``identifier`` at ``level`` (default: its Query/Retrieve Level).
+
+    Raises
+    ------
+    QueryError
+        The level is missing or unknown.
+    """
+    values = _values(identifier)
+    level = level or level_of(identifier)
+    depth = LEVELS.index(level)
+    unknown = [k for k in values if tag_for_keyword(k) is None]
+    if unknown:
+        raise QueryError(f"unknown keyword {unknown[0][:64]!r} in the identifier")
+    where, params, having = _conditions(values, depth)
+    wanted = [k for k in values if k not in _NOT_KEYS]
+    unique = [UNIQUE_KEYS[lv] for lv in LEVELS[1:depth + 1] if UNIQUE_KEYS[lv] not in wanted]
+    if level is Level.PATIENT and "PatientID" not in wanted:
+        unique.insert(0, "PatientID")
+    return_keys = tuple(unique + wanted)
+    select = [_select(keyword, depth) for keyword in return_keys]
+    sql = f"SELECT {', '.join(column for part in select for column in part)} FROM instance_keys"
+    sql += f" WHERE {' AND '.join(where)}" if where else ""
+    group = _GROUP[level]
+    if group:
+        # With WHERE terms, "+column" keeps the planner from scanning the whole group index to
+        # save a sort: the few matching records are found by their key's index, then grouped.
+        sql += f" GROUP BY {', '.join(('+' if where else '') + column for column in group)}"
+        sql += f" HAVING {' AND '.join(having)}" if having else ""
+    sql += f" ORDER BY {', '.join(group or ('study_instance_uid', 'series_instance_uid', 'instance_number'))}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return Find(level, sql, tuple(params), return_keys)
+
+
+def retrieve(identifier: Dataset | Mapping[str, object], level: Level | None = None) -> Find:
+    """The instances a C-GET or C-MOVE sends: its rows are :class:`Stored` fields.
+
+    Raises
+    ------
+    QueryError
+        The level is missing or unknown, or the identifier lacks the level's unique key.
+    """
+    values = _values(identifier)
+    level = level or level_of(identifier)
+    unique = UNIQUE_KEYS[level]
+    if not str(values.get(unique, "")).strip():
+        raise QueryError(f"a retrieve at {level.value} level needs {unique}")
+    where, params, _ = _conditions(values, LEVELS.index(level))
+    sql = (f"SELECT {', '.join(Stored._fields)} FROM instance_keys WHERE {' AND '.join(where)} "
+           "ORDER BY study_instance_uid, series_instance_uid, instance_number")
+    return Find(level, sql, tuple(params), ())
+
+
+def _values(identifier: Dataset | Mapping[str, object]) -> dict[str, object]:
+    """Keyword -> value: text as DICOM encodes it, a list of mappings for a sequence."""
+    if not isinstance(identifier, Dataset):
+        return dict(identifier)
+    values: dict[str, object] = {}
+    for element in identifier:
+        if not element.keyword or element.tag.group == 0x0002:
+            continue
+        if element.VR == "SQ":
+            values[element.keyword] = [_values(item) for item in element.value]
+        elif element.VM > 1:
+            values[element.keyword] = "\\".join(str(v) for v in element.value)
+        else:
+            values[element.keyword] = "" if element.value is None else str(element.value)
+    return values
+
+
+def _select(keyword: str, depth: int) -> tuple[str, ...]:
+    """The SQL expressions of one return key (NULL where it is below the level or unknown)."""
+    key = _BY_KEYWORD.get(keyword)
+    if key is not None:
+        above = LEVELS.index(key.level) <= depth
+        return key.columns if above else tuple("NULL" for _ in key.columns)
+    derived = _DERIVED.get(keyword)
+    if derived is not None and LEVELS.index(derived[0]) == depth:
+        return (derived[1],)
+    return ("NULL",)
+
+
+def _conditions(values: Mapping[str, object], depth: int) -> tuple[list[str], list[object], list[str]]:
+    """WHERE terms, the parameters (of WHERE, then of HAVING), and HAVING terms for the keys at
+    or above ``depth``."""
+    where: list[str] = []
+    params: list[object] = []
+    having: list[str] = []
+    having_params: list[object] = []  # HAVING follows WHERE in the statement, so its values do too
+    for keyword, value in values.items():
+        key = _BY_KEYWORD.get(keyword)
+        if key is not None and LEVELS.index(key.level) <= depth:
+            for term, args in _key_terms(key, value):
+                where.append(term)
+                params.extend(args)
+        elif keyword == "ModalitiesInStudy" and depth == LEVELS.index(Level.STUDY):
+            modalities = [m.strip() for m in str(value or "").split("\\") if m.strip()]
+            if modalities:
+                having.append(f"sum(modality IN ({', '.join('?' * len(modalities))})) > 0")
+                having_params.extend(modalities)
+    return where, params + having_params, having
+
+
+def _key_terms(key: Key, value: object) -> list[tuple[str, list[object]]]:
+    if key.items:
+        items = cast(Sequence[Mapping[str, object]], value or [])
+        if not items:
+            return []
+        first = items[0]
+        terms = [_term(column, dictionary_VR(keyword), keyword, str(first.get(keyword) or ""))
+                 for keyword, column in key.items]
+    else:
+        terms = [_term(key.column, dictionary_VR(key.keyword), key.keyword, str(value or ""))]
+    return [term for term in terms if term is not None]
+
+
+def _term(column: str, vr: str, keyword: str, raw: str) -> tuple[str, list[object]] | None:
+    """One key's SQL term, or None for universal matching."""
+    value = raw.strip()
+    if not value or value == "*":
+        return None
+    if vr == "UI":
+        uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
+        return f"{column} IN ({', '.join('?' * len(uids))})", list(uids)
+    if keyword in INTEGER_KEYWORDS:
+        try:
+            return f"{column} = ?", [int(value)]
+        except ValueError:
+            return "0", []  # no record holds a malformed number
+    if vr in _RANGED:
+        return _range(column, vr, value)
+    wild = "*" in value or "?" in value
+    if vr == "PN":
+        if wild:
+            return f"{column} LIKE ? ESCAPE '\\'", [_like(value)]
+        return f"{column} = ? COLLATE NOCASE", [value]
+    if wild:
+        return f"{column} GLOB ?", [_glob(value)]
+    return f"{column} = ?", [value]
+
+
+def _range(column: str, vr: str, value: str) -> tuple[str, list[object]]:
+    """Single value or range matching of a date, time or date-time. Dates compare whole (so
+    the study date index serves them); a time's bound compares with the same number of
+    characters of the stored value (``-1300`` includes 13:00:59)."""
+    if "-" not in value or (vr == "DT" and value.count("-") == 1 and value.index("-") > 8):
+        # a DT's UTC offset (-0500) is not a range
+        return (f"{column} = ?" if vr == "DA" else f"substr({column}, 1, {len(value)}) = ?"), [value]
+    low, _, high = value.partition("-")
+    terms: list[str] = []
+    args: list[object] = []
+    if low:
+        terms.append(f"{column} >= ?")
+        args.append(low)
+    if high:
+        upper = column if vr == "DA" else f"substr({column}, 1, {len(high)})"
+        terms.append(f"{column} != '' AND {upper} <= ?")
+        args.append(high)
+    return " AND ".join(terms) or "1", args
+
+
+def _like(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _glob(value: str) -> str:
+    return value.replace("[", "[[]")
+
