@@ -119,17 +119,21 @@ class Producer:
         The node's AE title, used as Station Name and as the device observer's name.
     institution
         The node's Institution Name (``node.institution_name``); "" leaves it out.
+    device
+        The installation's Device UID (``store.device``); "" derives one from the AE title
+        (``dicom-node explain``, tests), which two installations may share.
     """
 
     pipeline: str
     manifest: ModelManifest
     station: str
     institution: str = ""
+    device: str = ""
 
     @property
     def device_uid(self) -> UID:
-        """The node as an SR device observer: stable for one AE title."""
-        return derived_uid("device", self.station)
+        """The node as an SR device observer and as contributing equipment."""
+        return UID(self.device) if self.device else derived_uid("device", self.station)
 
     @property
     def manufacturer(self) -> str:
