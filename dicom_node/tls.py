@@ -200,7 +200,12 @@ def _check_key_mode(source: str, key: str, private_key: Path) -> None:
 
 def _check_expiry(source: str, key: str, certificate: Path, now: datetime) -> None:
     """Warn about an expired certificate, or one that expires within EXPIRY_WARNING_DAYS."""
-    not_after = certificate_not_after(certificate.read_text())
+    try:
+        not_after = certificate_not_after(certificate.read_text())
+    except (ValueError, IndexError, OSError):  # OpenSSL loaded it: a date we cannot read is no reason to stop
+        logger.warning("%s: key %r: the end of validity of certificate %s could not be read", source, key,
+                       certificate)
+        return
     left = not_after - now
     if left <= timedelta(0):
         logger.warning("%s: key %r: certificate %s expired on %s: peers will refuse it",
