@@ -671,10 +671,22 @@ def _check_tls(settings: Settings) -> None:
         if (d.tls_certificate is None) != (d.tls_private_key is None):
             raise ConfigError(f"{src}: keys 'destinations[{i}].tls_certificate' and "
                               "'tls_private_key' go together; expected both or neither")
+        _check_destination_tls_keys(src, i, d)
         if d.tls and not (d.tls_ca_certificates or tls.ca_certificates):
             raise ConfigError(f"{src}: key 'destinations[{i}].tls' = true needs "
                               f"'destinations[{i}].tls_ca_certificates' or 'tls.ca_certificates' "
                               "(the CAs that issue the destination's certificate)")
+
+
+def _check_destination_tls_keys(src: str, i: int, d: Destination) -> None:
+    """A ``tls_*`` key without ``tls = true`` is a mistake, not a preference: ignoring it would
+    send the results in clear to a destination its operator meant to reach over TLS."""
+    set_keys = [f.name for f in dataclasses.fields(Destination)
+                if f.name.startswith("tls_") and getattr(d, f.name) != f.default]
+    if set_keys and not d.tls:
+        raise ConfigError(f"{src}: key 'destinations[{i}].tls' = false is invalid with "
+                          f"{', '.join(f'destinations[{i}].{k}' for k in set_keys)} set; expected "
+                          "'tls = true' (or remove the tls_* keys to send in clear)")
 
 
 def _check_references(settings: Settings) -> None:

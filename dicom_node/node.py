@@ -29,6 +29,7 @@ from dicom_node.jobs.worker import Worker
 from dicom_node.retention import Planner, Purger, Retention, read_usage, store_floor
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
+from dicom_node.store.device import installation_device_uid
 from dicom_node.store.results import ResultArea
 from dicom_node.tls import check_files
 from dicom_node.web import Metrics, Sources, WebServer, check_exposure
@@ -121,6 +122,7 @@ class Node:
         check_models(s, self.registry)
         runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
+        device = installation_device_uid(s.node.data_dir)  # made at the first start, then kept
         self.trail = AuditTrail(s.node.data_dir / "audit", s.audit.max_bytes, s.audit.backups,
                                 clock=self.clock)
         self.metrics = Metrics()
@@ -179,7 +181,8 @@ class Node:
                                   f"web.port = {s.web.port}: {exc.strerror or exc}") from None
         for i, inference in enumerate(runners):
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
-                             runner=inference, outbox=self.outbox, audit=self.audit, jobs=self.queue)
+                             runner=inference, outbox=self.outbox, audit=self.audit, jobs=self.queue,
+                             device_uid=device)
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))

@@ -60,6 +60,7 @@ class PipelineContext:
     gate: list[GateResult] = field(default_factory=list)  # per frame, when the model has a gate
     outcome: str = ""  # set by a step that ends the job early, e.g. "not analysed, reported"
     outcome_reason: str = ""
+    device_uid: str = ""  # the installation's (store.device); "" derives one from the AE title
 
     def gate_summary(self) -> dict[str, Any]:
         """The gate's scores and threshold, the action taken, and the job's outcome if it ended early."""
@@ -277,8 +278,7 @@ def encode(ctx: PipelineContext) -> None:
     config = ctx.pipeline()
     if config is None or not config.outputs:
         return
-    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title,
-                        ctx.settings.node.institution_name)
+    producer = _producer(ctx, config)
     earlier = revision(ctx)  # a database error here is retried, not a "not analysed" series
     try:
         encoded = encode_series(ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs,
@@ -378,14 +378,18 @@ def enqueue(ctx: PipelineContext) -> None:
         ctx.outbox.enqueue(ctx.job.id, ctx.saved, destinations(ctx))
 
 
+def _producer(ctx: PipelineContext, config: Pipeline) -> Producer:
+    node = ctx.settings.node
+    return Producer(config.name, ctx.model(), node.ae_title, node.institution_name, ctx.device_uid)
+
+
 def report_not_analysed(ctx: PipelineContext, reason: str) -> None:
     """The "not analysed" SR of a routed series that could not be analysed, stored and enqueued,
     so that silence never means "normal"."""
     config = ctx.pipeline()
     if config is None or "sr" not in config.outputs or ctx.runner is None:
         return
-    producer = Producer(config.name, ctx.model(), ctx.settings.node.ae_title,
-                        ctx.settings.node.institution_name)
+    producer = _producer(ctx, config)
     ctx.outputs = [not_analysed(_headers(ctx), reason, producer, ctx.job.study_instance_uid,
                                 ctx.job.series_instance_uid)]
     store_results(ctx)
@@ -417,7 +421,7 @@ def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any
 def run(
     job: Job, timings: dict[str, float], *, settings: Settings, store: InstanceStore,
     steps: Sequence[tuple[str, Step]], runner: InferenceRunner | None = None, outbox: Outbox | None = None,
-    audit: Audit = NO_AUDIT, jobs: JobQueue | None = None,
+    audit: Audit = NO_AUDIT, jobs: JobQueue | None = None, device_uid: str = "",
 ) -> PipelineContext:
     """Run ``steps`` for ``job``, recording each step's seconds in ``timings`` as it ends.
 
@@ -425,7 +429,7 @@ def run(
     pixels, ...) leaves a "not analysed" SR for the PACS, then fails the job with the reason.
     """
     ctx = PipelineContext(job=job, settings=settings, store=store, runner=runner, outbox=outbox,
-                          timings=timings, jobs=jobs, audit=audit)
+                          timings=timings, jobs=jobs, audit=audit, device_uid=device_uid)
     where = {"job": job.id, "study_instance_uid": job.study_instance_uid,
              "series_instance_uid": job.series_instance_uid, "pipeline": job.pipeline}
     audit.record("job_started", **where, model=job.model, model_version=job.model_version,

@@ -119,17 +119,21 @@ class Producer:
         The node's AE title, used as Station Name and as the device observer's name.
     institution
         The node's Institution Name (``node.institution_name``); "" leaves it out.
+    device
+        The installation's Device UID (``store.device``); "" derives one from the AE title
+        (``dicom-node explain``, tests), which two installations may share.
     """
 
     pipeline: str
     manifest: ModelManifest
     station: str
     institution: str = ""
+    device: str = ""
 
     @property
     def device_uid(self) -> UID:
-        """The node as an SR device observer: stable for one AE title."""
-        return derived_uid("device", self.station)
+        """The node as an SR device observer and as contributing equipment."""
+        return UID(self.device) if self.device else derived_uid("device", self.station)
 
     @property
     def manufacturer(self) -> str:
@@ -197,16 +201,25 @@ def mark_equipment(ds: Dataset, producer: Producer) -> None:
     the Contributing Equipment Sequence (0018,A001), after the items highdicom put there (the
     source's acquisition equipment, highdicom itself). Every encoder calls it once its object's
     content date is set; calling it again replaces the node's item rather than adding one.
+
+    Only an item of this node and model (same Device UID, Manufacturer's Model Name and Software
+    Versions) is replaced: when the source is itself an output of a dicom-node, the items that
+    name that node stay.
     """
-    ds.Manufacturer = MANUFACTURER
+    ds.Manufacturer = producer.manufacturer
     ds.ManufacturerModelName = producer.model_name[:64]
     ds.SoftwareVersions = producer.software_versions
     ds.StationName = producer.station[:16]
     if producer.institution:
         ds.InstitutionName = producer.institution[:64]
-    others = [item for item in ds.get("ContributingEquipmentSequence", [])
-              if item.get("Manufacturer") != MANUFACTURER]
-    ds.ContributingEquipmentSequence = [*others, contributing_equipment(producer, created(ds))]
+    ours = contributing_equipment(producer, created(ds))
+    others = [item for item in ds.get("ContributingEquipmentSequence", []) if not _same_equipment(item, ours)]
+    ds.ContributingEquipmentSequence = [*others, ours]
+
+
+def _same_equipment(item: Dataset, ours: Dataset) -> bool:
+    keys = ("DeviceUID", "ManufacturerModelName", "SoftwareVersions")
+    return all(item.get(key) == ours.get(key) for key in keys)
 
 
 def contributing_equipment(producer: Producer, when: datetime) -> Dataset:
@@ -219,7 +232,7 @@ def contributing_equipment(producer: Producer, when: datetime) -> Dataset:
     """
     manifest = producer.manifest
     item = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER, purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer=producer.manufacturer, purpose_of_reference=PROCESSING_EQUIPMENT,
         manufacturer_model_name=producer.model_name[:64],
         software_versions=[producer.software_versions[:64], f"{manifest.name} {manifest.version}"[:64]],
         institution_name=producer.institution[:64] or None, station_name=producer.station[:16],

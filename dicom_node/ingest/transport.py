@@ -143,13 +143,14 @@ def tls_handshake(sock: socket.socket, context: ssl.SSLContext, timeout: float,
         return DropReason.CLOSED, "no descriptor for its TLS socket"
     try:
         conn = context.wrap_socket(duplicate, server_side=True, do_handshake_on_connect=False)
-    except OSError:  # reset (or evicted) before the handshake began
+    except OSError as exc:  # reset (or evicted) before the handshake began
+        _close_half_built(exc)
         duplicate.close()
         return DropReason.CLOSED, "before the TLS handshake"
-    conn.setblocking(False)
-    poller = select.poll()
-    poller.register(conn, select.POLLIN)
-    try:
+    try:  # from here on, every way out but success closes the TLS socket
+        conn.setblocking(False)
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
         while True:
             try:
                 conn.do_handshake()
@@ -171,6 +172,22 @@ def tls_handshake(sock: socket.socket, context: ssl.SSLContext, timeout: float,
     except OSError:
         conn.close()
         return DropReason.CLOSED, "during the TLS handshake"
+
+
+def _close_half_built(error: BaseException) -> None:
+    """Close the SSLSocket that ``wrap_socket`` had built when it raised ``error``.
+
+    ``wrap_socket`` takes the descriptor over (``detach``) before it checks the connection; on a
+    connection reset at that moment it raises without closing its new socket, which only the
+    garbage collector would then close (with a ResourceWarning). The socket is found in the
+    failed call's frames.
+    """
+    tb = error.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, ssl.SSLSocket):
+            candidate.close()
+        tb = tb.tb_next
 
 
 def _wake_at(sock: socket.socket, nbytes: int) -> None:

@@ -76,3 +76,23 @@ def test_without_an_institution_the_item_has_none(producer: Producer) -> None:
 
     item = contributing_equipment(replace(producer, institution=""), datetime(2026, 1, 2, 3, 4, 5))
     assert "InstitutionName" not in item and str(item.ContributionDateTime) == "20260102030405"
+
+
+def test_an_item_naming_another_dicom_node_stays(producer: Producer) -> None:
+    """A source made by a dicom-node (another site's, or an earlier model's) keeps the item that
+    names it: only this node's and model's own item is replaced."""
+    from dataclasses import replace
+
+    case = make_case("CT", producer)
+    case.source.Manufacturer = MANUFACTURER  # highdicom adds the source's equipment to SR, SEG, PM
+    [overlay] = [ds for ds in encode_results([case.source], case.predictions, case.heatmaps, producer, ["sr", "seg"],
+                                             ["gradcam"]) if ds.Modality == "SEG"]
+    makers = [item.Manufacturer for item in overlay.ContributingEquipmentSequence]
+    assert makers.count(MANUFACTURER) == 2, makers  # the source's, then ours
+    assert overlay.ContributingEquipmentSequence[-1].DeviceUID == producer.device_uid
+    elsewhere = replace(producer, station="OTHER_NODE")  # another installation's item on the same object
+    mark_equipment(overlay, elsewhere)
+    mark_equipment(overlay, producer)
+    items = [(item.Manufacturer, item.get("DeviceUID")) for item in overlay.ContributingEquipmentSequence]
+    assert items[-2:] == [(MANUFACTURER, elsewhere.device_uid), (MANUFACTURER, producer.device_uid)], items
+    assert len(items) == len(makers) + 1, items  # ours replaced, not repeated

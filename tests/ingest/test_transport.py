@@ -2,23 +2,28 @@
 never waits on a peer. Real sockets on loopback; attackers on their own loopback addresses."""
 
 import contextlib
+import gc
 import logging
+import select
 import socket
+import ssl
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trustme
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.ingest.limits import ASSOCIATE_PDU_LIMIT
 from dicom_node.ingest.scp import TRANSFER_SYNTAXES, IngestServer, start_ingest
-from dicom_node.ingest.transport import DropReason, read_request
+from dicom_node.ingest.transport import DropReason, read_request, tls_handshake
 from dicom_node.store import InstanceStore
 from tests.conftest import make_settings
 from tests.ingest.hostile import associate_rq, closed_by_peer, connect, stalled_association
@@ -462,3 +467,20 @@ def test_a_handshake_ending_during_its_eviction_is_still_shut(tmp_path: Path) ->
             thread.join(5.0)
         for sock in (victim, newcomer):
             sock.close()
+
+
+def test_a_connection_reset_before_the_tls_handshake_leaves_no_socket_to_the_collector(tmp_path: Path) -> None:
+    """``wrap_socket`` raises on a reset connection after taking the descriptor over; the
+    half-built TLS socket is closed by tls_handshake, not later (with a ResourceWarning) by gc."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+    with tcp_pair() as (client, server_side), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # an RST, not a FIN
+        poller = select.poll()  # wait for the RST without reading it (a read would clear it)
+        poller.register(server_side, select.POLLERR)
+        assert poller.poll(5000), "no RST within 5 s"
+        assert tls_handshake(server_side, context, 1.0) == (DropReason.CLOSED, "before the TLS handshake")
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]

@@ -19,7 +19,9 @@ from dicom_node.config import Destination, ExportSettings, Settings, TlsSettings
 from dicom_node.errors import ConfigError
 from dicom_node.export import DeliveryState, Exporter, Outbox, Result
 from dicom_node.export.push import send_files
-from tests.conftest import require_tool
+from dicom_node.ingest.scp import start_ingest
+from dicom_node.store import InstanceStore
+from tests.conftest import make_settings, require_tool
 from tests.factories import ct_dataset
 from tests.nodeproc import free_port
 from tests.orthanc import Orthanc
@@ -167,3 +169,38 @@ def test_the_exporter_delivers_to_an_orthanc_with_dicom_tls(tmp_path: Path, pki:
         anonymous.outbox.enqueue(1, [other], ["pacs"])
         assert anonymous.send_due() == 0
         assert pacs.instances_of_study(other.study_instance_uid) == []
+    [refused] = anonymous.outbox.list()
+    # TLS 1.3: the refusal comes as an alert on the first read, after the client's handshake ended
+    assert refused.reason.startswith("pacs: TLS handshake failed: "), refused.reason
+    assert "certificate required" in refused.reason, refused.reason
+
+
+def test_a_tls_1_3_refusal_of_the_nodes_client_certificate_reaches_the_record(tmp_path: Path, pki: Pki) -> None:
+    """The node's own TLS listener as the destination: it requires a certificate from its CA.
+
+    Under TLS 1.3 the client's handshake is over before the server checks the client's
+    certificate, so ``connect`` succeeds and the refusal shows on the first read."""
+    settings = replace(make_settings(tmp_path / "data"), node=replace(make_settings(tmp_path).node, listen=("tls",)),
+                       tls=replace(node_tls(pki), port=0))
+    store = InstanceStore(settings.node.data_dir, 0)
+    server = start_ingest(settings, store)
+    try:
+        destination = Destination("pacs", "XAI_NODE", "127.0.0.1", server.port, tls=True)
+        cases = {"none": TlsSettings(ca_certificates=(pki.ca,)),
+                 "another CA's": replace(node_tls(pki), certificate=pki.stranger.certificate,
+                                         private_key=pki.stranger.private_key)}
+        reasons = {}
+        for name, tls in cases.items():
+            send = exporter(tmp_path / name, destination, tls)
+            send.outbox.enqueue(1, [result(tmp_path / "results")], ["pacs"])
+            assert send.send_due() == 0
+            [record] = send.outbox.list()
+            reasons[name] = record.reason
+        control = exporter(tmp_path / "control", destination, node_tls(pki))
+        control.outbox.enqueue(1, [result(tmp_path / "results")], ["pacs"])
+        assert control.send_due() == 1  # the node's own certificate is let in
+    finally:
+        server.stop(grace_seconds=1.0)
+        store.close()
+    assert reasons == {"none": "pacs: TLS handshake failed: tlsv13 alert certificate required",
+                       "another CA's": "pacs: TLS handshake failed: tlsv1 alert unknown ca"}, reasons

@@ -9,6 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node import MANUFACTURER
+from dicom_node.encode.common import derived_uid
 from dicom_node.phantoms import write_study
 from tests.conftest import require_tool
 from tests.jobs.test_crash import wait_for
@@ -70,9 +71,16 @@ send_to = ["pacs"]
             wait_for(report_arrived, timeout=180, what="the node's SR at storescp +tls")
             assert node.stop() == 0
     objects = [dcmread(path) for path in sorted(received.iterdir())]
+    device_uid = (node_dir / "data" / "device-uid").read_text().strip()
+    assert device_uid.startswith("2.25.") and device_uid != derived_uid("device", "XAI_NODE")
     kinds = sorted(ds.SOPClassUID.name for ds in objects)
     assert kinds[-1] == "Secondary Capture Image Storage" and "Comprehensive 3D SR Storage" in kinds, kinds
     for ds in objects:
         [ours] = [item for item in ds.ContributingEquipmentSequence if item.Manufacturer == MANUFACTURER]
         assert ours.StationName == "XAI_NODE" and ours.InstitutionName == "Test Hospital"
         assert ours.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        # the installation's own Device UID, made at the first start, not one derived from the AE title
+        assert ours.DeviceUID == device_uid, (ours.DeviceUID, device_uid)
+    [report] = [ds for ds in objects if ds.Modality == "SR"]
+    observer_uids = {str(element.value) for element in report.iterall() if element.keyword == "UID"}
+    assert device_uid in observer_uids  # the SR's device observer is the same device

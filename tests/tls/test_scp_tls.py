@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -28,6 +29,7 @@ from dicom_node.store import InstanceStore
 from tests.conftest import make_settings, require_tool
 from tests.factories import ct_dataset, save
 from tests.orthanc import Orthanc
+from tests.tls.peers import handshake, tls12_server_context, tls_server
 from tests.tls.pki import Identity, Pki, make_pki
 
 pytestmark = pytest.mark.peers
@@ -74,7 +76,7 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 def node(tmp_path: Path, pki: Pki) -> Iterator[tuple[IngestServer, InstanceStore]]:
-    with running(tls_settings(tmp_path / "data", pki)) as pair:
+    with running(tls_settings(tmp_path / "data", pki, handshake_timeout=10.0)) as pair:
         yield pair
 
 
@@ -158,7 +160,7 @@ def test_a_plain_client_on_the_tls_port_fails_cleanly_and_the_node_stays_up(
     plain = dcmtk("echoscu", server.tls_port)
     elapsed = time.monotonic() - start
     assert plain.returncode != 0
-    assert elapsed < 4.0, elapsed  # refused at once, not left to a timeout
+    assert elapsed < 6.0, elapsed  # refused at once, not left to the 10 s handshake timeout
     assert any(DropReason.TLS_FAILED.value in r.getMessage() for r in caplog.records)
     assert dcmtk("echoscu", server.tls_port, *tls_options(pki.client, pki.ca)).returncode == 0
     assert python_echo(server.port)
@@ -189,7 +191,7 @@ def test_a_stalled_handshake_blocks_no_one_and_is_closed_at_the_timeout(tmp_path
     """pynetdicom 3.0.4 handshakes in its accept loop: there, one silent connection blocks every
     later client until it closes (see the next test). The node handshakes in each connection's
     thread, under ingest.handshake_timeout."""
-    timeout = 4.0
+    timeout = 6.0  # long enough that an echo held up by the stalled connection shows (2 shared cores)
     with running(tls_settings(tmp_path / "data", pki, handshake_timeout=timeout)) as (server, _):
         assert server.tls_port is not None
         stalled = socket.create_connection(("127.0.0.1", server.tls_port))
@@ -198,15 +200,15 @@ def test_a_stalled_handshake_blocks_no_one_and_is_closed_at_the_timeout(tmp_path
             echo = dcmtk("echoscu", server.tls_port, *tls_options(pki.client, pki.ca))
             second = time.monotonic() - opened
             assert echo.returncode == 0, echo.stderr
-            assert second < 2.5, second  # not held up by the stalled connection
+            assert second < timeout - 1.5, second  # not held up until the stalled one's deadline
             assert _still_open(stalled)  # which is still waiting for its deadline
-            deadline = opened + timeout + 3.0
+            deadline = opened + timeout + 5.0
             while _still_open(stalled) and time.monotonic() < deadline:
                 time.sleep(0.05)
             closed_after = time.monotonic() - opened
         finally:
             stalled.close()
-    assert timeout - 0.5 <= closed_after <= timeout + 1.5, closed_after
+    assert timeout - 0.5 <= closed_after <= timeout + 3.0, closed_after
 
 
 def test_the_defect_the_node_avoids_pynetdicoms_own_tls_server_blocks(tmp_path: Path, pki: Pki) -> None:
@@ -221,11 +223,24 @@ def test_the_defect_the_node_avoids_pynetdicoms_own_tls_server_blocks(tmp_path: 
     try:
         port = upstream.server_address[1]
         with socket.create_connection(("127.0.0.1", port)):
-            time.sleep(0.3)  # let the accept loop take it and block in its handshake
+            _wait_accepted(port)  # the accept loop has taken it and blocks in its handshake
             with pytest.raises(TimeoutError):
                 _handshake(port, _client(ssl.TLSVersion.TLSv1_3, "DEFAULT", pki), timeout=2.0)
     finally:
         upstream.shutdown()
+
+
+def _wait_accepted(port: int, timeout: float = 5.0) -> None:
+    """Poll until the listener on ``port`` has no connection left in its accept queue."""
+    deadline = time.monotonic() + timeout
+    while True:
+        # ss -ltn: for a listener, Recv-Q is the number of connections not yet accepted
+        [line] = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                                check=True).stdout.splitlines()
+        if line.split()[1] == "0":
+            return
+        assert time.monotonic() < deadline, f"not accepted within {timeout} s: {line}"
+        time.sleep(0.02)
 
 
 def _client(version: ssl.TLSVersion, ciphers: str, pki: Pki) -> ssl.SSLContext:
@@ -266,10 +281,30 @@ def test_tls_1_3_is_offered_and_weak_tls_1_2_ciphers_are_refused(
     server, _ = node
     assert server.tls_port is not None
     assert _handshake(server.tls_port, _client(ssl.TLSVersion.TLSv1_3, "DEFAULT", pki)) == "TLSv1.3"
-    # no forward secrecy (RSA key exchange) and CBC: both outside BCP 195's recommended suites
-    for weak in ("AES128-SHA:@SECLEVEL=0", "ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0"):
-        with pytest.raises(ssl.SSLError):
-            _handshake(server.tls_port, _client(ssl.TLSVersion.TLSv1_2, weak, pki))
+
+
+#: TLS 1.2 suites outside the node's policy that an RSA certificate could serve: RSA key
+#: exchange (no forward secrecy), CBC, finite-field DHE (RFC 9325 4.1: SHOULD NOT).
+WEAK_RSA_SUITES = ("AES128-SHA", "AES128-GCM-SHA256", "ECDHE-RSA-AES128-SHA", "DHE-RSA-AES128-GCM-SHA256")
+
+
+@pytest.mark.parametrize("weak", WEAK_RSA_SUITES)
+def test_weak_tls_1_2_suites_are_refused_by_the_node_though_its_rsa_certificate_could_serve_them(
+    tmp_path: Path, weak: str,
+) -> None:
+    """With trustme's default ECDSA key, RSA-authenticated suites fail whatever the policy: an
+    RSA PKI here, and the control shows the same suite agreed by a server without the policy.
+    (The node's server context loads no DH parameters, so it refused DHE even when its list
+    named DHE suites; the list's fix shows on the client side, in ``test_policy.py``.)"""
+    rsa = make_pki(tmp_path / "rsa", trustme.KeyType.RSA)
+    client = _client(ssl.TLSVersion.TLSv1_2, f"{weak}:@SECLEVEL=0", rsa)
+    control = tls12_server_context(rsa.node.certificate, rsa.node.private_key, "ALL:@SECLEVEL=0", tmp_path)
+    with tls_server(control) as port:
+        assert handshake(port, client) == ("TLSv1.2", weak)
+    with running(tls_settings(tmp_path / "data", rsa)) as (server, _):
+        assert server.tls_port is not None
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            _handshake(server.tls_port, client)
 
 
 def test_listening_on_tls_only_leaves_no_plain_port(tmp_path: Path, pki: Pki) -> None:
@@ -302,7 +337,7 @@ def test_stop_closes_a_stalled_tls_handshake_at_once(tmp_path: Path, pki: Pki) -
             assert server.servers[1].open_connections() == 1
             start = time.monotonic()
             assert server.stop(grace_seconds=5.0)  # clean: no thread left behind
-            assert time.monotonic() - start < 2.0  # not the grace, not the 30 s handshake timeout
+            assert time.monotonic() - start < 4.0  # not the 5 s grace, not the 30 s handshake timeout
             stalled.settimeout(2.0)
             assert stalled.recv(1) == b""  # closed by the node
             deadline = time.monotonic() + 2.0  # and its thread, woken, has let go of it
