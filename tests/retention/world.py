@@ -64,8 +64,10 @@ class World:
         self.queue.backend.close()
         self.store.close()
 
-    def retention(self, settings: RetentionSettings, usage: UsageReader = read_usage) -> Retention:
-        planner = Planner(self.store.index, self.queue, self.outbox, self.results)
+    def retention(self, settings: RetentionSettings, usage: UsageReader = read_usage,
+                  grace_seconds: float = 0.0) -> Retention:
+        planner = Planner(self.store.index, self.queue, self.outbox, self.results, grace_seconds,
+                          self.clock)
         return Retention(settings, planner, self.purger, self.data_dir, usage, self.clock)
 
     def series(self, count: int = 2, size: int = 16) -> list[InstanceRecord]:
