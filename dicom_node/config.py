@@ -56,13 +56,13 @@ def _port(value: int) -> int:
 
 
 def _positive(value: int | float) -> int | float:
-    if not math.isfinite(value) or value <= 0:  # TOML has inf and nan
+    if value <= 0:
         raise ValueError("a number greater than 0")
     return value
 
 
 def _non_negative(value: int | float) -> int | float:
-    if not math.isfinite(value) or value < 0:
+    if value < 0:
         raise ValueError("a number of 0 or more")
     return value
 

@@ -75,11 +75,13 @@ class World:
         study, series = new_uid(), new_uid()
         return [put(self.store, ct_dataset(study, series, size=size, seed=i)) for i in range(count)]
 
-    def job(self, records: Sequence[InstanceRecord], state: JobState, pipeline: str = "chest") -> Job:
-        """A job over ``records`` taken to ``state`` (queued, running, done, failed, dead, not_routed)."""
+    def job(self, records: Sequence[InstanceRecord], state: JobState, pipeline: str = "chest",
+            model_version: str = "1") -> Job:
+        """A job over ``records`` taken to ``state`` (queued, running, done, failed, dead, not_routed);
+        another ``model_version`` makes a new version of the same series' job."""
         first = records[0]
         spec = JobSpec(first.study_instance_uid, first.series_instance_uid,
-                       tuple(sorted(r.sop_instance_uid for r in records)), pipeline, "demo", "1",
+                       tuple(sorted(r.sop_instance_uid for r in records)), pipeline, "demo", model_version,
                        state=JobState.NOT_ROUTED if state == JobState.NOT_ROUTED else JobState.QUEUED)
         job = self.queue.enqueue(spec)
         assert job is not None
