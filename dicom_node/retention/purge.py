@@ -125,6 +125,9 @@ class Purger:
         self.store, self.outbox, self.results, self.audit = store, outbox, results, audit
         self.clock = clock if clock is not None else store.clock
         self.actor = actor
+        # deletions audited whose intent is not deleted yet (its transaction failed): resuming
+        # them in this process must not audit, nor count in the metrics, the same deletion twice
+        self._audited: set[tuple[str, str, str]] = set()
 
     def close(self) -> None:
         self._conn.close()
@@ -165,6 +168,10 @@ class Purger:
         return outcome
 
     def _finish(self, intent: Intent, outcome: Outcome, resuming: bool) -> None:
+        key = (str(intent.kind), intent.sop_instance_uid, intent.path)
+        if resuming and key in self._audited:
+            self._forget(intent)  # done and audited by this process already
+            return
         if resuming and not self._begun(intent):
             outcome.replanned += 1
             self._forget(intent)
@@ -190,6 +197,7 @@ class Purger:
                               age_days=round(age_days(self.clock(), intent.since), 3),
                               size_bytes=intent.size_bytes, reason=intent.reason, actor=self.actor,
                               **({"resumed": True} if resuming else {}))
+            self._audited.add(key)
         else:
             outcome.changed += 1
         self._forget(intent)
@@ -198,6 +206,7 @@ class Purger:
         with transaction(self._conn) as conn:
             conn.execute("DELETE FROM purge_intents WHERE kind = ? AND sop_instance_uid = ? AND path = ?",
                          (intent.kind, intent.sop_instance_uid, intent.path))
+        self._audited.discard((str(intent.kind), intent.sop_instance_uid, intent.path))
 
     def _begun(self, intent: Intent) -> bool:
         """Whether an interrupted deletion had deleted anything: an input's index record (or,

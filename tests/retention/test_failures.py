@@ -195,3 +195,36 @@ def test_a_purge_for_space_deletes_at_most_the_first_excess_and_a_margin(world: 
     # 3 freed 1.8, the budget's last 0.3 took one more; without the cap it would go on to 5
     assert outcome.purged[Kind.INPUT] == 4 and len(indexed(world)) == 6
     assert any("the excess first read" in r.getMessage() for r in caplog.records)
+
+
+def test_a_deletion_audited_before_its_intent_failed_to_go_is_not_audited_again(world: World) -> None:
+    import sqlite3
+
+    from dicom_node.web import Metrics
+
+    [record] = delivered(world, 1)
+    metrics = Metrics()
+    world.purger.audit = world.audit  # the node's Fanout: the audit trail and the metrics
+    real_record = world.audit.record
+
+    def both(event: str, **fields: object) -> None:
+        real_record(event, **fields)
+        metrics.record(event, **fields)
+
+    world.audit.record = both  # type: ignore[method-assign]
+    forget = world.purger._forget
+    fails = [sqlite3.OperationalError("database is locked")]
+
+    def failing(intent: object) -> None:
+        if fails:
+            raise fails.pop()
+        forget(intent)  # type: ignore[arg-type]
+
+    world.purger._forget = failing  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.OperationalError):
+        world.retention(RetentionSettings(inputs_days=30)).purge_by_age()
+    assert len(world.purger.pending()) == 1  # deleted and audited, its intent still there
+    outcome = world.purger.resume()  # the next round, in the same process
+    assert world.purger.pending() == [] and outcome.purged[Kind.INPUT] == 0
+    assert [e["sop_instance_uid"] for e in world.audit.named(PURGED)] == [record.sop_instance_uid]
+    assert metrics.purged["input"] == [1, record.size_bytes]
