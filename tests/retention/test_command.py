@@ -183,3 +183,31 @@ def test_metrics_count_what_the_policy_deleted(tmp_path: Path) -> None:
     assert 'dicom_node_purged_total{kind="input"} 2' in text
     assert 'dicom_node_purged_total{kind="result"} 1' in text
     assert 'dicom_node_purged_bytes_total{kind="input"} 1024' in text
+
+
+def test_a_deletion_the_file_system_refuses_fails_neither_the_purge_nor_the_next_one(
+        folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from dicom_node.store.files import FileArea
+
+    first = sorted((folder / "uids").read_text().split())[0]
+    unlink = FileArea.unlink
+
+    def refusing(self: FileArea, relative: Path) -> None:
+        if relative.stem == first:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        unlink(self, relative)
+
+    monkeypatch.setattr(FileArea, "unlink", refusing)
+    config = str(folder / "node.toml")
+    assert main(["purge", "--config", config]) == 1  # done, but says a deletion was refused
+    captured = capsys.readouterr()
+    assert "purged 1 input(s) and 1 result(s)" in captured.out and "1 deletion(s) refused" in captured.out
+    assert "1 deletion(s) were refused by the file system" in captured.err
+    assert stored(folder) == 4
+    # the next purge starts by resuming it: still refused, it goes on all the same
+    assert main(["purge", "--config", config]) == 1 and "purged 0 input(s)" in capsys.readouterr().out
+    monkeypatch.setattr(FileArea, "unlink", unlink)  # the permissions are mended
+    assert main(["purge", "--config", config]) == 0
+    assert "purged 1 input(s)" in capsys.readouterr().out and stored(folder) == 3

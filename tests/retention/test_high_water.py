@@ -190,3 +190,22 @@ def test_a_purge_mark_at_or_below_the_floor_is_refused_at_start(
     assert f"file system of {4 * GIB} bytes" in str(raised.value)
     assert "at which C-STOREs are refused" in str(raised.value)
     os.close(lock_data_dir(settings.node.data_dir))  # the refused start let go of the folder
+
+
+def test_the_node_starts_when_resuming_an_interrupted_purge_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from dicom_node.retention import Purger
+
+    def broken(self: Purger) -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(Purger, "resume", broken)
+    node = Node(replace(node_settings(tmp_path, 0), web=WebSettings(enabled=False)))
+    node.start()  # the intents stay for the next round or start; the node serves meanwhile
+    try:
+        assert node.ingest is not None
+        assert send(node.ingest.port, ct_dataset()) == [(StoreStatus.SUCCESS, "")]
+    finally:
+        node.stop()
