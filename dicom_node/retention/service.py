@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from dicom_node.config import RetentionSettings
+from dicom_node.jobs.queue import QueuePolicy
 from dicom_node.retention.disk import DiskMarks, UsageReader, read_usage
 from dicom_node.retention.purge import Intent, Outcome, Purger, batches
 from dicom_node.retention.rules import Candidate, Kept, Kind, Planner, take_bytes
@@ -25,8 +26,9 @@ STUCK_RETRY_SECONDS = 60.0
 #: A purge for space deletes at most the excess it first read plus this share of it per round:
 #: free space that does not come back (snapshots, files held open) must not empty the store.
 MARGIN = 0.1
-#: A batch that frees less than this share of the bytes it deleted stops the purge for space
-#: (and pauses it for ``interval_seconds``): the file system is not giving the space back.
+#: A batch that frees less than this share of the bytes it deleted stops the purge for space and
+#: pauses it (a minute, doubling each time up to ``interval_seconds``): the file system is not
+#: giving the space back, or C-STOREs fill it as fast.
 INEFFECTIVE = 0.5
 
 
@@ -70,6 +72,10 @@ class Retention:
         self.marks = DiskMarks.from_settings(settings)
         self._stuck_logged = False
         self._stuck_until = float("-inf")  # clock() before which a stuck purge for space is not retried
+        self._pauses = 0  # batches in a row that freed too little
+        # the jobs' backoff (one retry policy): a minute, doubling, up to interval_seconds
+        self._pause = QueuePolicy(backoff_seconds=STUCK_RETRY_SECONDS,
+                                  max_backoff_seconds=max(STUCK_RETRY_SECONDS, settings.interval_seconds))
 
     @property
     def enabled(self) -> bool:
@@ -120,16 +126,27 @@ class Retention:
             done = self._execute(batch, report)
             outcome.add(done)
             free_before, usage = usage.free, self.usage(self.data_dir)
-            if done.bytes and usage.free - free_before < done.bytes * INEFFECTIVE:
-                logger.warning("retention: deleting %d bytes freed %d (snapshots or files held open?); "
-                               "the purge for space pauses for %g s", done.bytes,
-                               max(0, usage.free - free_before), self.settings.interval_seconds)
-                self._stuck_until = self.clock() + max(STUCK_RETRY_SECONDS, self.settings.interval_seconds)
+            if self._freed_too_little(done.bytes, usage.free - free_before):
                 break
             need = self.marks.excess(usage)
         if need == 0:
             self._stuck_logged = False
         return outcome
+
+    def _freed_too_little(self, deleted: int, freed: int) -> bool:
+        """Whether deleting ``deleted`` bytes freed too little to go on; if so, pause."""
+        if not deleted:
+            return False
+        if freed >= deleted * INEFFECTIVE:
+            self._pauses = 0
+            return False
+        self._pauses += 1
+        pause = self._pause.backoff(self._pauses)
+        logger.warning("retention: deleting %d bytes freed %d (file system snapshots, files held open, or "
+                       "C-STOREs as fast?); the purge for space pauses for %g s", deleted, max(0, freed),
+                       pause)
+        self._stuck_until = self.clock() + pause
+        return True
 
     def _stuck(self, why: str, kept: Kept, retry: float) -> None:
         if not self._stuck_logged:

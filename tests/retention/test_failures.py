@@ -174,9 +174,13 @@ def test_a_purge_for_space_that_frees_nothing_stops_after_one_batch(world: World
     assert outcome.purged[Kind.INPUT] == 3  # the excess, 3 instances, then it saw nothing freed
     assert len(indexed(world)) == 7
     assert any("freed 0" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert policy.purge_for_space().purged[Kind.INPUT] == 0  # paused
-    world.clock.now += 3600
+    assert policy.purge_for_space().purged[Kind.INPUT] == 0  # paused for a minute
+    world.clock.now += 61
     assert policy.purge_for_space().purged[Kind.INPUT] == 3  # then one batch again, not everything
+    world.clock.now += 61
+    assert policy.purge_for_space().purged[Kind.INPUT] == 0  # the pause doubled: two minutes
+    world.clock.now += 60
+    assert policy.purge_for_space().purged[Kind.INPUT] == 3 and len(indexed(world)) == 1
 
 
 def test_a_purge_for_space_deletes_at_most_the_first_excess_and_a_margin(world: World,
