@@ -122,15 +122,7 @@ class Node:
         check_models(s, self.registry)
         runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
-        # the stop mark raises the store's own floor: one free-space guard for C-STORE and /readyz
-        usage = read_usage(s.node.data_dir)
-        self.floor = store_floor(usage, s.store.min_free_space, s.retention.stop_above_percent)
-        try:
-            check_marks(DiskMarks.from_settings(s.retention), usage, self.floor, str(s.source))
-        except ConfigError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise
+        self.floor = self._store_floor()
         self.trail = AuditTrail(s.node.data_dir / "audit", s.audit.max_bytes, s.audit.backups,
                                 clock=self.clock)
         self.metrics = Metrics()
@@ -146,10 +138,7 @@ class Node:
                              on_enqueue=self._wake_exporters)
         self.purger = Purger(s.node.data_dir / DATABASE_NAME, self.store, self.outbox, self.results,
                              self.audit, self.clock)
-        try:  # before recover(), which would index the files a killed purge left
-            self.purger.resume()
-        except Exception:  # a database error, say: the intents stay for the next round or start
-            logger.exception("retention: resuming an interrupted purge failed; the node starts anyway")
+        self._resume_purge()  # before recover(), which would index the files a killed purge left
         self.store.recover()
         self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock,
                                  audit=self.audit, tls=s.tls, source=s.source)
@@ -194,6 +183,28 @@ class Node:
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))
+
+    def _resume_purge(self) -> None:
+        try:
+            self.purger.resume()
+        except Exception:  # a database error, say: the intents stay for the next round or start
+            logger.exception("retention: resuming an interrupted purge failed; the node starts anyway")
+
+    def _store_floor(self) -> int:
+        """The free space below which C-STOREs are refused: the stop mark raises the store's own
+        floor (one free-space guard for C-STORE and /readyz). A purge mark at or below it is a
+        config error: stores would be refused before it was ever passed."""
+        s = self.settings
+        usage = read_usage(s.node.data_dir)
+        floor = store_floor(usage, s.store.min_free_space, s.retention.stop_above_percent)
+        try:
+            check_marks(DiskMarks.from_settings(s.retention), usage, floor, str(s.source))
+        except ConfigError:
+            assert self._lock_fd is not None
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        return floor
 
     def _not_ready(self) -> str | None:
         """Why the node cannot take work now, or None: the SCP listens and the database answers."""
