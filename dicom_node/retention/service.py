@@ -105,8 +105,7 @@ class Retention:
         usage = self.usage(self.data_dir)
         need = self.marks.excess(usage) if self.marks.enabled else 0
         if not need:
-            self._stuck_logged = False
-            self._stuck_until = float("-inf")
+            self._stuck_logged, self._stuck_until, self._pauses = False, float("-inf"), 0
             return outcome
         if self.clock() < self._stuck_until:
             return outcome
