@@ -15,10 +15,12 @@ A process killed anywhere in 2 leaves an intent whose index record may be gone w
 still there (a stray file). :meth:`Purger.resume` finishes, at the next start (before the store
 checks its files against its index, which would otherwise index the stray file again) and before
 each age round, only the intents whose deletion had begun: an input whose index record is gone
-(or whose file is, after a power cut), a result whose outbox records are gone. An intent where
-nothing was deleted yet is dropped: the rules are checked again by the next plan, since a job may
-have come to use the input meanwhile. A deletion the file system refuses (EACCES, EIO...) keeps
-its intent, is logged and tried again; it never stops the others or the node. A kill between 3's
+(or whose file is, after a power cut), a result whose outbox records and file are both gone
+(audited). An intent where nothing was deleted yet is dropped: the rules are checked again by the
+next plan, since a job may have come to use the input meanwhile; so is a result file still there
+without outbox records (the next plan finds it settled, "no destination"). A deletion the file
+system refuses (EACCES, EIO...) keeps its intent, is logged and tried again; it never stops the
+others or the node. A kill between 3's
 audit and the intent's deletion audits that deletion again on resume: an event may be written
 twice, never lost.
 """
