@@ -232,3 +232,33 @@ def test_a_deletion_audited_before_its_intent_failed_to_go_is_not_audited_again(
     assert world.purger.pending() == [] and outcome.purged[Kind.INPUT] == 0
     assert [e["sop_instance_uid"] for e in world.audit.named(PURGED)] == [record.sop_instance_uid]
     assert metrics.purged["input"] == [1, record.size_bytes]
+
+
+def test_resume_of_result_intents(world: World) -> None:
+    paths = []
+    for _ in range(3):
+        records = world.series(1)
+        paths.append(world.result(world.job(records, JobState.DONE), DeliveryState.DELIVERED))
+    world.clock.now += 40 * DAY
+    results = sorted((c for c in world.retention(RetentionSettings(results_days=30)).plan().by_age
+                      if c.kind == Kind.RESULT), key=lambda c: str(c.result.path if c.result else ""))
+    gone, kept, untouched = sorted(paths)
+
+    def killed(found: object) -> bool:
+        raise Killed  # after the outbox records were forgotten, before the file
+
+    world.results.remove = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        world.purger.execute(results)
+    gone.unlink()  # this one's unlink had reached the disk when the kill came
+    # and say the second's outbox records had been forgotten too, its file not yet removed
+    assert world.outbox.forget(world.outbox.for_instances([kept.stem])[kept.stem])
+    del world.results.remove  # the next start
+    outcome = world.purger.resume()
+    # the first: records and file gone, so it was done: audited now; the second: its file is
+    # still there without records, left to the next plan; the third: untouched, its records stay
+    assert outcome.purged[Kind.RESULT] == 1 and outcome.replanned == 2 and world.purger.pending() == []
+    assert [e["sop_instance_uid"] for e in world.audit.named(PURGED)] == [gone.stem]
+    assert kept.is_file() and untouched.is_file() and len(world.outbox.list()) == 1
+    assert world.retention(RetentionSettings(results_days=30)).purge_by_age().purged[Kind.RESULT] == 2
+    assert not kept.exists() and not untouched.exists() and world.outbox.list() == []
