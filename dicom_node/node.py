@@ -122,11 +122,11 @@ class Node:
         check_models(s, self.registry)
         runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
-        self.floor = self._store_floor()
         self.trail = AuditTrail(s.node.data_dir / "audit", s.audit.max_bytes, s.audit.backups,
                                 clock=self.clock)
         self.metrics = Metrics()
         self.audit = Fanout(self.trail, self.metrics)
+        self.floor = self._store_floor()
         self.store = InstanceStore(s.node.data_dir, self.floor, clock=self.clock, audit=self.audit)
         self.results = ResultArea(s.node.data_dir / "results")
         self.results.remove_temporaries()
@@ -200,6 +200,7 @@ class Node:
         try:
             check_marks(DiskMarks.from_settings(s.retention), usage, floor, str(s.source))
         except ConfigError:
+            self.trail.close()
             assert self._lock_fd is not None
             os.close(self._lock_fd)
             self._lock_fd = None
