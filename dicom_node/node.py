@@ -26,7 +26,8 @@ from dicom_node.jobs.queue import JobQueue, QueuePolicy
 from dicom_node.jobs.scheduler import Scheduler
 from dicom_node.jobs.sqlite import SQLiteJobBackend
 from dicom_node.jobs.worker import Worker
-from dicom_node.retention import Planner, Purger, Retention, read_usage, store_floor
+from dicom_node.retention import DiskMarks, Planner, Purger, Retention, read_usage, store_floor
+from dicom_node.retention.disk import check_marks
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.device import installation_device_uid
@@ -127,9 +128,7 @@ class Node:
                                 clock=self.clock)
         self.metrics = Metrics()
         self.audit = Fanout(self.trail, self.metrics)
-        # the stop mark raises the store's own floor: one free-space guard for C-STORE and /readyz
-        self.floor = store_floor(read_usage(s.node.data_dir), s.store.min_free_space,
-                                 s.retention.stop_above_percent)
+        self.floor = self._store_floor()
         self.store = InstanceStore(s.node.data_dir, self.floor, clock=self.clock, audit=self.audit)
         self.results = ResultArea(s.node.data_dir / "results")
         self.results.remove_temporaries()
@@ -141,7 +140,7 @@ class Node:
                              on_enqueue=self._wake_exporters)
         self.purger = Purger(s.node.data_dir / DATABASE_NAME, self.store, self.outbox, self.results,
                              self.audit, self.clock)
-        self.purger.resume()  # before recover(), which would index the files a killed purge left
+        self._resume_purge()  # before recover(), which would index the files a killed purge left
         self.store.recover()
         self.exporter = Exporter(self.outbox, s.destinations, s.export, s.node.ae_title, clock=self.clock,
                                  audit=self.audit, tls=s.tls, source=s.source)
@@ -160,7 +159,8 @@ class Node:
         self.scheduler = Scheduler(self.store, self.queue, s.pipelines, s.study.stable_seconds,
                                    partial(model_version, self.registry), clock=self.clock)
         self._spawn("scheduler", self._schedule_loop)
-        planner = Planner(self.store.index, self.queue, self.outbox, self.results)
+        planner = Planner(self.store.index, self.queue, self.outbox, self.results, s.jobs.lease_seconds,
+                          self.clock)
         self.retention = Retention(s.retention, planner, self.purger, s.node.data_dir, clock=self.clock)
         if self.retention.enabled:
             self._spawn("retention", partial(self.retention.run_until, self._stop))
@@ -186,6 +186,29 @@ class Node:
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))
+
+    def _resume_purge(self) -> None:
+        try:
+            self.purger.resume()
+        except Exception:  # a database error, say: the intents stay for the next round or start
+            logger.exception("retention: resuming an interrupted purge failed; the node starts anyway")
+
+    def _store_floor(self) -> int:
+        """The free space below which C-STOREs are refused: the stop mark raises the store's own
+        floor (one free-space guard for C-STORE and /readyz). A purge mark at or below it is a
+        config error: stores would be refused before it was ever passed."""
+        s = self.settings
+        usage = read_usage(s.node.data_dir)
+        floor = store_floor(usage, s.store.min_free_space, s.retention.stop_above_percent)
+        try:
+            check_marks(DiskMarks.from_settings(s.retention), usage, floor, str(s.source))
+        except ConfigError:
+            self.trail.close()
+            assert self._lock_fd is not None
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        return floor
 
     def _not_ready(self) -> str | None:
         """Why the node cannot take work now, or None: the SCP listens and the database answers."""

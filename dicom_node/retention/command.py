@@ -59,7 +59,8 @@ def _dry_run(settings: Settings, out: TextIO) -> int:
             stack.callback(outbox.close)
         root = settings.node.data_dir / "results"
         results = ResultArea(root) if root.is_dir() else None  # a folder that exists is not written to
-        retention = Retention(settings.retention, Planner(index, jobs, outbox, results), None,
+        planner = Planner(index, jobs, outbox, results, settings.jobs.lease_seconds)
+        retention = Retention(settings.retention, planner, None,
                               settings.node.data_dir)
         plan = retention.plan()
     _print_plan(plan, retention, out)
@@ -128,7 +129,7 @@ def _purge(settings: Settings, out: TextIO) -> int:
         purger = Purger(database, store, outbox, results, audit, actor="cli")
         stack.callback(purger.close)
         outcome = purger.resume()
-        planner = Planner(store.index, queue, outbox, results)
+        planner = Planner(store.index, queue, outbox, results, settings.jobs.lease_seconds)
         retention = Retention(settings.retention, planner, purger, data_dir)
         now = time.time()
         print(HEADER, file=out)
@@ -137,6 +138,8 @@ def _purge(settings: Settings, out: TextIO) -> int:
         _print_outcome(outcome, out)
         if audit.errors:
             raise DicomNodeError(f"done, but {audit.errors} audit event(s) were not written")
+        if outcome.failed:
+            raise DicomNodeError(f"done, but {outcome.failed} deletion(s) were refused by the file system")
     return 0
 
 
@@ -144,4 +147,7 @@ def _print_outcome(outcome: Outcome, out: TextIO) -> None:
     print(f"purged {outcome.purged[Kind.INPUT]} input(s) and {outcome.purged[Kind.RESULT]} result(s), "
           f"{outcome.bytes} bytes" + (f"; {outcome.changed} left alone (changed since listed)"
                                       if outcome.changed else ""), file=out)
+    if outcome.failed:
+        print(f"{outcome.failed} deletion(s) refused by the file system (see the log): tried again at the "
+              "next start or purge", file=out)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dicom_node.config import RetentionSettings
+from dicom_node.errors import ConfigError
 
 
 class DiskUsage(NamedTuple):
@@ -82,3 +83,23 @@ def store_floor(usage: DiskUsage, min_free_space: int, stop_above_percent: float
     if not stop_above_percent:
         return min_free_space
     return max(min_free_space, math.ceil(usage.total * (100 - stop_above_percent) / 100))
+
+
+def check_marks(marks: DiskMarks, usage: DiskUsage, floor: int, source: str) -> None:
+    """Refuse purge marks the disk can never reach: C-STOREs are refused at ``floor`` bytes free
+    (:func:`store_floor`), so a mark that leaves that much free or less would never be passed and
+    nothing would ever be purged (``source``: the config file, for the message)."""
+    at_mark = []
+    if marks.purge_below_free:
+        at_mark.append(("purge_below_free", f"{marks.purge_below_free}", marks.purge_below_free))
+    if marks.purge_above_percent:
+        allowed = math.floor(usage.total * marks.purge_above_percent / 100)
+        at_mark.append(("purge_above_percent", f"{marks.purge_above_percent:g}", usage.total - allowed))
+    for key, value, free in at_mark:
+        if free <= floor:
+            raise ConfigError(
+                f"{source}: key 'retention.{key}' = {value} is invalid on data_dir's file system of "
+                f"{usage.total} bytes: it leaves {free} bytes free, at or below the {floor} bytes free "
+                "at which C-STOREs are refused (store.min_free_space, raised by "
+                "retention.stop_above_percent); nothing would ever be purged. Expected a mark that "
+                "leaves more free space")

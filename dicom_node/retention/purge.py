@@ -12,10 +12,17 @@ Order, for each batch of candidates:
 3. the deletion is audited and its intent deleted.
 
 A process killed anywhere in 2 leaves an intent whose index record may be gone while its file is
-still there (a stray file). :meth:`Purger.resume` finishes every intent at the next start, before
-the store checks its files against its index (which would otherwise index the stray file again)
-and before anything else runs. A kill between 3's audit and the intent's deletion audits that
-deletion again on resume: an event may be written twice, never lost.
+still there (a stray file). :meth:`Purger.resume` finishes, at the next start (before the store
+checks its files against its index, which would otherwise index the stray file again) and before
+each age round, only the intents whose deletion had begun: an input whose index record is gone
+(or whose file is, after a power cut), a result whose outbox records and file are both gone
+(audited). An intent where nothing was deleted yet is dropped: the rules are checked again by the
+next plan, since a job may have come to use the input meanwhile; so is a result file still there
+without outbox records (the next plan finds it settled, "no destination"). A deletion the file
+system refuses (EACCES, EIO...) keeps its intent, is logged and tried again; it never stops the
+others or the node. A kill between 3's
+audit and the intent's deletion audits that deletion again on resume: an event may be written
+twice, never lost.
 """
 
 import json
@@ -79,6 +86,8 @@ class Outcome:
     purged: dict[Kind, int] = field(default_factory=lambda: {Kind.INPUT: 0, Kind.RESULT: 0})
     bytes: int = 0
     changed: int = 0  # received again, re-run or re-queued since the plan: left alone
+    failed: int = 0  # refused by the file system: the intent stays and is tried again
+    replanned: int = 0  # interrupted before anything was deleted: left to the next plan
     done: list["Intent"] = field(default_factory=list)
 
     def add(self, other: "Outcome") -> None:
@@ -86,6 +95,8 @@ class Outcome:
             self.purged[kind] += count
         self.bytes += other.bytes
         self.changed += other.changed
+        self.failed += other.failed
+        self.replanned += other.replanned
         self.done += other.done
 
 
@@ -116,6 +127,9 @@ class Purger:
         self.store, self.outbox, self.results, self.audit = store, outbox, results, audit
         self.clock = clock if clock is not None else store.clock
         self.actor = actor
+        # deletions audited whose intent is not deleted yet (its transaction failed): resuming
+        # them in this process must not audit, nor count in the metrics, the same deletion twice
+        self._audited: set[tuple[str, str, str]] = set()
 
     def close(self) -> None:
         self._conn.close()
@@ -142,19 +156,39 @@ class Purger:
         return _pending(self._conn)
 
     def resume(self) -> Outcome:
-        """Finish the deletions a killed purge committed to; call at start-up, before the store's
-        :meth:`~dicom_node.store.InstanceStore.recover` and before anything else runs."""
+        """Finish the deletions an interrupted purge had begun, drop the intents where nothing was
+        deleted yet (the next plan checks the rules again); call at start-up, before the store's
+        :meth:`~dicom_node.store.InstanceStore.recover`, and before each age round. A deletion
+        the file system refuses keeps its intent: it is counted in ``failed``, never raised."""
         outcome = Outcome()
         left = self.pending()
         for intent in left:
             self._finish(intent, outcome, resuming=True)
         if left:
-            logger.info("finished %d deletion(s) of a purge the last stop interrupted", len(left))
+            logger.info("resumed %d deletion(s) of an interrupted purge: %d done, %d left to the next plan, "
+                        "%d failed", len(left), len(outcome.done), outcome.replanned, outcome.failed)
         return outcome
 
     def _finish(self, intent: Intent, outcome: Outcome, resuming: bool) -> None:
-        done = (self._input(intent, resuming) if intent.kind == Kind.INPUT
-                else self._result(intent))
+        key = (str(intent.kind), intent.sop_instance_uid, intent.path)
+        if resuming and key in self._audited:
+            self._forget(intent)  # done and audited by this process already
+            return
+        if resuming and not self._begun(intent):
+            outcome.replanned += 1
+            self._forget(intent)
+            return
+        try:
+            done = (self._input(intent, resuming) if intent.kind == Kind.INPUT
+                    else self._result(intent))
+        except OSError as exc:
+            # EACCES, EPERM, EIO: the intent stays, so the deletion is tried again by the next
+            # resume; the other deletions go on. The file name is a UID, but say only the UIDs.
+            logger.warning("retention: cannot delete %s %s of study %s (%s); tried again later",
+                           intent.kind, intent.sop_instance_uid, intent.study_instance_uid,
+                           exc.strerror or type(exc).__name__)
+            outcome.failed += 1
+            return
         if done:
             outcome.purged[intent.kind] += 1
             outcome.bytes += intent.size_bytes
@@ -165,11 +199,31 @@ class Purger:
                               age_days=round(age_days(self.clock(), intent.since), 3),
                               size_bytes=intent.size_bytes, reason=intent.reason, actor=self.actor,
                               **({"resumed": True} if resuming else {}))
+            self._audited.add(key)
         else:
             outcome.changed += 1
+        self._forget(intent)
+
+    def _forget(self, intent: Intent) -> None:
         with transaction(self._conn) as conn:
             conn.execute("DELETE FROM purge_intents WHERE kind = ? AND sop_instance_uid = ? AND path = ?",
                          (intent.kind, intent.sop_instance_uid, intent.path))
+        self._audited.discard((str(intent.kind), intent.sop_instance_uid, intent.path))
+
+    def _begun(self, intent: Intent) -> bool:
+        """Whether an interrupted deletion had deleted anything: an input's index record (or,
+        after a power cut lost that deletion, its file), a result's outbox records."""
+        if intent.kind == Kind.INPUT:
+            record = InstanceRecord(**json.loads(intent.identity))
+            current = self.store.index.get(record.sop_instance_uid)
+            intact = current is not None and (current.path, current.received_at) == (
+                record.path, record.received_at)
+            return not intact or not self.store.path_of(record).is_file()
+        if self.outbox.for_instances([intent.sop_instance_uid]).get(intent.sop_instance_uid):
+            return False  # forgetting them is all or none: none was forgotten (or a re-run queued new)
+        # no records: forgotten, or a result no destination was asked to take; only a file
+        # already gone tells the first for sure (a file still there goes by the next plan)
+        return not Path(intent.path).exists()
 
     def _input(self, intent: Intent, resuming: bool) -> bool:
         record = InstanceRecord(**json.loads(intent.identity))

@@ -14,7 +14,8 @@ The planner reads through the owners' APIs (the store's index, :class:`JobQueue`
 
 import heapq
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -48,7 +49,6 @@ class Candidate:
     reason: str
     instance: InstanceRecord | None = None
     result: ResultFile | None = None
-    deliveries: tuple[OutboxRecord, ...] = ()
 
 
 @dataclass
@@ -77,11 +77,18 @@ class Planner:
         processed, nothing was queued).
     results
         The result area; None where it does not exist.
+    grace_seconds
+        Result files younger than this stay whatever the marks: a running job writes its results
+        before it queues them (``jobs.lease_seconds`` in the node).
+    clock
+        Seconds since the epoch, to compare with the result files' modification times.
     """
 
     def __init__(self, index: Index, jobs: JobQueue | None, outbox: Outbox | None,
-                 results: ResultArea | None) -> None:
+                 results: ResultArea | None, grace_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.index, self.jobs, self.outbox, self.results = index, jobs, outbox, results
+        self.grace_seconds, self.clock = grace_seconds, clock
 
     def inputs(self, cutoff: float, why: str, kept: Kept) -> Iterator[Candidate]:
         """Input instances received before ``cutoff`` that may go, oldest first; ``why`` starts
@@ -89,19 +96,31 @@ class Planner:
         after = (float("-inf"), "")
         while page := self.index.received_before(cutoff, after, _INDEX_PAGE):
             after = (page[-1].received_at, page[-1].sop_instance_uid)
-            jobs = self._jobs_of({r.series_key for r in page})
-            deliveries = self._deliveries([j.id for js in jobs.values() for j in js])
-            for record in page:
-                used = [j for j in jobs[record.series_key] if record.sop_instance_uid in j.instance_uids]
-                hold = input_hold(used, deliveries)
-                if hold:
-                    kept.add(hold)
-                    continue
-                results = sum(len(deliveries.get(j.id, ())) for j in used)
-                yield Candidate(Kind.INPUT, record.sop_instance_uid, record.study_instance_uid,
-                                record.series_instance_uid, record.received_at, record.size_bytes,
-                                f"{why}; {len(used)} job(s) finished, {results} delivery(ies) settled",
-                                instance=record)
+            for free in self.still_free(page, kept):
+                r = free.record
+                yield Candidate(Kind.INPUT, r.sop_instance_uid, r.study_instance_uid, r.series_instance_uid,
+                                r.received_at, r.size_bytes, f"{why}; {free.jobs} job(s) finished, "
+                                f"{free.results} delivery(ies) settled", instance=r)
+
+    def still_free(self, records: Sequence[InstanceRecord], kept: Kept) -> Iterator["Free"]:
+        """The ``records`` the rules let go now (read again just before a batch is committed to:
+        a job may have come to use them since they were listed); the others counted in ``kept``."""
+        keys = {r.series_key for r in records}
+        jobs = self._jobs_of(keys)
+        unused = {key: self._unlisted(key, jobs[key]) for key in keys}
+        deliveries = self._deliveries([j.id for js in jobs.values() for j in js])
+        for record in records:
+            used = [j for j in jobs[record.series_key] if record.sop_instance_uid in j.instance_uids]
+            hold = input_hold(used, deliveries) or _series_hold(unused[record.series_key])
+            if hold:
+                kept.add(hold)
+                continue
+            yield Free(record, len(used), sum(len(deliveries.get(j.id, ())) for j in used))
+
+    def _unlisted(self, key: SeriesKey, jobs: Sequence[Job]) -> int:
+        """How many instances of the series the index has that no job lists (a late one)."""
+        listed = {uid for j in jobs for uid in j.instance_uids}
+        return sum(r.sop_instance_uid not in listed for r in self.index.instances(key))
 
     def _jobs_of(self, series: Iterable[SeriesKey]) -> dict[SeriesKey, Sequence[Job]]:
         if self.jobs is None:
@@ -112,22 +131,32 @@ class Planner:
         return self.outbox.for_jobs(job_ids) if self.outbox is not None and job_ids else {}
 
     def results_before(self, cutoff: float, why: str, kept: Kept) -> Iterator[Candidate]:
-        """Result files written before ``cutoff`` whose deliveries are all settled, oldest first."""
+        """Result files written before ``cutoff`` (and longer than the grace ago) whose deliveries
+        are all settled and whose jobs are finished, oldest first."""
         if self.results is None:
             return
+        young = self.clock() - self.grace_seconds
         found = sorted((f for f in self.results.files() if f.written_at < cutoff), key=lambda f: f.written_at)
         for start in range(0, len(found), _PAGE):
             page = found[start:start + _PAGE]
             records = self.outbox.for_instances([f.sop_instance_uid for f in page]) if self.outbox else {}
+            running = self._running({r.job_id for rs in records.values() for r in rs})
             for f in page:
                 mine = tuple(records.get(f.sop_instance_uid, ()))
-                waiting = sorted({r.destination for r in mine if r.state not in SETTLED})
-                if waiting:
-                    kept.add(f"result not yet delivered to {', '.join(waiting)}")
+                hold = result_hold(f, mine, running, young)
+                if hold:
+                    kept.add(hold)
                     continue
                 settled = ", ".join(f"{r.state} to {r.destination}" for r in mine) or "no destination"
                 yield Candidate(Kind.RESULT, f.sop_instance_uid, f.study_instance_uid, f.series_instance_uid,
-                                f.written_at, f.size_bytes, f"{why}; {settled}", result=f, deliveries=mine)
+                                f.written_at, f.size_bytes, f"{why}; {settled}", result=f)
+
+    def _running(self, job_ids: Iterable[int]) -> dict[int, str]:
+        """The state of each of the jobs that is not finished (a re-run rewriting its results)."""
+        if self.jobs is None:
+            return {}
+        jobs = [self.jobs.get(i) for i in sorted(job_ids)]
+        return {j.id: str(j.state) for j in jobs if j is not None and j.state not in FINISHED}
 
     def by_age(self, now: float, inputs_days: float, results_days: float, kept: Kept) -> Iterator[Candidate]:
         """What is past its age (0: kept forever), oldest first."""
@@ -159,6 +188,36 @@ def input_hold(used: Sequence[Job], deliveries: dict[int, list[OutboxRecord]]) -
     if waiting:
         return f"input of a result not yet delivered to {', '.join(waiting)}"
     return None
+
+
+def _series_hold(unlisted: int) -> str | None:
+    if unlisted:
+        return "input of a series with an instance no job has used yet (the next job version lists it)"
+    return None
+
+
+def result_hold(found: ResultFile, records: Sequence[OutboxRecord], running: dict[int, str],
+                young: float) -> str | None:
+    """Why a result file must stay, or None if it may go: a delivery not settled, a job named by
+    its records not finished, or written after ``young`` (its job may not have queued it yet)."""
+    waiting = sorted({r.destination for r in records if r.state not in SETTLED})
+    if waiting:
+        return f"result not yet delivered to {', '.join(waiting)}"
+    busy = [running[r.job_id] for r in records if r.job_id in running]
+    if busy:
+        return f"result of a job not finished ({busy[0]})"
+    if found.written_at >= young:
+        return "result written within the grace period (its job may not have queued it yet)"
+    return None
+
+
+@dataclass(frozen=True)
+class Free:
+    """An input the rules let go, with the figures of its reason."""
+
+    record: InstanceRecord
+    jobs: int
+    results: int
 
 
 def take_bytes(candidates: Iterator[Candidate], need: int, limit: int) -> list[Candidate]:

@@ -66,7 +66,15 @@ class ResultArea:
         ds.save_as(buffer, enforce_file_format=True)
         temporary = target.parent / f".{uuid.uuid4().hex}.part"
         try:
-            with temporary.open("xb") as fh:
+            try:
+                fh = temporary.open("xb")
+            except FileNotFoundError:
+                # the retention purge removed the folder, empty, between its creation and this
+                # open (as FileArea.commit retries its rename); once the temporary file is in
+                # it, the folder is not empty and stays
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fh = temporary.open("xb")
+            with fh:
                 fh.write(buffer.getbuffer())
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -13,6 +13,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.export.outbox import DeliveryState
 from dicom_node.jobs.queue import JobState
 from dicom_node.node import lock_data_dir
+from dicom_node.retention.service import STUCK_RETRY_SECONDS
 from tests.retention.world import DAY, Clock, World
 
 CONFIG = """
@@ -122,6 +123,10 @@ def test_the_node_purges_by_itself_every_interval(tmp_path: Path) -> None:
     ('purge_below_free = "1 GiB"', "expected more than store.min_free_space"),
     ("stop_above_percent = 100", r"from 0 \(off\) to below 100"),
     ("inputs_days = -1", "a number of 0 or more"),
+    ("interval_seconds = inf", "expected a finite number"),  # round(inf) would kill the thread
+    ("disk_check_seconds = nan", "expected a finite number"),
+    ("results_days = nan", "expected a finite number"),
+    ("purge_below_free = inf", "expected a size in bytes"),
 ])
 def test_marks_that_could_never_work_are_refused(tmp_path: Path, lines: str, problem: str) -> None:
     path = tmp_path / "node.toml"
@@ -149,8 +154,15 @@ def test_above_the_mark_with_nothing_settled_says_so_once_and_keeps_everything(
     policy = world.retention(RetentionSettings(purge_above_percent=80, stop_above_percent=90),
                              usage=lambda _: full)
     assert policy.plan().excess == 15 and policy.plan().candidates == []
+    looks = []
+    oldest = policy.planner.oldest
+    policy.planner.oldest = lambda *a: looks.append(1) or oldest(*a)  # type: ignore[method-assign]
     for _ in range(3):
         assert policy.purge_for_space().purged == {"input": 0, "result": 0}
+        world.clock.now += STUCK_RETRY_SECONDS + 1  # it looks again each time: still one WARNING
+    assert len(looks) == 3
+    assert policy.purge_for_space().purged == {"input": 0, "result": 0} and len(looks) == 4
+    assert policy.purge_for_space().purged == {"input": 0, "result": 0} and len(looks) == 4  # a minute
     warnings = [r for r in caplog.records if "nothing more may go" in r.getMessage()]
     assert len(warnings) == 1 and "input of a result not yet delivered to dest0" in warnings[0].getMessage()
     assert "95.0% used > purge_above_percent 80" in warnings[0].getMessage()
@@ -171,3 +183,31 @@ def test_metrics_count_what_the_policy_deleted(tmp_path: Path) -> None:
     assert 'dicom_node_purged_total{kind="input"} 2' in text
     assert 'dicom_node_purged_total{kind="result"} 1' in text
     assert 'dicom_node_purged_bytes_total{kind="input"} 1024' in text
+
+
+def test_a_deletion_the_file_system_refuses_fails_neither_the_purge_nor_the_next_one(
+        folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from dicom_node.store.files import FileArea
+
+    first = sorted((folder / "uids").read_text().split())[0]
+    unlink = FileArea.unlink
+
+    def refusing(self: FileArea, relative: Path) -> None:
+        if relative.stem == first:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        unlink(self, relative)
+
+    monkeypatch.setattr(FileArea, "unlink", refusing)
+    config = str(folder / "node.toml")
+    assert main(["purge", "--config", config]) == 1  # done, but says a deletion was refused
+    captured = capsys.readouterr()
+    assert "purged 1 input(s) and 1 result(s)" in captured.out and "1 deletion(s) refused" in captured.out
+    assert "1 deletion(s) were refused by the file system" in captured.err
+    assert stored(folder) == 4
+    # the next purge starts by resuming it: still refused, it goes on all the same
+    assert main(["purge", "--config", config]) == 1 and "purged 0 input(s)" in capsys.readouterr().out
+    monkeypatch.setattr(FileArea, "unlink", unlink)  # the permissions are mended
+    assert main(["purge", "--config", config]) == 0
+    assert "purged 1 input(s)" in capsys.readouterr().out and stored(folder) == 3

@@ -64,8 +64,10 @@ class World:
         self.queue.backend.close()
         self.store.close()
 
-    def retention(self, settings: RetentionSettings, usage: UsageReader = read_usage) -> Retention:
-        planner = Planner(self.store.index, self.queue, self.outbox, self.results)
+    def retention(self, settings: RetentionSettings, usage: UsageReader = read_usage,
+                  grace_seconds: float = 0.0) -> Retention:
+        planner = Planner(self.store.index, self.queue, self.outbox, self.results, grace_seconds,
+                          self.clock)
         return Retention(settings, planner, self.purger, self.data_dir, usage, self.clock)
 
     def series(self, count: int = 2, size: int = 16) -> list[InstanceRecord]:
@@ -73,11 +75,13 @@ class World:
         study, series = new_uid(), new_uid()
         return [put(self.store, ct_dataset(study, series, size=size, seed=i)) for i in range(count)]
 
-    def job(self, records: Sequence[InstanceRecord], state: JobState, pipeline: str = "chest") -> Job:
-        """A job over ``records`` taken to ``state`` (queued, running, done, failed, dead, not_routed)."""
+    def job(self, records: Sequence[InstanceRecord], state: JobState, pipeline: str = "chest",
+            model_version: str = "1") -> Job:
+        """A job over ``records`` taken to ``state`` (queued, running, done, failed, dead, not_routed);
+        another ``model_version`` makes a new version of the same series' job."""
         first = records[0]
         spec = JobSpec(first.study_instance_uid, first.series_instance_uid,
-                       tuple(sorted(r.sop_instance_uid for r in records)), pipeline, "demo", "1",
+                       tuple(sorted(r.sop_instance_uid for r in records)), pipeline, "demo", model_version,
                        state=JobState.NOT_ROUTED if state == JobState.NOT_ROUTED else JobState.QUEUED)
         job = self.queue.enqueue(spec)
         assert job is not None
