@@ -270,12 +270,14 @@ class Index:
         with self._lock, transaction(self._conn) as conn:
             put_keys(conn, Kind.RESULT, path, transfer_syntax_uid, received_at, keys)
 
-    def remove_result(self, sop_instance_uid: str) -> bool:
-        """Forget a result's keys (its file is being deleted); True if it was indexed. Inputs'
-        keys go with their ``instances`` record by themselves (a trigger)."""
+    def remove_result(self, sop_instance_uid: str, path: str | None = None) -> bool:
+        """Forget a result's keys (its file is being deleted), only the record of ``path`` (relative
+        to the data folder) if given; True if it was indexed. Inputs' keys go with their
+        ``instances`` record by themselves (a trigger)."""
+        where = "sop_instance_uid = ? AND kind = ?" + (" AND path = ?" if path is not None else "")
+        args = (sop_instance_uid, Kind.RESULT.value, *((path,) if path is not None else ()))
         with self._lock, transaction(self._conn) as conn:
-            cursor = conn.execute("DELETE FROM instance_keys WHERE sop_instance_uid = ? AND kind = ?",
-                                  (sop_instance_uid, Kind.RESULT.value))
+            cursor = conn.execute(f"DELETE FROM instance_keys WHERE {where}", args)
         return cursor.rowcount > 0
 
     def find(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
@@ -423,10 +425,14 @@ class Index:
 
     def result_paths(self) -> list[str]:
         """The paths (relative to the data folder) of every indexed result."""
+        return [path for path, _ in self.results()]
+
+    def results(self) -> list[tuple[str, str]]:
+        """(path relative to the data folder, SOP Instance UID) of every indexed result."""
         with self._lock:
-            rows = self._conn.execute("SELECT path FROM instance_keys WHERE kind = ?",
+            rows = self._conn.execute("SELECT path, sop_instance_uid FROM instance_keys WHERE kind = ?",
                                       (Kind.RESULT.value,)).fetchall()
-        return [row[0] for row in rows]
+        return [(row[0], row[1]) for row in rows]
 
     def paths(self) -> Iterator[tuple[str, str]]:
         """(path, SOP Instance UID) of every indexed instance."""
