@@ -79,6 +79,7 @@ class Stored(NamedTuple):
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    study_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,19 @@ class Find:
         return ds
 
 
+#: VRs whose empty return value is None, not "" (pydicom warns on "" for a binary value).
+_BINARY_VRS = frozenset({"AT", "FD", "FL", "OB", "OD", "OF", "OL", "OV", "OW", "SL", "SS", "SV", "UL",
+                         "UN", "US", "UV"})
+
+
 def _element(keyword: str, value: str) -> DataElement:
     tag = tag_for_keyword(keyword)
     assert tag is not None
     vr = dictionary_VR(keyword)
+    if vr == "SQ":
+        return DataElement(tag, vr, [])  # a sequence the index does not hold
+    if vr.split()[0] in _BINARY_VRS:  # "US or SS", "OB or OW": the first will do for no value
+        return DataElement(tag, vr.split()[0], None)  # the index holds no binary key: empty
     many = "\\" in value and vr not in ("LT", "ST", "UT")
     return DataElement(tag, vr, value.split("\\") if many else value)
 
