@@ -8,11 +8,14 @@ values (they hold patient names and IDs).
 """
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -22,11 +25,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Destination
-from dicom_node.export.sender import storage_contexts
 from dicom_node.ingest.status import error_comment
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.query.match import Find, QueryError, Stored, find, level_of, retrieve
@@ -196,12 +199,24 @@ def move_destination(destinations: Sequence[Destination], ae_title: str) -> Dest
 
 
 def move_contexts(rows: Sequence[Stored]) -> list[PresentationContext]:
-    """The contexts the node proposes to a move destination: the exporter's, plus each file's
-    own transfer syntax (inputs are sent as they were received, never transcoded)."""
-    syntaxes: dict[str, set[str]] = {}
+    """The contexts the node proposes to a move destination: one per (SOP class, stored transfer
+    syntax), since a destination accepts one transfer syntax per context (with several on one,
+    every file of the others would fail), then Explicit and Implicit VR Little Endian per SOP
+    class (the uncompressed files, and a fallback); inputs are sent as received, never
+    transcoded. At most 128 (PS3.8): those the most instances need first."""
+    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    need: Counter[tuple[str, tuple[str, ...]]] = Counter()
     for stored in rows:
-        syntaxes.setdefault(stored.sop_class_uid, set()).add(stored.transfer_syntax_uid)
-    return storage_contexts(syntaxes)
+        syntax = stored.transfer_syntax_uid
+        need[stored.sop_class_uid, uncompressed if syntax in uncompressed else (syntax,)] += 1
+    for sop_class in {stored.sop_class_uid for stored in rows}:
+        need[sop_class, uncompressed] += 0  # the fallback, after every context a file needs
+    chosen = sorted(need, key=lambda pair: (-need[pair], pair))[:128]
+    if len(need) > len(chosen):
+        logger.warning("C-MOVE needs %d presentation contexts; proposing the 128 most instances need",
+                       len(need))
+    return [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in sorted(chosen)] or [
+        build_context(Verification)]
 
 
 class MoveRefused(PermissionError):

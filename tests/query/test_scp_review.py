@@ -103,3 +103,18 @@ def test_pynetdicom_logs_no_identifier(settings: Settings) -> None:
 
     build_ae(settings)
     assert not _config.LOG_REQUEST_IDENTIFIERS and not _config.LOG_RESPONSE_IDENTIFIERS
+
+
+def test_move_contexts_one_transfer_syntax_per_compressed_context_within_128() -> None:
+    from dicom_node.query.match import Stored
+    from dicom_node.query.scp import move_contexts
+
+    rle, explicit, implicit = "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    rows = [Stored("a", "1.2.3", "2.25.1", rle, STUDY), Stored("b", "1.2.3", "2.25.2", explicit, STUDY),
+            Stored("c", "1.2.3", "2.25.3", implicit, STUDY)]
+    contexts = {(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in move_contexts(rows)}
+    assert contexts == {("1.2.3", (rle,)), ("1.2.3", (explicit, implicit))}
+    many = [Stored(str(n), f"1.2.{n}", f"2.25.{n}", rle, STUDY) for n in range(100)]
+    capped = move_contexts(many + many[:10])
+    assert len(capped) == 128
+    assert {cx.abstract_syntax for cx in capped if cx.transfer_syntax == [rle]} == {f"1.2.{n}" for n in range(100)}
