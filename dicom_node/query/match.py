@@ -166,7 +166,7 @@ def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
         unique.insert(0, "PatientID")
     return_keys = tuple(unique + wanted)
     group = _GROUP[level]
-    select = [_select(keyword, depth, bool(group)) for keyword in return_keys]
+    select = [_select(keyword, depth, group) for keyword in return_keys]
     sql = f"SELECT {', '.join(column for part in select for column in part)} FROM instance_keys"
     if group and where:
         # Counts, ModalitiesInStudy and the group's attributes come from every record of a
@@ -239,7 +239,7 @@ def _values(identifier: Dataset | Mapping[str, object]) -> dict[str, object]:
     return values
 
 
-def _select(keyword: str, depth: int, grouped: bool) -> tuple[str, ...]:
+def _select(keyword: str, depth: int, group: tuple[str, ...]) -> tuple[str, ...]:
     """The SQL expressions of one return key (NULL where it is below the level or unknown). In
     a group, an attribute is the group's non-empty value (results may leave some out)."""
     key = _BY_KEYWORD.get(keyword)
@@ -252,7 +252,7 @@ def _select(keyword: str, depth: int, grouped: bool) -> tuple[str, ...]:
             return tuple(f"(SELECT coalesce(max(NULLIF(study.{column}, '')), '') FROM instance_keys study "
                          f"WHERE study.study_instance_uid = instance_keys.study_instance_uid)"
                          for column in key.columns)
-        if grouped:
+        if group and key.column not in group:
             return tuple(f"coalesce(max(NULLIF({column}, '')), '')" if keyword not in INTEGER_KEYWORDS
                          else f"max({column})" for column in key.columns)
         return key.columns
