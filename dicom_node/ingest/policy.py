@@ -28,8 +28,9 @@ class AssociationPolicy:
         also require the peer's IP address or host name; empty lets any calling AE title store.
     query_peers
         Calling AE titles allowed to query and retrieve (C-FIND, C-GET, C-MOVE), in the same form;
-        ``"*"`` lets any peer; empty lets none (the index holds patient names and IDs). A peer
-        with neither role is rejected at association.
+        ``"*"`` lets every peer that ``allowed_peers`` admits (so, with ``allowed_peers`` empty,
+        any peer): it never widens admission. Empty lets none (the index holds patient names and
+        IDs). A peer with neither role is rejected at association.
     max_associations
         How many associations may be open at once; one more is rejected as transient.
     max_associations_per_host
@@ -86,7 +87,9 @@ class AssociationPolicy:
 
     def may_query(self, calling_ae_title: str, address: str) -> bool:
         """Whether the peer holds the query/retrieve role (C-FIND, C-GET, C-MOVE)."""
-        return "*" in self.query_peers or _listed(self.query_peers, calling_ae_title.strip(), address)
+        if "*" in self.query_peers and self.may_store(calling_ae_title, address):
+            return True  # "*": every peer allowed_peers admits, never one it does not
+        return _listed(self.query_peers, calling_ae_title.strip(), address)
 
 
 def _listed(peers: tuple[str, ...], calling_ae_title: str, address: str) -> bool:

@@ -301,6 +301,8 @@ def build_ae(settings: Settings) -> AE:
     in :data:`TRANSFER_SYNTAXES`, plus Verification and Query/Retrieve (Patient and Study Root
     FIND, GET, MOVE)."""
     _config.LOG_HANDLER_LEVEL = "none"  # per-PDU log handlers cost 6-15 % even when silent
+    # Q/R identifiers hold patient names and IDs: pynetdicom must not log them
+    _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
     ae = AE(ae_title=settings.node.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
@@ -312,6 +314,11 @@ def build_ae(settings: Settings) -> AE:
     ae.acse_timeout = settings.ingest.acse_timeout
     ae.dimse_timeout = settings.ingest.dimse_timeout
     ae.network_timeout = settings.ingest.network_timeout
+    # C-MOVE connects to its destination with this AE: bound the TCP connect, or a dead host holds
+    # the association's thread for the OS's ~2 min (one AE for all: the longest destination's)
+    default = settings.export.timeout_seconds
+    ae.connection_timeout = max((d.connect_timeout_seconds or d.timeout_seconds or default
+                                 for d in settings.destinations), default=default)
     ae.add_supported_context(Verification)
     for uid in QUERY_RETRIEVE_SOP_CLASSES:
         ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

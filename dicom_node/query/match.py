@@ -65,6 +65,7 @@ _DERIVED = {
 _NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
                        "QueryRetrieveView", "TimezoneOffsetFromUTC"})
 _RANGED = frozenset({"DA", "TM", "DT"})
+_STUDY_DEPTH = LEVELS.index(Level.STUDY)
 
 
 class QueryError(ValueError):
@@ -78,6 +79,7 @@ class Stored(NamedTuple):
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    study_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,19 @@ class Find:
         return ds
 
 
+#: VRs whose empty return value is None, not "" (pydicom warns on "" for a binary value).
+_BINARY_VRS = frozenset({"AT", "FD", "FL", "OB", "OD", "OF", "OL", "OV", "OW", "SL", "SS", "SV", "UL",
+                         "UN", "US", "UV"})
+
+
 def _element(keyword: str, value: str) -> DataElement:
     tag = tag_for_keyword(keyword)
     assert tag is not None
     vr = dictionary_VR(keyword)
+    if vr == "SQ":
+        return DataElement(tag, vr, [])  # a sequence the index does not hold
+    if vr.split()[0] in _BINARY_VRS:  # "US or SS", "OB or OW": the first will do for no value
+        return DataElement(tag, vr.split()[0], None)  # the index holds no binary key: empty
     many = "\\" in value and vr not in ("LT", "ST", "UT")
     return DataElement(tag, vr, value.split("\\") if many else value)
 
@@ -128,55 +139,84 @@ def level_of(identifier: Dataset | Mapping[str, object]) -> Level:
 
 
 def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
-         limit: int | None = None) -> Find:
+         limit: int | None = None, offset: int = 0, include: Sequence[str] = (),
+         patient_root: bool = False) -> Find:
     """The C-FIND query for ``identifier`` at ``level`` (default: its Query/Retrieve Level).
+
+    ``limit`` and ``offset`` page the matches (QIDO-RS); ``include`` names more return keys
+    (QIDO-RS ``includefield``; ``"all"`` for every key the level holds); ``patient_root``
+    answers the Patient ID at every level (Patient Root information model).
 
     Raises
     ------
     QueryError
-        The level is missing or unknown.
+        The level is missing or unknown, or a keyword is unknown.
     """
     values = _values(identifier)
     level = level or level_of(identifier)
     depth = LEVELS.index(level)
-    unknown = [k for k in values if tag_for_keyword(k) is None]
+    unknown = [k for k in (*values, *include) if k != "all" and tag_for_keyword(k) is None]
     if unknown:
         raise QueryError(f"unknown keyword {unknown[0][:64]!r} in the identifier")
     where, params, having = _conditions(values, depth)
     wanted = [k for k in values if k not in _NOT_KEYS]
+    wanted += [k for k in _included(include, depth) if k not in wanted]
     unique = [UNIQUE_KEYS[lv] for lv in LEVELS[1:depth + 1] if UNIQUE_KEYS[lv] not in wanted]
-    if level is Level.PATIENT and "PatientID" not in wanted:
+    if (level is Level.PATIENT or patient_root) and "PatientID" not in wanted:
         unique.insert(0, "PatientID")
     return_keys = tuple(unique + wanted)
-    select = [_select(keyword, depth) for keyword in return_keys]
-    sql = f"SELECT {', '.join(column for part in select for column in part)} FROM instance_keys"
-    sql += f" WHERE {' AND '.join(where)}" if where else ""
     group = _GROUP[level]
+    select = [_select(keyword, depth, group) for keyword in return_keys]
+    sql = f"SELECT {', '.join(column for part in select for column in part)} FROM instance_keys"
+    if group and where:
+        # Counts, ModalitiesInStudy and the group's attributes come from every record of a
+        # matched group, not only from the records the keys matched: select the groups first.
+        columns = ", ".join(group)
+        sql += (f" WHERE ({columns}) IN (SELECT {columns} FROM instance_keys"
+                f" WHERE {' AND '.join(where)})")
+    elif where:
+        sql += f" WHERE {' AND '.join(where)}"
     if group:
-        # With WHERE terms, "+column" keeps the planner from scanning the whole group index to
-        # save a sort: the few matching records are found by their key's index, then grouped.
-        sql += f" GROUP BY {', '.join(('+' if where else '') + column for column in group)}"
+        sql += f" GROUP BY {', '.join(group)}"
         sql += f" HAVING {' AND '.join(having)}" if having else ""
     sql += f" ORDER BY {', '.join(group or ('study_instance_uid', 'series_instance_uid', 'instance_number'))}"
-    if limit is not None:
-        sql += f" LIMIT {int(limit)}"
+    if limit is not None or offset:
+        sql += f" LIMIT {-1 if limit is None else int(limit)} OFFSET {max(0, int(offset))}"
     return Find(level, sql, tuple(params), return_keys)
+
+
+def _included(include: Sequence[str], depth: int) -> list[str]:
+    """The extra return keys ``include`` names (``"all"``: every key of the level and above)."""
+    if "all" in include:
+        return [key.keyword for key in KEYS if LEVELS.index(key.level) <= depth]
+    return list(include)
 
 
 def retrieve(identifier: Dataset | Mapping[str, object], level: Level | None = None) -> Find:
     """The instances a C-GET or C-MOVE sends: its rows are :class:`Stored` fields.
 
+    The unique keys (PS3.4 C.4.2.2.1) select: the level's own is required, and each one given
+    must be a single value or a list of UIDs, never a wildcard (a retrieve names what it wants;
+    ``*`` must not move a whole patient or the whole index). Other keys narrow the selection.
+
     Raises
     ------
     QueryError
-        The level is missing or unknown, or the identifier lacks the level's unique key.
+        The level is missing or unknown, the identifier lacks the level's unique key, or a
+        unique key holds a wildcard (or, for Patient ID, several values).
     """
     values = _values(identifier)
     level = level or level_of(identifier)
     unique = UNIQUE_KEYS[level]
     if not str(values.get(unique, "")).strip():
         raise QueryError(f"a retrieve at {level.value} level needs {unique}")
+    for keyword in UNIQUE_KEYS.values():
+        value = str(values.get(keyword, "") or "")
+        if "*" in value or "?" in value or (keyword == "PatientID" and "\\" in value):
+            raise QueryError(f"{keyword} of a retrieve must be a single value"
+                             + (" or a list of UIDs" if keyword != "PatientID" else "") + ", not a wildcard")
     where, params, _ = _conditions(values, LEVELS.index(level))
+    assert where  # the unique key above is a term: never a retrieve of everything
     sql = (f"SELECT {', '.join(Stored._fields)} FROM instance_keys WHERE {' AND '.join(where)} "
            "ORDER BY study_instance_uid, series_instance_uid, instance_number")
     return Find(level, sql, tuple(params), ())
@@ -199,12 +239,23 @@ def _values(identifier: Dataset | Mapping[str, object]) -> dict[str, object]:
     return values
 
 
-def _select(keyword: str, depth: int) -> tuple[str, ...]:
-    """The SQL expressions of one return key (NULL where it is below the level or unknown)."""
+def _select(keyword: str, depth: int, group: tuple[str, ...]) -> tuple[str, ...]:
+    """The SQL expressions of one return key (NULL where it is below the level or unknown). In
+    a group, an attribute is the group's non-empty value (results may leave some out)."""
     key = _BY_KEYWORD.get(keyword)
     if key is not None:
-        above = LEVELS.index(key.level) <= depth
-        return key.columns if above else tuple("NULL" for _ in key.columns)
+        if LEVELS.index(key.level) > depth:
+            return tuple("NULL" for _ in key.columns)
+        if LEVELS.index(key.level) <= _STUDY_DEPTH < depth:
+            # a study's attribute below study level: from the whole study (a result's series
+            # may lack what its inputs hold)
+            return tuple(f"(SELECT coalesce(max(NULLIF(study.{column}, '')), '') FROM instance_keys study "
+                         f"WHERE study.study_instance_uid = instance_keys.study_instance_uid)"
+                         for column in key.columns)
+        if group and key.column not in group:
+            return tuple(f"coalesce(max(NULLIF({column}, '')), '')" if keyword not in INTEGER_KEYWORDS
+                         else f"max({column})" for column in key.columns)
+        return key.columns
     derived = _DERIVED.get(keyword)
     if derived is not None and LEVELS.index(derived[0]) == depth:
         return (derived[1],)
@@ -253,6 +304,14 @@ def _term(column: str, vr: str, keyword: str, raw: str) -> tuple[str, list[objec
     if vr == "UI":
         uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
         return f"{column} IN ({', '.join('?' * len(uids))})", list(uids)
+    if value == '""':  # empty value matching (PS3.4 C.2.2.2.7): the attribute has no value
+        return f"({column} IS NULL OR {column} = '')", []
+    if "\\" in value:  # several values: any of them (as a list of UIDs)
+        terms = [_term(column, vr, keyword, one) for one in value.split("\\")]
+        if any(term is None for term in terms):
+            return None
+        given = [term for term in terms if term is not None]
+        return "(" + " OR ".join(term for term, _ in given) + ")", [arg for _, args in given for arg in args]
     if keyword in INTEGER_KEYWORDS:
         try:
             return f"{column} = ?", [int(value)]
@@ -260,34 +319,49 @@ def _term(column: str, vr: str, keyword: str, raw: str) -> tuple[str, list[objec
             return "0", []  # no record holds a malformed number
     if vr in _RANGED:
         return _range(column, vr, value)
-    wild = "*" in value or "?" in value
     if vr == "PN":
-        if wild:
-            return f"{column} LIKE ? ESCAPE '\\'", [_like(value)]
-        return f"{column} = ? COLLATE NOCASE", [value]
-    if wild:
+        return _name(column, value)
+    if "*" in value or "?" in value:
         return f"{column} GLOB ?", [_glob(value)]
     return f"{column} = ?", [value]
 
 
+def _name(column: str, value: str) -> tuple[str, list[object]]:
+    """A person name, case-insensitive; trailing empty components do not count (``Doe^John^``
+    is ``Doe^John``; the store keeps names without them, :func:`dicom_node.store.keys.key_values`)."""
+    if "*" in value or "?" in value:
+        return f"{column} LIKE ? ESCAPE '\\'", [_like(value)]
+    return f"{column} = ? COLLATE NOCASE", [value.rstrip("^=")]
+
+
 def _range(column: str, vr: str, value: str) -> tuple[str, list[object]]:
     """Single value or range matching of a date, time or date-time. Dates compare whole (so
-    the study date index serves them); a time's bound compares with the same number of
-    characters of the stored value (``-1300`` includes 13:00:59)."""
-    if "-" not in value or (vr == "DT" and value.count("-") == 1 and value.index("-") > 8):
-        # a DT's UTC offset (-0500) is not a range
+    the study date index serves them); a time's upper bound compares with the same number of
+    characters of the stored value (``-1300`` includes 13:00:59), its lower bound with the
+    stored value padded with zeros (``130000-`` includes a stored ``1300``)."""
+    if "-" not in value or _utc_offset(vr, value):
         return (f"{column} = ?" if vr == "DA" else f"substr({column}, 1, {len(value)}) = ?"), [value]
     low, _, high = value.partition("-")
     terms: list[str] = []
     args: list[object] = []
     if low:
-        terms.append(f"{column} >= ?")
+        lower = f"substr({column} || '000000', 1, {len(low)})" if vr == "TM" else column
+        terms.append(f"{column} != '' AND {lower} >= ?")
         args.append(low)
     if high:
         upper = column if vr == "DA" else f"substr({column}, 1, {len(high)})"
         terms.append(f"{column} != '' AND {upper} <= ?")
         args.append(high)
     return " AND ".join(terms) or "1", args
+
+
+def _utc_offset(vr: str, value: str) -> bool:
+    """Whether a DT's only ``-`` starts a UTC offset (``20240105120000-0500``), not a range: the
+    four digits after it, read as a year, would end the range before it began."""
+    if vr != "DT" or value.count("-") != 1:
+        return False
+    low, _, high = value.partition("-")
+    return len(high) == 4 and high.isdigit() and len(low) >= 4 and high < low[:4]
 
 
 def _like(value: str) -> str:

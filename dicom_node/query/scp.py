@@ -8,11 +8,14 @@ values (they hold patient names and IDs).
 """
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -22,15 +25,17 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Destination
-from dicom_node.export.sender import storage_contexts
 from dicom_node.ingest.status import error_comment
-from dicom_node.query.match import Find, QueryError, Stored, find, retrieve
+from dicom_node.logs import patient_values, redacted_traceback
+from dicom_node.query.match import Find, QueryError, Stored, find, level_of, retrieve
 from dicom_node.query.status import QueryStatus
 from dicom_node.store import InstanceStore
+from dicom_node.store.keys import Level
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ QUERY_RETRIEVE_SOP_CLASSES = (
     PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
 )
+#: The Study Root SOP classes: no PATIENT level (PS3.4 C.6.2).
+STUDY_ROOT = frozenset({StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
+                        StudyRootQueryRetrieveInformationModelMove})
 #: ``may_query(calling_ae_title, address)``: whether the peer holds the query/retrieve role.
 MayQuery = Callable[[str, str], bool]
 #: What a handler yields after its first answer: (status, identifier or data set to send).
@@ -61,30 +69,56 @@ def _peer(event: Event) -> tuple[str, str]:
     return requestor.ae_title.strip(), requestor.address
 
 
-def _refusal(event: Event, may_query: MayQuery, service: str) -> Dataset | None:
+def _refusal(event: Event, may_query: MayQuery, service: str, audit: Audit) -> Dataset | None:
     calling, address = _peer(event)
     if may_query(calling, address):
         return None
     logger.warning("refused %s from %s@%s: not in node.query_peers", service, calling, address)
+    audit.record("query_refused", calling_ae_title=calling, address=address, service=service,
+                 reason="not_authorized")
     return status(QueryStatus.NOT_AUTHORIZED, f"{calling} may not query or retrieve (node.query_peers)")
+
+
+def _study_root(event: Event) -> bool:
+    return str(event.request.AffectedSOPClassUID or "") in STUDY_ROOT
+
+
+def _checked(event: Event) -> None:
+    """Raise :class:`QueryError` for a level the request's information model lacks."""
+    if level_of(event.identifier) is Level.PATIENT and _study_root(event):
+        raise QueryError("PATIENT level is not part of the Study Root information model")
+
+
+def _failed(event: Event, service: str, exc: Exception, audit: Audit) -> Dataset:
+    """The answer to a request that could not be processed; logged without identifier values."""
+    if isinstance(exc, QueryError):
+        calling, address = _peer(event)
+        logger.warning("%s from %s: %s", service, calling, exc)
+        audit.record("query_refused", calling_ae_title=calling, address=address, service=service,
+                     reason="identifier")
+        return status(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    logger.error("%s failed: %s", service, type(exc).__name__)
+    try:
+        secrets = patient_values([event.identifier])
+    except Exception:  # the identifier did not decode: no value of it can be in the traceback
+        secrets = set()
+    logger.debug("%s failed:\n%s", service, redacted_traceback(exc, secrets))
+    return status(QueryStatus.UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}")
 
 
 def handle_find(event: Event, store: InstanceStore, may_query: MayQuery, ae_title: str,
                 audit: Audit = NO_AUDIT) -> Iterator[Answer]:
     """C-FIND: one pending response per match, then success; Cancel stops the matches."""
-    refusal = _refusal(event, may_query, "C-FIND")
+    refusal = _refusal(event, may_query, "C-FIND", audit)
     if refusal is not None:
         yield refusal, None
         return
     try:
-        query = find(event.identifier)
+        _checked(event)
+        query = find(event.identifier, patient_root=not _study_root(event))
         rows = store.index.find(query.sql, query.params)
-    except QueryError as exc:
-        yield status(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
-        return
-    except Exception as exc:  # the identifier did not decode, or the index failed
-        logger.exception("C-FIND failed")
-        yield status(QueryStatus.UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}"), None
+    except Exception as exc:  # a bad identifier, one that did not decode, or the index failed
+        yield _failed(event, "C-FIND", exc, audit), None
         return
     calling, _ = _peer(event)
     logger.info("C-FIND at %s level from %s: %d match(es)", query.level.value, calling, len(rows))
@@ -101,20 +135,27 @@ def handle_find(event: Event, store: InstanceStore, may_query: MayQuery, ae_titl
         yield int(QueryStatus.PENDING), answer
 
 
-def _matches(event: Event, store: InstanceStore, service: str) -> tuple[Find, list[Stored]] | Dataset:
+def _matches(event: Event, store: InstanceStore, service: str,
+             audit: Audit) -> tuple[Find, list[Stored]] | Dataset:
     """The instances a C-GET or C-MOVE sends, or the failure status to answer with."""
     try:
+        _checked(event)
         query = retrieve(event.identifier)
         rows = [Stored(*(str(value) for value in row)) for row in store.index.find(query.sql, query.params)]
-    except QueryError as exc:
-        return status(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
     except Exception as exc:
-        logger.exception("%s failed", service)
-        return status(QueryStatus.UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}")
+        return _failed(event, service, exc, audit)
     if len(rows) > MAX_SUB_OPERATIONS:
         return status(QueryStatus.OUT_OF_RESOURCES,
                       f"{len(rows)} instances match; at most {MAX_SUB_OPERATIONS} per request")
     return query, rows
+
+
+def _audit_retrieve(audit: Audit, calling: str, query: Find, rows: Sequence[Stored],
+                    destination: str) -> None:
+    """A retrieve's audit event: what went where, by Study Instance UID (UIDs only)."""
+    audit.record("retrieve", calling_ae_title=calling, level=query.level.value, instances=len(rows),
+                 destination=destination,
+                 study_instance_uids=sorted({stored.study_instance_uid for stored in rows}))
 
 
 def _sub_operations(event: Event, data_dir: Path, rows: Sequence[Stored]) -> Iterator[Answer]:
@@ -138,8 +179,8 @@ def handle_get(event: Event, store: InstanceStore, may_query: MayQuery,
                audit: Audit = NO_AUDIT) -> Iterator[int | Answer]:
     """C-GET: the matching instances as C-STORE sub-operations on the same association (the peer
     proposed the storage SCP role for their SOP classes)."""
-    refusal = _refusal(event, may_query, "C-GET")
-    found = refusal if refusal is not None else _matches(event, store, "C-GET")
+    refusal = _refusal(event, may_query, "C-GET", audit)
+    found = refusal if refusal is not None else _matches(event, store, "C-GET", audit)
     if isinstance(found, Dataset):
         yield 1  # pynetdicom answers success to 0 sub-operations: one, then the failure
         yield found, None
@@ -147,8 +188,7 @@ def handle_get(event: Event, store: InstanceStore, may_query: MayQuery,
     query, rows = found
     calling, _ = _peer(event)
     logger.info("C-GET at %s level from %s: %d instance(s)", query.level.value, calling, len(rows))
-    audit.record("retrieve", calling_ae_title=calling, level=query.level.value, instances=len(rows),
-                 destination=calling)
+    _audit_retrieve(audit, calling, query, rows, calling)
     yield len(rows)
     yield from _sub_operations(event, store.data_dir, rows)
 
@@ -159,12 +199,24 @@ def move_destination(destinations: Sequence[Destination], ae_title: str) -> Dest
 
 
 def move_contexts(rows: Sequence[Stored]) -> list[PresentationContext]:
-    """The contexts the node proposes to a move destination: the exporter's, plus each file's
-    own transfer syntax (inputs are sent as they were received, never transcoded)."""
-    syntaxes: dict[str, set[str]] = {}
+    """The contexts the node proposes to a move destination: one per (SOP class, stored transfer
+    syntax), since a destination accepts one transfer syntax per context (with several on one,
+    every file of the others would fail), then Explicit and Implicit VR Little Endian per SOP
+    class (the uncompressed files, and a fallback); inputs are sent as received, never
+    transcoded. At most 128 (PS3.8): those the most instances need first."""
+    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    need: Counter[tuple[str, tuple[str, ...]]] = Counter()
     for stored in rows:
-        syntaxes.setdefault(stored.sop_class_uid, set()).add(stored.transfer_syntax_uid)
-    return storage_contexts(syntaxes)
+        syntax = stored.transfer_syntax_uid
+        need[stored.sop_class_uid, uncompressed if syntax in uncompressed else (syntax,)] += 1
+    for sop_class in {stored.sop_class_uid for stored in rows}:
+        need[sop_class, uncompressed] += 0  # the fallback, after every context a file needs
+    chosen = sorted(need, key=lambda pair: (-need[pair], pair))[:128]
+    if len(need) > len(chosen):
+        logger.warning("C-MOVE needs %d presentation contexts; proposing the 128 most instances need",
+                       len(need))
+    return [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in sorted(chosen)] or [
+        build_context(Verification)]
 
 
 class MoveRefused(PermissionError):
@@ -186,15 +238,17 @@ def handle_move(event: Event, store: InstanceStore, may_query: MayQuery,
         The peer may not query or retrieve (at the first answer; see the class).
     """
     calling, address = _peer(event)
-    if _refusal(event, may_query, "C-MOVE") is not None:
+    if _refusal(event, may_query, "C-MOVE", audit) is not None:
         raise MoveRefused(f"{calling}@{address} is not in node.query_peers")
     requested = str(event.move_destination or "").strip()
     destination = move_destination(destinations, requested)
     if destination is None:
         logger.warning("C-MOVE from %s to unknown destination %r", calling, requested[:16])
+        audit.record("query_refused", calling_ae_title=calling, address=address, service="C-MOVE",
+                     reason="move_destination_unknown", move_destination=requested[:16])
         yield None, None  # pynetdicom answers 0xA801 (Move Destination unknown)
         return
-    found = _matches(event, store, "C-MOVE")
+    found = _matches(event, store, "C-MOVE", audit)
     rows = [] if isinstance(found, Dataset) else found[1]
     options = {"contexts": move_contexts(rows), "max_pdu": 131072}
     tls_args = tls_for(destination)
@@ -206,7 +260,6 @@ def handle_move(event: Event, store: InstanceStore, may_query: MayQuery,
     query = found[0]
     logger.info("C-MOVE at %s level from %s to %s: %d instance(s)", query.level.value, calling,
                 destination.name, len(rows))
-    audit.record("retrieve", calling_ae_title=calling, level=query.level.value, instances=len(rows),
-                 destination=destination.name)
+    _audit_retrieve(audit, calling, query, rows, destination.name)
     yield len(rows)
     yield from _sub_operations(event, store.data_dir, rows)

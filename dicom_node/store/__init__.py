@@ -11,6 +11,7 @@ after any stop that was not clean, :meth:`InstanceStore.recover` indexes every f
 lacks. A clean stop leaves a marker so the next start skips that scan.
 """
 
+import dataclasses
 import errno
 import io
 import itertools
@@ -47,7 +48,7 @@ from dicom_node.store.files import (
 )
 from dicom_node.store.index import Index, Indexed, InstanceRecord, SeriesKey, SeriesRecord
 from dicom_node.store.keys import KEY_TAGS, key_values
-from dicom_node.store.results import ResultArea
+from dicom_node.store.results import ResultArea, ResultFile
 from dicom_node.store.walk import MalformedDataSetError, WalkResult, walk
 
 __all__ = [
@@ -285,12 +286,42 @@ class InstanceStore:
         """Write a result the node made under ``results/`` (atomically, :class:`ResultArea`),
         then index its query keys, so that C-FIND finds results as it finds inputs.
 
-        A crash between the two leaves a file the next start's :meth:`recover` indexes.
+        A crash between the two leaves a file the next start's :meth:`recover` indexes; so does a
+        failed index commit (it raises :class:`StorageError` and marks the store for that scan).
         """
-        path = ResultArea(self.data_dir / "results").save(ds)
-        self.index.put_result(str(path.relative_to(self.data_dir)), str(ds.file_meta.TransferSyntaxUID),
-                              self.clock(), key_values(ds))
+        with self._uid_lock(str(ds.SOPInstanceUID)):
+            path = ResultArea(self.data_dir / "results").save(ds)
+            try:
+                self.index.put_result(str(path.relative_to(self.data_dir)),
+                                      str(ds.file_meta.TransferSyntaxUID), self.clock(), key_values(ds))
+            except Exception as exc:
+                self.needs_scan = True
+                logger.error("index commit failed for result %s: %s", ds.SOPInstanceUID, type(exc).__name__)
+                raise StorageError(f"cannot index result: {exc}") from exc
         return path
+
+    def remove_result(self, found: ResultFile) -> bool:
+        """Delete a result (the retention purge): its file, if it is still the copy ``found``
+        (not one a re-run wrote since), then its index record. True if it is gone, now or by an
+        earlier, interrupted call; False, and nothing changes, if a newer copy is in place.
+
+        The file goes first: a crash in between leaves a record whose file is missing, which
+        :meth:`recover` drops; the other order would leave a file that ``recover`` indexes
+        again. A failed index commit marks the store for that check at the next start.
+        """
+        relative = str(found.path.relative_to(self.data_dir)) if found.path.is_absolute() else str(found.path)
+        with self._uid_lock(found.sop_instance_uid):
+            absolute = self.data_dir / relative
+            removed = ResultArea(self.data_dir / "results").remove(
+                dataclasses.replace(found, path=absolute))
+            if not removed and absolute.exists():
+                return False
+            try:
+                self.index.remove_result(found.sop_instance_uid, relative)
+            except Exception:
+                self.needs_scan = True
+                raise
+        return True
 
     def path_of(self, record: InstanceRecord) -> Path:
         """The absolute path of an indexed instance."""
@@ -320,8 +351,14 @@ class InstanceStore:
         self._recover_results()
 
     def _recover_results(self) -> None:
-        """Index the result files a crash left unindexed (written, not yet indexed)."""
-        indexed = set(self.index.result_paths())
+        """Index the result files a crash left unindexed (written, not yet indexed); drop the
+        records of result files that are gone (a purge interrupted between file and record)."""
+        indexed = set()
+        for relative, sop_instance_uid in self.index.results():
+            if (self.data_dir / relative).exists():
+                indexed.add(relative)
+            elif self.index.remove_result(sop_instance_uid, relative):
+                logger.info("dropped the record of result %s: its file is gone", sop_instance_uid)
         for path in sorted((self.data_dir / "results").glob("*/*/*.dcm")):
             relative = str(path.relative_to(self.data_dir))
             if relative in indexed:

@@ -2,16 +2,20 @@
 database; :data:`_MIGRATIONS` brings older files up)."""
 
 import dataclasses
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
 from dicom_node.store.db import connect, connect_read_only, migrate, transaction
-from dicom_node.store.keyindex import migrate_to_keys, put_keys
+from dicom_node.store.keyindex import Backfill, forget_backfill, migrate_to_keys, put_keys
 from dicom_node.store.keys import Kind
+
+logger = logging.getLogger(__name__)
 
 _MIGRATIONS = (
     """
@@ -213,10 +217,32 @@ class Index:
         self._conn = connect(path, synchronous, read_only=read_only)  # read_only: purge --dry-run
         migrate(self._conn, "store", _MIGRATIONS)
         self._lock = threading.Lock()
+        if not read_only:
+            self._backfill(path.parent)
         # C-FIND and retrieves read on their own connection (WAL: readers never wait for the
         # writer), so a long query does not hold up the C-STOREs being indexed meanwhile
         self._reader = connect_read_only(path)
         self._reader_lock = threading.Lock()
+
+    def _backfill(self, data_dir: Path) -> None:
+        """Finish the schema-3 migration: read the query keys of the files it listed, a batch
+        per transaction, logging progress (a large store takes minutes; a kill resumes)."""
+        backfill = Backfill(data_dir)
+        pending = Backfill.pending(self._conn)
+        if not pending:
+            return
+        (total,) = self._conn.execute("SELECT count(*) FROM keys_backfill").fetchone()
+        done, logged = 0, time.monotonic()
+        while pending:
+            found = backfill.read(pending)
+            with self._lock, transaction(self._conn) as conn:
+                Backfill.apply(conn, found)
+            done += len(found)
+            if time.monotonic() - logged >= 5.0:
+                logger.info("store schema 3: read the query keys of %d of %d file(s)", done, total)
+                logged = time.monotonic()
+            pending = Backfill.pending(self._conn)
+        logger.info("store schema 3: the query keys of %d file(s) are indexed", done)
 
     def close(self) -> None:
         with self._reader_lock:
@@ -270,12 +296,18 @@ class Index:
         with self._lock, transaction(self._conn) as conn:
             put_keys(conn, Kind.RESULT, path, transfer_syntax_uid, received_at, keys)
 
-    def remove_result(self, sop_instance_uid: str) -> bool:
-        """Forget a result's keys (its file is being deleted); True if it was indexed. Inputs'
-        keys go with their ``instances`` record by themselves (a trigger)."""
+    def remove_result(self, sop_instance_uid: str, path: str | None = None) -> bool:
+        """Forget a result's keys (its file is being deleted), only the record of ``path`` (relative
+        to the data folder) if given; True if it was indexed. Inputs' keys go with their
+        ``instances`` record by themselves (a trigger)."""
+        where = "sop_instance_uid = ? AND kind = ?" + (" AND path = ?" if path is not None else "")
+        args = (sop_instance_uid, Kind.RESULT.value, *((path,) if path is not None else ()))
         with self._lock, transaction(self._conn) as conn:
-            cursor = conn.execute("DELETE FROM instance_keys WHERE sop_instance_uid = ? AND kind = ?",
-                                  (sop_instance_uid, Kind.RESULT.value))
+            for (listed,) in conn.execute(f"SELECT path FROM instance_keys WHERE {where}", args).fetchall():
+                forget_backfill(conn, listed)
+            if path is not None:
+                forget_backfill(conn, path)  # a result file the backfill has yet to read
+            cursor = conn.execute(f"DELETE FROM instance_keys WHERE {where}", args)
         return cursor.rowcount > 0
 
     def find(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
@@ -423,10 +455,14 @@ class Index:
 
     def result_paths(self) -> list[str]:
         """The paths (relative to the data folder) of every indexed result."""
+        return [path for path, _ in self.results()]
+
+    def results(self) -> list[tuple[str, str]]:
+        """(path relative to the data folder, SOP Instance UID) of every indexed result."""
         with self._lock:
-            rows = self._conn.execute("SELECT path FROM instance_keys WHERE kind = ?",
+            rows = self._conn.execute("SELECT path, sop_instance_uid FROM instance_keys WHERE kind = ?",
                                       (Kind.RESULT.value,)).fetchall()
-        return [row[0] for row in rows]
+        return [(row[0], row[1]) for row in rows]
 
     def paths(self) -> Iterator[tuple[str, str]]:
         """(path, SOP Instance UID) of every indexed instance."""

@@ -53,45 +53,106 @@ def create_key_table(conn: sqlite3.Connection) -> None:
 
 def put_keys(conn: sqlite3.Connection, kind: Kind, path: str, transfer_syntax_uid: str, received_at: float,
              values: Mapping[str, object]) -> None:
-    """Insert or replace one record (the caller holds the transaction)."""
+    """Insert or replace one record (the caller holds the transaction); fresher than what the
+    schema-3 backfill may have read of the same file, so that file leaves its list."""
+    forget_backfill(conn, path)
     conn.execute(_INSERT, (kind.value, path, transfer_syntax_uid, received_at, *key_row(values)))
 
 
 def migrate_to_keys(conn: sqlite3.Connection) -> None:
-    """Schema 3: create ``instance_keys`` and fill it from the stored files' headers: every
-    indexed input (NULL keys but its UIDs where its file is gone or unreadable) and every result
-    file under ``results/``."""
+    """Schema 3: create ``instance_keys`` with a record per indexed input holding what its
+    ``instances`` record knows (UIDs, modality, series description), and list in
+    ``keys_backfill`` every file whose header is still to read: each input, and each result file
+    under ``results/``. Reading them is :class:`Backfill`'s work, in batches that commit, so the
+    migration's own transaction is short and a killed start resumes where it stopped."""
     create_key_table(conn)
+    conn.execute("CREATE TABLE IF NOT EXISTS keys_backfill (path TEXT PRIMARY KEY, kind TEXT NOT NULL)")
+    conn.execute("INSERT INTO instance_keys (kind, path, transfer_syntax_uid, received_at, sop_instance_uid, "
+                 "sop_class_uid, study_instance_uid, series_instance_uid, modality, series_description) "
+                 f"SELECT '{Kind.INPUT.value}', 'instances/' || path, transfer_syntax_uid, received_at, "
+                 "sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, modality, "
+                 "series_description FROM instances")
+    conn.execute(f"INSERT INTO keys_backfill SELECT path, '{Kind.INPUT.value}' FROM instance_keys")
     data_dir = _data_dir(conn)
-    rows = conn.execute("SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, "
-                        "transfer_syntax_uid, modality, series_description, path, received_at "
-                        "FROM instances").fetchall()
-    if rows:
-        logger.info("store schema 3: reading the query keys of %d stored instance(s), once", len(rows))
-    for sop, sop_class, study, series, syntax, modality, description, path, received in rows:
-        values = _read_keys(data_dir / "instances" / path)[0] if data_dir else None
-        if values is None:
-            values = {"sop_instance_uid": sop, "sop_class_uid": sop_class, "study_instance_uid": study,
-                      "series_instance_uid": series, "modality": modality, "series_description": description}
-        # the record's UIDs are the ones the node routes by: they win over a file edited since
-        values.update(sop_instance_uid=sop, study_instance_uid=study, series_instance_uid=series)
-        put_keys(conn, Kind.INPUT, f"instances/{path}", syntax, received, values)
-    if data_dir is not None:
-        _index_result_files(conn, data_dir)
-
-
-def _index_result_files(conn: sqlite3.Connection, data_dir: Path) -> None:
-    results = data_dir / "results"
-    count = 0
-    for file in sorted(results.glob("*/*/*.dcm")) if results.is_dir() else []:
-        values, syntax = _read_keys(file)
-        if values is None or not values.get("sop_instance_uid"):
-            logger.warning("result file %s is unreadable; not indexed", file.relative_to(data_dir))
-            continue
-        put_keys(conn, Kind.RESULT, str(file.relative_to(data_dir)), syntax, file.stat().st_mtime, values)
-        count += 1
+    results = data_dir / "results" if data_dir is not None else None
+    if data_dir is not None and results is not None and results.is_dir():
+        conn.executemany(f"INSERT OR IGNORE INTO keys_backfill VALUES (?, '{Kind.RESULT.value}')",
+                         ((str(file.relative_to(data_dir)),) for file in sorted(results.glob("*/*/*.dcm"))))
+    (count,) = conn.execute("SELECT count(*) FROM keys_backfill").fetchone()
     if count:
-        logger.info("indexed %d result file(s) written before the upgrade", count)
+        logger.info("store schema 3: %d stored file(s) to read the query keys of, in batches", count)
+    else:
+        conn.execute("DROP TABLE keys_backfill")  # a new store: nothing to read
+
+
+#: A file's keys as read: (path, kind, key values or None if unreadable, transfer syntax, mtime).
+Read = tuple[str, Kind, dict[str, object] | None, str, float]
+
+
+class Backfill:
+    """The schema-3 migration's reading of stored files' headers, a batch at a time: the files
+    still to read are listed in ``keys_backfill`` (gone once all are read), so a start killed
+    halfway goes on from where it stopped; until then queries see only the records' own keys."""
+
+    BATCH = 200
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    @staticmethod
+    def pending(conn: sqlite3.Connection) -> list[tuple[str, Kind]]:
+        """Up to :attr:`BATCH` (path, kind) still to read; [] when done (or never needed)."""
+        if not _listed(conn):
+            return []
+        rows = conn.execute("SELECT path, kind FROM keys_backfill ORDER BY path LIMIT ?",
+                            (Backfill.BATCH,)).fetchall()
+        return [(path, Kind(kind)) for path, kind in rows]
+
+    def read(self, pending: list[tuple[str, Kind]]) -> list[Read]:
+        """The files' keys (outside any transaction: reading files is the slow part)."""
+        found: list[Read] = []
+        for path, kind in pending:
+            values, syntax = _read_keys(self.data_dir / path)
+            try:
+                mtime = (self.data_dir / path).stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            found.append((path, kind, values, syntax, mtime))
+        return found
+
+    @staticmethod
+    def apply(conn: sqlite3.Connection, found: list[Read]) -> None:
+        """Write what :meth:`read` found for the files still listed (a C-STORE or a result written
+        meanwhile took its file off the list, with fresher keys), then drop the list if empty."""
+        for path, kind, values, syntax, mtime in found:
+            listed = conn.execute("DELETE FROM keys_backfill WHERE path = ?", (path,)).rowcount
+            if not listed or values is None:
+                continue  # written live meanwhile, or gone or unreadable: the record keeps what it knows
+            if kind is Kind.RESULT:
+                if values.get("sop_instance_uid"):
+                    put_keys(conn, kind, path, syntax, mtime, values)
+                continue
+            row = conn.execute("SELECT sop_instance_uid, study_instance_uid, series_instance_uid, "
+                               "received_at, transfer_syntax_uid FROM instance_keys WHERE path = ? "
+                               "AND kind = ?", (path, Kind.INPUT.value)).fetchone()
+            if row is None:
+                continue  # purged meanwhile
+            # the record's UIDs are the ones the node routes by: they win over a file edited since
+            values.update(sop_instance_uid=row[0], study_instance_uid=row[1], series_instance_uid=row[2])
+            put_keys(conn, kind, path, row[4], row[3], values)
+        if conn.execute("SELECT 1 FROM keys_backfill LIMIT 1").fetchone() is None:
+            conn.execute("DROP TABLE keys_backfill")
+
+
+def forget_backfill(conn: sqlite3.Connection, path: str) -> None:
+    """Take a file off the backfill's list (the caller holds the transaction): its keys were
+    written live, or it is being deleted; the backfill must not write what it read before."""
+    if _listed(conn):
+        conn.execute("DELETE FROM keys_backfill WHERE path = ?", (path,))
+
+
+def _listed(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'keys_backfill'").fetchone() is not None
 
 
 def _read_keys(path: Path) -> tuple[dict[str, object] | None, str]:

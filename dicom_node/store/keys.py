@@ -82,6 +82,8 @@ KEYS = (
 KEY_COLUMNS = tuple(column for key in KEYS for column in key.columns)
 #: Keys held as integers (IS): compared as numbers.
 INTEGER_KEYWORDS = frozenset({"SeriesNumber", "InstanceNumber"})
+#: Keys of VR PN: held without trailing empty components (``Doe^John^`` is ``Doe^John``).
+PERSON_NAME_KEYWORDS = frozenset({"PatientName", "ReferringPhysicianName"})
 #: What a header must be read with to fill the keys (the character set decodes the text).
 KEY_TAGS = ("SpecificCharacterSet", *(key.keyword for key in KEYS))
 
@@ -127,7 +129,8 @@ def _values_of(ds: Dataset, key: Key) -> dict[str, object]:
         return {column: _text(item.get(keyword, "")) for keyword, column in key.items}
     if key.keyword in INTEGER_KEYWORDS:
         return {key.column: _integer(ds.get(key.keyword))}
-    return {key.column: _text(ds.get(key.keyword, ""))}
+    text = _text(ds.get(key.keyword, ""))
+    return {key.column: text.rstrip("^=") if key.keyword in PERSON_NAME_KEYWORDS else text}
 
 
 def key_row(values: Mapping[str, object]) -> tuple[object, ...]:

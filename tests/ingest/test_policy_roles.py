@@ -35,6 +35,18 @@ def test_the_store_and_query_roles_are_separate_and_default_to_storing_only() ->
     assert not AssociationPolicy(ae_title="XAI_NODE").may_query("WHOEVER", "10.1.1.1")
 
 
+def test_a_query_wildcard_never_widens_admission() -> None:
+    """``query_peers = ["*"]`` means every peer ``allowed_peers`` admits, not every peer."""
+    listed = AssociationPolicy(ae_title="XAI_NODE", allowed_peers=("CT1",), query_peers=("*",))
+    assert listed.may_query("CT1", "10.0.0.9")
+    assert not listed.may_query("STRANGER", "10.0.0.9")
+    rejected = listed.check("XAI_NODE", "STRANGER", "10.0.0.9", 0)
+    assert rejected is not None and rejected.reason is RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED
+    mixed = AssociationPolicy(ae_title="XAI_NODE", allowed_peers=("CT1@10.0.0.5",), query_peers=("*", "VIEWER"))
+    assert not mixed.may_query("CT1", "10.0.0.6") and mixed.check("XAI_NODE", "CT1", "10.0.0.6", 0) is not None
+    assert mixed.may_query("VIEWER", "10.0.0.6") and not mixed.may_store("VIEWER", "10.0.0.6")
+
+
 def test_roles_over_real_associations(settings: Settings) -> None:
     """A query-only peer cannot store (0x0124); a store-only peer cannot query (0x0124); a peer
     with neither role is rejected."""

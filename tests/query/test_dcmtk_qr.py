@@ -171,3 +171,36 @@ def test_a_peer_without_the_query_role_is_refused_and_no_patient_value_is_logged
     log = qr.node.log.read_text()
     assert "C-FIND at STUDY level from FINDSCU" in log
     assert not any(value in log for value in ("PHANTOM^", *qr.studies.patient.values()))
+
+
+def test_movescu_moves_compressed_inputs_in_their_own_transfer_syntax(qr: QRNode, tmp_path: Path) -> None:
+    """An RLE, a JPEG-LS and an uncompressed instance of one SOP class in one study: each reaches
+    the archive as it was stored (a destination accepts one transfer syntax per context; one
+    context per (class, syntax) lets every file through). Modality OT: no pipeline takes them."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+
+    from dicom_node.phantoms import render, to_dataset
+    from tests.factories import new_uid
+    from tests.peers.test_dcmtk import run_storescu
+
+    study, series = new_uid(), new_uid()
+    sent: dict[str, str] = {}
+    for n, (syntax, options) in enumerate([(RLELossless, ["-R", "-xr"]), (JPEGLSLossless, ["-R", "-xt"]),
+                                           (ExplicitVRLittleEndian, [])]):
+        ds = to_dataset(render(n + 1, 64), study_uid=study, series_uid=series)
+        ds.Modality, ds.PatientID = "OT", "PID-COMPRESSED"
+        if syntax != ExplicitVRLittleEndian:
+            ds.compress(syntax)
+        path = tmp_path / f"in{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        run_storescu(qr.node.port, options, [path])
+        sent[str(ds.SOPInstanceUID)] = str(syntax)
+    before = set(qr.archive_dir.iterdir())
+    result = dcmtk("movescu", qr, ["-S", "-aem", "ARCHIVE", "-k", "QueryRetrieveLevel=STUDY",
+                                   "-k", f"StudyInstanceUID={study}"], tmp_path / "move")
+    assert result.returncode == 0, result.stderr
+    arrived = {}
+    for path in set(qr.archive_dir.iterdir()) - before:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        arrived[str(ds.SOPInstanceUID)] = str(ds.file_meta.TransferSyntaxUID)
+    assert arrived == sent

@@ -29,6 +29,13 @@ ROWS = [
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[InstanceStore]:
+    store = filled(tmp_path)
+    yield store
+    store.close()
+
+
+def filled(tmp_path: Path) -> InstanceStore:
+    """A store whose index holds :data:`ROWS` (as results)."""
     store = InstanceStore(tmp_path / "var")
     for n, (patient, name, study, date, time, accession, series, modality, number, sop, sop_class,
             concept) in enumerate(ROWS):
@@ -42,8 +49,7 @@ def store(tmp_path: Path) -> Iterator[InstanceStore]:
             keys.update(concept_code_value=concept["CodeValue"], concept_coding_scheme=concept["CodingSchemeDesignator"],
                         concept_code_meaning=concept["CodeMeaning"])
         store.index.put_result(f"results/{study}/{series}/{sop}.dcm", "1.2.840.10008.1.2.1", float(n), keys)
-    yield store
-    store.close()
+    return store
 
 
 def run(store: InstanceStore, query: Find) -> list[Dataset]:

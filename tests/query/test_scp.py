@@ -19,6 +19,7 @@ from dicom_node.store import InstanceStore
 from tests.factories import new_uid
 
 STUDY = "2.25.4242"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 ARCHIVE = Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=104)
 
 
@@ -38,10 +39,11 @@ class FakeEvent:
     """What the handlers read of a pynetdicom event; cancelled once ``cancel_after`` answers went."""
 
     def __init__(self, identifier: dict[str, str], calling: str = "PEER", cancel_after: int | None = None,
-                 move_destination: str = "") -> None:
+                 move_destination: str = "", sop_class: str = STUDY_ROOT_FIND) -> None:
         self.identifier = Dataset()
         for keyword, value in identifier.items():
             setattr(self.identifier, keyword, value)
+        self.request = SimpleNamespace(AffectedSOPClassUID=sop_class)
         self.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title=calling, address="127.0.0.1"))
         self.move_destination = move_destination
         self.cancel_after = cancel_after
