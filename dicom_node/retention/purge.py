@@ -237,7 +237,7 @@ class Purger:
         inode, mtime_ns = json.loads(intent.identity)
         found = ResultFile(Path(intent.path), intent.study_instance_uid, intent.series_instance_uid,
                            intent.sop_instance_uid, intent.since, intent.size_bytes, (inode, mtime_ns))
-        return self.results.remove(found) or not found.path.exists()
+        return self.store.remove_result(found)
 
 
 def _pending(conn: sqlite3.Connection) -> list[Intent]:

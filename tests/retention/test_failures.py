@@ -247,13 +247,13 @@ def test_resume_of_result_intents(world: World) -> None:
     def killed(found: object) -> bool:
         raise Killed  # after the outbox records were forgotten, before the file
 
-    world.results.remove = killed  # type: ignore[method-assign]
+    world.store.remove_result = killed  # type: ignore[method-assign]
     with pytest.raises(Killed):
         world.purger.execute(results)
     gone.unlink()  # this one's unlink had reached the disk when the kill came
     # and say the second's outbox records had been forgotten too, its file not yet removed
     assert world.outbox.forget(world.outbox.for_instances([kept.stem])[kept.stem])
-    del world.results.remove  # the next start
+    del world.store.remove_result  # the next start
     outcome = world.purger.resume()
     # the first: records and file gone, so it was done: audited now; the second: its file is
     # still there without records, left to the next plan; the third: untouched, its records stay

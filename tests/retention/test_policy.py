@@ -88,6 +88,8 @@ def test_only_deliverable_and_delivered_data_goes_once_past_its_age(world: World
     # results: the old settled ones went with their outbox records, the pending one and the young one stay
     left = set(world.results.root.rglob("*.dcm"))
     assert waiting_result in left and len(left) == 4 and left < results_before  # + second's, older's
+    # and the index, which C-FIND answers from, names exactly the result files left
+    assert {world.store.data_dir / path for path, _ in world.store.index.results()} == left
     assert sorted(r.state for r in world.outbox.list(limit=100)) == [
         "delivered", "delivered", "pending", "pending", "pending"]
     # the index has no record of a series or study left empty
@@ -104,6 +106,7 @@ def test_only_deliverable_and_delivered_data_goes_once_past_its_age(world: World
     policy.purge_by_age()
     assert indexed(world) == everything - gone - {r.sop_instance_uid for r in [*pending, *second, *older]}
     assert set(world.results.root.rglob("*.dcm")) == {young_result}
+    assert [world.store.data_dir / path for path, _ in world.store.index.results()] == [young_result]
 
 
 def test_ages_of_zero_keep_everything_forever(world: World) -> None:

@@ -100,7 +100,7 @@ class World:
         """A result file of ``job`` written now, queued for one destination per state in ``states``
         (none: a pipeline without ``send_to``), each record taken to its state."""
         ds = ct_dataset(job.study_instance_uid, new_uid())
-        path = self.results.save(ds)
+        path = self.store.save_result(ds)  # written and indexed, as the pipeline's store step does
         os.utime(path, (self.clock.now, self.clock.now))
         names = [f"dest{i}" for i in range(len(states))]
         self.outbox.enqueue(job.id, [Result(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
