@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import trustme
 from pynetdicom import AE
@@ -107,16 +108,27 @@ def python_echo(port: int) -> bool:
     return getattr(status, "Status", None) == 0
 
 
-def test_echoscu_and_storescu_succeed_with_a_certificate_of_the_nodes_ca(pki: Pki, tmp_path: Path) -> None:
+def test_echoscu_storescu_and_findscu_succeed_with_a_certificate_of_the_nodes_ca(pki: Pki, tmp_path: Path) -> None:
     audit = Events()
-    with running(tls_settings(tmp_path / "data", pki), audit) as (server, store):
-        _echo_and_store(server, store, pki, tmp_path)
+    settings = tls_settings(tmp_path / "data", pki)
+    settings = replace(settings, node=replace(settings.node, query_peers=("MODALITY",)))
+    with running(settings, audit) as (server, store):
+        study = _echo_and_store(server, store, pki, tmp_path)
+        assert server.tls_port is not None
+        out = tmp_path / "found"
+        out.mkdir()
+        found = dcmtk("findscu", server.tls_port, *tls_options(pki.client, pki.ca), "-S", "-X", "-od", str(out),
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "NumberOfStudyRelatedInstances")
+        assert found.returncode == 0, found.stderr
+        answers = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+        assert [(a.StudyInstanceUID, int(a.NumberOfStudyRelatedInstances)) for a in answers] == [(study, 1)]
         assert python_echo(server.port)  # the plain port at the same time
     accepted = [fields for event, fields in audit.events if event == "association_accepted"]
-    assert [a.get("tls") for a in accepted] == ["TLSv1.3", "TLSv1.3", None]  # DCMTK 3.6.7 + OpenSSL 3
+    assert [a.get("tls") for a in accepted] == ["TLSv1.3", "TLSv1.3", "TLSv1.3", None]  # DCMTK 3.6.7 + OpenSSL 3
 
 
-def _echo_and_store(server: IngestServer, store: InstanceStore, pki: Pki, tmp_path: Path) -> None:
+def _echo_and_store(server: IngestServer, store: InstanceStore, pki: Pki, tmp_path: Path) -> str:
+    """C-ECHO and C-STORE over TLS; the stored instance's Study Instance UID."""
     assert server.tls_port is not None and server.tls_port != server.port
     echo = dcmtk("echoscu", server.tls_port, *tls_options(pki.client, pki.ca))
     assert echo.returncode == 0, echo.stderr
@@ -126,6 +138,7 @@ def _echo_and_store(server: IngestServer, store: InstanceStore, pki: Pki, tmp_pa
     assert stored.returncode == 0, stored.stderr
     record = store.index.get(str(ds.SOPInstanceUID))
     assert record is not None and record.times_received == 1
+    return str(ds.StudyInstanceUID)
 
 
 @pytest.mark.parametrize("who", ["no certificate", "another CA's certificate"])
