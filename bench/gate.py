@@ -1,16 +1,16 @@
 """The input-distribution gate: its cost on the inference step.
 
-Cost: the pipeline's inference step (forward pass, with the pooled-activation hook when gated)
-plus the gate step, against the inference step alone, on 1-frame and 16-frame series of 128 px
-inputs (preprocessing excluded: it is the same either way), interleaved; the minimum of
-``--repeats`` (on a shared, loaded machine the minimum is the cost without other processes'
-interference; medians there measure the neighbours).
+Cost: the pipeline's inference step alone, the same with the pooled-activation hook (as a gated
+model runs it), and the gate step after it (image statistics and score), on 1-frame and 16-frame
+series of 128 px inputs (preprocessing excluded: it is the same either way), interleaved
+``--repeats`` times; minimum and median of each.
 The demo model's abstention figures are measured by ``models/demo-cxr/calibrate_gate.py``.
 
 Usage: ``.venv/bin/python bench/gate.py [--repeats 30]``
 """
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,20 +26,24 @@ from dicom_node.phantoms import render, to_dataset
 MODEL = "demo-cxr"
 
 
-def _cost(runner: InferenceRunner, inputs: list[Preprocessed], repeats: int) -> tuple[float, float]:
+def _cost(runner: InferenceRunner, inputs: list[Preprocessed], repeats: int) -> dict[str, list[float]]:
+    """Seconds of the inference step alone, of the same with the pooled-activation hook, and of the
+    gate step after it, interleaved ``repeats`` times."""
     reference = runner.model(MODEL).reference
     assert reference is not None
-    plain, gated = [], []
+    spent: dict[str, list[float]] = {"inference": [], "hooked": [], "gate": []}
     for _ in range(repeats):
         started = time.perf_counter()
         runner.predict(MODEL, inputs)
-        plain.append(time.perf_counter() - started)
-        started = time.perf_counter()
+        spent["inference"].append(time.perf_counter() - started)
         features: list[np.ndarray] = []
+        started = time.perf_counter()
         runner.predict(MODEL, inputs, features)
+        spent["hooked"].append(time.perf_counter() - started)
+        started = time.perf_counter()
         reference.score(frame_vectors(np.concatenate(features), np.stack([i.array for i in inputs])))
-        gated.append(time.perf_counter() - started)
-    return min(plain), min(gated)
+        spent["gate"].append(time.perf_counter() - started)
+    return spent
 
 
 def main() -> None:
@@ -52,10 +56,11 @@ def main() -> None:
     spec = loaded.manifest.input
     frames = [item for i in range(16) for item in preprocess(to_dataset(render(4_200_000 + i, 512)), spec)]
     for count in (1, 16):
-        plain, gated = _cost(runner, frames[:count], args.repeats)
-        print(f"cost, {count:>2} frame(s): inference {plain * 1000:.2f} ms, inference + gate "
-              f"{gated * 1000:.2f} ms: +{(gated / plain - 1) * 100:.1f}%")
-
+        spent = _cost(runner, frames[:count], args.repeats)
+        for name, pick in (("min", min), ("median", statistics.median)):
+            plain, hooked, gate = (pick(spent[k]) * 1000 for k in ("inference", "hooked", "gate"))
+            print(f"{count:>2} frame(s), {name}: inference {plain:.3f} ms, with the hook {hooked:.3f} ms, "
+                  f"gate step {gate:.3f} ms: the gate adds {(hooked - plain + gate) / plain * 100:.1f}%")
 
 if __name__ == "__main__":
     main()

@@ -228,5 +228,5 @@ def test_explain_runs_the_pipeline_on_files_without_a_network(tmp_path: Path,
                  "--config", str(config)]) == 1  # forced onto a chest X-ray model: nothing analysed
     assert "not analysed: model demo-cxr is meant for modalities" in capsys.readouterr().out
     reports = [ds for ds in map(dcmread, out.rglob("*.dcm")) if ds.StudyInstanceUID == piece.dataset.StudyInstanceUID]
-    assert [ds.SeriesDescription for ds in reports] == ["AI not analysed demo-cxr 2.0.0"]
+    assert [ds.SeriesDescription for ds in reports] == ["AI not analysed demo-cxr 3.0.0"]
     assert main(["explain", str(inputs), "--out", str(out), "--pipeline", "nope", "--config", str(config)]) == 2

@@ -66,16 +66,30 @@ def randomised_copy(model: nn.Module, seed: int) -> nn.Module:
 
 
 def blurred(image: torch.Tensor, kernel: int = 0) -> torch.Tensor:
-    """A heavily blurred copy (box blur of about a tenth of the side): the 'nothing here' baseline."""
+    """A heavily blurred copy (box blur of about a tenth of the side) of ``image`` (C, H, W) or a
+    batch (B, C, H, W): the 'nothing here' baseline."""
     kernel = kernel or max(3, (min(image.shape[-2:]) // 10) | 1)
-    padded = F.pad(image[None], [kernel // 2] * 4, mode="replicate")
-    return F.avg_pool2d(padded, kernel, stride=1)[0]
+    batch = image if image.dim() == 4 else image[None]
+    padded = F.pad(batch, [kernel // 2] * 4, mode="replicate")
+    out = F.avg_pool2d(padded, kernel, stride=1)
+    return out if image.dim() == 4 else out[0]
+
+
+def _ranks_with_ties_shuffled(maps: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each pixel's rank (0 = most important) in each row of ``maps`` (M, P); pixels of equal value
+    (a CAM's zeros after its ReLU) come in a seeded random order, not the raster order, which would
+    blur the image from the top down and make a straight edge the model may react to."""
+    shuffle = torch.randperm(maps.shape[1], generator=torch.Generator().manual_seed(seed)).to(maps.device)
+    order = shuffle[torch.sort(-maps[:, shuffle], dim=1, stable=True).indices]
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(maps.shape[1], device=maps.device).expand_as(order))
+    return ranks
 
 
 @torch.no_grad()
 def deletion_insertion(
     model: nn.Module, image: torch.Tensor, maps: torch.Tensor, label: int, steps: int = 16,
-    batch_size: int | None = None,
+    batch_size: int | None = None, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Deletion and insertion AUC of each of ``maps`` (M, H, W) for output ``label``.
 
@@ -85,7 +99,7 @@ def deletion_insertion(
     """
     count, height, width = maps.shape
     pixels = height * width
-    ranks = torch.argsort(torch.argsort(-maps.reshape(count, pixels), dim=1), dim=1)
+    ranks = _ranks_with_ties_shuffled(maps.reshape(count, pixels), seed)
     limits = torch.round(torch.linspace(0, pixels, steps + 1, device=maps.device)).long()
     shown = (ranks[:, None, :] < limits[None, :, None]).reshape(count * (steps + 1), 1, height, width)
     base = blurred(image)
@@ -239,7 +253,7 @@ def faithfulness(
     """
     count = len(maps)
     stack = torch.cat([maps, baseline_maps(image, seed), randomised_maps])
-    deletion, insertion = deletion_insertion(model, image, stack, label, steps=steps)
+    deletion, insertion = deletion_insertion(model, image, stack, label, steps=steps, seed=seed)
     figures = []
     for m in range(count):
         rows = dict(zip(BASELINES, (count, count + 1, count + 2, count + 3 + m), strict=True))

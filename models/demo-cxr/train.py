@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from dicom_node.explain.quality import blurred, sobel_map
 from dicom_node.inference.architectures import BUILDERS
 from dicom_node.inference.manifest import InputSpec
-from dicom_node.inference.preprocess import preprocess
+from dicom_node.inference.preprocess import letterbox, preprocess
 from dicom_node.inference.registry import sha256_of
 from dicom_node.phantoms import LABELS, render, to_dataset
 
 HERE = Path(__file__).resolve().parent
-VERSION = "2.0.0"
+VERSION = "3.0.0"
 DESIGNS = {  # what the card says of each architecture this script can train, and its CAM layer
     "compact_cnn": ("four 3x3 conv blocks (8/16/32/64 channels, batch norm, ReLU, 2x2 max-pooling "
                     "after the first two), global average + max pooling, two linear layers "
@@ -45,28 +46,102 @@ CODES = {  # SNOMED CT concepts for the findings
 }
 
 
-def example(seed: int, size: int, render_sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom through DICOM and preprocessing: (input (1, size, size), labels (4,))."""
+FOCAL = ("nodule", "consolidation")  # findings a blurred-out region removes (see ``perturbed``)
+
+
+def example(seed: int, size: int, render_sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One phantom through DICOM and preprocessing: input (1, size, size), labels (4,) and the
+    focal findings' masks on the model grid (2, size, size), letterboxed as the image is."""
     rng = np.random.default_rng(seed)
     rendered = render(seed, int(rng.choice(render_sizes)))
     photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
     ds = to_dataset(rendered, modality=str(rng.choice(["CR", "DX"])), photometric=photometric,
                     bits_stored=int(rng.choice([12, 14, 16])))
     [item] = preprocess(ds, InputSpec(size=size))
-    return item.array, np.array([rendered.labels[label] for label in LABELS], dtype=np.float32)
+    blank = np.zeros(rendered.image.shape, dtype=np.float32)
+    masks = np.stack([letterbox(rendered.masks.get(label, blank).astype(np.float32)[..., None], size)[0][..., 0]
+                      for label in FOCAL]) >= 0.5
+    return item.array, np.array([rendered.labels[label] for label in LABELS], dtype=np.float32), masks
 
 
-def _example(args: tuple[int, int, tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+def _example(args: tuple[int, int, tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return example(*args)
 
 
-def dataset(seeds: range, size: int, render_sizes: tuple[int, ...], workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and labels for ``seeds``, made in ``workers`` processes."""
+def dataset(seeds: range, size: int, render_sizes: tuple[int, ...],
+            workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, labels and focal masks for ``seeds``, made in ``workers`` processes."""
     jobs = [(seed, size, render_sizes) for seed in seeds]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pairs = pool.map(_example, jobs, chunksize=32)
-    return (torch.from_numpy(np.stack([p[0] for p in pairs])),
-            torch.from_numpy(np.stack([p[1] for p in pairs])))
+        triples = pool.map(_example, jobs, chunksize=32)
+    return tuple(torch.from_numpy(np.stack([t[k] for t in triples])) for k in range(3))  # type: ignore[return-value]
+
+
+def _orders(x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, H, W) pixel orders, first hidden first, like those the deletion (the order) and
+    insertion (the order reversed) figures use, half each: random pixels, random blocks,
+    smooth random blobs (CAM-like), the centre outwards, the image's edges, a focal finding's
+    centre outwards and a blob on it with the rest of the image tied (a map that points at the
+    finding; random pixels where there is none): a finding shown in a blurred image is still that
+    finding."""
+    count, _, height, width = x.shape
+    kinds = torch.randint(0, 7, (count,), generator=generator)
+    cells = 2 ** torch.randint(1, 5, (count,), generator=generator)
+    ys = (torch.arange(height) + 0.5) / height - 0.5
+    xs = (torch.arange(width) + 0.5) / width - 0.5
+    centre = -(ys[:, None] ** 2 + xs[None, :] ** 2)
+    orders = []
+    for k in range(count):
+        kind = int(kinds[k])
+        if kind == 0:
+            order = torch.rand(height, width, generator=generator)
+        elif kind in (1, 2):
+            side = height // int(cells[k]) if kind == 1 else 4
+            coarse = torch.rand(1, 1, side, side, generator=generator)
+            mode = "nearest" if kind == 1 else "bilinear"
+            order = nn.functional.interpolate(coarse, size=(height, width), mode=mode)[0, 0]
+        elif kind == 3:
+            order = centre
+        elif kind == 4:
+            order = sobel_map(x[k])
+        else:
+            present = [m for m in masks[k] if m.any()]
+            lesion = present[int(torch.randint(0, len(present), (1,), generator=generator))].nonzero().float() \
+                if present else torch.empty(0, 2)
+            order = torch.rand(height, width, generator=generator)
+            if len(lesion):
+                cy, cx = ((lesion.mean(dim=0) + 0.5) / torch.tensor([height, width])).tolist()
+                order = -((ys[:, None] + 0.5 - cy) ** 2 + (xs[None, :] + 0.5 - cx) ** 2)
+                if kind == 6:  # a CAM's blob: zero (ties, in random order) outside a random radius
+                    radius = 0.03 + 0.12 * torch.rand(1, generator=generator).item()
+                    order = torch.exp(order / (2 * radius**2))
+                    order = torch.where(order < 0.05, torch.zeros_like(order), order)
+        # half the time reversed: deletion hides the top of a map's order, insertion all but its top
+        sign = 1.0 if torch.rand(1, generator=generator).item() < 0.5 else -1.0
+        orders.append(sign * order + 1e-6 * torch.rand(height, width, generator=generator))
+    return torch.stack(orders)
+
+
+def perturbed(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+              share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half the batch with a random share of its pixels replaced by the blurred copy the deletion
+    and insertion figures use, in one of the orders those figures use (remove-and-retrain, Hooker
+    et al. 2019: a model that has seen such images answers for what they show, not for the
+    artefact). A focal finding more than half blurred out is absent from the perturbed image."""
+    chosen = torch.rand(len(x), generator=generator) < share
+    if not chosen.any():
+        return x, y
+    xs, ys, ms = x[chosen], y[chosen].clone(), masks[chosen]
+    fractions = torch.rand(len(xs), generator=generator)
+    ranks = torch.argsort(torch.argsort(_orders(xs, ms, generator).flatten(1), dim=1, descending=True), dim=1)
+    hidden = (ranks < fractions[:, None] * ranks.shape[1]).reshape(len(xs), 1, *xs.shape[-2:])
+    xs = torch.where(hidden, blurred(xs), xs)
+    covered = (hidden & ms).flatten(2).sum(-1) / ms.flatten(2).sum(-1).clamp(min=1)
+    for j, label in enumerate(FOCAL):
+        ys[:, LABELS.index(label)] *= (covered[:, j] <= 0.5).float()
+    out_x, out_y = x.clone(), y.clone()
+    out_x[chosen], out_y[chosen] = xs, ys
+    return out_x, out_y
 
 
 def auc(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -86,8 +161,10 @@ def auc(scores: np.ndarray, truth: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, seed: int) -> list[float]:
-    """AdamW with a one-cycle schedule on binary cross-entropy; returns the loss per epoch."""
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, epochs: int, batch: int,
+          seed: int) -> list[float]:
+    """AdamW with a one-cycle schedule on binary cross-entropy, half of each batch perturbed
+    (:func:`perturbed`); returns the loss per epoch."""
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(x) / batch)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -99,7 +176,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
         total = 0.0
         for start in range(0, len(x), batch):
             index = order[start:start + batch]
-            loss = nn.functional.binary_cross_entropy_with_logits(model(x[index]), y[index])
+            inputs, targets = perturbed(x[index], y[index], masks[index], generator)
+            loss = nn.functional.binary_cross_entropy_with_logits(model(inputs), targets)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -181,6 +259,43 @@ AdamW (lr 3e-3, weight decay 1e-4), one-cycle schedule, binary cross-entropy, ba
 (data, training and evaluation), {t['machine']}, Python {t['python']}, torch {t['torch']}.
 Loss per epoch: {', '.join(f'{v:.3f}' for v in metrics['losses'])}.
 
+**Perturbed images** (since 3.0.0; `train.py`'s `perturbed`): half of every batch has a random
+share (0-100 %) of its pixels replaced by the blurred copy that the node's deletion and insertion
+figures use. Which pixels go first follows one of seven orders, each used as is (deletion-like) or
+reversed (insertion-like), half and half: random pixels (the figures' random map), the centre
+outwards (their centre map), the image's edges (their edge map), random blocks and smooth random
+blobs (stand-ins for explanation maps of unknown shape), a focal finding's centre outwards, and a
+blob on a focal finding with the rest of the image tied in random order (the shape of a CAM that
+points at the finding). The last two are drawn from the ground-truth masks, so they occur only in
+images with a nodule or a consolidation (in images without one they fall back to random pixels).
+A nodule or consolidation whose mask is more than half replaced is labelled absent in that image;
+the other labels stay. This is perturbation-aware training with labels taken from the ground
+truth, in the spirit of remove-and-retrain (Hooker et al. 2019, who keep the labels and retrain
+on an explanation's own removal order) and of ROAD (Rong et al. 2022): a model never shown a
+half-blurred image answers for the blur artefact, and its deletion and insertion figures then
+measure the artefact. Version 2.0.0, trained without it, called a nodule present in an image whose
+nodule had been blurred out (its Grad-CAM deletion curve fell to 0 and climbed back to 1 as the
+blur front moved on).
+
+What this costs, and what it does not prove. The labels follow the mask, not the signal: a blurred
+consolidation keeps most of its contrast (median 71 % inside the mask at 128 px on 30 phantoms),
+so the model learns that a consolidation blurred in place is no longer one, which is the metric's
+notion of "removed", not a radiologist's (an ill-defined opacity can be a consolidation). The
+orders drawn from the masks exist only in images with a finding, so a blob's shape alone could
+hint at the label; the card's control rows (a Grad-CAM map moved by half the image, judged by the
+same rule) measure that leak. The model has seen the figures' own perturbation (and LIME's
+blurred background), so its faithfulness figures do not carry over to a site's own models, which
+were not trained this way.
+
+How the recipe was chosen (development seeds from 5,000,000, 16 steps, Grad-CAM faithful rate for
+nodule / consolidation; n images a label): 2.0.0 0.35 / 0.85 (20); deletion orders only 0.75 /
+0.85 (20); with the finding's centre outwards 0.73 / 0.90 (30); twice as often 0.80 / 0.85 (40);
+with reversed orders 0.80 / 0.85 (40); with the blob on the finding 0.90 / 0.83 (40); the same with
+4000 phantoms and 20 epochs (this version) 0.88 / 0.85 (40). Breaking ties in raster order rather
+than at random would have given the reversed-orders model 0.85 / 0.88; the node breaks them at
+random. 64 or 128 steps instead of 16 changed nothing for the nodules. The card's figures below
+come from other seeds (6,000,000 and up), not used while choosing.
+
 ## Held-out results
 
 {t['held_out']} phantoms never used in training (seeds from {HELD_OUT_SEED}), rendered at
@@ -205,10 +320,10 @@ kernels may still differ in the last bits between machines, so the sha256 may di
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=3000, help="training phantoms")
+    parser.add_argument("--train", type=int, default=4000, help="training phantoms")
     parser.add_argument("--held-out", type=int, default=500, help="held-out phantoms")
     parser.add_argument("--size", type=int, default=128, help="model input side")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -220,14 +335,14 @@ def main() -> int:
     started = time.perf_counter()
 
     train_sizes, test_sizes = (256, 384, 512), (1024,)
-    x, y = dataset(range(args.seed, args.seed + args.train), args.size, train_sizes, args.threads)
-    xt, yt = dataset(range(HELD_OUT_SEED, HELD_OUT_SEED + args.held_out), args.size, test_sizes,
+    x, y, masks = dataset(range(args.seed, args.seed + args.train), args.size, train_sizes, args.threads)
+    xt, yt, _ = dataset(range(HELD_OUT_SEED, HELD_OUT_SEED + args.held_out), args.size, test_sizes,
                      args.threads)
     made = time.perf_counter() - started
     print(f"{len(x)} training and {len(xt)} held-out phantoms in {made:.0f} s", flush=True)
 
     model = BUILDERS[args.architecture](len(LABELS), 1)
-    losses = train(model, x, y, args.epochs, args.batch, args.seed)
+    losses = train(model, x, y, masks, args.epochs, args.batch, args.seed)
     report = evaluate(model, xt, yt)
     elapsed = time.perf_counter() - started
     for label, figures in report.items():

@@ -9,6 +9,8 @@ from dicom_node.explain.lime import lime
 from dicom_node.explain.quality import (
     FAITHFULNESS_MARGIN,
     Verdict,
+    _ranks_with_ties_shuffled,
+    blurred,
     centre_map,
     deletion_insertion,
     evaluate_explanation_quality,
@@ -225,3 +227,24 @@ def test_a_method_the_sanity_check_did_not_run_is_never_shown_faithful(monkeypat
                                         seed=1, quality_steps=2, lime_samples=50, sanity_passed=True)
     assert {h.method: h.verdict for h in maps} == {"gradcam": "faithful", "gradcampp": "not shown to be faithful",
                                                     "lime": "not shown to be faithful"}
+
+
+def test_tied_pixels_come_after_the_others_in_a_seeded_random_order_not_the_raster_order() -> None:
+    values = torch.zeros(1, 64)
+    values[0, [5, 40, 63]] = torch.tensor([3.0, 2.0, 1.0])
+    ranks = _ranks_with_ties_shuffled(values, seed=7)[0]
+    assert ranks[[5, 40, 63]].tolist() == [0, 1, 2]  # the untied ones first, by value
+    tied = [i for i in range(64) if i not in (5, 40, 63)]
+    order = sorted(tied, key=lambda i: int(ranks[i]))
+    assert sorted(ranks[tied].tolist()) == list(range(3, 64))
+    assert order != tied  # not the raster order
+    assert torch.equal(_ranks_with_ties_shuffled(values, seed=7), _ranks_with_ties_shuffled(values, seed=7))
+    assert not torch.equal(_ranks_with_ties_shuffled(values, seed=7), _ranks_with_ties_shuffled(values, seed=8))
+    distinct = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    plain = torch.argsort(torch.argsort(-distinct, dim=1), dim=1)
+    assert torch.equal(_ranks_with_ties_shuffled(distinct, seed=1), plain)
+
+
+def test_a_batch_is_blurred_as_each_of_its_images() -> None:
+    batch = torch.rand(3, 1, 40, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(blurred(batch), torch.stack([blurred(image) for image in batch]))

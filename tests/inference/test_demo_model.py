@@ -49,7 +49,7 @@ def test_the_demo_model_finds_what_held_out_phantoms_hold(runner: InferenceRunne
         truth.append(sorted(label for label, present in findings.items() if present))
     predictions = runner.predict("demo-cxr", inputs)
     assert [sorted(p.positives) for p in predictions] == truth
-    assert all(p.model == "demo-cxr" and p.model_version == "2.0.0" for p in predictions)
+    assert all(p.model == "demo-cxr" and p.model_version == "3.0.0" for p in predictions)
 
 
 def test_loading_twice_gives_identical_outputs() -> None:
