@@ -31,9 +31,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.store.db import connect, migrate, transaction
+
+K = TypeVar("K", int, str)  # what the outbox's lookups group records by: job id or SOP Instance UID
 
 _MIGRATIONS = (
     """
@@ -216,30 +219,25 @@ class Outbox:
 
     def for_jobs(self, job_ids: Collection[int]) -> dict[int, list[OutboxRecord]]:
         """The records each of ``job_ids`` put in the outbox (none: the job sent nothing)."""
-        ids = sorted(set(job_ids))
-        found: dict[int, list[OutboxRecord]] = {}
-        with self._lock:
-            for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one query
-                chunk = ids[start:start + 500]
-                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE job_id IN "
-                                          f"({', '.join('?' * len(chunk))}) ORDER BY id", chunk).fetchall()
-                for row in rows:
-                    record = _record(row)
-                    found.setdefault(record.job_id, []).append(record)
-        return found
+        return self._grouped("job_id", job_ids, lambda record: record.job_id)
 
     def for_instances(self, sop_instance_uids: Collection[str]) -> dict[str, list[OutboxRecord]]:
         """The records of each of ``sop_instance_uids`` (one per destination; none: never queued)."""
-        uids = sorted(set(sop_instance_uids))
-        found: dict[str, list[OutboxRecord]] = {}
+        return self._grouped("sop_instance_uid", sop_instance_uids, lambda record: record.sop_instance_uid)
+
+    def _grouped(self, column: str, values: Collection[K], key: Callable[[OutboxRecord], K]
+                 ) -> dict[K, list[OutboxRecord]]:
+        """The records whose ``column`` is one of ``values``, grouped by ``key``, in id order."""
+        wanted = sorted(set(values))
+        found: dict[K, list[OutboxRecord]] = {}
         with self._lock:
-            for start in range(0, len(uids), 500):  # SQLite bounds the parameters of one query
-                chunk = uids[start:start + 500]
-                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE sop_instance_uid IN "
+            for start in range(0, len(wanted), 500):  # SQLite bounds the parameters of one query
+                chunk = wanted[start:start + 500]
+                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE {column} IN "
                                           f"({', '.join('?' * len(chunk))}) ORDER BY id", chunk).fetchall()
                 for row in rows:
                     record = _record(row)
-                    found.setdefault(record.sop_instance_uid, []).append(record)
+                    found.setdefault(key(record), []).append(record)
         return found
 
     def forget(self, records: Sequence[OutboxRecord]) -> bool:

@@ -22,8 +22,8 @@ US_MULTI_FRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 NM_RETIRED = "1.2.840.10008.5.1.4.1.1.5"
 
 
-def radiograph(modality: str = "CR") -> Dataset:
-    return to_dataset(render(11, SIZE, findings={"nodule": True}), modality=modality)
+def radiograph(modality: str = "CR", size: int = SIZE) -> Dataset:
+    return to_dataset(render(11, size, findings={"nodule": True}), modality=modality)
 
 
 def section(modality: str = "CT") -> Dataset:
@@ -70,7 +70,7 @@ def _big_endian(ds: Dataset) -> Dataset:
     return dcmread(BytesIO(buffer.getvalue()))
 
 
-def _set(**values: object) -> Callable[[Dataset], Dataset]:
+def set_attributes(**values: object) -> Callable[[Dataset], Dataset]:
     def apply(ds: Dataset) -> Dataset:
         for keyword, value in values.items():
             if value is None:
@@ -92,27 +92,27 @@ TILTED_3D = [0.7071068, 0.5, 0.5, 0.0, 0.7071068, -0.7071068]  # oblique on ever
 
 #: name -> source; every oddity the issue lists, and more of the same classes.
 ODDITIES: dict[str, Callable[[], Dataset]] = {
-    "zero-pixel-spacing": lambda: _set(PixelSpacing=["0", "0"], ImagerPixelSpacing=["0", "0"])(radiograph()),
-    "empty-pixel-spacing": lambda: _set(PixelSpacing="", ImagerPixelSpacing=None)(radiograph("DX")),
-    "empty-slice-thickness": lambda: _set(SliceThickness="")(section("CT")),
-    "zero-slice-thickness": lambda: _set(SliceThickness="0")(section("MR")),
-    "no-patient-id": lambda: _set(PatientID=None)(radiograph()),
-    "no-study-identifiers": lambda: _set(StudyID=None, AccessionNumber=None, StudyDate=None, StudyTime=None,
+    "zero-pixel-spacing": lambda: set_attributes(PixelSpacing=["0", "0"], ImagerPixelSpacing=["0", "0"])(radiograph()),
+    "empty-pixel-spacing": lambda: set_attributes(PixelSpacing="", ImagerPixelSpacing=None)(radiograph("DX")),
+    "empty-slice-thickness": lambda: set_attributes(SliceThickness="")(section("CT")),
+    "zero-slice-thickness": lambda: set_attributes(SliceThickness="0")(section("MR")),
+    "no-patient-id": lambda: set_attributes(PatientID=None)(radiograph()),
+    "no-study-identifiers": lambda: set_attributes(StudyID=None, AccessionNumber=None, StudyDate=None, StudyTime=None,
                                          PatientName=None)(section("CT")),
-    "oblique-patient-orientation": lambda: _set(PatientOrientation=["PL", "F"])(radiograph("DX")),
-    "oblique-mr": lambda: _set(ImageOrientationPatient=OBLIQUE)(section("MR")),
-    "3d-orientation": lambda: _set(ImageOrientationPatient=TILTED_3D)(section("CT")),
-    "invalid-orientation": lambda: _set(ImageOrientationPatient=[1, 0, 0, 1, 0, 0])(section("CT")),
-    "de-identified": lambda: _set(PatientIdentityRemoved="YES")(radiograph()),
+    "oblique-patient-orientation": lambda: set_attributes(PatientOrientation=["PL", "F"])(radiograph("DX")),
+    "oblique-mr": lambda: set_attributes(ImageOrientationPatient=OBLIQUE)(section("MR")),
+    "3d-orientation": lambda: set_attributes(ImageOrientationPatient=TILTED_3D)(section("CT")),
+    "invalid-orientation": lambda: set_attributes(ImageOrientationPatient=[1, 0, 0, 1, 0, 0])(section("CT")),
+    "de-identified": lambda: set_attributes(PatientIdentityRemoved="YES")(radiograph()),
     "rgb": lambda: _colour(radiograph(), US),
     "rgb-multi-frame": lambda: _colour(radiograph(), US_MULTI_FRAME, frames=2),
     "palette-retired-us": lambda: _colour(radiograph(), US_RETIRED, palette=True),
     "frames-in-single-frame-class": lambda: _colour(radiograph(), US, frames=2),
-    "retired-nm": lambda: _meta(_set(SOPClassUID=NM_RETIRED, Modality="NM")(radiograph())),
+    "retired-nm": lambda: _meta(set_attributes(SOPClassUID=NM_RETIRED, Modality="NM")(radiograph())),
     "big-endian": lambda: _big_endian(radiograph("DX")),
     "un-sop-class": lambda: _un_sop_class(radiograph()),
-    "invalid-person-names": lambda: _set(PatientName="A^B^C^D^E^F", ReferringPhysicianName="a=b=c=d")(
+    "invalid-person-names": lambda: set_attributes(PatientName="A^B^C^D^E^F", ReferringPhysicianName="a=b=c=d")(
         radiograph()),
-    "invalid-dates-and-sex": lambda: _set(PatientSex="m", PatientBirthDate="1980-01-01", StudyTime="9:30")(
+    "invalid-dates-and-sex": lambda: set_attributes(PatientSex="m", PatientBirthDate="1980-01-01", StudyTime="9:30")(
         section("CT")),
 }

@@ -1,6 +1,6 @@
 """A C-MOVE to a destination that never completes the TCP handshake (its accept queue is full)
 or never answers the association request ends within the configured timeouts, not the OS's
-minutes (review finding 5)."""
+minutes."""
 
 import dataclasses
 import socket

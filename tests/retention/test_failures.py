@@ -1,4 +1,4 @@
-"""What goes wrong around a purge (review of #15's retention): a deletion the file system refuses,
+"""What goes wrong around a purge: a deletion the file system refuses,
 a batch interrupted before it reached some of its entries, free space that does not come back."""
 
 import errno

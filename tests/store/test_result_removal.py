@@ -1,6 +1,6 @@
 """A result's index record follows its file: the purge removes both (file first), ``recover``
 drops the record of a file that is gone, and a failed index commit of a new result marks the
-store for the next start's scan (review findings 1 and 10)."""
+store for the next start's scan."""
 
 import sqlite3
 from pathlib import Path

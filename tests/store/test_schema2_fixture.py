@@ -1,4 +1,4 @@
-"""Schema 3 from a data folder the previous release wrote (review finding 7): ``fixtures/schema2``
+"""Schema 3 from a data folder the previous release wrote: ``fixtures/schema2``
 was written by the code of commit 66a5e66 (the release before schema 3) through its own C-STORE
 path (stage, commit) and its own ResultArea; see ``fixtures/README.md``. A copy migrates in
 place; the files' headers are read in committed batches after a short migration transaction, so

@@ -1,4 +1,4 @@
-"""The Q/R handlers as the review asked (findings 8, 9, 12): the information model is honoured,
+"""The Q/R handlers: the information model is honoured,
 retrieves audit the studies they sent and refusals are audited, failures log no identifier
 value, and answers with binary return keys make pydicom warn of nothing."""
 

@@ -1,4 +1,4 @@
-"""Matching as the review asked (findings 3, 4, 11, 13): a retrieve never selects by wildcard or
+"""Matching: a retrieve never selects by wildcard or
 with no condition; a study's counts, modalities and attributes come from all its records, inputs
 and results, whatever keys were asked; the finer matching rules; paging and extra return keys."""
 
