@@ -194,8 +194,16 @@ def handle_get(event: Event, store: InstanceStore, may_query: MayQuery,
 
 
 def move_destination(destinations: Sequence[Destination], ae_title: str) -> Destination | None:
-    """The configured destination a C-MOVE names by its AE title, or None."""
-    return next((d for d in destinations if d.ae_title == ae_title.strip()), None)
+    """The configured destination a C-MOVE names by its AE title, or None: unknown, or named by
+    several entries (a plain and a TLS route to one PACS during a migration), where any choice
+    could send in clear or to the wrong host."""
+    matches = [d for d in destinations if d.ae_title == ae_title.strip()]
+    if len(matches) > 1:
+        logger.warning("C-MOVE destination %r is the ae_title of %d [[destinations]] (%s): refused; give "
+                       "the entry to move to its own ae_title", ae_title.strip()[:16], len(matches),
+                       ", ".join(d.name for d in matches))
+        return None
+    return matches[0] if matches else None
 
 
 def move_contexts(rows: Sequence[Stored]) -> list[PresentationContext]:
@@ -252,7 +260,13 @@ def handle_move(event: Event, store: InstanceStore, may_query: MayQuery,
     rows = [] if isinstance(found, Dataset) else found[1]
     options = {"contexts": move_contexts(rows), "max_pdu": 131072}
     tls_args = tls_for(destination)
-    yield destination.host, destination.port, options | ({"tls_args": tls_args} if tls_args else {})
+    try:
+        yield destination.host, destination.port, options | ({"tls_args": tls_args} if tls_args else {})
+    except GeneratorExit:  # pynetdicom could not associate (0xA801) and dropped this generator
+        failure = getattr(tls_args[0], "failure", None) if tls_args else None
+        if failure:
+            logger.warning("C-MOVE to %s: TLS handshake failed: %s", destination.name, failure)
+        raise
     if isinstance(found, Dataset):
         yield 1  # pynetdicom answers success to 0 sub-operations: one, then the failure
         yield found, None

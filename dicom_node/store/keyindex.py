@@ -54,8 +54,16 @@ def create_key_table(conn: sqlite3.Connection) -> None:
 def put_keys(conn: sqlite3.Connection, kind: Kind, path: str, transfer_syntax_uid: str, received_at: float,
              values: Mapping[str, object]) -> None:
     """Insert or replace one record (the caller holds the transaction); fresher than what the
-    schema-3 backfill may have read of the same file, so that file leaves its list."""
+    schema-3 backfill may have read of the same file, so that file leaves its list.
+
+    One record per SOP Instance UID: the node's own result wins over an input of the same UID (a
+    PACS forwarding the node's outputs back to it), so purging that input (whose record a trigger
+    deletes) never hides the result from C-FIND."""
     forget_backfill(conn, path)
+    if kind == Kind.INPUT and conn.execute(
+            "SELECT 1 FROM instance_keys WHERE sop_instance_uid = ? AND kind = ?",
+            (str(values.get("sop_instance_uid", "")), Kind.RESULT.value)).fetchone():
+        return
     conn.execute(_INSERT, (kind.value, path, transfer_syntax_uid, received_at, *key_row(values)))
 
 

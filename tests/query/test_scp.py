@@ -13,7 +13,7 @@ from pydicom import Dataset
 from dicom_node.config import Destination
 from dicom_node.phantoms import render, to_dataset
 from dicom_node.query.match import Stored
-from dicom_node.query.scp import MoveRefused, handle_find, handle_get, handle_move
+from dicom_node.query.scp import MoveRefused, handle_find, handle_get, handle_move, move_destination
 from dicom_node.query.status import QueryStatus
 from dicom_node.store import InstanceStore
 from tests.factories import new_uid
@@ -124,3 +124,30 @@ def test_unknown_destination_missing_unique_key_and_unreadable_file(store: Insta
     answers = step(get, handle_get(get, store, only_peer))
     sent = [a[1] for a in answers[1:]]
     assert sum(isinstance(s, Stored) for s in sent) == 1 and sum(isinstance(s, Dataset) for s in sent) == 3
+
+
+def test_a_move_destination_named_by_two_entries_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """A plain and a TLS route to one PACS under one AE title: a C-MOVE must not pick one blindly."""
+    plain = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
+    tls = Destination(name="pacs-tls", ae_title="ORTHANC", host="127.0.0.1", port=4243, tls=True)
+    other = Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=104)
+    assert move_destination([plain, other], "ORTHANC") is plain
+    with caplog.at_level("WARNING"):
+        assert move_destination([plain, tls, other], "ORTHANC") is None
+    assert "pacs, pacs-tls" in caplog.text
+    assert move_destination([plain, tls, other], "ARCHIVE") is other
+
+
+def test_a_move_whose_tls_handshake_failed_logs_why(store: InstanceStore, caplog: pytest.LogCaptureFixture) -> None:
+    class Context:  # what dicom_node.tls.client_context gives, after a refused handshake
+        failure = "certificate verify failed: unable to get local issuer certificate"
+
+    secure = Destination(name="pacs-tls", ae_title="ARCHIVE", host="127.0.0.1", port=2762, tls=True)
+    move = FakeEvent({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": STUDY}, move_destination="ARCHIVE")
+    moving = handle_move(move, store, only_peer, [secure], tls_for=lambda destination: (Context(), "pacs"))
+    host, port, options = next(moving)
+    assert (host, port) == ("127.0.0.1", 2762)
+    assert options["tls_args"][1] == "pacs"
+    with caplog.at_level("WARNING"):
+        moving.close()  # pynetdicom drops the generator when the association fails
+    assert "C-MOVE to pacs-tls: TLS handshake failed: certificate verify failed" in caplog.text

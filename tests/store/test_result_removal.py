@@ -76,3 +76,22 @@ def test_a_failed_result_index_commit_marks_the_store_for_a_scan(tmp_path: Path)
         assert keys_of(data_dir)[ds.SOPInstanceUID]["kind"] == "result"
     finally:
         store.close()
+
+
+def test_an_input_of_a_results_own_uid_never_hides_the_result_from_queries(tmp_path: Path) -> None:
+    """A PACS forwarding the node's output back stores an input with the result's SOP Instance
+    UID: one query record stays, the result's, and purging that input keeps it findable."""
+    from tests.store.test_store import put
+
+    data_dir = tmp_path / "var"
+    store = InstanceStore(data_dir)
+    try:
+        ds = radiograph(7, generate_uid(), "R7")
+        path = store.save_result(ds)
+        record = put(store, ds)  # the same object, received back as an input
+        assert keys_of(data_dir)[str(ds.SOPInstanceUID)]["kind"] == "result"
+        assert store.remove(record)  # the retention purge of the input
+        assert keys_of(data_dir)[str(ds.SOPInstanceUID)]["path"] == str(path.relative_to(data_dir))
+        assert [uid for _, uid in store.index.results()] == [str(ds.SOPInstanceUID)]
+    finally:
+        store.close()
