@@ -147,6 +147,12 @@ def client_context(tls: TlsSettings, destination: Destination, source: str) -> t
     return context, destination.tls_server_name or destination.host
 
 
+def tls_args(tls: TlsSettings, destination: Destination, source: str) -> tuple[ClientContext, str] | None:
+    """pynetdicom's ``tls_args`` for an association to ``destination`` (the exporter's, ``send``'s,
+    ``echo``'s and C-MOVE's): :func:`client_context` when it has ``tls = true``, else None."""
+    return client_context(tls, destination, source) if destination.tls else None
+
+
 def describe(error: BaseException) -> str:
     """Why a TLS handshake failed, in a few words (OpenSSL's reason; no peer data)."""
     if isinstance(error, ssl.SSLCertVerificationError):

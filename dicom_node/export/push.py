@@ -24,7 +24,7 @@ from dicom_node.config import Destination, Settings
 from dicom_node.errors import ConfigError
 from dicom_node.export.sender import Outcome, _association_failure, _printable, classify
 from dicom_node.store.files import input_files
-from dicom_node.tls import ClientContext, client_context
+from dicom_node.tls import ClientContext, tls_args
 
 PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 MAX_CONTEXTS = 128  # what one association can propose (PS3.8: odd context IDs 1..255)
@@ -76,9 +76,7 @@ def resolve_peer(settings: Settings, text: str) -> Peer:
 
 def peer_tls(settings: Settings, peer: Peer) -> tuple[ClientContext, str] | None:
     """TLS for ``peer`` when it is a destination configured with ``tls = true``, else None."""
-    if peer.destination is None or not peer.destination.tls:
-        return None
-    return client_context(settings.tls, peer.destination, settings.source)
+    return None if peer.destination is None else tls_args(settings.tls, peer.destination, settings.source)
 
 
 def _read(path: Path) -> FileToSend | str:

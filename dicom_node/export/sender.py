@@ -21,7 +21,7 @@ from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Destination, ExportSettings, TlsSettings
 from dicom_node.export.outbox import DeliveryState, Outbox, OutboxRecord
 from dicom_node.jobs.queue import QueuePolicy
-from dicom_node.tls import ClientContext, client_context
+from dicom_node.tls import ClientContext, tls_args
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Exporter:
 
     def _tls_args(self, destination: Destination) -> tuple[ClientContext, str] | None:
         """The TLS context and server name for ``destination``, None for plain DICOM."""
-        return client_context(self.tls, destination, self.source) if destination.tls else None
+        return tls_args(self.tls, destination, self.source)
 
     def _associate(self, destination: Destination, records: list[OutboxRecord]) -> Association:
         """An association with ``destination``; why its TLS handshake failed goes to

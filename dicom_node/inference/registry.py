@@ -37,6 +37,24 @@ class LoadedModel:
     reference: Reference | None = None  # the input-distribution gate's, when the manifest has one
 
 
+def check_file(manifest: Path, key: str, path: Path, sha_key: str, sha256: str, noun: str,
+               hint: str = "") -> None:
+    """``path`` (named by ``key`` in ``manifest``) exists and its sha256 is the one ``sha_key`` gives.
+
+    Raises
+    ------
+    ModelError
+        Naming the manifest, the key and what is wrong.
+    """
+    if not path.is_file():
+        raise ModelError(f"{manifest}: key {key!r} = {path.name!r} is invalid; expected an existing file "
+                         f"next to the manifest{hint}")
+    actual = sha256_of(path)
+    if actual != sha256:
+        raise ModelError(f"{manifest}: key {sha_key!r} = {sha256!r} does not match the {noun} file (sha256 "
+                         f"{actual}); the file changed or the manifest is wrong")
+
+
 class ModelRegistry:
     """The models in one repository folder, read from their manifests.
 
@@ -71,13 +89,7 @@ class ModelRegistry:
     def load(self, name: str, device: torch.device | str = "cpu") -> LoadedModel:
         """Build the model, load and check its weights, and move it to ``device`` in eval mode."""
         manifest = self.manifest(name)
-        if not manifest.weights.is_file():
-            raise ModelError(f"{manifest.path}: key 'weights' = {manifest.weights.name!r} is invalid; "
-                             "expected an existing file next to the manifest")
-        actual = sha256_of(manifest.weights)
-        if actual != manifest.sha256:
-            raise ModelError(f"{manifest.path}: key 'sha256' = {manifest.sha256!r} does not match the "
-                             f"weights file (sha256 {actual}); the file changed or the manifest is wrong")
+        check_file(manifest.path, "weights", manifest.weights, "sha256", manifest.sha256, "weights")
         try:
             module = build(manifest.architecture, len(manifest.labels), manifest.input.channels,
                            manifest.weights)
@@ -129,13 +141,8 @@ def _reference(manifest: ModelManifest, module: nn.Module, device: torch.device)
     if gate is None:
         return None
     where = f"{manifest.path}: key 'gate.reference' = {gate.reference.name!r}"
-    if not gate.reference.is_file():
-        raise ModelError(f"{where} is invalid; expected an existing file next to the manifest "
-                         "(dicom-node models calibrate writes it)")
-    actual = sha256_of(gate.reference)
-    if actual != gate.sha256:
-        raise ModelError(f"{manifest.path}: key 'gate.sha256' = {gate.sha256!r} does not match the reference "
-                         f"file (sha256 {actual}); the file changed or the manifest is wrong")
+    check_file(manifest.path, "gate.reference", gate.reference, "gate.sha256", gate.sha256, "reference",
+               " (dicom-node models calibrate writes it)")
     spec = manifest.input
     probe = torch.zeros(1, spec.channels, spec.size, spec.size, device=device)
     pooled: list[np.ndarray] = []

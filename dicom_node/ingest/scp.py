@@ -43,7 +43,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
-from dicom_node.config import Destination, Settings
+from dicom_node.config import Settings
 from dicom_node.ingest.admission import Admission, AdmissionLimits, host_key
 from dicom_node.ingest.limits import ReceiveLimits, install_guard, spooled_path
 from dicom_node.ingest.policy import AssociationPolicy
@@ -58,7 +58,7 @@ from dicom_node.store import (
     StagedInstance,
     StorageError,
 )
-from dicom_node.tls import client_context, server_context
+from dicom_node.tls import server_context, tls_args
 
 logger = logging.getLogger(__name__)
 
@@ -399,12 +399,6 @@ def _join(threads: list[Any], deadline: float, clock: Callable[[], float]) -> No
         thread.join(timeout=max(0.0, deadline - clock()))
 
 
-def move_tls(settings: Settings, destination: Destination) -> Any:
-    """pynetdicom's ``tls_args`` for a C-MOVE's association to ``destination`` (the exporter's
-    context: :func:`dicom_node.tls.client_context`), or None for a plain destination."""
-    return client_context(settings.tls, destination, settings.source) if destination.tls else None
-
-
 def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUDIT) -> IngestServer:
     """Wire the handlers and start the SCP in background threads."""
     ae = build_ae(settings)
@@ -427,7 +421,7 @@ def start_ingest(settings: Settings, store: InstanceStore, audit: Audit = NO_AUD
         (evt.EVT_C_FIND, handle_find, [store, policy.may_query, settings.node.ae_title, audit]),
         (evt.EVT_C_GET, handle_get, [store, policy.may_query, audit]),
         (evt.EVT_C_MOVE, handle_move, [store, policy.may_query, settings.destinations, audit,
-                                          functools.partial(move_tls, settings)]),
+                                          functools.partial(tls_args, settings.tls, source=settings.source)]),
     ]
     admission = Admission(AdmissionLimits(
         max_handshakes=ingest.max_handshakes,

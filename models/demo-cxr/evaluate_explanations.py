@@ -58,29 +58,31 @@ def evaluate_image(runner: InferenceRunner, randomised: torch.nn.Module, passed:
     [item] = preprocess(to_dataset(phantom), loaded.manifest.input)
     [prediction] = runner.predict("demo-cxr", [item])
     figures = {}
+    maps = {}
     for heatmap in explain_frame(loaded, item, prediction, [label], methods, seed, randomised=randomised,
                                  sanity_passed=passed):
+        maps[heatmap.method] = heatmap.model_map
         row = dict(heatmap.quality) | localisation(heatmap.native_map, phantom.masks[label])
         row["faithful"] = float(heatmap.verdict == "faithful")
         row["min_margin"] = min(v for k, v in heatmap.quality.items() if "_margin_" in k)
         figures[heatmap.method] = row
-    if label in FOCAL:
-        figures["controls"] = controls(loaded.module, randomised, item.array, phantom.masks[label],
+    if label in FOCAL and "gradcam" in maps:
+        figures["controls"] = controls(loaded.module, randomised, item.array, maps["gradcam"], phantom.masks[label],
                                        loaded.manifest.cam_layer, LABELS.index(label), seed, passed)
     return figures
 
 
-def controls(module: torch.nn.Module, randomised: torch.nn.Module, array: np.ndarray, mask: np.ndarray,
-             layer: str, label: int, seed: int, passed: bool) -> dict[str, float]:
+def controls(module: torch.nn.Module, randomised: torch.nn.Module, array: np.ndarray, gradcam_map: np.ndarray,
+             mask: np.ndarray, layer: str, label: int, seed: int, passed: bool) -> dict[str, float]:
     """The verdict, by the same rule and baselines, of two maps whose answer is known: the finding's
-    ground-truth mask (the best a localising map can do: the verdict's ceiling) and the Grad-CAM
-    map moved by half the image (a wrong map, which must not be called faithful)."""
+    ground-truth mask (the best a localising map can do: the verdict's ceiling) and ``gradcam_map``
+    (the model-grid Grad-CAM map ``explain_frame`` made) moved by half the image (a wrong map,
+    which must not be called faithful)."""
     x = torch.from_numpy(array)
-    gradcam = METHODS["gradcam"](layer)
-    cam = gradcam(module, x[None], [label]).maps[0][0]
+    cam = torch.from_numpy(gradcam_map)
     truth = torch.from_numpy(letterbox(mask.astype(np.float32)[..., None], x.shape[-1])[0][..., 0])
     maps = torch.stack([blurred(truth[None], 5)[0], torch.roll(cam, (x.shape[-2] // 2, x.shape[-1] // 2), (0, 1))])
-    wrong = gradcam(randomised, x[None], [label]).maps[0][0]
+    wrong = METHODS["gradcam"](layer)(randomised, x[None], [label]).maps[0][0]
     ceiling, moved = faithfulness(module, x, maps, torch.stack([wrong, wrong]), label, seed)
     return {"mask_faithful": float(verdict(ceiling, passed) == Verdict.FAITHFUL),
             "moved_faithful": float(verdict(moved, passed) == Verdict.FAITHFUL)}
