@@ -17,6 +17,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.errors import PermanentError
 from dicom_node.inference.gate import Reference, fit_reference, frame_vectors, save_reference
 from dicom_node.inference.preprocess import Preprocessed, preprocess
 from dicom_node.inference.registry import sha256_of
@@ -83,7 +84,10 @@ def read_folder(folder: Path, runner: InferenceRunner, name: str) -> list[Prepro
     for path in input_files([folder]):
         try:
             inputs += preprocess(dcmread(path), spec)
-        except (InvalidDicomError, ValueError, AttributeError, KeyError, NotImplementedError, OSError) as exc:
+        # PermanentError: preprocess's own refusals (no pixel data, undecodable, unsupported
+        # photometric); the others: what pydicom raises for a file that is not DICOM or is broken
+        except (PermanentError, InvalidDicomError, ValueError, AttributeError, KeyError, NotImplementedError,
+                OSError) as exc:
             skipped += 1
             logger.info("calibration: %s skipped (%s)", path.name, type(exc).__name__)
     if skipped:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.inference import ModelRegistry, load_manifest
+from dicom_node.inference import InferenceRunner, ModelRegistry, load_manifest
+from dicom_node.inference.calibrate import read_folder
 from dicom_node.inference.registry import sha256_of
 from dicom_node.phantoms import render, to_dataset
 
@@ -62,3 +63,13 @@ def test_calibrate_refuses_a_folder_with_too_few_images(
     assert main(["models", "calibrate", "demo-cxr", str(folder), "--set", f"models.dir={models}"]) == 2
     assert "at least 20 frames; got 5" in capsys.readouterr().err
     assert not (models / "demo-cxr" / "reference.npz").exists()
+
+
+def test_a_dicom_file_without_pixels_in_the_folder_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """A site's folder holds reports too (an SR has no Pixel Data): calibration skips them."""
+    folder = _folder(tmp_path, 3)
+    report = to_dataset(render(8_100_000, 128))
+    del report.PixelData
+    report.save_as(folder / "report.dcm", enforce_file_format=True)
+    runner = InferenceRunner(ModelRegistry(REPO_MODELS), "cpu")
+    assert len(read_folder(folder, runner, "demo-cxr")) == 3
