@@ -151,13 +151,13 @@ def _ae(settings: Settings, files: Sequence[FileToSend], timeout: float) -> AE:
 def _send_batch(settings: Settings, peer: Peer, files: Sequence[FileToSend], timeout: float,
                 out: TextIO) -> int:
     """One association for ``files``; prints a line per file; returns how many the peer took."""
-    tls_args = peer_tls(settings, peer)
+    secure = peer_tls(settings, peer)
     assoc = _ae(settings, files, timeout).associate(peer.host, peer.port, ae_title=peer.ae_title,
-                                                    max_pdu=131072, tls_args=tls_args)
+                                                    max_pdu=131072, tls_args=secure)
     if not assoc.is_established:
         _, reason = _association_failure(assoc)
-        if tls_args is not None and tls_args[0].failure:
-            reason = f"TLS handshake failed: {tls_args[0].failure}"
+        if secure is not None and secure[0].failure:
+            reason = f"TLS handshake failed: {secure[0].failure}"
         for item in files:
             print(f"{item.path}: failed, {reason}", file=out)
         return 0

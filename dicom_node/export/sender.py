@@ -204,11 +204,11 @@ class Exporter:
         """An association with ``destination``; why its TLS handshake failed goes to
         :attr:`_tls_failures` (pynetdicom reports only "no association")."""
         ae = self._ae(destination, {r.sop_class_uid for r in records})
-        tls_args = self._tls_args(destination)
+        secure = self._tls_args(destination)
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             max_pdu=131072, tls_args=tls_args)
-        if tls_args is not None and tls_args[0].failure:
-            self._tls_failures[destination.name] = f"TLS handshake failed: {tls_args[0].failure}"
+                             max_pdu=131072, tls_args=secure)
+        if secure is not None and secure[0].failure:
+            self._tls_failures[destination.name] = f"TLS handshake failed: {secure[0].failure}"
         return assoc
 
     def abort(self, name: str | None = None) -> int:

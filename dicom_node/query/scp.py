@@ -251,9 +251,12 @@ def handle_move(event: Event, store: InstanceStore, may_query: MayQuery,
     requested = str(event.move_destination or "").strip()
     destination = move_destination(destinations, requested)
     if destination is None:
-        logger.warning("C-MOVE from %s to unknown destination %r", calling, requested[:16])
+        shared = sum(d.ae_title == requested for d in destinations) > 1  # move_destination said why
+        if not shared:
+            logger.warning("C-MOVE from %s to unknown destination %r", calling, requested[:16])
         audit.record("query_refused", calling_ae_title=calling, address=address, service="C-MOVE",
-                     reason="move_destination_unknown", move_destination=requested[:16])
+                     reason="move_destination_ambiguous" if shared else "move_destination_unknown",
+                     move_destination=requested[:16])
         yield None, None  # pynetdicom answers 0xA801 (Move Destination unknown)
         return
     found = _matches(event, store, "C-MOVE", audit)
@@ -262,16 +265,23 @@ def handle_move(event: Event, store: InstanceStore, may_query: MayQuery,
     tls_args = tls_for(destination)
     try:
         yield destination.host, destination.port, options | ({"tls_args": tls_args} if tls_args else {})
-    except GeneratorExit:  # pynetdicom could not associate (0xA801) and dropped this generator
+        yield from _move_answers(event, store, found, calling, destination, audit)
+    except GeneratorExit:  # pynetdicom dropped this generator: after a failed association, at the count
         failure = getattr(tls_args[0], "failure", None) if tls_args else None
         if failure:
             logger.warning("C-MOVE to %s: TLS handshake failed: %s", destination.name, failure)
         raise
+
+
+def _move_answers(event: Event, store: InstanceStore, found: tuple[Find, list[Stored]] | Dataset,
+                  calling: str, destination: Destination, audit: Audit) -> Iterator[Any]:
+    """A C-MOVE's answers after its destination: the sub-operation count (pynetdicom associates
+    with the destination after it), then one answer per instance, or the failure."""
     if isinstance(found, Dataset):
         yield 1  # pynetdicom answers success to 0 sub-operations: one, then the failure
         yield found, None
         return
-    query = found[0]
+    query, rows = found
     logger.info("C-MOVE at %s level from %s to %s: %d instance(s)", query.level.value, calling,
                 destination.name, len(rows))
     _audit_retrieve(audit, calling, query, rows, destination.name)

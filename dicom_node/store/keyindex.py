@@ -1,5 +1,6 @@
-"""The ``instance_keys`` table: one record per stored input and per result the node wrote, with
-the query keys of :mod:`dicom_node.store.keys`; what C-FIND (and later QIDO-RS) searches.
+"""The ``instance_keys`` table: one record per SOP Instance UID stored as an input or written as a
+result (the result's when both hold it), with the query keys of :mod:`dicom_node.store.keys`;
+what C-FIND (and later QIDO-RS) searches.
 
 Inputs keep their record in ``instances`` (jobs and routing read it) and their keys here, both
 written in one transaction by :meth:`dicom_node.store.index.Index.put`; a trigger removes the keys

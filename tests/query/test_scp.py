@@ -148,6 +148,7 @@ def test_a_move_whose_tls_handshake_failed_logs_why(store: InstanceStore, caplog
     host, port, options = next(moving)
     assert (host, port) == ("127.0.0.1", 2762)
     assert options["tls_args"][1] == "pacs"
+    assert next(moving) == 4  # the sub-operation count: pynetdicom associates after it
     with caplog.at_level("WARNING"):
-        moving.close()  # pynetdicom drops the generator when the association fails
+        moving.close()  # pynetdicom drops the generator when that association fails
     assert "C-MOVE to pacs-tls: TLS handshake failed: certificate verify failed" in caplog.text
