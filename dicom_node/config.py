@@ -49,6 +49,13 @@ def _token(value: str) -> str:
     return value
 
 
+def _origin(value: str) -> str:
+    if value != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value):
+        raise ValueError('an origin such as "https://viewer.example.org:3000" '
+                         '(scheme, host, port; no path), or "*"')
+    return value
+
+
 def _port(value: int) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("a TCP port from 0 to 65535 (0 picks a free one)")
@@ -286,6 +293,10 @@ class WebSettings:
     bind: str = "127.0.0.1"
     port: int = field(default=8080, metadata=_check(_port))
     token: str = field(default="", metadata=_check(_token))
+    # DICOMweb (QIDO-RS, WADO-RS, STOW-RS) under /dicom-web, same token and host rules
+    dicomweb: bool = True
+    # origins (or "*") whose browsers may call the node (an OHIF on another origin); none by default
+    cors_origins: tuple[str, ...] = field(default=(), metadata=_check(_origin))
 
 
 @dataclass(frozen=True)
