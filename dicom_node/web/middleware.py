@@ -7,7 +7,8 @@ In order, outermost first (:meth:`Gate.middlewares`):
 1. ``answer_errors``: whatever an inner layer raises, the client gets a short answer and never a
    traceback (400 for :class:`BadRequest`, the router's 404/405 as JSON or the dashboard's page,
    503 when SQLite does not answer, 500 otherwise); the log gets the path only.
-2. ``check_limits``: the whole URL at most :data:`MAX_URL` characters; on the dashboard, at most
+2. ``check_limits``: the whole URL at most :data:`MAX_URL` characters and no ``.``/``..`` path
+   segment (the router would see them resolved); on the dashboard, at most
    :data:`MAX_QUERY_FIELDS` query parameters and no percent-encoding in the path (ids, UIDs and
    model names never need it, so an encoded one is an attempt to slip past a check).
 3. ``check_host``: on a loopback bind only loopback names are answered (421; DNS rebinding).

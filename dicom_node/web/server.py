@@ -32,6 +32,8 @@ MAX_LINE = 8190
 #: A header line longer than this is refused by aiohttp's parser (431); it differs from
 #: MAX_LINE so that the parser's one exception for both tells which line it was.
 MAX_FIELD = 8192
+#: More headers than this are refused by aiohttp's parser (431), as the standard library did.
+MAX_HEADERS = 100
 
 
 def make_root_app(settings: WebSettings, dashboard: Dashboard,
@@ -62,7 +64,7 @@ class WebServer:
         self.loop.set_default_executor(self.executor)
         self.runner = _Runner(app, access_log_class=PathOnlyAccessLogger, handle_signals=False,
                                     shutdown_timeout=STOP_GRACE_SECONDS / 2, max_line_size=MAX_LINE,
-                              max_field_size=MAX_FIELD)
+                              max_field_size=MAX_FIELD, max_headers=MAX_HEADERS)
         self.loop.run_until_complete(self.runner.setup())
         try:
             site = web.TCPSite(self.runner, settings.bind, settings.port)

@@ -6,7 +6,7 @@ tests/dicomweb) answers what it sees of the node's context, so a 200 proves the 
 the sub-application and a 401/403/421 that a root middleware stopped it first."""
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from aiohttp import web
 from dicom_node.config import WebSettings
 from dicom_node.dicomweb import CONTEXT, PREFIX, DicomWebContext, make_app
 from dicom_node.web import server
+from tests.factories import ct_dataset
 from tests.web.inprocess import TOKEN, App, web_app
 
 OHIF = "http://ohif.example:3000"
@@ -208,3 +209,28 @@ def _try(app: App, path: str) -> object:
         return app.request("GET", path)[0]
     except OSError as exc:
         return exc
+
+
+def test_dicomweb_client_with_a_bearer_token_passes_the_gate(app: App) -> None:
+    """dicomweb-client (the Python library) sends the token as a header and no Origin: its GETs
+    and its STOW-RS POST pass every rule; without the token they are refused before the
+    sub-application. (Whatever QIDO-RS and STOW-RS answer is theirs: tests/dicomweb.)"""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    url = f"http://127.0.0.1:{app.server.port}{PREFIX}"
+
+    def status(call: Callable[[], object]) -> int:
+        try:
+            call()
+        except requests.HTTPError as exc:
+            return int(exc.response.status_code)
+        return 200
+
+    client = DICOMwebClient(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    anonymous = DICOMwebClient(url)
+    instance = ct_dataset(seed=11)
+    assert status(client.search_for_studies) not in (401, 403, 421)
+    assert status(lambda: client.store_instances([instance])) not in (401, 403, 421)
+    assert status(anonymous.search_for_studies) == 401
+    assert status(lambda: anonymous.store_instances([instance])) == 401
