@@ -185,8 +185,10 @@ class Gate:
         return await handler(request)
 
     async def on_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        """Every answer: never cached; with the CORS headers when it goes to a listed origin."""
+        """Every answer: never cached, no library version in ``Server``; with the CORS headers
+        when it goes to a listed origin."""
         response.headers.setdefault("Cache-Control", "no-store")
+        response.headers["Server"] = "dicom-node"
         if not self.origins:
             return
         response.headers.add("Vary", "Origin")

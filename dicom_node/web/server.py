@@ -163,7 +163,7 @@ class _Connection(RequestHandler):
         else:
             logger.error("web: %s %s failed", request.method, loggable(request), exc_info=exc)
             status, reason = 500, "internal error (see the node's log)"
-        answer = error(status, reason, {"Connection": "close"})
+        answer = error(status, reason, {"Connection": "close", "Server": "dicom-node"})
         answer.force_close()
         return answer
 

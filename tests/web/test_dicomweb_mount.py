@@ -52,7 +52,7 @@ def test_a_get_under_dicom_web_reaches_the_sub_application_with_the_nodes_store(
     assert status == 200, body
     answer = json.loads(body)
     assert answer["data_dir"] == str(app.src.data_dir) and answer["max_instance_size"] == 2**31
-    assert headers["Cache-Control"] == "no-store"
+    assert headers["Cache-Control"] == "no-store" and headers["Server"] == "dicom-node"
     status, _, body = app.request("GET", PREFIX + "/no/such/resource")  # the sub-app's own 404
     assert status == 404 and json.loads(body)["error"] == "not found"
 

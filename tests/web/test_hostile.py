@@ -94,6 +94,7 @@ def test_malformed_http_gets_a_short_4xx_answer(app: App, raw: bytes, expected: 
     head, _, body = answer.partition(b"\r\n\r\n")
     assert int(head.split()[1]) == expected, answer[:300]
     assert len(body) < 512 and json.loads(body)["error"] and b"Traceback" not in answer
+    assert b"Server: dicom-node" in head and b"aiohttp" not in head
     assert b"aaaa" not in body and b"\\x7f" not in body  # nothing of the request quoted back
     assert "aaaa" not in caplog.text and "x7f" not in caplog.text  # nor logged
 
@@ -105,7 +106,7 @@ def test_a_handler_that_fails_answers_500_without_a_traceback_and_logs_the_path_
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(data, "models", broken)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.web.server"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.web.middleware"):
         status, _, body = app.request("GET", "/api/models?token=QUERYVALUE&q=QUERYVALUE")
     assert status == 500 and b"secret internals" not in body and b"Traceback" not in body
     assert json.loads(body)["error"].startswith("internal error")
