@@ -63,7 +63,7 @@ class WebServer:
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="web")
         self.loop.set_default_executor(self.executor)
         self.runner = _Runner(app, access_log_class=PathOnlyAccessLogger, handle_signals=False,
-                                    shutdown_timeout=STOP_GRACE_SECONDS / 2, max_line_size=MAX_LINE,
+                              shutdown_timeout=STOP_GRACE_SECONDS / 2, max_line_size=MAX_LINE,
                               max_field_size=MAX_FIELD, max_headers=MAX_HEADERS)
         self.loop.run_until_complete(self.runner.setup())
         try:
