@@ -18,6 +18,7 @@ import torch
 from dicom_node import pipeline
 from dicom_node.audit import AuditTrail, Fanout
 from dicom_node.config import Settings
+from dicom_node.dicomweb import DicomWebContext
 from dicom_node.errors import ConfigError
 from dicom_node.export import DestinationWorker, Exporter, Outbox
 from dicom_node.inference import InferenceRunner, ModelRegistry
@@ -174,7 +175,9 @@ class Node:
                               sorted({str(r.device) for r in runners}), self._not_ready,
                               self.floor)
             try:
-                self.web = WebServer(s.web, sources, self.metrics, self.audit).start()
+                dicomweb = (DicomWebContext(self.store, self.audit, s.ingest.max_instance_size)
+                            if s.web.dicomweb else None)
+                self.web = WebServer(s.web, sources, self.metrics, self.audit, dicomweb).start()
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"{s.source}: cannot serve the dashboard on web.bind = {s.web.bind!r}, "

@@ -1,191 +1,163 @@
-"""``/metrics`` in the Prometheus text format (version 0.0.4).
+"""``/metrics`` through ``prometheus_client``, one registry per node.
 
-Counters of what happened since the process started are fed by the same events as the audit
-trail (:class:`Metrics` is one more audit sink); totals and queue depths are read from the
-database at each scrape.
+Counters and histograms of what happened since the process started are fed by the same events
+as the audit trail (:class:`Metrics` is one more audit sink). What the database holds (stored
+instances, jobs and outbox records by state) and the audit trail's lost events are read at each
+scrape by custom collectors (:class:`DatabaseCollector`, :class:`AuditCollector`), so a figure is
+never stale and never kept twice.
 """
 
-import threading
-from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from dicom_node import __version__
+from dicom_node.audit import Audit
 from dicom_node.web.data import Sources, read_only
 
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+#: What ``/metrics`` answers with (the text format ``generate_latest`` writes).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Audit events the outbox reports, named ``result_<outcome>``.
+RESULT_EVENTS = ("result_delivered", "result_dead", "result_deferred", "result_unconfirmed")
 
 
 class Metrics:
-    """In-process counters and histograms, fed with audit events; thread-safe."""
+    """The node's metrics in their own :class:`~prometheus_client.CollectorRegistry` (nothing
+    global: two nodes in one process, or two tests, never share a counter); an audit sink."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.associations: dict[str, int] = defaultdict(int)
-        self.rejections: dict[str, int] = defaultdict(int)
-        self.deliveries: dict[tuple[str, str], int] = defaultdict(int)
-        self.jobs: dict[str, int] = defaultdict(int)
-        self.received: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # calling AE -> [instances, bytes]
-        self.steps: dict[str, list[float]] = {}  # step -> bucket counts..., sum, count
-        self.purged: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # kind -> [deleted, bytes]
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Info("dicom_node", "The node's version.", registry=r).info({"version": __version__})
+        self.received = Counter("dicom_node_instances_received_total",
+                                "Instances stored since start (each arrival, re-sends too), "
+                                "by calling AE title.", ["calling_ae"], registry=r)
+        self.received_bytes = Counter("dicom_node_bytes_received_total",
+                                      "Bytes of the instances stored since start, by calling AE title.",
+                                      ["calling_ae"], registry=r)
+        self.associations = Counter("dicom_node_associations_total", "Associations since start, by result.",
+                                    ["result"], registry=r)
+        self.rejections = Counter("dicom_node_associations_rejected_total",
+                                  "Rejected associations since start, by reason.", ["reason"], registry=r)
+        self.results = Counter("dicom_node_results_total",
+                               "Result instances since start, by destination and outcome "
+                               "(delivered, deferred for a retry, dead, unconfirmed).",
+                               ["destination", "outcome"], registry=r)
+        self.purged = Counter("dicom_node_purged_total",
+                              "Inputs and results deleted by the retention policy since start, by kind.",
+                              ["kind"], registry=r)
+        self.purged_bytes = Counter("dicom_node_purged_bytes_total",
+                                    "Bytes deleted by the retention policy since start, by kind.",
+                                    ["kind"], registry=r)
+        self.jobs = Counter("dicom_node_jobs_total", "Jobs run since start, by outcome.", ["outcome"],
+                            registry=r)
+        self.steps = Histogram("dicom_node_job_step_seconds", "Seconds a job spent in each step.", ["step"],
+                               buckets=BUCKETS, registry=r)
+        r.register(GpuCollector())
 
     def record(self, event: str, **fields: Any) -> None:
-        with self._lock:
-            if event == "instance_stored":
-                counts = self.received[str(fields.get("calling_ae_title", ""))]
-                counts[0] += 1
-                counts[1] += int(fields.get("size_bytes", 0) or 0)
-            elif event == "association_accepted":
-                self.associations["accepted"] += 1
-            elif event == "association_rejected":
-                self.associations["rejected"] += 1
-                self.rejections[str(fields.get("reason", ""))] += 1
-            elif event in ("result_delivered", "result_dead", "result_deferred", "result_unconfirmed"):
-                self.deliveries[(str(fields.get("destination", "")), event.removeprefix("result_"))] += 1
-            elif event == "retention_purged":
-                counts = self.purged[str(fields.get("kind", ""))]
-                counts[0] += 1
-                counts[1] += int(fields.get("size_bytes", 0) or 0)
-            elif event in ("job_finished", "job_failed"):
-                self.jobs[event.removeprefix("job_")] += 1
-                for step, seconds in (fields.get("timings") or {}).items():
-                    self._observe(step, float(seconds))
+        """Count one audit event (never raises on a field it does not know)."""
+        if event == "instance_stored":
+            ae = str(fields.get("calling_ae_title", ""))
+            self.received.labels(ae).inc()
+            self.received_bytes.labels(ae).inc(int(fields.get("size_bytes", 0) or 0))
+        elif event == "association_accepted":
+            self.associations.labels("accepted").inc()
+        elif event == "association_rejected":
+            self.associations.labels("rejected").inc()
+            self.rejections.labels(str(fields.get("reason", ""))).inc()
+        elif event in RESULT_EVENTS:
+            self.results.labels(str(fields.get("destination", "")), event.removeprefix("result_")).inc()
+        elif event == "retention_purged":
+            kind = str(fields.get("kind", ""))
+            self.purged.labels(kind).inc()
+            self.purged_bytes.labels(kind).inc(int(fields.get("size_bytes", 0) or 0))
+        elif event in ("job_finished", "job_failed"):
+            self.jobs.labels(event.removeprefix("job_")).inc()
+            for step, seconds in (fields.get("timings") or {}).items():
+                self.steps.labels(str(step)).observe(float(seconds))
 
-    def _observe(self, step: str, seconds: float) -> None:
-        row = self.steps.setdefault(step, [0.0] * (len(BUCKETS) + 2))
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                row[i] += 1
-        row[-2] += seconds
-        row[-1] += 1
+    def watch(self, src: Sources, audit: Audit) -> None:
+        """Add what is read at each scrape: the database's figures and ``audit``'s lost events."""
+        self.registry.register(DatabaseCollector(src))
+        self.registry.register(AuditCollector(audit))
 
-    def render(self, src: Sources, audit_errors: int = 0) -> str:
-        out: list[str] = []
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
 
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                out.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
+    def sample(self, name: str, **labels: str) -> float | None:
+        """One sample's value (e.g. ``sample("dicom_node_jobs_total", outcome="failed")``), None if absent."""
+        return self.registry.get_sample_value(name, labels)
 
-        metric("dicom_node_info", "gauge", "The node's version.", [({"version": __version__}, 1)])
-        with read_only(src.data_dir) as conn:
+
+class DatabaseCollector(Collector):
+    """Gauges read from the node's database at scrape time (read-only: works on a full disk)."""
+
+    def __init__(self, src: Sources) -> None:
+        self.src = src
+
+    def collect(self) -> Iterable[Metric]:
+        with read_only(self.src.data_dir) as conn:
             received = conn.execute(
                 "SELECT calling_ae_title, COUNT(*), COALESCE(SUM(size_bytes), 0) "
                 "FROM instances GROUP BY calling_ae_title"
             ).fetchall()
             jobs = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        metric(
-            "dicom_node_stored_instances",
-            "gauge",
-            "Instances in the store, by the calling AE title that sent them last.",
-            [({"calling_ae": ae}, n) for ae, n, _ in received],
-        )
-        metric(
-            "dicom_node_stored_bytes",
-            "gauge",
-            "Bytes in the store, by the calling AE title that sent them last.",
-            [({"calling_ae": ae}, size) for ae, _, size in received],
-        )
-        metric(
-            "dicom_node_audit_write_errors_total",
-            "counter",
-            "Audit events that could not be written since start (see the node's log).",
-            [({}, audit_errors)],
-        )
-        with self._lock:
-            metric(
-                "dicom_node_instances_received_total",
-                "counter",
-                "Instances stored since start (each arrival, re-sends too), by calling AE title.",
-                [({"calling_ae": ae}, n) for ae, (n, _) in sorted(self.received.items())],
-            )
-            metric(
-                "dicom_node_bytes_received_total",
-                "counter",
-                "Bytes of the instances stored since start, by calling AE title.",
-                [({"calling_ae": ae}, size) for ae, (_, size) in sorted(self.received.items())],
-            )
-            metric(
-                "dicom_node_associations_total",
-                "counter",
-                "Associations since start, by result.",
-                [({"result": k}, v) for k, v in sorted(self.associations.items())],
-            )
-            metric(
-                "dicom_node_associations_rejected_total",
-                "counter",
-                "Rejected associations since start, by reason.",
-                [({"reason": k}, v) for k, v in sorted(self.rejections.items())],
-            )
-            metric(
-                "dicom_node_results_total",
-                "counter",
-                "Result instances since start, by destination and "
-                "outcome (delivered, deferred for a retry, dead, unconfirmed).",
-                [({"destination": d, "outcome": o}, v) for (d, o), v in sorted(self.deliveries.items())],
-            )
-            metric(
-                "dicom_node_purged_total",
-                "counter",
-                "Inputs and results deleted by the retention policy since start, by kind.",
-                [({"kind": k}, n) for k, (n, _) in sorted(self.purged.items())],
-            )
-            metric(
-                "dicom_node_purged_bytes_total",
-                "counter",
-                "Bytes deleted by the retention policy since start, by kind.",
-                [({"kind": k}, size) for k, (_, size) in sorted(self.purged.items())],
-            )
-            metric(
-                "dicom_node_jobs_total",
-                "counter",
-                "Jobs run since start, by outcome.",
-                [({"outcome": k}, v) for k, v in sorted(self.jobs.items())],
-            )
-            out.append("# HELP dicom_node_job_step_seconds Seconds a job spent in each step.")
-            out.append("# TYPE dicom_node_job_step_seconds histogram")
-            for step, row in sorted(self.steps.items()):
-                for bound, count in zip(BUCKETS, row, strict=False):
-                    out.append(
-                        f'dicom_node_job_step_seconds_bucket{{step="{_escape(step)}",le="{bound:g}"}} '
-                        f"{_number(count)}"
-                    )
-                label = f'step="{_escape(step)}"'
-                out.append(f'dicom_node_job_step_seconds_bucket{{{label},le="+Inf"}} {_number(row[-1])}')
-                out.append(f"dicom_node_job_step_seconds_sum{{{label}}} {_number(row[-2])}")
-                out.append(f"dicom_node_job_step_seconds_count{{{label}}} {_number(row[-1])}")
-        metric(
-            "dicom_node_jobs",
-            "gauge",
-            "Jobs by state (queue depth: queued).",
-            [({"state": s}, n) for s, n in jobs],
-        )
-        metric(
-            "dicom_node_outbox",
-            "gauge",
-            "Outbox records by state.",
-            [({"state": s}, n) for s, n in sorted(src.outbox.counts().items())],
-        )
-        if torch.cuda.is_available():
-            metric(
-                "dicom_node_gpu_memory_allocated_bytes",
-                "gauge",
-                "GPU memory held by tensors, by device.",
-                [
-                    ({"device": f"cuda:{i}"}, torch.cuda.memory_allocated(i))
-                    for i in range(torch.cuda.device_count())
-                ],
-            )
-        return "\n".join(out) + "\n"
+        yield _gauge("dicom_node_stored_instances",
+                     "Instances in the store, by the calling AE title that sent them last.",
+                     "calling_ae", [(ae, n) for ae, n, _ in received])
+        yield _gauge("dicom_node_stored_bytes",
+                     "Bytes in the store, by the calling AE title that sent them last.", "calling_ae",
+                     [(ae, size) for ae, _, size in received])
+        yield _gauge("dicom_node_jobs", "Jobs by state (queue depth: queued).", "state", jobs)
+        yield _gauge("dicom_node_outbox", "Outbox records by state.", "state",
+                     sorted(self.src.outbox.counts().items()))
 
 
-def _number(value: float) -> str:
-    """Exact integers as integers; other values in full precision (``:g`` keeps 6 digits)."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+class AuditCollector(Collector):
+    """``dicom_node_audit_write_errors_total``: the events the audit trail could not write,
+    as the trail itself counts them (:attr:`AuditTrail.errors`, one per event lost)."""
+
+    def __init__(self, audit: Audit) -> None:
+        self.audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "dicom_node_audit_write_errors",
+            "Audit events that could not be written since start (see the node's log).")
+        family.add_metric([], audit_errors(self.audit))
+        yield family
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class GpuCollector(Collector):
+    """GPU memory held by tensors, by device; nothing on a machine without CUDA."""
+
+    def __init__(self, cuda: Any = torch.cuda) -> None:
+        self.cuda = cuda
+
+    def collect(self) -> Iterator[Metric]:
+        if not self.cuda.is_available():
+            return
+        devices = range(self.cuda.device_count())
+        yield _gauge("dicom_node_gpu_memory_allocated_bytes", "GPU memory held by tensors, by device.",
+                     "device", [(f"cuda:{i}", self.cuda.memory_allocated(i)) for i in devices])
+
+
+def audit_errors(audit: Audit) -> int:
+    """Events lost by ``audit`` (or by each sink of a :class:`~dicom_node.audit.Fanout`)."""
+    sinks = getattr(audit, "sinks", (audit,))
+    return sum(int(getattr(sink, "errors", 0)) for sink in sinks)
+
+
+def _gauge(name: str, help_text: str, label: str, samples: Iterable[tuple[str, float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=[label])
+    for value, count in samples:
+        family.add_metric([str(value)], count)
+    return family
+

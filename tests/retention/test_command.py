@@ -170,19 +170,17 @@ def test_above_the_mark_with_nothing_settled_says_so_once_and_keeps_everything(
     world.close()
 
 
-def test_metrics_count_what_the_policy_deleted(tmp_path: Path) -> None:
+def test_metrics_count_what_the_policy_deleted() -> None:
     from dicom_node.web import Metrics
-    from tests.web.inprocess import web_app
 
-    with web_app(tmp_path / "data") as app:
-        metrics = Metrics()
-        metrics.record("retention_purged", kind="input", size_bytes=1000, sop_instance_uid="1.2.3")
-        metrics.record("retention_purged", kind="input", size_bytes=24, sop_instance_uid="1.2.4")
-        metrics.record("retention_purged", kind="result", size_bytes=7, sop_instance_uid="1.2.5")
-        text = metrics.render(app.src)
-    assert 'dicom_node_purged_total{kind="input"} 2' in text
-    assert 'dicom_node_purged_total{kind="result"} 1' in text
-    assert 'dicom_node_purged_bytes_total{kind="input"} 1024' in text
+    metrics = Metrics()
+    metrics.record("retention_purged", kind="input", size_bytes=1000, sop_instance_uid="1.2.3")
+    metrics.record("retention_purged", kind="input", size_bytes=24, sop_instance_uid="1.2.4")
+    metrics.record("retention_purged", kind="result", size_bytes=7, sop_instance_uid="1.2.5")
+    text = metrics.render().decode()
+    assert 'dicom_node_purged_total{kind="input"} 2.0' in text
+    assert 'dicom_node_purged_total{kind="result"} 1.0' in text
+    assert 'dicom_node_purged_bytes_total{kind="input"} 1024.0' in text
 
 
 def test_a_deletion_the_file_system_refuses_fails_neither_the_purge_nor_the_next_one(

@@ -231,7 +231,8 @@ def test_a_deletion_audited_before_its_intent_failed_to_go_is_not_audited_again(
     outcome = world.purger.resume()  # the next round, in the same process
     assert world.purger.pending() == [] and outcome.purged[Kind.INPUT] == 0
     assert [e["sop_instance_uid"] for e in world.audit.named(PURGED)] == [record.sop_instance_uid]
-    assert metrics.purged["input"] == [1, record.size_bytes]
+    assert metrics.sample("dicom_node_purged_total", kind="input") == 1
+    assert metrics.sample("dicom_node_purged_bytes_total", kind="input") == record.size_bytes
 
 
 def test_resume_of_result_intents(world: World) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import WebSettings
+from dicom_node.dicomweb import DicomWebContext
 from dicom_node.errors import PermanentError
 from dicom_node.export import Outbox, Result
 from dicom_node.inference import ModelRegistry
@@ -44,13 +45,14 @@ class App:
     server: WebServer
     trail: AuditTrail
     src: Sources
+    store: InstanceStore
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None,
                 token: bool = True) -> tuple[int, dict[str, str], bytes]:
         """One raw request (``path`` sent as is, not normalised as urllib would)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
         try:
-            conn.putrequest(method, path, skip_accept_encoding=True)
+            conn.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
             for key, value in {**({"Authorization": f"Bearer {TOKEN}"} if token else {}),
                                **(headers or {})}.items():
                 conn.putheader(key, value)
@@ -62,19 +64,24 @@ class App:
 
 
 @contextmanager
-def web_app(data_dir: Path, min_free_space: int = 0,
-            ready: Callable[[], str | None] = lambda: None) -> Iterator[App]:
+def web_app(data_dir: Path, min_free_space: int = 0, ready: Callable[[], str | None] = lambda: None,
+            settings: WebSettings | None = None, dicomweb: bool = False) -> Iterator[App]:
+    """The web server over :func:`make_database`; ``dicomweb``: with the DICOMweb sub-application
+    mounted over the same folder's store."""
     make_database(data_dir)
     backend = SQLiteJobBackend(data_dir / DATABASE_NAME)
     outbox = Outbox(data_dir / DATABASE_NAME)
     trail = AuditTrail(data_dir / "audit")
+    store = InstanceStore(data_dir, audit=trail)
     src = Sources(data_dir, JobQueue(backend), outbox, ModelRegistry(REPO / "models"), ["cpu"], ready,
                   min_free_space)
-    server = WebServer(WebSettings(port=0, token=TOKEN), src, Metrics(), trail).start()
+    context = DicomWebContext(store, trail, 2**31) if dicomweb else None
+    server = WebServer(settings or WebSettings(port=0, token=TOKEN), src, Metrics(), trail, context).start()
     try:
-        yield App(server, trail, src)
+        yield App(server, trail, src, store)
     finally:
         server.stop()
+        store.close()
         trail.close()
         outbox.close()
         backend.close()

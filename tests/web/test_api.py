@@ -78,9 +78,9 @@ def test_metrics_in_prometheus_format(served: Served) -> None:
     status, kind, body = served.get("/metrics")
     text = body.decode()
     assert status == 200 and kind.startswith("text/plain; version=0.0.4")
-    assert 'dicom_node_instances_received_total{calling_ae="MODALITY"} 2' in text
-    assert 'dicom_node_jobs{state="done"} 1' in text and 'dicom_node_outbox{state="pending"} 4' in text
-    assert 'dicom_node_job_step_seconds_count{step="inference"} 1' in text
+    assert 'dicom_node_instances_received_total{calling_ae="MODALITY"} 2.0' in text
+    assert 'dicom_node_jobs{state="done"} 1.0' in text and 'dicom_node_outbox{state="pending"} 4.0' in text
+    assert 'dicom_node_job_step_seconds_count{step="inference"} 1.0' in text
     assert 'dicom_node_associations_total{result="accepted"}' in text
     for line in text.splitlines():  # every sample line parses: name{labels} value
         assert line.startswith("#") or re.fullmatch(r"[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+", line), line

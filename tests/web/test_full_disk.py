@@ -146,7 +146,7 @@ def test_a_node_on_a_full_disk_says_so_and_its_cli_still_reads(tmp_path: Path, d
             status, body = http_get(base + "/metrics")
             [line] = [x for x in body.decode().splitlines()
                       if x.startswith("dicom_node_audit_write_errors_total ")]
-            lost = int(line.split()[1])
+            lost = int(float(line.split()[1]))  # Prometheus writes counters as floats
             assert lost > 0 and lost == lost_in_log(node.log)
             # each association is in the trail or counted lost, never both
             kept = associations_kept(node.data_dir, mounted) - kept_before
