@@ -30,6 +30,7 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     CANNOT_UNDERSTAND_INVALID_UID = 0xC001
     CANNOT_UNDERSTAND_UID_MISMATCH = 0xC002
+    CANNOT_UNDERSTAND_STUDY_MISMATCH = 0xC003  # STOW-RS POST /studies/{study}: another study's instance
 
 
 class EchoStatus(IntEnum):
