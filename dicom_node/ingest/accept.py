@@ -59,6 +59,9 @@ class Offer:
         Offset of the data set in ``dataset``.
     study_instance_uid
         The study the request is restricted to (STOW-RS ``POST /studies/{study}``), or None.
+    declared_as
+        Where ``sop_class_uid`` and ``sop_instance_uid`` come from, for the refusal's reason:
+        "Affected" (the C-STORE request) or "Media Storage" (a Part 10 file's meta).
     """
 
     file_meta: FileMetaDataset
@@ -68,6 +71,7 @@ class Offer:
     sop_instance_uid: object
     start: int = 0
     study_instance_uid: str | None = None
+    declared_as: str = "Affected"
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,10 @@ def mismatch(staged: StagedInstance, offer: Offer) -> tuple[StoreStatus, str] | 
     header = staged.header
     if header.sop_class_uid != offer.sop_class_uid:
         return (StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                "SOPClassUID differs from Affected SOP Class UID")
+                f"SOPClassUID differs from {offer.declared_as} SOP Class UID")
     if header.sop_instance_uid != offer.sop_instance_uid:
         return (StoreStatus.CANNOT_UNDERSTAND_UID_MISMATCH,
-                "SOPInstanceUID differs from Affected SOP Instance UID")
+                f"SOPInstanceUID differs from {offer.declared_as} SOP Instance UID")
     if offer.study_instance_uid is not None and header.study_instance_uid != offer.study_instance_uid:
         return (StoreStatus.CANNOT_UNDERSTAND_STUDY_MISMATCH,
                 "StudyInstanceUID differs from the study in the request")
