@@ -9,6 +9,7 @@ from typing import Any
 
 import requests
 from pydicom import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from dicom_node.dicomweb import DicomWebContext
 from tests.dicomweb.serve import serve_dicomweb
@@ -45,6 +46,22 @@ def part10(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def part10_as_is(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file with its file meta exactly as set (even where it is wrong)."""
+    buffer = io.BytesIO()
+    ds.preamble = b"\x00" * 128
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+def data_set_only(ds: Dataset) -> bytes:
+    """The data set of ``ds`` alone: no preamble, no File Meta Information."""
+    buffer = io.BytesIO(part10(ds))
+    read_preamble(buffer, force=False)
+    _read_file_meta_info(buffer)
+    return buffer.read()
 
 
 def multipart(parts: list[bytes], part_type: str = "application/dicom") -> bytes:
