@@ -48,6 +48,21 @@ _WRITE_CHUNK = 2**20
 _META_ROOM = 2**16
 
 
+#: The longest multipart boundary read. RFC 2046 allows 70 characters and aiohttp enforces it,
+#: but Orthanc's DICOMweb plugin (1.7) sends 73 (two UUIDs): tolerant when reading.
+MAX_BOUNDARY = 200
+
+
+class _TolerantReader(MultipartReader):
+    """aiohttp's multipart reader, taking boundaries up to :data:`MAX_BOUNDARY` characters."""
+
+    def _get_boundary(self) -> str:
+        boundary = str(self._mimetype.parameters["boundary"])
+        if len(boundary) > MAX_BOUNDARY:
+            raise ValueError(f"boundary of {len(boundary)} characters ({MAX_BOUNDARY} at most)")
+        return boundary
+
+
 @dataclass
 class _Request:
     """One STOW-RS request being received: its context and what became of each part."""
@@ -80,7 +95,7 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
         return refusal
     stow = _Request(ctx, study)
     try:
-        await _receive_all(await request.multipart(), stow)
+        await _receive_all(_TolerantReader(request.headers, request.content), stow)
     except (ValueError, AssertionError, RuntimeError) as exc:  # aiohttp's words for broken framing
         if not stow.outcomes:
             return web.Response(status=400, text=f"malformed multipart body: {exc}\n")

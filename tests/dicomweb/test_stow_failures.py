@@ -170,3 +170,16 @@ def test_a_client_that_goes_away_mid_part_leaves_nothing_behind(tmp_path: Path) 
 def _cut_stream(body: bytes, at: int):  # type: ignore[no-untyped-def]
     yield body[:at]
     raise ConnectionAbortedError("client gone")
+
+
+def test_boundaries_longer_than_rfc_2046_allows_are_read_as_orthanc_sends_them(tmp_path: Path) -> None:
+    """Orthanc's DICOMweb plugin sends a 73-character boundary; past 200 the request is refused."""
+    ds = ct_dataset()
+    with stow_server(tmp_path / "data") as (url, ctx, _):
+        for length, status in ((73, 200), (201, 400)):
+            boundary = "b" * length
+            body = multipart([part10(ds)]).replace(BOUNDARY.encode(), boundary.encode())
+            response = post(url + "/studies", body,
+                            content_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+            assert response.status_code == status, response.text
+        assert [r.sop_instance_uid for r in ctx.store.index.instances()] == [ds.SOPInstanceUID]
