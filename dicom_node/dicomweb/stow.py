@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
@@ -83,29 +84,42 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
     """PS3.18 10.5 Store Instances: every part accepted or refused on its own; 200 when all are
     stored, 202 when some are, 409 when none is, 413 when a part is over the size limit (the
     rest of the body is not read), 400/415 for a request that is not a STOW-RS request."""
-    ctx = request.config_dict[CONTEXT]
     study = request.match_info.get("study")
+    refusal = _check_request(study, request.headers.get(hdrs.CONTENT_TYPE, ""))
+    if refusal is not None:
+        return refusal
+    ctx = request.config_dict[CONTEXT]
+    stow = _Request(ctx, study)
+    ended_early = False
+    try:
+        await _receive_all(_TolerantReader(request.headers, request.content), stow)
+    except (ConnectionError, HttpProcessingError):  # the peer went away mid-body
+        logger.warning("STOW-RS request from %s ended before its body (%d part(s) handled)",
+                       request.remote, len(stow.outcomes))
+        ended_early = True
+    except (ValueError, AssertionError, RuntimeError) as exc:  # aiohttp's words for broken framing
+        if not stow.outcomes:
+            return web.Response(status=400, text=f"malformed multipart body: {exc}\n")
+        stow.outcomes.append(Outcome(StoreStatus.CANNOT_UNDERSTAND, "malformed multipart body"))
+    await asyncio.to_thread(
+        ctx.audit.record, "stow_received", address=request.remote or "", study_instance_uid=study or "",
+        stored=sum(o.stored for o in stow.outcomes), failed=sum(not o.stored for o in stow.outcomes),
+        complete=not ended_early)
+    if ended_early:
+        return web.Response(status=400, text="request body ended early\n")
+    if not stow.outcomes:
+        return web.Response(status=400, text="no part in the multipart body\n")
+    return _response(stow, _base_url(request))
+
+
+def _check_request(study: str | None, content_type: str) -> web.Response | None:
+    """400 for an invalid Study Instance UID in the path, else :func:`_check_content_type`."""
     if study is not None:
         try:
             check_uid("StudyInstanceUID", study)
         except InvalidInstanceError as exc:
             return web.Response(status=400, text=f"{exc}\n")
-    refusal = _check_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    if refusal is not None:
-        return refusal
-    stow = _Request(ctx, study)
-    try:
-        await _receive_all(_TolerantReader(request.headers, request.content), stow)
-    except (ValueError, AssertionError, RuntimeError) as exc:  # aiohttp's words for broken framing
-        if not stow.outcomes:
-            return web.Response(status=400, text=f"malformed multipart body: {exc}\n")
-        stow.outcomes.append(Outcome(StoreStatus.CANNOT_UNDERSTAND, "malformed multipart body"))
-    if not stow.outcomes:
-        return web.Response(status=400, text="no part in the multipart body\n")
-    await asyncio.to_thread(
-        ctx.audit.record, "stow_received", address=request.remote or "", study_instance_uid=study or "",
-        stored=sum(o.stored for o in stow.outcomes), failed=sum(not o.stored for o in stow.outcomes))
-    return _response(stow, _base_url(request))
+    return _check_content_type(content_type)
 
 
 def _check_content_type(value: str) -> web.Response | None:
