@@ -11,7 +11,39 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import pytest
+
+from tests.conftest import IN_CI
 from tests.nodeproc import free_port
+
+#: The Debian package orthanc-dicomweb's plugin (DICOMweb server and client for Orthanc).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def require_dicomweb_plugin() -> Path:
+    """The DICOMweb plugin's path; skip saying how to install it, or fail in CI."""
+    if not DICOMWEB_PLUGIN.is_file():
+        message = f"{DICOMWEB_PLUGIN} not found: install the Debian package 'orthanc-dicomweb'"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: peers are required)")
+        pytest.skip(message)
+    return DICOMWEB_PLUGIN
+
+
+def dicomweb_extra(servers: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    """Orthanc configuration that loads the DICOMweb plugin with ``servers``: name -> (DICOMweb
+    root URL, bearer token or None). The plugin's client sends the token on every request."""
+    return {
+        "Plugins": [str(require_dicomweb_plugin())],
+        "DicomWeb": {
+            "Enable": True, "Root": "/dicom-web/", "EnableWado": False,
+            "Servers": {
+                name: {"Url": url.rstrip("/") + "/",  # the plugin appends "studies", "studies/..."
+                       **({"HttpHeaders": {"Authorization": f"Bearer {token}"}} if token else {})}
+                for name, (url, token) in servers.items()
+            },
+        },
+    }
 
 
 class Orthanc:
@@ -83,6 +115,20 @@ class Orthanc:
         if not found:
             return []
         return list(self.get(f"/studies/{found[0]}/instances?expand"))
+
+    def stow(self, server: str, resources: list[str]) -> Any:
+        """Send Orthanc resources (patients, studies, series or instances, by Orthanc ID) to the
+        DICOMweb ``server`` with STOW-RS; waits for the plugin's job (an HTTP error if it fails)."""
+        return self.post(f"/dicom-web/servers/{server}/stow", {"Resources": resources, "Synchronous": True})
+
+    def dicomweb_get(self, server: str, uri: str, arguments: dict[str, str] | None = None) -> Any:
+        """GET ``uri`` (e.g. "/studies" for QIDO-RS) on the DICOMweb ``server``, through Orthanc."""
+        return self.post(f"/dicom-web/servers/{server}/get", {"Uri": uri, "Arguments": arguments or {}})
+
+    def dicomweb_retrieve(self, server: str, resources: list[dict[str, str]]) -> Any:
+        """WADO-RS retrieve into Orthanc: ``resources`` like ``[{"Study": uid, "Series": uid}]``."""
+        return self.post(f"/dicom-web/servers/{server}/retrieve",
+                         {"Resources": resources, "Synchronous": True})
 
     def __enter__(self) -> "Orthanc":
         return self.start() if self.proc is None else self

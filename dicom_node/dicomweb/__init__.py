@@ -29,11 +29,15 @@ class DicomWebContext:
         The audit trail (STOW-RS records ``instance_stored`` as C-STORE does).
     max_instance_size
         ``ingest.max_instance_size``: the largest instance STOW-RS accepts.
+    stow_ae_title
+        The calling AE title (and Source AE Title) recorded for instances received by STOW-RS:
+        an HTTP peer has none, and routing and the metrics key on it.
     """
 
     store: InstanceStore
     audit: Audit
     max_instance_size: int
+    stow_ae_title: str = "STOW-RS"
 
 
 CONTEXT = web.AppKey("dicomweb", DicomWebContext)

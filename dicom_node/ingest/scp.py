@@ -8,7 +8,6 @@ durable on disk and indexed. Every other outcome is a named failure status with 
 import contextlib
 import functools
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -44,6 +43,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 from dicom_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Settings
+from dicom_node.ingest.accept import Note, Offer, accept
 from dicom_node.ingest.admission import Admission, AdmissionLimits, host_key
 from dicom_node.ingest.limits import ReceiveLimits, install_guard, spooled_path
 from dicom_node.ingest.policy import AssociationPolicy
@@ -51,13 +51,7 @@ from dicom_node.ingest.status import EchoStatus, StoreStatus, error_comment
 from dicom_node.ingest.transport import AdmissionServer
 from dicom_node.logs import PeerLogLimiter
 from dicom_node.query.scp import QUERY_RETRIEVE_SOP_CLASSES, handle_find, handle_get, handle_move
-from dicom_node.store import (
-    InstanceStore,
-    InvalidInstanceError,
-    OutOfSpaceError,
-    StagedInstance,
-    StorageError,
-)
+from dicom_node.store import InstanceStore
 from dicom_node.tls import server_context, tls_args
 
 logger = logging.getLogger(__name__)
@@ -105,10 +99,6 @@ def handle_echo(event: Event) -> int:
     return int(EchoStatus.SUCCESS)
 
 
-#: ``note(level, msg, *args)``: a log line about one peer, through its rate limit.
-Note = Callable[..., object]
-
-
 def peer_note(event: Event, peer_log: PeerLogLimiter | None) -> Note:
     """Where the lines about one peer's requests go: its per-host budget, if there is one.
 
@@ -144,98 +134,22 @@ def _store(event: Event, store: InstanceStore, max_instance_size: int, audit: Au
     spooled = spooled_path(request)  # a large data set arrives in a file under data_dir/tmp
     if spooled is not None:
         with spooled.open("rb") as fp:
-            return _stage(event, store, fp, max_instance_size, audit, note)
+            return _accept(event, store, fp, max_instance_size, audit, note)
     if request.DataSet is None:
         return failure(StoreStatus.CANNOT_UNDERSTAND, "no data set in the request")
-    return _stage(event, store, request.DataSet, max_instance_size, audit, note)
+    return _accept(event, store, request.DataSet, max_instance_size, audit, note)
 
 
-def _stage(event: Event, store: InstanceStore, dataset: BinaryIO, max_instance_size: int,
-           audit: Audit, note: Note) -> int | Dataset:
-    request = cast(C_STORE, event.request)
-    calling = event.assoc.requestor.ae_title.strip()
-    sop_uid = str(request.AffectedSOPInstanceUID or "")
-    size = dataset.seek(0, os.SEEK_END)
-    if size > max_instance_size:  # the association guard refuses earlier; this is the backstop
-        note(logging.WARNING, "refused %s from %s: %d bytes over limit", sop_uid[:64], calling, size)
-        return failure(
-            StoreStatus.OUT_OF_RESOURCES_INSTANCE_TOO_LARGE,
-            f"instance of {size} bytes exceeds limit {max_instance_size}",
-        )
-    meta = event.file_meta
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = calling
-    try:
-        staged = store.stage(meta, dataset, max_inflated_size=max_instance_size)
-    except InvalidInstanceError as exc:
-        return _refuse(exc, sop_uid, calling, note)
-    except StorageError as exc:
-        return _storage_failure(exc, sop_uid, calling, note)
-    if staged.stripped_tags:
-        note(logging.WARNING, "left out %d group 0002 element(s) found in the data set of %s from %s",
-             len(staged.stripped_tags), staged.header.sop_instance_uid, calling)
-        audit.record("file_meta_stripped", study_instance_uid=staged.header.study_instance_uid,
-                     sop_instance_uid=staged.header.sop_instance_uid, calling_ae_title=calling,
-                     tags=list(staged.stripped_tags))
-    return _commit(store, staged, request, calling, audit, note)
-
-
-def _storage_failure(exc: StorageError, sop_uid: str, calling: str, note: Note) -> Dataset:
-    """0xA700 for a full disk (or the free-space floor), 0x0110 for any other storage error."""
-    note(logging.ERROR, "refused %s from %s: %s", sop_uid[:64], calling, exc)
-    if isinstance(exc, OutOfSpaceError):
-        return failure(StoreStatus.OUT_OF_RESOURCES, f"out of resources: {exc}")
-    return failure(StoreStatus.PROCESSING_FAILURE, str(exc))
-
-
-def _refuse(exc: InvalidInstanceError, sop_uid: str, calling: str, note: Note) -> Dataset:
-    note(logging.WARNING, "refused %r from %s: %s", sop_uid[:64], calling, exc)
-    status = (
-        StoreStatus.CANNOT_UNDERSTAND_INVALID_UID if exc.kind == "uid"
-        else StoreStatus.CANNOT_UNDERSTAND
-    )
-    return failure(status, str(exc))
-
-
-def _mismatch(staged: StagedInstance, request: object) -> Dataset | None:
-    header = staged.header
-    if header.sop_class_uid != getattr(request, "AffectedSOPClassUID", None):
-        return failure(
-            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-            "SOPClassUID differs from Affected SOP Class UID",
-        )
-    if header.sop_instance_uid != getattr(request, "AffectedSOPInstanceUID", None):
-        return failure(
-            StoreStatus.CANNOT_UNDERSTAND_UID_MISMATCH,
-            "SOPInstanceUID differs from Affected SOP Instance UID",
-        )
-    return None
-
-
-def _commit(store: InstanceStore, staged: StagedInstance, request: object, calling: str,
+def _accept(event: Event, store: InstanceStore, dataset: BinaryIO, max_instance_size: int,
             audit: Audit, note: Note) -> int | Dataset:
-    committed = False
-    try:
-        refusal = _mismatch(staged, request)
-        if refusal is not None:
-            note(logging.WARNING, "refused %s from %s: %s", staged.header.sop_instance_uid, calling,
-                 refusal.ErrorComment)
-            return refusal
-        record = store.commit(staged, calling)
-        committed = True
-    except StorageError as exc:
-        return _storage_failure(exc, staged.header.sop_instance_uid, calling, note)
-    finally:
-        if not committed:
-            store.discard(staged)
-    logger.debug(
-        "stored %s (series %s) from %s", record.sop_instance_uid, record.series_instance_uid, calling
-    )
-    audit.record("instance_stored", study_instance_uid=record.study_instance_uid,
-                 series_instance_uid=record.series_instance_uid, sop_instance_uid=record.sop_instance_uid,
-                 sop_class_uid=record.sop_class_uid, calling_ae_title=calling, size_bytes=record.size_bytes)
-    return int(StoreStatus.SUCCESS)
+    """The C-STORE as an :class:`~dicom_node.ingest.accept.Offer`; the outcome as its response."""
+    request = cast(C_STORE, event.request)
+    offer = Offer(file_meta=event.file_meta, dataset=dataset,
+                  calling=event.assoc.requestor.ae_title.strip(),
+                  sop_class_uid=getattr(request, "AffectedSOPClassUID", None),
+                  sop_instance_uid=getattr(request, "AffectedSOPInstanceUID", None))
+    outcome = accept(offer, store, max_instance_size, audit, note)
+    return int(StoreStatus.SUCCESS) if outcome.stored else failure(outcome.status, outcome.comment)
 
 
 def disable_nagle(event: Event) -> None:

@@ -30,6 +30,8 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     CANNOT_UNDERSTAND_INVALID_UID = 0xC001
     CANNOT_UNDERSTAND_UID_MISMATCH = 0xC002
+    CANNOT_UNDERSTAND_STUDY_MISMATCH = 0xC003  # STOW-RS POST /studies/{study}: another study's instance
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # STOW-RS: a part in a syntax C-STORE would not negotiate
 
 
 class EchoStatus(IntEnum):

@@ -118,7 +118,7 @@ class InstanceStore:
 
     def stage(
         self, file_meta: FileMetaDataset, dataset: BinaryIO | bytes | memoryview,
-        max_inflated_size: int = 2**31,
+        max_inflated_size: int = 2**31, start: int = 0,
     ) -> StagedInstance:
         """Check a received data set, write it and its file meta to a temporary file, parse it.
 
@@ -134,6 +134,9 @@ class InstanceStore:
             The data set as received: bytes, or a seekable binary file (a spooled data set).
         max_inflated_size
             Bytes a deflated data set may inflate to.
+        start
+            Where the data set begins in ``dataset`` (after a Part 10 file's preamble and meta,
+            for STOW-RS, which receives whole files).
 
         Raises
         ------
@@ -145,17 +148,17 @@ class InstanceStore:
         """
         fp = io.BytesIO(dataset) if isinstance(dataset, (bytes, memoryview)) else dataset
         length = fp.seek(0, os.SEEK_END)
-        found, inflated_header = self._check(fp, length, file_meta, max_inflated_size)
+        found, inflated_header = self._check(fp, start, length, file_meta, max_inflated_size)
         cut = found.file_meta_ranges
         head = encode_file_meta(file_meta)
-        size = len(head) + length - sum(end - start for start, end in cut)
+        size = len(head) + length - start - sum(end - begin for begin, end in cut)
         free = shutil.disk_usage(self.data_dir).free
         if free - size < self.min_free_space:
             raise OutOfSpaceError(
                 f"free space {free // 2**20} MiB is below the floor of "
                 f"{self.min_free_space // 2**20} MiB"
             )
-        temporary = self._write(head, fp, length, cut)
+        temporary = self._write(head, fp, start, length, cut)
         try:
             header = inflated_header or read_header(temporary)
         except BaseException:
@@ -163,7 +166,7 @@ class InstanceStore:
             raise
         return StagedInstance(header, temporary, size, tuple(found.file_meta_tags))
 
-    def _check(self, fp: BinaryIO, length: int, file_meta: FileMetaDataset,
+    def _check(self, fp: BinaryIO, start: int, length: int, file_meta: FileMetaDataset,
                max_inflated: int) -> tuple[WalkResult, InstanceHeader | None]:
         """Walk the data set; a deflated one is inflated to a scratch file under ``tmp/`` first,
         and its header read from there (pydicom would inflate it again, whole, in memory)."""
@@ -171,13 +174,13 @@ class InstanceStore:
         header = None
         try:
             if not UID(transfer_syntax).is_deflated:
-                return walk(fp, 0, length, transfer_syntax), None
+                return walk(fp, start, length, transfer_syntax), None
             # The scratch file counts against the free-space floor too: a few KiB of deflate
             # could otherwise fill the disk before the floor is checked.
             room = max(0, shutil.disk_usage(self.data_dir).free - self.min_free_space)
             with tempfile.TemporaryFile(dir=self.files.tmp) as inflated:
                 try:
-                    size = inflate(fp, 0, length, inflated, min(max_inflated, room))
+                    size = inflate(fp, start, length, inflated, min(max_inflated, room))
                 except InflationLimitError:
                     if room < max_inflated:
                         raise OutOfSpaceError(
@@ -196,9 +199,10 @@ class InstanceStore:
             )
         return found, header
 
-    def _write(self, head: bytes, fp: BinaryIO, length: int, cut: list[tuple[int, int]]) -> Path:
+    def _write(self, head: bytes, fp: BinaryIO, start: int, length: int,
+               cut: list[tuple[int, int]]) -> Path:
         try:
-            return self.files.write_temporary(itertools.chain((head,), chunks(fp, 0, length, cut)))
+            return self.files.write_temporary(itertools.chain((head,), chunks(fp, start, length, cut)))
         except OSError as exc:
             raise _write_error(exc) from exc
 
