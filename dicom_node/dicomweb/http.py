@@ -31,7 +31,23 @@ def base_url(request: web.Request) -> str:
     canonical = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
     found = _RESOURCE.search(canonical)
     prefix = canonical[:found.start()] if found else ""
-    return f"{request.scheme}://{request.host}{prefix}"
+    return f"{request.scheme}://{_host(request)}{prefix}"
+
+
+def _host(request: web.Request) -> str:
+    """The Host header, with the port the connection came in on where the header leaves it out
+    and it is not the scheme's default: some clients (dicomweb-client 0.61) send the host name
+    alone, and a URL without the port would point them at another server."""
+    host = request.host
+    if host.startswith("[") and "]" in host:
+        has_port = host.rsplit("]", 1)[1].startswith(":")
+    else:
+        has_port = ":" in host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if has_port or not sockname:
+        return host
+    port = int(sockname[1])
+    return host if port == {"http": 80, "https": 443}.get(request.scheme) else f"{host}:{port}"
 
 
 def uids(request: web.Request) -> dict[str, str]:

@@ -38,7 +38,8 @@ DEFAULT_KEYS = {
 }
 #: Keys of the study a search for all series or all instances answers too (PS3.18 10.6.3.3.2).
 _STUDY_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "PatientName",
-               "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription")
+               "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+               "StudyDescription")
 #: Parameters that are not match keys.
 _CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
 #: The keys that can be matched: the index's, and Modalities in Study (at STUDY level).

@@ -26,7 +26,6 @@ from pydicom.uid import (
 from dicom_node.phantoms.cross_section import cross_section
 from dicom_node.phantoms.dataset import phantom_uid
 from dicom_node.store import InstanceStore
-from dicom_node.store.files import encode_file_meta
 from tests.conftest import require_tool
 
 STUDY = str(phantom_uid("study", "dicomweb-syntaxes"))
@@ -77,22 +76,14 @@ def write(syntax: str, folder: Path, frames: int = 2) -> Path:
     return path
 
 
-def ingest(store: InstanceStore, path: Path) -> None:
-    """Store a Part 10 file as C-STORE does: its data set as received, the node's file meta."""
+def data_set(path: Path) -> bytes:
+    """The data set of a Part 10 file: what follows its File Meta Information."""
     raw = path.read_bytes()
     meta = dcmread(path, stop_before_pixels=True).file_meta
-    head = encode_file_meta(meta)
-    store.commit(store.stage(meta, raw[len(head):] if raw.startswith(head) else _body(path)), "TEST")
+    return raw[132 + 12 + int(meta.FileMetaInformationGroupLength):]
 
 
-def _body(path: Path) -> bytes:
-    with path.open("rb") as fp:
-        dcmread(fp, stop_before_pixels=True, specific_tags=[])  # reads the preamble and file meta
-        fp.seek(0)
-        raw = fp.read()
-    ds = dcmread(path)
-    return raw[raw.index(b"DICM") + 4 + _meta_length(ds):]
-
-
-def _meta_length(ds: Dataset) -> int:
-    return len(encode_file_meta(ds.file_meta))
+def ingest(store: InstanceStore, path: Path) -> None:
+    """Store a Part 10 file as C-STORE does: its data set as received, its file meta."""
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    store.commit(store.stage(meta, data_set(path)), "TEST")
