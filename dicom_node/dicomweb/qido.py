@@ -12,7 +12,7 @@ literal matching). No match is 200 with an empty array (PS3.18 10.6.3.3.1 as rev
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -20,9 +20,10 @@ from multidict import MultiMapping
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from dicom_node.dicomweb import CONTEXT
-from dicom_node.dicomweb.dicomjson import element, json_response, row_json
+from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, rows_json
 from dicom_node.dicomweb.http import base_url, failure, uids
-from dicom_node.query.match import QueryError, find
+from dicom_node.query.match import Find, QueryError, find
+from dicom_node.store.index import Index
 from dicom_node.store.keys import KEYS, LEVELS, Level
 
 logger = logging.getLogger(__name__)
@@ -157,32 +158,33 @@ async def search(request: web.Request, level: Level) -> web.StreamResponse:
                      include=include)
     except QueryError as exc:
         raise failure(400, str(exc)) from None
-    rows = await asyncio.to_thread(ctx.store.index.find, found.sql, found.params)
+    body, matches, more = await asyncio.to_thread(_answer, ctx.store.index, found, base_url(request), level,
+                                                  MAX_RESULTS if capped else None)
     warnings = []
     if query.get("fuzzymatching", "").lower() == "true":
         warnings.append(FUZZY_WARNING.format(host=request.host))
-    if capped and len(rows) > MAX_RESULTS:
-        rows = rows[:MAX_RESULTS]
+    if more:
         warnings.append(MORE_WARNING.format(host=request.host))
-    base = base_url(request)
-    body = [_with_retrieve_url(row_json(found, row), base, level) for row in rows]
-    logger.info("QIDO-RS at %s level: %d match(es)", level.value, len(rows))  # counts only, never values
+    logger.info("QIDO-RS at %s level: %d match(es)", level.value, matches)  # counts only, never values
     await asyncio.to_thread(ctx.audit.record, "query", service="QIDO-RS", address=request.remote or "",
-                            level=level.value, matches=len(rows))
-    headers = {"Warning": ", ".join(warnings)} if warnings else None
-    return json_response(body, headers)
+                            level=level.value, matches=matches)
+    headers = {"Warning": ", ".join(warnings)} if warnings else {}
+    return web.Response(body=body, content_type=MEDIA_TYPE, headers=headers)
 
 
-def _with_retrieve_url(result: dict[str, Any], base: str, level: Level) -> dict[str, Any]:
-    """A result with its Retrieve URL (0008,1190): its WADO-RS resource on this node."""
+def _answer(index: Index, found: Find, base: str, level: Level, cap: int | None) -> tuple[bytes, int, bool]:
+    """Run the search and encode its DICOM JSON (both block: run in a thread); (body, number of
+    results, whether the cap cut some off)."""
+    rows = index.find(found.sql, found.params)
+    more = cap is not None and len(rows) > cap
+    rows = rows[:cap] if more else rows
+    at = columns(found)
+    parts = [("StudyInstanceUID", "studies"), ("SeriesInstanceUID", "series"),
+             ("SOPInstanceUID", "instances")][:LEVELS.index(level)]
 
-    def uid(tag: str) -> str:
-        return str(result[tag]["Value"][0])
+    def retrieve_url(row: Sequence[object]) -> dict[str, str]:
+        """The Retrieve URL (0008,1190) of a result: its WADO-RS resource on this node."""
+        path = "".join(f"/{name}/{row[at[keyword]]}" for keyword, name in parts)
+        return {"00081190": element_text("UR", base + path)}
 
-    url = f"{base}/studies/{uid('0020000D')}"
-    if level is not Level.STUDY:
-        url += f"/series/{uid('0020000E')}"
-    if level is Level.IMAGE:
-        url += f"/instances/{uid('00080018')}"
-    result["00081190"] = element("RetrieveURL", url)
-    return dict(sorted(result.items()))
+    return rows_json(found, rows, retrieve_url), len(rows), more
