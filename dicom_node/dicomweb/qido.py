@@ -6,8 +6,9 @@ Resources: ``/studies``, ``/series``, ``/instances``, ``/studies/{study}/series`
 match keys by keyword or tag (``PatientName=DOE*``, ``0020000D=1.2.3``; a sequence key's item
 attribute as ``ConceptNameCodeSequence.CodeValue``), ``includefield`` (a comma list, repeatable,
 ``all``), ``limit``, ``offset`` and ``fuzzymatching`` (not supported: answered with a Warning,
-literal matching). No match is 200 with an empty array (PS3.18 10.6.3.3.1 as revised by CP-1997:
-"200 (OK) ... with an empty payload" is an array of no results in JSON).
+literal matching). No match is 200 with an empty array: CP-2473's answer (PS3.18 8.3.4.4.1 says
+204 No Content today; the CP restores 200, per RFC 9110 and C-FIND's success); see
+docs/conformance.md, "QIDO-RS".
 """
 
 import asyncio
