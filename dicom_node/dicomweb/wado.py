@@ -105,7 +105,11 @@ async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
         raise failure(406, f"metadata is sent as {MEDIA_TYPE} only")
     rows = await _stored(request, level)
     base = base_url(request)
-    first = await asyncio.to_thread(_metadata, _file(request, rows[0]), base, rows[0])
+    try:
+        first = await asyncio.to_thread(_metadata, _file(request, rows[0]), base, rows[0])
+    except Exception as exc:  # a file removed or damaged since it was indexed: nothing sent yet
+        logger.warning("cannot read %s: %s", rows[0].sop_instance_uid, type(exc).__name__)
+        raise failure(404, f"instance {rows[0].sop_instance_uid} cannot be read") from None
     await _audit(request, level, "metadata", rows)
     response = web.StreamResponse(headers={"Content-Type": MEDIA_TYPE})
     await response.prepare(request)

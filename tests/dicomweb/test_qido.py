@@ -3,17 +3,21 @@ and under their parents, match keys by keyword and tag, includefield, limit and 
 fuzzymatching's warning, the Retrieve URL, and 400 for a bad key; inputs and results alike."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 from dicomweb_client import DICOMwebClient
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import BasicTextSRStorage
 
 from dicom_node.dicomweb import qido
 from dicom_node.phantoms import write_study
 from dicom_node.phantoms.cross_section import cross_section
+from dicom_node.store.files import add_file_meta
 from tests.dicomweb.serve import serve_dicomweb
 from tests.dicomweb.syntaxes import ingest
+from tests.factories import new_uid
 
 CR_SEED, CT_SEED = 31, 32
 
@@ -148,3 +152,22 @@ def test_results_are_capped_with_a_warning_saying_more_exist(server: tuple[str, 
     assert len(capped.json()) == 5 and "Additional results can be requested" in capped.headers["Warning"]
     asked = requests.get(f"{url}/instances", params={"limit": "5"})
     assert len(asked.json()) == 5 and "Warning" not in asked.headers  # the client's own limit
+
+
+def test_a_sequence_key_matches_by_its_item_attribute(tmp_path: Path) -> None:
+    report = Dataset()
+    report.SOPClassUID, report.SOPInstanceUID = BasicTextSRStorage, new_uid()
+    report.StudyInstanceUID, report.SeriesInstanceUID = new_uid(), new_uid()
+    report.PatientID, report.Modality, report.ValueType = "PHANTOM-SR", "SR", "CONTAINER"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "126000", "DCM", \
+        "Imaging Measurement Report"
+    report.ConceptNameCodeSequence = [concept]
+    add_file_meta(report)
+    with serve_dicomweb(tmp_path) as (url, ctx):
+        ctx.store.save_result(report)
+        found = requests.get(f"{url}/instances", params={"ConceptNameCodeSequence.CodeValue": "126000"}).json()
+        assert uids(found, "00080018") == [report.SOPInstanceUID]
+        item = found[0]["0040A043"]["Value"][0]
+        assert item["00080104"]["Value"] == ["Imaging Measurement Report"]
+        assert requests.get(f"{url}/instances", params={"0040A043.00080100": "999"}).json() == []

@@ -153,6 +153,15 @@ def test_a_transcoding_the_node_does_not_do_is_406(server: tuple) -> None:
     assert headers["Content-Type"] == f"image/jls; transfer-syntax={JPEGLSLossless}"
 
 
+def test_a_result_is_retrievable_as_an_input_is(server: tuple) -> None:
+    url, _, _, overlay = server
+    client = DICOMwebClient(url=url)
+    got = client.retrieve_instance(overlay.StudyInstanceUID, overlay.SeriesInstanceUID, overlay.SOPInstanceUID)
+    assert got.PixelData == overlay.PixelData
+    metadata = client.retrieve_study_metadata(overlay.StudyInstanceUID)
+    assert [m["00080018"]["Value"] for m in metadata] == [[overlay.SOPInstanceUID]]
+
+
 def test_rendered_previews_an_overlay_and_a_grey_frame(server: tuple) -> None:
     url, files, _, overlay = server
     png = requests.get(f"{instance_url(url, overlay)}/rendered", headers={"Accept": "image/png"})
