@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 from multidict import MultiMapping
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicom_node.dicomweb import CONTEXT
 from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, rows_json
@@ -44,6 +44,8 @@ _STUDY_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianN
                "StudyDescription")
 #: Parameters that are not match keys.
 _CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
+#: Keys besides UIDs whose value may be a list (comma-separated in QIDO-RS).
+_LISTS = frozenset({"ModalitiesInStudy"})
 #: The keys that can be matched: the index's, and Modalities in Study (at STUDY level).
 _MATCHABLE = {key.keyword: key for key in KEYS}
 #: The most results one answer holds when the client sets no ``limit`` (PS3.18 lets the origin
@@ -91,7 +93,9 @@ def _integer(query: MultiMapping[str], name: str) -> int | None:
 
 
 def parse(query: MultiMapping[str], level: Level, path_uids: Mapping[str, str]) -> dict[str, Any]:
-    """The identifier (keyword -> value) and the paging of a search; 400 for a bad key.
+    """The identifier of a search (keyword -> value, as :func:`dicom_node.query.match.find`
+    takes it), with the UIDs of the path; a list of UIDs or modalities may be comma-separated
+    (PS3.18 8.3.4.1), as well as backslash-separated as in C-FIND.
 
     Raises
     ------
@@ -119,7 +123,8 @@ def parse(query: MultiMapping[str], level: Level, path_uids: Mapping[str, str]) 
         elif keyword in identifier and value:
             raise failure(400, f"{keyword} is given twice")
         else:
-            identifier[keyword] = value or identifier.get(keyword, "")
+            listed = keyword in _LISTS or dictionary_VR(keyword) == "UI"
+            identifier[keyword] = value.replace(",", "\\") if listed else value or identifier.get(keyword, "")
     if "study" in path_uids:
         identifier["StudyInstanceUID"] = path_uids["study"]
     if "series" in path_uids:

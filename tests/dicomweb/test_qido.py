@@ -50,6 +50,9 @@ def test_studies_are_found_by_keyword_tag_wildcard_and_modalities(server: tuple[
     assert uids(client.search_for_studies(search_filters={"PatientName": f"phantom^{CT_SEED}*"})) == [ids["ct_study"]]
     assert uids(client.search_for_studies(search_filters={"0020000D": ids["cr_study"]})) == [ids["cr_study"]]
     assert uids(client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"})) == [ids["ct_study"]]
+    both = ",".join([ids["cr_study"], ids["ct_study"]])  # a list of UIDs, and of modalities
+    assert sorted(uids(client.search_for_studies(search_filters={"StudyInstanceUID": both}))) == sorted(both.split(","))
+    assert len(client.search_for_studies(search_filters={"ModalitiesInStudy": "MR,CR"})) == 1
     cr, = client.search_for_studies(search_filters={"PatientID": f"PHANTOM-{CR_SEED}"})
     assert cr["00201208"]["Value"] == [3] and cr["00201206"]["Value"] == [1]  # instances, series
     assert cr["00080061"]["Value"] == ["CR"] and cr["00100010"]["Value"] == [{"Alphabetic": f"PHANTOM^{CR_SEED}"}]
