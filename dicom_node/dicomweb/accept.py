@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 ANY = "*"
-#: The transfer syntax of native frames the node sends (PS3.18 8.7.3.5.2: the default of
+#: The transfer syntax of native frames the node sends (PS3.18 8.7.3: the default of
 #: application/octet-stream).
 NATIVE = "1.2.840.10008.1.2.1"
 

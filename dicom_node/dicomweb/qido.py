@@ -29,7 +29,7 @@ from dicom_node.store.keys import KEYS, LEVELS, Level
 
 logger = logging.getLogger(__name__)
 
-#: The return keys PS3.18 Table 10.6.3-3 asks for at each level, of those the index holds.
+#: The return keys PS3.18 10.6.3 asks for at each level, of those the index holds.
 DEFAULT_KEYS = {
     Level.STUDY: ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
                   "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
@@ -38,7 +38,7 @@ DEFAULT_KEYS = {
                    "NumberOfSeriesRelatedInstances"),
     Level.IMAGE: ("SOPClassUID", "SOPInstanceUID", "InstanceNumber"),
 }
-#: Keys of the study a search for all series or all instances answers too (PS3.18 10.6.3.3.2).
+#: Keys of the study a search for all series or all instances answers too (PS3.18 10.6.3).
 _STUDY_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "PatientName",
                "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
                "StudyDescription")
@@ -95,7 +95,7 @@ def _integer(query: MultiMapping[str], name: str) -> int | None:
 def parse(query: MultiMapping[str], level: Level, path_uids: Mapping[str, str]) -> dict[str, Any]:
     """The identifier of a search (keyword -> value, as :func:`dicom_node.query.match.find`
     takes it), with the UIDs of the path; a list of UIDs or modalities may be comma-separated
-    (PS3.18 8.3.4.1), as well as backslash-separated as in C-FIND.
+    (PS3.18 UID list matching), as well as backslash-separated as in C-FIND.
 
     Raises
     ------

@@ -25,7 +25,7 @@ from dicom_node.dicomweb.dicomjson import BULK_VRS
 #: Values larger than this are left in the file and sent by bulk data URI.
 DEFER_SIZE = 4096
 PIXEL_DATA = 0x7FE00010
-#: The media type of each compressed transfer syntax the node accepts (PS3.18 Table 8.7.3-5).
+#: The media type of each compressed transfer syntax the node accepts (PS3.18 8.7.3).
 FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
     "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",

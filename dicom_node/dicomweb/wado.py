@@ -184,7 +184,7 @@ def _rendered_type(request: web.Request) -> str:
         if entry.media_type in RENDERED_TYPES:
             return entry.media_type
         if entry.media_type in ("*/*", "image/*"):
-            return "image/jpeg"  # PS3.18 8.7.4: the default rendered media type
+            return "image/jpeg"  # PS3.18 8.7.4: the default rendered media type (single frame)
     raise failure(406, f"rendered images are sent as {' or '.join(RENDERED_TYPES)}")
 
 
