@@ -55,7 +55,11 @@ _DERIVED = {
     "NumberOfPatientRelatedSeries": (Level.PATIENT,
                                      "count(DISTINCT study_instance_uid || '/' || series_instance_uid)"),
     "NumberOfPatientRelatedInstances": (Level.PATIENT, "count(*)"),
-    "NumberOfStudyRelatedSeries": (Level.STUDY, "count(DISTINCT series_instance_uid)"),
+    # from the (study, series) index alone, not through a temporary B-tree over every record of
+    # the study: about 20% of a STUDY-level search of 2,000 studies (bench/qido.py)
+    "NumberOfStudyRelatedSeries": (Level.STUDY, "(SELECT count(DISTINCT s.series_instance_uid) FROM "
+                                                "instance_keys s WHERE s.study_instance_uid = "
+                                                "instance_keys.study_instance_uid)"),
     "NumberOfStudyRelatedInstances": (Level.STUDY, "count(*)"),
     # a Modality (CS) never holds a comma: the list becomes a multi-valued element
     "ModalitiesInStudy": (Level.STUDY, "replace(group_concat(DISTINCT modality), ',', '\\')"),
