@@ -90,8 +90,14 @@ def read_header(path: Path) -> Header:
     with path.open("rb") as fp:
         ds = dcmread(fp, stop_before_pixels=True, defer_size=DEFER_SIZE)
         syntax = UID(str(ds.file_meta.TransferSyntaxUID))
-        bulk = {} if syntax.is_deflated else _deferred(ds)
         pixels = _pixel_value(fp, ds, syntax)
+    if syntax.is_deflated:
+        # offsets in a deflated file mean nothing, and pydicom would read a deferred value
+        # from the wrong place: read the (inflated, small) header whole, then take its bulk out
+        ds = dcmread(path, stop_before_pixels=True)
+        bulk = _large(ds)
+    else:
+        bulk = _deferred(ds)
     if pixels is not None:
         bulk[PIXEL_DATA] = pixels
     return Header(ds, syntax, bulk)
@@ -101,12 +107,23 @@ def _deferred(ds: Dataset) -> dict[int, Value]:
     """The top-level binary values pydicom left in the file, taken out of ``ds``."""
     found: dict[int, Value] = {}
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
             vr = str(raw.VR or dictionary_VR(tag)).split(" or ")[0]
             if vr in BULK_VRS:
                 found[int(tag)] = Value(vr, raw.value_tell, raw.length)
                 del ds[tag]
+    return found
+
+
+def _large(ds: Dataset) -> dict[int, Value]:
+    """The top-level binary values over :data:`DEFER_SIZE` bytes of a header read whole, taken
+    out of ``ds`` (reachable by :func:`bulk_value` only)."""
+    found: dict[int, Value] = {}
+    for element in list(ds):
+        if element.VR in BULK_VRS and element.value is not None and len(element.value) > DEFER_SIZE:
+            found[int(element.tag)] = Value(element.VR, None, len(element.value))
+            del ds[element.tag]
     return found
 
 

@@ -14,7 +14,13 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom import Dataset, dcmread
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+)
 
 from dicom_node.ingest.scp import TRANSFER_SYNTAXES
 from dicom_node.phantoms import write_study
@@ -134,6 +140,24 @@ def test_a_study_and_a_series_come_whole_in_their_stored_syntax(server: tuple) -
         assert body == source  # written as C-STORE stores it: the same file meta and data set
     metadata = client.retrieve_series_metadata(first.StudyInstanceUID, first.SeriesInstanceUID)
     assert len(metadata) == 3 and all("BulkDataURI" in m["7FE00010"] for m in metadata)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian], ids=["explicit", "deflated"])
+def test_a_large_binary_value_is_sent_by_a_bulk_data_uri_that_resolves(tmp_path: Path, syntax: str) -> None:
+    ds = sc_overlay()
+    document = bytes(range(256)) * 40  # 10 KiB, over the 4 KiB left inline
+    ds.EncapsulatedDocument = document
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "doc.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with serve_dicomweb(tmp_path / "data") as (url, ctx):
+        ingest(ctx.store, path)
+        client = DICOMwebClient(url=url)
+        metadata = client.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        uri = metadata["00420011"]["BulkDataURI"]
+        assert metadata["00420011"]["vr"] == "OB" and "InlineBinary" not in metadata["00420011"]
+        assert list(client.retrieve_bulkdata(uri)) == [document]
+        assert list(client.retrieve_bulkdata(metadata["7FE00010"]["BulkDataURI"])) == [ds.PixelData]
 
 
 def test_a_transcoding_the_node_does_not_do_is_406(server: tuple) -> None:
