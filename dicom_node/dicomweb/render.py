@@ -10,7 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
 #: Media types :func:`encode` writes, and the file extension OpenCV encodes each with.
@@ -54,8 +54,12 @@ def encode(pixels: np.ndarray, media_type: str, width: int | None = None, qualit
 
 
 def render(path: Path, ds: Dataset, index: int, media_type: str, width: int | None = None,
-           quality: int = 90) -> bytes:
+           quality: int = 90, *, whole: bool = False) -> bytes:
     """Frame ``index`` (0-based) of the instance at ``path`` (header ``ds``) as an image file;
-    the frame alone is decoded."""
-    pixels = pixel_array(str(path), index=index)  # YBR converted to RGB
+    the frame alone is decoded, unless ``whole`` (a deflated file, which pydicom inflates whole)."""
+    if whole:
+        every = dcmread(path).pixel_array
+        pixels = every[index] if int(ds.get("NumberOfFrames") or 1) > 1 else every
+    else:
+        pixels = pixel_array(str(path), index=index)  # YBR converted to RGB
     return encode(to_display(pixels, ds), media_type, width, quality)

@@ -200,7 +200,9 @@ async def rendered(request: web.Request) -> web.StreamResponse:
         raise failure(400, "one frame at a time is rendered")
     width, quality = _viewport(request), _quality(request)
     try:
-        image = await asyncio.to_thread(render, path, header.dataset, index[0] - 1, media, width, quality)
+        draw = partial(render, path, header.dataset, index[0] - 1, media, width, quality,
+                       whole=header.transfer_syntax.is_deflated)
+        image = await asyncio.to_thread(draw)
     except Exception as exc:  # an undecodable frame, or pixels no image file can hold
         logger.warning("cannot render %s: %s", row.sop_instance_uid, type(exc).__name__)
         raise failure(406, f"instance {row.sop_instance_uid} cannot be rendered "
@@ -235,7 +237,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     tag = int(text, 16)
     path, header, row = await _header(request)
     value = header.bulk.get(tag)
-    if value is None and (not header.transfer_syntax.is_deflated or tag not in header.dataset):
+    if value is None:
         raise failure(404, f"instance {row.sop_instance_uid} has no bulk value {text}")
     await _audit(request, Level.IMAGE, "bulkdata", [row])
     if tag == PIXEL_DATA:

@@ -122,6 +122,8 @@ def test_frames_come_as_stored_or_native(server: tuple, syntax: str) -> None:
         assert np.array_equal(decoded, ds.pixel_array[1])
     else:  # lossy: what pydicom decodes from the same bitstream
         assert np.abs(decoded.astype(int) - ds.pixel_array[1].astype(int)).max() <= 1
+    png = requests.get(f"{instance_url(url, ds)}/frames/2/rendered", headers={"Accept": "image/png"})
+    assert cv2.imdecode(np.frombuffer(png.content, np.uint8), cv2.IMREAD_UNCHANGED).shape == (64, 64)
 
 
 def test_a_study_and_a_series_come_whole_in_their_stored_syntax(server: tuple) -> None:
