@@ -1,0 +1,123 @@
+"""DICOM JSON (PS3.18 F.2) for DICOMweb answers: query rows straight to JSON (QIDO-RS), and a
+stored header with bulk data URIs in place of pixel data and other large values (WADO-RS
+``/metadata``).
+
+A QIDO-RS answer over thousands of studies is built from the index rows directly, never through
+pydicom ``Dataset`` objects (about ten times slower per attribute); headers use pydicom's
+:meth:`~pydicom.dataset.Dataset.to_json_dict`.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring as _string
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+from dicom_node.query.match import Find
+from dicom_node.store.keys import KEYS
+
+MEDIA_TYPE = "application/dicom+json"
+#: Value Representations DICOM JSON carries as JSON numbers (PS3.18 F.2.3).
+_NUMBER_VRS = frozenset({"DS", "FL", "FD", "IS", "SL", "SS", "SV", "UL", "US", "UV"})
+#: Sequence keys of the index: keyword -> keywords of their first item.
+_ITEMS = {key.keyword: tuple(keyword for keyword, _ in key.items) for key in KEYS if key.items}
+#: Binary VRs a value may be sent by bulk data URI for.
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+@functools.cache
+def tag_hex(keyword: str) -> str:
+    """A keyword's tag as DICOM JSON names it (``"0020000D"``)."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return f"{tag:08X}"
+
+
+@functools.cache
+def _vr(keyword: str) -> str:
+    vr = dictionary_VR(keyword)
+    return vr.split(" or ")[0]  # "US or SS": the index holds no such key; the first will do
+
+
+def element_text(vr: str, value: object) -> str:
+    """One attribute's DICOM JSON text, of VR ``vr`` (written as text: a QIDO-RS answer holds tens of
+    thousands, and dictionaries passed through ``json.dumps`` cost twice as much)."""
+    if value is None or value == "" or vr == "SQ":
+        return f'{{"vr":"{vr}"}}'
+    text = str(value)
+    values = text.split("\\") if "\\" in text and vr not in ("LT", "ST", "UT", "UR") else [text]
+    if vr == "PN":
+        encoded = ",".join(f'{{"Alphabetic":{_string(v)}}}' for v in values)
+    elif vr in _NUMBER_VRS:
+        encoded = ",".join(_number(v) for v in values)
+    else:
+        encoded = ",".join(_string(v) for v in values)
+    return f'{{"vr":"{vr}","Value":[{encoded}]}}'
+
+
+def _number(text: str) -> str:
+    try:
+        number = float(text)
+    except ValueError:
+        return _string(text)  # a malformed number: sent as the text it is
+    if not math.isfinite(number):
+        return _string(text)
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+#: One return key of a query: its tag, VR, first column in the row, and its item's (tag, VR)
+#: pairs for a sequence key (None for others).
+_Column = tuple[str, str, int, tuple[tuple[str, str], ...] | None]
+
+
+@functools.cache
+def _layout(return_keys: tuple[str, ...]) -> tuple[_Column, ...]:
+    """Where each return key lies in a row, once per list of keys."""
+    layout, column = [], 0
+    for keyword in return_keys:
+        items = tuple((tag_hex(k), _vr(k)) for k in _ITEMS[keyword]) if keyword in _ITEMS else None
+        layout.append((tag_hex(keyword), _vr(keyword), column, items))
+        column += len(items) if items else 1
+    return tuple(layout)
+
+
+def columns(query: Find) -> dict[str, int]:
+    """The column of each (non-sequence) return key in ``query``'s rows, by keyword."""
+    layout = zip(query.return_keys, _layout(query.return_keys), strict=True)
+    return {keyword: column for keyword, (_, _, column, items) in layout if items is None}
+
+
+def rows_json(query: Find, rows: Sequence[Sequence[object]],
+              extra: Callable[[Sequence[object]], Mapping[str, str]] = lambda row: {}) -> bytes:
+    """QIDO-RS results from index rows of ``query`` (:meth:`Find.dataset`'s layout) as one DICOM
+    JSON array, attributes in tag order; ``extra(row)`` adds attributes (tag -> DICOM JSON
+    text of the element), such as the Retrieve URL."""
+    layout = _layout(query.return_keys)
+    results = []
+    for row in rows:
+        out = {}
+        for tag, vr, column, items in layout:
+            if items is None:
+                out[tag] = element_text(vr, row[column])
+                continue
+            texts = [(t, element_text(v, row[column + n])) for n, (t, v) in enumerate(items)]
+            present = any('"Value"' in text for _, text in texts)
+            item = ",".join(f'"{t}":{text}' for t, text in texts)
+            out[tag] = f'{{"vr":"SQ","Value":[{{{item}}}]}}' if present else '{"vr":"SQ"}'
+        out.update(extra(row))
+        if not all(value.isascii() for value in row if isinstance(value, str)):
+            out["00080005"] = '{"vr":"CS","Value":["ISO_IR 192"]}'
+        results.append("{" + ",".join(f'"{tag}":{out[tag]}' for tag in sorted(out)) + "}")
+    return ("[" + ",".join(results) + "]").encode()
+
+
+def header_json(ds: Dataset, bulk: Mapping[int, str], uri: Callable[[int], str]) -> dict[str, Any]:
+    """A stored header as DICOM JSON: ``ds`` (read without its bulk values; what is left of it
+    inline) plus a ``BulkDataURI`` for each tag of ``bulk`` (tag -> VR)."""
+    out = ds.to_json_dict(bulk_data_threshold=2**31)
+    for tag, vr in bulk.items():
+        out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": uri(tag)}
+    return dict(sorted(out.items()))
