@@ -27,6 +27,7 @@ from tests.ingest.test_scp import _data_set_bytes
 from tests.jobs.test_crash import wait_for
 from tests.nodeproc import NodeProcess, pacs_config
 from tests.orthanc import Orthanc, dicomweb_extra
+from tests.peers.test_dcmtk import run_storescu
 
 pytestmark = pytest.mark.peers
 TOKEN = "e2e-dicomweb-token-0123456789"
@@ -85,13 +86,19 @@ def test_orthanc_stows_a_study_and_gets_the_results_by_dimse_qido_and_wado(setup
     study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     inputs = {path.stem for path in files}
 
-    answer = orthanc.stow("node", [uploaded[0]["ParentStudy"]])  # a. STOW-RS, Orthanc to the node
-    assert answer is not None
+    # the same image in another study, C-STORE'd: what a STOW'd study must be processed like
+    twin = write_study(tmp_path / "twin", 1, seed=3_100_016, size=512, modality="CR",
+                       findings={"nodule": True, "effusion": False}, study_uid=new_uid(), series_uid=new_uid())
+    twin_study = str(dcmread(twin[0], stop_before_pixels=True).StudyInstanceUID)
 
-    def sr_back() -> bool:  # b. the results come back by C-STORE from the node's outbox
-        return "SR" in {r["Modality"] for r in results_in_orthanc(orthanc, study, inputs).values()}
+    orthanc.stow("node", [uploaded[0]["ParentStudy"]])  # a. STOW-RS, Orthanc to the node
+    run_storescu(node.port, [], twin)
 
-    wait_for(sr_back, timeout=75, what="the node's SR in Orthanc")
+    def sr_back(uid: str, sent: set[str]) -> bool:  # b. results come back by C-STORE from the outbox
+        return "SR" in {r["Modality"] for r in results_in_orthanc(orthanc, uid, sent).values()}
+
+    wait_for(lambda: sr_back(study, inputs), timeout=75, what="the node's SR of the STOW'd study in Orthanc")
+    wait_for(lambda: sr_back(twin_study, {p.stem for p in twin}), timeout=30, what="the C-STORE'd twin's SR")
     results = results_in_orthanc(orthanc, study, inputs)
     assert len(results) >= 2  # the SR and at least the overlay of the positive finding
     [sr_uid] = [uid for uid, r in results.items() if r["Modality"] == "SR"]
@@ -121,13 +128,15 @@ def test_orthanc_stows_a_study_and_gets_the_results_by_dimse_qido_and_wado(setup
     # the same SR, byte for byte, by C-STORE and by WADO-RS, as the node holds it
     assert _data_set_bytes(retrieved) == _data_set_bytes(tmp_path / "held.dcm") == _data_set_bytes(node_file)
 
-    _check_node_side(node, study, inputs, sr_uid)
+    _check_node_side(node, study, inputs, sr_uid, twin_study)
 
 
-def _check_node_side(node: NodeProcess, study: str, inputs: set[str], sr_uid: str) -> None:
-    """The STOW'd instances were audited as received from ``STOW-RS`` and the job ran as it
-    runs for a C-STORE'd study: one job of the chest pipeline, done, its SR delivered."""
-    events = [e for e in read_events(node.data_dir / "audit") if e.get("study_instance_uid") == study]
+def _check_node_side(node: NodeProcess, study: str, inputs: set[str], sr_uid: str, twin: str) -> None:
+    """The STOW'd instances were audited as received from ``STOW-RS`` and the job ran as the
+    C-STORE'd ``twin`` study's did: one job of the chest pipeline, done, with the same steps,
+    findings and kinds of output, its SR delivered."""
+    trail = list(read_events(node.data_dir / "audit"))
+    events = [e for e in trail if e.get("study_instance_uid") == study]
     stored = {e["sop_instance_uid"]: e for e in events if e["event"] == "instance_stored"}
     assert set(stored) >= inputs
     assert {stored[uid]["calling_ae_title"] for uid in inputs} == {"STOW-RS"}
@@ -136,6 +145,11 @@ def _check_node_side(node: NodeProcess, study: str, inputs: set[str], sr_uid: st
     [finished] = [e for e in events if e["event"] == "job_finished"]
     assert finished["pipeline"] == "chest" and sr_uid in finished["outputs"]
     assert "nodule" in finished["positives"]
+    [twin_finished] = [e for e in trail if e.get("study_instance_uid") == twin and e["event"] == "job_finished"]
+    for key in ("pipeline", "model", "model_version", "methods", "positives"):
+        assert finished[key] == twin_finished[key], key
+    assert set(finished["timings"]) == set(twin_finished["timings"])  # the same steps
+    assert len(finished["outputs"]) == len(twin_finished["outputs"])
     assert any(e["event"] == "result_delivered" and e["sop_instance_uid"] == sr_uid for e in events)
     with sqlite3.connect(node.data_dir / "index.sqlite") as conn:
         jobs = conn.execute("SELECT pipeline, state FROM jobs WHERE study_instance_uid = ?", (study,)).fetchall()
