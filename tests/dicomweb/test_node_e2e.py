@@ -51,7 +51,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     url = f"http://127.0.0.1:{node.web_port}/dicom-web"
     extra = dicomweb_extra({"node": (url, TOKEN)})
     with Orthanc(folder / "orthanc", program, {}, extra=extra) as orthanc:
-        config = pacs_config(orthanc.dicom_port, explain='["gradcam"]')
+        config = pacs_config(orthanc.dicom_port)
         node.config.write_text(node.config.read_text().replace("[web]\n", f'[web]\ntoken = "{TOKEN}"\n') + config)
         with node:
             yield Setup(node, url, orthanc)
