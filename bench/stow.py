@@ -1,18 +1,18 @@
-"""STOW-RS ingest rate against C-STORE's, into a node store, over loopback.
+"""STOW-RS ingest rate against C-STORE's, into the same node, over loopback.
 
-The same ``--count`` instances of about 0.5 MB (512x512, 16-bit, Explicit VR Little Endian) go
-to a fresh store twice per round: with DCMTK's storescu on one association to ``dicom-node
-serve`` (the node's real ingest server, ``TCP_NODELAY=1``), and as one STOW-RS request (parts
-streamed from the files, chunked) to the node's DICOMweb application served alone over the same
-kind of store in a process of its own (this script, ``--serve``). Each receiver is warmed up with
-a few instances first; the figures are medians of ``--repeats`` rounds, and the ratio is
-STOW-RS time over C-STORE time (the target: at most 1.2).
+The same ``--count`` instances of about 0.5 MB (512x512, 16-bit, Explicit VR Little Endian) go,
+in each round, to two fresh ``dicom-node serve`` processes of one configuration (the node's
+ingest server and its web server, DICOMweb mounted at ``/dicom-web``, behind a bearer token):
+with DCMTK's storescu on one association (``TCP_NODELAY=1``) to the first, and as one STOW-RS
+request (parts streamed from the files, chunked) to the web port of the second. Each node is
+warmed up the same way in with a few instances first; the figures are medians of
+``--repeats`` rounds, and the ratio is STOW-RS time over C-STORE time (the target: at most 1.2).
 
 Usage: ``.venv/bin/python bench/stow.py [--count 300] [--repeats 3]``
 """
 
 import argparse
-import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import requests
-from aiohttp import web
 
 from bench.ingest import (
+    CONFIG,
     ENV,
     WARMUP,
     count_files,
@@ -36,47 +36,42 @@ from bench.ingest import (
     generate,
     machine,
     send,
-    start_node,
     stop,
     wait_accepting,
 )
-from dicom_node.audit import NO_AUDIT
-from dicom_node.dicomweb import PREFIX, DicomWebContext, make_app
-from dicom_node.store import InstanceStore
+from dicom_node.dicomweb import PREFIX
 
 _CHUNK = 2**18
+TOKEN = "bench-stow-token-0123456789"
 
 
-def serve(data_dir: Path, port: int) -> None:
-    """Serve the DICOMweb application over a store in ``data_dir`` until killed (``--serve``)."""
-    logging.basicConfig(level=logging.WARNING)
-    store = InstanceStore(data_dir)
-    root = web.Application()
-    root.add_subapp(PREFIX, make_app(DicomWebContext(store=store, audit=NO_AUDIT, max_instance_size=2**30)))
-    web.run_app(root, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
-def start_stow(work: Path, port: int) -> tuple[subprocess.Popen, Path]:
-    """Start this script's ``--serve`` on a fresh data folder; return it and its instances folder."""
+def start_node(work: Path, port: int, web_port: int) -> tuple[subprocess.Popen, Path]:
+    """Start ``dicom-node serve`` (ingest on ``port``, web with DICOMweb on ``web_port``, the
+    bearer token :data:`TOKEN`, no pipeline) on a fresh data folder; return it and its
+    instances folder."""
+    config = work / "node.toml"
+    config.write_text(CONFIG + f'[web]\nport = {web_port}\ntoken = "{TOKEN}"\ndicomweb = true\n')
     data = work / "data"
-    with (work / "stow.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(data), str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    cmd = [sys.executable, "-m", "dicom_node", "serve", "--config", str(config),
+           "--port", str(port), "--data-dir", str(data)]
+    with (work / "node.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
     return proc, data / "instances"
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Poll until the server answers at all (any status), or raise after ``timeout``."""
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Poll the node's ``/readyz`` until it answers 200, or raise after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"STOW-RS server exited with {proc.returncode} before accepting")
+            raise RuntimeError(f"dicom-node serve exited with {proc.returncode} before it was ready")
         try:
-            requests.get(url, timeout=5)
-            return
+            if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
         except requests.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{base}/readyz did not answer 200 within {timeout} s")
 
 
 def body(files: list[Path], boundary: str) -> Iterator[bytes]:
@@ -91,54 +86,42 @@ def body(files: list[Path], boundary: str) -> Iterator[bytes]:
 
 
 def stow(url: str, folder: Path) -> float:
-    """POST every file of ``folder`` in one STOW-RS request; return the wall time to the answer."""
+    """POST every file of ``folder`` in one STOW-RS request (with the bearer token); return the
+    wall time to the answer."""
     files = sorted(folder.iterdir())
     boundary = uuid.uuid4().hex
     start = time.perf_counter()
     response = requests.post(f"{url}/studies", data=body(files, boundary), timeout=600, headers={
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json"})
+        "Accept": "application/dicom+json", "Authorization": f"Bearer {TOKEN}"})
     elapsed = time.perf_counter() - start
     if response.status_code != 200:
         raise RuntimeError(f"STOW-RS answered {response.status_code}: {response.text[:500]}")
     return elapsed
 
 
-def measure_cstore(folder: Path, warmup: Path, expected: int, work: Path) -> float:
-    """C-STORE of ``folder`` on one association to a fresh ``dicom-node serve``; seconds."""
-    with tempfile.TemporaryDirectory(prefix="cstore-", dir=work) as tmp:
-        port = free_port()
-        proc, received = start_node(Path(tmp), port)
+def measure(way: str, folder: Path, warmup: Path, expected: int, work: Path) -> float:
+    """``folder`` sent ``way`` ("C-STORE": storescu on one association; "STOW-RS": one request
+    to the web port) to a fresh ``dicom-node serve``, warmed up the same way; seconds."""
+    with tempfile.TemporaryDirectory(prefix=f"{way.lower()}-", dir=work) as tmp:
+        port, web_port = free_port(), free_port()
+        proc, received = start_node(Path(tmp), port, web_port)
+        base = f"http://127.0.0.1:{web_port}"
         try:
             wait_accepting("XAI_NODE", port, proc)
-            send("XAI_NODE", port, [warmup])
-            seconds = send("XAI_NODE", port, [folder])
+            wait_ready(base, proc)
+            if way == "C-STORE":
+                send("XAI_NODE", port, [warmup])
+                seconds = send("XAI_NODE", port, [folder])
+            else:
+                stow(base + PREFIX, warmup)
+                seconds = stow(base + PREFIX, folder)
         finally:
             stop(proc)
-        check(received, expected, "C-STORE")
+        got = count_files(received) - WARMUP
+        if got != expected:
+            raise RuntimeError(f"{way}: {got} of {expected} instances arrived")
     return seconds
-
-
-def measure_stow(folder: Path, warmup: Path, expected: int, work: Path) -> float:
-    """STOW-RS of ``folder`` in one request to a fresh DICOMweb server; seconds."""
-    with tempfile.TemporaryDirectory(prefix="stow-", dir=work) as tmp:
-        port = free_port()
-        proc, received = start_stow(Path(tmp), port)
-        url = f"http://127.0.0.1:{port}{PREFIX}"
-        try:
-            wait_http(url, proc)
-            stow(url, warmup)
-            seconds = stow(url, folder)
-        finally:
-            stop(proc)
-        check(received, expected, "STOW-RS")
-    return seconds
-
-
-def check(received: Path, expected: int, name: str) -> None:
-    got = count_files(received) - WARMUP
-    if got != expected:
-        raise RuntimeError(f"{name}: {got} of {expected} instances arrived")
 
 
 def run(count: int, repeats: int, root: Path) -> dict[str, float]:
@@ -147,18 +130,19 @@ def run(count: int, repeats: int, root: Path) -> dict[str, float]:
     generate(root / "warmup", WARMUP, seed=1)
     times: dict[str, list[float]] = {"C-STORE": [], "STOW-RS": []}
     for _ in range(repeats):
-        for name, measure in (("C-STORE", measure_cstore), ("STOW-RS", measure_stow)):
-            seconds = measure(root / "all", root / "warmup", count, root)
-            times[name].append(seconds)
-            print(f"  {name:<8} {seconds:6.2f} s  {count / seconds:7.1f} instances/s", flush=True)
-    return {name: statistics.median(values) for name, values in times.items()}
+        for way in times:
+            seconds = measure(way, root / "all", root / "warmup", count, root)
+            times[way].append(seconds)
+            print(f"  {way:<8} {seconds:6.2f} s  {count / seconds:7.1f} instances/s", flush=True)
+    return {way: statistics.median(values) for way, values in times.items()}
+
+
+def load() -> str:
+    return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> int:
     """Parse arguments, run the benchmark in a temporary folder and print the results."""
-    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
-        serve(Path(sys.argv[2]), int(sys.argv[3]))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300, help="instances per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (median)")
@@ -166,12 +150,14 @@ def main() -> int:
     if shutil.which("storescu") is None:
         parser.error("DCMTK (storescu, echoscu) is not on PATH")
     print(machine())
+    print(f"before: {load()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-stow-") as tmp:
         medians = run(args.count, args.repeats, Path(tmp))
         size = (Path(tmp) / "all" / "ct0001.dcm").stat().st_size
+    print(f"after: {load()}")
     print(f"\n{args.count} instances of {size} bytes, median of {args.repeats}")
-    for name, seconds in medians.items():
-        print(f"{name:<8} {seconds:6.2f} s  {args.count / seconds:7.1f} instances/s")
+    for way, seconds in medians.items():
+        print(f"{way:<8} {seconds:6.2f} s  {args.count / seconds:7.1f} instances/s")
     print(f"STOW-RS/C-STORE time: {medians['STOW-RS'] / medians['C-STORE']:.2f} (target <= 1.2)")
     return 0
 

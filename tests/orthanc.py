@@ -106,6 +106,9 @@ class Orthanc:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return self._request("POST", path, data)
 
+    def delete(self, path: str) -> Any:
+        return self._request("DELETE", path)
+
     def upload(self, path: Path) -> dict:
         return self.post("/instances", path.read_bytes())
 

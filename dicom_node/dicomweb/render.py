@@ -2,8 +2,8 @@
 way the dashboard previews an overlay (a colour Secondary Capture as is; grey images through
 their modality and VOI LUTs to 8 bits, MONOCHROME1 inverted), scaled down to a width if asked.
 
-:func:`encode` is the one rendering of a frame to an image file; the dashboard's overlay preview
-(``dicom_node.web``) is the same operation on the same pixels and may call it.
+:func:`encode` is the one rendering of a frame to an image file: the dashboard's overlay preview
+(``dicom_node.web.routes``) calls it too, with :func:`to_display`.
 """
 
 from pathlib import Path

@@ -101,15 +101,23 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
         if not stow.outcomes:
             return web.Response(status=400, text=f"malformed multipart body: {exc}\n")
         stow.outcomes.append(Outcome(StoreStatus.CANNOT_UNDERSTAND, "malformed multipart body"))
-    await asyncio.to_thread(
-        ctx.audit.record, "stow_received", address=request.remote or "", study_instance_uid=study or "",
-        stored=sum(o.stored for o in stow.outcomes), failed=sum(not o.stored for o in stow.outcomes),
-        complete=not ended_early)
+    await asyncio.to_thread(_audit, stow, request.remote or "", not ended_early)
     if ended_early:
         return web.Response(status=400, text="request body ended early\n")
     if not stow.outcomes:
         return web.Response(status=400, text="no part in the multipart body\n")
     return _response(stow, _base_url(request))
+
+
+def _audit(stow: _Request, address: str, complete: bool) -> None:
+    """Record the request as ``stow_received``. Its study is the one of the path or, for
+    ``POST /studies``, the one study its instances belong to, so the study's history
+    (``dicom-node history``) shows how they came in; ``study_instance_uids`` lists them all."""
+    studies = sorted({o.record.study_instance_uid for o in stow.outcomes if o.record is not None})
+    study = stow.study or (studies[0] if len(studies) == 1 else "")
+    stow.ctx.audit.record("stow_received", address=address, study_instance_uid=study,
+                          study_instance_uids=studies, stored=sum(o.stored for o in stow.outcomes),
+                          failed=sum(not o.stored for o in stow.outcomes), complete=complete)
 
 
 def _check_request(study: str | None, content_type: str) -> web.Response | None:

@@ -4,7 +4,7 @@ transfer syntax, metadata as DICOM JSON with bulk data URIs, frames and rendered
 Every instance the index holds is retrievable: inputs (``instances/``) and the node's results
 (``results/``) alike. Files stream from disk in bounded chunks (:mod:`.multipart`); headers are
 read without their pixel data (:mod:`.stored`); the node never transcodes an instance, and
-decompresses a frame only when native pixels are asked for (:mod:`.accept`).
+decompresses a frame only when native pixels are asked for (:mod:`.negotiate`).
 """
 
 import asyncio
@@ -16,8 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dicom_node.dicomweb import CONTEXT, DicomWebContext, multipart
-from dicom_node.dicomweb import accept as acc
+from dicom_node.dicomweb import CONTEXT, DicomWebContext, multipart, negotiate
 from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, header_json
 from dicom_node.dicomweb.http import base_url, failure, uids
 from dicom_node.dicomweb.render import MEDIA_TYPES as RENDERED_TYPES
@@ -78,7 +77,7 @@ async def instances(request: web.Request, level: Level) -> web.StreamResponse:
     file as stored (406 if the Accept header asks for a transfer syntax some are not in)."""
     rows = await _stored(request, level)
     syntaxes = {row.transfer_syntax_uid for row in rows}
-    if not acc.dicom_accepted(acc.parse(request), syntaxes):
+    if not negotiate.dicom_accepted(negotiate.parse(request), syntaxes):
         raise failure(406, "the node sends instances in their stored transfer syntax ("
                       f"{', '.join(sorted(syntaxes))}) and does not transcode: accept "
                       'multipart/related; type="application/dicom"; transfer-syntax=*')
@@ -101,7 +100,7 @@ async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
     """The headers of a study, series or instance as a DICOM JSON array, pixel data and other
     large binary values by bulk data URI; written an instance at a time."""
     if not any(entry.media_type in ("*/*", "application/*", MEDIA_TYPE, "application/json")
-               for entry in acc.parse(request)):
+               for entry in negotiate.parse(request)):
         raise failure(406, f"metadata is sent as {MEDIA_TYPE} only")
     rows = await _stored(request, level)
     base = base_url(request)
@@ -157,10 +156,10 @@ async def frames(request: web.Request) -> web.StreamResponse:
     media = FRAME_MEDIA_TYPES.get(syntax) if header.transfer_syntax.is_encapsulated else None
     if header.transfer_syntax.is_encapsulated and media is None:
         media = "application/octet-stream"
-    choice = acc.frame_choice(acc.parse(request), syntax, media)
+    choice = negotiate.frame_choice(negotiate.parse(request), syntax, media)
     if choice is None:
         raise failure(406, f"frames of this instance are sent as application/octet-stream "
-                      f"(transfer-syntax={acc.NATIVE}) or {media or 'application/octet-stream'} "
+                      f"(transfer-syntax={negotiate.NATIVE}) or {media or 'application/octet-stream'} "
                       f"(transfer-syntax={syntax}); the node transcodes no other way")
     how, sent_syntax = choice
     part_type = "application/octet-stream" if how == "native" else str(media)
@@ -180,7 +179,7 @@ def _frame_part(path: Path, header: Header, index: int, native: bool, content_ty
 
 
 def _rendered_type(request: web.Request) -> str:
-    for entry in acc.parse(request):
+    for entry in negotiate.parse(request):
         if entry.media_type in RENDERED_TYPES:
             return entry.media_type
         if entry.media_type in ("*/*", "image/*"):
@@ -242,7 +241,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     await _audit(request, Level.IMAGE, "bulkdata", [row])
     if tag == PIXEL_DATA:
         compressed = header.transfer_syntax.is_encapsulated
-        syntax = str(header.transfer_syntax) if compressed else acc.NATIVE
+        syntax = str(header.transfer_syntax) if compressed else negotiate.NATIVE
         part_type = FRAME_MEDIA_TYPES.get(syntax, "application/octet-stream") if compressed \
             else "application/octet-stream"
         content_type = f"{part_type}; transfer-syntax={syntax}"

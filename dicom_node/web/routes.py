@@ -11,11 +11,11 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, TypeVar
 
-import cv2
 from aiohttp import web
 from pydicom import dcmread
 
 from dicom_node.audit import Audit, job_requeued, result_retried
+from dicom_node.dicomweb import render
 from dicom_node.errors import DicomNodeError
 from dicom_node.export import DeliveryState, OutboxError
 from dicom_node.jobs.queue import JobError, JobState
@@ -136,7 +136,7 @@ class Dashboard:
         raise web.HTTPSeeOther("/outbox")
 
     async def preview(self, request: web.Request) -> web.Response:
-        """A PNG of an overlay (a Secondary Capture the node made), scaled to 640 px wide."""
+        """A PNG of an overlay (a Secondary Capture the node made), at most 640 px wide."""
         sop = request.match_info["sop"]
         if not sop.endswith(".png"):
             raise BadRequest("expected /preview/<study UID>/<series UID>/<SOP instance UID>.png")
@@ -148,16 +148,14 @@ class Dashboard:
         return web.Response(body=png, content_type="image/png")
 
     def _png(self, study: str, series: str, sop: str) -> bytes | None:
+        """The overlay rendered as WADO-RS renders a frame (one implementation, in
+        :mod:`dicom_node.dicomweb.render`): at most :data:`PREVIEW_WIDTH` wide, never enlarged."""
         try:
-            pixels = dcmread(data.result_path(self.src.data_dir, study, series, sop)).pixel_array
+            ds = dcmread(data.result_path(self.src.data_dir, study, series, sop))
+            pixels = ds.pixel_array
         except (DicomNodeError, OSError, ValueError, AttributeError):
             return None
-        height = max(1, round(pixels.shape[0] * PREVIEW_WIDTH / pixels.shape[1]))
-        small = cv2.resize(pixels, (PREVIEW_WIDTH, height), interpolation=cv2.INTER_AREA)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(small, cv2.COLOR_RGB2BGR) if small.ndim == 3 else small)
-        if not ok:
-            raise RuntimeError("PNG encoding failed")
-        return bytes(png.tobytes())
+        return render.encode(render.to_display(pixels, ds), "image/png", PREVIEW_WIDTH)
 
 
 def _api(request: web.Request) -> bool:

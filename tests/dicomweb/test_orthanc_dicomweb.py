@@ -1,7 +1,8 @@
 """A real Orthanc with its DICOMweb plugin, configured with the node as a DICOMweb server (with a
 bearer token), sends a study to the node's STOW-RS through its REST API; the instances land in
-the store as Orthanc holds them. QIDO-RS and WADO-RS through Orthanc join here (see
-:class:`NodeBehindOrthanc`), once the node serves them."""
+the store as Orthanc holds them. This is the DICOMweb sub-application alone; STOW-RS, QIDO-RS and
+WADO-RS through Orthanc against the whole running node (results back by C-STORE) are in
+test_node_e2e.py."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,8 @@ TOKEN = "orthanc-test-token"
 
 @dataclass
 class NodeBehindOrthanc:
-    """The node's DICOMweb (``url``, ``ctx``) and an Orthanc that knows it as DICOMweb server "node"."""
+    """The DICOMweb sub-application (``url``, ``ctx``) and an Orthanc that knows it as DICOMweb
+    server "node"."""
 
     url: str
     ctx: DicomWebContext

@@ -48,6 +48,8 @@ def test_store_instances_stores_indexes_and_audits_like_c_store(tmp_path: Path) 
                and e["series_instance_uid"] == series and e["size_bytes"] > 0 for e in stored_events)
     [request] = audit.named("stow_received")
     assert (request["stored"], request["failed"], request["address"]) == (3, 0, "127.0.0.1")
+    # POST /studies names no study: the one its instances belong to is the request's
+    assert (request["study_instance_uid"], request["study_instance_uids"]) == (study, [study])
     assert leftovers(data_dir) == []
 
 

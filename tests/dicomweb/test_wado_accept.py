@@ -8,7 +8,7 @@ import requests
 from aiohttp.test_utils import make_mocked_request
 from pydicom import dcmread
 
-from dicom_node.dicomweb import accept
+from dicom_node.dicomweb import negotiate
 from dicom_node.phantoms import write_study
 from tests.dicomweb.serve import serve_dicomweb
 from tests.dicomweb.syntaxes import ingest
@@ -16,38 +16,38 @@ from tests.dicomweb.syntaxes import ingest
 JLS = "1.2.840.10008.1.2.4.80"
 
 
-def entries(header: str) -> list[accept.Acceptable]:
-    return accept.parse(make_mocked_request("GET", "/", headers={"Accept": header}))
+def entries(header: str) -> list[negotiate.Acceptable]:
+    return negotiate.parse(make_mocked_request("GET", "/", headers={"Accept": header}))
 
 
 def test_parse_reads_types_quoted_parameters_and_drops_q_zero() -> None:
     found = entries('multipart/related; type="application/dicom"; transfer-syntax=*, '
                     'multipart/related;type=application/octet-stream;q=0, image/png;q=0.5')
-    assert found == [accept.Acceptable("multipart/related", "application/dicom", "*"),
-                     accept.Acceptable("image/png", "image/png", None)]
-    assert entries("") == [accept.Acceptable("*/*", "*/*", None)]
+    assert found == [negotiate.Acceptable("multipart/related", "application/dicom", "*"),
+                     negotiate.Acceptable("image/png", "image/png", None)]
+    assert entries("") == [negotiate.Acceptable("*/*", "*/*", None)]
 
 
 @pytest.mark.parametrize("header, stored, media, expected", [
-    ('multipart/related; type="application/octet-stream"', "1.2.840.10008.1.2", None, ("native", accept.NATIVE)),
+    ('multipart/related; type="application/octet-stream"', "1.2.840.10008.1.2", None, ("native", negotiate.NATIVE)),
     ('multipart/related; type="application/octet-stream"; transfer-syntax=*', JLS, "image/jls", ("stored", JLS)),
-    ('multipart/related; type="application/octet-stream"', JLS, "image/jls", ("native", accept.NATIVE)),
+    ('multipart/related; type="application/octet-stream"', JLS, "image/jls", ("native", negotiate.NATIVE)),
     ('multipart/related; type="image/jls"', JLS, "image/jls", ("stored", JLS)),
     ('multipart/related; type="image/jp2"', JLS, "image/jls", None),
     ('multipart/related; type="image/jls"', "1.2.840.10008.1.2.1", None, None),
     ("*/*", JLS, "image/jls", ("stored", JLS)),
 ])
 def test_frame_choice(header: str, stored: str, media: str | None, expected: tuple[str, str] | None) -> None:
-    assert accept.frame_choice(entries(header), stored, media) == expected
+    assert negotiate.frame_choice(entries(header), stored, media) == expected
 
 
 def test_dicom_accepted_only_what_is_stored_or_any() -> None:
-    assert accept.dicom_accepted(entries('multipart/related; type="application/dicom"'), {JLS})
-    assert accept.dicom_accepted(entries(f'multipart/related; type="application/dicom"; transfer-syntax={JLS}'),
+    assert negotiate.dicom_accepted(entries('multipart/related; type="application/dicom"'), {JLS})
+    assert negotiate.dicom_accepted(entries(f'multipart/related; type="application/dicom"; transfer-syntax={JLS}'),
                                  {JLS})
-    assert not accept.dicom_accepted(entries(f'multipart/related; type="application/dicom"; transfer-syntax={JLS}'),
-                                     {JLS, accept.NATIVE})
-    assert not accept.dicom_accepted(entries("application/json"), {JLS})
+    assert not negotiate.dicom_accepted(entries(f'multipart/related; type="application/dicom"; transfer-syntax={JLS}'),
+                                     {JLS, negotiate.NATIVE})
+    assert not negotiate.dicom_accepted(entries("application/json"), {JLS})
 
 
 def test_a_file_removed_after_indexing_is_404_or_a_cut_connection(tmp_path: Path) -> None:

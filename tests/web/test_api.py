@@ -69,6 +69,7 @@ def test_pages_and_overlay_previews(served: Served) -> None:
     assert len(previews) == 2  # the Grad-CAM overlays of the two positive findings
     status, kind, png = served.get(previews[0])
     assert status == 200 and kind == "image/png" and png.startswith(b"\x89PNG")
+    assert int.from_bytes(png[16:20], "big") == 512  # IHDR width: the overlay's own, under 640
     for path in ("/", "/jobs", "/outbox", "/models", "/models/demo-cxr", "/studies"):
         assert served.get(path)[0] == 200, path
     assert "Explanations" in served.get("/models/demo-cxr")[2].decode()  # the model card

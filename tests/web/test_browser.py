@@ -30,7 +30,9 @@ def test_an_administrator_finds_the_study_its_overlays_and_requeues_a_failed_job
                 " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }"
             )
             widths = page.eval_on_selector_all(".previews img", "imgs => imgs.map(i => i.naturalWidth)")
-            assert len(widths) == 2 and all(w == 640 for w in widths)  # the overlays really loaded
+            # the overlays really loaded, at their own width (the 512 px phantom's: previews are
+            # at most 640 px wide, never enlarged)
+            assert len(widths) == 2 and all(w == 512 for w in widths)
             text = page.inner_text("main")
             assert "nodule" in text and "effusion" in text and "positive" in text
             shot = os.environ.get("DICOM_NODE_SCREENSHOT")
