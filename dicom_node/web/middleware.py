@@ -12,15 +12,21 @@ In order, outermost first (:meth:`Gate.middlewares`):
    :data:`MAX_QUERY_FIELDS` query parameters and no percent-encoding in the path (ids, UIDs and
    model names never need it, so an encoded one is an attempt to slip past a check).
 3. ``check_host``: on a loopback bind only loopback names are answered (421; DNS rebinding).
-4. ``preflight``: a CORS preflight from a listed origin is answered here, before authentication
-   (browsers send no credentials with it).
+4. ``preflight``: a CORS preflight from a listed origin to a DICOMweb path is answered here,
+   before authentication (browsers send no credentials with it).
 5. ``authenticate``: the bearer token (header) or the cookie ``/?token=`` sets; 401 otherwise.
+   A request from another origin authenticated by the cookie alone is refused (403): the cookie
+   is the dashboard's, never a credential of a page elsewhere.
 6. ``refuse_cross_site``: a POST (any unsafe method) from another origin is refused (403) unless
-   the origin is listed in ``web.cors_origins`` and the request is not authenticated by the
-   cookie (a bearer header cannot be forged by another site's form).
+   it goes to DICOMweb, the origin is listed in ``web.cors_origins`` and the request carries the
+   bearer token (a header another site's form cannot forge). The dashboard and ``/api`` refuse
+   every cross-origin POST.
 
 ``/healthz`` and ``/readyz`` pass 3 to 6 untouched: probes reach them by any name, without a token.
-CORS headers are added to every answer, streamed ones included, by :meth:`Gate.on_prepare`.
+CORS applies under :data:`~dicom_node.dicomweb.PREFIX` only: its headers are added to those
+answers, streamed ones included, by :meth:`Gate.on_prepare`, and never to the dashboard's or
+``/api``'s. No ``Access-Control-Allow-Credentials`` is ever sent, and a listed origin needs
+``web.token`` (:func:`check_exposure`): QIDO-RS and WADO-RS answers carry patient names.
 """
 
 import asyncio
@@ -64,11 +70,18 @@ class BadRequest(ValueError):
 
 
 def check_exposure(settings: WebSettings) -> None:
-    """A dashboard on anything but loopback must have a token: it can re-drive work."""
+    """A dashboard on anything but loopback must have a token: it can re-drive work. So must
+    CORS: without a token any page on the web could read the patient data DICOMweb answers."""
     if not _loopback(settings.bind) and not settings.token:
         raise ConfigError(
             f"web.bind = {settings.bind!r} is not loopback: set web.token "
             "(or DICOM_NODE_WEB_TOKEN), or bind to 127.0.0.1"
+        )
+    if settings.cors_origins and not settings.token:
+        raise ConfigError(
+            f"web.cors_origins = {list(settings.cors_origins)!r} needs web.token "
+            "(or DICOM_NODE_WEB_TOKEN): without it any page of a listed origin reads patient data; "
+            "set a token or empty web.cors_origins"
         )
 
 
@@ -139,7 +152,7 @@ class Gate:
     async def preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin", "")
         if (request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
-                and self.cors_allows(origin)):
+                and self.cors_allows(request, origin)):
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": CORS_METHODS,
                 "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
@@ -167,6 +180,9 @@ class Gate:
             if _same(value.strip(), token):
                 return await handler(request)
         elif _same(request.cookies.get(COOKIE, ""), token):
+            if _cross_origin(request):
+                # the cookie is the dashboard's own: a page of another origin never uses it
+                return error(403, "cross-origin request refused: send the bearer token")
             request[CREDENTIAL] = "cookie"
             return await handler(request)
         return error(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
@@ -175,9 +191,9 @@ class Gate:
     async def refuse_cross_site(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method in UNSAFE and request.path not in OPEN:
             origin = request.headers.get("Origin")
-            if origin is not None and urlsplit(origin).netloc != request.headers.get("Host", ""):
+            if origin is not None and _cross_origin(request):
                 # cross-site request forgery: another page's form or script posting to the node
-                if not (self.cors_allows(origin) and request.get(CREDENTIAL) != "cookie"):
+                if not (self.cors_allows(request, origin) and request.get(CREDENTIAL) == "bearer"):
                     return error(403, "cross-origin request refused")
             elif origin is None and request.headers.get("Sec-Fetch-Site", "same-origin") not in (
                     "same-origin", "none"):
@@ -189,18 +205,20 @@ class Gate:
         when it goes to a listed origin."""
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers["Server"] = "dicom-node"
-        if not self.origins:
+        if not self.origins or not _under(request.path, PREFIX):
             return
         response.headers.add("Vary", "Origin")
         origin = request.headers.get("Origin", "")
-        if self.cors_allows(origin):
+        if self.cors_allows(request, origin):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in self.origins else origin
             response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
             response.headers.setdefault("Access-Control-Allow-Methods", CORS_METHODS)
             response.headers.setdefault("Access-Control-Allow-Headers", CORS_REQUEST_HEADERS)
 
-    def cors_allows(self, origin: str) -> bool:
-        return bool(origin) and ("*" in self.origins or origin in self.origins)
+    def cors_allows(self, request: web.BaseRequest, origin: str) -> bool:
+        """Whether ``origin`` may call ``request``'s path: a listed origin, DICOMweb only."""
+        return (bool(origin) and _under(request.path, PREFIX)
+                and ("*" in self.origins or origin in self.origins))
 
     def host_allowed(self, host: str) -> bool:
         """DNS rebinding: a page of another site must not reach the node by a name that
@@ -217,6 +235,12 @@ def _refusal(request: web.Request, exc: web.HTTPException) -> web.Response:
     if exc.status == 404 and not (_under(request.path, "/api") or _under(request.path, PREFIX)):
         return web.Response(status=404, body=pages.not_found("no such page"), content_type="text/html")
     return error(exc.status, (exc.reason or "refused").lower(), headers)
+
+
+def _cross_origin(request: web.BaseRequest) -> bool:
+    """Whether the request names an ``Origin`` other than the host it was sent to."""
+    origin = request.headers.get("Origin")
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("Host", "")
 
 
 def _under(path: str, prefix: str) -> bool:
