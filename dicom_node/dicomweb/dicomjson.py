@@ -8,6 +8,7 @@ pydicom ``Dataset`` objects (about ten times slower per attribute); headers use 
 """
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from json.encoder import encode_basestring as _string
@@ -15,9 +16,12 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.tag import BaseTag
 
 from dicom_node.query.match import Find
 from dicom_node.store.keys import KEYS
+
+logger = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/dicom+json"
 #: Value Representations DICOM JSON carries as JSON numbers (PS3.18 F.2.3).
@@ -114,10 +118,47 @@ def rows_json(query: Find, rows: Sequence[Sequence[object]],
     return ("[" + ",".join(results) + "]").encode()
 
 
+def _dataset_json(ds: Dataset) -> dict[str, Any]:
+    """pydicom's :meth:`~pydicom.dataset.Dataset.to_json_dict`, element by element, so that one
+    malformed value does not fail the data set (pydicom's own ``suppress_invalid_tags`` drops it
+    and logs its value)."""
+    out: dict[str, Any] = {}
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset yields its elements, not tags)
+        if tag.element == 0:
+            continue  # group lengths: not in DICOM JSON
+        key = f"{tag:08X}"
+        try:
+            element = ds[tag]
+            if element.VR == "SQ":
+                out[key] = {"vr": "SQ", "Value": [_dataset_json(item) for item in element.value]}
+            else:
+                out[key] = element.to_json_dict(None, 2**31)
+        except Exception as exc:  # pydicom raises many types on a malformed value; all mean the same
+            logger.warning("metadata: (%s) of %s is not valid for its VR (%s): sent as text", key,
+                           ds.get("SOPInstanceUID", "an item"), type(exc).__name__)
+            out[key] = _as_text(ds, tag)
+    return out
+
+
+def _as_text(ds: Dataset, tag: BaseTag) -> dict[str, Any]:
+    """The element at ``tag`` as DICOM JSON strings, whatever its VR says its values are."""
+    raw = ds.get_item(tag)
+    vr = str(raw.VR or "UN") if raw is not None else "UN"
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace").strip(" \0").split("\\")
+    values = value if isinstance(value, list | tuple) else [] if value in (None, "") else [value]
+    return {"vr": vr, "Value": [str(v) for v in values]} if values else {"vr": vr}
+
+
 def header_json(ds: Dataset, bulk: Mapping[int, str], uri: Callable[[int], str]) -> dict[str, Any]:
     """A stored header as DICOM JSON: ``ds`` (read without its bulk values; what is left of it
-    inline) plus a ``BulkDataURI`` for each tag of ``bulk`` (tag -> VR)."""
-    out = ds.to_json_dict(bulk_data_threshold=2**31)
+    inline) plus a ``BulkDataURI`` for each tag of ``bulk`` (tag -> VR).
+
+    Tolerant when reading (PS3.18): an attribute whose stored value DICOM JSON cannot carry as
+    its VR says (a DS of letters) is sent as the text it holds, as QIDO-RS sends such a value
+    (:func:`element_text`), with a warning naming its tag, never its value."""
+    out = _dataset_json(ds)
     for tag, vr in bulk.items():
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": uri(tag)}
     return dict(sorted(out.items()))

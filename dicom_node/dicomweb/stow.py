@@ -34,6 +34,7 @@ from dicom_node.dicomweb import CONTEXT, DicomWebContext
 from dicom_node.ingest.accept import Offer, Outcome, accept
 from dicom_node.ingest.scp import TRANSFER_SYNTAXES
 from dicom_node.ingest.status import StoreStatus, error_comment
+from dicom_node.logs import bare_traceback
 from dicom_node.store import InvalidInstanceError, check_uid
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,8 @@ def _accept_file(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome
                 return offer
             return accept(offer, ctx.store, ctx.max_instance_size, ctx.audit)
     except Exception as exc:  # never a 500 for one part: it fails with a reason, the rest go on
-        logger.exception("STOW-RS part failed unexpectedly")
+        # the type and stack only: the message may quote a value of the data set
+        logger.error("STOW-RS part failed unexpectedly: %s\n%s", type(exc).__name__, bare_traceback(exc))
         return Outcome(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
     finally:
         path.unlink(missing_ok=True)

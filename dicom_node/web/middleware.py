@@ -6,7 +6,10 @@ In order, outermost first (:meth:`Gate.middlewares`):
 
 1. ``answer_errors``: whatever an inner layer raises, the client gets a short answer and never a
    traceback (400 for :class:`BadRequest`, the router's 404/405 as JSON or the dashboard's page,
-   503 when SQLite does not answer, 500 otherwise); the log gets the path only.
+   503 when SQLite does not answer, 500 otherwise); the log gets the path, the exception's type
+   and its stack, never its message (it may quote a data set's value). An error after a
+   streamed answer has started (its status line is sent) closes the connection instead: a
+   second answer would land inside the first one's body.
 2. ``check_limits``: the whole URL at most :data:`MAX_URL` characters and no ``.``/``..`` path
    segment (the router would see them resolved); on the dashboard, at most
    :data:`MAX_QUERY_FIELDS` query parameters and no percent-encoding in the path (ids, UIDs and
@@ -42,6 +45,7 @@ from aiohttp.typedefs import Handler, Middleware
 from dicom_node.config import WebSettings
 from dicom_node.dicomweb import PREFIX
 from dicom_node.errors import ConfigError
+from dicom_node.logs import bare_traceback
 from dicom_node.store.db import DatabaseError
 from dicom_node.web import pages
 from dicom_node.web.data import dumps
@@ -62,6 +66,8 @@ CORS_METHODS = "GET, POST, OPTIONS"
 CORS_REQUEST_HEADERS = "Authorization, Accept, Content-Type"
 CORS_EXPOSED = "Content-Type, Content-Length, Content-Location, Location, Warning, WWW-Authenticate"
 CORS_MAX_AGE = "600"
+#: Set on a request once its response's status line and headers are on their way.
+PREPARED = web.RequestKey("prepared", bool)
 
 
 class BadRequest(ValueError):
@@ -118,15 +124,10 @@ class Gate:
             if exc.status < 400 or exc.text != f"{exc.status}: {exc.reason}":
                 raise  # a redirect, or an answer with a body of its own (DICOMweb's)
             return _refusal(request, exc)
-        except (sqlite3.OperationalError, DatabaseError):
-            logger.error("web: %s %s: the database did not answer", request.method, loggable(request),
-                         exc_info=True)
-            return error(503, "the database did not answer; try again")
         except (asyncio.CancelledError, ConnectionResetError):
             raise  # the client went away: nothing to answer
-        except Exception:
-            logger.error("web: %s %s failed", request.method, loggable(request), exc_info=True)
-            return error(500, "internal error (see the node's log)")
+        except Exception as exc:
+            return _failed(request, exc)
 
     @web.middleware
     async def check_limits(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -202,7 +203,9 @@ class Gate:
 
     async def on_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """Every answer: never cached, no library version in ``Server``; with the CORS headers
-        when it goes to a listed origin."""
+        when it goes to a listed origin. Marks the request :data:`PREPARED`."""
+        if isinstance(request, web.Request):
+            request[PREPARED] = True
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers["Server"] = "dicom-node"
         if not self.origins or not _under(request.path, PREFIX):
@@ -227,6 +230,26 @@ class Gate:
         if self.settings.bind in ("0.0.0.0", "::"):
             return True  # every address: the token guards it
         return name in {"127.0.0.1", "localhost", "::1", self.settings.bind.lower()}
+
+
+def log_failure(request: web.BaseRequest, exc: BaseException, what: str = "failed") -> None:
+    """An unexpected error of a request at ERROR: path, type and stack, not the message."""
+    logger.error("web: %s %s %s: %s\n%s", request.method, loggable(request), what,
+                 type(exc).__name__, bare_traceback(exc))
+
+
+def _failed(request: web.Request, exc: Exception) -> web.Response:
+    """The answer to an unexpected error; the connection closed if an answer has started."""
+    if request.get(PREPARED):
+        log_failure(request, exc, "failed after its answer had started (connection closed)")
+        if request.transport is not None:
+            request.transport.close()  # what is buffered goes out; the client sees a short body
+        return error(500, "internal error")  # unsendable now: aiohttp drops it on the closed transport
+    if isinstance(exc, sqlite3.OperationalError | DatabaseError):
+        log_failure(request, exc, "the database did not answer")
+        return error(503, "the database did not answer; try again")
+    log_failure(request, exc)
+    return error(500, "internal error (see the node's log)")
 
 
 def _refusal(request: web.Request, exc: web.HTTPException) -> web.Response:

@@ -18,7 +18,7 @@ from dicom_node.config import WebSettings
 from dicom_node.dicomweb import PREFIX, DicomWebContext, make_app
 from dicom_node.web import data
 from dicom_node.web.metrics import Metrics
-from dicom_node.web.middleware import Gate, check_exposure, error, loggable
+from dicom_node.web.middleware import Gate, check_exposure, error, log_failure, loggable
 from dicom_node.web.routes import Dashboard
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class _Connection(RequestHandler):
                          type(exc).__name__)
             status, reason = _parser_refusal(exc)
         else:
-            logger.error("web: %s %s failed", request.method, loggable(request), exc_info=exc)
+            log_failure(request, exc or RuntimeError("no exception"))
             status, reason = 500, "internal error (see the node's log)"
         answer = error(status, reason, {"Connection": "close", "Server": "dicom-node"})
         answer.force_close()
