@@ -260,8 +260,9 @@ class Node:
         rest, close. The exporters' associations in hand are aborted: their records stay pending."""
         s = self.settings
         self._stop.set()  # no new jobs from here on
+        web_clean = True
         if getattr(self, "web", None) is not None:
-            self.web.stop()  # type: ignore[union-attr]
+            web_clean = self.web.stop()  # type: ignore[union-attr]  # False: a STOW-RS accept still writing
         for exporter in self._exporters.values():
             exporter.wake()
             exporter.abort()  # a send to a slow PACS need not outlive the grace; it goes again
@@ -276,7 +277,7 @@ class Node:
         # Clean is about the store's files: an exporter writes none, and a send it cut short is
         # counted and goes again on the next start.
         busy = [t.name for t in self._threads if t.is_alive()]
-        clean = not busy and ingest_clean  # a handler still writing: check the files next start
+        clean = not busy and ingest_clean and web_clean  # a handler still writing: check the files next start
         exporting = [t.name for t in self._exporter_threads if t.is_alive()]
         if exporting:
             logger.warning("%s still busy at stop (a destination slow to connect)", exporting)

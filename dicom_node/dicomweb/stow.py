@@ -205,7 +205,13 @@ def _close_and_remove(fh: BinaryIO, path: Path) -> None:
 
 
 def _accept_file(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:
-    """Accept the Part 10 file at ``path`` (run in a worker thread); the file is removed."""
+    """Accept the Part 10 file at ``path`` (run in a worker thread), counted in ``ctx.accepts``
+    until its file is removed too."""
+    with ctx.accepts.running():
+        return _accept_and_remove(path, ctx, study)
+
+
+def _accept_and_remove(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:
     try:
         with path.open("rb") as fp:
             offer = _offer(fp, ctx, study)

@@ -27,6 +27,9 @@ WORKER_THREADS = 8
 #: How long a stop waits for requests in flight before it cancels them (aiohttp waits this long
 #: twice at most: for the handlers to finish, then for them to end once their input is cut).
 STOP_GRACE_SECONDS = 5.0
+#: How long a stop then waits for STOW-RS accepts already running in worker threads (a thread
+#: cannot be cancelled; an accept writes to the store, which closes after the stop).
+ACCEPT_GRACE_SECONDS = 10.0
 #: A request line (method, URL, version) longer than this is refused by aiohttp's parser (400).
 MAX_LINE = 8190
 #: A header line longer than this is refused by aiohttp's parser (431); it differs from
@@ -57,6 +60,7 @@ class WebServer:
                  dicomweb: DicomWebContext | None = None) -> None:
         check_exposure(settings)
         self.settings, self.src, self.metrics, self.audit = settings, src, metrics, audit
+        self.dicomweb = dicomweb
         metrics.watch(src, audit)
         app = make_root_app(settings, Dashboard(src, metrics, audit), dicomweb)
         self.loop = asyncio.new_event_loop()
@@ -83,11 +87,14 @@ class WebServer:
         logger.info("dashboard on http://%s:%d/", self.settings.bind, self.port)
         return self
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Stop listening, let requests in flight finish within :data:`STOP_GRACE_SECONDS`, then
-        cancel what is left and close; a second call does nothing."""
+        cancel what is left and close; wait up to :data:`ACCEPT_GRACE_SECONDS` for STOW-RS
+        accepts already running. Returns whether they all ended: if not, one may still write
+        to the store, and its stop is not clean (the next start must check the files). A
+        second call does nothing and returns True."""
         if self.loop.is_closed():
-            return
+            return True
         if self.thread.is_alive():
             done = asyncio.run_coroutine_threadsafe(_shut(self.runner), self.loop)
             try:
@@ -98,9 +105,14 @@ class WebServer:
             self.thread.join(timeout=10)
         else:
             self.loop.run_until_complete(_shut(self.runner))
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)  # accepts not yet started never start
         if not self.thread.is_alive():
             self.loop.close()
+        if self.dicomweb is None or self.dicomweb.accepts.wait_idle(ACCEPT_GRACE_SECONDS):
+            return True
+        logger.warning("web: a STOW-RS accept was still running %.0f s after the stop: the store's "
+                       "files will be checked at the next start", ACCEPT_GRACE_SECONDS)
+        return False
 
     def _close(self) -> None:
         """Undo a construction that failed (the port was taken)."""
