@@ -7,6 +7,9 @@ from aiohttp import web
 
 from dicom_node.store.files import InvalidInstanceError, check_uid
 
+#: A natural number as the node reads one from a URL: ASCII digits only (``str.isdigit`` also
+#: takes "²" and other digits ``int`` refuses), at most 9 of them (no huge integers to convert).
+_NATURAL = re.compile(r"[0-9]{1,9}")
 #: The first path segment of every DICOMweb resource (PS3.18 10.4, 10.6): what follows the mount.
 _RESOURCE = re.compile(r"/(studies|series|instances)(/|$)")
 
@@ -23,6 +26,11 @@ def failure(status: int, reason: str) -> web.HTTPException:
     if cls is web.HTTPException:
         error.set_status(status)
     return error
+
+
+def natural(text: str) -> int | None:
+    """``text`` as a non-negative integer, or None if it is not 1 to 9 ASCII digits."""
+    return int(text) if _NATURAL.fullmatch(text) else None
 
 
 def base_url(request: web.Request) -> str:

@@ -22,7 +22,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicom_node.dicomweb import CONTEXT
 from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, rows_json
-from dicom_node.dicomweb.http import base_url, failure, uids
+from dicom_node.dicomweb.http import base_url, failure, natural, uids
 from dicom_node.query.match import Find, QueryError, find
 from dicom_node.store.index import Index
 from dicom_node.store.keys import KEYS, LEVELS, Level
@@ -87,9 +87,10 @@ def _integer(query: MultiMapping[str], name: str) -> int | None:
     text = query.get(name)
     if text is None or text == "":
         return None
-    if not text.isdigit() or len(text) > 9:
+    number = natural(text)
+    if number is None:
         raise failure(400, f"{name} must be a non-negative integer, not {text[:24]!r}")
-    return int(text)
+    return number
 
 
 def parse(query: MultiMapping[str], level: Level, path_uids: Mapping[str, str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from aiohttp import web
 from dicom_node.dicomweb import CONTEXT, DicomWebContext, multipart
 from dicom_node.dicomweb import accept as acc
 from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, header_json
-from dicom_node.dicomweb.http import base_url, failure, uids
+from dicom_node.dicomweb.http import base_url, failure, natural, uids
 from dicom_node.dicomweb.render import MEDIA_TYPES as RENDERED_TYPES
 from dicom_node.dicomweb.render import render
 from dicom_node.dicomweb.stored import FRAME_MEDIA_TYPES, PIXEL_DATA, Header, bulk_value, frame, read_header
@@ -124,10 +124,10 @@ async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
 
 def _frame_numbers(text: str, count: int) -> list[int]:
     """The 1-based frame list of the path (``1,3,5``); 400 if malformed, 404 if out of range."""
-    parts = text.split(",")
-    if len(parts) > MAX_FRAMES or not all(p.strip().isdigit() and len(p.strip()) < 10 for p in parts):
+    parts = [natural(p.strip()) for p in text.split(",")[:MAX_FRAMES + 1]]
+    if len(parts) > MAX_FRAMES or None in parts:
         raise failure(400, f"expected a comma list of frame numbers, not {text[:40]!r}")
-    numbers = [int(p) for p in parts]
+    numbers = [n for n in parts if n is not None]
     wrong = [n for n in numbers if not 1 <= n <= count]
     if wrong:
         raise failure(404, f"frame {wrong[0]} is not one of the instance's frames 1 to {count}")
@@ -216,16 +216,18 @@ def _viewport(request: web.Request) -> int | None:
     width = text.split(",")[0].strip()
     if not width:
         return None
-    if not width.isdigit() or not 0 < int(width) <= 16384:
+    number = natural(width)
+    if number is None or not 0 < number <= 16384:
         raise failure(400, f"viewport must be W,H in pixels, not {text[:24]!r}")
-    return int(width)
+    return number
 
 
 def _quality(request: web.Request) -> int:
     text = request.query.get("quality", "90")
-    if not text.isdigit() or not 1 <= int(text) <= 100:
+    number = natural(text)
+    if number is None or not 1 <= number <= 100:
         raise failure(400, f"quality must be 1 to 100, not {text[:24]!r}")
-    return int(text)
+    return number
 
 
 async def bulkdata(request: web.Request) -> web.StreamResponse:

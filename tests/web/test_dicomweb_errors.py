@@ -95,3 +95,17 @@ def test_an_error_after_the_answer_started_closes_the_connection(
     assert SECRET not in caplog.text
     # the server still answers on new connections
     assert app.request("GET", "/dicom-web/studies")[0] == 200
+
+
+@pytest.mark.parametrize("query", [
+    "/studies?limit=%C2%B2", "/studies?offset=%C2%B2", "/studies?limit=%D9%A3",
+    "{inst}/frames/%C2%B2", "{inst}/frames/1,%C2%B2", "{inst}/rendered?quality=%C2%B2",
+    "{inst}/rendered?viewport=%C2%B2,10", "/studies?limit=1234567890",
+])
+def test_numbers_in_the_url_are_ascii_digits_or_400(app: App, query: str) -> None:
+    """"²".isdigit() is True and int("²") fails: that was a 500 with a traceback."""
+    ds = ct_dataset(seed=6)
+    store_files(app.store, part10(ds))
+    inst = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    status, _, body = app.request("GET", "/dicom-web" + query.format(inst=inst))
+    assert status == 400, body
