@@ -32,7 +32,7 @@ from pydicom.uid import UID
 
 from dicom_node.dicomweb import CONTEXT, DicomWebContext
 from dicom_node.ingest.accept import Offer, Outcome, accept
-from dicom_node.ingest.scp import TRANSFER_SYNTAXES
+from dicom_node.ingest.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.ingest.status import StoreStatus, error_comment
 from dicom_node.logs import bare_traceback
 from dicom_node.store import InvalidInstanceError, check_uid
@@ -244,6 +244,10 @@ def _offer(fp: BinaryIO, ctx: DicomWebContext, study: str | None) -> Offer | Out
     if missing:
         return Outcome(StoreStatus.CANNOT_UNDERSTAND, f"File Meta Information lacks {', '.join(missing)}")
     sop_class, sop_instance = str(found.MediaStorageSOPClassUID), str(found.MediaStorageSOPInstanceUID)
+    if sop_class not in STORAGE_SOP_CLASSES:
+        return Outcome(StoreStatus.SOP_CLASS_NOT_SUPPORTED,
+                       f"SOP class {sop_class[:64]} is not a storage SOP class the node accepts",
+                       sop_class_uid=sop_class, sop_instance_uid=sop_instance)
     transfer_syntax = UID(str(found.TransferSyntaxUID))
     if transfer_syntax not in TRANSFER_SYNTAXES:
         return Outcome(StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED,

@@ -160,6 +160,24 @@ def test_a_transfer_syntax_c_store_would_not_negotiate_fails_with_c122(tmp_path:
     assert failures(response.json())[0][1] == StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED == 0xC122
 
 
+def test_a_sop_class_c_store_would_not_negotiate_fails_with_0122(tmp_path: Path) -> None:
+    """What C-STORE negotiates is what STOW-RS takes: not a private UID, not a C-FIND class."""
+    odd, find, retired = ct_dataset(seed=1), ct_dataset(seed=2), ct_dataset(seed=3)
+    odd.SOPClassUID = odd.file_meta.MediaStorageSOPClassUID = "1.2.3.4"
+    find.SOPClassUID = find.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    # US Image Storage (retired): C-STORE takes it, so STOW-RS does too
+    retired.SOPClassUID = retired.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6"
+    with stow_server(tmp_path / "data") as (url, ctx, _):
+        response = post(url + "/studies", multipart([part10(odd), part10(find), part10(retired)]))
+        assert ctx.store.index.counts()[2] == 1
+    assert response.status_code == 202
+    failed = failures(response.json())
+    assert [(uid, reason) for uid, reason, _ in failed] == [
+        (odd.SOPInstanceUID, StoreStatus.SOP_CLASS_NOT_SUPPORTED), (find.SOPInstanceUID, 0x0122)]
+    assert all("not a storage SOP class" in comment for _, _, comment in failed)
+    assert list(stored(response.json())) == [retired.SOPInstanceUID]
+
+
 def test_a_client_that_goes_away_mid_part_leaves_nothing_behind(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     body = multipart([part10(ct_dataset(size=512))])
