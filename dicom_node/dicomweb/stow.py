@@ -31,6 +31,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
 from dicom_node.dicomweb import CONTEXT, DicomWebContext
+from dicom_node.dicomweb.http import base_url
 from dicom_node.ingest.accept import Offer, Outcome, accept
 from dicom_node.ingest.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.ingest.status import StoreStatus, error_comment
@@ -110,7 +111,7 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
         return web.Response(status=400, text="request body ended early\n")
     if not stow.outcomes:
         return web.Response(status=400, text="no part in the multipart body\n")
-    return _response(stow, _base_url(request))
+    return _response(stow, base_url(request))
 
 
 def _check_request(study: str | None, content_type: str) -> web.Response | None:
@@ -261,12 +262,6 @@ def _offer(fp: BinaryIO, ctx: DicomWebContext, study: str | None) -> Offer | Out
     return Offer(file_meta=meta, dataset=fp, calling=ctx.stow_ae_title, sop_class_uid=sop_class,
                  sop_instance_uid=sop_instance, start=start, study_instance_uid=study,
                  declared_as="Media Storage")
-
-
-def _base_url(request: web.Request) -> str:
-    """The DICOMweb root this request came through, for Retrieve URLs (``.../dicom-web``)."""
-    path = request.path
-    return str(request.url.origin()) + path[: path.rindex("/studies")]
 
 
 def _response(stow: _Request, base: str) -> web.Response:
