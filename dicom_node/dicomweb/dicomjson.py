@@ -54,12 +54,19 @@ def element_text(vr: str, value: object) -> str:
     text = str(value)
     values = text.split("\\") if "\\" in text and vr not in ("LT", "ST", "UT", "UR") else [text]
     if vr == "PN":
-        encoded = ",".join(f'{{"Alphabetic":{_string(v)}}}' for v in values)
+        encoded = ",".join(_person_name(v) for v in values)
     elif vr in _NUMBER_VRS:
         encoded = ",".join(_number(v) for v in values)
     else:
         encoded = ",".join(_string(v) for v in values)
     return f'{{"vr":"{vr}","Value":[{encoded}]}}'
+
+
+def _person_name(text: str) -> str:
+    """One PN value as its DICOM JSON object: its ``=``-separated component groups (PS3.5
+    6.2.1.1) as Alphabetic, Ideographic and Phonetic (PS3.18 F.2.2), empty groups left out."""
+    groups = zip(("Alphabetic", "Ideographic", "Phonetic"), text.split("=", 2), strict=False)
+    return "{" + ",".join(f'"{name}":{_string(group)}' for name, group in groups if group) + "}"
 
 
 def _number(text: str) -> str:

@@ -174,3 +174,20 @@ def test_a_sequence_key_matches_by_its_item_attribute(tmp_path: Path) -> None:
         item = found[0]["0040A043"]["Value"][0]
         assert item["00080104"]["Value"] == ["Imaging Measurement Report"]
         assert requests.get(f"{url}/instances", params={"0040A043.00080100": "999"}).json() == []
+
+
+def test_person_names_are_split_into_component_groups_and_values(tmp_path: Path) -> None:
+    """PS3.18 F.2.2: "A=I=P" is Alphabetic, Ideographic and Phonetic; a multi-valued PN is one
+    object per value."""
+    from tests.factories import ct_dataset
+
+    ds = ct_dataset(seed=41)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    ds.ReferringPhysicianName = ["Doe^John", "Roe^Jane"]
+    with serve_dicomweb(tmp_path / "data") as (url, ctx):
+        ctx.store.save_result(ds)
+        [study] = requests.get(url + "/studies", timeout=30).json()
+    assert study["00100010"]["Value"] == [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎",
+                                           "Phonetic": "やまだ^たろう"}]
+    assert study["00080090"]["Value"] == [{"Alphabetic": "Doe^John"}, {"Alphabetic": "Roe^Jane"}]
