@@ -136,7 +136,7 @@ class Gate:
         if {".", ".."} & set(request.raw_path.split("?", 1)[0].split("/")):
             # the router sees the path with these segments resolved: refused, not silently followed
             raise BadRequest("malformed path: '.' and '..' segments are not allowed")
-        if not _under(request.path, PREFIX):
+        if not under(request.path, PREFIX):
             if len(request.query) > MAX_QUERY_FIELDS:
                 raise BadRequest(f"too many query parameters: at most {MAX_QUERY_FIELDS}")
             if "%" in request.rel_url.raw_path:
@@ -208,7 +208,7 @@ class Gate:
             request[PREPARED] = True
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers["Server"] = "dicom-node"
-        if not self.origins or not _under(request.path, PREFIX):
+        if not self.origins or not under(request.path, PREFIX):
             return
         response.headers.add("Vary", "Origin")
         origin = request.headers.get("Origin", "")
@@ -220,7 +220,7 @@ class Gate:
 
     def cors_allows(self, request: web.BaseRequest, origin: str) -> bool:
         """Whether ``origin`` may call ``request``'s path: a listed origin, DICOMweb only."""
-        return (bool(origin) and _under(request.path, PREFIX)
+        return (bool(origin) and under(request.path, PREFIX)
                 and ("*" in self.origins or origin in self.origins))
 
     def host_allowed(self, host: str) -> bool:
@@ -255,7 +255,7 @@ def _failed(request: web.Request, exc: Exception) -> web.Response:
 def _refusal(request: web.Request, exc: web.HTTPException) -> web.Response:
     """The router's own refusals (no such page, method not allowed) in our words."""
     headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-    if exc.status == 404 and not (_under(request.path, "/api") or _under(request.path, PREFIX)):
+    if exc.status == 404 and not (under(request.path, "/api") or under(request.path, PREFIX)):
         return web.Response(status=404, body=pages.not_found("no such page"), content_type="text/html")
     return error(exc.status, (exc.reason or "refused").lower(), headers)
 
@@ -266,7 +266,8 @@ def _cross_origin(request: web.BaseRequest) -> bool:
     return origin is not None and urlsplit(origin).netloc != request.headers.get("Host", "")
 
 
-def _under(path: str, prefix: str) -> bool:
+def under(path: str, prefix: str) -> bool:
+    """Whether ``path`` is ``prefix`` or below it."""
     return path == prefix or path.startswith(prefix + "/")
 
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 
 from dicom_node.audit import Audit
@@ -18,12 +19,18 @@ from dicom_node.config import WebSettings
 from dicom_node.dicomweb import PREFIX, DicomWebContext, make_app
 from dicom_node.web import data
 from dicom_node.web.metrics import Metrics
-from dicom_node.web.middleware import Gate, check_exposure, error, log_failure, loggable
+from dicom_node.web.middleware import Gate, check_exposure, error, log_failure, loggable, under
 from dicom_node.web.routes import Dashboard
 
 logger = logging.getLogger(__name__)
 #: Threads for the handlers' blocking work (SQLite, files, pydicom): the loop itself never blocks.
 WORKER_THREADS = 8
+#: DICOMweb and ``/api`` requests at work at once: fewer than :data:`WORKER_THREADS`, so slow
+#: searches never take every thread from the dashboard's pages. One more waits up to
+#: :data:`BUSY_WAIT_SECONDS` for a slot, then gets 503 with ``Retry-After``.
+MAX_BUSY = WORKER_THREADS - 2
+BUSY_WAIT_SECONDS = 2.0
+RETRY_AFTER_SECONDS = 5
 #: How long a stop waits for requests in flight before it cancels them (aiohttp waits this long
 #: twice at most: for the handlers to finish, then for them to end once their input is cut).
 STOP_GRACE_SECONDS = 5.0
@@ -41,10 +48,11 @@ MAX_HEADERS = 100
 
 def make_root_app(settings: WebSettings, dashboard: Dashboard,
                   dicomweb: DicomWebContext | None = None) -> web.Application:
-    """The application: the middlewares of :class:`~.middleware.Gate`, the dashboard's routes,
-    and the DICOMweb sub-application at :data:`PREFIX` when ``dicomweb`` is given."""
+    """The application: the middlewares of :class:`~.middleware.Gate` and :class:`Admission`,
+    the dashboard's routes, and the DICOMweb sub-application at :data:`PREFIX` when
+    ``dicomweb`` is given."""
     gate = Gate(settings)
-    app = web.Application(middlewares=gate.middlewares())
+    app = web.Application(middlewares=[*gate.middlewares(), Admission(MAX_BUSY).admit])
     app.on_response_prepare.append(gate.on_prepare)
     dashboard.add_routes(app)
     if dicomweb is not None:
@@ -62,7 +70,9 @@ class WebServer:
         self.settings, self.src, self.metrics, self.audit = settings, src, metrics, audit
         self.dicomweb = dicomweb
         metrics.watch(src, audit)
-        app = make_root_app(settings, Dashboard(src, metrics, audit), dicomweb)
+        # /readyz reads the node's state in a thread of its own, never behind the shared pool
+        self.probes = ThreadPoolExecutor(1, thread_name_prefix="web-probe")
+        app = make_root_app(settings, Dashboard(src, metrics, audit, self.probes), dicomweb)
         self.loop = asyncio.new_event_loop()
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="web")
         self.loop.set_default_executor(self.executor)
@@ -106,6 +116,7 @@ class WebServer:
         else:
             self.loop.run_until_complete(_shut(self.runner))
         self.executor.shutdown(wait=False, cancel_futures=True)  # accepts not yet started never start
+        self.probes.shutdown(wait=False, cancel_futures=True)
         if not self.thread.is_alive():
             self.loop.close()
         if self.dicomweb is None or self.dicomweb.accepts.wait_idle(ACCEPT_GRACE_SECONDS):
@@ -118,7 +129,32 @@ class WebServer:
         """Undo a construction that failed (the port was taken)."""
         self.loop.run_until_complete(self.runner.cleanup())
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.probes.shutdown(wait=False, cancel_futures=True)
         self.loop.close()
+
+
+class Admission:
+    """At most ``slots`` DICOMweb and ``/api`` requests at work at once (the innermost
+    middleware: only authenticated requests take a slot). A request that finds none free
+    within :data:`BUSY_WAIT_SECONDS` gets 503 with ``Retry-After`` rather than queueing for
+    threads without end; the dashboard's pages and the probes are not counted."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+
+    @web.middleware
+    async def admit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not (under(request.path, PREFIX) or under(request.path, "/api")):
+            return await handler(request)
+        try:
+            await asyncio.wait_for(self.slots.acquire(), BUSY_WAIT_SECONDS)
+        except TimeoutError:
+            return error(503, "the node is busy with other requests; try again",
+                         {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        try:
+            return await handler(request)
+        finally:
+            self.slots.release()
 
 
 async def _shut(runner: web.AppRunner) -> None:
