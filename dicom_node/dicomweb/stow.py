@@ -51,6 +51,12 @@ _WRITE_CHUNK = 2**20
 _META_ROOM = 2**16
 
 
+#: The most parts one request may hold: each costs an outcome in memory and an item in the
+#: response (20,000 one-byte parts cost 38 MB and a 3.7 MB answer). Beyond it the rest of the
+#: body is not read: 413, with what was stored so far.
+MAX_PARTS = 10_000
+
+
 #: The longest multipart boundary read. RFC 2046 allows 70 characters and aiohttp enforces it,
 #: but Orthanc's DICOMweb plugin (1.7) sends 73 (two UUIDs): tolerant when reading.
 MAX_BOUNDARY = 200
@@ -74,6 +80,7 @@ class _Request:
     study: str | None
     outcomes: list[Outcome] = field(default_factory=list)
     too_large: bool = False
+    too_many: bool = False
 
 
 def add_routes(app: web.Application) -> None:
@@ -84,8 +91,9 @@ def add_routes(app: web.Application) -> None:
 
 async def store_instances(request: web.Request) -> web.StreamResponse:
     """PS3.18 10.5 Store Instances: every part accepted or refused on its own; 200 when all are
-    stored, 202 when some are, 409 when none is, 413 when a part is over the size limit (the
-    rest of the body is not read), 400/415 for a request that is not a STOW-RS request."""
+    stored, 202 when some are, 409 when none is, 413 when a part is over the size limit or the
+    request holds over :data:`MAX_PARTS` parts (the rest of the body is not read), 400/415 for
+    a request that is not a STOW-RS request."""
     study = request.match_info.get("study")
     refusal = _check_request(study, request.headers.get(hdrs.CONTENT_TYPE, ""))
     if refusal is not None:
@@ -140,8 +148,13 @@ def _check_content_type(value: str) -> web.Response | None:
 async def _receive_all(reader: MultipartReader, stow: _Request) -> None:
     """Receive each part while the one before is being accepted (at most one in flight)."""
     pending: Awaitable[Outcome] | None = None
+    parts = 0
     try:
         while (part := await reader.next()) is not None:
+            parts += 1
+            if parts > MAX_PARTS:
+                stow.too_many = True
+                return  # 413: the rest of the body is not read
             received = await _receive_part(part, stow)
             if pending is not None:
                 stow.outcomes.append(await pending)
@@ -156,6 +169,9 @@ async def _receive_all(reader: MultipartReader, stow: _Request) -> None:
     finally:
         if pending is not None:  # a thread cannot be stopped: let it finish and clean up
             stow.outcomes.append(await pending)
+        if stow.too_many:
+            stow.outcomes.append(Outcome(StoreStatus.OUT_OF_RESOURCES,
+                                         f"over {MAX_PARTS} parts in one request: the rest was not read"))
 
 
 async def _receive_part(part: MultipartReader | BodyPartReader, stow: _Request) -> Path | Outcome:
@@ -275,7 +291,7 @@ def _response(stow: _Request, base: str) -> web.Response:
         body["00081198"] = {"vr": "SQ", "Value": [_failed_item(o) for o in failed]}
     if stow.study is not None and stored:
         body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{stow.study}"]}
-    if stow.too_large:
+    if stow.too_large or stow.too_many:
         status = 413
     else:
         status = 200 if not failed else 202 if stored else 409

@@ -107,6 +107,23 @@ def test_a_part_over_the_size_limit_is_413_and_the_rest_is_not_read(tmp_path: Pa
     assert leftovers(data_dir) == []
 
 
+def test_over_max_parts_is_413_with_what_was_stored_and_the_rest_is_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.dicomweb import stow
+
+    assert stow.MAX_PARTS == 10_000  # documented in docs/conformance.md
+    monkeypatch.setattr(stow, "MAX_PARTS", 3)
+    instances = [ct_dataset(size=8, seed=20 + n) for n in range(5)]
+    with stow_server(tmp_path / "data") as (url, ctx, _):
+        response = post(url + "/studies", multipart([part10(ds) for ds in instances]))
+        assert ctx.store.index.counts()[2] == 3
+    assert response.status_code == 413
+    body = response.json()
+    assert list(stored(body)) == [ds.SOPInstanceUID for ds in instances[:3]]
+    [(uid, status, comment)] = failures(body)
+    assert (uid, status) == ("", StoreStatus.OUT_OF_RESOURCES) and "over 3 parts" in comment
+
+
 def test_a_data_set_just_over_the_limit_is_refused_by_the_backstop(tmp_path: Path) -> None:
     """A part within the meta allowance but whose data set passes the limit: 0xA701 as C-STORE."""
     ds = ct_dataset(size=64, seed=1)
