@@ -10,7 +10,7 @@ pydicom ``Dataset`` objects (about ten times slower per attribute); headers use 
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from json.encoder import encode_basestring as _string
 from typing import Any
 
@@ -24,12 +24,19 @@ from dicom_node.store.keys import KEYS
 logger = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/dicom+json"
+#: Accept header media ranges a DICOM JSON answer satisfies (QIDO-RS and WADO-RS metadata).
+JSON_RANGES = frozenset({"*/*", "application/*", MEDIA_TYPE, "application/json"})
 #: Value Representations DICOM JSON carries as JSON numbers (PS3.18 F.2.3).
 _NUMBER_VRS = frozenset({"DS", "FL", "FD", "IS", "SL", "SS", "SV", "UL", "US", "UV"})
 #: Sequence keys of the index: keyword -> keywords of their first item.
 _ITEMS = {key.keyword: tuple(keyword for keyword, _ in key.items) for key in KEYS if key.items}
 #: Binary VRs a value may be sent by bulk data URI for.
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def json_accepted(media_types: Iterable[str]) -> bool:
+    """Whether an Accept header allowing ``media_types`` takes a DICOM JSON answer."""
+    return any(media_type in JSON_RANGES for media_type in media_types)
 
 
 @functools.cache

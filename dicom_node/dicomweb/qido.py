@@ -21,7 +21,8 @@ from multidict import MultiMapping
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicom_node.dicomweb import CONTEXT
-from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, rows_json
+from dicom_node.dicomweb import accept as acc
+from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, json_accepted, rows_json
 from dicom_node.dicomweb.http import base_url, failure, natural, uids
 from dicom_node.query.match import Find, QueryError, find
 from dicom_node.store.index import Index
@@ -152,7 +153,10 @@ def includes(query: MultiMapping[str], level: Level, under_study: bool) -> list[
 
 
 async def search(request: web.Request, level: Level) -> web.StreamResponse:
-    """One QIDO-RS search: 200 with the matches (possibly none), 400 for a bad query."""
+    """One QIDO-RS search: 200 with the matches (possibly none), 400 for a bad query, 406 when
+    the Accept header allows no DICOM JSON (the node sends no XML)."""
+    if not json_accepted(entry.media_type for entry in acc.parse(request)):
+        raise failure(406, f"QIDO-RS results are sent as {MEDIA_TYPE} only")
     ctx = request.config_dict[CONTEXT]
     path_uids = uids(request)
     query = request.query

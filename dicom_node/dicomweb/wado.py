@@ -18,7 +18,7 @@ from aiohttp import web
 
 from dicom_node.dicomweb import CONTEXT, DicomWebContext, multipart
 from dicom_node.dicomweb import accept as acc
-from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, header_json
+from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, header_json, json_accepted
 from dicom_node.dicomweb.http import base_url, failure, natural, uids
 from dicom_node.dicomweb.render import MEDIA_TYPES as RENDERED_TYPES
 from dicom_node.dicomweb.render import render
@@ -100,8 +100,7 @@ def _metadata(path: Path, base: str, row: Stored) -> dict[str, Any]:
 async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
     """The headers of a study, series or instance as a DICOM JSON array, pixel data and other
     large binary values by bulk data URI; written an instance at a time."""
-    if not any(entry.media_type in ("*/*", "application/*", MEDIA_TYPE, "application/json")
-               for entry in acc.parse(request)):
+    if not json_accepted(entry.media_type for entry in acc.parse(request)):
         raise failure(406, f"metadata is sent as {MEDIA_TYPE} only")
     rows = await _stored(request, level)
     base = base_url(request)

@@ -191,3 +191,18 @@ def test_person_names_are_split_into_component_groups_and_values(tmp_path: Path)
     assert study["00100010"]["Value"] == [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎",
                                            "Phonetic": "やまだ^たろう"}]
     assert study["00080090"]["Value"] == [{"Alphabetic": "Doe^John"}, {"Alphabetic": "Roe^Jane"}]
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    ("application/dicom+xml", 406), ('multipart/related; type="application/dicom+xml"', 406),
+    ("text/html", 406), ("application/dicom+json", 200), ("application/json", 200), ("*/*", 200),
+    ("application/*", 200), ("text/html, application/dicom+json;q=0.5", 200), (None, 200),
+])
+def test_qido_answers_406_unless_the_accept_header_allows_dicom_json(
+        server: tuple[str, dict[str, str]], accept: str | None, expected: int) -> None:
+    url, _ = server
+    headers = {"Accept": accept} if accept is not None else {}
+    response = requests.get(url + "/studies", headers=headers, timeout=30)
+    assert response.status_code == expected, response.text
+    if expected == 200:
+        assert response.headers["Content-Type"].startswith("application/dicom+json")
