@@ -33,7 +33,7 @@ from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.device import installation_device_uid
 from dicom_node.store.results import ResultArea
-from dicom_node.tls import check_files
+from dicom_node.tls import check_files, web_context
 from dicom_node.web import Metrics, Sources, WebServer, check_exposure
 
 logger = logging.getLogger(__name__)
@@ -175,9 +175,10 @@ class Node:
                               sorted({str(r.device) for r in runners}), self._not_ready,
                               self.floor)
             try:
-                dicomweb = (DicomWebContext(self.store, self.audit, s.ingest.max_instance_size)
-                            if s.web.dicomweb else None)
-                self.web = WebServer(s.web, sources, self.metrics, self.audit, dicomweb).start()
+                dicomweb = (DicomWebContext(self.store, self.audit, s.ingest.max_instance_size,
+                                            public_url=s.web.public_url) if s.web.dicomweb else None)
+                self.web = WebServer(s.web, sources, self.metrics, self.audit, dicomweb,
+                                     web_context(s) if s.web.tls else None).start()
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"{s.source}: cannot serve the dashboard on web.bind = {s.web.bind!r}, "

@@ -62,6 +62,9 @@ class DicomWebContext:
     stow_ae_title
         The calling AE title (and Source AE Title) recorded for instances received by STOW-RS:
         an HTTP peer has none, and routing and the metrics key on it.
+    public_url
+        ``web.public_url``: the node's web root as clients reach it (a reverse proxy); when set,
+        Retrieve URLs and bulk data URIs start with it instead of what the request says.
     accepts
         The STOW-RS accepts in flight (:class:`InFlight`), which a stop waits for.
     """
@@ -70,6 +73,7 @@ class DicomWebContext:
     audit: Audit
     max_instance_size: int
     stow_ae_title: str = "STOW-RS"
+    public_url: str = ""
     accepts: InFlight = field(default_factory=InFlight)
 
 

@@ -5,6 +5,7 @@ import re
 
 from aiohttp import web
 
+from dicom_node.dicomweb import CONTEXT
 from dicom_node.store.files import InvalidInstanceError, check_uid
 
 #: A natural number as the node reads one from a URL: ASCII digits only (``str.isdigit`` also
@@ -35,10 +36,14 @@ def natural(text: str) -> int | None:
 
 def base_url(request: web.Request) -> str:
     """The DICOMweb service root as the client reached it: its scheme and host, and the prefix
-    the sub-application is mounted at (``http://node:8080/dicom-web``)."""
+    the sub-application is mounted at (``http://node:8080/dicom-web``); behind a reverse proxy,
+    ``web.public_url`` and that prefix (``https://pacs.example.org/node/dicom-web``)."""
     canonical = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
     found = _RESOURCE.search(canonical)
     prefix = canonical[:found.start()] if found else ""
+    public = request.config_dict[CONTEXT].public_url
+    if public:
+        return public + prefix
     return f"{request.scheme}://{_host(request)}{prefix}"
 
 

@@ -5,6 +5,7 @@ thread of the node's process."""
 
 import asyncio
 import logging
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,7 +66,8 @@ class WebServer:
     once), answers from :meth:`start` until :meth:`stop`."""
 
     def __init__(self, settings: WebSettings, src: data.Sources, metrics: Metrics, audit: Audit,
-                 dicomweb: DicomWebContext | None = None) -> None:
+                 dicomweb: DicomWebContext | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: HTTPS (``web.tls``, :func:`dicom_node.tls.web_context`); None: HTTP."""
         check_exposure(settings)
         self.settings, self.src, self.metrics, self.audit = settings, src, metrics, audit
         self.dicomweb = dicomweb
@@ -81,11 +83,12 @@ class WebServer:
                               max_field_size=MAX_FIELD, max_headers=MAX_HEADERS)
         self.loop.run_until_complete(self.runner.setup())
         try:
-            site = web.TCPSite(self.runner, settings.bind, settings.port)
+            site = web.TCPSite(self.runner, settings.bind, settings.port, ssl_context=ssl_context)
             self.loop.run_until_complete(site.start())
         except OSError:
             self._close()
             raise
+        self.scheme = "https" if ssl_context is not None else "http"
         self.thread = threading.Thread(target=self.loop.run_forever, name="web", daemon=True)
 
     @property
@@ -94,7 +97,7 @@ class WebServer:
 
     def start(self) -> "WebServer":
         self.thread.start()
-        logger.info("dashboard on http://%s:%d/", self.settings.bind, self.port)
+        logger.info("dashboard on %s://%s:%d/", self.scheme, self.settings.bind, self.port)
         return self
 
     def stop(self) -> bool:
