@@ -24,7 +24,7 @@ from dicom_node.dicomweb import CONTEXT
 from dicom_node.dicomweb import accept as acc
 from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, json_accepted, rows_json
 from dicom_node.dicomweb.http import base_url, failure, natural, uids
-from dicom_node.query.match import Find, QueryError, find
+from dicom_node.query.match import Find, QueryError, find, held
 from dicom_node.store.index import Index
 from dicom_node.store.keys import KEYS, LEVELS, Level
 
@@ -136,7 +136,7 @@ def parse(query: MultiMapping[str], level: Level, path_uids: Mapping[str, str]) 
 
 def includes(query: MultiMapping[str], level: Level, under_study: bool) -> list[str]:
     """The return keys: the level's defaults (and the study's for a search of all series or
-    instances), and those ``includefield`` names."""
+    instances), and those ``includefield`` names the index holds at ``level``."""
     wanted = list(DEFAULT_KEYS[level])
     if level is not Level.STUDY and not under_study:
         wanted = [*_STUDY_KEYS, *wanted]
@@ -147,8 +147,8 @@ def includes(query: MultiMapping[str], level: Level, under_study: bool) -> list[
             name = name.strip()
             if name == "all":  # every key the index holds at the level and above
                 wanted += [key.keyword for key in KEYS if LEVELS.index(key.level) <= LEVELS.index(level)]
-            elif name:
-                wanted.append(_keyword(name))
+            elif name and held(keyword := _keyword(name), level):
+                wanted.append(keyword)  # one the index does not hold is left out, not sent empty
     return list(dict.fromkeys(wanted))
 
 

@@ -101,6 +101,19 @@ def test_includefield_names_more_keys_by_keyword_or_tag_or_all(server: tuple[str
     assert {"00100010", "00200010"} <= set(answer.json()[0])
 
 
+def test_includefield_of_a_key_the_index_does_not_hold_is_left_out(server: tuple[str, dict[str, str]]) -> None:
+    """Present but empty would claim the instance has no value; the index just does not hold it."""
+    url, ids = server
+    for path, tag in (("/studies?includefield=BodyPartExamined", "00180015"),
+                      ("/instances?includefield=Rows", "00280010"),
+                      ("/studies?includefield=SOPInstanceUID", "00080018")):  # below the level
+        answer = requests.get(url + path, timeout=30).json()
+        assert answer and all(tag not in result for result in answer), path
+    [study] = requests.get(f"{url}/studies?StudyInstanceUID={ids['cr_study']}&includefield=PatientSex",
+                           timeout=30).json()
+    assert "00100040" in study  # a key the index holds is included
+
+
 def test_retrieve_url_names_this_nodes_wado_rs_resource(server: tuple[str, dict[str, str]]) -> None:
     url, ids = server
     study, = requests.get(f"{url}/studies", params={"StudyInstanceUID": ids["ct_study"]}).json()
