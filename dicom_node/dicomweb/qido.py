@@ -169,23 +169,25 @@ async def search(request: web.Request, level: Level) -> web.StreamResponse:
                      include=include)
     except QueryError as exc:
         raise failure(400, str(exc)) from None
-    body, matches, more = await asyncio.to_thread(_answer, ctx.store.index, found, base_url(request), level,
-                                                  MAX_RESULTS if capped else None)
+    body, studies, matches, more = await asyncio.to_thread(_answer, ctx.store.index, found, base_url(request),
+                                                           level, MAX_RESULTS if capped else None)
     warnings = []
     if query.get("fuzzymatching", "").lower() == "true":
         warnings.append(FUZZY_WARNING.format(host=request.host))
     if more:
         warnings.append(MORE_WARNING.format(host=request.host))
     logger.info("QIDO-RS at %s level: %d match(es)", level.value, matches)  # counts only, never values
+    # which studies a client saw (UIDs only), as WADO-RS records what it sent
     await asyncio.to_thread(ctx.audit.record, "query", service="QIDO-RS", address=request.remote or "",
-                            level=level.value, matches=matches)
+                            level=level.value, matches=matches, study_instance_uids=studies)
     headers = {"Warning": ", ".join(warnings)} if warnings else {}
     return web.Response(body=body, content_type=MEDIA_TYPE, headers=headers)
 
 
-def _answer(index: Index, found: Find, base: str, level: Level, cap: int | None) -> tuple[bytes, int, bool]:
-    """Run the search and encode its DICOM JSON (both block: run in a thread); (body, number of
-    results, whether the cap cut some off)."""
+def _answer(index: Index, found: Find, base: str, level: Level,
+            cap: int | None) -> tuple[bytes, list[str], int, bool]:
+    """Run the search and encode its DICOM JSON (both block: run in a thread); (body, the
+    Study Instance UIDs answered, number of results, whether the cap cut some off)."""
     rows = index.find(found.sql, found.params)
     more = cap is not None and len(rows) > cap
     rows = rows[:cap] if more else rows
@@ -198,4 +200,5 @@ def _answer(index: Index, found: Find, base: str, level: Level, cap: int | None)
         path = "".join(f"/{name}/{row[at[keyword]]}" for keyword, name in parts)
         return {"00081190": element_text("UR", base + path)}
 
-    return rows_json(found, rows, retrieve_url), len(rows), more
+    studies = sorted({str(row[at["StudyInstanceUID"]]) for row in rows})
+    return rows_json(found, rows, retrieve_url), studies, len(rows), more

@@ -219,3 +219,20 @@ def test_qido_answers_406_unless_the_accept_header_allows_dicom_json(
     assert response.status_code == expected, response.text
     if expected == 200:
         assert response.headers["Content-Type"].startswith("application/dicom+json")
+
+
+def test_the_query_audit_names_the_studies_answered(tmp_path: Path) -> None:
+    from tests.dicomweb.stow_helpers import RecordingAudit
+    from tests.factories import ct_dataset
+
+    audit = RecordingAudit()
+    first, second = ct_dataset(seed=61), ct_dataset(seed=62)
+    with serve_dicomweb(tmp_path / "data", audit=audit) as (url, ctx):
+        for ds in (first, second):
+            ctx.store.save_result(ds)
+        assert len(requests.get(url + "/studies", timeout=30).json()) == 2
+        assert len(requests.get(url + "/instances?PatientID=NOBODY", timeout=30).json()) == 0
+    everything, nothing = audit.named("query")
+    assert everything["study_instance_uids"] == sorted([first.StudyInstanceUID, second.StudyInstanceUID])
+    assert everything["matches"] == 2 and nothing["study_instance_uids"] == []
+    assert "PHANTOM" not in repr(audit.events)  # UIDs, never names or IDs
