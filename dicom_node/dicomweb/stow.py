@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
 from pydicom.dataset import FileMetaDataset
@@ -78,6 +78,7 @@ class _Request:
 
     ctx: DicomWebContext
     study: str | None
+    body: StreamReader
     outcomes: list[Outcome] = field(default_factory=list)
     too_large: bool = False
     too_many: bool = False
@@ -99,7 +100,7 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
     if refusal is not None:
         return refusal
     ctx = request.config_dict[CONTEXT]
-    stow = _Request(ctx, study)
+    stow = _Request(ctx, study, request.content)
     ended_early = False
     try:
         await _receive_all(_TolerantReader(request.headers, request.content), stow)
@@ -191,6 +192,10 @@ async def _receive_part(part: MultipartReader | BodyPartReader, stow: _Request) 
         await asyncio.to_thread(_close_and_remove, fh, path)
         raise
     await asyncio.to_thread(fh.close)
+    if size <= limit and stow.body.at_eof():
+        # a part's end leaves the next delimiter unread; none left means the body was cut
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise ValueError("the body ends without its closing delimiter")
     if size > limit:
         await asyncio.to_thread(path.unlink, missing_ok=True)
         stow.too_large = True

@@ -195,6 +195,18 @@ def test_a_sop_class_c_store_would_not_negotiate_fails_with_0122(tmp_path: Path)
     assert list(stored(response.json())) == [retired.SOPInstanceUID]
 
 
+@pytest.mark.parametrize("tail", [b"\r\n", b""])
+def test_a_body_without_its_closing_delimiter_is_400_either_way(tmp_path: Path, tail: bytes) -> None:
+    """With or without the CRLF after the last part, a body cut before "--boundary--" is one
+    answer: 400, nothing stored (aiohttp had cut the part in one case and kept it in the other)."""
+    body = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10(ct_dataset(seed=5)) + tail
+    with stow_server(tmp_path / "data") as (url, ctx, _):
+        response = post(url + "/studies", body)
+        assert ctx.store.index.counts()[2] == 0
+    assert response.status_code == 400 and "closing delimiter" in response.text
+    assert leftovers(tmp_path / "data") == []
+
+
 def test_a_client_that_goes_away_mid_part_leaves_nothing_behind(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     body = multipart([part10(ct_dataset(size=512))])
