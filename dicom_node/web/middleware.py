@@ -171,8 +171,10 @@ class Gate:
             return await handler(request)
         offered = request.query.get("token", "")
         if request.method == "GET" and offered and _same(offered, token):
-            # set the cookie, then take the token out of the address bar and history
-            back = web.HTTPSeeOther(request.rel_url.raw_path or "/")
+            # set the cookie, then take the token out of the address bar and history; the rest
+            # of the query stays (a QIDO-RS search's keys)
+            kept = [(key, value) for key, value in request.rel_url.query.items() if key != "token"]
+            back = web.HTTPSeeOther(str(request.rel_url.with_query(kept)) or "/")
             back.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
             raise back
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")

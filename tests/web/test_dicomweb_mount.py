@@ -77,6 +77,19 @@ def test_the_cookie_login_reaches_dicom_web_too(app: App) -> None:
     assert app.request("GET", PROBE, {"Cookie": f'other="un;closed; {cookie}'}, token=False)[0] == 200
 
 
+def test_the_cookie_login_keeps_the_rest_of_the_query(app: App) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    path = f"{PREFIX}/studies?PatientName=DOE%5EJ*&token={TOKEN}&includefield=00080020&includefield=StudyID"
+    status, headers, _ = app.request("GET", path, token=False)
+    assert status == 303
+    location = urlsplit(headers["Location"])
+    assert location.path == f"{PREFIX}/studies" and TOKEN not in headers["Location"]
+    assert parse_qsl(location.query) == [("PatientName", "DOE^J*"), ("includefield", "00080020"),
+                                         ("includefield", "StudyID")]
+    assert app.request("GET", f"/jobs?token={TOKEN}", token=False)[1]["Location"] == "/jobs"
+
+
 def test_posts_from_dicomweb_clients_and_the_cross_site_rules(app: App) -> None:
     login = app.request("GET", f"/?token={TOKEN}", token=False)[1]["Set-Cookie"].split(";")[0]
     host = f"127.0.0.1:{app.server.port}"
