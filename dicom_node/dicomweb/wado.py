@@ -204,7 +204,9 @@ async def rendered(request: web.Request) -> web.StreamResponse:
         image = await asyncio.to_thread(draw)
     except Exception as exc:  # an undecodable frame, or pixels no image file can hold
         logger.warning("cannot render %s: %s", row.sop_instance_uid, type(exc).__name__)
-        raise failure(406, f"instance {row.sop_instance_uid} cannot be rendered "
+        # 422: the request is fine, the stored pixels are not (406 would blame the Accept header,
+        # 500 would invite retries that cannot succeed)
+        raise failure(422, f"instance {row.sop_instance_uid} cannot be rendered "
                            f"({type(exc).__name__})") from None
     await _audit(request, Level.IMAGE, "rendered", [row])
     return web.Response(body=image, content_type=media)

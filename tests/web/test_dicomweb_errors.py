@@ -109,3 +109,17 @@ def test_numbers_in_the_url_are_ascii_digits_or_400(app: App, query: str) -> Non
     inst = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
     status, _, body = app.request("GET", "/dicom-web" + query.format(inst=inst))
     assert status == 400, body
+
+
+def test_pixels_that_cannot_be_rendered_are_422(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = ct_dataset(seed=8)
+    store_files(app.store, part10(ds))
+
+    def undecodable(*args: object, **kwargs: object) -> bytes:
+        raise ValueError(f"corrupt JPEG data near '{SECRET}'")
+
+    monkeypatch.setattr(wado, "render", undecodable)
+    path = (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}/rendered")
+    status, _, body = app.request("GET", path, {"Accept": "image/png"})
+    assert status == 422 and b"ValueError" in body and SECRET.encode() not in body
