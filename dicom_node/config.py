@@ -56,6 +56,13 @@ def _origin(value: str) -> str:
     return value
 
 
+def _public_url(value: str) -> str:
+    if value and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*)?", value):
+        raise ValueError('the node\'s web root as clients reach it, such as "https://pacs.example.org/node" '
+                         "(scheme, host, optional port and path; no query)")
+    return value.rstrip("/")
+
+
 def _port(value: int) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("a TCP port from 0 to 65535 (0 picks a free one)")
@@ -297,6 +304,10 @@ class WebSettings:
     dicomweb: bool = True
     # origins (or "*") whose browsers may call the node (an OHIF on another origin); none by default
     cors_origins: tuple[str, ...] = field(default=(), metadata=_check(_origin))
+    # the web root as clients reach it (a reverse proxy): DICOMweb's Retrieve URLs and bulk data URIs
+    public_url: str = field(default="", metadata=_check(_public_url))
+    # HTTPS on web.port with the [tls] certificate and key (BCP 195 policy of dicom_node.tls)
+    tls: bool = False
 
 
 @dataclass(frozen=True)

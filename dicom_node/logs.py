@@ -230,6 +230,12 @@ def patient_values(datasets: Iterable[Dataset]) -> set[str]:
     return {v.strip() for v in values if len(v.strip()) >= 2}
 
 
+def bare_traceback(exc: BaseException) -> str:
+    """``exc``'s stack and type, without its message: a message may quote a data set's value
+    (pydicom's "could not convert string to float: '...'"), the frames and the type never do."""
+    return "".join(traceback.format_tb(exc.__traceback__)) + type(exc).__qualname__
+
+
 def redacted_traceback(exc: BaseException, secrets: Iterable[str]) -> str:
     """``exc``'s traceback with each of ``secrets`` (longest first, in any case) replaced by
     ``[redacted]``."""

@@ -33,7 +33,7 @@ from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.device import installation_device_uid
 from dicom_node.store.results import ResultArea
-from dicom_node.tls import check_files
+from dicom_node.tls import check_files, web_context
 from dicom_node.web import Metrics, Sources, WebServer, check_exposure
 
 logger = logging.getLogger(__name__)
@@ -175,9 +175,10 @@ class Node:
                               sorted({str(r.device) for r in runners}), self._not_ready,
                               self.floor)
             try:
-                dicomweb = (DicomWebContext(self.store, self.audit, s.ingest.max_instance_size)
-                            if s.web.dicomweb else None)
-                self.web = WebServer(s.web, sources, self.metrics, self.audit, dicomweb).start()
+                dicomweb = (DicomWebContext(self.store, self.audit, s.ingest.max_instance_size,
+                                            public_url=s.web.public_url) if s.web.dicomweb else None)
+                self.web = WebServer(s.web, sources, self.metrics, self.audit, dicomweb,
+                                     web_context(s) if s.web.tls else None).start()
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"{s.source}: cannot serve the dashboard on web.bind = {s.web.bind!r}, "
@@ -260,8 +261,9 @@ class Node:
         rest, close. The exporters' associations in hand are aborted: their records stay pending."""
         s = self.settings
         self._stop.set()  # no new jobs from here on
+        web_clean = True
         if getattr(self, "web", None) is not None:
-            self.web.stop()  # type: ignore[union-attr]
+            web_clean = self.web.stop()  # type: ignore[union-attr]  # False: a STOW-RS accept still writing
         for exporter in self._exporters.values():
             exporter.wake()
             exporter.abort()  # a send to a slow PACS need not outlive the grace; it goes again
@@ -276,7 +278,7 @@ class Node:
         # Clean is about the store's files: an exporter writes none, and a send it cut short is
         # counted and goes again on the next start.
         busy = [t.name for t in self._threads if t.is_alive()]
-        clean = not busy and ingest_clean  # a handler still writing: check the files next start
+        clean = not busy and ingest_clean and web_clean  # a handler still writing: check the files next start
         exporting = [t.name for t in self._exporter_threads if t.is_alive()]
         if exporting:
             logger.warning("%s still busy at stop (a destination slow to connect)", exporting)

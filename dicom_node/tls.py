@@ -86,6 +86,18 @@ def server_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def web_context(settings: Settings) -> ssl.SSLContext:
+    """The web server's context (``web.tls``): the ``[tls]`` certificate and key under the same
+    policy as DICOM TLS; no client certificate is asked (browsers and DICOMweb clients use the
+    bearer token)."""
+    tls: TlsSettings = settings.tls
+    if tls.certificate is None or tls.private_key is None:
+        raise ConfigError(f"{settings.source}: web.tls = true needs 'tls.certificate' and 'tls.private_key'")
+    context = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls.min_version)
+    _load_chain(context, tls.certificate, tls.private_key, f"{settings.source}: key 'tls.certificate'")
+    return context
+
+
 class _RecordingSocket(ssl.SSLSocket):
     """An SSLSocket that leaves the reason of a failed client handshake on its context.
 
@@ -174,17 +186,20 @@ def check_files(settings: Settings, now: datetime | None = None) -> None:
     tls = settings.tls
     if "tls" in settings.node.listen:
         server_context(settings)
+    web_tls = settings.web.enabled and settings.web.tls
+    if web_tls:
+        web_context(settings)
     for i, destination in enumerate(settings.destinations):
         if destination.tls:
             client_context(tls, destination, settings.source)
             if destination.tls_certificate and destination.tls_private_key:
                 used.append((f"destinations[{i}].tls_certificate", destination.tls_certificate,
                              destination.tls_private_key))
-    node_used = "tls" in settings.node.listen or any(
+    node_used = "tls" in settings.node.listen or web_tls or any(
         d.tls and d.tls_certificate is None for d in settings.destinations)
     if tls.certificate is not None and tls.private_key is not None and node_used:
         used.insert(0, ("tls.certificate", tls.certificate, tls.private_key))
-    elif tls.certificate is not None and not any(d.tls for d in settings.destinations):
+    elif tls.certificate is not None and not web_tls and not any(d.tls for d in settings.destinations):
         # A warning, not an error: a certificate may be put in place before the switch. Nothing
         # goes out in clear because of it (destinations without tls = true are plain by choice).
         logger.warning("%s: key 'tls.certificate' is set but unused: 'node.listen' lacks \"tls\" "

@@ -1,4 +1,4 @@
-"""Stopping the node while its exporter waits on a slow PACS (review of #12, finding 11): the
+"""Stopping the node while its exporter waits on a slow PACS: the
 association in hand is aborted, the stop ends within the grace and counts as clean (the store's
 files are all in place), and the record cut short stays pending to go again on the next start."""
 

@@ -6,7 +6,10 @@ middlewares apply to it as to every other page. Its handlers read :data:`CONTEXT
 ``request.config_dict``.
 """
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -15,6 +18,33 @@ from dicom_node.store import InstanceStore
 
 #: Where the web server mounts the sub-application.
 PREFIX = "/dicom-web"
+
+
+class InFlight:
+    """The STOW-RS accepts running in worker threads. A thread cannot be cancelled, and an accept
+    writes to the store: the web server's stop waits for them (bounded) before the store closes,
+    and reports whether they all finished."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Count the block as one accept in flight."""
+        with self._changed:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every accept to end; whether they all did."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
 
 
 @dataclass(frozen=True)
@@ -32,12 +62,19 @@ class DicomWebContext:
     stow_ae_title
         The calling AE title (and Source AE Title) recorded for instances received by STOW-RS:
         an HTTP peer has none, and routing and the metrics key on it.
+    public_url
+        ``web.public_url``: the node's web root as clients reach it (a reverse proxy); when set,
+        Retrieve URLs and bulk data URIs start with it instead of what the request says.
+    accepts
+        The STOW-RS accepts in flight (:class:`InFlight`), which a stop waits for.
     """
 
     store: InstanceStore
     audit: Audit
     max_instance_size: int
     stow_ae_title: str = "STOW-RS"
+    public_url: str = ""
+    accepts: InFlight = field(default_factory=InFlight)
 
 
 CONTEXT = web.AppKey("dicomweb", DicomWebContext)

@@ -8,24 +8,35 @@ pydicom ``Dataset`` objects (about ten times slower per attribute); headers use 
 """
 
 import functools
+import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from json.encoder import encode_basestring as _string
 from typing import Any
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.tag import BaseTag
 
 from dicom_node.query.match import Find
 from dicom_node.store.keys import KEYS
 
+logger = logging.getLogger(__name__)
+
 MEDIA_TYPE = "application/dicom+json"
+#: Accept header media ranges a DICOM JSON answer satisfies (QIDO-RS and WADO-RS metadata).
+JSON_RANGES = frozenset({"*/*", "application/*", MEDIA_TYPE, "application/json"})
 #: Value Representations DICOM JSON carries as JSON numbers (PS3.18 F.2.3).
 _NUMBER_VRS = frozenset({"DS", "FL", "FD", "IS", "SL", "SS", "SV", "UL", "US", "UV"})
 #: Sequence keys of the index: keyword -> keywords of their first item.
 _ITEMS = {key.keyword: tuple(keyword for keyword, _ in key.items) for key in KEYS if key.items}
 #: Binary VRs a value may be sent by bulk data URI for.
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def json_accepted(media_types: Iterable[str]) -> bool:
+    """Whether an Accept header allowing ``media_types`` takes a DICOM JSON answer."""
+    return any(media_type in JSON_RANGES for media_type in media_types)
 
 
 @functools.cache
@@ -50,12 +61,19 @@ def element_text(vr: str, value: object) -> str:
     text = str(value)
     values = text.split("\\") if "\\" in text and vr not in ("LT", "ST", "UT", "UR") else [text]
     if vr == "PN":
-        encoded = ",".join(f'{{"Alphabetic":{_string(v)}}}' for v in values)
+        encoded = ",".join(_person_name(v) for v in values)
     elif vr in _NUMBER_VRS:
         encoded = ",".join(_number(v) for v in values)
     else:
         encoded = ",".join(_string(v) for v in values)
     return f'{{"vr":"{vr}","Value":[{encoded}]}}'
+
+
+def _person_name(text: str) -> str:
+    """One PN value as its DICOM JSON object: its ``=``-separated component groups (PS3.5
+    6.2.1.1) as Alphabetic, Ideographic and Phonetic (PS3.18 F.2.2), empty groups left out."""
+    groups = zip(("Alphabetic", "Ideographic", "Phonetic"), text.split("=", 2), strict=False)
+    return "{" + ",".join(f'"{name}":{_string(group)}' for name, group in groups if group) + "}"
 
 
 def _number(text: str) -> str:
@@ -114,10 +132,47 @@ def rows_json(query: Find, rows: Sequence[Sequence[object]],
     return ("[" + ",".join(results) + "]").encode()
 
 
+def _dataset_json(ds: Dataset) -> dict[str, Any]:
+    """pydicom's :meth:`~pydicom.dataset.Dataset.to_json_dict`, element by element, so that one
+    malformed value does not fail the data set (pydicom's own ``suppress_invalid_tags`` drops it
+    and logs its value)."""
+    out: dict[str, Any] = {}
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset yields its elements, not tags)
+        if tag.element == 0:
+            continue  # group lengths: not in DICOM JSON
+        key = f"{tag:08X}"
+        try:
+            element = ds[tag]
+            if element.VR == "SQ":
+                out[key] = {"vr": "SQ", "Value": [_dataset_json(item) for item in element.value]}
+            else:
+                out[key] = element.to_json_dict(None, 2**31)
+        except Exception as exc:  # pydicom raises many types on a malformed value; all mean the same
+            logger.warning("metadata: (%s) of %s is not valid for its VR (%s): sent as text", key,
+                           ds.get("SOPInstanceUID", "an item"), type(exc).__name__)
+            out[key] = _as_text(ds, tag)
+    return out
+
+
+def _as_text(ds: Dataset, tag: BaseTag) -> dict[str, Any]:
+    """The element at ``tag`` as DICOM JSON strings, whatever its VR says its values are."""
+    raw = ds.get_item(tag)
+    vr = str(raw.VR or "UN") if raw is not None else "UN"
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace").strip(" \0").split("\\")
+    values = value if isinstance(value, list | tuple) else [] if value in (None, "") else [value]
+    return {"vr": vr, "Value": [str(v) for v in values]} if values else {"vr": vr}
+
+
 def header_json(ds: Dataset, bulk: Mapping[int, str], uri: Callable[[int], str]) -> dict[str, Any]:
     """A stored header as DICOM JSON: ``ds`` (read without its bulk values; what is left of it
-    inline) plus a ``BulkDataURI`` for each tag of ``bulk`` (tag -> VR)."""
-    out = ds.to_json_dict(bulk_data_threshold=2**31)
+    inline) plus a ``BulkDataURI`` for each tag of ``bulk`` (tag -> VR).
+
+    Tolerant when reading (PS3.18): an attribute whose stored value DICOM JSON cannot carry as
+    its VR says (a DS of letters) is sent as the text it holds, as QIDO-RS sends such a value
+    (:func:`element_text`), with a warning naming its tag, never its value."""
+    out = _dataset_json(ds)
     for tag, vr in bulk.items():
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": uri(tag)}
     return dict(sorted(out.items()))

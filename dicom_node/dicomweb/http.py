@@ -5,8 +5,12 @@ import re
 
 from aiohttp import web
 
+from dicom_node.dicomweb import CONTEXT
 from dicom_node.store.files import InvalidInstanceError, check_uid
 
+#: A natural number as the node reads one from a URL: ASCII digits only (``str.isdigit`` also
+#: takes "²" and other digits ``int`` refuses), at most 9 of them (no huge integers to convert).
+_NATURAL = re.compile(r"[0-9]{1,9}")
 #: The first path segment of every DICOMweb resource (PS3.18 10.4, 10.6): what follows the mount.
 _RESOURCE = re.compile(r"/(studies|series|instances)(/|$)")
 
@@ -25,12 +29,21 @@ def failure(status: int, reason: str) -> web.HTTPException:
     return error
 
 
+def natural(text: str) -> int | None:
+    """``text`` as a non-negative integer, or None if it is not 1 to 9 ASCII digits."""
+    return int(text) if _NATURAL.fullmatch(text) else None
+
+
 def base_url(request: web.Request) -> str:
     """The DICOMweb service root as the client reached it: its scheme and host, and the prefix
-    the sub-application is mounted at (``http://node:8080/dicom-web``)."""
+    the sub-application is mounted at (``http://node:8080/dicom-web``); behind a reverse proxy,
+    ``web.public_url`` and that prefix (``https://pacs.example.org/node/dicom-web``)."""
     canonical = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
     found = _RESOURCE.search(canonical)
     prefix = canonical[:found.start()] if found else ""
+    public = request.config_dict[CONTEXT].public_url
+    if public:
+        return public + prefix
     return f"{request.scheme}://{_host(request)}{prefix}"
 
 

@@ -20,10 +20,10 @@ from aiohttp import web
 from multidict import MultiMapping
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from dicom_node.dicomweb import CONTEXT
-from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, rows_json
-from dicom_node.dicomweb.http import base_url, failure, uids
-from dicom_node.query.match import Find, QueryError, find
+from dicom_node.dicomweb import CONTEXT, negotiate
+from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, columns, element_text, json_accepted, rows_json
+from dicom_node.dicomweb.http import base_url, failure, natural, uids
+from dicom_node.query.match import Find, QueryError, find, held
 from dicom_node.store.index import Index
 from dicom_node.store.keys import KEYS, LEVELS, Level
 
@@ -87,9 +87,10 @@ def _integer(query: MultiMapping[str], name: str) -> int | None:
     text = query.get(name)
     if text is None or text == "":
         return None
-    if not text.isdigit() or len(text) > 9:
+    number = natural(text)
+    if number is None:
         raise failure(400, f"{name} must be a non-negative integer, not {text[:24]!r}")
-    return int(text)
+    return number
 
 
 def parse(query: MultiMapping[str], level: Level, path_uids: Mapping[str, str]) -> dict[str, Any]:
@@ -134,7 +135,7 @@ def parse(query: MultiMapping[str], level: Level, path_uids: Mapping[str, str]) 
 
 def includes(query: MultiMapping[str], level: Level, under_study: bool) -> list[str]:
     """The return keys: the level's defaults (and the study's for a search of all series or
-    instances), and those ``includefield`` names."""
+    instances), and those ``includefield`` names the index holds at ``level``."""
     wanted = list(DEFAULT_KEYS[level])
     if level is not Level.STUDY and not under_study:
         wanted = [*_STUDY_KEYS, *wanted]
@@ -145,13 +146,16 @@ def includes(query: MultiMapping[str], level: Level, under_study: bool) -> list[
             name = name.strip()
             if name == "all":  # every key the index holds at the level and above
                 wanted += [key.keyword for key in KEYS if LEVELS.index(key.level) <= LEVELS.index(level)]
-            elif name:
-                wanted.append(_keyword(name))
+            elif name and held(keyword := _keyword(name), level):
+                wanted.append(keyword)  # one the index does not hold is left out, not sent empty
     return list(dict.fromkeys(wanted))
 
 
 async def search(request: web.Request, level: Level) -> web.StreamResponse:
-    """One QIDO-RS search: 200 with the matches (possibly none), 400 for a bad query."""
+    """One QIDO-RS search: 200 with the matches (possibly none), 400 for a bad query, 406 when
+    the Accept header allows no DICOM JSON (the node sends no XML)."""
+    if not json_accepted(entry.media_type for entry in negotiate.parse(request)):
+        raise failure(406, f"QIDO-RS results are sent as {MEDIA_TYPE} only")
     ctx = request.config_dict[CONTEXT]
     path_uids = uids(request)
     query = request.query
@@ -164,23 +168,25 @@ async def search(request: web.Request, level: Level) -> web.StreamResponse:
                      include=include)
     except QueryError as exc:
         raise failure(400, str(exc)) from None
-    body, matches, more = await asyncio.to_thread(_answer, ctx.store.index, found, base_url(request), level,
-                                                  MAX_RESULTS if capped else None)
+    body, studies, matches, more = await asyncio.to_thread(_answer, ctx.store.index, found, base_url(request),
+                                                           level, MAX_RESULTS if capped else None)
     warnings = []
     if query.get("fuzzymatching", "").lower() == "true":
         warnings.append(FUZZY_WARNING.format(host=request.host))
     if more:
         warnings.append(MORE_WARNING.format(host=request.host))
     logger.info("QIDO-RS at %s level: %d match(es)", level.value, matches)  # counts only, never values
+    # which studies a client saw (UIDs only), as WADO-RS records what it sent
     await asyncio.to_thread(ctx.audit.record, "query", service="QIDO-RS", address=request.remote or "",
-                            level=level.value, matches=matches)
+                            level=level.value, matches=matches, study_instance_uids=studies)
     headers = {"Warning": ", ".join(warnings)} if warnings else {}
     return web.Response(body=body, content_type=MEDIA_TYPE, headers=headers)
 
 
-def _answer(index: Index, found: Find, base: str, level: Level, cap: int | None) -> tuple[bytes, int, bool]:
-    """Run the search and encode its DICOM JSON (both block: run in a thread); (body, number of
-    results, whether the cap cut some off)."""
+def _answer(index: Index, found: Find, base: str, level: Level,
+            cap: int | None) -> tuple[bytes, list[str], int, bool]:
+    """Run the search and encode its DICOM JSON (both block: run in a thread); (body, the
+    Study Instance UIDs answered, number of results, whether the cap cut some off)."""
     rows = index.find(found.sql, found.params)
     more = cap is not None and len(rows) > cap
     rows = rows[:cap] if more else rows
@@ -193,4 +199,5 @@ def _answer(index: Index, found: Find, base: str, level: Level, cap: int | None)
         path = "".join(f"/{name}/{row[at[keyword]]}" for keyword, name in parts)
         return {"00081190": element_text("UR", base + path)}
 
-    return rows_json(found, rows, retrieve_url), len(rows), more
+    studies = sorted({str(row[at["StudyInstanceUID"]]) for row in rows})
+    return rows_json(found, rows, retrieve_url), studies, len(rows), more

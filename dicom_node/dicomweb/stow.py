@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
 from pydicom.dataset import FileMetaDataset
@@ -31,9 +31,11 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
 from dicom_node.dicomweb import CONTEXT, DicomWebContext
+from dicom_node.dicomweb.http import base_url
 from dicom_node.ingest.accept import Offer, Outcome, accept
-from dicom_node.ingest.scp import TRANSFER_SYNTAXES
+from dicom_node.ingest.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.ingest.status import StoreStatus, error_comment
+from dicom_node.logs import bare_traceback
 from dicom_node.store import InvalidInstanceError, check_uid
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,12 @@ _WRITE_CHUNK = 2**20
 #: A part holds the preamble and File Meta Information besides the data set: room for them
 #: beyond ``max_instance_size`` (which bounds the data set, as for C-STORE).
 _META_ROOM = 2**16
+
+
+#: The most parts one request may hold: each costs an outcome in memory and an item in the
+#: response (20,000 one-byte parts cost 38 MB and a 3.7 MB answer). Beyond it the rest of the
+#: body is not read: 413, with what was stored so far.
+MAX_PARTS = 10_000
 
 
 #: The longest multipart boundary read. RFC 2046 allows 70 characters and aiohttp enforces it,
@@ -70,8 +78,10 @@ class _Request:
 
     ctx: DicomWebContext
     study: str | None
+    body: StreamReader
     outcomes: list[Outcome] = field(default_factory=list)
     too_large: bool = False
+    too_many: bool = False
 
 
 def add_routes(app: web.Application) -> None:
@@ -82,14 +92,15 @@ def add_routes(app: web.Application) -> None:
 
 async def store_instances(request: web.Request) -> web.StreamResponse:
     """PS3.18 10.5 Store Instances: every part accepted or refused on its own; 200 when all are
-    stored, 202 when some are, 409 when none is, 413 when a part is over the size limit (the
-    rest of the body is not read), 400/415 for a request that is not a STOW-RS request."""
+    stored, 202 when some are, 409 when none is, 413 when a part is over the size limit or the
+    request holds over :data:`MAX_PARTS` parts (the rest of the body is not read), 400/415 for
+    a request that is not a STOW-RS request."""
     study = request.match_info.get("study")
     refusal = _check_request(study, request.headers.get(hdrs.CONTENT_TYPE, ""))
     if refusal is not None:
         return refusal
     ctx = request.config_dict[CONTEXT]
-    stow = _Request(ctx, study)
+    stow = _Request(ctx, study, request.content)
     ended_early = False
     try:
         await _receive_all(_TolerantReader(request.headers, request.content), stow)
@@ -106,7 +117,7 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
         return web.Response(status=400, text="request body ended early\n")
     if not stow.outcomes:
         return web.Response(status=400, text="no part in the multipart body\n")
-    return _response(stow, _base_url(request))
+    return _response(stow, base_url(request))
 
 
 def _audit(stow: _Request, address: str, complete: bool) -> None:
@@ -146,8 +157,13 @@ def _check_content_type(value: str) -> web.Response | None:
 async def _receive_all(reader: MultipartReader, stow: _Request) -> None:
     """Receive each part while the one before is being accepted (at most one in flight)."""
     pending: Awaitable[Outcome] | None = None
+    parts = 0
     try:
         while (part := await reader.next()) is not None:
+            parts += 1
+            if parts > MAX_PARTS:
+                stow.too_many = True
+                return  # 413: the rest of the body is not read
             received = await _receive_part(part, stow)
             if pending is not None:
                 stow.outcomes.append(await pending)
@@ -162,6 +178,9 @@ async def _receive_all(reader: MultipartReader, stow: _Request) -> None:
     finally:
         if pending is not None:  # a thread cannot be stopped: let it finish and clean up
             stow.outcomes.append(await pending)
+        if stow.too_many:
+            stow.outcomes.append(Outcome(StoreStatus.OUT_OF_RESOURCES,
+                                         f"over {MAX_PARTS} parts in one request: the rest was not read"))
 
 
 async def _receive_part(part: MultipartReader | BodyPartReader, stow: _Request) -> Path | Outcome:
@@ -181,6 +200,10 @@ async def _receive_part(part: MultipartReader | BodyPartReader, stow: _Request) 
         await asyncio.to_thread(_close_and_remove, fh, path)
         raise
     await asyncio.to_thread(fh.close)
+    if size <= limit and stow.body.at_eof():
+        # a part's end leaves the next delimiter unread; none left means the body was cut
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise ValueError("the body ends without its closing delimiter")
     if size > limit:
         await asyncio.to_thread(path.unlink, missing_ok=True)
         stow.too_large = True
@@ -212,7 +235,13 @@ def _close_and_remove(fh: BinaryIO, path: Path) -> None:
 
 
 def _accept_file(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:
-    """Accept the Part 10 file at ``path`` (run in a worker thread); the file is removed."""
+    """Accept the Part 10 file at ``path`` (run in a worker thread), counted in ``ctx.accepts``
+    until its file is removed too."""
+    with ctx.accepts.running():
+        return _accept_and_remove(path, ctx, study)
+
+
+def _accept_and_remove(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:
     try:
         with path.open("rb") as fp:
             offer = _offer(fp, ctx, study)
@@ -220,7 +249,8 @@ def _accept_file(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome
                 return offer
             return accept(offer, ctx.store, ctx.max_instance_size, ctx.audit)
     except Exception as exc:  # never a 500 for one part: it fails with a reason, the rest go on
-        logger.exception("STOW-RS part failed unexpectedly")
+        # the type and stack only: the message may quote a value of the data set
+        logger.error("STOW-RS part failed unexpectedly: %s\n%s", type(exc).__name__, bare_traceback(exc))
         return Outcome(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
     finally:
         path.unlink(missing_ok=True)
@@ -244,6 +274,10 @@ def _offer(fp: BinaryIO, ctx: DicomWebContext, study: str | None) -> Offer | Out
     if missing:
         return Outcome(StoreStatus.CANNOT_UNDERSTAND, f"File Meta Information lacks {', '.join(missing)}")
     sop_class, sop_instance = str(found.MediaStorageSOPClassUID), str(found.MediaStorageSOPInstanceUID)
+    if sop_class not in STORAGE_SOP_CLASSES:
+        return Outcome(StoreStatus.SOP_CLASS_NOT_SUPPORTED,
+                       f"SOP class {sop_class[:64]} is not a storage SOP class the node accepts",
+                       sop_class_uid=sop_class, sop_instance_uid=sop_instance)
     transfer_syntax = UID(str(found.TransferSyntaxUID))
     if transfer_syntax not in TRANSFER_SYNTAXES:
         return Outcome(StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED,
@@ -259,12 +293,6 @@ def _offer(fp: BinaryIO, ctx: DicomWebContext, study: str | None) -> Offer | Out
                  declared_as="Media Storage")
 
 
-def _base_url(request: web.Request) -> str:
-    """The DICOMweb root this request came through, for Retrieve URLs (``.../dicom-web``)."""
-    path = request.path
-    return str(request.url.origin()) + path[: path.rindex("/studies")]
-
-
 def _response(stow: _Request, base: str) -> web.Response:
     """The PS3.18 Store Instances Response (Annex I) as DICOM JSON, with its HTTP status."""
     stored = [o for o in stow.outcomes if o.record is not None]
@@ -276,7 +304,7 @@ def _response(stow: _Request, base: str) -> web.Response:
         body["00081198"] = {"vr": "SQ", "Value": [_failed_item(o) for o in failed]}
     if stow.study is not None and stored:
         body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{stow.study}"]}
-    if stow.too_large:
+    if stow.too_large or stow.too_many:
         status = 413
     else:
         status = 200 if not failed else 202 if stored else 409

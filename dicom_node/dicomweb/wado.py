@@ -17,8 +17,8 @@ from typing import Any
 from aiohttp import web
 
 from dicom_node.dicomweb import CONTEXT, DicomWebContext, multipart, negotiate
-from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, header_json
-from dicom_node.dicomweb.http import base_url, failure, uids
+from dicom_node.dicomweb.dicomjson import MEDIA_TYPE, header_json, json_accepted
+from dicom_node.dicomweb.http import base_url, failure, natural, uids
 from dicom_node.dicomweb.render import MEDIA_TYPES as RENDERED_TYPES
 from dicom_node.dicomweb.render import render
 from dicom_node.dicomweb.stored import FRAME_MEDIA_TYPES, PIXEL_DATA, Header, bulk_value, frame, read_header
@@ -99,8 +99,7 @@ def _metadata(path: Path, base: str, row: Stored) -> dict[str, Any]:
 async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
     """The headers of a study, series or instance as a DICOM JSON array, pixel data and other
     large binary values by bulk data URI; written an instance at a time."""
-    if not any(entry.media_type in ("*/*", "application/*", MEDIA_TYPE, "application/json")
-               for entry in negotiate.parse(request)):
+    if not json_accepted(entry.media_type for entry in negotiate.parse(request)):
         raise failure(406, f"metadata is sent as {MEDIA_TYPE} only")
     rows = await _stored(request, level)
     base = base_url(request)
@@ -123,10 +122,10 @@ async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
 
 def _frame_numbers(text: str, count: int) -> list[int]:
     """The 1-based frame list of the path (``1,3,5``); 400 if malformed, 404 if out of range."""
-    parts = text.split(",")
-    if len(parts) > MAX_FRAMES or not all(p.strip().isdigit() and len(p.strip()) < 10 for p in parts):
+    parts = [natural(p.strip()) for p in text.split(",")[:MAX_FRAMES + 1]]
+    if len(parts) > MAX_FRAMES or None in parts:
         raise failure(400, f"expected a comma list of frame numbers, not {text[:40]!r}")
-    numbers = [int(p) for p in parts]
+    numbers = [n for n in parts if n is not None]
     wrong = [n for n in numbers if not 1 <= n <= count]
     if wrong:
         raise failure(404, f"frame {wrong[0]} is not one of the instance's frames 1 to {count}")
@@ -204,7 +203,9 @@ async def rendered(request: web.Request) -> web.StreamResponse:
         image = await asyncio.to_thread(draw)
     except Exception as exc:  # an undecodable frame, or pixels no image file can hold
         logger.warning("cannot render %s: %s", row.sop_instance_uid, type(exc).__name__)
-        raise failure(406, f"instance {row.sop_instance_uid} cannot be rendered "
+        # 422: the request is fine, the stored pixels are not (406 would blame the Accept header,
+        # 500 would invite retries that cannot succeed)
+        raise failure(422, f"instance {row.sop_instance_uid} cannot be rendered "
                            f"({type(exc).__name__})") from None
     await _audit(request, Level.IMAGE, "rendered", [row])
     return web.Response(body=image, content_type=media)
@@ -215,16 +216,18 @@ def _viewport(request: web.Request) -> int | None:
     width = text.split(",")[0].strip()
     if not width:
         return None
-    if not width.isdigit() or not 0 < int(width) <= 16384:
+    number = natural(width)
+    if number is None or not 0 < number <= 16384:
         raise failure(400, f"viewport must be W,H in pixels, not {text[:24]!r}")
-    return int(width)
+    return number
 
 
 def _quality(request: web.Request) -> int:
     text = request.query.get("quality", "90")
-    if not text.isdigit() or not 1 <= int(text) <= 100:
+    number = natural(text)
+    if number is None or not 1 <= number <= 100:
         raise failure(400, f"quality must be 1 to 100, not {text[:24]!r}")
-    return int(text)
+    return number
 
 
 async def bulkdata(request: web.Request) -> web.StreamResponse:

@@ -84,6 +84,10 @@ RETIRED_STORAGE = tuple(sorted(
      and not uid.startswith("1.2.840.10008.1.")),
     key=lambda uid: [int(part) for part in uid.split(".")],
 ))
+#: Every storage SOP class :func:`build_ae` negotiates, current and retired: what C-STORE takes,
+#: and so what STOW-RS takes.
+STORAGE_SOP_CLASSES = frozenset(
+    {str(context.abstract_syntax) for context in AllStoragePresentationContexts} | set(RETIRED_STORAGE))
 
 
 def failure(status: StoreStatus, comment: str) -> Dataset:

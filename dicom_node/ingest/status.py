@@ -24,6 +24,7 @@ class StoreStatus(IntEnum):
     SUCCESS = 0x0000
     NOT_AUTHORIZED = 0x0124  # the calling AE may query, not store (node.allowed_peers)
     PROCESSING_FAILURE = 0x0110
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # STOW-RS: a part of a class C-STORE would not negotiate
     OUT_OF_RESOURCES = 0xA700
     OUT_OF_RESOURCES_INSTANCE_TOO_LARGE = 0xA701
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900

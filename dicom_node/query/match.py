@@ -189,6 +189,12 @@ def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
     return Find(level, sql, tuple(params), return_keys)
 
 
+def held(keyword: str, level: Level) -> bool:
+    """Whether the index gives return key ``keyword`` a value at ``level`` (C-FIND answers any
+    other empty; QIDO-RS leaves it out)."""
+    return any(column != "NULL" for column in _select(keyword, LEVELS.index(level), ()))
+
+
 def _included(include: Sequence[str], depth: int) -> list[str]:
     """The extra return keys ``include`` names (``"all"``: every key of the level and above)."""
     if "all" in include:

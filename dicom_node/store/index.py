@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dicom_node.store.db import connect, connect_read_only, migrate, transaction
-from dicom_node.store.keyindex import Backfill, forget_backfill, migrate_to_keys, put_keys
+from dicom_node.store.keyindex import Backfill, forget_backfill, migrate_to_keys, put_keys, relist_multivalued
 from dicom_node.store.keys import Kind
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ _MIGRATIONS = (
     """,
     # 3: the query keys of inputs and results (C-FIND), read from the stored files' headers
     migrate_to_keys,
+    # 4: multi-valued keys written as "[a, b]" before: read those files again ("a\\b")
+    relist_multivalued,
 )
 
 

@@ -94,6 +94,20 @@ def migrate_to_keys(conn: sqlite3.Connection) -> None:
         conn.execute("DROP TABLE keys_backfill")  # a new store: nothing to read
 
 
+def relist_multivalued(conn: sqlite3.Connection) -> None:
+    """Schema 4: list for :class:`Backfill` the files whose record holds a multi-valued key as
+    the text of a Python list ("[Doe^John, Roe^Jane]", as versions before it wrote them); the
+    backfill reads them again and writes the values joined by ``\\``."""
+    text = [c for c in KEY_COLUMNS if c not in ("series_number", "instance_number")]
+    where = " OR ".join(f"{column} LIKE '[%]'" for column in text)
+    rows = conn.execute(f"SELECT path, kind FROM instance_keys WHERE {where}").fetchall()
+    if not rows:
+        return
+    conn.execute("CREATE TABLE IF NOT EXISTS keys_backfill (path TEXT PRIMARY KEY, kind TEXT NOT NULL)")
+    conn.executemany("INSERT OR IGNORE INTO keys_backfill VALUES (?, ?)", rows)
+    logger.info("store schema 4: %d record(s) with a multi-valued key to read again", len(rows))
+
+
 #: A file's keys as read: (path, kind, key values or None if unreadable, transfer syntax, mtime).
 Read = tuple[str, Kind, dict[str, object] | None, str, float]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 
 
 class Level(StrEnum):
@@ -96,7 +97,13 @@ class Kind(StrEnum):
 
 
 def _text(value: object) -> str:
-    return str(value).strip() if value is not None else ""
+    """A key's text as DICOM writes it: a multi-valued attribute's values joined by ``\\``
+    (``str`` of pydicom's MultiValue is the Python list's text, "['a', 'b']")."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v).strip() for v in value).strip()
+    return str(value).strip()
 
 
 def _integer(value: object) -> int | None:

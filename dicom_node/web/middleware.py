@@ -6,21 +6,30 @@ In order, outermost first (:meth:`Gate.middlewares`):
 
 1. ``answer_errors``: whatever an inner layer raises, the client gets a short answer and never a
    traceback (400 for :class:`BadRequest`, the router's 404/405 as JSON or the dashboard's page,
-   503 when SQLite does not answer, 500 otherwise); the log gets the path only.
+   503 when SQLite does not answer, 500 otherwise); the log gets the path, the exception's type
+   and its stack, never its message (it may quote a data set's value). An error after a
+   streamed answer has started (its status line is sent) closes the connection instead: a
+   second answer would land inside the first one's body.
 2. ``check_limits``: the whole URL at most :data:`MAX_URL` characters and no ``.``/``..`` path
    segment (the router would see them resolved); on the dashboard, at most
    :data:`MAX_QUERY_FIELDS` query parameters and no percent-encoding in the path (ids, UIDs and
    model names never need it, so an encoded one is an attempt to slip past a check).
 3. ``check_host``: on a loopback bind only loopback names are answered (421; DNS rebinding).
-4. ``preflight``: a CORS preflight from a listed origin is answered here, before authentication
-   (browsers send no credentials with it).
+4. ``preflight``: a CORS preflight from a listed origin to a DICOMweb path is answered here,
+   before authentication (browsers send no credentials with it).
 5. ``authenticate``: the bearer token (header) or the cookie ``/?token=`` sets; 401 otherwise.
+   A request from another origin authenticated by the cookie alone is refused (403): the cookie
+   is the dashboard's, never a credential of a page elsewhere.
 6. ``refuse_cross_site``: a POST (any unsafe method) from another origin is refused (403) unless
-   the origin is listed in ``web.cors_origins`` and the request is not authenticated by the
-   cookie (a bearer header cannot be forged by another site's form).
+   it goes to DICOMweb, the origin is listed in ``web.cors_origins`` and the request carries the
+   bearer token (a header another site's form cannot forge). The dashboard and ``/api`` refuse
+   every cross-origin POST.
 
 ``/healthz`` and ``/readyz`` pass 3 to 6 untouched: probes reach them by any name, without a token.
-CORS headers are added to every answer, streamed ones included, by :meth:`Gate.on_prepare`.
+CORS applies under :data:`~dicom_node.dicomweb.PREFIX` only: its headers are added to those
+answers, streamed ones included, by :meth:`Gate.on_prepare`, and never to the dashboard's or
+``/api``'s. No ``Access-Control-Allow-Credentials`` is ever sent, and a listed origin needs
+``web.token`` (:func:`check_exposure`): QIDO-RS and WADO-RS answers carry patient names.
 """
 
 import asyncio
@@ -36,6 +45,7 @@ from aiohttp.typedefs import Handler, Middleware
 from dicom_node.config import WebSettings
 from dicom_node.dicomweb import PREFIX
 from dicom_node.errors import ConfigError
+from dicom_node.logs import bare_traceback
 from dicom_node.store.db import DatabaseError
 from dicom_node.web import pages
 from dicom_node.web.data import dumps
@@ -56,6 +66,8 @@ CORS_METHODS = "GET, POST, OPTIONS"
 CORS_REQUEST_HEADERS = "Authorization, Accept, Content-Type"
 CORS_EXPOSED = "Content-Type, Content-Length, Content-Location, Location, Warning, WWW-Authenticate"
 CORS_MAX_AGE = "600"
+#: Set on a request once its response's status line and headers are on their way.
+PREPARED = web.RequestKey("prepared", bool)
 
 
 class BadRequest(ValueError):
@@ -64,11 +76,18 @@ class BadRequest(ValueError):
 
 
 def check_exposure(settings: WebSettings) -> None:
-    """A dashboard on anything but loopback must have a token: it can re-drive work."""
+    """A dashboard on anything but loopback must have a token: it can re-drive work. So must
+    CORS: without a token any page on the web could read the patient data DICOMweb answers."""
     if not _loopback(settings.bind) and not settings.token:
         raise ConfigError(
             f"web.bind = {settings.bind!r} is not loopback: set web.token "
             "(or DICOM_NODE_WEB_TOKEN), or bind to 127.0.0.1"
+        )
+    if settings.cors_origins and not settings.token:
+        raise ConfigError(
+            f"web.cors_origins = {list(settings.cors_origins)!r} needs web.token "
+            "(or DICOM_NODE_WEB_TOKEN): without it any page of a listed origin reads patient data; "
+            "set a token or empty web.cors_origins"
         )
 
 
@@ -105,15 +124,10 @@ class Gate:
             if exc.status < 400 or exc.text != f"{exc.status}: {exc.reason}":
                 raise  # a redirect, or an answer with a body of its own (DICOMweb's)
             return _refusal(request, exc)
-        except (sqlite3.OperationalError, DatabaseError):
-            logger.error("web: %s %s: the database did not answer", request.method, loggable(request),
-                         exc_info=True)
-            return error(503, "the database did not answer; try again")
         except (asyncio.CancelledError, ConnectionResetError):
             raise  # the client went away: nothing to answer
-        except Exception:
-            logger.error("web: %s %s failed", request.method, loggable(request), exc_info=True)
-            return error(500, "internal error (see the node's log)")
+        except Exception as exc:
+            return _failed(request, exc)
 
     @web.middleware
     async def check_limits(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -122,7 +136,7 @@ class Gate:
         if {".", ".."} & set(request.raw_path.split("?", 1)[0].split("/")):
             # the router sees the path with these segments resolved: refused, not silently followed
             raise BadRequest("malformed path: '.' and '..' segments are not allowed")
-        if not _under(request.path, PREFIX):
+        if not under(request.path, PREFIX):
             if len(request.query) > MAX_QUERY_FIELDS:
                 raise BadRequest(f"too many query parameters: at most {MAX_QUERY_FIELDS}")
             if "%" in request.rel_url.raw_path:
@@ -139,7 +153,7 @@ class Gate:
     async def preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin", "")
         if (request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
-                and self.cors_allows(origin)):
+                and self.cors_allows(request, origin)):
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": CORS_METHODS,
                 "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
@@ -157,8 +171,10 @@ class Gate:
             return await handler(request)
         offered = request.query.get("token", "")
         if request.method == "GET" and offered and _same(offered, token):
-            # set the cookie, then take the token out of the address bar and history
-            back = web.HTTPSeeOther(request.rel_url.raw_path or "/")
+            # set the cookie, then take the token out of the address bar and history; the rest
+            # of the query stays (a QIDO-RS search's keys)
+            kept = [(key, value) for key, value in request.rel_url.query.items() if key != "token"]
+            back = web.HTTPSeeOther(str(request.rel_url.with_query(kept)) or "/")
             back.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
             raise back
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
@@ -167,6 +183,9 @@ class Gate:
             if _same(value.strip(), token):
                 return await handler(request)
         elif _same(request.cookies.get(COOKIE, ""), token):
+            if _cross_origin(request):
+                # the cookie is the dashboard's own: a page of another origin never uses it
+                return error(403, "cross-origin request refused: send the bearer token")
             request[CREDENTIAL] = "cookie"
             return await handler(request)
         return error(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
@@ -175,9 +194,9 @@ class Gate:
     async def refuse_cross_site(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method in UNSAFE and request.path not in OPEN:
             origin = request.headers.get("Origin")
-            if origin is not None and urlsplit(origin).netloc != request.headers.get("Host", ""):
+            if origin is not None and _cross_origin(request):
                 # cross-site request forgery: another page's form or script posting to the node
-                if not (self.cors_allows(origin) and request.get(CREDENTIAL) != "cookie"):
+                if not (self.cors_allows(request, origin) and request.get(CREDENTIAL) == "bearer"):
                     return error(403, "cross-origin request refused")
             elif origin is None and request.headers.get("Sec-Fetch-Site", "same-origin") not in (
                     "same-origin", "none"):
@@ -186,21 +205,25 @@ class Gate:
 
     async def on_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """Every answer: never cached, no library version in ``Server``; with the CORS headers
-        when it goes to a listed origin."""
+        when it goes to a listed origin. Marks the request :data:`PREPARED`."""
+        if isinstance(request, web.Request):
+            request[PREPARED] = True
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers["Server"] = "dicom-node"
-        if not self.origins:
+        if not self.origins or not under(request.path, PREFIX):
             return
         response.headers.add("Vary", "Origin")
         origin = request.headers.get("Origin", "")
-        if self.cors_allows(origin):
+        if self.cors_allows(request, origin):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in self.origins else origin
             response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
             response.headers.setdefault("Access-Control-Allow-Methods", CORS_METHODS)
             response.headers.setdefault("Access-Control-Allow-Headers", CORS_REQUEST_HEADERS)
 
-    def cors_allows(self, origin: str) -> bool:
-        return bool(origin) and ("*" in self.origins or origin in self.origins)
+    def cors_allows(self, request: web.BaseRequest, origin: str) -> bool:
+        """Whether ``origin`` may call ``request``'s path: a listed origin, DICOMweb only."""
+        return (bool(origin) and under(request.path, PREFIX)
+                and ("*" in self.origins or origin in self.origins))
 
     def host_allowed(self, host: str) -> bool:
         """DNS rebinding: a page of another site must not reach the node by a name that
@@ -211,15 +234,42 @@ class Gate:
         return name in {"127.0.0.1", "localhost", "::1", self.settings.bind.lower()}
 
 
+def log_failure(request: web.BaseRequest, exc: BaseException, what: str = "failed") -> None:
+    """An unexpected error of a request at ERROR: path, type and stack, not the message."""
+    logger.error("web: %s %s %s: %s\n%s", request.method, loggable(request), what,
+                 type(exc).__name__, bare_traceback(exc))
+
+
+def _failed(request: web.Request, exc: Exception) -> web.Response:
+    """The answer to an unexpected error; the connection closed if an answer has started."""
+    if request.get(PREPARED):
+        log_failure(request, exc, "failed after its answer had started (connection closed)")
+        if request.transport is not None:
+            request.transport.close()  # what is buffered goes out; the client sees a short body
+        return error(500, "internal error")  # unsendable now: aiohttp drops it on the closed transport
+    if isinstance(exc, sqlite3.OperationalError | DatabaseError):
+        log_failure(request, exc, "the database did not answer")
+        return error(503, "the database did not answer; try again")
+    log_failure(request, exc)
+    return error(500, "internal error (see the node's log)")
+
+
 def _refusal(request: web.Request, exc: web.HTTPException) -> web.Response:
     """The router's own refusals (no such page, method not allowed) in our words."""
     headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-    if exc.status == 404 and not (_under(request.path, "/api") or _under(request.path, PREFIX)):
+    if exc.status == 404 and not (under(request.path, "/api") or under(request.path, PREFIX)):
         return web.Response(status=404, body=pages.not_found("no such page"), content_type="text/html")
     return error(exc.status, (exc.reason or "refused").lower(), headers)
 
 
-def _under(path: str, prefix: str) -> bool:
+def _cross_origin(request: web.BaseRequest) -> bool:
+    """Whether the request names an ``Origin`` other than the host it was sent to."""
+    origin = request.headers.get("Origin")
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("Host", "")
+
+
+def under(path: str, prefix: str) -> bool:
+    """Whether ``path`` is ``prefix`` or below it."""
     return path == prefix or path.startswith(prefix + "/")
 
 

@@ -8,6 +8,7 @@ loop that answers here also answers DICOMweb and the probes.
 import asyncio
 import re
 from collections.abc import Callable
+from concurrent.futures import Executor
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -35,8 +36,11 @@ E = TypeVar("E", bound=StrEnum)
 class Dashboard:
     """The handlers over one node's :class:`~dicom_node.web.data.Sources`."""
 
-    def __init__(self, src: data.Sources, metrics: Metrics, audit: Audit) -> None:
-        self.src, self.metrics, self.audit = src, metrics, audit
+    def __init__(self, src: data.Sources, metrics: Metrics, audit: Audit,
+                 probes: Executor | None = None) -> None:
+        """``probes``: the threads ``/readyz`` reads the node's state in, apart from the pool
+        every other handler shares (a probe must not wait behind slow searches)."""
+        self.src, self.metrics, self.audit, self.probes = src, metrics, audit, probes
 
     def add_routes(self, app: web.Application) -> None:
         """Each page at its path and, as JSON, under ``/api``; GET and POST only (HEAD is 405)."""
@@ -58,7 +62,7 @@ class Dashboard:
         return web.Response(text="ok\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
-        state = await asyncio.to_thread(data.ready, self.src)
+        state = await asyncio.get_running_loop().run_in_executor(self.probes, data.ready, self.src)
         status = 200 if state.ready else 503
         if "application/json" in request.headers.get("Accept", ""):
             return web.Response(status=status, body=state.as_json(), content_type="application/json")

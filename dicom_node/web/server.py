@@ -5,12 +5,14 @@ thread of the node's process."""
 
 import asyncio
 import logging
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 
 from dicom_node.audit import Audit
@@ -18,15 +20,24 @@ from dicom_node.config import WebSettings
 from dicom_node.dicomweb import PREFIX, DicomWebContext, make_app
 from dicom_node.web import data
 from dicom_node.web.metrics import Metrics
-from dicom_node.web.middleware import Gate, check_exposure, error, loggable
+from dicom_node.web.middleware import Gate, check_exposure, error, log_failure, loggable, under
 from dicom_node.web.routes import Dashboard
 
 logger = logging.getLogger(__name__)
 #: Threads for the handlers' blocking work (SQLite, files, pydicom): the loop itself never blocks.
 WORKER_THREADS = 8
+#: DICOMweb and ``/api`` requests at work at once: fewer than :data:`WORKER_THREADS`, so slow
+#: searches never take every thread from the dashboard's pages. One more waits up to
+#: :data:`BUSY_WAIT_SECONDS` for a slot, then gets 503 with ``Retry-After``.
+MAX_BUSY = WORKER_THREADS - 2
+BUSY_WAIT_SECONDS = 2.0
+RETRY_AFTER_SECONDS = 5
 #: How long a stop waits for requests in flight before it cancels them (aiohttp waits this long
 #: twice at most: for the handlers to finish, then for them to end once their input is cut).
 STOP_GRACE_SECONDS = 5.0
+#: How long a stop then waits for STOW-RS accepts already running in worker threads (a thread
+#: cannot be cancelled; an accept writes to the store, which closes after the stop).
+ACCEPT_GRACE_SECONDS = 10.0
 #: A request line (method, URL, version) longer than this is refused by aiohttp's parser (400).
 MAX_LINE = 8190
 #: A header line longer than this is refused by aiohttp's parser (431); it differs from
@@ -38,10 +49,11 @@ MAX_HEADERS = 100
 
 def make_root_app(settings: WebSettings, dashboard: Dashboard,
                   dicomweb: DicomWebContext | None = None) -> web.Application:
-    """The application: the middlewares of :class:`~.middleware.Gate`, the dashboard's routes,
-    and the DICOMweb sub-application at :data:`PREFIX` when ``dicomweb`` is given."""
+    """The application: the middlewares of :class:`~.middleware.Gate` and :class:`Admission`,
+    the dashboard's routes, and the DICOMweb sub-application at :data:`PREFIX` when
+    ``dicomweb`` is given."""
     gate = Gate(settings)
-    app = web.Application(middlewares=gate.middlewares())
+    app = web.Application(middlewares=[*gate.middlewares(), Admission(MAX_BUSY).admit])
     app.on_response_prepare.append(gate.on_prepare)
     dashboard.add_routes(app)
     if dicomweb is not None:
@@ -54,11 +66,15 @@ class WebServer:
     once), answers from :meth:`start` until :meth:`stop`."""
 
     def __init__(self, settings: WebSettings, src: data.Sources, metrics: Metrics, audit: Audit,
-                 dicomweb: DicomWebContext | None = None) -> None:
+                 dicomweb: DicomWebContext | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: HTTPS (``web.tls``, :func:`dicom_node.tls.web_context`); None: HTTP."""
         check_exposure(settings)
         self.settings, self.src, self.metrics, self.audit = settings, src, metrics, audit
+        self.dicomweb = dicomweb
         metrics.watch(src, audit)
-        app = make_root_app(settings, Dashboard(src, metrics, audit), dicomweb)
+        # /readyz reads the node's state in a thread of its own, never behind the shared pool
+        self.probes = ThreadPoolExecutor(1, thread_name_prefix="web-probe")
+        app = make_root_app(settings, Dashboard(src, metrics, audit, self.probes), dicomweb)
         self.loop = asyncio.new_event_loop()
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="web")
         self.loop.set_default_executor(self.executor)
@@ -67,11 +83,12 @@ class WebServer:
                               max_field_size=MAX_FIELD, max_headers=MAX_HEADERS)
         self.loop.run_until_complete(self.runner.setup())
         try:
-            site = web.TCPSite(self.runner, settings.bind, settings.port)
+            site = web.TCPSite(self.runner, settings.bind, settings.port, ssl_context=ssl_context)
             self.loop.run_until_complete(site.start())
         except OSError:
             self._close()
             raise
+        self.scheme = "https" if ssl_context is not None else "http"
         self.thread = threading.Thread(target=self.loop.run_forever, name="web", daemon=True)
 
     @property
@@ -80,14 +97,17 @@ class WebServer:
 
     def start(self) -> "WebServer":
         self.thread.start()
-        logger.info("dashboard on http://%s:%d/", self.settings.bind, self.port)
+        logger.info("dashboard on %s://%s:%d/", self.scheme, self.settings.bind, self.port)
         return self
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Stop listening, let requests in flight finish within :data:`STOP_GRACE_SECONDS`, then
-        cancel what is left and close; a second call does nothing."""
+        cancel what is left and close; wait up to :data:`ACCEPT_GRACE_SECONDS` for STOW-RS
+        accepts already running. Returns whether they all ended: if not, one may still write
+        to the store, and its stop is not clean (the next start must check the files). A
+        second call does nothing and returns True."""
         if self.loop.is_closed():
-            return
+            return True
         if self.thread.is_alive():
             done = asyncio.run_coroutine_threadsafe(_shut(self.runner), self.loop)
             try:
@@ -98,15 +118,46 @@ class WebServer:
             self.thread.join(timeout=10)
         else:
             self.loop.run_until_complete(_shut(self.runner))
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)  # accepts not yet started never start
+        self.probes.shutdown(wait=False, cancel_futures=True)
         if not self.thread.is_alive():
             self.loop.close()
+        if self.dicomweb is None or self.dicomweb.accepts.wait_idle(ACCEPT_GRACE_SECONDS):
+            return True
+        logger.warning("web: a STOW-RS accept was still running %.0f s after the stop: the store's "
+                       "files will be checked at the next start", ACCEPT_GRACE_SECONDS)
+        return False
 
     def _close(self) -> None:
         """Undo a construction that failed (the port was taken)."""
         self.loop.run_until_complete(self.runner.cleanup())
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.probes.shutdown(wait=False, cancel_futures=True)
         self.loop.close()
+
+
+class Admission:
+    """At most ``slots`` DICOMweb and ``/api`` requests at work at once (the innermost
+    middleware: only authenticated requests take a slot). A request that finds none free
+    within :data:`BUSY_WAIT_SECONDS` gets 503 with ``Retry-After`` rather than queueing for
+    threads without end; the dashboard's pages and the probes are not counted."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+
+    @web.middleware
+    async def admit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not (under(request.path, PREFIX) or under(request.path, "/api")):
+            return await handler(request)
+        try:
+            await asyncio.wait_for(self.slots.acquire(), BUSY_WAIT_SECONDS)
+        except TimeoutError:
+            return error(503, "the node is busy with other requests; try again",
+                         {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        try:
+            return await handler(request)
+        finally:
+            self.slots.release()
 
 
 async def _shut(runner: web.AppRunner) -> None:
@@ -161,7 +212,7 @@ class _Connection(RequestHandler):
                          type(exc).__name__)
             status, reason = _parser_refusal(exc)
         else:
-            logger.error("web: %s %s failed", request.method, loggable(request), exc_info=exc)
+            log_failure(request, exc or RuntimeError("no exception"))
             status, reason = 500, "internal error (see the node's log)"
         answer = error(status, reason, {"Connection": "close", "Server": "dicom-node"})
         answer.force_close()

@@ -101,6 +101,19 @@ def test_includefield_names_more_keys_by_keyword_or_tag_or_all(server: tuple[str
     assert {"00100010", "00200010"} <= set(answer.json()[0])
 
 
+def test_includefield_of_a_key_the_index_does_not_hold_is_left_out(server: tuple[str, dict[str, str]]) -> None:
+    """Present but empty would claim the instance has no value; the index just does not hold it."""
+    url, ids = server
+    for path, tag in (("/studies?includefield=BodyPartExamined", "00180015"),
+                      ("/instances?includefield=Rows", "00280010"),
+                      ("/studies?includefield=SOPInstanceUID", "00080018")):  # below the level
+        answer = requests.get(url + path, timeout=30).json()
+        assert answer and all(tag not in result for result in answer), path
+    [study] = requests.get(f"{url}/studies?StudyInstanceUID={ids['cr_study']}&includefield=PatientSex",
+                           timeout=30).json()
+    assert "00100040" in study  # a key the index holds is included
+
+
 def test_retrieve_url_names_this_nodes_wado_rs_resource(server: tuple[str, dict[str, str]]) -> None:
     url, ids = server
     study, = requests.get(f"{url}/studies", params={"StudyInstanceUID": ids["ct_study"]}).json()
@@ -174,3 +187,52 @@ def test_a_sequence_key_matches_by_its_item_attribute(tmp_path: Path) -> None:
         item = found[0]["0040A043"]["Value"][0]
         assert item["00080104"]["Value"] == ["Imaging Measurement Report"]
         assert requests.get(f"{url}/instances", params={"0040A043.00080100": "999"}).json() == []
+
+
+def test_person_names_are_split_into_component_groups_and_values(tmp_path: Path) -> None:
+    """PS3.18 F.2.2: "A=I=P" is Alphabetic, Ideographic and Phonetic; a multi-valued PN is one
+    object per value."""
+    from tests.factories import ct_dataset
+
+    ds = ct_dataset(seed=41)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    ds.ReferringPhysicianName = ["Doe^John", "Roe^Jane"]
+    with serve_dicomweb(tmp_path / "data") as (url, ctx):
+        ctx.store.save_result(ds)
+        [study] = requests.get(url + "/studies", timeout=30).json()
+    assert study["00100010"]["Value"] == [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎",
+                                           "Phonetic": "やまだ^たろう"}]
+    assert study["00080090"]["Value"] == [{"Alphabetic": "Doe^John"}, {"Alphabetic": "Roe^Jane"}]
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    ("application/dicom+xml", 406), ('multipart/related; type="application/dicom+xml"', 406),
+    ("text/html", 406), ("application/dicom+json", 200), ("application/json", 200), ("*/*", 200),
+    ("application/*", 200), ("text/html, application/dicom+json;q=0.5", 200), (None, 200),
+])
+def test_qido_answers_406_unless_the_accept_header_allows_dicom_json(
+        server: tuple[str, dict[str, str]], accept: str | None, expected: int) -> None:
+    url, _ = server
+    headers = {"Accept": accept} if accept is not None else {}
+    response = requests.get(url + "/studies", headers=headers, timeout=30)
+    assert response.status_code == expected, response.text
+    if expected == 200:
+        assert response.headers["Content-Type"].startswith("application/dicom+json")
+
+
+def test_the_query_audit_names_the_studies_answered(tmp_path: Path) -> None:
+    from tests.dicomweb.stow_helpers import RecordingAudit
+    from tests.factories import ct_dataset
+
+    audit = RecordingAudit()
+    first, second = ct_dataset(seed=61), ct_dataset(seed=62)
+    with serve_dicomweb(tmp_path / "data", audit=audit) as (url, ctx):
+        for ds in (first, second):
+            ctx.store.save_result(ds)
+        assert len(requests.get(url + "/studies", timeout=30).json()) == 2
+        assert len(requests.get(url + "/instances?PatientID=NOBODY", timeout=30).json()) == 0
+    everything, nothing = audit.named("query")
+    assert everything["study_instance_uids"] == sorted([first.StudyInstanceUID, second.StudyInstanceUID])
+    assert everything["matches"] == 2 and nothing["study_instance_uids"] == []
+    assert "PHANTOM" not in repr(audit.events)  # UIDs, never names or IDs

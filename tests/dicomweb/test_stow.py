@@ -89,3 +89,24 @@ def test_a_stowed_series_becomes_a_job_routed_by_the_stow_label(tmp_path: Path) 
         uids = {r.sop_instance_uid for r in ctx.store.index.instances()}
     assert (job.pipeline, job.series_instance_uid, job.study_instance_uid) == ("from-stow", series, study)
     assert set(job.instance_uids) == uids and len(uids) == 2
+
+
+def test_retrieve_urls_keep_the_port_when_the_host_header_has_none(tmp_path: Path) -> None:
+    """dicomweb-client sends ``Host: 127.0.0.1`` alone: a Retrieve URL without the port would
+    point at another server (QIDO-RS and WADO-RS build theirs the same way: http.base_url)."""
+    import http.client
+    import json
+
+    from tests.dicomweb.stow_helpers import CONTENT_TYPE, part10
+
+    ds = ct_dataset(seed=21)
+    with stow_server(tmp_path / "data") as (url, _, _):
+        port = urlsplit(url).port
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", f"/dicom-web/studies/{ds.StudyInstanceUID}", body=multipart([part10(ds)]),
+                     headers={"Host": "127.0.0.1", "Content-Type": CONTENT_TYPE})
+        answer = json.loads(conn.getresponse().read())
+        conn.close()
+    instance = answer["00081199"]["Value"][0]["00081190"]["Value"][0]
+    assert instance.startswith(f"http://127.0.0.1:{port}/dicom-web/studies/{ds.StudyInstanceUID}/series/")
+    assert answer["00081190"]["Value"] == [f"http://127.0.0.1:{port}/dicom-web/studies/{ds.StudyInstanceUID}"]

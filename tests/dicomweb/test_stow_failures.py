@@ -107,6 +107,23 @@ def test_a_part_over_the_size_limit_is_413_and_the_rest_is_not_read(tmp_path: Pa
     assert leftovers(data_dir) == []
 
 
+def test_over_max_parts_is_413_with_what_was_stored_and_the_rest_is_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.dicomweb import stow
+
+    assert stow.MAX_PARTS == 10_000  # documented in docs/conformance.md
+    monkeypatch.setattr(stow, "MAX_PARTS", 3)
+    instances = [ct_dataset(size=8, seed=20 + n) for n in range(5)]
+    with stow_server(tmp_path / "data") as (url, ctx, _):
+        response = post(url + "/studies", multipart([part10(ds) for ds in instances]))
+        assert ctx.store.index.counts()[2] == 3
+    assert response.status_code == 413
+    body = response.json()
+    assert list(stored(body)) == [ds.SOPInstanceUID for ds in instances[:3]]
+    [(uid, status, comment)] = failures(body)
+    assert (uid, status) == ("", StoreStatus.OUT_OF_RESOURCES) and "over 3 parts" in comment
+
+
 def test_a_data_set_just_over_the_limit_is_refused_by_the_backstop(tmp_path: Path) -> None:
     """A part within the meta allowance but whose data set passes the limit: 0xA701 as C-STORE."""
     ds = ct_dataset(size=64, seed=1)
@@ -158,6 +175,36 @@ def test_a_transfer_syntax_c_store_would_not_negotiate_fails_with_c122(tmp_path:
         response = post(url + "/studies", multipart([encoded]))
     assert response.status_code == 409
     assert failures(response.json())[0][1] == StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED == 0xC122
+
+
+def test_a_sop_class_c_store_would_not_negotiate_fails_with_0122(tmp_path: Path) -> None:
+    """What C-STORE negotiates is what STOW-RS takes: not a private UID, not a C-FIND class."""
+    odd, find, retired = ct_dataset(seed=1), ct_dataset(seed=2), ct_dataset(seed=3)
+    odd.SOPClassUID = odd.file_meta.MediaStorageSOPClassUID = "1.2.3.4"
+    find.SOPClassUID = find.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    # US Image Storage (retired): C-STORE takes it, so STOW-RS does too
+    retired.SOPClassUID = retired.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6"
+    with stow_server(tmp_path / "data") as (url, ctx, _):
+        response = post(url + "/studies", multipart([part10(odd), part10(find), part10(retired)]))
+        assert ctx.store.index.counts()[2] == 1
+    assert response.status_code == 202
+    failed = failures(response.json())
+    assert [(uid, reason) for uid, reason, _ in failed] == [
+        (odd.SOPInstanceUID, StoreStatus.SOP_CLASS_NOT_SUPPORTED), (find.SOPInstanceUID, 0x0122)]
+    assert all("not a storage SOP class" in comment for _, _, comment in failed)
+    assert list(stored(response.json())) == [retired.SOPInstanceUID]
+
+
+@pytest.mark.parametrize("tail", [b"\r\n", b""])
+def test_a_body_without_its_closing_delimiter_is_400_either_way(tmp_path: Path, tail: bytes) -> None:
+    """With or without the CRLF after the last part, a body cut before "--boundary--" is one
+    answer: 400, nothing stored (aiohttp had cut the part in one case and kept it in the other)."""
+    body = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10(ct_dataset(seed=5)) + tail
+    with stow_server(tmp_path / "data") as (url, ctx, _):
+        response = post(url + "/studies", body)
+        assert ctx.store.index.counts()[2] == 0
+    assert response.status_code == 400 and "closing delimiter" in response.text
+    assert leftovers(tmp_path / "data") == []
 
 
 def test_a_client_that_goes_away_mid_part_leaves_nothing_behind(tmp_path: Path) -> None:

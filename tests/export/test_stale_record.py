@@ -1,5 +1,5 @@
-"""Failures recorded against the record as it is now, not as it was first read (review of #12,
-finding 5): with a real clock, every change moves ``updated_at``, and an update made from an
+"""Failures recorded against the record as it is now, not as it was first read:
+with a real clock, every change moves ``updated_at``, and an update made from an
 older copy used to be lost, so a record that failed this way was sent again on every poll."""
 
 import sqlite3

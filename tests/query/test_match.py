@@ -144,3 +144,24 @@ def test_retrieve_selects_the_files_and_needs_the_unique_key(store: InstanceStor
     with pytest.raises(QueryError, match="keyword"):
         find({"QueryRetrieveLevel": "STUDY", "NoSuchKeyword": ""})
     assert find({"QueryRetrieveLevel": "study"}).level is Level.STUDY
+
+
+def test_a_multi_valued_key_comes_back_as_its_values(tmp_path: Path) -> None:
+    """An index record holds a multi-valued attribute as DICOM writes it ("a\\b"): C-FIND
+    answers its values, not one value holding a Python list's text."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicom_node.store.keys import key_values
+    from tests.factories import ct_dataset
+
+    ds = ct_dataset(seed=40)
+    ds.ReferringPhysicianName = ["Doe^John", "Roe^Jane"]
+    store = InstanceStore(tmp_path / "multi")
+    try:
+        keys = key_values(ds)
+        store.index.put_result("results/x.dcm", ExplicitVRLittleEndian, 0.0, keys)
+        [answer] = run(store, find({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID,
+                                    "ReferringPhysicianName": ""}))
+    finally:
+        store.close()
+    assert list(answer.ReferringPhysicianName) == ["Doe^John", "Roe^Jane"]

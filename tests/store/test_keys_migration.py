@@ -74,7 +74,7 @@ def test_a_schema_2_folder_migrates_and_its_inputs_and_results_get_their_keys(tm
 
     store = InstanceStore(data_dir)
     try:
-        assert schema_version(store.index._conn, "store") == len(index_module._MIGRATIONS) == 3
+        assert schema_version(store.index._conn, "store") == len(index_module._MIGRATIONS) == 4
         assert store.index.counts() == (2, 2, 2)  # nothing lost
     finally:
         store.close()
@@ -162,3 +162,25 @@ def test_keys_migrated_from_schema_2_equal_the_keys_written_live(tmp_path: Path)
     for uid, row in live.items():
         assert {k: v for k, v in migrated[uid].items() if k != "received_at"} == {
             k: v for k, v in row.items() if k != "received_at"}, uid
+
+
+def test_a_multi_valued_key_is_held_as_dicom_writes_it_and_old_records_are_read_again(tmp_path: Path) -> None:
+    """Versions before schema 4 held "[Doe^John, Roe^Jane]" (a Python list's text): new records
+    hold "Doe^John\\Roe^Jane", and opening an older store reads those files again."""
+    from tests.store.test_store import put
+
+    data_dir = tmp_path / "var"
+    ds = radiograph(1, new_uid(), "MULTI")
+    ds.ReferringPhysicianName = ["Doe^John", "Roe^Jane"]
+    store = InstanceStore(data_dir)
+    try:
+        put(store, ds)
+    finally:
+        store.close()
+    assert keys_of(data_dir)[ds.SOPInstanceUID]["referring_physician_name"] == "Doe^John\\Roe^Jane"
+    conn = sqlite3.connect(data_dir / DATABASE_NAME)
+    conn.executescript("UPDATE instance_keys SET referring_physician_name = '[Doe^John, Roe^Jane]'; "
+                       "UPDATE schema_versions SET version = 3 WHERE component = 'store';")
+    conn.close()
+    InstanceStore(data_dir).close()
+    assert keys_of(data_dir)[ds.SOPInstanceUID]["referring_physician_name"] == "Doe^John\\Roe^Jane"

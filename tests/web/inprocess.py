@@ -2,6 +2,7 @@
 for tests of what the server answers, without running a node or a model."""
 
 import http.client
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,9 +66,10 @@ class App:
 
 @contextmanager
 def web_app(data_dir: Path, min_free_space: int = 0, ready: Callable[[], str | None] = lambda: None,
-            settings: WebSettings | None = None, dicomweb: bool = False) -> Iterator[App]:
+            settings: WebSettings | None = None, dicomweb: bool = False,
+            ssl_context: ssl.SSLContext | None = None) -> Iterator[App]:
     """The web server over :func:`make_database`; ``dicomweb``: with the DICOMweb sub-application
-    mounted over the same folder's store."""
+    mounted over the same folder's store; ``ssl_context``: over HTTPS."""
     make_database(data_dir)
     backend = SQLiteJobBackend(data_dir / DATABASE_NAME)
     outbox = Outbox(data_dir / DATABASE_NAME)
@@ -76,7 +78,8 @@ def web_app(data_dir: Path, min_free_space: int = 0, ready: Callable[[], str | N
     src = Sources(data_dir, JobQueue(backend), outbox, ModelRegistry(REPO / "models"), ["cpu"], ready,
                   min_free_space)
     context = DicomWebContext(store, trail, 2**31) if dicomweb else None
-    server = WebServer(settings or WebSettings(port=0, token=TOKEN), src, Metrics(), trail, context).start()
+    server = WebServer(settings or WebSettings(port=0, token=TOKEN), src, Metrics(), trail, context,
+                       ssl_context).start()
     try:
         yield App(server, trail, src, store)
     finally:

@@ -77,6 +77,19 @@ def test_the_cookie_login_reaches_dicom_web_too(app: App) -> None:
     assert app.request("GET", PROBE, {"Cookie": f'other="un;closed; {cookie}'}, token=False)[0] == 200
 
 
+def test_the_cookie_login_keeps_the_rest_of_the_query(app: App) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    path = f"{PREFIX}/studies?PatientName=DOE%5EJ*&token={TOKEN}&includefield=00080020&includefield=StudyID"
+    status, headers, _ = app.request("GET", path, token=False)
+    assert status == 303
+    location = urlsplit(headers["Location"])
+    assert location.path == f"{PREFIX}/studies" and TOKEN not in headers["Location"]
+    assert parse_qsl(location.query) == [("PatientName", "DOE^J*"), ("includefield", "00080020"),
+                                         ("includefield", "StudyID")]
+    assert app.request("GET", f"/jobs?token={TOKEN}", token=False)[1]["Location"] == "/jobs"
+
+
 def test_posts_from_dicomweb_clients_and_the_cross_site_rules(app: App) -> None:
     login = app.request("GET", f"/?token={TOKEN}", token=False)[1]["Set-Cookie"].split(";")[0]
     host = f"127.0.0.1:{app.server.port}"
@@ -126,6 +139,49 @@ def test_cors_is_off_by_default_and_star_allows_any_origin(tmp_path: Path, probe
         assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
         status, headers, _ = app.request("GET", PROBE, {"Origin": "http://any.example"})
         assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_cors_needs_a_token(tmp_path: Path) -> None:
+    """Without a token a listed origin (or "*") would let any page read patient names from QIDO."""
+    from dicom_node.errors import ConfigError
+    from dicom_node.web.middleware import check_exposure
+
+    for origins in (("*",), (OHIF,)):
+        with pytest.raises(ConfigError, match=r"web\.cors_origins.*web\.token"):
+            check_exposure(WebSettings(port=0, cors_origins=origins))
+        data, settings = tmp_path / str(len(origins[0])), WebSettings(port=0, cors_origins=origins)
+        with pytest.raises(ConfigError, match=r"web\.cors_origins"), web_app(data, settings=settings):
+            pass
+    check_exposure(WebSettings(port=0, token=TOKEN, cors_origins=("*",)))
+    check_exposure(WebSettings(port=0))  # loopback, same origin: no token needed, as before
+
+
+def test_cors_never_reaches_the_dashboard_or_the_api(tmp_path: Path, probed: None) -> None:
+    settings = WebSettings(port=0, token=TOKEN, cors_origins=("*",))
+    with web_app(tmp_path / "data", settings=settings, dicomweb=True) as app:
+        for path in ("/api/overview", "/", "/metrics"):
+            status, headers, _ = app.request("GET", path, {"Origin": OHIF})
+            assert status == 200 and not any(k.startswith("Access-Control") for k in headers), path
+        preflight = {"Origin": OHIF, "Access-Control-Request-Method": "POST"}
+        status, headers, _ = app.request("OPTIONS", "/api/jobs/1/requeue", preflight, token=False)
+        assert status == 401 and not any(k.startswith("Access-Control") for k in headers)
+        for bearer in (True, False):  # actions refuse every cross-origin POST, token or not
+            status, _, body = app.request("POST", "/api/jobs/1/requeue", {"Origin": OHIF}, token=bearer)
+            assert status in (401, 403) and status == (403 if bearer else 401), body
+        status, headers, _ = app.request("GET", PREFIX + "/studies", {"Origin": OHIF})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Credentials" not in headers
+
+
+def test_the_cookie_never_authorises_a_cross_origin_request(app: App) -> None:
+    login = app.request("GET", f"/?token={TOKEN}", token=False)[1]["Set-Cookie"].split(";")[0]
+    for origin in (OHIF, "http://evil.example", "null"):
+        for method in ("GET", "POST"):
+            status, headers, _ = app.request(method, PROBE, {"Origin": origin, "Cookie": login}, token=False)
+            assert status == 403, (origin, method)
+            assert "Access-Control-Allow-Credentials" not in headers
+    host = f"127.0.0.1:{app.server.port}"
+    assert app.request("GET", PROBE, {"Origin": f"http://{host}", "Cookie": login}, token=False)[0] == 200
 
 
 def test_without_dicomweb_nothing_is_mounted(tmp_path: Path, probed: None) -> None:

@@ -1,0 +1,55 @@
+"""Slow searches must not starve the probes: ``/readyz`` reads the node's state in a thread of
+its own, and DICOMweb and ``/api`` requests beyond :data:`server.MAX_BUSY` at work get 503 with
+``Retry-After`` instead of queueing for the shared threads without end."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.store.index import Index
+from dicom_node.web import server
+from tests.web.inprocess import web_app
+
+
+def test_readyz_answers_while_slow_searches_hold_every_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "BUSY_WAIT_SECONDS", 0.5)
+    release, entered, lock = threading.Event(), [0], threading.Lock()
+    real_find = Index.find
+
+    def slow_find(self: Index, sql: str, params: object) -> object:
+        with lock:
+            entered[0] += 1
+        release.wait(30)  # stands for a search over a big index
+        return real_find(self, sql, params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Index, "find", slow_find)
+    with web_app(tmp_path / "data", dicomweb=True) as app:
+        statuses: list[int] = []
+        searches = [threading.Thread(target=lambda: statuses.append(
+            app.request("GET", "/dicom-web/studies?PatientName=*x*")[0]), daemon=True)
+            for _ in range(server.WORKER_THREADS + 2)]
+        try:
+            for thread in searches:
+                thread.start()
+            deadline = time.monotonic() + 10
+            while entered[0] < server.MAX_BUSY:
+                assert time.monotonic() < deadline, f"only {entered[0]} searches started"
+                time.sleep(0.01)
+            for path in ("/readyz", "/healthz", "/"):  # probes and the dashboard's pages still answer
+                started = time.monotonic()
+                assert app.request("GET", path)[0] == 200, path
+                assert time.monotonic() - started < 1.0, path
+            started = time.monotonic()
+            status, headers, _ = app.request("GET", "/dicom-web/studies")
+            assert status == 503 and headers["Retry-After"] == str(server.RETRY_AFTER_SECONDS)
+            assert time.monotonic() - started < server.BUSY_WAIT_SECONDS + 1.0
+            assert app.request("GET", "/api/overview")[0] == 503
+            assert entered[0] == server.MAX_BUSY  # the refused ones never reached the database
+        finally:
+            release.set()
+            for thread in searches:
+                thread.join(30)
+        assert sorted(set(statuses)) == [200, 503] and statuses.count(200) == server.MAX_BUSY
+        assert app.request("GET", "/dicom-web/studies")[0] == 200  # the slots are free again
