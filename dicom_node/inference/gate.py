@@ -24,6 +24,11 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 SHRINKAGE = 0.05  # the covariance is pulled this far toward its diagonal: a few hundred images
 #: The format of the reference file; a file with another version is refused.
 FORMAT = 1
+_RANKS = tuple(round(q * (GRID * GRID - 1)) for q in QUANTILES)  # nearest-rank quantiles of the sorted grid
+_MEAN = len(QUANTILES)  # where the mean sits among the statistics; then the standard deviation, ...
+STATISTICS = len(QUANTILES) + 5 + THUMBNAIL * THUMBNAIL  # image statistics a frame
+# how many values each difference image has: down, across, and the mirror image's
+_DIFFERENCES = ((GRID - 1) * GRID, GRID * (GRID - 1), GRID * GRID)
 
 
 class ReferenceError(ValueError):
@@ -59,8 +64,20 @@ def pool(activations: torch.Tensor) -> np.ndarray:
 
 def pool_into(module: torch.nn.Module, layer_name: str,
               features: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
-    """A forward hook on ``module``'s layer ``layer_name`` appending its output pooled over the grid
-    (:func:`pool`) to ``features``; remove it when done."""
+    """A forward hook appending layer ``layer_name``'s output pooled over its grid (:func:`pool`),
+    (frames, channels), to ``features``; remove it when done.
+
+    A network whose ``pooled_layer(layer_name)`` names a module that already outputs exactly that
+    mean (the global average pooling its classifier reads) is hooked there instead: the mean over
+    the whole activation map is then not computed a second time.
+    """
+    pooled_layer = getattr(module, "pooled_layer", None)
+    pooled_name = pooled_layer(layer_name) if callable(pooled_layer) else None
+    if pooled_name:
+        def capture_pooled(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            features.append(output.float().reshape(len(output), -1).cpu().numpy())
+
+        return module.get_submodule(pooled_name).register_forward_hook(capture_pooled)
     layer = module.get_submodule(layer_name)  # walks the dotted path only, not every module
 
     def capture(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -74,42 +91,62 @@ def image_statistics(arrays: np.ndarray) -> np.ndarray:
 
     The channels are averaged (a colour input is judged on its luminance) and the image is first
     averaged down to a :data:`GRID` x :data:`GRID` grid: the statistics describe layout and
-    contrast, not fine detail, and on the small grid they cost a fraction of the forward pass.
+    contrast, not fine detail. Then: :data:`QUANTILES` (nearest rank), mean, standard deviation,
+    mean absolute difference between neighbours along each axis (a rotated chest swaps them), the
+    log of the mean left-right asymmetry (a chest is not a mirror image: the heart lies to one
+    side; "exactly symmetric" must be far from "a little symmetric"), and an :data:`THUMBNAIL` x
+    :data:`THUMBNAIL` thumbnail of block means.
+
+    Written for its cost, which the gate adds to every batch's inference: each step is one call
+    over the whole batch (a few tens of calls in all, whatever the batch size), in OpenCV or
+    single-threaded numpy; no BLAS call, whose threads would contend with the model's own on a
+    small CPU (a matrix product here made the step 20 times slower right after a forward pass).
     """
-    arrays = np.asarray(arrays, dtype=np.float32)
-    images = _grid(arrays[:, 0] if arrays.shape[1] == 1 else arrays.mean(axis=1))
-    frames = images.shape[0]
-    flat = images.reshape(frames, -1)
-    # nearest-rank quantiles of the sorted grid: np.quantile's overhead is most of this function's
-    quantiles = np.sort(flat, axis=1)[:, [round(q * (flat.shape[1] - 1)) for q in QUANTILES]]
-    mean = flat.mean(axis=1)
-    spread = np.stack([mean, np.sqrt(np.square(flat - mean[:, None]).mean(axis=1))], axis=1)
-    # edge strength along each axis (a rotated chest swaps them) and left-right asymmetry (a chest
-    # is not a mirror image: the heart lies to one side; a mirrored half is symmetric), the latter
-    # on a log scale: "exactly symmetric" must be far from "a little symmetric"; every mean is
-    # taken over one contiguous axis (numpy's two-axis means cost several times more on this size)
-    edges = np.stack([np.abs(images[:, 1:] - images[:, :-1]).reshape(frames, -1).mean(axis=1),
-                      np.abs(images[:, :, 1:] - images[:, :, :-1]).reshape(frames, -1).mean(axis=1),
-                      np.log(np.abs(images - images[:, :, ::-1]).reshape(frames, -1).mean(axis=1) + 1e-4)],
-                     axis=1)
-    cell = GRID // THUMBNAIL
-    thumbnail = images.reshape(frames, THUMBNAIL, cell, THUMBNAIL, cell).mean(axis=(2, 4))
-    return np.concatenate([quantiles, spread, edges, thumbnail.reshape(frames, -1)], axis=1)
+    images = _grid(np.asarray(arrays, dtype=np.float32))
+    frames = len(images)
+    flat = images.reshape(frames, GRID * GRID)
+    out = np.empty((frames, STATISTICS), dtype=np.float32)
+    out[:, :len(QUANTILES)] = np.sort(flat, axis=1)[:, _RANKS]
+    thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
+    mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
+    out[:, _MEAN] = mean
+    out[:, _MEAN + 1] = np.sqrt(np.maximum(np.square(flat).mean(axis=1) - np.square(mean), 0.0))
+    # the three difference images side by side, zero where one is a row or column short
+    differences = np.zeros((frames, 3, GRID, GRID), dtype=np.float32)
+    np.subtract(images[:, 1:], images[:, :-1], out=differences[:, 0, 1:])
+    np.subtract(images[:, :, 1:], images[:, :, :-1], out=differences[:, 1, :, 1:])
+    np.subtract(images, images[:, :, ::-1], out=differences[:, 2])
+    edges = np.abs(differences, out=differences).reshape(frames, 3, -1).sum(axis=2) / _DIFFERENCES
+    out[:, _MEAN + 2:_MEAN + 4] = edges[:, :2]
+    out[:, _MEAN + 4] = np.log(edges[:, 2] + 1e-4)
+    out[:, _MEAN + 5:] = thumbnail
+    return out
 
 
-def _grid(images: np.ndarray) -> np.ndarray:
-    """(frames, size, size) averaged over blocks to (frames, GRID, GRID) (the last rows and
-    columns dropped when size is not a multiple; inputs are 32 px or more, see the manifest)."""
-    side = images.shape[-1] // GRID * GRID
-    # OpenCV's area resampling by a whole factor is the block mean, at a fifth of numpy's cost
-    return np.stack([cv2.resize(np.ascontiguousarray(image[:side, :side]), (GRID, GRID),
-                                interpolation=cv2.INTER_AREA) for image in images])
+def _grid(arrays: np.ndarray) -> np.ndarray:
+    """(frames, channels, size, size) to their luminance averaged over blocks, (frames, GRID, GRID)
+    (the last rows and columns dropped when size is not a multiple; inputs are 32 px or more, see
+    the manifest)."""
+    channels, size = arrays.shape[1], arrays.shape[-1]
+    images = arrays[:, 0] if channels == 1 else arrays.mean(axis=1)
+    side = size // GRID * GRID
+    return _block_mean(images[:, :side, :side], GRID)
 
 
-def frame_vectors(features: np.ndarray, arrays: np.ndarray) -> np.ndarray:
-    """The gate's description of each frame: pooled features, then image statistics."""
-    return np.concatenate([np.asarray(features, dtype=np.float64).reshape(len(arrays), -1),
-                           image_statistics(arrays).astype(np.float64)], axis=1)
+def _block_mean(images: np.ndarray, grid: int) -> np.ndarray:
+    """(frames, side, side) averaged over blocks to (frames, grid, grid), ``side`` a multiple of
+    ``grid``. The frames are stacked into one tall image: a block never straddles two frames, and
+    OpenCV's area resampling by a whole factor is the block mean, at a fifth of numpy's cost."""
+    frames, side = images.shape[0], images.shape[-1]
+    tall = np.ascontiguousarray(images).reshape(frames * side, side)
+    return cv2.resize(tall, (grid, frames * grid), interpolation=cv2.INTER_AREA).reshape(frames, grid, grid)
+
+
+def frame_vectors(features: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+    """The gate's description of each frame: pooled features (frames, channels), then its image
+    statistics (:func:`image_statistics`)."""
+    return np.concatenate([np.asarray(features).reshape(len(statistics), -1), statistics], axis=1,
+                          dtype=np.float64)
 
 
 @dataclass(frozen=True)
