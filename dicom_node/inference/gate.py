@@ -11,6 +11,7 @@ by the square root of its length, so thresholds read alike across models. The re
 together with the threshold.
 """
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,8 @@ FORMAT = 1
 _RANKS = tuple(round(q * (GRID * GRID - 1)) for q in QUANTILES)  # nearest-rank quantiles of the sorted grid
 _MEAN = len(QUANTILES)  # where the mean sits among the statistics; then the standard deviation, ...
 STATISTICS = len(QUANTILES) + 5 + THUMBNAIL * THUMBNAIL  # image statistics a frame
-# how many values each difference image has: down, across, and the mirror image's
-_DIFFERENCES = ((GRID - 1) * GRID, GRID * (GRID - 1), GRID * GRID)
+# how many values are summed of the squares and of each difference image: down, across, mirrored
+_COUNTS = (GRID * GRID, (GRID - 1) * GRID, GRID * (GRID - 1), GRID * GRID)
 
 
 class ReferenceError(ValueError):
@@ -107,18 +108,20 @@ def image_statistics(arrays: np.ndarray) -> np.ndarray:
     flat = images.reshape(frames, GRID * GRID)
     out = np.empty((frames, STATISTICS), dtype=np.float32)
     out[:, :len(QUANTILES)] = np.sort(flat, axis=1)[:, _RANKS]
+    # the squares and the three difference images side by side (zero where one is a row or a
+    # column short), so that one pass sums them all
+    work = np.zeros((frames, 4, GRID, GRID), dtype=np.float32)
+    np.square(images, out=work[:, 0])
+    np.subtract(images[:, 1:], images[:, :-1], out=work[:, 1, 1:])
+    np.subtract(images[:, :, 1:], images[:, :, :-1], out=work[:, 2, :, 1:])
+    np.subtract(images, images[:, :, ::-1], out=work[:, 3])
+    means = np.abs(work, out=work).reshape(frames, 4, -1).sum(axis=2) / _COUNTS
     thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
     mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
     out[:, _MEAN] = mean
-    out[:, _MEAN + 1] = np.sqrt(np.maximum(np.square(flat).mean(axis=1) - np.square(mean), 0.0))
-    # the three difference images side by side, zero where one is a row or column short
-    differences = np.zeros((frames, 3, GRID, GRID), dtype=np.float32)
-    np.subtract(images[:, 1:], images[:, :-1], out=differences[:, 0, 1:])
-    np.subtract(images[:, :, 1:], images[:, :, :-1], out=differences[:, 1, :, 1:])
-    np.subtract(images, images[:, :, ::-1], out=differences[:, 2])
-    edges = np.abs(differences, out=differences).reshape(frames, 3, -1).sum(axis=2) / _DIFFERENCES
-    out[:, _MEAN + 2:_MEAN + 4] = edges[:, :2]
-    out[:, _MEAN + 4] = np.log(edges[:, 2] + 1e-4)
+    out[:, _MEAN + 1] = np.sqrt(np.maximum(means[:, 0] - mean * mean, 0.0))
+    out[:, _MEAN + 2:_MEAN + 4] = means[:, 1:3]
+    out[:, _MEAN + 4] = np.log(means[:, 3] + 1e-4)
     out[:, _MEAN + 5:] = thumbnail
     return out
 
@@ -166,9 +169,19 @@ class Reference:
         if vectors.ndim != 2 or vectors.shape[1] != self.mean.shape[0]:
             raise ReferenceError(f"the reference describes {self.mean.shape[0]} values a frame; "
                                  f"got {vectors.shape[1:] if vectors.ndim == 2 else vectors.shape}")
-        centred = (vectors - self.mean) / self.scale
-        squared = ((centred @ self.precision) * centred).sum(axis=1)
-        return np.sqrt(np.maximum(squared, 0.0) / self.mean.shape[0])
+        whitening, offset = self._whitening
+        whitened = vectors @ whitening - offset
+        return np.sqrt(np.einsum("ij,ij->i", whitened, whitened) / self.mean.shape[0])
+
+    @functools.cached_property
+    def _whitening(self) -> tuple[np.ndarray, np.ndarray]:
+        """``W`` and ``mean @ W`` with ``W W^T = diag(1/scale) precision diag(1/scale)``, so that the
+        squared distance is one product and a sum of squares (made once, on first use)."""
+        try:
+            whitening = np.linalg.cholesky(self.precision) / self.scale[:, None]
+        except np.linalg.LinAlgError:
+            raise ReferenceError("its precision matrix is not positive definite") from None
+        return whitening, self.mean @ whitening
 
 
 def fit_reference(vectors: np.ndarray, feature_count: int) -> Reference:

@@ -174,3 +174,16 @@ def test_the_pooled_layer_hook_gives_the_mean_of_the_cam_layer() -> None:
     handle.remove()
     assert fast[0].shape == (3, 64)
     np.testing.assert_allclose(fast[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_whose_precision_is_not_positive_definite_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    manifest = _copy_demo(tmp_path)
+    gate = load_manifest(manifest).gate
+    assert gate is not None
+    reference = load_reference(gate.reference)
+    save_reference(dataclasses.replace(reference, precision=-reference.precision), gate.reference)
+    manifest.write_text(manifest.read_text().replace(gate.sha256, sha256_of(gate.reference)))
+    with pytest.raises(ModelError, match="not positive definite"):
+        ModelRegistry(tmp_path).load("demo-cxr")
