@@ -28,7 +28,7 @@ from dicom_node.errors import PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
-from dicom_node.inference.gate import GateResult, frame_vectors
+from dicom_node.inference.gate import GateResult
 from dicom_node.jobs.queue import Job, JobQueue
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
@@ -56,7 +56,7 @@ class PipelineContext:
     jobs: JobQueue | None = None  # the earlier versions of the job's series, for superseding
     timings: dict[str, float] = field(default_factory=dict)  # finer than the steps: decode, each method
     audit: Audit = NO_AUDIT
-    features: list[np.ndarray] = field(default_factory=list)  # pooled CAM-layer activations, per batch
+    features: list[np.ndarray] = field(default_factory=list)  # the gate's frame vectors, per batch
     gate: list[GateResult] = field(default_factory=list)  # per frame, when the model has a gate
     outcome: str = ""  # set by a step that ends the job early, e.g. "not analysed, reported"
     outcome_reason: str = ""
@@ -203,8 +203,8 @@ def prepare(ctx: PipelineContext) -> None:
 
 
 def infer(ctx: PipelineContext) -> None:
-    """Run the model on every frame, batched; for a gated model keep the pooled CAM-layer
-    activations of the same forward pass for the gate."""
+    """Run the model on every frame, batched; for a gated model keep each frame's gate vector (its
+    image statistics and the pooled CAM-layer activations of the same forward pass)."""
     assert ctx.runner is not None
     gated = ctx.runner.model(ctx.job.model).reference is not None
     ctx.predictions = ctx.runner.predict(ctx.job.model, ctx.inputs, ctx.features if gated else None)
@@ -239,9 +239,9 @@ def gate_decision(ctx: PipelineContext) -> str | None:
     spec = loaded.manifest.gate
     if loaded.reference is None or spec is None or not ctx.inputs:
         return None
-    vectors = frame_vectors(np.concatenate(ctx.features), np.stack([item.array for item in ctx.inputs]))
+    scores = loaded.reference.score(np.concatenate(ctx.features))
     ctx.gate = [GateResult(item.sop_instance_uid, item.frame, round(float(score), 4), spec.threshold)
-                for item, score in zip(ctx.inputs, loaded.reference.score(vectors), strict=True)]
+                for item, score in zip(ctx.inputs, scores, strict=True)]
     outside = {(g.sop_instance_uid, g.frame) for g in ctx.gate if g.outside}
     if not outside:
         return None

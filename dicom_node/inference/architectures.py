@@ -40,6 +40,13 @@ class _PlainCNN(nn.Module):
         features = self.features(x)
         return self.classifier(torch.cat([self.avg_pool(features), self.max_pool(features)], dim=1))
 
+    def pooled_layer(self, layer_name: str) -> str | None:
+        """``avg_pool`` when ``layer_name`` is the last feature module, whose output it averages
+        over the grid: the input-distribution gate reads that mean there (see
+        :func:`dicom_node.inference.gate.pool_into`) instead of computing it again; else None."""
+        last = next(reversed(self.features._modules))
+        return "avg_pool" if layer_name == f"features.{last}" else None
+
 
 class SmallCNN(_PlainCNN):
     """The seed article's classifier: three conv blocks of 32/64/128 channels, a 256 -> 64 -> labels

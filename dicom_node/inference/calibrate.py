@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import PermanentError
-from dicom_node.inference.gate import Reference, fit_reference, frame_vectors, save_reference
+from dicom_node.inference.gate import Reference, fit_reference, save_reference
 from dicom_node.inference.preprocess import Preprocessed, preprocess
 from dicom_node.inference.registry import sha256_of
 from dicom_node.inference.runner import InferenceRunner
@@ -51,7 +51,7 @@ def vectors(runner: InferenceRunner, name: str, inputs: Sequence[Preprocessed]) 
     """The gate's vectors of ``inputs``, from one forward pass of model ``name``."""
     features: list[np.ndarray] = []
     runner.predict(name, inputs, features)
-    return frame_vectors(np.concatenate(features), np.stack([item.array for item in inputs]))
+    return np.concatenate(features)
 
 
 def calibrate(frames: np.ndarray, feature_count: int, seed: int = 0) -> Calibration:

@@ -11,6 +11,7 @@ by the square root of its length, so thresholds read alike across models. The re
 together with the threshold.
 """
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,11 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 SHRINKAGE = 0.05  # the covariance is pulled this far toward its diagonal: a few hundred images
 #: The format of the reference file; a file with another version is refused.
 FORMAT = 1
+_RANKS = tuple(round(q * (GRID * GRID - 1)) for q in QUANTILES)  # nearest-rank quantiles of the sorted grid
+_MEAN = len(QUANTILES)  # where the mean sits among the statistics; then the standard deviation, ...
+STATISTICS = len(QUANTILES) + 5 + THUMBNAIL * THUMBNAIL  # image statistics a frame
+# how many values are summed of the squares and of each difference image: down, across, mirrored
+_COUNTS = (GRID * GRID, (GRID - 1) * GRID, GRID * (GRID - 1), GRID * GRID)
 
 
 class ReferenceError(ValueError):
@@ -59,8 +65,20 @@ def pool(activations: torch.Tensor) -> np.ndarray:
 
 def pool_into(module: torch.nn.Module, layer_name: str,
               features: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
-    """A forward hook on ``module``'s layer ``layer_name`` appending its output pooled over the grid
-    (:func:`pool`) to ``features``; remove it when done."""
+    """A forward hook appending layer ``layer_name``'s output pooled over its grid (:func:`pool`),
+    (frames, channels), to ``features``; remove it when done.
+
+    A network whose ``pooled_layer(layer_name)`` names a module that already outputs exactly that
+    mean (the global average pooling its classifier reads) is hooked there instead: the mean over
+    the whole activation map is then not computed a second time.
+    """
+    pooled_layer = getattr(module, "pooled_layer", None)
+    pooled_name = pooled_layer(layer_name) if callable(pooled_layer) else None
+    if pooled_name:
+        def capture_pooled(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            features.append(output.float().reshape(len(output), -1).cpu().numpy())
+
+        return module.get_submodule(pooled_name).register_forward_hook(capture_pooled)
     layer = module.get_submodule(layer_name)  # walks the dotted path only, not every module
 
     def capture(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -74,42 +92,64 @@ def image_statistics(arrays: np.ndarray) -> np.ndarray:
 
     The channels are averaged (a colour input is judged on its luminance) and the image is first
     averaged down to a :data:`GRID` x :data:`GRID` grid: the statistics describe layout and
-    contrast, not fine detail, and on the small grid they cost a fraction of the forward pass.
+    contrast, not fine detail. Then: :data:`QUANTILES` (nearest rank), mean, standard deviation,
+    mean absolute difference between neighbours along each axis (a rotated chest swaps them), the
+    log of the mean left-right asymmetry (a chest is not a mirror image: the heart lies to one
+    side; "exactly symmetric" must be far from "a little symmetric"), and an :data:`THUMBNAIL` x
+    :data:`THUMBNAIL` thumbnail of block means.
+
+    Written for its cost, which the gate adds to every batch's inference: each step is one call
+    over the whole batch (a few tens of calls in all, whatever the batch size), in OpenCV or
+    single-threaded numpy; no BLAS call, whose threads would contend with the model's own on a
+    small CPU (a matrix product here made the step 20 times slower right after a forward pass).
     """
-    arrays = np.asarray(arrays, dtype=np.float32)
-    images = _grid(arrays[:, 0] if arrays.shape[1] == 1 else arrays.mean(axis=1))
-    frames = images.shape[0]
-    flat = images.reshape(frames, -1)
-    # nearest-rank quantiles of the sorted grid: np.quantile's overhead is most of this function's
-    quantiles = np.sort(flat, axis=1)[:, [round(q * (flat.shape[1] - 1)) for q in QUANTILES]]
-    mean = flat.mean(axis=1)
-    spread = np.stack([mean, np.sqrt(np.square(flat - mean[:, None]).mean(axis=1))], axis=1)
-    # edge strength along each axis (a rotated chest swaps them) and left-right asymmetry (a chest
-    # is not a mirror image: the heart lies to one side; a mirrored half is symmetric), the latter
-    # on a log scale: "exactly symmetric" must be far from "a little symmetric"; every mean is
-    # taken over one contiguous axis (numpy's two-axis means cost several times more on this size)
-    edges = np.stack([np.abs(images[:, 1:] - images[:, :-1]).reshape(frames, -1).mean(axis=1),
-                      np.abs(images[:, :, 1:] - images[:, :, :-1]).reshape(frames, -1).mean(axis=1),
-                      np.log(np.abs(images - images[:, :, ::-1]).reshape(frames, -1).mean(axis=1) + 1e-4)],
-                     axis=1)
-    cell = GRID // THUMBNAIL
-    thumbnail = images.reshape(frames, THUMBNAIL, cell, THUMBNAIL, cell).mean(axis=(2, 4))
-    return np.concatenate([quantiles, spread, edges, thumbnail.reshape(frames, -1)], axis=1)
+    images = _grid(np.asarray(arrays, dtype=np.float32))
+    frames = len(images)
+    flat = images.reshape(frames, GRID * GRID)
+    out = np.empty((frames, STATISTICS), dtype=np.float32)
+    out[:, :len(QUANTILES)] = np.sort(flat, axis=1)[:, _RANKS]
+    # the squares and the three difference images side by side (zero where one is a row or a
+    # column short), so that one pass sums them all
+    work = np.zeros((frames, 4, GRID, GRID), dtype=np.float32)
+    np.square(images, out=work[:, 0])
+    np.subtract(images[:, 1:], images[:, :-1], out=work[:, 1, 1:])
+    np.subtract(images[:, :, 1:], images[:, :, :-1], out=work[:, 2, :, 1:])
+    np.subtract(images, images[:, :, ::-1], out=work[:, 3])
+    means = np.abs(work, out=work).reshape(frames, 4, -1).sum(axis=2) / _COUNTS
+    thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
+    mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
+    out[:, _MEAN] = mean
+    out[:, _MEAN + 1] = np.sqrt(np.maximum(means[:, 0] - mean * mean, 0.0))
+    out[:, _MEAN + 2:_MEAN + 4] = means[:, 1:3]
+    out[:, _MEAN + 4] = np.log(means[:, 3] + 1e-4)
+    out[:, _MEAN + 5:] = thumbnail
+    return out
 
 
-def _grid(images: np.ndarray) -> np.ndarray:
-    """(frames, size, size) averaged over blocks to (frames, GRID, GRID) (the last rows and
-    columns dropped when size is not a multiple; inputs are 32 px or more, see the manifest)."""
-    side = images.shape[-1] // GRID * GRID
-    # OpenCV's area resampling by a whole factor is the block mean, at a fifth of numpy's cost
-    return np.stack([cv2.resize(np.ascontiguousarray(image[:side, :side]), (GRID, GRID),
-                                interpolation=cv2.INTER_AREA) for image in images])
+def _grid(arrays: np.ndarray) -> np.ndarray:
+    """(frames, channels, size, size) to their luminance averaged over blocks, (frames, GRID, GRID)
+    (the last rows and columns dropped when size is not a multiple; inputs are 32 px or more, see
+    the manifest)."""
+    channels, size = arrays.shape[1], arrays.shape[-1]
+    images = arrays[:, 0] if channels == 1 else arrays.mean(axis=1)
+    side = size // GRID * GRID
+    return _block_mean(images[:, :side, :side], GRID)
 
 
-def frame_vectors(features: np.ndarray, arrays: np.ndarray) -> np.ndarray:
-    """The gate's description of each frame: pooled features, then image statistics."""
-    return np.concatenate([np.asarray(features, dtype=np.float64).reshape(len(arrays), -1),
-                           image_statistics(arrays).astype(np.float64)], axis=1)
+def _block_mean(images: np.ndarray, grid: int) -> np.ndarray:
+    """(frames, side, side) averaged over blocks to (frames, grid, grid), ``side`` a multiple of
+    ``grid``. The frames are stacked into one tall image: a block never straddles two frames, and
+    OpenCV's area resampling by a whole factor is the block mean, at a fifth of numpy's cost."""
+    frames, side = images.shape[0], images.shape[-1]
+    tall = np.ascontiguousarray(images).reshape(frames * side, side)
+    return cv2.resize(tall, (grid, frames * grid), interpolation=cv2.INTER_AREA).reshape(frames, grid, grid)
+
+
+def frame_vectors(features: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+    """The gate's description of each frame: pooled features (frames, channels), then its image
+    statistics (:func:`image_statistics`)."""
+    return np.concatenate([np.asarray(features).reshape(len(statistics), -1), statistics], axis=1,
+                          dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -129,9 +169,19 @@ class Reference:
         if vectors.ndim != 2 or vectors.shape[1] != self.mean.shape[0]:
             raise ReferenceError(f"the reference describes {self.mean.shape[0]} values a frame; "
                                  f"got {vectors.shape[1:] if vectors.ndim == 2 else vectors.shape}")
-        centred = (vectors - self.mean) / self.scale
-        squared = ((centred @ self.precision) * centred).sum(axis=1)
-        return np.sqrt(np.maximum(squared, 0.0) / self.mean.shape[0])
+        whitening, offset = self._whitening
+        whitened = vectors @ whitening - offset
+        return np.sqrt(np.einsum("ij,ij->i", whitened, whitened) / self.mean.shape[0])
+
+    @functools.cached_property
+    def _whitening(self) -> tuple[np.ndarray, np.ndarray]:
+        """``W`` and ``mean @ W`` with ``W W^T = diag(1/scale) precision diag(1/scale)``, so that the
+        squared distance is one product and a sum of squares (made once, on first use)."""
+        try:
+            whitening = np.linalg.cholesky(self.precision) / self.scale[:, None]
+        except np.linalg.LinAlgError:
+            raise ReferenceError("its precision matrix is not positive definite") from None
+        return whitening, self.mean @ whitening
 
 
 def fit_reference(vectors: np.ndarray, feature_count: int) -> Reference:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicom_node.inference.gate import pool_into
+from dicom_node.inference.gate import frame_vectors, image_statistics, pool_into
 from dicom_node.inference.preprocess import Preprocessed
 from dicom_node.inference.registry import LoadedModel, ModelRegistry
 
@@ -109,21 +109,27 @@ class InferenceRunner:
         Parameters
         ----------
         features
-            When given, receives each batch's CAM-layer activations pooled over the layer's grid,
-            (frames, channels), from the same forward pass (the input-distribution gate reads them).
+            When given, receives each batch's input-distribution gate vectors (frames, k)
+            (:func:`~dicom_node.inference.gate.frame_vectors`): the batch's image statistics,
+            taken just before its forward pass while the batch is still in the cache, and its
+            CAM-layer activations pooled over the layer's grid by that same forward pass.
         """
         loaded = self.model(name)
         outputs = []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
-        hook = None if features is None else pool_into(loaded.module, loaded.manifest.cam_layer, features)
+        pooled: list[np.ndarray] = []
+        hook = None if features is None else pool_into(loaded.module, loaded.manifest.cam_layer, pooled)
         try:
             with torch.inference_mode(), autocast:
                 for start in range(0, len(inputs), self.batch_size):
                     chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
+                    statistics = None if features is None else image_statistics(chunk)
                     batch = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(
                         memory_format=torch.channels_last)
                     outputs.append(loaded.module(batch).float().cpu())
+                    if features is not None and statistics is not None:
+                        features.append(frame_vectors(pooled.pop(), statistics))
         finally:
             if hook is not None:
                 hook.remove()

@@ -124,3 +124,66 @@ def test_a_frame_whose_score_is_not_a_number_is_outside() -> None:
     assert GateResult("2.25.1", 0, float("nan"), 1.9).outside
     assert GateResult("2.25.1", 0, float("inf"), 1.9).outside
     assert not GateResult("2.25.1", 0, 1.9, 1.9).outside
+
+
+def _statistics_frame_by_frame(image: np.ndarray) -> np.ndarray:
+    """The image statistics of one (size, size) luminance image, written plainly."""
+    from dicom_node.inference.gate import GRID, QUANTILES, THUMBNAIL
+
+    cell = image.shape[0] // GRID
+    grid = image[:GRID * cell, :GRID * cell].reshape(GRID, cell, GRID, cell).mean(axis=(1, 3))
+    ranked = np.sort(grid.ravel())
+    quantiles = [ranked[round(q * (grid.size - 1))] for q in QUANTILES]
+    edges = [np.abs(np.diff(grid, axis=0)).mean(), np.abs(np.diff(grid, axis=1)).mean(),
+             np.log(np.abs(grid - grid[:, ::-1]).mean() + 1e-4)]
+    step = GRID // THUMBNAIL
+    thumbnail = grid.reshape(THUMBNAIL, step, THUMBNAIL, step).mean(axis=(1, 3)).ravel()
+    return np.concatenate([quantiles, [grid.mean(), grid.std()], edges, thumbnail])
+
+
+@pytest.mark.parametrize("channels, size", [(1, 128), (3, 100)])
+def test_the_batched_image_statistics_are_those_of_each_frame(channels: int, size: int) -> None:
+    from dicom_node.inference.gate import STATISTICS, image_statistics
+
+    rng = np.random.default_rng(3)
+    arrays = rng.random((5, channels, size, size), dtype=np.float32)
+    arrays[1] = arrays[1, :, :, ::-1]  # a mirrored frame: its asymmetry differs from the others'
+    arrays[2] = 0.5  # a constant frame: no spread, no edges
+    expected = np.stack([_statistics_frame_by_frame(frame.mean(axis=0, dtype=np.float64)) for frame in arrays])
+    got = image_statistics(arrays)
+    assert got.shape == (5, STATISTICS)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(image_statistics(arrays[3:4]), got[3:4], rtol=1e-6)
+
+
+def test_the_pooled_layer_hook_gives_the_mean_of_the_cam_layer() -> None:
+    import torch
+
+    from dicom_node.inference.architectures import CompactCNN
+    from dicom_node.inference.gate import pool, pool_into
+
+    torch.manual_seed(0)
+    model = CompactCNN(4).eval()
+    assert model.pooled_layer("features.relu4") == "avg_pool" and model.pooled_layer("features.relu3") is None
+    fast: list[np.ndarray] = []
+    handle = pool_into(model, "features.relu4", fast)
+    with torch.inference_mode():
+        x = torch.rand(3, 1, 64, 64)
+        model(x)
+        expected = pool(model.features(x))
+    handle.remove()
+    assert fast[0].shape == (3, 64)
+    np.testing.assert_allclose(fast[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_whose_precision_is_not_positive_definite_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    manifest = _copy_demo(tmp_path)
+    gate = load_manifest(manifest).gate
+    assert gate is not None
+    reference = load_reference(gate.reference)
+    save_reference(dataclasses.replace(reference, precision=-reference.precision), gate.reference)
+    manifest.write_text(manifest.read_text().replace(gate.sha256, sha256_of(gate.reference)))
+    with pytest.raises(ModelError, match="not positive definite"):
+        ModelRegistry(tmp_path).load("demo-cxr")
