@@ -163,8 +163,8 @@ def test_a_study_comes_back_with_the_results_of_the_local_executor(
     for uid, data in back.items():
         ours = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
         theirs = pydicom.dcmread(files[uid])
-        assert ours.PixelData == theirs.PixelData if "PixelData" in ours else True
-        assert without_dates(ours) == without_dates(theirs), uid
+        assert ("PixelData" in ours) == (ours.Modality != "SR")
+        assert without_dates(ours) == without_dates(theirs), uid  # PixelData among the rest
 
 
 def test_a_ray_worker_killed_mid_job_costs_an_attempt_and_no_duplicate(
