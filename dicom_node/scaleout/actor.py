@@ -16,7 +16,7 @@ from pydicom import Dataset
 from dicom_node import pipeline
 from dicom_node.config import Settings
 from dicom_node.explain.heatmap import Heatmap
-from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, Prediction
+from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, Prediction, preprocess
 from dicom_node.inference.gate import GateResult
 from dicom_node.jobs.queue import Job
 
@@ -70,7 +70,26 @@ class ComputeActor:
         self.runner.model(model)  # loads and checks the weights' sha256 (registry.load)
         self.runner.baselines(model)
         self.model_name = model
+        self._warm_up()
         self.load_seconds = time.perf_counter() - started
+
+    def _warm_up(self) -> None:
+        """Run the model and every method the pipelines ask of it once, on a phantom: the first
+        call of each pays for set-up (kernels, lazy imports, about 2 s on a CPU here), which
+        belongs to the actor's start, paid once, not to its first job."""
+        from dicom_node.explain.heatmap import explain_frame
+        from dicom_node.phantoms import render, to_dataset
+
+        pipelines = [p for p in self.settings.pipelines if p.model == self.model_name]
+        methods = sorted({m for p in pipelines for m in p.explain})
+        loaded = self.runner.model(self.model_name)
+        ds = to_dataset(render(0, loaded.manifest.input.size))
+        items = preprocess(ds, loaded.manifest.input)
+        [prediction] = self.runner.predict(self.model_name, items[:1])
+        if methods:
+            randomised, passed = self.runner.baselines(self.model_name)
+            explain_frame(loaded, items[0], prediction, list(prediction.probabilities)[:1], methods, 0,
+                          lime_samples=64, randomised=randomised, sanity_passed=passed)
 
     def describe(self) -> dict[str, Any]:
         """Where the actor runs and what it holds (for the dashboard and ``/metrics``)."""
