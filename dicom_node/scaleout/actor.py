@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import torch
 from pydicom import Dataset
 
@@ -59,6 +60,7 @@ class ComputeActor:
     def __init__(self, settings: Settings, model: str, sha256: str, device: str, threads: int) -> None:
         started = time.perf_counter()
         torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)  # OpenCV's own pool ignores OMP_NUM_THREADS: keep to the CPUs reserved
         self.settings = settings
         registry = ModelRegistry(settings.models.dir)
         manifest = registry.manifest(model)
