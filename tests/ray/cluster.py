@@ -3,7 +3,6 @@ worker nodes with one CPU each, every one its own raylet process, all on loopbac
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -48,11 +47,6 @@ class LocalCluster:
         self.cluster.wait_for_nodes()
         return self
 
-    def raylet_pids(self) -> list[int]:
-        assert self.cluster is not None
-        nodes = [self.cluster.head_node, *self.cluster.worker_nodes]
-        return [p.process.pid for n in nodes for p in n.all_processes.get("raylet", [])]
-
     def shutdown(self) -> None:
         if self.cluster is not None:
             self.cluster.shutdown()
@@ -63,6 +57,3 @@ def kill(pid: int) -> None:
     """SIGKILL one process of the cluster (a Ray worker hosting an actor)."""
     os.kill(pid, signal.SIGKILL)
 
-
-def session_dirs() -> list[Path]:
-    return sorted(Path("/tmp/ray").glob("session_*"))

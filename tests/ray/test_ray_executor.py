@@ -144,9 +144,16 @@ def test_a_study_comes_back_with_the_results_of_the_local_executor(
         back = {i["MainDicomTags"]["SOPInstanceUID"]: pacs.get(f"/instances/{i['ID']}/file", raw=True)
                 for i in results_in(pacs, study_uid(cr))}
         shown = actors(node)
+        metrics = web(node, "/metrics")[1].decode()
+        page = web(node, "/actors")[1].decode()
     assert sorted(back) == sorted(expected_outputs(node))
     assert len(shown) == 2 and all(a["alive"] and a["device"] == "cpu" for a in shown)
-    assert sum(a["jobs"] for a in shown) == 1
+    assert sum(a["jobs"] for a in shown) == 1 and max(a["utilisation"] for a in shown) > 0
+    up = [line for line in metrics.splitlines() if line.startswith("dicom_node_ray_actor_up{")]
+    assert len(up) == 2 and all('model="demo-cxr"' in line and 'device="cpu"' in line and line.endswith(" 1.0")
+                                for line in up), up
+    assert "dicom_node_ray_actor_utilisation{" in metrics and "dicom_node_ray_actor_queue_depth{" in metrics
+    assert "demo-cxr" in page and "utilisation" in page
     # the same study through the local executor, as the same installation (same Device UID)
     local = NodeProcess(tmp_path / "local")
     local.config.write_text(local.config.read_text() + node_config(free_port(), "local"))
