@@ -239,6 +239,12 @@ class ModelsSettings:
     dir: Path = Path("../models")
 
 
+def _executor(value: str) -> str:
+    if value not in ("local", "ray"):
+        raise ValueError('"local" (jobs run in the node) or "ray" (compute on a Ray cluster)')
+    return value
+
+
 def _device(value: str) -> str:
     if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
         raise ValueError('"auto", "cpu", "cuda" or "cuda:N"')
@@ -252,6 +258,8 @@ class InferenceSettings:
     device: str = field(default="auto", metadata=_check(_device))
     batch_size: int = field(default=16, metadata=_check(_positive))
     bf16: bool = False
+    # torch's CPU threads (0: torch's default); results repeat bit for bit only at one count
+    threads: int = field(default=0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,14 @@ class WorkersSettings:
     count: int = field(default=0, metadata=_check(_non_negative))
     poll_seconds: float = field(default=1.0, metadata=_check(_positive))
     shutdown_grace_seconds: float = field(default=30.0, metadata=_check(_non_negative))
+    # "ray": preprocess, inference, gate scores and explanations run on Ray actors (issue #19)
+    executor: str = field(default="local", metadata=_check(_executor))
+    ray_address: str = ""  # "HOST:PORT" of the cluster's GCS, or "ray://HOST:PORT" (Ray Client)
+    ray_actors_per_model: int = field(default=1, metadata=_check(_positive))
+    ray_cpus_per_actor: float = field(default=1.0, metadata=_check(_positive))
+    ray_gpus_per_actor: float = field(default=0.0, metadata=_check(_non_negative))
+    ray_connect_seconds: float = field(default=5.0, metadata=_check(_positive))  # retry while down
+    ray_call_timeout_seconds: float = field(default=600.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -643,6 +659,7 @@ def load_settings(
     settings = Settings(source=origin, **sections, **arrays)  # type: ignore[arg-type]
     _check_references(settings)
     _check_marks(settings)
+    _check_executor(settings)
     return settings
 
 
@@ -727,6 +744,15 @@ def _check_references(settings: Settings) -> None:
                 f"{settings.source}: key 'pipelines[{i}].send_to' = {list(pipeline.send_to)!r} "
                 f"is invalid; expected names of [[destinations]] {sorted(known)}, not {unknown}"
             )
+
+
+def _check_executor(settings: Settings) -> None:
+    """``executor = "ray"`` needs the cluster's address; the ``ray_*`` keys mean nothing without it."""
+    w = settings.workers
+    if w.executor == "ray" and not w.ray_address.strip():
+        raise ConfigError(f"{settings.source}: key 'workers.ray_address' = '' is invalid with "
+                          "workers.executor = \"ray\"; expected the cluster's \"HOST:PORT\" "
+                          "or \"ray://HOST:PORT\"")
 
 
 def _check_marks(settings: Settings) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,12 +30,16 @@ from dicom_node.jobs.sqlite import SQLiteJobBackend
 from dicom_node.jobs.worker import Worker
 from dicom_node.retention import DiskMarks, Planner, Purger, Retention, read_usage, store_floor
 from dicom_node.retention.disk import check_marks
+from dicom_node.scaleout.executor import worker_count
 from dicom_node.store import InstanceStore
 from dicom_node.store.db import DATABASE_NAME
 from dicom_node.store.device import installation_device_uid
 from dicom_node.store.results import ResultArea
 from dicom_node.tls import check_files, web_context
 from dicom_node.web import Metrics, Sources, WebServer, check_exposure
+
+if TYPE_CHECKING:
+    from dicom_node.scaleout import RayExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +127,9 @@ class Node:
         check_files(s)  # TLS certificates, keys and CAs: a wrong file is a config error, now
         self.registry = ModelRegistry(s.models.dir)
         check_models(s, self.registry)
+        if s.inference.threads:
+            torch.set_num_threads(s.inference.threads)
+        self.executor = self._executor()
         runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
         device = installation_device_uid(s.node.data_dir)  # made at the first start, then kept
@@ -173,7 +181,7 @@ class Node:
         if s.web.enabled:
             sources = Sources(s.node.data_dir, self.queue, self.outbox, self.registry,
                               sorted({str(r.device) for r in runners}), self._not_ready,
-                              self.floor)
+                              self.floor, self.executor.statuses if self.executor else list)
             try:
                 dicomweb = (DicomWebContext(self.store, self.audit, s.ingest.max_instance_size,
                                             public_url=s.web.public_url) if s.web.dicomweb else None)
@@ -187,7 +195,8 @@ class Node:
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
                              runner=inference, outbox=self.outbox, audit=self.audit, jobs=self.queue,
                              device_uid=device)
-            worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}")
+            worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}",
+                            self.executor.not_ready if self.executor else None)
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))
 
@@ -222,15 +231,34 @@ class Node:
             self.queue.list(None, 1)
         except Exception as exc:
             return f"the database does not answer: {type(exc).__name__}"
-        return None
+        return self.executor.not_ready() if self.executor else None
+
+    def _executor(self) -> "RayExecutor | None":
+        """With ``[workers] executor = "ray"``: the Ray executor, connecting in the background, and
+        the steps that hand it the compute (unless the caller gave its own steps)."""
+        s = self.settings
+        if s.workers.executor != "ray":
+            return None
+        try:
+            from dicom_node.scaleout import RayExecutor
+        except ImportError as exc:
+            raise ConfigError(f"{s.source}: key 'workers.executor' = \"ray\" needs Ray: "
+                              f"pip install 'dicom-node[ray]' ({exc})") from None
+        executor = RayExecutor(s, self.registry, [p.model for p in s.pipelines]).start()
+        if self.steps == pipeline.default_steps():
+            self.steps = pipeline.remote_steps(executor.compute)
+        return executor
 
     def _runners(self) -> list[InferenceRunner]:
-        """One inference runner per worker, each on its device; a bad device is a config error."""
+        """One inference runner per worker, each on its device; a bad device is a config error.
+        With Ray the node's runners only read manifests (the actors load the models): CPU."""
         s = self.settings
+        count = worker_count(s, self.executor, default_worker_count)
         try:
-            return [InferenceRunner(self.registry, worker_device(s.inference.device, i),
-                                    s.inference.batch_size, s.inference.bf16)
-                    for i in range(s.workers.count or default_worker_count())]
+            return [InferenceRunner(self.registry, "cpu" if self.executor else
+                                    worker_device(s.inference.device, i), s.inference.batch_size,
+                                    s.inference.bf16)
+                    for i in range(count)]
         except ValueError as exc:
             raise ConfigError(f"{s.source}: key 'inference.device' = {s.inference.device!r} is "
                               f"invalid: {exc}") from None
@@ -288,6 +316,8 @@ class Node:
         self._close(clean)
 
     def _close(self, clean: bool) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.stop()  # type: ignore[union-attr]
         self.backend.close()
         self.purger.close()
         self.outbox.close()

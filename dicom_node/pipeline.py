@@ -223,8 +223,12 @@ def gate(ctx: PipelineContext) -> None:
     with ``abstain`` the series' findings are not reported (a "not analysed" SR names the score
     and the threshold, and the job ends there); with ``warn`` its findings are marked."""
     reason = gate_decision(ctx)
-    if reason is None:
-        return
+    if reason is not None:
+        abstain(ctx, reason)
+
+
+def abstain(ctx: PipelineContext, reason: str) -> None:
+    """End the job "not analysed" with ``reason``: the report is stored and enqueued."""
     report_not_analysed(ctx, reason)
     ctx.outcome = "not analysed, reported" if ctx.saved else "not analysed"
     ctx.outcome_reason = reason
@@ -411,6 +415,30 @@ def default_steps() -> list[tuple[str, Step]]:
     return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer),
             ("gate", gate), ("explain", explain), ("encode", encode), ("store", store_results),
             ("outbox", enqueue)]
+
+
+def compute_steps() -> list[tuple[str, Step]]:
+    """The compute-heavy steps a remote executor runs (on a Ray actor); the gate there only scores
+    and decides, leaving its reason in ``outcome_reason`` for :func:`report_gate` in the node."""
+    return [("preprocess", prepare), ("inference", infer), ("gate", score_gate), ("explain", explain)]
+
+
+def score_gate(ctx: PipelineContext) -> None:
+    """The gate's scores and decision without the report (made in the node, which stores)."""
+    ctx.outcome_reason = gate_decision(ctx) or ""
+
+
+def report_gate(ctx: PipelineContext) -> None:
+    """In the node: the "not analysed" report of a series the remote gate abstained on."""
+    if ctx.outcome_reason and not ctx.outcome:
+        abstain(ctx, ctx.outcome_reason)
+
+
+def remote_steps(compute: Step) -> list[tuple[str, Step]]:
+    """:func:`default_steps` with :func:`compute_steps` replaced by ``compute``, one call to an
+    executor that runs them elsewhere and fills the context's predictions, gate and heatmaps."""
+    return [("collect", collect), ("read", read), ("compute", compute), ("report_gate", report_gate),
+            ("encode", encode), ("store", store_results), ("outbox", enqueue)]
 
 
 def run_job(job: Job, timings: dict[str, float], **kwargs: Any) -> dict[str, Any]:

@@ -25,15 +25,22 @@ class Worker:
         Runs one job (``pipeline.run`` bound to its dependencies).
     name
         Lease owner name, unique per worker (e.g. ``"node-1234/worker-0"``).
+    ready
+        Why no job can run now (e.g. the Ray cluster is down), or None: while it says why, no
+        job is claimed, so waiting costs no attempt.
     """
 
-    def __init__(self, queue: JobQueue, runner: Runner, name: str) -> None:
+    def __init__(self, queue: JobQueue, runner: Runner, name: str,
+                 ready: Callable[[], str | None] | None = None) -> None:
         self.queue = queue
         self.runner = runner
         self.name = name
+        self.ready = ready
 
     def run_once(self) -> Job | None:
-        """Claim one due job and run it to its end; None if nothing was due."""
+        """Claim one due job and run it to its end; None if nothing was due (or nothing can run)."""
+        if self.ready is not None and self.ready() is not None:
+            return None
         job = self.queue.claim(self.name)
         if job is None:
             return None

@@ -29,6 +29,7 @@ class Sources:
     devices: list[str]
     ready: Callable[[], str | None]  # None when ready, else why not
     min_free_space: int = 0  # store.min_free_space: below it the node refuses every C-STORE
+    actors: Callable[[], list[dict[str, Any]]] = list  # the Ray executor's actors (none when local)
 
 
 @contextmanager

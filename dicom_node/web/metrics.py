@@ -85,6 +85,7 @@ class Metrics:
     def watch(self, src: Sources, audit: Audit) -> None:
         """Add what is read at each scrape: the database's figures and ``audit``'s lost events."""
         self.registry.register(DatabaseCollector(src))
+        self.registry.register(ActorCollector(src))
         self.registry.register(AuditCollector(audit))
 
     def render(self) -> bytes:
@@ -118,6 +119,41 @@ class DatabaseCollector(Collector):
         yield _gauge("dicom_node_jobs", "Jobs by state (queue depth: queued).", "state", jobs)
         yield _gauge("dicom_node_outbox", "Outbox records by state.", "state",
                      sorted(self.src.outbox.counts().items()))
+
+
+class ActorCollector(Collector):
+    """The Ray executor's actors at scrape time (nothing with the local executor): up, busy,
+    queue depth, utilisation and jobs, by model, slot, device and host."""
+
+    LABELS = ("model", "slot", "device", "host")
+    GAUGES = (("alive", "dicom_node_ray_actor_up", "1 while the actor is alive and loaded."),
+              ("busy", "dicom_node_ray_actor_busy", "1 while the actor runs a job."),
+              ("queue_depth", "dicom_node_ray_actor_queue_depth",
+               "Jobs at the actor or waiting for an actor of its model."),
+              ("utilisation", "dicom_node_ray_actor_utilisation",
+               "Share of the actor's life spent on jobs (0..1)."))
+
+    def __init__(self, src: Sources) -> None:
+        self.src = src
+
+    def collect(self) -> Iterator[Metric]:
+        actors = self.src.actors()
+        if not actors:
+            return
+        jobs = CounterMetricFamily("dicom_node_ray_actor_jobs", "Jobs the actor ran (its slot's).",
+                                   labels=self.LABELS)
+        for key, name, text in self.GAUGES:
+            family = GaugeMetricFamily(name, text, labels=self.LABELS)
+            for a in actors:
+                family.add_metric(_actor_labels(a), float(a[key]))
+            yield family
+        for a in actors:
+            jobs.add_metric(_actor_labels(a), a["jobs"])
+        yield jobs
+
+
+def _actor_labels(actor: dict[str, Any]) -> list[str]:
+    return [str(actor["model"]), str(actor["slot"]), str(actor["device"]), str(actor["host"])]
 
 
 class AuditCollector(Collector):

@@ -32,6 +32,7 @@ NAV = (
     ("/jobs", "Jobs"),
     ("/outbox", "Outbox"),
     ("/models", "Models"),
+    ("/actors", "Actors"),
 )
 
 
@@ -333,6 +334,19 @@ def models(rows: list[dict[str, Any]]) -> bytes:
             ],
         ),
     )
+
+
+def actors(rows: list[dict[str, Any]]) -> bytes:
+    """The Ray executor's actors ("none" with the local executor)."""
+    if not rows:
+        return page("Actors", "<p>None: this node runs its models itself (workers.executor = local).</p>")
+    return page("Actors", table(
+        ["model", "slot", "alive", "device", "host", "pid", "busy", "queue depth", "utilisation", "jobs",
+         "failures", "load s"],
+        [[escape(str(a[k])) for k in ("model", "slot", "alive", "device", "host", "pid", "busy",
+                                       "queue_depth")] + [f"{a['utilisation']:.0%}", str(a["jobs"]),
+                                                          str(a["failures"]), str(a["load_seconds"])]
+         for a in rows]))
 
 
 def model(m: dict[str, Any]) -> bytes:

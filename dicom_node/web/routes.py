@@ -53,7 +53,7 @@ class Dashboard:
                                   ("/studies", self.studies), ("/studies/{uid:[^/]*}", self.study),
                                   ("/jobs", self.jobs), ("/jobs/{id:[^/]*}", self.job),
                                   ("/outbox", self.outbox), ("/models", self.models),
-                                  ("/models/{name:[^/]*}", self.model)):
+                                  ("/models/{name:[^/]*}", self.model), ("/actors", self.actors)):
                 app.router.add_get(api + path, handler, allow_head=False)
             app.router.add_post(api + "/jobs/{id:[^/]*}/requeue", self.requeue)
             app.router.add_post(api + "/outbox/{id:[^/]*}/retry", self.retry)
@@ -88,6 +88,9 @@ class Dashboard:
 
     async def models(self, request: web.Request) -> web.Response:
         return await _out(request, data.models, (self.src,), pages.models)
+
+    async def actors(self, request: web.Request) -> web.Response:
+        return await _out(request, lambda src: src.actors(), (self.src,), pages.actors)
 
     async def study(self, request: web.Request) -> web.Response:
         uid = _uid("Study Instance", request.match_info["uid"])

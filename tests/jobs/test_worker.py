@@ -131,3 +131,21 @@ def test_a_waiting_worker_wakes_for_new_work_without_waiting_its_poll() -> None:
         wake.set()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_a_worker_claims_nothing_while_its_executor_is_not_ready(clock: FakeClock) -> None:
+    queue = queue_with_job(clock=clock)
+    reason: list[str | None] = ["the Ray cluster at 10.0.0.5:6379 does not answer"]
+    ran: list[Job] = []
+
+    def runner(job: Job, timings: dict[str, float]) -> dict:
+        ran.append(job)
+        return {}
+
+    worker = Worker(queue, runner, "w", ready=lambda: reason[0])
+    assert worker.run_once() is None and ran == []
+    [job] = queue.list()
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)  # waiting costs no attempt
+    reason[0] = None
+    done = worker.run_once()
+    assert done is not None and done.state == JobState.DONE and done.attempts == 1

@@ -1,0 +1,120 @@
+"""What runs on a Ray actor: one model version on one device, reused across jobs.
+
+The class is plain Python (no Ray import): :class:`~dicom_node.scaleout.executor.RayExecutor`
+wraps it with ``ray.remote`` and its options, and tests may call it in-process.
+"""
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import torch
+from pydicom import Dataset
+
+from dicom_node import pipeline
+from dicom_node.config import Settings
+from dicom_node.explain.heatmap import Heatmap
+from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, Prediction, preprocess
+from dicom_node.inference.gate import GateResult
+from dicom_node.jobs.queue import Job
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What an actor hands back for one job: the context fields the node's later steps read."""
+
+    predictions: list[Prediction]
+    gate: list[GateResult]
+    heatmaps: list[Heatmap]
+    abstain_reason: str  # the gate's reason to report "not analysed", or ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ComputeActor:
+    """Holds one model loaded on one device and runs :func:`pipeline.compute_steps` for jobs.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (the pipelines' explain methods and labels, ``[inference]``).
+    model
+        The model's name in the repository at ``settings.models.dir`` on the actor's host.
+    sha256
+        The weights' sha256 the node's manifest names: the actor refuses to start on other
+        weights (a host with another version of the repository), as the node would.
+    device
+        ``"cpu"``, ``"cuda"``, ...
+    threads
+        torch's CPU threads in this process.
+
+    Raises
+    ------
+    ModelError
+        The model is missing, its weights do not match their manifest, or the manifest's
+        sha256 is not the node's.
+    """
+
+    def __init__(self, settings: Settings, model: str, sha256: str, device: str, threads: int) -> None:
+        started = time.perf_counter()
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)  # OpenCV's own pool ignores OMP_NUM_THREADS: keep to the CPUs reserved
+        self.settings = settings
+        registry = ModelRegistry(settings.models.dir)
+        manifest = registry.manifest(model)
+        if manifest.sha256 != sha256:
+            raise ModelError(f"{manifest.path}: key 'sha256' = {manifest.sha256[:12]}... on this Ray host; "
+                             f"the node runs {sha256[:12]}...: install the same model version here")
+        inference = settings.inference
+        self.runner = InferenceRunner(registry, device, inference.batch_size, inference.bf16)
+        self.runner.model(model)  # loads and checks the weights' sha256 (registry.load)
+        self.runner.baselines(model)
+        self.model_name = model
+        self._warm_up()
+        self.load_seconds = time.perf_counter() - started
+
+    def _warm_up(self) -> None:
+        """Run the model and every method the pipelines ask of it once, on a phantom: the first
+        call of each pays for set-up (kernels, lazy imports, about 2 s on a CPU here), which
+        belongs to the actor's start, paid once, not to its first job."""
+        from dicom_node.explain.heatmap import explain_frame
+        from dicom_node.phantoms import render, to_dataset
+
+        pipelines = [p for p in self.settings.pipelines if p.model == self.model_name]
+        methods = sorted({m for p in pipelines for m in p.explain})
+        loaded = self.runner.model(self.model_name)
+        ds = to_dataset(render(0, loaded.manifest.input.size))
+        items = preprocess(ds, loaded.manifest.input)
+        [prediction] = self.runner.predict(self.model_name, items[:1])
+        if methods:
+            randomised, passed = self.runner.baselines(self.model_name)
+            explain_frame(loaded, items[0], prediction, list(prediction.probabilities)[:1], methods, 0,
+                          lime_samples=64, randomised=randomised, sanity_passed=passed)
+
+    def describe(self) -> dict[str, Any]:
+        """Where the actor runs and what it holds (for the dashboard and ``/metrics``)."""
+        manifest = self.runner.registry.manifest(self.model_name)
+        return {"model": self.model_name, "version": manifest.version, "sha256": manifest.sha256,
+                "device": str(self.runner.device), "pid": os.getpid(), "host": os.uname().nodename,
+                "threads": torch.get_num_threads(), "load_seconds": round(self.load_seconds, 3)}
+
+    def compute(self, job: Job, datasets: Sequence[Dataset]) -> Computed:
+        """Preprocess, infer, score the gate and explain ``datasets`` (the job's series, read by
+        the node). A :class:`~dicom_node.errors.PermanentError` (undecodable pixels) reaches
+        the node as it is, which reports the series "not analysed"."""
+        if job.model != self.model_name:
+            raise ModelError(f"this actor holds model {self.model_name!r}, not {job.model!r}")
+        timings: dict[str, float] = {}
+        # the compute steps read no store: they see the data sets the node read (as offline.py)
+        ctx = pipeline.PipelineContext(job=job, settings=self.settings, store=None,  # type: ignore[arg-type]
+                                       runner=self.runner, datasets=list(datasets), timings=timings)
+        for name, step in pipeline.compute_steps():
+            started = time.perf_counter()
+            step(ctx)
+            timings[name] = round(time.perf_counter() - started, 6)
+            if ctx.outcome_reason:
+                break  # the gate abstains: nothing to explain
+        return Computed(ctx.predictions, ctx.gate, ctx.heatmaps, ctx.outcome_reason,
+                        {k: round(v, 6) for k, v in timings.items()})

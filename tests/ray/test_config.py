@@ -1,0 +1,55 @@
+"""``[workers] executor``: validated with clear errors; the local default never imports Ray."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, load_settings
+from dicom_node.scaleout.executor import reachable
+from tests.nodeproc import REPO, free_port
+
+
+def settings_of(tmp_path: Path, workers: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f"[workers]\n{workers}\n")
+    return path
+
+
+def test_the_default_is_local_and_the_ray_keys_have_defaults(tmp_path: Path) -> None:
+    w = load_settings(settings_of(tmp_path, ""), environ={}).workers
+    assert (w.executor, w.ray_address, w.ray_actors_per_model, w.ray_cpus_per_actor, w.ray_gpus_per_actor) == (
+        "local", "", 1, 1.0, 0.0)
+
+
+def test_ray_with_its_address_and_sizes(tmp_path: Path) -> None:
+    w = load_settings(settings_of(tmp_path, 'executor = "ray"\nray_address = "10.0.0.5:6379"\n'
+                                            "ray_actors_per_model = 3\nray_gpus_per_actor = 0.5"), environ={}).workers
+    assert (w.executor, w.ray_address, w.ray_actors_per_model, w.ray_gpus_per_actor) == (
+        "ray", "10.0.0.5:6379", 3, 0.5)
+
+
+@pytest.mark.parametrize(("workers", "message"), [
+    ('executor = "dask"', "key 'workers.executor' = 'dask' is invalid; expected \"local\""),
+    ('executor = "ray"', "key 'workers.ray_address' = '' is invalid with workers.executor = \"ray\""),
+    ('executor = "ray"\nray_address = "h:1"\nray_actors_per_model = 0', "'workers.ray_actors_per_model' = 0"),
+    ("ray_cpus_per_actor = -1", "'workers.ray_cpus_per_actor' = -1"),
+    ("ray_gpus_per_actor = -0.5", "'workers.ray_gpus_per_actor' = -0.5"),
+])
+def test_mistakes_are_one_line_naming_the_key(tmp_path: Path, workers: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(settings_of(tmp_path, workers), environ={})
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_local_executor_never_imports_ray() -> None:
+    code = ("import sys, dicom_node.cli, dicom_node.node, dicom_node.scaleout; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_an_address_nobody_answers_is_not_reachable() -> None:
+    assert not reachable(f"127.0.0.1:{free_port()}")
+    assert not reachable(f"ray://127.0.0.1:{free_port()}")
+    assert not reachable("no-port")
