@@ -17,7 +17,9 @@ In order, outermost first (:meth:`Gate.middlewares`):
 3. ``check_host``: on a loopback bind only loopback names are answered (421; DNS rebinding).
 4. ``preflight``: a CORS preflight from a listed origin to a DICOMweb path is answered here,
    before authentication (browsers send no credentials with it).
-5. ``authenticate``: the bearer token (header) or the cookie ``/?token=`` sets; 401 otherwise.
+5. ``authenticate``: the bearer token (header) or the cookie ``/?token=`` sets (``Secure`` under
+   ``web.tls`` or an ``https`` ``web.public_url``; the redirect that follows goes under
+   ``web.public_url`` when it is set); 401 otherwise.
    A request from another origin authenticated by the cookie alone is refused (403): the cookie
    is the dashboard's, never a credential of a page elsewhere.
 6. ``refuse_cross_site``: a POST (any unsafe method) from another origin is refused (403) unless
@@ -109,6 +111,9 @@ class Gate:
     def __init__(self, settings: WebSettings) -> None:
         self.settings = settings
         self.origins = frozenset(settings.cors_origins)
+        #: Whether browsers reach the node over HTTPS (directly or through a proxy): the login
+        #: cookie is then ``Secure``, never sent over plain HTTP.
+        self.https = settings.tls or settings.public_url.startswith("https://")
 
     def middlewares(self) -> list[Middleware]:
         return [self.answer_errors, self.check_limits, self.check_host, self.preflight,
@@ -174,8 +179,9 @@ class Gate:
             # set the cookie, then take the token out of the address bar and history; the rest
             # of the query stays (a QIDO-RS search's keys)
             kept = [(key, value) for key, value in request.rel_url.query.items() if key != "token"]
-            back = web.HTTPSeeOther(str(request.rel_url.with_query(kept)) or "/")
-            back.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+            # behind a proxy the address is under web.public_url's path (https://host/node/...)
+            back = web.HTTPSeeOther(self.settings.public_url + (str(request.rel_url.with_query(kept)) or "/"))
+            back.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/", secure=self.https)
             raise back
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
