@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 import torch
 
+from dicom_node.inference.manifest import ModelError, ModelManifest
+
 THUMBNAIL = 8
 GRID = 32  # image statistics are taken on a 32 x 32 block average of the input
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -85,6 +87,25 @@ def pool_into(module: torch.nn.Module, layer_name: str,
         features.append(pool(output))
 
     return layer.register_forward_hook(capture)
+
+
+def one_capture(pooled: list[np.ndarray], manifest: ModelManifest) -> np.ndarray:
+    """The one capture :func:`pool_into` made during a forward pass, taken out of ``pooled``.
+
+    Raises
+    ------
+    ModelError
+        The CAM layer ran more or less than once in the pass (a module the network calls twice,
+        such as torchvision's ResNet ``layer4.1.relu``, or one it never calls): the vector would
+        describe the wrong activations, so the manifest's ``cam_layer`` is refused.
+    """
+    count = len(pooled)
+    if count != 1:
+        pooled.clear()
+        raise ModelError(f"{manifest.path}: key 'cam_layer' = {manifest.cam_layer!r} ran {count} times in "
+                         "one forward pass; expected a layer the network runs exactly once (such as a "
+                         "whole block, 'layer4', rather than a module it reuses)")
+    return pooled.pop()
 
 
 def image_statistics(arrays: np.ndarray) -> np.ndarray:

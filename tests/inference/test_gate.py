@@ -187,3 +187,38 @@ def test_a_reference_whose_precision_is_not_positive_definite_is_refused(tmp_pat
     manifest.write_text(manifest.read_text().replace(gate.sha256, sha256_of(gate.reference)))
     with pytest.raises(ModelError, match="not positive definite"):
         ModelRegistry(tmp_path).load("demo-cxr")
+
+
+def _twice(tmp_path: Path) -> Path:
+    """A ResNet-18 whose ``cam_layer`` is ``layer4.1.relu``: torchvision's block calls it twice."""
+    from tests.inference.models import write_model
+
+    return write_model(tmp_path, "twice", architecture="resnet18", cam_layer="layer4.1.relu", channels=3,
+                       size=64, normalization="imagenet")
+
+
+def test_a_cam_layer_run_twice_a_forward_is_refused_at_inference(tmp_path: Path) -> None:
+    from dicom_node.inference.preprocess import LetterboxMap, Preprocessed
+
+    _twice(tmp_path)
+    runner = InferenceRunner(ModelRegistry(tmp_path), device="cpu", batch_size=2)
+    inputs = [Preprocessed(np.random.default_rng(i).random((3, 64, 64), dtype=np.float32),
+                           LetterboxMap.fit(64, 64, 64), f"1.2.{i}", 0, None, "file") for i in range(3)]
+    assert len(runner.predict("twice", inputs)) == 3  # without the gate, the layer is only CAM's
+    with pytest.raises(ModelError, match=r"'cam_layer' = 'layer4\.1\.relu' ran 2 times"):
+        runner.predict("twice", inputs, features=[])
+
+
+def test_a_cam_layer_run_twice_a_forward_is_refused_at_load(tmp_path: Path) -> None:
+    import dataclasses
+
+    from dicom_node.inference.gate import STATISTICS
+
+    manifest = _twice(tmp_path)
+    reference = fit_reference(np.random.default_rng(3).normal(0, 1, (40, 512 + STATISTICS)), 512)
+    sha = load_manifest(manifest).sha256
+    save_reference(dataclasses.replace(reference, weights_sha256=sha), tmp_path / "twice" / "reference.npz")
+    manifest.write_text(manifest.read_text() + f'\n[gate]\nreference = "reference.npz"\nsha256 = '
+                        f'"{sha256_of(tmp_path / "twice" / "reference.npz")}"\nthreshold = 2.0\naction = "abstain"\n')
+    with pytest.raises(ModelError, match=r"'cam_layer' = 'layer4\.1\.relu' ran 2 times"):
+        ModelRegistry(tmp_path).load("twice")
