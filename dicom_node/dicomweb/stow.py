@@ -20,6 +20,7 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,7 +31,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
-from dicom_node.dicomweb import CONTEXT, DicomWebContext
+from dicom_node.dicomweb import CONTEXT, Accept, DicomWebContext
 from dicom_node.dicomweb.http import base_url
 from dicom_node.ingest.accept import Offer, Outcome, accept
 from dicom_node.ingest.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
@@ -194,8 +195,10 @@ async def _receive_all(reader: MultipartReader, stow: _Request) -> None:
             if isinstance(received, Outcome):
                 stow.outcomes.append(received)
             else:
+                counted = stow.ctx.accepts.submitted()  # counted here, before any thread: see InFlight
                 pending = asyncio.ensure_future(
-                    offload(stow.http, _accept_file, received, stow.ctx, stow.study))
+                    offload(stow.http, _accept_file, received, stow.ctx, stow.study, counted))
+                pending.add_done_callback(partial(_drop, counted))
             if stow.too_large:
                 return  # 413: the rest of the body is not read
     finally:
@@ -257,11 +260,20 @@ def _close_and_remove(fh: BinaryIO, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _accept_file(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:
+def _drop(counted: Accept, _done: object) -> None:
+    counted.drop()
+
+
+def _accept_file(path: Path, ctx: DicomWebContext, study: str | None, counted: Accept) -> Outcome:
     """Accept the Part 10 file at ``path`` (run in a worker thread), counted in ``ctx.accepts``
-    until its file is removed too."""
-    with ctx.accepts.running():
+    until its file is removed too; nothing but the file's removal if the accept was dropped."""
+    if not counted.start():
+        path.unlink(missing_ok=True)
+        return Outcome(StoreStatus.PROCESSING_FAILURE, "the node is stopping")
+    try:
         return _accept_and_remove(path, ctx, study)
+    finally:
+        counted.finish()
 
 
 def _accept_and_remove(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:
