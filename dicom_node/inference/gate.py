@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from dicom_node.inference.architectures import PlainCNN
 from dicom_node.inference.manifest import ModelError, ModelManifest
 
 THUMBNAIL = 8
@@ -70,12 +71,17 @@ def pool_into(module: torch.nn.Module, layer_name: str,
     """A forward hook appending layer ``layer_name``'s output pooled over its grid (:func:`pool`),
     (frames, channels), to ``features``; remove it when done.
 
-    A network whose ``pooled_layer(layer_name)`` names a module that already outputs exactly that
-    mean (the global average pooling its classifier reads) is hooked there instead: the mean over
-    the whole activation map is then not computed a second time.
+    One of the node's own networks (:class:`~dicom_node.inference.architectures.PlainCNN`) whose
+    ``pooled_layer(layer_name)`` names a module that already outputs that mean (the global
+    average pooling its classifier reads) is hooked there instead: the mean over the whole
+    activation map is then not computed a second time. In float32 the two are the same mean;
+    under bf16 autocast that module averages in bf16 where :func:`pool` averages in float32, so
+    the vectors differ by bf16 rounding (the reference is calibrated in float32; on the demo
+    model bf16 moves scores by up to 0.03 either way, against a threshold of 1.88). A model brought
+    by its user (TorchScript, torchvision) is never asked: a submodule of its own that happens
+    to be named ``pooled_layer`` must not be taken for this method.
     """
-    pooled_layer = getattr(module, "pooled_layer", None)
-    pooled_name = pooled_layer(layer_name) if callable(pooled_layer) else None
+    pooled_name = module.pooled_layer(layer_name) if isinstance(module, PlainCNN) else None
     if pooled_name:
         def capture_pooled(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
             features.append(output.float().reshape(len(output), -1).cpu().numpy())

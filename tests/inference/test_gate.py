@@ -222,3 +222,34 @@ def test_a_cam_layer_run_twice_a_forward_is_refused_at_load(tmp_path: Path) -> N
                         f'"{sha256_of(tmp_path / "twice" / "reference.npz")}"\nthreshold = 2.0\naction = "abstain"\n')
     with pytest.raises(ModelError, match=r"'cam_layer' = 'layer4\.1\.relu' ran 2 times"):
         ModelRegistry(tmp_path).load("twice")
+
+
+def test_a_foreign_submodule_named_pooled_layer_is_not_taken_for_the_method() -> None:
+    """Only the node's own networks are asked for their pooled layer: a model brought by its
+    user with a submodule of that name gets its CAM layer pooled as any other."""
+    import torch
+    from torch import nn
+
+    from dicom_node.inference.gate import pool, pool_into
+
+    class Foreign(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+            self.pooled_layer = nn.Identity()  # called with a layer name, it would answer that name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pooled_layer(self.features(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    model = Foreign().eval()
+    captured: list[np.ndarray] = []
+    handle = pool_into(model, "features.1", captured)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    with torch.inference_mode():
+        expected = pool(model.features(x))
+    assert len(captured) == 1 and captured[0].shape == (2, 4)
+    np.testing.assert_allclose(captured[0], expected, rtol=1e-5, atol=1e-6)
