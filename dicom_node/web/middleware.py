@@ -21,7 +21,9 @@ In order, outermost first (:meth:`Gate.middlewares`):
    ``web.tls`` or an ``https`` ``web.public_url``; the redirect that follows goes under
    ``web.public_url`` when it is set); 401 otherwise.
    A request from another origin authenticated by the cookie alone is refused (403): the cookie
-   is the dashboard's, never a credential of a page elsewhere.
+   is the dashboard's, never a credential of a page elsewhere. So is one a browser marks
+   ``Sec-Fetch-Site: same-site`` or ``cross-site`` without an ``Origin`` (a ``fetch`` GET, an
+   ``<img>``), except a top-level GET navigation (a link followed to the dashboard).
 6. ``refuse_cross_site``: a POST (any unsafe method) from another origin is refused (403) unless
    it goes to DICOMweb, the origin is listed in ``web.cors_origins`` and the request carries the
    bearer token (a header another site's form cannot forge). The dashboard and ``/api`` refuse
@@ -189,7 +191,7 @@ class Gate:
             if _same(value.strip(), token):
                 return await handler(request)
         elif _same(request.cookies.get(COOKIE, ""), token):
-            if _cross_origin(request):
+            if _cross_origin(request) or _from_another_site_page(request):
                 # the cookie is the dashboard's own: a page of another origin never uses it
                 return error(403, "cross-origin request refused: send the bearer token")
             request[CREDENTIAL] = "cookie"
@@ -272,6 +274,16 @@ def _cross_origin(request: web.BaseRequest) -> bool:
     """Whether the request names an ``Origin`` other than the host it was sent to."""
     origin = request.headers.get("Origin")
     return origin is not None and urlsplit(origin).netloc != request.headers.get("Host", "")
+
+
+def _from_another_site_page(request: web.BaseRequest) -> bool:
+    """Whether a browser says another site's page made the request (``Sec-Fetch-Site``), which
+    it says even where it sends no ``Origin`` (a GET by ``fetch``, an ``<img>``, a ``<script>``).
+    A top-level navigation (following a link) is let through: its page is the node's own,
+    no other page reads it, and a POST is refused anyway (``refuse_cross_site``)."""
+    if request.headers.get("Sec-Fetch-Site", "") not in ("same-site", "cross-site"):
+        return False
+    return not (request.method == "GET" and request.headers.get("Sec-Fetch-Mode") == "navigate")
 
 
 def under(path: str, prefix: str) -> bool:
