@@ -137,16 +137,18 @@ def image_statistics(arrays: np.ndarray) -> np.ndarray:
     out[:, :len(QUANTILES)] = np.sort(flat, axis=1)[:, _RANKS]
     # the squares and the three difference images side by side (zero where one is a row or a
     # column short), so that one pass sums them all
+    thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
+    mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
     work = np.zeros((frames, 4, GRID, GRID), dtype=np.float32)
-    np.square(images, out=work[:, 0])
+    # squares of the deviations, not E[x^2] - mean^2: in float32 that difference cancels to
+    # noise when the mean is large against the spread (an input of -1024 plus a little)
+    np.square(images - mean[:, None, None], out=work[:, 0])
     np.subtract(images[:, 1:], images[:, :-1], out=work[:, 1, 1:])
     np.subtract(images[:, :, 1:], images[:, :, :-1], out=work[:, 2, :, 1:])
     np.subtract(images, images[:, :, ::-1], out=work[:, 3])
     means = np.abs(work, out=work).reshape(frames, 4, -1).sum(axis=2) / _COUNTS
-    thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
-    mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
     out[:, _MEAN] = mean
-    out[:, _MEAN + 1] = np.sqrt(np.maximum(means[:, 0] - mean * mean, 0.0))
+    out[:, _MEAN + 1] = np.sqrt(means[:, 0])
     out[:, _MEAN + 2:_MEAN + 4] = means[:, 1:3]
     out[:, _MEAN + 4] = np.log(means[:, 3] + 1e-4)
     out[:, _MEAN + 5:] = thumbnail

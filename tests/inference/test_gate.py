@@ -253,3 +253,16 @@ def test_a_foreign_submodule_named_pooled_layer_is_not_taken_for_the_method() ->
         expected = pool(model.features(x))
     assert len(captured) == 1 and captured[0].shape == (2, 4)
     np.testing.assert_allclose(captured[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_standard_deviation_holds_when_the_mean_is_large_against_the_spread() -> None:
+    """E[x^2] - mean^2 in float32 cancelled to 0 for an input of -1024 plus a little (HU-like
+    normalisation); the deviations' squares keep it."""
+    from dicom_node.inference.gate import GRID, QUANTILES, image_statistics
+
+    rng = np.random.default_rng(0)
+    arrays = np.full((2, 1, 256, 256), -1024, np.float32) + rng.random((2, 1, 256, 256), dtype=np.float32) * 0.01
+    block = 256 // GRID
+    truth = arrays[:, 0].astype(np.float64).reshape(2, GRID, block, GRID, block).mean(axis=(2, 4))
+    std = image_statistics(arrays)[:, len(QUANTILES) + 1]
+    np.testing.assert_allclose(std, truth.reshape(2, -1).std(axis=1), rtol=0.02)
