@@ -104,3 +104,37 @@ def test_a_stalled_upload_is_cut_and_its_file_removed(tmp_path: Path, monkeypatc
         assert not list(app.store.files.tmp.glob("*.stow.part"))
         events = [e for e in read_events(tmp_path / "data" / "audit") if e["event"] == "stow_received"]
         assert events and events[-1]["complete"] is False
+
+
+def test_streams_read_slowly_hold_no_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More WADO-RS answers than slots, each to a viewer that reads nothing: searches and
+    ``/api`` still answer at once (a stream holds a slot only while a chunk is read from disk)."""
+    from tests.factories import ct_dataset
+    from tests.store.test_store import put
+
+    monkeypatch.setattr(server, "BUSY_WAIT_SECONDS", 0.5)
+    with web_app(tmp_path / "data", dicomweb=True) as app:
+        ds = ct_dataset(size=3072, seed=3)  # 18 MB: more than the sockets' buffers hold
+        put(app.store, ds)
+        streams = []
+        try:
+            for _ in range(server.MAX_BUSY + 2):
+                conn = socket.socket()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+                conn.connect(("127.0.0.1", app.server.port))
+                conn.sendall((f"GET /dicom-web/studies/{ds.StudyInstanceUID} HTTP/1.1\r\n"
+                              f"Host: 127.0.0.1:{app.server.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                              "Accept: multipart/related; type=\"application/dicom\"; transfer-syntax=*\r\n\r\n"
+                              ).encode())
+                streams.append(conn)
+            deadline = time.monotonic() + 10
+            while sum(e["event"] == "retrieve" for e in read_events(tmp_path / "data" / "audit")) < len(streams):
+                assert time.monotonic() < deadline, "the answers did not all start"
+                time.sleep(0.05)
+            for path in ("/dicom-web/studies", "/api/jobs"):
+                started = time.monotonic()
+                assert app.request("GET", path)[0] == 200, path
+                assert time.monotonic() - started < 1.0, path
+        finally:
+            for conn in streams:
+                conn.close()
