@@ -56,7 +56,11 @@ class Work:
                 raise Busy from None
             self.admitted = True
         call = partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        future = asyncio.get_running_loop().run_in_executor(None, call)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, call)
+        except BaseException:  # the executor is shut down (a stop): no thread will free the slot
+            self.slots.free.release()
+            raise
         # the slot is the thread's, not the request's: a cancelled request (its client gone)
         # frees it only once the thread, which cannot be stopped, has ended
         future.add_done_callback(lambda _: self.slots.free.release())
