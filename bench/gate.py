@@ -3,10 +3,10 @@
 Cost, as a job pays it: the pipeline's inference step of an ungated run, and of a gated run (the
 pooled-activation hook and the image statistics it takes of each batch before its forward pass)
 followed by the gate step (the score), on 1-frame and 16-frame series of 128 px inputs,
-interleaved ``--repeats`` times; minimum and median of each, and the median of the per-repeat
-ratio. Each timed inference follows the preprocessing of its series (untimed), as it does in a
-job: both runs then start in the same state (caches, the model's worker threads), whereas back to
-back the second would find the first's forward pass still warm.
+interleaved ``--repeats`` times in alternating order; minimum and median of each, and the median
+of the per-repeat ratio. Each timed inference follows the preprocessing of its series
+(untimed), as it does in a job: both runs then start in the same state (caches, the model's
+worker threads), whereas back to back the second would find the first's forward pass still warm.
 The demo model's abstention figures are measured by ``models/demo-cxr/calibrate_gate.py``.
 
 Usage: ``.venv/bin/python bench/gate.py [--repeats 30]``
@@ -31,22 +31,28 @@ MODEL = "demo-cxr"
 
 def _cost(runner: InferenceRunner, datasets: list[Dataset], repeats: int) -> dict[str, list[float]]:
     """Seconds of the inference step alone, and of the gated inference step and the gate step after
-    it, interleaved ``repeats`` times, each after preprocessing ``datasets``."""
+    it, interleaved ``repeats`` times, each after preprocessing ``datasets``; the two swap places
+    every repeat, so that neither always runs second (on a warmer cache, or a busier CPU)."""
     loaded = runner.model(MODEL)
     reference = loaded.reference
     assert reference is not None
-    spent: dict[str, list[float]] = {"inference": [], "gated": []}
-    for _ in range(repeats):
-        inputs = [item for ds in datasets for item in preprocess(ds, loaded.manifest.input)]
-        started = time.perf_counter()
+
+    def plain() -> None:
         runner.predict(MODEL, inputs)
-        spent["inference"].append(time.perf_counter() - started)
-        inputs = [item for ds in datasets for item in preprocess(ds, loaded.manifest.input)]
+
+    def gated() -> None:
         features: list[np.ndarray] = []
-        started = time.perf_counter()
         runner.predict(MODEL, inputs, features)
         reference.score(np.concatenate(features))
-        spent["gated"].append(time.perf_counter() - started)
+
+    spent: dict[str, list[float]] = {"inference": [], "gated": []}
+    runs = [("inference", plain), ("gated", gated)]
+    for repeat in range(repeats):
+        for name, run in runs if repeat % 2 == 0 else runs[::-1]:
+            inputs = [item for ds in datasets for item in preprocess(ds, loaded.manifest.input)]
+            started = time.perf_counter()
+            run()
+            spent[name].append(time.perf_counter() - started)
     return spent
 
 

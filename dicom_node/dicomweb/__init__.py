@@ -7,8 +7,6 @@ middlewares apply to it as to every other page. Its handlers read :data:`CONTEXT
 """
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -21,30 +19,60 @@ PREFIX = "/dicom-web"
 
 
 class InFlight:
-    """The STOW-RS accepts running in worker threads. A thread cannot be cancelled, and an accept
-    writes to the store: the web server's stop waits for them (bounded) before the store closes,
-    and reports whether they all finished."""
+    """The STOW-RS accepts submitted to worker threads and not yet ended. A thread cannot be
+    cancelled, and an accept writes to the store: the web server's stop waits for them (bounded)
+    before the store closes, and reports whether they all finished. An accept is counted from
+    its submission on the event loop (:meth:`submitted`), not from when its thread starts, so a
+    stop cannot miss one submitted just before it."""
 
     def __init__(self) -> None:
         self._count = 0
         self._changed = threading.Condition()
 
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """Count the block as one accept in flight."""
+    def submitted(self) -> "Accept":
+        """Count one accept from now until it ends or is dropped unstarted (:class:`Accept`)."""
         with self._changed:
             self._count += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._count -= 1
-                self._changed.notify_all()
+        return Accept(self)
+
+    def _end(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every accept to end; whether they all did."""
         with self._changed:
             return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
+class Accept:
+    """One counted accept: its thread calls :meth:`start` (False: it was dropped, do nothing)
+    and, if started, :meth:`finish`; the loop calls :meth:`drop` once the request stops
+    waiting for it, which uncounts it only if its thread never started (the request was
+    cancelled, or the executor shut down, before the work ran)."""
+
+    def __init__(self, flight: InFlight) -> None:
+        self._flight = flight
+        self._lock = threading.Lock()
+        self._state = "queued"
+
+    def start(self) -> bool:
+        with self._lock:
+            if self._state == "dropped":
+                return False
+            self._state = "running"
+            return True
+
+    def finish(self) -> None:
+        self._flight._end()
+
+    def drop(self) -> None:
+        with self._lock:
+            if self._state != "queued":
+                return
+            self._state = "dropped"
+        self._flight._end()
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ literal matching). No match is 200 with an empty array: CP-2473's answer (PS3.18
 docs/conformance.md, "QIDO-RS".
 """
 
-import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from dicom_node.dicomweb.http import base_url, failure, natural, uids
 from dicom_node.query.match import Find, QueryError, find, held
 from dicom_node.store.index import Index
 from dicom_node.store.keys import KEYS, LEVELS, Level
+from dicom_node.web.work import offload
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ async def search(request: web.Request, level: Level) -> web.StreamResponse:
                      include=include)
     except QueryError as exc:
         raise failure(400, str(exc)) from None
-    body, studies, matches, more = await asyncio.to_thread(_answer, ctx.store.index, found, base_url(request),
+    body, studies, matches, more = await offload(request, _answer, ctx.store.index, found, base_url(request),
                                                            level, MAX_RESULTS if capped else None)
     warnings = []
     if query.get("fuzzymatching", "").lower() == "true":
@@ -177,7 +177,7 @@ async def search(request: web.Request, level: Level) -> web.StreamResponse:
         warnings.append(MORE_WARNING.format(host=request.host))
     logger.info("QIDO-RS at %s level: %d match(es)", level.value, matches)  # counts only, never values
     # which studies a client saw (UIDs only), as WADO-RS records what it sent
-    await asyncio.to_thread(ctx.audit.record, "query", service="QIDO-RS", address=request.remote or "",
+    await offload(request, ctx.audit.record, "query", service="QIDO-RS", address=request.remote or "",
                             level=level.value, matches=matches, study_instance_uids=studies)
     headers = {"Warning": ", ".join(warnings)} if warnings else {}
     return web.Response(body=body, content_type=MEDIA_TYPE, headers=headers)

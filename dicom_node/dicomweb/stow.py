@@ -20,6 +20,7 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,13 +31,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
-from dicom_node.dicomweb import CONTEXT, DicomWebContext
+from dicom_node.dicomweb import CONTEXT, Accept, DicomWebContext
 from dicom_node.dicomweb.http import base_url
 from dicom_node.ingest.accept import Offer, Outcome, accept
 from dicom_node.ingest.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.ingest.status import StoreStatus, error_comment
 from dicom_node.logs import bare_traceback
 from dicom_node.store import InvalidInstanceError, check_uid
+from dicom_node.web.work import offload
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ DICOM_JSON = "application/dicom+json"
 #: Bytes read from a part at a time, and written to its temporary file at a time.
 _READ_CHUNK = 2**18
 _WRITE_CHUNK = 2**20
+#: A client that sends nothing of its body for this long is cut (408, the connection closed, the
+#: part being received removed): a stalled upload must not keep its connection and temporary
+#: file for ever.
+IDLE_SECONDS = 60.0
 #: A part holds the preamble and File Meta Information besides the data set: room for them
 #: beyond ``max_instance_size`` (which bounds the data set, as for C-STORE).
 _META_ROOM = 2**16
@@ -79,6 +85,7 @@ class _Request:
     ctx: DicomWebContext
     study: str | None
     body: StreamReader
+    http: web.Request
     outcomes: list[Outcome] = field(default_factory=list)
     too_large: bool = False
     too_many: bool = False
@@ -100,7 +107,7 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
     if refusal is not None:
         return refusal
     ctx = request.config_dict[CONTEXT]
-    stow = _Request(ctx, study, request.content)
+    stow = _Request(ctx, study, request.content, request)
     ended_early = False
     try:
         await _receive_all(_TolerantReader(request.headers, request.content), stow)
@@ -108,16 +115,33 @@ async def store_instances(request: web.Request) -> web.StreamResponse:
         logger.warning("STOW-RS request from %s ended before its body (%d part(s) handled)",
                        request.remote, len(stow.outcomes))
         ended_early = True
+    except TimeoutError:
+        logger.warning("STOW-RS request from %s sent nothing for %g s: cut (%d part(s) handled)",
+                       request.remote, IDLE_SECONDS, len(stow.outcomes))
+        await offload(request, _audit, stow, request.remote or "", False)
+        return await _cut(request, 408, f"the body stalled: nothing for {IDLE_SECONDS:g} s\n")
     except (ValueError, AssertionError, RuntimeError) as exc:  # aiohttp's words for broken framing
         if not stow.outcomes:
             return web.Response(status=400, text=f"malformed multipart body: {exc}\n")
         stow.outcomes.append(Outcome(StoreStatus.CANNOT_UNDERSTAND, "malformed multipart body"))
-    await asyncio.to_thread(_audit, stow, request.remote or "", not ended_early)
+    await offload(request, _audit, stow, request.remote or "", not ended_early)
     if ended_early:
         return web.Response(status=400, text="request body ended early\n")
     if not stow.outcomes:
         return web.Response(status=400, text="no part in the multipart body\n")
     return _response(stow, base_url(request))
+
+
+async def _cut(request: web.Request, status: int, reason: str) -> web.Response:
+    """Answer, then close the connection: aiohttp would otherwise keep reading (and
+    discarding) the rest of the body for a while before it closes."""
+    answer = web.Response(status=status, text=reason)
+    answer.force_close()
+    await answer.prepare(request)
+    await answer.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # what is buffered (the answer) goes out first
+    return answer
 
 
 def _audit(stow: _Request, address: str, complete: bool) -> None:
@@ -159,7 +183,7 @@ async def _receive_all(reader: MultipartReader, stow: _Request) -> None:
     pending: Awaitable[Outcome] | None = None
     parts = 0
     try:
-        while (part := await reader.next()) is not None:
+        while (part := await asyncio.wait_for(reader.next(), IDLE_SECONDS)) is not None:
             parts += 1
             if parts > MAX_PARTS:
                 stow.too_many = True
@@ -171,8 +195,10 @@ async def _receive_all(reader: MultipartReader, stow: _Request) -> None:
             if isinstance(received, Outcome):
                 stow.outcomes.append(received)
             else:
+                counted = stow.ctx.accepts.submitted()  # counted here, before any thread: see InFlight
                 pending = asyncio.ensure_future(
-                    asyncio.to_thread(_accept_file, received, stow.ctx, stow.study))
+                    offload(stow.http, _accept_file, received, stow.ctx, stow.study, counted))
+                pending.add_done_callback(partial(_drop, counted))
             if stow.too_large:
                 return  # 413: the rest of the body is not read
     finally:
@@ -193,39 +219,39 @@ async def _receive_part(part: MultipartReader | BodyPartReader, stow: _Request) 
                        f"part of type {media.type}/{media.subtype}, not {DICOM}")
     limit = stow.ctx.max_instance_size + _META_ROOM
     path = stow.ctx.store.files.tmp / f"{uuid.uuid4().hex}.stow.part"  # *.part: removed at start
-    fh = await asyncio.to_thread(path.open, "xb")
+    fh = await offload(stow.http, lambda: path.open("xb"))
     try:
-        size = await _copy(part, fh, limit)
+        size = await _copy(part, fh, limit, stow)
     except BaseException:
-        await asyncio.to_thread(_close_and_remove, fh, path)
+        await offload(stow.http, _close_and_remove, fh, path)
         raise
-    await asyncio.to_thread(fh.close)
+    await offload(stow.http, fh.close)
     if size <= limit and stow.body.at_eof():
         # a part's end leaves the next delimiter unread; none left means the body was cut
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        await offload(stow.http, path.unlink, missing_ok=True)
         raise ValueError("the body ends without its closing delimiter")
     if size > limit:
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        await offload(stow.http, path.unlink, missing_ok=True)
         stow.too_large = True
         return Outcome(StoreStatus.OUT_OF_RESOURCES_INSTANCE_TOO_LARGE,
                        f"part exceeds limit {stow.ctx.max_instance_size} bytes (ingest.max_instance_size)")
     return path
 
 
-async def _copy(part: BodyPartReader, fh: BinaryIO, limit: int) -> int:
+async def _copy(part: BodyPartReader, fh: BinaryIO, limit: int, stow: _Request) -> int:
     """Copy the part to ``fh`` in bounded chunks, written off the loop; stop once over ``limit``."""
     size = 0
     buffer = bytearray()
-    while chunk := await part.read_chunk(_READ_CHUNK):
+    while chunk := await asyncio.wait_for(part.read_chunk(_READ_CHUNK), IDLE_SECONDS):
         size += len(chunk)
         if size > limit:
             return size
         buffer += chunk
         if len(buffer) >= _WRITE_CHUNK:
-            await asyncio.to_thread(fh.write, bytes(buffer))
+            await offload(stow.http, fh.write, bytes(buffer))
             buffer.clear()
     if buffer:
-        await asyncio.to_thread(fh.write, bytes(buffer))
+        await offload(stow.http, fh.write, bytes(buffer))
     return size
 
 
@@ -234,11 +260,20 @@ def _close_and_remove(fh: BinaryIO, path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _accept_file(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:
+def _drop(counted: Accept, _done: object) -> None:
+    counted.drop()
+
+
+def _accept_file(path: Path, ctx: DicomWebContext, study: str | None, counted: Accept) -> Outcome:
     """Accept the Part 10 file at ``path`` (run in a worker thread), counted in ``ctx.accepts``
-    until its file is removed too."""
-    with ctx.accepts.running():
+    until its file is removed too; nothing but the file's removal if the accept was dropped."""
+    if not counted.start():
+        path.unlink(missing_ok=True)
+        return Outcome(StoreStatus.PROCESSING_FAILURE, "the node is stopping")
+    try:
         return _accept_and_remove(path, ctx, study)
+    finally:
+        counted.finish()
 
 
 def _accept_and_remove(path: Path, ctx: DicomWebContext, study: str | None) -> Outcome:

@@ -7,7 +7,6 @@ read without their pixel data (:mod:`.stored`); the node never transcodes an ins
 decompresses a frame only when native pixels are asked for (:mod:`.negotiate`).
 """
 
-import asyncio
 import json
 import logging
 from functools import partial
@@ -24,6 +23,7 @@ from dicom_node.dicomweb.render import render
 from dicom_node.dicomweb.stored import FRAME_MEDIA_TYPES, PIXEL_DATA, Header, bulk_value, frame, read_header
 from dicom_node.query.match import Stored, retrieve
 from dicom_node.store.keys import Level
+from dicom_node.web.work import offload
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def _stored(request: web.Request, level: Level) -> list[Stored]:
     identifier = {"StudyInstanceUID": path["study"], "SeriesInstanceUID": path.get("series", ""),
                   "SOPInstanceUID": path.get("instance", "")}
     query = retrieve(identifier, level)
-    rows = await asyncio.to_thread(ctx.store.index.find, query.sql, query.params)
+    rows = await offload(request, ctx.store.index.find, query.sql, query.params)
     if not rows:
         uid = path.get("instance") or path.get("series") or path["study"]
         raise failure(404, f"no {level.value.lower()} {uid}")
@@ -63,7 +63,7 @@ async def _stored(request: web.Request, level: Level) -> list[Stored]:
 async def _audit(request: web.Request, level: Level, resource: str, rows: list[Stored]) -> None:
     ctx: DicomWebContext = request.config_dict[CONTEXT]
     logger.info("WADO-RS %s at %s level: %d instance(s)", resource, level.value, len(rows))
-    await asyncio.to_thread(ctx.audit.record, "retrieve", service="WADO-RS", address=request.remote or "",
+    await offload(request, ctx.audit.record, "retrieve", service="WADO-RS", address=request.remote or "",
                             level=level.value, resource=resource, instances=len(rows),
                             study_instance_uids=sorted({row.study_instance_uid for row in rows}))
 
@@ -82,8 +82,8 @@ async def instances(request: web.Request, level: Level) -> web.StreamResponse:
                       f"{', '.join(sorted(syntaxes))}) and does not transcode: accept "
                       'multipart/related; type="application/dicom"; transfer-syntax=*')
     await _audit(request, level, "instances", rows)
-    parts = [multipart.file_part(_file(request, row), f"{_DICOM}; transfer-syntax={row.transfer_syntax_uid}")
-             for row in rows]
+    parts = [multipart.file_part(request, _file(request, row),
+                                 f"{_DICOM}; transfer-syntax={row.transfer_syntax_uid}") for row in rows]
     return multipart.response(parts, "application/dicom")
 
 
@@ -104,7 +104,7 @@ async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
     rows = await _stored(request, level)
     base = base_url(request)
     try:
-        first = await asyncio.to_thread(_metadata, _file(request, rows[0]), base, rows[0])
+        first = await offload(request, _metadata, _file(request, rows[0]), base, rows[0])
     except Exception as exc:  # a file removed or damaged since it was indexed: nothing sent yet
         logger.warning("cannot read %s: %s", rows[0].sop_instance_uid, type(exc).__name__)
         raise failure(404, f"instance {rows[0].sop_instance_uid} cannot be read") from None
@@ -113,7 +113,7 @@ async def metadata(request: web.Request, level: Level) -> web.StreamResponse:
     await response.prepare(request)
     await response.write(b"[" + json.dumps(first, separators=(",", ":")).encode())
     for row in rows[1:]:
-        item = await asyncio.to_thread(_metadata, _file(request, row), base, row)
+        item = await offload(request, _metadata, _file(request, row), base, row)
         await response.write(b"," + json.dumps(item, separators=(",", ":")).encode())
     await response.write(b"]")
     await response.write_eof()
@@ -136,7 +136,7 @@ async def _header(request: web.Request) -> tuple[Path, Header, Stored]:
     (row,) = await _stored(request, Level.IMAGE)
     path = _file(request, row)
     try:
-        header = await asyncio.to_thread(read_header, path)
+        header = await offload(request, read_header, path)
     except Exception as exc:  # a file removed or damaged since it was indexed
         logger.warning("cannot read %s: %s", row.sop_instance_uid, type(exc).__name__)
         raise failure(404, f"instance {row.sop_instance_uid} cannot be read") from None
@@ -164,17 +164,18 @@ async def frames(request: web.Request) -> web.StreamResponse:
     part_type = "application/octet-stream" if how == "native" else str(media)
     content_type = f"{part_type}; transfer-syntax={sent_syntax}"
     await _audit(request, Level.IMAGE, "frames", [row])
-    parts = [_frame_part(path, header, n - 1, how == "native", content_type) for n in numbers]
+    parts = [_frame_part(request, path, header, n - 1, how == "native", content_type) for n in numbers]
     return multipart.response(parts, part_type)
 
 
-def _frame_part(path: Path, header: Header, index: int, native: bool, content_type: str) -> Any:
+def _frame_part(request: web.Request, path: Path, header: Header, index: int, native: bool,
+                content_type: str) -> Any:
     pixels, size = header.pixels, header.frame_size
     addressable = pixels is not None and pixels.offset is not None and size is not None
     if addressable and not header.transfer_syntax.is_encapsulated and header.transfer_syntax.is_little_endian:
         assert pixels is not None and pixels.offset is not None and size is not None
-        return multipart.file_part(path, content_type, pixels.offset + index * size, size)
-    return multipart.computed_part(partial(frame, path, header, index, native=native), content_type)
+        return multipart.file_part(request, path, content_type, pixels.offset + index * size, size)
+    return multipart.computed_part(request, partial(frame, path, header, index, native=native), content_type)
 
 
 def _rendered_type(request: web.Request) -> str:
@@ -200,7 +201,7 @@ async def rendered(request: web.Request) -> web.StreamResponse:
     try:
         draw = partial(render, path, header.dataset, index[0] - 1, media, width, quality,
                        whole=header.transfer_syntax.is_deflated)
-        image = await asyncio.to_thread(draw)
+        image = await offload(request, draw)
     except Exception as exc:  # an undecodable frame, or pixels no image file can hold
         logger.warning("cannot render %s: %s", row.sop_instance_uid, type(exc).__name__)
         # 422: the request is fine, the stored pixels are not (406 would blame the Accept header,
@@ -248,10 +249,11 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
         part_type = FRAME_MEDIA_TYPES.get(syntax, "application/octet-stream") if compressed \
             else "application/octet-stream"
         content_type = f"{part_type}; transfer-syntax={syntax}"
-        return multipart.response([_frame_part(path, header, n, False, content_type)
+        return multipart.response([_frame_part(request, path, header, n, False, content_type)
                                    for n in range(header.frames)], part_type)
     if value is not None and value.offset is not None:
-        part = multipart.file_part(path, "application/octet-stream", value.offset, value.length)
+        part = multipart.file_part(request, path, "application/octet-stream", value.offset, value.length)
     else:
-        part = multipart.computed_part(partial(bulk_value, path, header, tag), "application/octet-stream")
+        part = multipart.computed_part(request, partial(bulk_value, path, header, tag),
+                                       "application/octet-stream")
     return multipart.response([part], "application/octet-stream")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 
-class _PlainCNN(nn.Module):
+class PlainCNN(nn.Module):
     """3x3 conv blocks (conv, batch norm, ReLU; 2x2 max-pooling after the first ``pools``), then
     global average and global max pooling side by side and two linear layers; grayscale in, one
     logit per label out. The two poolings make it take any input size and keep a small finding
@@ -48,7 +48,7 @@ class _PlainCNN(nn.Module):
         return "avg_pool" if layer_name == f"features.{last}" else None
 
 
-class SmallCNN(_PlainCNN):
+class SmallCNN(PlainCNN):
     """The seed article's classifier: three conv blocks of 32/64/128 channels, a 256 -> 64 -> labels
     head. ``features.relu3`` (a quarter of the input side) is its CAM layer. About 156 M
     multiply-adds an image at 128 px."""
@@ -57,7 +57,7 @@ class SmallCNN(_PlainCNN):
         super().__init__(num_labels, in_channels, (32, 64, 128), 2, 64)
 
 
-class CompactCNN(_PlainCNN):
+class CompactCNN(PlainCNN):
     """The demo model's network: four conv blocks of 8/16/32/64 channels, max-pooling after the
     first two, a 128 -> 32 -> labels head. About 30 M multiply-adds an image at 128 px (a fifth of
     :class:`SmallCNN`), so that 1000 LIME samples and the quality figures fit in a clinical time

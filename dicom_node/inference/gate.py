@@ -19,6 +19,9 @@ import cv2
 import numpy as np
 import torch
 
+from dicom_node.inference.architectures import PlainCNN
+from dicom_node.inference.manifest import ModelError, ModelManifest
+
 THUMBNAIL = 8
 GRID = 32  # image statistics are taken on a 32 x 32 block average of the input
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -68,12 +71,17 @@ def pool_into(module: torch.nn.Module, layer_name: str,
     """A forward hook appending layer ``layer_name``'s output pooled over its grid (:func:`pool`),
     (frames, channels), to ``features``; remove it when done.
 
-    A network whose ``pooled_layer(layer_name)`` names a module that already outputs exactly that
-    mean (the global average pooling its classifier reads) is hooked there instead: the mean over
-    the whole activation map is then not computed a second time.
+    One of the node's own networks (:class:`~dicom_node.inference.architectures.PlainCNN`) whose
+    ``pooled_layer(layer_name)`` names a module that already outputs that mean (the global
+    average pooling its classifier reads) is hooked there instead: the mean over the whole
+    activation map is then not computed a second time. In float32 the two are the same mean;
+    under bf16 autocast that module averages in bf16 where :func:`pool` averages in float32, so
+    the vectors differ by bf16 rounding (the reference is calibrated in float32; on the demo
+    model bf16 moves scores by up to 0.03 either way, against a threshold of 1.88). A model brought
+    by its user (TorchScript, torchvision) is never asked: a submodule of its own that happens
+    to be named ``pooled_layer`` must not be taken for this method.
     """
-    pooled_layer = getattr(module, "pooled_layer", None)
-    pooled_name = pooled_layer(layer_name) if callable(pooled_layer) else None
+    pooled_name = module.pooled_layer(layer_name) if isinstance(module, PlainCNN) else None
     if pooled_name:
         def capture_pooled(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
             features.append(output.float().reshape(len(output), -1).cpu().numpy())
@@ -85,6 +93,25 @@ def pool_into(module: torch.nn.Module, layer_name: str,
         features.append(pool(output))
 
     return layer.register_forward_hook(capture)
+
+
+def one_capture(pooled: list[np.ndarray], manifest: ModelManifest) -> np.ndarray:
+    """The one capture :func:`pool_into` made during a forward pass, taken out of ``pooled``.
+
+    Raises
+    ------
+    ModelError
+        The CAM layer ran more or less than once in the pass (a module the network calls twice,
+        such as torchvision's ResNet ``layer4.1.relu``, or one it never calls): the vector would
+        describe the wrong activations, so the manifest's ``cam_layer`` is refused.
+    """
+    count = len(pooled)
+    if count != 1:
+        pooled.clear()
+        raise ModelError(f"{manifest.path}: key 'cam_layer' = {manifest.cam_layer!r} ran {count} times in "
+                         "one forward pass; expected a layer the network runs exactly once (such as a "
+                         "whole block, 'layer4', rather than a module it reuses)")
+    return pooled.pop()
 
 
 def image_statistics(arrays: np.ndarray) -> np.ndarray:
@@ -110,16 +137,18 @@ def image_statistics(arrays: np.ndarray) -> np.ndarray:
     out[:, :len(QUANTILES)] = np.sort(flat, axis=1)[:, _RANKS]
     # the squares and the three difference images side by side (zero where one is a row or a
     # column short), so that one pass sums them all
+    thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
+    mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
     work = np.zeros((frames, 4, GRID, GRID), dtype=np.float32)
-    np.square(images, out=work[:, 0])
+    # squares of the deviations, not E[x^2] - mean^2: in float32 that difference cancels to
+    # noise when the mean is large against the spread (an input of -1024 plus a little)
+    np.square(images - mean[:, None, None], out=work[:, 0])
     np.subtract(images[:, 1:], images[:, :-1], out=work[:, 1, 1:])
     np.subtract(images[:, :, 1:], images[:, :, :-1], out=work[:, 2, :, 1:])
     np.subtract(images, images[:, :, ::-1], out=work[:, 3])
     means = np.abs(work, out=work).reshape(frames, 4, -1).sum(axis=2) / _COUNTS
-    thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
-    mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
     out[:, _MEAN] = mean
-    out[:, _MEAN + 1] = np.sqrt(np.maximum(means[:, 0] - mean * mean, 0.0))
+    out[:, _MEAN + 1] = np.sqrt(means[:, 0])
     out[:, _MEAN + 2:_MEAN + 4] = means[:, 1:3]
     out[:, _MEAN + 4] = np.log(means[:, 3] + 1e-4)
     out[:, _MEAN + 5:] = thumbnail

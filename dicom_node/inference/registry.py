@@ -21,6 +21,7 @@ from dicom_node.inference.gate import (
     frame_vectors,
     image_statistics,
     load_reference,
+    one_capture,
     pool_into,
 )
 from dicom_node.inference.manifest import ModelError, ModelManifest, load_manifest
@@ -162,7 +163,7 @@ def _reference(manifest: ModelManifest, module: nn.Module, device: torch.device)
             stale = reference.weights_sha256[:12] or "?"
             raise ReferenceError(f"it describes the activations of weights {stale}, "
                                  f"not of these ({manifest.sha256[:12]})")
-        reference.score(frame_vectors(pooled[0], image_statistics(probe.cpu().numpy())))
+        reference.score(frame_vectors(one_capture(pooled, manifest), image_statistics(probe.cpu().numpy())))
     except ReferenceError as exc:
         raise ModelError(f"{where}: {exc}; calibrate it again for these weights") from None
     finally:

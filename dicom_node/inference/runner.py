@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicom_node.inference.gate import frame_vectors, image_statistics, pool_into
+from dicom_node.inference.gate import frame_vectors, image_statistics, one_capture, pool_into
 from dicom_node.inference.preprocess import Preprocessed
 from dicom_node.inference.registry import LoadedModel, ModelRegistry
 
@@ -129,7 +129,7 @@ class InferenceRunner:
                         memory_format=torch.channels_last)
                     outputs.append(loaded.module(batch).float().cpu())
                     if features is not None and statistics is not None:
-                        features.append(frame_vectors(pooled.pop(), statistics))
+                        features.append(frame_vectors(one_capture(pooled, loaded.manifest), statistics))
         finally:
             if hook is not None:
                 hook.remove()

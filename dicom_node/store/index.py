@@ -227,24 +227,29 @@ class Index:
         self._reader_lock = threading.Lock()
 
     def _backfill(self, data_dir: Path) -> None:
-        """Finish the schema-3 migration: read the query keys of the files it listed, a batch
-        per transaction, logging progress (a large store takes minutes; a kill resumes)."""
+        """Read the query keys of the files a migration listed (schema 3: every file; schema 4:
+        those with a multi-valued key held in the old text), a batch per transaction, logging
+        progress (a large store takes minutes; a kill resumes) and how many could not be read."""
         backfill = Backfill(data_dir)
         pending = Backfill.pending(self._conn)
         if not pending:
             return
         (total,) = self._conn.execute("SELECT count(*) FROM keys_backfill").fetchone()
-        done, logged = 0, time.monotonic()
+        done, unreadable, logged = 0, 0, time.monotonic()
         while pending:
             found = backfill.read(pending)
             with self._lock, transaction(self._conn) as conn:
                 Backfill.apply(conn, found)
             done += len(found)
+            unreadable += sum(values is None for _, _, values, _, _ in found)
             if time.monotonic() - logged >= 5.0:
-                logger.info("store schema 3: read the query keys of %d of %d file(s)", done, total)
+                logger.info("store: read the query keys of %d of %d file(s)", done, total)
                 logged = time.monotonic()
             pending = Backfill.pending(self._conn)
-        logger.info("store schema 3: the query keys of %d file(s) are indexed", done)
+        logger.info("store: the query keys of %d file(s) are indexed", done - unreadable)
+        if unreadable:
+            logger.warning("store: %d file(s) could not be read (gone or not DICOM): their records keep "
+                           "the keys they had (a multi-valued one as its old '[a, b]' text)", unreadable)
 
     def close(self) -> None:
         with self._reader_lock:

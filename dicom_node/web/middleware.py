@@ -17,9 +17,13 @@ In order, outermost first (:meth:`Gate.middlewares`):
 3. ``check_host``: on a loopback bind only loopback names are answered (421; DNS rebinding).
 4. ``preflight``: a CORS preflight from a listed origin to a DICOMweb path is answered here,
    before authentication (browsers send no credentials with it).
-5. ``authenticate``: the bearer token (header) or the cookie ``/?token=`` sets; 401 otherwise.
+5. ``authenticate``: the bearer token (header) or the cookie ``/?token=`` sets (``Secure`` under
+   ``web.tls`` or an ``https`` ``web.public_url``; the redirect that follows goes under
+   ``web.public_url`` when it is set); 401 otherwise.
    A request from another origin authenticated by the cookie alone is refused (403): the cookie
-   is the dashboard's, never a credential of a page elsewhere.
+   is the dashboard's, never a credential of a page elsewhere. So is one a browser marks
+   ``Sec-Fetch-Site: same-site`` or ``cross-site`` without an ``Origin`` (a ``fetch`` GET, an
+   ``<img>``), except a top-level GET navigation (a link followed to the dashboard).
 6. ``refuse_cross_site``: a POST (any unsafe method) from another origin is refused (403) unless
    it goes to DICOMweb, the origin is listed in ``web.cors_origins`` and the request carries the
    bearer token (a header another site's form cannot forge). The dashboard and ``/api`` refuse
@@ -109,6 +113,9 @@ class Gate:
     def __init__(self, settings: WebSettings) -> None:
         self.settings = settings
         self.origins = frozenset(settings.cors_origins)
+        #: Whether browsers reach the node over HTTPS (directly or through a proxy): the login
+        #: cookie is then ``Secure``, never sent over plain HTTP.
+        self.https = settings.tls or settings.public_url.startswith("https://")
 
     def middlewares(self) -> list[Middleware]:
         return [self.answer_errors, self.check_limits, self.check_host, self.preflight,
@@ -174,8 +181,9 @@ class Gate:
             # set the cookie, then take the token out of the address bar and history; the rest
             # of the query stays (a QIDO-RS search's keys)
             kept = [(key, value) for key, value in request.rel_url.query.items() if key != "token"]
-            back = web.HTTPSeeOther(str(request.rel_url.with_query(kept)) or "/")
-            back.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+            # behind a proxy the address is under web.public_url's path (https://host/node/...)
+            back = web.HTTPSeeOther(self.settings.public_url + (str(request.rel_url.with_query(kept)) or "/"))
+            back.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/", secure=self.https)
             raise back
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
@@ -183,7 +191,7 @@ class Gate:
             if _same(value.strip(), token):
                 return await handler(request)
         elif _same(request.cookies.get(COOKIE, ""), token):
-            if _cross_origin(request):
+            if _cross_origin(request) or _from_another_site_page(request):
                 # the cookie is the dashboard's own: a page of another origin never uses it
                 return error(403, "cross-origin request refused: send the bearer token")
             request[CREDENTIAL] = "cookie"
@@ -266,6 +274,16 @@ def _cross_origin(request: web.BaseRequest) -> bool:
     """Whether the request names an ``Origin`` other than the host it was sent to."""
     origin = request.headers.get("Origin")
     return origin is not None and urlsplit(origin).netloc != request.headers.get("Host", "")
+
+
+def _from_another_site_page(request: web.BaseRequest) -> bool:
+    """Whether a browser says another site's page made the request (``Sec-Fetch-Site``), which
+    it says even where it sends no ``Origin`` (a GET by ``fetch``, an ``<img>``, a ``<script>``).
+    A top-level navigation (following a link) is let through: its page is the node's own,
+    no other page reads it, and a POST is refused anyway (``refuse_cross_site``)."""
+    if request.headers.get("Sec-Fetch-Site", "") not in ("same-site", "cross-site"):
+        return False
+    return not (request.method == "GET" and request.headers.get("Sec-Fetch-Mode") == "navigate")
 
 
 def under(path: str, prefix: str) -> bool:

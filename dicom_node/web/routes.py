@@ -1,7 +1,7 @@
 """The dashboard's handlers: pages (HTML), the same data under ``/api`` (JSON), the operator's
 actions, overlay previews, ``/metrics``, ``/healthz`` and ``/readyz``.
 
-Every handler runs its database and file work in a thread (``asyncio.to_thread``): the event
+Every handler runs its database and file work in a thread (:func:`~.work.offload`): the event
 loop that answers here also answers DICOMweb and the probes.
 """
 
@@ -25,6 +25,7 @@ from dicom_node.store.files import InvalidInstanceError, check_uid
 from dicom_node.web import data, pages
 from dicom_node.web.metrics import CONTENT_TYPE, Metrics
 from dicom_node.web.middleware import BadRequest, error
+from dicom_node.web.work import offload
 
 PREVIEW_WIDTH = 640
 MAX_SEARCH = 64  # a search matches part of a UID, and a UID has at most 64 characters
@@ -94,7 +95,7 @@ class Dashboard:
 
     async def study(self, request: web.Request) -> web.Response:
         uid = _uid("Study Instance", request.match_info["uid"])
-        study = await asyncio.to_thread(data.study, self.src, uid)
+        study = await offload(request, data.study, self.src, uid)
         if study is None:
             return _missing(request, f"no study {uid}")
         if not _api(request) and "requeued" in request.query:
@@ -106,14 +107,14 @@ class Dashboard:
     async def job(self, request: web.Request) -> web.Response:
         """One job, as JSON with or without the ``/api`` prefix."""
         job_id = _record_id("job", request.match_info["id"])
-        job = await asyncio.to_thread(self.src.queue.get, job_id)
+        job = await offload(request, self.src.queue.get, job_id)
         if job is None:
             return _missing(request, f"no job {job_id}")
         return _json(data.record_dict(job))
 
     async def model(self, request: web.Request) -> web.Response:
         name = _model_name(request.match_info["name"])
-        named = [x for x in await asyncio.to_thread(data.models, self.src) if x["name"] == name]
+        named = [x for x in await offload(request, data.models, self.src) if x["name"] == name]
         if not named:
             return _missing(request, f"no model {name}")
         return await _out(request, lambda: named[0], (), pages.model)
@@ -121,11 +122,11 @@ class Dashboard:
     async def requeue(self, request: web.Request) -> web.Response:
         job_id = _record_id("job", request.match_info["id"])
         try:
-            job = await asyncio.to_thread(self.src.queue.requeue, job_id)
+            job = await offload(request, self.src.queue.requeue, job_id)
         except JobError as exc:
             return _conflict(exc)
         event, fields = job_requeued(job, "web")
-        await asyncio.to_thread(self.audit.record, event, **fields)
+        await offload(request, self.audit.record, event, **fields)
         if _api(request):
             return _json(data.record_dict(job))
         raise web.HTTPSeeOther(f"/studies/{job.study_instance_uid}?requeued={job.id}&state={job.state.value}")
@@ -133,11 +134,11 @@ class Dashboard:
     async def retry(self, request: web.Request) -> web.Response:
         record_id = _record_id("outbox record", request.match_info["id"])
         try:
-            record = await asyncio.to_thread(self.src.outbox.retry, record_id)
+            record = await offload(request, self.src.outbox.retry, record_id)
         except OutboxError as exc:
             return _conflict(exc)
         event, fields = result_retried(record, "web")
-        await asyncio.to_thread(self.audit.record, event, **fields)
+        await offload(request, self.audit.record, event, **fields)
         if _api(request):
             return _json(data.record_dict(record))
         raise web.HTTPSeeOther("/outbox")
@@ -149,7 +150,7 @@ class Dashboard:
             raise BadRequest("expected /preview/<study UID>/<series UID>/<SOP instance UID>.png")
         uids = (_uid("Study Instance", request.match_info["study"]),
                 _uid("Series Instance", request.match_info["series"]), _uid("SOP Instance", sop[:-4]))
-        png = await asyncio.to_thread(self._png, *uids)
+        png = await offload(request, self._png, *uids)
         if png is None:
             return web.Response(status=404, text="no such overlay")
         return web.Response(body=png, content_type="image/png")
@@ -172,10 +173,10 @@ def _api(request: web.Request) -> bool:
 async def _out(request: web.Request, read: Callable[..., T], args: tuple[Any, ...],
                render: Callable[[T], bytes]) -> web.Response:
     """``read(*args)`` in a thread, answered as JSON under ``/api`` or rendered as a page."""
-    value = await asyncio.to_thread(read, *args)
+    value = await offload(request, read, *args)
     if _api(request):
         return _json(value)
-    return web.Response(body=await asyncio.to_thread(render, value), content_type="text/html")
+    return web.Response(body=await offload(request, render, value), content_type="text/html")
 
 
 def _json(value: object, status: int = 200) -> web.Response:

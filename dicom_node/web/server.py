@@ -22,13 +22,15 @@ from dicom_node.web import data
 from dicom_node.web.metrics import Metrics
 from dicom_node.web.middleware import Gate, check_exposure, error, log_failure, loggable, under
 from dicom_node.web.routes import Dashboard
+from dicom_node.web.work import WORK, Busy, Work, WorkSlots
 
 logger = logging.getLogger(__name__)
 #: Threads for the handlers' blocking work (SQLite, files, pydicom): the loop itself never blocks.
 WORKER_THREADS = 8
-#: DICOMweb and ``/api`` requests at work at once: fewer than :data:`WORKER_THREADS`, so slow
-#: searches never take every thread from the dashboard's pages. One more waits up to
-#: :data:`BUSY_WAIT_SECONDS` for a slot, then gets 503 with ``Retry-After``.
+#: Threads DICOMweb and ``/api`` work may hold at once (:class:`Admission`): fewer than
+#: :data:`WORKER_THREADS`, so slow searches never take every thread from the dashboard's pages.
+#: A request's first work waits up to :data:`BUSY_WAIT_SECONDS` for a slot, then gets 503
+#: with ``Retry-After``; network waits (a slow upload or download) hold no slot.
 MAX_BUSY = WORKER_THREADS - 2
 BUSY_WAIT_SECONDS = 2.0
 RETRY_AFTER_SECONDS = 5
@@ -137,27 +139,26 @@ class WebServer:
 
 
 class Admission:
-    """At most ``slots`` DICOMweb and ``/api`` requests at work at once (the innermost
-    middleware: only authenticated requests take a slot). A request that finds none free
-    within :data:`BUSY_WAIT_SECONDS` gets 503 with ``Retry-After`` rather than queueing for
-    threads without end; the dashboard's pages and the probes are not counted."""
+    """DICOMweb and ``/api`` requests do their thread work within ``slots`` (the innermost
+    middleware: only authenticated requests get a :class:`~.work.Work`). A slot is held while
+    a thread works, never while the request waits on the network (:mod:`.work`); a request
+    whose first work finds none free within :data:`BUSY_WAIT_SECONDS` gets 503 with
+    ``Retry-After`` rather than queueing for threads without end. The dashboard's pages and
+    the probes are not counted."""
 
     def __init__(self, slots: int) -> None:
-        self.slots = asyncio.Semaphore(slots)
+        self.slots = WorkSlots(slots, BUSY_WAIT_SECONDS)
 
     @web.middleware
     async def admit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not (under(request.path, PREFIX) or under(request.path, "/api")):
             return await handler(request)
-        try:
-            await asyncio.wait_for(self.slots.acquire(), BUSY_WAIT_SECONDS)
-        except TimeoutError:
-            return error(503, "the node is busy with other requests; try again",
-                         {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        request[WORK] = Work(self.slots)
         try:
             return await handler(request)
-        finally:
-            self.slots.release()
+        except Busy:
+            return error(503, "the node is busy with other requests; try again",
+                         {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 async def _shut(runner: web.AppRunner) -> None:

@@ -187,3 +187,82 @@ def test_a_reference_whose_precision_is_not_positive_definite_is_refused(tmp_pat
     manifest.write_text(manifest.read_text().replace(gate.sha256, sha256_of(gate.reference)))
     with pytest.raises(ModelError, match="not positive definite"):
         ModelRegistry(tmp_path).load("demo-cxr")
+
+
+def _twice(tmp_path: Path) -> Path:
+    """A ResNet-18 whose ``cam_layer`` is ``layer4.1.relu``: torchvision's block calls it twice."""
+    from tests.inference.models import write_model
+
+    return write_model(tmp_path, "twice", architecture="resnet18", cam_layer="layer4.1.relu", channels=3,
+                       size=64, normalization="imagenet")
+
+
+def test_a_cam_layer_run_twice_a_forward_is_refused_at_inference(tmp_path: Path) -> None:
+    from dicom_node.inference.preprocess import LetterboxMap, Preprocessed
+
+    _twice(tmp_path)
+    runner = InferenceRunner(ModelRegistry(tmp_path), device="cpu", batch_size=2)
+    inputs = [Preprocessed(np.random.default_rng(i).random((3, 64, 64), dtype=np.float32),
+                           LetterboxMap.fit(64, 64, 64), f"1.2.{i}", 0, None, "file") for i in range(3)]
+    assert len(runner.predict("twice", inputs)) == 3  # without the gate, the layer is only CAM's
+    with pytest.raises(ModelError, match=r"'cam_layer' = 'layer4\.1\.relu' ran 2 times"):
+        runner.predict("twice", inputs, features=[])
+
+
+def test_a_cam_layer_run_twice_a_forward_is_refused_at_load(tmp_path: Path) -> None:
+    import dataclasses
+
+    from dicom_node.inference.gate import STATISTICS
+
+    manifest = _twice(tmp_path)
+    reference = fit_reference(np.random.default_rng(3).normal(0, 1, (40, 512 + STATISTICS)), 512)
+    sha = load_manifest(manifest).sha256
+    save_reference(dataclasses.replace(reference, weights_sha256=sha), tmp_path / "twice" / "reference.npz")
+    manifest.write_text(manifest.read_text() + f'\n[gate]\nreference = "reference.npz"\nsha256 = '
+                        f'"{sha256_of(tmp_path / "twice" / "reference.npz")}"\nthreshold = 2.0\naction = "abstain"\n')
+    with pytest.raises(ModelError, match=r"'cam_layer' = 'layer4\.1\.relu' ran 2 times"):
+        ModelRegistry(tmp_path).load("twice")
+
+
+def test_a_foreign_submodule_named_pooled_layer_is_not_taken_for_the_method() -> None:
+    """Only the node's own networks are asked for their pooled layer: a model brought by its
+    user with a submodule of that name gets its CAM layer pooled as any other."""
+    import torch
+    from torch import nn
+
+    from dicom_node.inference.gate import pool, pool_into
+
+    class Foreign(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+            self.pooled_layer = nn.Identity()  # called with a layer name, it would answer that name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pooled_layer(self.features(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    model = Foreign().eval()
+    captured: list[np.ndarray] = []
+    handle = pool_into(model, "features.1", captured)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    with torch.inference_mode():
+        expected = pool(model.features(x))
+    assert len(captured) == 1 and captured[0].shape == (2, 4)
+    np.testing.assert_allclose(captured[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_standard_deviation_holds_when_the_mean_is_large_against_the_spread() -> None:
+    """E[x^2] - mean^2 in float32 cancelled to 0 for an input of -1024 plus a little (HU-like
+    normalisation); the deviations' squares keep it."""
+    from dicom_node.inference.gate import GRID, QUANTILES, image_statistics
+
+    rng = np.random.default_rng(0)
+    arrays = np.full((2, 1, 256, 256), -1024, np.float32) + rng.random((2, 1, 256, 256), dtype=np.float32) * 0.01
+    block = 256 // GRID
+    truth = arrays[:, 0].astype(np.float64).reshape(2, GRID, block, GRID, block).mean(axis=(2, 4))
+    std = image_statistics(arrays)[:, len(QUANTILES) + 1]
+    np.testing.assert_allclose(std, truth.reshape(2, -1).std(axis=1), rtol=0.02)

@@ -7,10 +7,12 @@ The schema-2 folders are built two ways: with schema 2's own migrations and its 
 writes replayed in SQL (:func:`schema2_put`), and with today's store (whose C-STORE path writes
 the schema-2 tables unchanged) with schema 3's table then taken away."""
 
+import logging
 import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import Dataset
 
 from dicom_node.phantoms import render, to_dataset
@@ -164,17 +166,23 @@ def test_keys_migrated_from_schema_2_equal_the_keys_written_live(tmp_path: Path)
             k: v for k, v in row.items() if k != "received_at"}, uid
 
 
-def test_a_multi_valued_key_is_held_as_dicom_writes_it_and_old_records_are_read_again(tmp_path: Path) -> None:
+def test_a_multi_valued_key_is_held_as_dicom_writes_it_and_old_records_are_read_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Versions before schema 4 held "[Doe^John, Roe^Jane]" (a Python list's text): new records
-    hold "Doe^John\\Roe^Jane", and opening an older store reads those files again."""
+    hold "Doe^John\\Roe^Jane", and opening an older store reads those files again; one whose
+    file is gone keeps its old text, and the log counts it."""
     from tests.store.test_store import put
 
     data_dir = tmp_path / "var"
-    ds = radiograph(1, new_uid(), "MULTI")
-    ds.ReferringPhysicianName = ["Doe^John", "Roe^Jane"]
+    ds, lost = radiograph(1, new_uid(), "MULTI"), radiograph(2, new_uid(), "LOST")
+    ds.ReferringPhysicianName = lost.ReferringPhysicianName = ["Doe^John", "Roe^Jane"]
     store = InstanceStore(data_dir)
     try:
         put(store, ds)
+        put(store, lost)
+        record = store.index.get(lost.SOPInstanceUID)
+        assert record is not None
+        (data_dir / "instances" / record.path).unlink()
     finally:
         store.close()
     assert keys_of(data_dir)[ds.SOPInstanceUID]["referring_physician_name"] == "Doe^John\\Roe^Jane"
@@ -182,5 +190,12 @@ def test_a_multi_valued_key_is_held_as_dicom_writes_it_and_old_records_are_read_
     conn.executescript("UPDATE instance_keys SET referring_physician_name = '[Doe^John, Roe^Jane]'; "
                        "UPDATE schema_versions SET version = 3 WHERE component = 'store';")
     conn.close()
-    InstanceStore(data_dir).close()
+    with caplog.at_level(logging.INFO, logger="dicom_node.store"):
+        InstanceStore(data_dir).close()
     assert keys_of(data_dir)[ds.SOPInstanceUID]["referring_physician_name"] == "Doe^John\\Roe^Jane"
+    assert keys_of(data_dir)[lost.SOPInstanceUID]["referring_physician_name"] == "[Doe^John, Roe^Jane]"
+    logged = [r.getMessage() for r in caplog.records]
+    assert "store schema 4: 2 record(s) with a multi-valued key to read again" in logged
+    assert "store: the query keys of 1 file(s) are indexed" in logged
+    assert any(m.startswith("store: 1 file(s) could not be read") for m in logged)
+    assert not any("schema 3" in m for m in logged)

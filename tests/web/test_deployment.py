@@ -92,3 +92,21 @@ def test_web_tls_serves_https_with_the_node_certificate(tmp_path: Path) -> None:
         web_context(without)
     with pytest.raises(ConfigError, match=r"web\.tls"):  # at the node's start, before anything listens
         check_files(without)
+
+
+@pytest.mark.parametrize(("settings", "location", "secure"), [
+    (WebSettings(port=0, token=TOKEN), "/dicom-web/studies?limit=1", False),
+    (WebSettings(port=0, token=TOKEN, tls=True), "/dicom-web/studies?limit=1", True),
+    (WebSettings(port=0, token=TOKEN, public_url=PUBLIC), f"{PUBLIC}/dicom-web/studies?limit=1", True),
+    (WebSettings(port=0, token=TOKEN, public_url="http://node.example.org"),
+     "http://node.example.org/dicom-web/studies?limit=1", False),
+])
+def test_the_login_redirect_and_cookie_follow_the_deployment(tmp_path: Path, settings: WebSettings,
+                                                             location: str, secure: bool) -> None:
+    """``?token=``: the cookie is ``Secure`` wherever browsers come over HTTPS, and the redirect
+    stays under ``web.public_url`` (a proxy at ``/node`` must not send them to ``/dicom-web``)."""
+    with web_app(tmp_path / "data", settings=settings, dicomweb=True) as app:
+        status, headers, _ = app.request("GET", f"/dicom-web/studies?token={TOKEN}&limit=1", token=False)
+    assert status == 303 and headers["Location"] == location
+    attributes = [part.strip().lower() for part in headers["Set-Cookie"].split(";")]
+    assert ("secure" in attributes) == secure and "httponly" in attributes

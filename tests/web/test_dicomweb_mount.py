@@ -77,6 +77,15 @@ def test_the_cookie_login_reaches_dicom_web_too(app: App) -> None:
     assert app.request("GET", PROBE, {"Cookie": f'other="un;closed; {cookie}'}, token=False)[0] == 200
 
 
+def test_the_cookie_is_refused_to_another_site_page_without_an_origin(app: App) -> None:
+    login = app.request("GET", f"/?token={TOKEN}", token=False)[1]["Set-Cookie"].split(";")[0]
+    for site, mode, expected in (("same-site", "cors", 403), ("cross-site", "no-cors", 403),
+                                 ("same-site", "navigate", 200), ("same-origin", "cors", 200), ("none", "navigate", 200)):
+        headers = {"Cookie": login, "Sec-Fetch-Site": site, "Sec-Fetch-Mode": mode}
+        for path in (PROBE, "/api/jobs"):
+            assert app.request("GET", path, headers, token=False)[0] == expected, (site, mode, path)
+
+
 def test_the_cookie_login_keeps_the_rest_of_the_query(app: App) -> None:
     from urllib.parse import parse_qsl, urlsplit
 

@@ -2,6 +2,7 @@
 (bounded) and says whether it ended, so that the node marks its stop clean only when no accept
 can still write to the store."""
 
+import asyncio
 import http.client
 import io
 import threading
@@ -106,3 +107,55 @@ def test_the_node_marks_its_stop_clean_only_when_the_web_stop_was(
         node.start()
         node.stop()
         assert (tmp_path / "data" / "clean-shutdown").exists() is web_clean
+
+
+def held_submission(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Hold each accept between its submission and its thread: ``submitted`` is set there, and
+    it goes on once ``go`` is set."""
+    submitted, go = threading.Event(), threading.Event()
+    real = stow.offload
+
+    async def late(request: object, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+        if fn is stow._accept_file:
+            submitted.set()
+            while not go.is_set():
+                await asyncio.sleep(0.01)
+        return await real(request, fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stow, "offload", late)
+    return submitted, go
+
+
+def test_an_accept_is_counted_from_its_submission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop between an accept's submission and its thread's start must wait for it."""
+    submitted, go = held_submission(monkeypatch)
+    with web_app(tmp_path / "data", dicomweb=True) as app:
+        assert app.server.dicomweb is not None
+        accepts = app.server.dicomweb.accepts
+        answers: list[object] = []
+        client = threading.Thread(target=post_one, args=(app, answers), daemon=True)
+        client.start()
+        try:
+            assert submitted.wait(30), "no accept was submitted"
+            assert accepts.wait_idle(0) is False  # counted though no thread has started it
+        finally:
+            go.set()
+            client.join(30)
+        assert answers == [200] and accepts.wait_idle(5) is True
+        assert app.store.index.counts()[2] == 1
+
+
+def test_an_accept_dropped_before_its_thread_is_uncounted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "STOP_GRACE_SECONDS", 1.0)
+    submitted, go = held_submission(monkeypatch)
+    with web_app(tmp_path / "data", dicomweb=True) as app:
+        answers: list[object] = []
+        client = threading.Thread(target=post_one, args=(app, answers), daemon=True)
+        client.start()
+        assert submitted.wait(30), "no accept was submitted"
+        started = time.monotonic()
+        assert app.server.stop() is True  # the request was cancelled before its accept ran
+        assert time.monotonic() - started < server.STOP_GRACE_SECONDS + 5
+        go.set()
+        client.join(30)
+        assert app.store.index.counts()[2] == 0
