@@ -1,12 +1,15 @@
 """``[workers] executor``: validated with clear errors; the local default never imports Ray."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from dicom_node.config import ConfigError, load_settings
+from dicom_node.node import Node
 from dicom_node.scaleout.executor import reachable
 from tests.nodeproc import REPO, free_port
 
@@ -53,3 +56,20 @@ def test_an_address_nobody_answers_is_not_reachable() -> None:
     assert not reachable(f"127.0.0.1:{free_port()}")
     assert not reachable(f"ray://127.0.0.1:{free_port()}")
     assert not reachable("no-port")
+
+
+def test_ray_chosen_but_not_installed_is_a_config_error_naming_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executor imports Ray only in its background thread, so the node must ask first: else
+    it would loop "not ready" forever instead of exiting 2 with the fix."""
+    settings = load_settings(settings_of(tmp_path, 'executor = "ray"\nray_address = "127.0.0.1:1"'), environ={})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    started: list[object] = []
+    monkeypatch.setattr("dicom_node.scaleout.RayExecutor.start", started.append)
+    fake_node = SimpleNamespace(settings=settings, registry=None, steps=[])
+    with pytest.raises(ConfigError) as caught:
+        Node._executor(fake_node)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert "'workers.executor'" in message and "pip install 'dicom-node[ray]'" in message
+    assert "\n" not in message and not started
