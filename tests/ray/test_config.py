@@ -46,6 +46,23 @@ def test_mistakes_are_one_line_naming_the_key(tmp_path: Path, workers: str, mess
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("address", ["auto", "10.0.0.5", "10.0.0.5:", "10.0.0.5:0", "10.0.0.5:65536",
+                                     "http://10.0.0.5:6379", "ray://", "ray://h", " h:6379", "h:6379/x",
+                                     "h :6379"])
+def test_a_malformed_ray_address_is_a_one_line_error_at_load(tmp_path: Path, address: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(settings_of(tmp_path, f'executor = "ray"\nray_address = "{address}"'), environ={})
+    assert f"key 'workers.ray_address' = {address!r} is invalid" in str(caught.value)
+    assert "HOST:PORT" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:6379", "ray://head.example.org:10001", "localhost:1",
+                                     "[::1]:6379", "ray://[fd00::5]:65535"])
+def test_well_formed_ray_addresses_load(tmp_path: Path, address: str) -> None:
+    w = load_settings(settings_of(tmp_path, f'executor = "ray"\nray_address = "{address}"'), environ={}).workers
+    assert w.ray_address == address
+
+
 def test_the_local_executor_never_imports_ray() -> None:
     code = ("import sys, dicom_node.cli, dicom_node.node, dicom_node.scaleout; "
             "assert 'ray' not in sys.modules, 'ray imported'")
