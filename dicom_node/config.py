@@ -746,6 +746,11 @@ def _check_references(settings: Settings) -> None:
             )
 
 
+#: ``HOST:PORT`` or ``ray://HOST:PORT``: a host name, IPv4 or [IPv6] address, and a port 1-65535
+_RAY_ADDRESS = re.compile(r"(ray://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):"
+                          r"(6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})")
+
+
 def _check_executor(settings: Settings) -> None:
     """``executor = "ray"`` needs the cluster's address; the ``ray_*`` keys mean nothing without it."""
     w = settings.workers
@@ -753,6 +758,9 @@ def _check_executor(settings: Settings) -> None:
         raise ConfigError(f"{settings.source}: key 'workers.ray_address' = '' is invalid with "
                           "workers.executor = \"ray\"; expected the cluster's \"HOST:PORT\" "
                           "or \"ray://HOST:PORT\"")
+    if w.ray_address.strip() and not _RAY_ADDRESS.fullmatch(w.ray_address):
+        raise ConfigError(f"{settings.source}: key 'workers.ray_address' = {w.ray_address!r} is invalid; "
+                          "expected the cluster's \"HOST:PORT\" or \"ray://HOST:PORT\" (port 1-65535)")
 
 
 def _check_marks(settings: Settings) -> None:

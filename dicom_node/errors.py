@@ -24,3 +24,14 @@ class RetryableError(DicomNodeError):
 
 class PermanentError(DicomNodeError):
     """A failure that will happen again on retry (unsupported input)."""
+
+
+class InfrastructureError(RetryableError):
+    """The compute a job needs failed, not the job's data (a lost Ray actor or cluster): retried
+    like any :class:`RetryableError`, but never answered with a "not analysed" report, even on
+    the last attempt: the series was never judged, so the PACS is told nothing."""
+
+
+class UnavailableError(InfrastructureError):
+    """The compute is out of reach for now (the Ray cluster is down or was lost): the queue hands
+    the job back without counting the attempt, so an outage of any length costs no attempt."""

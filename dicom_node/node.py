@@ -5,6 +5,7 @@ and starts and stops them in the right order; each part can be run on its own in
 """
 
 import fcntl
+import importlib.util
 import logging
 import os
 import threading
@@ -239,11 +240,12 @@ class Node:
         s = self.settings
         if s.workers.executor != "ray":
             return None
-        try:
-            from dicom_node.scaleout import RayExecutor
-        except ImportError as exc:
-            raise ConfigError(f"{s.source}: key 'workers.executor' = \"ray\" needs Ray: "
-                              f"pip install 'dicom-node[ray]' ({exc})") from None
+        # the executor imports Ray only later, in its background thread: ask now, or a node
+        # without Ray would say "not ready" forever instead of exiting with a config error
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError(f"{s.source}: key 'workers.executor' = \"ray\" needs Ray, which is not "
+                              "installed: pip install 'dicom-node[ray]'")
+        from dicom_node.scaleout import RayExecutor
         executor = RayExecutor(s, self.registry, [p.model for p in s.pipelines]).start()
         if self.steps == pipeline.default_steps():
             self.steps = pipeline.remote_steps(executor.compute)

@@ -24,7 +24,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Pipeline, Settings
 from dicom_node.encode import Encoded, Producer, Revision, encode_series, not_analysed, report_reference
-from dicom_node.errors import PermanentError
+from dicom_node.errors import InfrastructureError, PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
 from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
@@ -504,6 +504,8 @@ def _run_steps(ctx: PipelineContext, steps: Sequence[tuple[str, Step]], timings:
         except PermanentError as exc:
             _report_safely(ctx, str(exc))
             raise
+        except InfrastructureError:
+            raise  # the compute was lost, the series never judged: no report, even on the last attempt
         except Exception as exc:
             # retried by the queue, except on the last attempt: the job is dead after it
             if ctx.job.attempts >= ctx.settings.jobs.max_attempts:

@@ -32,4 +32,6 @@ def test_the_image_config_compose_and_dockerfile_agree() -> None:
     assert f"  {pacs.host}:" in compose and f"ORTHANC__DICOM_AET: {pacs.ae_title}" in compose
     assert f'["{settings.node.ae_title}", "node", {settings.node.port}]' in compose
     assert "DICOM_NODE_WEB_TOKEN" in compose  # the dashboard binds 0.0.0.0 in the container: token required
+    # Ray ends the node's process after ~60 s without its GCS: a supervisor must restart it
+    assert "restart: unless-stopped" in compose.split("\n  orthanc:")[0].split("\n  node:")[1]
     assert "/readyz" in dockerfile

@@ -13,7 +13,7 @@ from pydicom.uid import BasicTextSRStorage, Comprehensive3DSRStorage
 
 from dicom_node import encode
 from dicom_node.config import Pipeline, Settings
-from dicom_node.errors import PermanentError
+from dicom_node.errors import InfrastructureError, PermanentError, UnavailableError
 from dicom_node.explain.heatmap import explain_frame
 from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.pipeline import PipelineContext, Step, default_steps, run
@@ -190,3 +190,23 @@ def test_an_unexpected_error_is_reported_on_the_last_attempt_only(
         run(job, {}, settings=configured, store=store, steps=steps, runner=runner)
     reports = [dcmread(p) for p in (settings.node.data_dir / "results").rglob("*.dcm")]
     assert [ds.SeriesDescription for ds in reports] == (["AI not analysed tiny 0.1"] if attempts == 5 else [])
+
+
+@pytest.mark.parametrize("error", [InfrastructureError("the Ray actor was lost"),
+                                   UnavailableError("the Ray cluster was lost")])
+def test_a_lost_cluster_or_actor_never_leaves_a_report_even_on_the_last_attempt(
+    store: InstanceStore, settings: Settings, runner: InferenceRunner, error: Exception
+) -> None:
+    """The compute was lost, the series never judged: the PACS must get no "not analysed" SR."""
+    record = put(store, radiograph())
+    configured = dataclasses.replace(settings, pipelines=(Pipeline(name="p", model="tiny", outputs=ALL),))
+    job = dataclasses.replace(job_for((record.sop_instance_uid,)), study_instance_uid=record.study_instance_uid,
+                              series_instance_uid=record.series_instance_uid, attempts=configured.jobs.max_attempts)
+
+    def lost(ctx: PipelineContext) -> None:
+        raise error
+
+    steps = [(name, lost if name == "inference" else step) for name, step in default_steps()]
+    with pytest.raises(type(error)):
+        run(job, {}, settings=configured, store=store, steps=steps, runner=runner)
+    assert not list((settings.node.data_dir / "results").rglob("*.dcm"))

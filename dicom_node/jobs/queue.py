@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from dicom_node.errors import DicomNodeError, PermanentError
+from dicom_node.errors import DicomNodeError, PermanentError, UnavailableError
 
 
 class JobState(StrEnum):
@@ -201,7 +201,8 @@ class JobQueue:
     def fail(
         self, job_id: int, worker: str, error: BaseException, timings: dict[str, float] | None = None
     ) -> Job | None:
-        """Record a failed attempt: PermanentError fails at once, anything else is retried
+        """Record a failed attempt: PermanentError fails at once, UnavailableError (the compute
+        is out of reach) hands the job back without counting the attempt, anything else is retried
         with backoff until ``max_attempts``, then the job is dead. None if the lease was lost."""
         now = self.clock()
         reason = f"{type(error).__name__}: {error}"
@@ -212,6 +213,11 @@ class JobQueue:
             job = dataclasses.replace(job, timings=timings or job.timings)
             if isinstance(error, PermanentError):
                 job = self._finish(job, JobState.FAILED, reason, now)
+            elif isinstance(error, UnavailableError):  # not the job's attempt: handed back
+                job = dataclasses.replace(
+                    job, state=JobState.QUEUED, reason=reason, attempts=job.attempts - 1,
+                    not_before=now + self.policy.backoff(1), lease_owner="", lease_expires_at=0.0,
+                    updated_at=now)
             else:
                 job = self._retry_or_bury(job, reason, now)
             self.backend.save(job)

@@ -2,10 +2,13 @@
 
 The queue alone decides what runs again. Ray's own retries are off (actors are made with
 ``max_restarts=0`` and ``max_task_retries=0``): an actor that dies mid-job fails the job's attempt
-with a :class:`~dicom_node.errors.RetryableError`, the queue retries it with backoff, and a
-replacement actor is made in the background. While the cluster cannot be reached or a model has
-no live actor, :meth:`RayExecutor.not_ready` says why: workers claim no job (none waits on an
-attempt it cannot use) and ``/readyz`` answers 503, while ingest goes on.
+with an :class:`~dicom_node.errors.InfrastructureError` (counted, never a "not analysed" report),
+the queue retries it with backoff, and a replacement actor is made in the background. Any other
+error from Ray (the cluster gone: a ``ConnectionError`` under Ray Client, a system error) drops
+the connection and every actor, raises :class:`ClusterUnavailable` (the queue hands the job back
+without counting the attempt) and the background thread connects again. While the cluster cannot
+be reached or a model has no live actor, :meth:`RayExecutor.not_ready` says why: workers claim no
+job (none waits on an attempt it cannot use) and ``/readyz`` answers 503, while ingest goes on.
 """
 
 import contextlib
@@ -19,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dicom_node.config import Settings
-from dicom_node.errors import DicomNodeError, RetryableError
+from dicom_node.errors import DicomNodeError, InfrastructureError, RetryableError, UnavailableError
 from dicom_node.inference import ModelRegistry
 from dicom_node.pipeline import PipelineContext
 from dicom_node.scaleout.actor import ComputeActor, Computed
@@ -27,7 +30,7 @@ from dicom_node.scaleout.actor import ComputeActor, Computed
 logger = logging.getLogger(__name__)
 
 
-class ClusterUnavailable(RetryableError):
+class ClusterUnavailable(UnavailableError):
     """The Ray cluster, or every actor of the job's model, is out of reach for now."""
 
 
@@ -98,6 +101,7 @@ class RayExecutor:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected = False
+        self._generation = 0  # counts connections: a late error of an old one must not drop a new one
         self._problem = "connecting to the Ray cluster"
         self._remote: Any = None  # ray.remote(ComputeActor), made once connected
 
@@ -142,37 +146,40 @@ class RayExecutor:
         """The remote step: the job's data sets to an actor of its model through Ray's object
         store; its predictions, gate scores and heatmaps back into the context."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-        slot = self._acquire(ctx.job.model)
+        slot, generation = self._acquire(ctx.job.model)
+        handle = slot.handle
         started = time.monotonic()
-        failed = False
+        failed = True
         try:
             ref = ray.put(list(ctx.datasets))
-            call = slot.handle.compute.remote(ctx.job, ref)
+            call = handle.compute.remote(ctx.job, ref)
             computed: Computed = ray.get(call, timeout=self.settings.workers.ray_call_timeout_seconds)
+            failed = False
         except RayTaskError as exc:  # the actor's code raised: a PermanentError stays one
-            failed = True
             cause = getattr(exc, "cause", None)
             if isinstance(cause, DicomNodeError):
                 raise cause from None
             raise RetryableError(f"the Ray actor failed ({type(cause or exc).__name__})") from None
-        except (RayActorError, GetTimeoutError) as exc:
-            failed = True
-            self._lost(slot, exc)
-            raise RetryableError(f"the Ray actor of model {ctx.job.model} was lost "
-                                 f"({type(exc).__name__}); the queue runs the job again") from None
-        except RayError as exc:
-            failed = True
-            raise ClusterUnavailable(f"Ray cluster error ({type(exc).__name__})") from None
+        except Exception as exc:  # not the job's code: the actor, or the whole cluster, is gone
+            actor_only = isinstance(exc, (RayActorError, GetTimeoutError))
+            if actor_only and reachable(self.settings.workers.ray_address):
+                self._lost(slot, handle, exc)
+                raise InfrastructureError(f"the Ray actor of model {ctx.job.model} was lost "
+                                          f"({type(exc).__name__}); the queue runs the job again") from None
+            self._disconnect(generation, f"the Ray cluster was lost ({type(exc).__name__}); connecting again")
+            raise ClusterUnavailable(f"the Ray cluster was lost ({type(exc).__name__}); the job waits for "
+                                     "it without spending an attempt") from None
         finally:
             self._release(slot, time.monotonic() - started, failed)
         ctx.timings.update(computed.timings)
         ctx.predictions, ctx.gate, ctx.heatmaps = computed.predictions, computed.gate, computed.heatmaps
         ctx.outcome_reason = computed.abstain_reason
 
-    def _acquire(self, model: str) -> ActorStatus:
-        """A free live actor of ``model``, waiting for one while the others are busy."""
+    def _acquire(self, model: str) -> tuple[ActorStatus, int]:
+        """A free live actor of ``model``, waiting for one while the others are busy, and the
+        connection it belongs to."""
         with self._lock:
             mine = [s for s in self.slots if s.model == model]
             for s in mine:
@@ -185,7 +192,7 @@ class RayExecutor:
                     if free:
                         chosen = min(free, key=lambda s: s.jobs)
                         chosen.busy = True
-                        return chosen
+                        return chosen, self._generation
                     self._lock.wait(1.0)
             finally:
                 for s in mine:
@@ -202,19 +209,43 @@ class RayExecutor:
             slot.failures += int(failed)
             self._lock.notify_all()
 
-    def _lost(self, slot: ActorStatus, exc: BaseException) -> None:
-        """The actor died (or hung): forget it, kill what is left, make another soon."""
+    def _lost(self, slot: ActorStatus, handle: Any, exc: BaseException) -> None:
+        """The actor died (or hung): forget it (unless it was replaced meanwhile), kill what is
+        left, make another soon."""
         logger.warning("Ray actor %d of model %s lost (%s); a new one is being made", slot.slot, slot.model,
                        type(exc).__name__)
-        handle = slot.handle
         with self._lock:
-            slot.handle = None
-            slot.info = {}
+            if slot.handle is handle:
+                slot.handle = None
+                slot.info = {}
         if handle is not None:
             import ray
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(handle, no_restart=True)
         self._wake.set()
+
+    def _disconnect(self, generation: int, problem: str) -> None:
+        """The cluster is gone: forget the connection and every actor (their handles are dead),
+        leave it (so the next ``ray.init`` is a fresh one) and let the background thread connect
+        again. Only once per connection: a late error of an old one must not drop the new one."""
+        with self._lock:
+            if generation != self._generation or not self._connected:
+                return
+            self._generation += 1
+            self._connected = False
+            self._problem = problem
+            for s in self.slots:
+                s.handle, s.info = None, {}
+            self._lock.notify_all()
+        logger.warning("Ray executor: %s", problem)
+        self._shutdown()
+        self._wake.set()
+
+    @staticmethod
+    def _shutdown() -> None:
+        import ray
+        with contextlib.suppress(Exception):  # leaving a cluster that is gone may fail too
+            ray.shutdown()
 
     # -- background: connect and keep the actors ---------------------------------------------------
 
@@ -223,8 +254,9 @@ class RayExecutor:
             try:
                 self._connect()
                 self._make_actors()
-            except Exception as exc:  # the next round tries again; the node stays up
+            except Exception as exc:  # start over: connect again in the next round; the node stays up
                 logger.warning("Ray executor: %s (%s); trying again", type(exc).__name__, exc)
+                self._disconnect(self._generation, f"Ray executor: {type(exc).__name__}")
                 with self._lock:
                     self._problem = f"Ray executor: {type(exc).__name__}"
             self._wake.wait(self.settings.workers.ray_connect_seconds)
@@ -239,8 +271,12 @@ class RayExecutor:
                 self._problem = f"the Ray cluster at {address} does not answer"
             return
         import ray
-        ray.init(address=address, namespace="dicom-node", log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=False)
+        try:
+            ray.init(address=address, namespace="dicom-node", log_to_driver=False,
+                     logging_level=logging.WARNING, configure_logging=False)
+        except Exception:
+            self._shutdown()  # else the next try fails with "init called twice"
+            raise
         self._remote = ray.remote(ComputeActor)
         with self._lock:
             self._connected = True
@@ -269,7 +305,8 @@ class RayExecutor:
                 logger.error("Ray actor of model %s could not start: %s", slot.model, cause)
                 with self._lock:
                     self._problem = f"a Ray actor of model {slot.model} could not start: {cause}"[:300]
-                ray.kill(handle, no_restart=True)
+                with contextlib.suppress(Exception):  # already gone, or the cluster with it
+                    ray.kill(handle, no_restart=True)
                 continue
             # the cold start: a Ray worker process, its imports and the model, paid once per actor
             info["ready_seconds"] = round(time.monotonic() - asked, 3)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.errors import PermanentError, RetryableError
+from dicom_node.errors import InfrastructureError, PermanentError, RetryableError, UnavailableError
 from dicom_node.jobs.queue import JobError, JobQueue, JobSpec, JobState
 from dicom_node.jobs.sqlite import SQLiteJobBackend
 from tests.jobs.conftest import POLICY, FakeClock
@@ -168,3 +168,23 @@ def test_sqlite_queue_survives_reopening(tmp_path: Path, clock: FakeClock) -> No
         assert reopened.enqueue(spec()) is None  # idempotency survives too
     finally:
         backend.close()
+
+
+def test_an_unavailable_compute_hands_the_job_back_without_counting_the_attempt(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    """A lost Ray cluster is not the job's failure: however long the outage, no attempt is spent
+    (and the job never dies of it), while other retryable errors still count."""
+    queue.enqueue(spec())
+    for _ in range(POLICY.max_attempts + 2):
+        job = queue.claim("w1")
+        assert job is not None and job.attempts == 1
+        after = queue.fail(job.id, "w1", UnavailableError("the Ray cluster was lost"))
+        assert after is not None and after.state == JobState.QUEUED and after.attempts == 0
+        assert after.lease_owner == "" and "UnavailableError" in after.reason
+        assert queue.claim("w2") is None  # a short backoff, not a busy loop
+        clock.advance(POLICY.backoff(1))
+    job = queue.claim("w1")
+    assert job is not None
+    after = queue.fail(job.id, "w1", InfrastructureError("the Ray actor was lost"))
+    assert after is not None and after.attempts == 1  # an actor lost mid-job still counts

@@ -1,12 +1,15 @@
 """``[workers] executor``: validated with clear errors; the local default never imports Ray."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from dicom_node.config import ConfigError, load_settings
+from dicom_node.node import Node
 from dicom_node.scaleout.executor import reachable
 from tests.nodeproc import REPO, free_port
 
@@ -43,6 +46,23 @@ def test_mistakes_are_one_line_naming_the_key(tmp_path: Path, workers: str, mess
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("address", ["auto", "10.0.0.5", "10.0.0.5:", "10.0.0.5:0", "10.0.0.5:65536",
+                                     "http://10.0.0.5:6379", "ray://", "ray://h", " h:6379", "h:6379/x",
+                                     "h :6379"])
+def test_a_malformed_ray_address_is_a_one_line_error_at_load(tmp_path: Path, address: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(settings_of(tmp_path, f'executor = "ray"\nray_address = "{address}"'), environ={})
+    assert f"key 'workers.ray_address' = {address!r} is invalid" in str(caught.value)
+    assert "HOST:PORT" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:6379", "ray://head.example.org:10001", "localhost:1",
+                                     "[::1]:6379", "ray://[fd00::5]:65535"])
+def test_well_formed_ray_addresses_load(tmp_path: Path, address: str) -> None:
+    w = load_settings(settings_of(tmp_path, f'executor = "ray"\nray_address = "{address}"'), environ={}).workers
+    assert w.ray_address == address
+
+
 def test_the_local_executor_never_imports_ray() -> None:
     code = ("import sys, dicom_node.cli, dicom_node.node, dicom_node.scaleout; "
             "assert 'ray' not in sys.modules, 'ray imported'")
@@ -53,3 +73,20 @@ def test_an_address_nobody_answers_is_not_reachable() -> None:
     assert not reachable(f"127.0.0.1:{free_port()}")
     assert not reachable(f"ray://127.0.0.1:{free_port()}")
     assert not reachable("no-port")
+
+
+def test_ray_chosen_but_not_installed_is_a_config_error_naming_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executor imports Ray only in its background thread, so the node must ask first: else
+    it would loop "not ready" forever instead of exiting 2 with the fix."""
+    settings = load_settings(settings_of(tmp_path, 'executor = "ray"\nray_address = "127.0.0.1:1"'), environ={})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    started: list[object] = []
+    monkeypatch.setattr("dicom_node.scaleout.RayExecutor.start", started.append)
+    fake_node = SimpleNamespace(settings=settings, registry=None, steps=[])
+    with pytest.raises(ConfigError) as caught:
+        Node._executor(fake_node)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert "'workers.executor'" in message and "pip install 'dicom-node[ray]'" in message
+    assert "\n" not in message and not started
