@@ -5,6 +5,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -15,15 +16,20 @@ from dicom_node.store import InstanceStore
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def unavailable(message: str) -> NoReturn:
+    """Skip a test whose peer or extra is missing, saying how to get it; fail instead in CI,
+    where .ci/run installs every one."""
+    if IN_CI:
+        pytest.fail(message + " (CI=true: peers are required)")
+    pytest.skip(message)
+
+
 def require_tool(program: str, package: str, also_in: Path | None = None, how: str = "") -> str:
     """Path of a peer program (on PATH, or in ``also_in``); skip saying how to install it, or fail
     in CI."""
     path = shutil.which(program) or (shutil.which(program, path=str(also_in)) if also_in else None)
     if path is None:
-        message = f"{program} not found: {how or f'install the Debian package {package!r}'}"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: peers are required)")
-        pytest.skip(message)
+        unavailable(f"{program} not found: {how or f'install the Debian package {package!r}'}")
     return path
 
 

@@ -11,9 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import pytest
-
-from tests.conftest import IN_CI
+from tests.conftest import unavailable
 from tests.nodeproc import free_port
 
 #: The Debian package orthanc-dicomweb's plugin (DICOMweb server and client for Orthanc).
@@ -23,10 +21,7 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 def require_dicomweb_plugin() -> Path:
     """The DICOMweb plugin's path; skip saying how to install it, or fail in CI."""
     if not DICOMWEB_PLUGIN.is_file():
-        message = f"{DICOMWEB_PLUGIN} not found: install the Debian package 'orthanc-dicomweb'"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: peers are required)")
-        pytest.skip(message)
+        unavailable(f"{DICOMWEB_PLUGIN} not found: install the Debian package 'orthanc-dicomweb'")
     return DICOMWEB_PLUGIN
 
 

@@ -120,28 +120,29 @@ class Dashboard:
         return await _out(request, lambda: named[0], (), pages.model)
 
     async def requeue(self, request: web.Request) -> web.Response:
-        job_id = _record_id("job", request.match_info["id"])
-        try:
-            job = await offload(request, self.src.queue.requeue, job_id)
-        except JobError as exc:
-            return _conflict(exc)
-        event, fields = job_requeued(job, "web")
-        await offload(request, self.audit.record, event, **fields)
-        if _api(request):
-            return _json(data.record_dict(job))
-        raise web.HTTPSeeOther(f"/studies/{job.study_instance_uid}?requeued={job.id}&state={job.state.value}")
+        return await self._act(request, "job", self.src.queue.requeue, job_requeued,
+                               lambda job: f"/studies/{job.study_instance_uid}?requeued={job.id}"
+                                           f"&state={job.state.value}")
 
     async def retry(self, request: web.Request) -> web.Response:
-        record_id = _record_id("outbox record", request.match_info["id"])
+        return await self._act(request, "outbox record", self.src.outbox.retry, result_retried,
+                               lambda _record: "/outbox")
+
+    async def _act(self, request: web.Request, kind: str, act: Callable[[int], Any],
+                   event_of: Callable[[Any, str], tuple[str, dict[str, Any]]],
+                   back: Callable[[Any], str]) -> web.Response:
+        """An operator action on the record named in the path (the same core call as the CLI's),
+        audited; JSON for /api, a redirect for a page's form."""
+        record_id = _record_id(kind, request.match_info["id"])
         try:
-            record = await offload(request, self.src.outbox.retry, record_id)
-        except OutboxError as exc:
+            record = await offload(request, act, record_id)
+        except (JobError, OutboxError) as exc:
             return _conflict(exc)
-        event, fields = result_retried(record, "web")
+        event, fields = event_of(record, "web")
         await offload(request, self.audit.record, event, **fields)
         if _api(request):
             return _json(data.record_dict(record))
-        raise web.HTTPSeeOther("/outbox")
+        raise web.HTTPSeeOther(back(record))
 
     async def preview(self, request: web.Request) -> web.Response:
         """A PNG of an overlay (a Secondary Capture the node made), at most 640 px wide."""

@@ -4,9 +4,7 @@ worker nodes with one CPU each, every one its own raylet process, all on loopbac
 import os
 import signal
 
-import pytest
-
-from tests.conftest import IN_CI
+from tests.conftest import unavailable
 
 WORKER_NODES = ("gpu-host-a", "gpu-host-b")  # custom resources: each node's own name
 
@@ -16,9 +14,7 @@ def require_ray() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        if IN_CI:
-            pytest.fail("ray is not installed (CI=true: the test extra brings it)")
-        pytest.skip("ray is not installed: pip install '.[ray]'")
+        unavailable("ray is not installed: pip install '.[ray]' (the test extra brings it)")
 
 
 class LocalCluster:
