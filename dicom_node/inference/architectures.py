@@ -37,13 +37,19 @@ class PlainCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pooled(x)[0]
+
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the last feature module's output averaged over its grid, (batch,
+        channels, 1, 1): the input-distribution gate reads that mean (see
+        :class:`dicom_node.inference.gate.FeatureCapture`) instead of computing it again."""
         features = self.features(x)
-        return self.classifier(torch.cat([self.avg_pool(features), self.max_pool(features)], dim=1))
+        mean = self.avg_pool(features)
+        return self.classifier(torch.cat([mean, self.max_pool(features)], dim=1)), mean
 
     def pooled_layer(self, layer_name: str) -> str | None:
         """``avg_pool`` when ``layer_name`` is the last feature module, whose output it averages
-        over the grid: the input-distribution gate reads that mean there (see
-        :func:`dicom_node.inference.gate.pool_into`) instead of computing it again; else None."""
+        over the grid (:meth:`forward_pooled`); else None."""
         last = next(reversed(self.features._modules))
         return "avg_pool" if layer_name == f"features.{last}" else None
 

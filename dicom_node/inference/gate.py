@@ -12,6 +12,7 @@ together with the threshold.
 """
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,13 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 SHRINKAGE = 0.05  # the covariance is pulled this far toward its diagonal: a few hundred images
 #: The format of the reference file; a file with another version is refused.
 FORMAT = 1
-_RANKS = tuple(round(q * (GRID * GRID - 1)) for q in QUANTILES)  # nearest-rank quantiles of the sorted grid
+# nearest-rank quantiles of the sorted grid
+_RANKS = np.array([round(q * (GRID * GRID - 1)) for q in QUANTILES])
 _MEAN = len(QUANTILES)  # where the mean sits among the statistics; then the standard deviation, ...
 STATISTICS = len(QUANTILES) + 5 + THUMBNAIL * THUMBNAIL  # image statistics a frame
 # how many values are summed of the squares and of each difference image: down, across, mirrored
 _COUNTS = (GRID * GRID, (GRID - 1) * GRID, GRID * (GRID - 1), GRID * GRID)
+_ROOT_COUNT = math.sqrt(GRID * GRID)
 
 
 class ReferenceError(ValueError):
@@ -69,30 +72,64 @@ def pool(activations: torch.Tensor) -> np.ndarray:
 def pool_into(module: torch.nn.Module, layer_name: str,
               features: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
     """A forward hook appending layer ``layer_name``'s output pooled over its grid (:func:`pool`),
-    (frames, channels), to ``features``; remove it when done.
-
-    One of the node's own networks (:class:`~dicom_node.inference.architectures.PlainCNN`) whose
-    ``pooled_layer(layer_name)`` names a module that already outputs that mean (the global
-    average pooling its classifier reads) is hooked there instead: the mean over the whole
-    activation map is then not computed a second time. In float32 the two are the same mean;
-    under bf16 autocast that module averages in bf16 where :func:`pool` averages in float32, so
-    the vectors differ by bf16 rounding (the reference is calibrated in float32; on the demo
-    model bf16 moves scores by up to 0.03 either way, against a threshold of 1.88). A model brought
-    by its user (TorchScript, torchvision) is never asked: a submodule of its own that happens
-    to be named ``pooled_layer`` must not be taken for this method.
-    """
-    pooled_name = module.pooled_layer(layer_name) if isinstance(module, PlainCNN) else None
-    if pooled_name:
-        def capture_pooled(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            features.append(output.float().reshape(len(output), -1).cpu().numpy())
-
-        return module.get_submodule(pooled_name).register_forward_hook(capture_pooled)
+    (frames, channels), to ``features``; remove it when done."""
     layer = module.get_submodule(layer_name)  # walks the dotted path only, not every module
 
     def capture(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
         features.append(pool(output))
 
     return layer.register_forward_hook(capture)
+
+
+class FeatureCapture:
+    """Forward passes that also give the CAM layer's activations pooled over its grid, (frames,
+    channels), from the pass that makes the prediction: no second forward. Use it as a context
+    manager around the passes.
+
+    One of the node's own networks (:class:`~dicom_node.inference.architectures.PlainCNN`)
+    whose CAM layer is the last feature module returns that mean itself
+    (:meth:`~dicom_node.inference.architectures.PlainCNN.forward_pooled`: the global average
+    pooling its classifier reads), so it is neither hooked nor averaged a second time. In float32
+    the two are the same mean; under bf16 autocast that module averages in bf16 where :func:`pool`
+    averages in float32, so the vectors differ by bf16 rounding (the reference is calibrated in
+    float32; on the demo model bf16 moves scores by up to 0.03 either way, against a threshold of
+    1.88). Any other model (TorchScript, torchvision, a network of the node's own explained at
+    another layer) gets a forward hook on the layer (:func:`pool_into`); a submodule of a user's
+    model that happens to be named ``pooled_layer`` is never taken for that method.
+    """
+
+    def __init__(self, module: torch.nn.Module, manifest: ModelManifest) -> None:
+        self.module, self.manifest = module, manifest
+        self.direct = isinstance(module, PlainCNN) and module.pooled_layer(manifest.cam_layer) == "avg_pool"
+        self._pooled: list[np.ndarray] = []
+        self._hook = None if self.direct else pool_into(module, manifest.cam_layer, self._pooled)
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """The module's output for ``batch`` and the pooled CAM-layer activations, (frames, channels).
+
+        Raises
+        ------
+        ModelError
+            As :func:`one_capture`.
+        """
+        if self.direct:
+            assert isinstance(self.module, PlainCNN)
+            output, mean = self.module.forward_pooled(batch)
+            return output, mean.float().reshape(len(mean), -1).cpu().numpy()
+        output = self.module(batch)
+        return output, one_capture(self._pooled, self.manifest)
+
+    def close(self) -> None:
+        """Remove the hook, if any."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> "FeatureCapture":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def one_capture(pooled: list[np.ndarray], manifest: ModelManifest) -> np.ndarray:
@@ -125,33 +162,28 @@ def image_statistics(arrays: np.ndarray) -> np.ndarray:
     side; "exactly symmetric" must be far from "a little symmetric"), and an :data:`THUMBNAIL` x
     :data:`THUMBNAIL` thumbnail of block means.
 
-    Written for its cost, which the gate adds to every batch's inference: each step is one call
-    over the whole batch (a few tens of calls in all, whatever the batch size), in OpenCV or
-    single-threaded numpy; no BLAS call, whose threads would contend with the model's own on a
-    small CPU (a matrix product here made the step 20 times slower right after a forward pass).
+    Written for its cost, which the gate adds to every batch's inference. It runs with cold
+    caches (right after preprocessing, the forward pass before it evicted them), where each numpy
+    call costs several times what it does in a loop: so as few calls as possible. The grid, the
+    quantiles and the thumbnail are one call each over the whole batch; the sums are OpenCV's
+    (one call each, accumulated in float64) frame by frame. No BLAS call: its threads would
+    contend with the model's own on a small CPU (a matrix product here made the step 20 times
+    slower right after a forward pass).
     """
     images = _grid(np.asarray(arrays, dtype=np.float32))
     frames = len(images)
-    flat = images.reshape(frames, GRID * GRID)
     out = np.empty((frames, STATISTICS), dtype=np.float32)
-    out[:, :len(QUANTILES)] = np.sort(flat, axis=1)[:, _RANKS]
-    # the squares and the three difference images side by side (zero where one is a row or a
-    # column short), so that one pass sums them all
-    thumbnail = _block_mean(images, THUMBNAIL).reshape(frames, -1)
-    mean = thumbnail.mean(axis=1)  # the blocks are equal: the mean of their means is the mean
-    work = np.zeros((frames, 4, GRID, GRID), dtype=np.float32)
-    # squares of the deviations, not E[x^2] - mean^2: in float32 that difference cancels to
-    # noise when the mean is large against the spread (an input of -1024 plus a little)
-    np.square(images - mean[:, None, None], out=work[:, 0])
-    np.subtract(images[:, 1:], images[:, :-1], out=work[:, 1, 1:])
-    np.subtract(images[:, :, 1:], images[:, :, :-1], out=work[:, 2, :, 1:])
-    np.subtract(images, images[:, :, ::-1], out=work[:, 3])
-    means = np.abs(work, out=work).reshape(frames, 4, -1).sum(axis=2) / _COUNTS
-    out[:, _MEAN] = mean
-    out[:, _MEAN + 1] = np.sqrt(means[:, 0])
-    out[:, _MEAN + 2:_MEAN + 4] = means[:, 1:3]
-    out[:, _MEAN + 4] = np.log(means[:, 3] + 1e-4)
-    out[:, _MEAN + 5:] = thumbnail
+    out[:, :len(QUANTILES)] = np.sort(images.reshape(frames, GRID * GRID), axis=1)[:, _RANKS]
+    out[:, _MEAN + 5:] = _block_mean(images, THUMBNAIL).reshape(frames, -1)
+    for row, grid in zip(out, images, strict=True):
+        mean = cv2.mean(grid)[0]
+        # the deviations, not E[x^2] - mean^2: that difference cancels to noise when the mean is
+        # large against the spread (an input of -1024 plus a little)
+        row[_MEAN:_MEAN + 5] = (
+            mean, cv2.norm(grid - np.float32(mean), cv2.NORM_L2) / _ROOT_COUNT,
+            cv2.norm(grid[1:], grid[:-1], cv2.NORM_L1) / _COUNTS[1],
+            cv2.norm(grid[:, 1:], grid[:, :-1], cv2.NORM_L1) / _COUNTS[2],
+            math.log(cv2.norm(grid, cv2.flip(grid, 1), cv2.NORM_L1) / _COUNTS[3] + 1e-4))
     return out
 
 
@@ -199,7 +231,8 @@ class Reference:
             raise ReferenceError(f"the reference describes {self.mean.shape[0]} values a frame; "
                                  f"got {vectors.shape[1:] if vectors.ndim == 2 else vectors.shape}")
         whitening, offset = self._whitening
-        whitened = vectors @ whitening - offset
+        whitened = vectors @ whitening
+        whitened -= offset
         return np.sqrt(np.einsum("ij,ij->i", whitened, whitened) / self.mean.shape[0])
 
     @functools.cached_property

@@ -10,19 +10,17 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from dicom_node.inference.architectures import build
 from dicom_node.inference.gate import (
+    FeatureCapture,
     Reference,
     ReferenceError,
     frame_vectors,
     image_statistics,
     load_reference,
-    one_capture,
-    pool_into,
 )
 from dicom_node.inference.manifest import ModelError, ModelManifest, load_manifest
 
@@ -153,19 +151,15 @@ def _reference(manifest: ModelManifest, module: nn.Module, device: torch.device)
                " (dicom-node models calibrate writes it)")
     spec = manifest.input
     probe = torch.zeros(1, spec.channels, spec.size, spec.size, device=device)
-    pooled: list[np.ndarray] = []
-    hook = pool_into(module, manifest.cam_layer, pooled)
     try:
-        with torch.inference_mode():
-            module(probe)
+        with torch.inference_mode(), FeatureCapture(module, manifest) as capture:
+            pooled = capture.forward(probe)[1]
         reference = load_reference(gate.reference)
         if reference.weights_sha256 != manifest.sha256:
             stale = reference.weights_sha256[:12] or "?"
             raise ReferenceError(f"it describes the activations of weights {stale}, "
                                  f"not of these ({manifest.sha256[:12]})")
-        reference.score(frame_vectors(one_capture(pooled, manifest), image_statistics(probe.cpu().numpy())))
+        reference.score(frame_vectors(pooled, image_statistics(probe.cpu().numpy())))
     except ReferenceError as exc:
         raise ModelError(f"{where}: {exc}; calibrate it again for these weights") from None
-    finally:
-        hook.remove()
     return reference

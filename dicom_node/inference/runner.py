@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicom_node.inference.gate import frame_vectors, image_statistics, one_capture, pool_into
+from dicom_node.inference.gate import FeatureCapture, frame_vectors, image_statistics
 from dicom_node.inference.preprocess import Preprocessed
 from dicom_node.inference.registry import LoadedModel, ModelRegistry
 
@@ -118,21 +118,19 @@ class InferenceRunner:
         outputs = []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
-        pooled: list[np.ndarray] = []
-        hook = None if features is None else pool_into(loaded.module, loaded.manifest.cam_layer, pooled)
-        try:
-            with torch.inference_mode(), autocast:
-                for start in range(0, len(inputs), self.batch_size):
-                    chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
-                    statistics = None if features is None else image_statistics(chunk)
-                    batch = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(
-                        memory_format=torch.channels_last)
+        capture = None if features is None else FeatureCapture(loaded.module, loaded.manifest)
+        with torch.inference_mode(), autocast, capture or contextlib.nullcontext():
+            for start in range(0, len(inputs), self.batch_size):
+                chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
+                statistics = None if features is None else image_statistics(chunk)
+                batch = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last)
+                if capture is None or features is None or statistics is None:
                     outputs.append(loaded.module(batch).float().cpu())
-                    if features is not None and statistics is not None:
-                        features.append(frame_vectors(one_capture(pooled, loaded.manifest), statistics))
-        finally:
-            if hook is not None:
-                hook.remove()
+                    continue
+                output, pooled = capture.forward(batch)
+                outputs.append(output.float().cpu())
+                features.append(frame_vectors(pooled, statistics))
         return torch.cat(outputs) if outputs else torch.empty(0, len(loaded.manifest.labels))
 
     def predict(self, name: str, inputs: Sequence[Preprocessed],

@@ -156,24 +156,32 @@ def test_the_batched_image_statistics_are_those_of_each_frame(channels: int, siz
     np.testing.assert_allclose(image_statistics(arrays[3:4]), got[3:4], rtol=1e-6)
 
 
-def test_the_pooled_layer_hook_gives_the_mean_of_the_cam_layer() -> None:
+def test_the_own_network_gives_the_mean_of_the_cam_layer_and_the_same_logits() -> None:
+    """The demo network's own global average pooling is read (no hook, no second mean): the
+    vector is the CAM layer's mean, the logits those of a plain forward; explained at another
+    layer, the same network is hooked there."""
+    import types
+
     import torch
 
     from dicom_node.inference.architectures import CompactCNN
-    from dicom_node.inference.gate import pool, pool_into
+    from dicom_node.inference.gate import FeatureCapture, pool
 
     torch.manual_seed(0)
     model = CompactCNN(4).eval()
-    assert model.pooled_layer("features.relu4") == "avg_pool" and model.pooled_layer("features.relu3") is None
-    fast: list[np.ndarray] = []
-    handle = pool_into(model, "features.relu4", fast)
-    with torch.inference_mode():
-        x = torch.rand(3, 1, 64, 64)
-        model(x)
-        expected = pool(model.features(x))
-    handle.remove()
-    assert fast[0].shape == (3, 64)
-    np.testing.assert_allclose(fast[0], expected, rtol=1e-5, atol=1e-6)
+    x = torch.rand(3, 1, 64, 64)
+    names = list(model.features._modules)
+    for layer, direct in (("features.relu4", True), ("features.relu3", False)):
+        manifest = types.SimpleNamespace(cam_layer=layer, path=Path("model.toml"))
+        with torch.inference_mode(), FeatureCapture(model, manifest) as capture:  # type: ignore[arg-type]
+            assert capture.direct is direct
+            logits, pooled = capture.forward(x)
+            # the activations of ``layer``: the feature modules up to it, run on their own
+            expected = pool(model.features[:names.index(layer.split(".")[1]) + 1](x))
+            torch.testing.assert_close(logits, model(x))
+        assert not model.features.relu3._forward_hooks  # the hook is removed on leaving
+        assert pooled.shape == (3, 64 if direct else 32)
+        np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_reference_whose_precision_is_not_positive_definite_is_refused(tmp_path: Path) -> None:
@@ -227,10 +235,12 @@ def test_a_cam_layer_run_twice_a_forward_is_refused_at_load(tmp_path: Path) -> N
 def test_a_foreign_submodule_named_pooled_layer_is_not_taken_for_the_method() -> None:
     """Only the node's own networks are asked for their pooled layer: a model brought by its
     user with a submodule of that name gets its CAM layer pooled as any other."""
+    import types
+
     import torch
     from torch import nn
 
-    from dicom_node.inference.gate import pool, pool_into
+    from dicom_node.inference.gate import FeatureCapture, pool
 
     class Foreign(nn.Module):
         def __init__(self) -> None:
@@ -243,16 +253,14 @@ def test_a_foreign_submodule_named_pooled_layer_is_not_taken_for_the_method() ->
 
     torch.manual_seed(0)
     model = Foreign().eval()
-    captured: list[np.ndarray] = []
-    handle = pool_into(model, "features.1", captured)
     x = torch.rand(2, 1, 16, 16)
-    with torch.inference_mode():
-        model(x)
-    handle.remove()
-    with torch.inference_mode():
+    manifest = types.SimpleNamespace(cam_layer="features.1", path=Path("model.toml"))
+    with torch.inference_mode(), FeatureCapture(model, manifest) as capture:  # type: ignore[arg-type]
+        assert not capture.direct
+        captured = capture.forward(x)[1]
         expected = pool(model.features(x))
-    assert len(captured) == 1 and captured[0].shape == (2, 4)
-    np.testing.assert_allclose(captured[0], expected, rtol=1e-5, atol=1e-6)
+    assert captured.shape == (2, 4)
+    np.testing.assert_allclose(captured, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_standard_deviation_holds_when_the_mean_is_large_against_the_spread() -> None:
