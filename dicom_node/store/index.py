@@ -14,6 +14,7 @@ from typing import NamedTuple
 from dicom_node.store.db import connect, connect_read_only, migrate, transaction
 from dicom_node.store.keyindex import Backfill, forget_backfill, migrate_to_keys, put_keys, relist_multivalued
 from dicom_node.store.keys import Kind
+from dicom_node.store.summary import build_summary
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ _MIGRATIONS = (
     migrate_to_keys,
     # 4: multi-valued keys written as "[a, b]" before: read those files again ("a\\b")
     relist_multivalued,
+    # 5: a record per study of what a STUDY-level search answers, kept by triggers
+    build_summary,
 )
 
 
