@@ -5,8 +5,11 @@ Writes ``--instances`` instance records into a fresh index, one transaction each
 ``instance_keys`` records), in two layouts: one study of that many instances in 10 series (a
 large study: the cost of a write must not grow with it), and studies of 50 instances in 5
 series. Then it stores every instance of the large study again (a re-store replaces the record)
-and removes them all (the retention purge's path). Each is timed twice: with ``synchronous``
-NORMAL (the CPU cost; no fsync) and FULL (the node's default), median and mean per instance.
+and removes them all (the retention purge's path). Every write goes to two indexes in turn: one
+with the study summary (store schema 5) and one without (its triggers dropped: the write as
+before), so the machine's load weighs on both alike; each is timed with ``synchronous`` NORMAL
+(no fsync) and FULL (the node's default), in this thread's CPU time (user and system: what a
+busy machine changes least) and on the wall clock, per instance.
 
 Usage: ``.venv/bin/python bench/index_put.py [--instances 3000] [--synchronous NORMAL]``
 """
@@ -42,38 +45,59 @@ def records(count: int, per_study: int, tag: str) -> Iterator[tuple[InstanceReco
                              float(i)), keys
 
 
-def timed(items: list[tuple[InstanceRecord, dict[str, object]]],
-          write: Callable[[InstanceRecord, dict[str, object]], object]) -> list[float]:
-    """Microseconds per call of ``write`` on each item."""
-    times = []
-    for record, keys in items:
-        start = time.perf_counter()
-        write(record, keys)
-        times.append((time.perf_counter() - start) * 1e6)
+Writer = Callable[[Index, InstanceRecord, dict[str, object]], object]
+
+
+def timed(indexes: tuple[Index, Index], items: list[tuple[InstanceRecord, dict[str, object]]],
+          write: Writer) -> list[tuple[list[float], list[float]]]:
+    """Microseconds per call of ``write`` on each item, for each index, the two taking turns
+    item by item (so a busy machine weighs on both alike): (wall clock, this thread's CPU time,
+    user and system) per index."""
+    times: list[tuple[list[float], list[float]]] = [([], []), ([], [])]
+    for n, (record, keys) in enumerate(items):
+        for which in ((0, 1) if n % 2 else (1, 0)):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            write(indexes[which], record, keys)
+            times[which][1].append((time.thread_time() - start_cpu) * 1e6)
+            times[which][0].append((time.perf_counter() - start) * 1e6)
     return times
 
 
-def report(name: str, times: list[float]) -> None:
-    print(f"{name:44s} median {statistics.median(times):7.1f} us, mean {statistics.mean(times):7.1f} us "
-          f"({len(times)} instances)")
+def report(name: str, times: list[tuple[list[float], list[float]]]) -> None:
+    (wall, cpu), (wall_before, cpu_before) = times
+    median, median_before = statistics.median(cpu), statistics.median(cpu_before)
+    print(f"{name:38s} CPU median {median:6.1f} us against {median_before:6.1f} "
+          f"(+{median - median_before:5.1f}); wall median "
+          f"{statistics.median(wall):6.1f} against {statistics.median(wall_before):6.1f}, mean "
+          f"{statistics.mean(wall):6.1f} against {statistics.mean(wall_before):6.1f}")
+
+
+def put(index: Index, record: InstanceRecord, keys: dict[str, object]) -> object:
+    return index.put(record, "Maker", keys=keys)
 
 
 def run(synchronous: str, count: int) -> None:
+    """Each write on an index with the study summary and on one without (its triggers dropped:
+    the index as before schema 5)."""
     with tempfile.TemporaryDirectory() as tmp:
-        index = Index(Path(tmp) / "index.sqlite", synchronous)
+        indexes = (Index(Path(tmp) / "summary.sqlite", synchronous),
+                   Index(Path(tmp) / "none.sqlite", synchronous))
+        for trigger in ("study_summary_no_replace", "study_summary_insert", "study_summary_delete"):
+            indexes[1]._conn.execute(f"DROP TRIGGER {trigger}")
         try:
             big = list(records(count, count, "1"))
-            report(f"{synchronous}: put, one study of {count}",
-                   timed(big, lambda r, k: index.put(r, "M", keys=k)))
-            small = list(records(count, 50, "2"))
-            report(f"{synchronous}: put, studies of 50", timed(small, lambda r, k: index.put(r, "M", keys=k)))
-            report(f"{synchronous}: put again (re-store), one study",
-                   timed(big, lambda r, k: index.put(r, "M", keys=k)))
-            stored = {r.sop_instance_uid: r for r in index.instances()}
-            report(f"{synchronous}: remove, one study",
-                   timed(big, lambda r, k: index.remove(stored[r.sop_instance_uid])))
+            report(f"{synchronous}: put, one study of {count}", timed(indexes, big, put))
+            report(f"{synchronous}: put, studies of 50", timed(indexes, list(records(count, 50, "2")), put))
+            report(f"{synchronous}: put again (re-store), one study", timed(indexes, big, put))
+            stored = [{r.sop_instance_uid: r for r in index.instances()} for index in indexes]
+
+            def remove(index: Index, record: InstanceRecord, keys: dict[str, object]) -> object:
+                return index.remove(stored[indexes.index(index)][record.sop_instance_uid])
+
+            report(f"{synchronous}: remove, one study", timed(indexes, big, remove))
         finally:
-            index.close()
+            for index in indexes:
+                index.close()
 
 
 def main() -> None:

@@ -67,11 +67,12 @@ def put_keys(conn: sqlite3.Connection, kind: Kind, path: str, transfer_syntax_ui
     forget_backfill(conn, path)
     row = key_row(values)
     sop_instance_uid = row[KEY_COLUMNS.index("sop_instance_uid")]
-    if kind == Kind.INPUT and conn.execute(
-            "SELECT 1 FROM instance_keys WHERE sop_instance_uid = ? AND kind = ?",
-            (sop_instance_uid, Kind.RESULT.value)).fetchone():
-        return
-    conn.execute("DELETE FROM instance_keys WHERE sop_instance_uid = ?", (sop_instance_uid,))
+    held = conn.execute("SELECT kind FROM instance_keys WHERE sop_instance_uid = ?",
+                        (sop_instance_uid,)).fetchone()
+    if held is not None:
+        if kind == Kind.INPUT and held[0] == Kind.RESULT.value:
+            return
+        conn.execute("DELETE FROM instance_keys WHERE sop_instance_uid = ?", (sop_instance_uid,))
     conn.execute(_INSERT, (kind.value, path, transfer_syntax_uid, received_at, *row))
 
 

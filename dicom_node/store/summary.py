@@ -81,41 +81,49 @@ def _inserted() -> list[str]:
     at_most = " AND ".join(f"ifnull(new.{column}, '') <= {column}" for column in ATTRIBUTES)
     at_least = " AND ".join(f"ifnull(new.{column}, '') >= {column}" for column in ATTRIBUTES)
     greatest = ", ".join(f"{column} = max({column}, ifnull(new.{column}, ''))" for column in ATTRIBUTES)
-    empty = ", ".join("''" for _ in ATTRIBUTES)
+    values = ", ".join(f"ifnull(new.{column}, '')" for column in ATTRIBUTES)
+    # Each INSERT runs only when the UPDATE before it found no record (changes() counts the
+    # rows of the trigger's last statement); no conflict clause: a writer's own (OR REPLACE)
+    # would override it. The last statement rebuilds the series count and modalities only
+    # when the series record was just created (the INSERT before it inserted one).
     return [
-        f"UPDATE {SERIES_TABLE} SET record_count = record_count + 1 WHERE {_same_series('new')}",
-        f"INSERT INTO {SERIES_TABLE} SELECT {new}, new.series_instance_uid, new.modality, 1, new.rowid "
-        "WHERE changes() = 0",
-        # no conflict clause: a writer's own (OR REPLACE, OR IGNORE) would override it here
-        f"INSERT INTO {TABLE} (study_instance_uid, instance_count, series_count, holders, "
-        f"{', '.join(ATTRIBUTES)}) SELECT {new}, 0, 0, 0, {empty} "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {TABLE} WHERE study_instance_uid = {new})",
         # holders: the record holds every greatest value (at_least) and none grew (at_most): one
         # more; a value grew: the record is its only holder, or there is none
         f"UPDATE {TABLE} SET instance_count = instance_count + 1, holders = CASE WHEN {at_most} THEN "
         f"holders + ({at_least}) ELSE ({at_least}) END, {greatest} WHERE study_instance_uid = {new}",
-        _refresh_series(new, f"(SELECT record_count FROM {SERIES_TABLE} WHERE {_same_series('new')}) = 1"),
+        f"INSERT INTO {TABLE} (study_instance_uid, instance_count, series_count, holders, "
+        f"{', '.join(ATTRIBUTES)}) SELECT {new}, 1, 0, 1, {values} WHERE changes() = 0",
+        f"UPDATE {SERIES_TABLE} SET record_count = record_count + 1 WHERE {_same_series('new')}",
+        f"INSERT INTO {SERIES_TABLE} SELECT {new}, new.series_instance_uid, new.modality, 1, new.rowid "
+        "WHERE changes() = 0",
+        _refresh_series(new, "changes() = 1"),
     ]
 
 
 def _deleted() -> list[str]:
     old = "old.study_instance_uid"
     holds = " AND ".join(f"ifnull(old.{column}, '') = {column}" for column in ATTRIBUTES)
+    # each UPDATE runs only when the DELETE before it deleted nothing (changes(), as on insert)
     return [
-        f"UPDATE {SERIES_TABLE} SET record_count = record_count - 1 WHERE {_same_series('old')}",
-        f"DELETE FROM {SERIES_TABLE} WHERE {_same_series('old')} AND record_count = 0",
+        f"DELETE FROM {SERIES_TABLE} WHERE {_same_series('old')} AND record_count = 1",
         # the next record of the series in the study index's (study, series, rowid) order
-        f"UPDATE {SERIES_TABLE} SET first_record = (SELECT rowid FROM instance_keys WHERE "
-        f"{_same_series('old')} ORDER BY rowid LIMIT 1) WHERE {_same_series('old')} "
-        "AND first_record = old.rowid",
+        f"UPDATE {SERIES_TABLE} SET record_count = record_count - 1, first_record = CASE WHEN first_record "
+        f"= old.rowid THEN (SELECT rowid FROM instance_keys WHERE {_same_series('old')} ORDER BY rowid "
+        f"LIMIT 1) ELSE first_record END WHERE changes() = 0 AND {_same_series('old')}",
+        f"DELETE FROM {TABLE} WHERE study_instance_uid = {old} AND instance_count = 1",
         # holders -1: no record is known to hold every greatest value any more: read them again
         f"UPDATE {TABLE} SET instance_count = instance_count - 1, holders = CASE WHEN "
-        f"holders - ({holds}) > 0 THEN holders - ({holds}) ELSE -1 END WHERE study_instance_uid = {old}",
-        f"DELETE FROM {TABLE} WHERE study_instance_uid = {old} AND instance_count = 0",
+        f"holders - ({holds}) > 0 THEN holders - ({holds}) ELSE -1 END WHERE changes() = 0 "
+        f"AND study_instance_uid = {old}",
         _reread(old, "holders < 0"),
         _recount_holders(old, "holders < 0"),
+        # only when the series record went, or its first record changed in a series of several
+        # modalities (their order within it may change)
         _refresh_series(old, f"NOT EXISTS (SELECT 1 FROM {SERIES_TABLE} WHERE {_same_series('old')} "
-                             "AND first_record < old.rowid)"),
+                             f"AND first_record < old.rowid) AND (NOT EXISTS (SELECT 1 FROM {SERIES_TABLE} "
+                             f"WHERE {_same_series('old')}) OR EXISTS (SELECT 1 FROM {SERIES_TABLE} WHERE "
+                             "study_instance_uid = old.study_instance_uid AND series_instance_uid IS "
+                             "old.series_instance_uid AND modality IS NOT old.modality))"),
     ]
 
 
@@ -140,9 +148,9 @@ def build_summary(conn: sqlite3.Connection) -> None:
     for table in (TABLE, SERIES_TABLE):
         conn.execute(f"DROP TABLE IF EXISTS {table}")
     attributes = ", ".join(f"{column} TEXT NOT NULL" for column in ATTRIBUTES)
-    conn.execute(f"CREATE TABLE {TABLE} (study_instance_uid TEXT PRIMARY KEY, instance_count INTEGER "
-                 f"NOT NULL, series_count INTEGER NOT NULL, modalities TEXT, holders INTEGER NOT NULL, "
-                 f"{attributes})")
+    conn.execute(f"CREATE TABLE {TABLE} (study_instance_uid TEXT NOT NULL PRIMARY KEY, instance_count "
+                 "INTEGER NOT NULL, series_count INTEGER NOT NULL, modalities TEXT, "
+                 f"holders INTEGER NOT NULL, {attributes}) WITHOUT ROWID")
     conn.execute(f"CREATE TABLE {SERIES_TABLE} (study_instance_uid TEXT NOT NULL, series_instance_uid TEXT, "
                  "modality TEXT, record_count INTEGER NOT NULL, first_record INTEGER NOT NULL)")
     conn.execute(f"CREATE INDEX {SERIES_TABLE}_key ON {SERIES_TABLE} "

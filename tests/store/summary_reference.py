@@ -3,7 +3,11 @@
 
 import sqlite3
 
-from dicom_node.store.summary import ATTRIBUTES
+from dicom_node.store.keys import KEYS, Level
+
+#: The study's attributes (the keys of the PATIENT and STUDY levels but the study's UID).
+ATTRIBUTES = tuple(key.column for key in KEYS if key.level in (Level.PATIENT, Level.STUDY)
+                   and not key.items and key.column != "study_instance_uid")
 
 #: Per study: the columns of ``study_summary`` a search reads, in this order.
 COLUMNS = ("study_instance_uid", "instance_count", "series_count", "modalities", *ATTRIBUTES)

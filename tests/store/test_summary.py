@@ -37,9 +37,9 @@ def record(study: str, series: str, sop: str, modality: str, at: float) -> Insta
                           "CHEST", "AXIAL", "MODALITY", 100, f"{study}/{series}/{sop}.dcm", at)
 
 
-def step(index: Index, rng: random.Random, at: float) -> None:
+def step(index: Index, rng: random.Random, at: float, studies: list[str] = STUDIES) -> None:
     """One random write through the store's API."""
-    study = rng.choice(STUDIES)
+    study = rng.choice(studies)
     series = f"{study}.{rng.randint(1, 4)}"
     sop = f"2.25.9{rng.randint(1, 80)}"  # few UIDs: re-stores, moves and input/result clashes happen
     modality = rng.choice(MODALITIES)
