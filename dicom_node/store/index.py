@@ -321,7 +321,7 @@ class Index:
         return cursor.rowcount > 0
 
     def find(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
-        """The rows of a read-only query of ``instance_keys`` (as built by
+        """The rows of a read-only query of ``instance_keys`` and ``study_summary`` (as built by
         :mod:`dicom_node.query.match`); read in one snapshot, on a read-only connection (a
         statement that would write fails)."""
         with self._reader_lock:
