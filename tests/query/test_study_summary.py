@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.query.match import find
+from dicom_node.query.match import find, retrieve
 from dicom_node.store.index import Index
 from dicom_node.store.keys import KEYS, Level
 from tests.store.summary_reference import COLUMNS, grouped
@@ -80,3 +80,12 @@ def test_a_series_level_answer_holds_its_study_s_attributes(index: Index) -> Non
         study = reference[str(answer["StudyInstanceUID"])]
         assert (answer["StudyDate"], answer["PatientName"], answer["StudyDescription"]) == (
             study["study_date"], study["patient_name"], study["study_description"])
+
+
+def test_a_study_level_retrieve_with_modalities_in_study_runs(index: Index) -> None:
+    """Modalities in Study does not narrow a retrieve (it names no records); its value used to
+    be bound to the retrieve's SQL anyway, one parameter too many."""
+    study = str(index.instances()[0].study_instance_uid)
+    query = retrieve({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study, "ModalitiesInStudy": "CT"})
+    assert query.params == (study,)
+    assert index.find(query.sql, query.params)
