@@ -112,24 +112,60 @@ def rows_json(query: Find, rows: Sequence[Sequence[object]],
               extra: Callable[[Sequence[object]], Mapping[str, str]] = lambda row: {}) -> bytes:
     """QIDO-RS results from index rows of ``query`` (:meth:`Find.dataset`'s layout) as one DICOM
     JSON array, attributes in tag order; ``extra(row)`` adds attributes (tag -> DICOM JSON
-    text of the element), such as the Retrieve URL."""
+    text of the element), such as the Retrieve URL.
+
+    Written for an answer of thousands of results (about 60 to 20 ms for 2,000 studies here): a
+    text value that repeats (a date, a description) is encoded once per answer, and the order
+    of the attributes is worked out once per set of tags, not sorted for every result."""
     layout = _layout(query.return_keys)
+    tags = [tag for tag, _, _, _ in layout]
+    encoded: dict[tuple[str, str], str] = {}
+    orders: dict[tuple[tuple[str, ...], bool], list[tuple[str, int]]] = {}
     results = []
     for row in rows:
-        out = {}
-        for tag, vr, column, items in layout:
-            if items is None:
-                out[tag] = element_text(vr, row[column])
-                continue
-            texts = [(t, element_text(v, row[column + n])) for n, (t, v) in enumerate(items)]
-            present = any('"Value"' in text for _, text in texts)
-            item = ",".join(f'"{t}":{text}' for t, text in texts)
-            out[tag] = f'{{"vr":"SQ","Value":[{{{item}}}]}}' if present else '{"vr":"SQ"}'
-        out.update(extra(row))
-        if not all(value.isascii() for value in row if isinstance(value, str)):
-            out["00080005"] = '{"vr":"CS","Value":["ISO_IR 192"]}'
-        results.append("{" + ",".join(f'"{tag}":{out[tag]}' for tag in sorted(out)) + "}")
+        texts = [_element(vr, row[column], encoded) if items is None else _item(items, row, column, encoded)
+                 for _, vr, column, items in layout]
+        more = extra(row)
+        texts += more.values()
+        unicode = not "".join([value for value in row if isinstance(value, str)]).isascii()
+        if unicode:
+            texts.append('{"vr":"CS","Value":["ISO_IR 192"]}')
+        shape = (tuple(more), unicode)
+        order = orders.get(shape)
+        if order is None:
+            order = orders[shape] = _order(tags, shape[0], unicode)
+        results.append("{" + ",".join([prefix + texts[n] for prefix, n in order]) + "}")
     return ("[" + ",".join(results) + "]").encode()
+
+
+def _element(vr: str, value: object, encoded: dict[tuple[str, str], str]) -> str:
+    """:func:`element_text`, once per text value and VR in ``encoded``."""
+    if not isinstance(value, str):
+        return element_text(vr, value)
+    text = encoded.get((vr, value))
+    if text is None:
+        text = encoded[(vr, value)] = element_text(vr, value)
+    return text
+
+
+def _item(items: tuple[tuple[str, str], ...], row: Sequence[object], column: int,
+          encoded: dict[tuple[str, str], str]) -> str:
+    """A sequence key's one item, or an empty sequence when none of its attributes has a value."""
+    texts = [(t, _element(v, row[column + n], encoded)) for n, (t, v) in enumerate(items)]
+    if not any('"Value"' in text for _, text in texts):
+        return '{"vr":"SQ"}'
+    item = ",".join(f'"{t}":{text}' for t, text in texts)
+    return f'{{"vr":"SQ","Value":[{{{item}}}]}}'
+
+
+def _order(tags: list[str], extra: tuple[str, ...], unicode: bool) -> list[tuple[str, int]]:
+    """(``"tag":``, index in the result's texts) in tag order, for texts of ``tags``, then
+    ``extra`` (which win over a return key of the same tag), then Specific Character Set."""
+    where = {tag: n for n, tag in enumerate(tags)}
+    where.update((tag, len(tags) + n) for n, tag in enumerate(extra))
+    if unicode:
+        where["00080005"] = len(tags) + len(extra)
+    return [(f'"{tag}":', where[tag]) for tag in sorted(where)]
 
 
 def _dataset_json(ds: Dataset) -> dict[str, Any]:

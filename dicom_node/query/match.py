@@ -1,4 +1,5 @@
-"""C-FIND matching (PS3.4 C.2.2.2) as SQL over the store's ``instance_keys`` table.
+"""C-FIND matching (PS3.4 C.2.2.2) as SQL over the store's ``instance_keys`` table (at STUDY level,
+its ``study_summary``: a record per study).
 
 The one matching module for every front end: the Q/R SCP (:mod:`dicom_node.query.scp`) and a
 later QIDO-RS both call it. It knows no network code: an identifier is a pydicom ``Dataset`` or
@@ -40,6 +41,7 @@ from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 
+from dicom_node.store import summary
 from dicom_node.store.keys import INTEGER_KEYWORDS, KEYS, LEVELS, Key, Level
 
 #: The unique key of each level (PS3.4 C.6.1.1 and C.6.2.1).
@@ -55,14 +57,8 @@ _DERIVED = {
     "NumberOfPatientRelatedSeries": (Level.PATIENT,
                                      "count(DISTINCT study_instance_uid || '/' || series_instance_uid)"),
     "NumberOfPatientRelatedInstances": (Level.PATIENT, "count(*)"),
-    # from the (study, series) index alone, not through a temporary B-tree over every record of
-    # the study: about 20% of a STUDY-level search of 2,000 studies (bench/qido.py)
-    "NumberOfStudyRelatedSeries": (Level.STUDY, "(SELECT count(DISTINCT s.series_instance_uid) FROM "
-                                                "instance_keys s WHERE s.study_instance_uid = "
-                                                "instance_keys.study_instance_uid)"),
-    "NumberOfStudyRelatedInstances": (Level.STUDY, "count(*)"),
-    # a Modality (CS) never holds a comma: the list becomes a multi-valued element
-    "ModalitiesInStudy": (Level.STUDY, "replace(group_concat(DISTINCT modality), ',', '\\')"),
+    # the study's record in the store's study_summary (a STUDY-level search reads no other)
+    **{keyword: (Level.STUDY, column) for keyword, column in summary.DERIVED.items()},
     "NumberOfSeriesRelatedInstances": (Level.SERIES, "count(*)"),
 }
 #: Identifier elements that are not keys.
@@ -162,7 +158,7 @@ def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
     unknown = [k for k in (*values, *include) if k != "all" and tag_for_keyword(k) is None]
     if unknown:
         raise QueryError(f"unknown keyword {unknown[0][:64]!r} in the identifier")
-    where, params, having = _conditions(values, depth)
+    where, params, study_terms, study_params = _conditions(values, depth)
     wanted = [k for k in values if k not in _NOT_KEYS]
     wanted += [k for k in _included(include, depth) if k not in wanted]
     unique = [UNIQUE_KEYS[lv] for lv in LEVELS[1:depth + 1] if UNIQUE_KEYS[lv] not in wanted]
@@ -171,22 +167,33 @@ def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
     return_keys = tuple(unique + wanted)
     group = _GROUP[level]
     select = [_select(keyword, depth, group) for keyword in return_keys]
-    sql = f"SELECT {', '.join(column for part in select for column in part)} FROM instance_keys"
-    if group and where:
-        # Counts, ModalitiesInStudy and the group's attributes come from every record of a
-        # matched group, not only from the records the keys matched: select the groups first.
-        columns = ", ".join(group)
-        sql += (f" WHERE ({columns}) IN (SELECT {columns} FROM instance_keys"
-                f" WHERE {' AND '.join(where)})")
-    elif where:
-        sql += f" WHERE {' AND '.join(where)}"
-    if group:
-        sql += f" GROUP BY {', '.join(group)}"
-        sql += f" HAVING {' AND '.join(having)}" if having else ""
+    columns = ", ".join(column for part in select for column in part)
+    sql = f"SELECT {columns} {_source(level, where, study_terms)}"
     sql += f" ORDER BY {', '.join(group or ('study_instance_uid', 'series_instance_uid', 'instance_number'))}"
     if limit is not None or offset:
         sql += f" LIMIT {-1 if limit is None else int(limit)} OFFSET {max(0, int(offset))}"
-    return Find(level, sql, tuple(params), return_keys)
+    return Find(level, sql, (*params, *study_params), return_keys)
+
+
+def _source(level: Level, where: list[str], study_terms: list[str]) -> str:
+    """FROM, WHERE and GROUP BY of a find at ``level``: the store's ``study_summary`` at STUDY
+    level (a record per study, :mod:`dicom_node.store.summary`), else ``instance_keys``."""
+    if level is Level.STUDY:
+        # the studies any of whose records match every key, as when the records were grouped
+        terms = [f"study_instance_uid IN (SELECT study_instance_uid FROM instance_keys WHERE "
+                 f"{' AND '.join(where)})"] if where else []
+        terms += study_terms
+        return f"FROM {summary.TABLE}" + (f" WHERE {' AND '.join(terms)}" if terms else "")
+    group = _GROUP[level]
+    sql = "FROM instance_keys"
+    if group and where:
+        # Counts and the group's attributes come from every record of a matched group, not
+        # only from the records the keys matched: select the groups first.
+        columns = ", ".join(group)
+        sql += f" WHERE ({columns}) IN (SELECT {columns} FROM instance_keys WHERE {' AND '.join(where)})"
+    elif where:
+        sql += f" WHERE {' AND '.join(where)}"
+    return sql + (f" GROUP BY {', '.join(group)}" if group else "")
 
 
 def held(keyword: str, level: Level) -> bool:
@@ -225,7 +232,7 @@ def retrieve(identifier: Dataset | Mapping[str, object], level: Level | None = N
         if "*" in value or "?" in value or (keyword == "PatientID" and "\\" in value):
             raise QueryError(f"{keyword} of a retrieve must be a single value"
                              + (" or a list of UIDs" if keyword != "PatientID" else "") + ", not a wildcard")
-    where, params, _ = _conditions(values, LEVELS.index(level))
+    where, params, _, _ = _conditions(values, LEVELS.index(level))
     assert where  # the unique key above is a term: never a retrieve of everything
     sql = (f"SELECT {', '.join(Stored._fields)} FROM instance_keys WHERE {' AND '.join(where)} "
            "ORDER BY study_instance_uid, series_instance_uid, instance_number")
@@ -252,17 +259,18 @@ def _values(identifier: Dataset | Mapping[str, object]) -> dict[str, object]:
 def _select(keyword: str, depth: int, group: tuple[str, ...]) -> tuple[str, ...]:
     """The SQL expressions of one return key (NULL where it is below the level or unknown). In
     a group, an attribute is the group's non-empty value (results may leave some out): its
-    ``max``, since '' sorts below every other text; ``max(NULLIF(column, ''))``, the same value,
-    made a STUDY-level search of 2,000 studies over 100,000 records 2.5 times slower (QIDO-RS,
-    ``bench/qido.py``)."""
+    ``max``, since '' sorts below every other text. At STUDY level and below, a study's
+    attributes are its ``study_summary`` record's, that same value kept by the store."""
     key = _BY_KEYWORD.get(keyword)
     if key is not None:
         if LEVELS.index(key.level) > depth:
             return tuple("NULL" for _ in key.columns)
+        if depth == _STUDY_DEPTH:
+            return key.columns  # the summary's columns are named as the records'
         if LEVELS.index(key.level) <= _STUDY_DEPTH < depth:
             # a study's attribute below study level: from the whole study (a result's series
             # may lack what its inputs hold)
-            return tuple(f"(SELECT coalesce(max(study.{column}), '') FROM instance_keys study "
+            return tuple(f"(SELECT study.{column} FROM {summary.TABLE} study "
                          f"WHERE study.study_instance_uid = instance_keys.study_instance_uid)"
                          for column in key.columns)
         if group and key.column not in group:
@@ -275,13 +283,14 @@ def _select(keyword: str, depth: int, group: tuple[str, ...]) -> tuple[str, ...]
     return ("NULL",)
 
 
-def _conditions(values: Mapping[str, object], depth: int) -> tuple[list[str], list[object], list[str]]:
-    """WHERE terms, the parameters (of WHERE, then of HAVING), and HAVING terms for the keys at
-    or above ``depth``."""
+def _conditions(values: Mapping[str, object],
+                depth: int) -> tuple[list[str], list[object], list[str], list[object]]:
+    """Terms on ``instance_keys`` records and their parameters for the keys at or above
+    ``depth``, then terms on ``study_summary`` records (Modalities in Study) and theirs."""
     where: list[str] = []
     params: list[object] = []
-    having: list[str] = []
-    having_params: list[object] = []  # HAVING follows WHERE in the statement, so its values do too
+    study_terms: list[str] = []
+    study_params: list[object] = []
     for keyword, value in values.items():
         key = _BY_KEYWORD.get(keyword)
         if key is not None and LEVELS.index(key.level) <= depth:
@@ -290,10 +299,12 @@ def _conditions(values: Mapping[str, object], depth: int) -> tuple[list[str], li
                 params.extend(args)
         elif keyword == "ModalitiesInStudy" and depth == LEVELS.index(Level.STUDY):
             modalities = [m.strip() for m in str(value or "").split("\\") if m.strip()]
-            if modalities:
-                having.append(f"sum(modality IN ({', '.join('?' * len(modalities))})) > 0")
-                having_params.extend(modalities)
-    return where, params + having_params, having
+            if modalities:  # a record of any of them: a series of the study of that modality
+                marks = ", ".join("?" * len(modalities))
+                study_terms.append(f"study_instance_uid IN (SELECT study_instance_uid FROM "
+                                   f"{summary.SERIES_TABLE} WHERE modality IN ({marks}))")
+                study_params.extend(modalities)
+    return where, params, study_terms, study_params
 
 
 def _key_terms(key: Key, value: object) -> list[tuple[str, list[object]]]:

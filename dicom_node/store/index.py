@@ -14,6 +14,7 @@ from typing import NamedTuple
 from dicom_node.store.db import connect, connect_read_only, migrate, transaction
 from dicom_node.store.keyindex import Backfill, forget_backfill, migrate_to_keys, put_keys, relist_multivalued
 from dicom_node.store.keys import Kind
+from dicom_node.store.summary import build_summary
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ _MIGRATIONS = (
     migrate_to_keys,
     # 4: multi-valued keys written as "[a, b]" before: read those files again ("a\\b")
     relist_multivalued,
+    # 5: a record per study of what a STUDY-level search answers, kept by triggers
+    build_summary,
 )
 
 
@@ -318,7 +321,7 @@ class Index:
         return cursor.rowcount > 0
 
     def find(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
-        """The rows of a read-only query of ``instance_keys`` (as built by
+        """The rows of a read-only query of ``instance_keys`` and ``study_summary`` (as built by
         :mod:`dicom_node.query.match`); read in one snapshot, on a read-only connection (a
         statement that would write fails)."""
         with self._reader_lock:

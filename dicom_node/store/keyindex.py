@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 #: Columns of ``instance_keys`` besides the keys.
 _OWN_COLUMNS = ("kind", "path", "transfer_syntax_uid", "received_at")
 COLUMNS = (*_OWN_COLUMNS, *KEY_COLUMNS)
-_INSERT = (f"INSERT OR REPLACE INTO instance_keys ({', '.join(COLUMNS)}) "
+_INSERT = (f"INSERT INTO instance_keys ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(COLUMNS))})")
 
 #: The indexes C-FIND needs: the unique key of each level, and the keys peers search by most.
@@ -59,13 +59,21 @@ def put_keys(conn: sqlite3.Connection, kind: Kind, path: str, transfer_syntax_ui
 
     One record per SOP Instance UID: the node's own result wins over an input of the same UID (a
     PACS forwarding the node's outputs back to it), so purging that input (whose record a trigger
-    deletes) never hides the result from C-FIND."""
+    deletes) never hides the result from C-FIND.
+
+    The record it replaces is deleted first, not by ``INSERT OR REPLACE``: SQLite's REPLACE
+    fires no delete trigger, and ``study_summary``'s triggers must see the old record go
+    (:mod:`dicom_node.store.summary`)."""
     forget_backfill(conn, path)
-    if kind == Kind.INPUT and conn.execute(
-            "SELECT 1 FROM instance_keys WHERE sop_instance_uid = ? AND kind = ?",
-            (str(values.get("sop_instance_uid", "")), Kind.RESULT.value)).fetchone():
-        return
-    conn.execute(_INSERT, (kind.value, path, transfer_syntax_uid, received_at, *key_row(values)))
+    row = key_row(values)
+    sop_instance_uid = row[KEY_COLUMNS.index("sop_instance_uid")]
+    held = conn.execute("SELECT kind FROM instance_keys WHERE sop_instance_uid = ?",
+                        (sop_instance_uid,)).fetchone()
+    if held is not None:
+        if kind == Kind.INPUT and held[0] == Kind.RESULT.value:
+            return
+        conn.execute("DELETE FROM instance_keys WHERE sop_instance_uid = ?", (sop_instance_uid,))
+    conn.execute(_INSERT, (kind.value, path, transfer_syntax_uid, received_at, *row))
 
 
 def migrate_to_keys(conn: sqlite3.Connection) -> None:
