@@ -1,0 +1,183 @@
+"""The node's link to its Ray driver process: framed pickle-5 messages over a socket pair.
+
+The Ray driver (``ray.init``, the actor handles) lives in a child process
+(:mod:`dicom_node.scaleout.driver`), never in the node: Ray's core worker ends the process it
+lives in when the cluster's GCS is lost, and the node must outlive that (ingest, the dashboard
+and DICOMweb go on). The child's death closes its end of the socket; the node's reader thread
+sees the end of the stream, fails every call in flight and tells the executor.
+
+Messages are tuples whose first item names them. They are pickled with protocol 5: buffers that
+support it (numpy arrays: the heatmaps and their quality maps) travel out of band, each as its
+own frame, without the copy into the pickle stream.
+"""
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+from urllib.parse import urlsplit
+
+logger = logging.getLogger(__name__)
+
+_COUNT = struct.Struct("!I")
+
+
+def reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts a TCP connection: ``ray.init`` on an
+    address nobody answers blocks for minutes, so a driver is only started after this says yes."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if not parts.hostname or not parts.port:
+        return False
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class LinkClosed(ConnectionError):
+    """The driver process ended (or its link was closed) before it answered."""
+
+
+def send(conn: Connection, message: tuple[Any, ...], lock: threading.Lock) -> None:
+    """Write one message: the count of out-of-band buffers, the pickle, then each buffer."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    with lock:
+        conn.send_bytes(_COUNT.pack(len(buffers)))
+        conn.send_bytes(data)
+        for buffer in buffers:
+            conn.send_bytes(buffer.raw())
+
+
+def receive(conn: Connection) -> tuple[Any, ...]:
+    """Read one message written by :func:`send`; ``EOFError`` once the other end is gone."""
+    (count,) = _COUNT.unpack(conn.recv_bytes(_COUNT.size))
+    data = conn.recv_bytes()
+    buffers = [conn.recv_bytes() for _ in range(count)]
+    message: tuple[Any, ...] = pickle.loads(data, buffers=buffers)
+    return message
+
+
+class DriverLink:
+    """The node's side of one driver process: start it, call it, notice its end.
+
+    Parameters
+    ----------
+    hello
+        The first message (the settings and the models' identities).
+    on_event
+        Called from the reader thread with every message that is not a call's answer.
+    on_end
+        Called once from the reader thread when the process is gone, with why.
+    """
+
+    def __init__(self, hello: tuple[Any, ...], on_event: Callable[["DriverLink", tuple[Any, ...]], None],
+                 on_end: Callable[["DriverLink", str], None]) -> None:
+        ours, theirs = socket.socketpair()
+        # its own session: closing it may kill its process group and nothing of the node's
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.scaleout.driver", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self._socket = ours  # shut down to end the reader's wait: closing the fd would not wake it
+        self.conn = Connection(os.dup(ours.fileno()))
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._calls: dict[int, Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._on_event, self._on_end = on_event, on_end
+        self._reader = threading.Thread(target=self._read, name=f"ray-driver-{self.pid}", daemon=True)
+        self._reader.start()
+        self.post(hello)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def post(self, message: tuple[Any, ...]) -> None:
+        """Send a message that gets no answer; a link already gone raises :class:`LinkClosed`."""
+        try:
+            send(self.conn, message, self._send_lock)
+        except (OSError, ValueError) as exc:
+            raise LinkClosed(f"the Ray driver process {self.pid} is gone ({type(exc).__name__})") from None
+
+    def call(self, name: str, *args: Any) -> "Future[Any]":
+        """Send ``(name, call id, *args)``; the future gets the answer's payload, or
+        :class:`LinkClosed` when the process ends first."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise LinkClosed(f"the Ray driver process {self.pid} is gone")
+            number = next(self._ids)
+            self._calls[number] = future
+        try:
+            self.post((name, number, *args))
+        except LinkClosed:
+            with self._lock:
+                self._calls.pop(number, None)
+            raise
+        return future
+
+    def _read(self) -> None:
+        why = "its link closed"
+        try:
+            while True:
+                message = receive(self.conn)
+                if message[0] == "answer":
+                    with self._lock:
+                        future = self._calls.pop(message[1], None)
+                    if future is not None:
+                        future.set_result(message[2])
+                else:
+                    self._on_event(self, message)
+        except (EOFError, OSError, pickle.UnpicklingError, struct.error) as exc:
+            why = f"it ended (exit status {self._exit_status()})" if isinstance(exc, EOFError) else \
+                f"its link broke ({type(exc).__name__})"
+        except Exception:  # a bug in a handler: the link cannot be trusted any more
+            logger.exception("Ray driver link: unexpected error")
+            why = "its link failed"
+        self.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        with self._lock:
+            calls, self._calls = list(self._calls.values()), {}
+        for future in calls:
+            future.set_exception(LinkClosed(f"the Ray driver process {self.pid} ended: {why}"))
+        self._on_end(self, why)
+
+    def _exit_status(self) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = self.process.wait(timeout=2.0)
+            if code < 0:
+                return f"killed by {signal.Signals(-code).name}"
+            return str(code)
+        return "still running"
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop the process (its actors die with it) and wait for it; idempotent."""
+        with self._lock:
+            first, self._closed = not self._closed, True
+        if first:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)  # the driver exits at the end of its stream
+            self._socket.close()
+        if self.process.poll() is None:
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)  # its own session: nothing else
+                self.process.wait(timeout=grace)
