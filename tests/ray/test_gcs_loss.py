@@ -9,15 +9,21 @@ import pydicom
 import pytest
 
 from dicom_node.phantoms import write_study
+from tests.conftest import require_tool
 from tests.jobs.test_crash import wait_for
 from tests.nodeproc import NodeProcess, echo_ok, free_port
 from tests.orthanc import Orthanc
 from tests.peers.test_dcmtk import run_storescu
 from tests.peers.test_orthanc_e2e import cr_study, delivered, expected_outputs, results_in
 from tests.ray.cluster import LocalCluster, require_ray
-from tests.ray.test_ray_executor import LOOPBACK_RAY, actors, jobs, node_config, orthanc_program, web  # noqa: F401
+from tests.ray.test_ray_executor import LOOPBACK_RAY, actors, jobs, node_config, web
 
 pytestmark = pytest.mark.peers
+
+
+@pytest.fixture
+def orthanc_program() -> str:
+    return require_tool("Orthanc", "orthanc")
 
 
 def one_actor_node(folder: Path, program: str, address: str) -> tuple[Orthanc, NodeProcess]:
