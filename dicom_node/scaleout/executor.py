@@ -135,6 +135,8 @@ class RayExecutor:
         self._ends = 0  # driver ends in a row without a connection in between
         self._next_launch = 0.0
         self._missed = 0
+        self._dropping: Link | None = None  # the driver being replaced, and why
+        self._dropped_why = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -265,11 +267,12 @@ class RayExecutor:
                        what)
 
     def _drop(self, link: Link, why: str) -> None:
-        """End a driver that cannot be trusted any more; its end is handled by :meth:`_ended`."""
-        logger.warning("Ray executor: %s; replacing the driver process %d", why, link.pid)
+        """End a driver that cannot be trusted any more (once); its end is handled by :meth:`_ended`."""
         with self._lock:
-            if link is self._link:
-                self._problem = why
+            if link is not self._link or self._dropping is link:
+                return
+            self._dropping, self._dropped_why = link, why
+        logger.warning("Ray executor: %s; replacing the driver process %d", why, link.pid)
         threading.Thread(target=link.close, name=f"ray-driver-{link.pid}-close", daemon=True).start()
 
     # -- the driver's messages (from its reader thread) -------------------------------------------
@@ -315,6 +318,8 @@ class RayExecutor:
             if link is not self._link:
                 return
             self._link, self._connected = None, False
+            if self._dropping is link:
+                why = f"was replaced: {self._dropped_why}"
             self._ends += 1
             wait = self._backoff.backoff(self._ends)
             self._next_launch = time.monotonic() + wait

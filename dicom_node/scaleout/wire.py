@@ -97,7 +97,8 @@ class DriverLink:
         self._lock = threading.Lock()
         self._calls: dict[int, Future[Any]] = {}
         self._ids = itertools.count(1)
-        self._closed = False
+        self._closed = False  # no more calls: the node closed it, or the process ended
+        self._shut = False  # the socket was shut down
         self._on_event, self._on_end = on_event, on_end
         self._reader = threading.Thread(target=self._read, name=f"ray-driver-{self.pid}", daemon=True)
         self._reader.start()
@@ -144,32 +145,37 @@ class DriverLink:
                 else:
                     self._on_event(self, message)
         except (EOFError, OSError, pickle.UnpicklingError, struct.error) as exc:
-            why = f"it ended (exit status {self._exit_status()})" if isinstance(exc, EOFError) else \
-                f"its link broke ({type(exc).__name__})"
+            if self._closed:
+                why = "was stopped by the node"
+            elif isinstance(exc, (EOFError, ConnectionError)):  # a reset when it died with bytes unread
+                why = f"ended (exit status {self._exit_status()})"
+            else:
+                why = f"broke its link ({type(exc).__name__})"
         except Exception:  # a bug in a handler: the link cannot be trusted any more
             logger.exception("Ray driver link: unexpected error")
-            why = "its link failed"
+            why = "failed its link"
+        with self._lock:
+            self._closed = True
+            calls, self._calls = list(self._calls.values()), {}
+        # the calls first: a worker must not wait for a process that may take seconds to go
+        for future in calls:
+            future.set_exception(LinkClosed(f"the Ray driver process {self.pid} {why}"))
+        self._on_end(self, why)
         self.close()
         with contextlib.suppress(OSError):
             self.conn.close()
-        with self._lock:
-            calls, self._calls = list(self._calls.values()), {}
-        for future in calls:
-            future.set_exception(LinkClosed(f"the Ray driver process {self.pid} ended: {why}"))
-        self._on_end(self, why)
 
     def _exit_status(self) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            code = self.process.wait(timeout=2.0)
-            if code < 0:
-                return f"killed by {signal.Signals(-code).name}"
-            return str(code)
-        return "still running"
+            code = self.process.wait(timeout=0.5)  # its end of the socket closes as it exits
+            return f"killed by {signal.Signals(-code).name}" if code < 0 else str(code)
+        return "unknown: it still runs"
 
     def close(self, grace: float = 5.0) -> None:
         """Stop the process (its actors die with it) and wait for it; idempotent."""
         with self._lock:
-            first, self._closed = not self._closed, True
+            self._closed = True
+            first, self._shut = not self._shut, True
         if first:
             with contextlib.suppress(OSError):
                 self._socket.shutdown(socket.SHUT_RDWR)  # the driver exits at the end of its stream

@@ -217,7 +217,7 @@ class FakeLink:
             for _, future in self.calls:
                 if not future.done():
                     future.set_exception(LinkClosed("the Ray driver process 4242 ended"))
-            self.on_end(self, "it ended (exit status killed by SIGKILL)")
+            self.on_end(self, "ended (exit status killed by SIGKILL)")
 
     def ready(self, models: list[str], actors: int = 2) -> None:
         self.on_event(self, ("connected",))
@@ -305,7 +305,7 @@ def test_the_driver_ending_mid_job_costs_no_attempt_and_a_new_one_starts_after_a
     reason = executor.not_ready()
     assert reason is not None and "driver process 4242" in reason and "SIGKILL" in reason
     assert executor.claimable() == frozenset() and not any(s["alive"] for s in executor.statuses())
-    assert audit.events == [("ray_driver_ended", {"pid": 4242, "reason": "it ended (exit status killed by SIGKILL)"})]
+    assert audit.events == [("ray_driver_ended", {"pid": 4242, "reason": "ended (exit status killed by SIGKILL)"})]
     executor._tend()
     assert len(links) == 1  # the backoff (ray_connect_seconds) first: no tight loop of drivers
     executor._next_launch = 0.0
