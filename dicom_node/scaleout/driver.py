@@ -208,12 +208,23 @@ def main(argv: Sequence[str]) -> int:
         with contextlib.suppress(Exception):
             emit(("problem", f"connecting to the Ray cluster failed ({type(exc).__name__})"))
         return 1
-    threading.Thread(target=driver.keep_actors, name="actors", daemon=True).start()
+    threading.Thread(target=_keep_or_end, args=(driver,), name="actors", daemon=True).start()
     serve(conn, receive, driver, emit)
     driver.stop.set()
     driver.wake.set()
     _leave()
     return 0
+
+
+def _keep_or_end(driver: Driver) -> None:
+    """:meth:`Driver.keep_actors`; an error it did not expect (Ray failing under it) ends the
+    process: the node sees its end and starts a fresh driver, rather than keep one that makes
+    no more actors."""
+    try:
+        driver.keep_actors()
+    except Exception:
+        logger.exception("Ray driver: making the actors failed; ending this driver process")
+        os._exit(3)
 
 
 def _leave(grace: float = 5.0) -> None:

@@ -35,9 +35,11 @@ logger = logging.getLogger(__name__)
 #: how much longer than ``ray_call_timeout_seconds`` the node waits for the driver's answer
 #: before it deems the driver hung and replaces it (the driver's own timeout answers first)
 ANSWER_GRACE_SECONDS = 30.0
-#: failed probes of the GCS's port in a row, while connected, after which the driver is replaced
-#: (a lost GCS can leave Ray's calls hanging up to a minute before Ray ends the driver)
+#: failed probes of the GCS's port in a row after which the driver is replaced (a lost GCS can
+#: leave Ray's calls hanging up to a minute before Ray ends the driver)
 PROBES_MISSED = 2
+#: a driver not connected this long after it started is replaced (``ray.init`` hanging)
+CONNECT_SECONDS = 120.0
 
 
 class ClusterUnavailable(UnavailableError):
@@ -135,6 +137,7 @@ class RayExecutor:
         self._ends = 0  # driver ends in a row without a connection in between
         self._next_launch = 0.0
         self._missed = 0
+        self._launched = 0.0  # monotonic time the current driver was started
         self._dropping: Link | None = None  # the driver being replaced, and why
         self._dropped_why = ""
 
@@ -353,10 +356,11 @@ class RayExecutor:
         with self._lock:
             link, connected = self._link, self._connected
         if link is not None:
-            if connected:
-                self._missed = 0 if reachable(address) else self._missed + 1
-                if self._missed >= PROBES_MISSED:
-                    self._drop(link, f"the Ray cluster at {address} stopped answering")
+            self._missed = 0 if reachable(address) else self._missed + 1
+            if self._missed >= PROBES_MISSED:
+                self._drop(link, f"the Ray cluster at {address} stopped answering")
+            elif not connected and time.monotonic() - self._launched > CONNECT_SECONDS:
+                self._drop(link, f"the Ray driver process did not connect in {CONNECT_SECONDS:.0f} s")
             return
         if time.monotonic() < self._next_launch:
             return
@@ -368,7 +372,7 @@ class RayExecutor:
         with self._lock:
             if self._stop.is_set():
                 return
-            self._missed = 0
+            self._missed, self._launched = 0, time.monotonic()
             self._link = self._launch(hello, self._event, self._ended)
             self._problem = f"the Ray driver process {self._link.pid} is connecting to {address}"
 

@@ -391,3 +391,23 @@ def test_a_model_whose_actor_is_refused_holds_back_only_its_own_jobs(
     assert "not the node's" in statuses[("bad", 0)]["problem"] and statuses[("good", 0)]["problem"] == ""
     with pytest.raises(ClusterUnavailable, match="no live Ray actor of model bad"):
         executor.compute(SimpleNamespace(job=SimpleNamespace(model="bad"), datasets=[], timings={}))  # type: ignore[arg-type]
+
+
+def test_the_actors_page_shows_why_a_slot_has_no_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.web.pages import actors
+
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.on_event(link, ("connected",))
+    link.on_event(link, ("actor", "demo", 0, None, "could not start: ModelError: <weights> differ", 2.0))
+    page = actors(executor.statuses()).decode()
+    assert "could not start: ModelError: &lt;weights&gt; differ (trying again in 2 s)" in page
+
+
+def test_a_driver_that_never_connects_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, links = executor_of(tmp_path, ["demo"], monkeypatch)
+    executor._tend()
+    assert not links[0].closed  # still connecting, within its time
+    executor._launched -= executor_module.CONNECT_SECONDS + 1
+    executor._tend()
+    wait_until(lambda: links[0].closed, "the driver to be closed")
+    assert "did not connect" in (executor.not_ready() or "")
