@@ -163,13 +163,15 @@ class Driver:
 def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, emit: Emit) -> None:
     """Answer the node's calls, each in its own thread, until the node closes the link."""
     def answer(number: int, args: tuple[Any, ...]) -> None:
+        started = time.perf_counter()
         try:
             reply = driver.compute(*args)
         except Exception as exc:  # a bug here must not leave the node's worker waiting
             logger.exception("Ray driver: compute failed")
             reply = ("cluster", type(exc).__name__)
+        # with the seconds spent here (Ray's part and the actor's): the rest is the link's
         with contextlib.suppress(Exception):  # the node is gone: nothing to tell
-            emit(("answer", number, reply))
+            emit(("answer", number, (*reply, round(time.perf_counter() - started, 6))))
 
     while True:
         try:

@@ -40,6 +40,9 @@ ANSWER_GRACE_SECONDS = 30.0
 PROBES_MISSED = 2
 #: a driver not connected this long after it started is replaced (``ray.init`` hanging)
 CONNECT_SECONDS = 120.0
+#: the job timing (``PipelineContext.timings``) of the seconds the driver process spent on the
+#: call (Ray's part and the actor's steps); the rest of the call's time is the link's
+DRIVER_TIMING = "ray_driver"
 
 
 class ClusterUnavailable(UnavailableError):
@@ -195,7 +198,7 @@ class RayExecutor:
         started = time.monotonic()
         failed = True
         try:
-            kind, payload = self._ask(link, slot, ctx)
+            kind, payload, seconds = self._ask(link, slot, ctx)
             if kind == "done":
                 failed = False
         finally:
@@ -214,15 +217,18 @@ class RayExecutor:
                                      "without spending an attempt")
         computed: Computed = payload
         ctx.timings.update(computed.timings)
+        if seconds is not None:
+            ctx.timings[DRIVER_TIMING] = seconds
         ctx.predictions, ctx.gate, ctx.heatmaps = computed.predictions, computed.gate, computed.heatmaps
         ctx.outcome_reason = computed.abstain_reason
 
-    def _ask(self, link: Link, slot: ActorStatus, ctx: PipelineContext) -> tuple[str, Any]:
-        """The driver's answer; a driver that ended or hung is a lost cluster (no attempt spent)."""
+    def _ask(self, link: Link, slot: ActorStatus, ctx: PipelineContext) -> tuple[str, Any, float | None]:
+        """The driver's answer and its seconds on it; a driver that ended or hung is a lost
+        cluster (no attempt spent)."""
         try:
             future = link.call("compute", slot.model, slot.slot, ctx.job, list(ctx.datasets))
-            kind, payload = future.result(timeout=self.settings.workers.ray_call_timeout_seconds
-                                          + ANSWER_GRACE_SECONDS)
+            kind, payload, *seconds = future.result(timeout=self.settings.workers.ray_call_timeout_seconds
+                                                    + ANSWER_GRACE_SECONDS)
         except LinkClosed as exc:
             raise ClusterUnavailable(f"{exc}; the job waits for the cluster without spending an "
                                      "attempt") from None
@@ -230,7 +236,7 @@ class RayExecutor:
             self._drop(link, "the Ray driver process did not answer")
             raise ClusterUnavailable("the Ray driver process did not answer; the job waits for the "
                                      "cluster without spending an attempt") from None
-        return kind, payload
+        return kind, payload, (seconds[0] if seconds else None)
 
     def _acquire(self, model: str) -> tuple[ActorStatus, Link]:
         """A free live actor of ``model``, waiting for one while the others are busy, and the

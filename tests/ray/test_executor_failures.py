@@ -291,8 +291,9 @@ def test_the_node_starts_a_driver_and_computes_through_it(tmp_path: Path, monkey
     link.ready(["demo"])
     assert executor.not_ready() is None and executor.claimable() == {"demo"}
     computed = SimpleNamespace(timings={"infer": 0.1}, predictions=["p"], gate=[], heatmaps=[], abstain_reason="")
-    out = answer(executor, link, ("done", computed))
+    out = answer(executor, link, ("done", computed, 0.25))
     assert out["ctx"].predictions == ["p"] and link.calls[0][0][:3] == ("compute", "demo", 0)
+    assert out["ctx"].timings == {"infer": 0.1, "ray_driver": 0.25}  # the driver's seconds on the call
 
 
 def test_the_driver_ending_mid_job_costs_no_attempt_and_a_new_one_starts_after_a_backoff(
