@@ -186,13 +186,12 @@ def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, 
 
 def main(argv: Sequence[str]) -> int:
     """The process: read the node's hello, connect, keep the actors, serve, leave."""
-    from multiprocessing.connection import Connection
+    import socket
 
     from dicom_node.scaleout.wire import receive, send
 
-    fd = int(argv[1])
-    os.set_inheritable(fd, False)  # Ray's helpers must not keep the node's socket open
-    conn = Connection(fd)
+    conn = socket.socket(fileno=int(argv[1]))
+    conn.set_inheritable(False)  # Ray's helpers must not keep the node's socket open
     lock = threading.Lock()
 
     def emit(message: tuple[Any, ...]) -> None:
