@@ -27,13 +27,14 @@ def orthanc_program() -> str:
 
 
 def one_actor_node(folder: Path, program: str, address: str) -> tuple[Orthanc, NodeProcess]:
-    """One actor and one worker: the least CPU for the two cold starts this test pays."""
+    """One actor and one worker: the least CPU for the two cold starts this test pays. LIME-1000:
+    a job of several seconds, so the head is surely lost while it runs."""
     node = NodeProcess(folder / "node", env=LOOPBACK_RAY)
     pacs = Orthanc(folder / "orthanc", program, {"node": ("XAI_NODE", node.port)})
     config = node_config(pacs.dicom_port, "ray", address)
     config = config.replace("ray_actors_per_model = 2", "ray_actors_per_model = 1").replace(
-        "[workers]\ncount = 2", "[workers]\ncount = 1")
-    assert "ray_actors_per_model = 1" in config and "count = 1" in config
+        "[workers]\ncount = 2", "[workers]\ncount = 1").replace("lime_samples = 300", "lime_samples = 1000")
+    assert "ray_actors_per_model = 1" in config and "count = 1" in config and "lime_samples = 1000" in config
     node.config.write_text(node.config.read_text() + config)
     return pacs, node
 
