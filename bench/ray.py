@@ -6,7 +6,8 @@ the positive labels of the demo model) go through ``pipeline.compute_steps``:
 
 1. locally, in this process, with one torch thread (the anchor: the local executor's compute);
 2. through a :class:`RayExecutor` with one actor, then with two (one CPU and one torch thread
-   each), fed by as many threads as actors, as the node's workers do.
+   each), fed by as many threads as actors, as the node's workers do. As in the node, the
+   executor's Ray driver is a child process: a call goes node -> driver process -> actor.
 
 The cluster is real: a head without CPUs and two worker nodes of one CPU each, on loopback
 (``tests/ray/cluster.py``). Each executor starts cold (no actor): the time until its actors are
@@ -98,14 +99,16 @@ def through_ray(settings: Settings, series: list[list[pydicom.Dataset]]) -> dict
 
     steps = [name for name, _ in pipeline.compute_steps()]
 
-    def one(ctx: pipeline.PipelineContext) -> tuple[float, float]:
-        """The call's seconds, and those of them not spent in the actor's steps (Ray's part)."""
+    def one(ctx: pipeline.PipelineContext) -> tuple[float, float, float]:
+        """The call's seconds, those of them not spent in the actor's steps (the overhead), and
+        those not spent in the driver process (the link's part of it; 0 where there is none)."""
         began = time.perf_counter()
         executor.compute(ctx)
         seconds = time.perf_counter() - began
-        return seconds, seconds - sum(ctx.timings.get(name, 0.0) for name in steps)
+        driver = ctx.timings.get("ray_driver", seconds)
+        return seconds, seconds - sum(ctx.timings.get(name, 0.0) for name in steps), seconds - driver
 
-    first, _ = one(contexts[0])
+    first, _, _ = one(contexts[0])
     began = time.perf_counter()
     with ThreadPoolExecutor(len(actors)) as pool:
         per_job = list(pool.map(one, contexts[1:]))
@@ -113,9 +116,10 @@ def through_ray(settings: Settings, series: list[list[pydicom.Dataset]]) -> dict
     executor.stop()
     return {"cold": cold, "ready": max(a["ready_seconds"] for a in actors),
             "load": max(a["load_seconds"] for a in actors), "first": first, "wall": wall,
-            "median": statistics.median(s for s, _ in per_job), "jobs": len(per_job),
-            "overhead": statistics.median(o for _, o in per_job),
-            "overhead_max": max(o for _, o in per_job)}
+            "median": statistics.median(s for s, _, _ in per_job), "jobs": len(per_job),
+            "overhead": statistics.median(o for _, o, _ in per_job),
+            "overhead_max": max(o for _, o, _ in per_job),
+            "link": statistics.median(k for _, _, k in per_job)}
 
 
 def settings_for(address: str, actors: int, lime_samples: int) -> Settings:
@@ -152,7 +156,8 @@ def main() -> None:
                   f"model load {r['load']:.2f} s); first job {r['first']:.2f} s; "
                   f"{r['jobs']} jobs in {r['wall']:.1f} s, median {r['median']:.2f} s/job; "
                   f"outside the actor's steps: median {r['overhead'] * 1e3:.0f} ms, "
-                  f"max {r['overhead_max'] * 1e3:.0f} ms")
+                  f"max {r['overhead_max'] * 1e3:.0f} ms, of which node <-> driver process: "
+                  f"median {r['link'] * 1e3:.1f} ms")
     finally:
         cluster.shutdown()
     local_median = statistics.median(anchor[1:]) if anchor else float("nan")

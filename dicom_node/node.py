@@ -139,6 +139,9 @@ class Node:
         self.metrics = Metrics()
         self.audit = Fanout(self.trail, self.metrics)
         self.floor = self._store_floor()
+        if self.executor is not None:
+            self.executor.audit = self.audit  # a refused actor or a lost driver is audited
+            self.executor.start()
         self.store = InstanceStore(s.node.data_dir, self.floor, clock=self.clock, audit=self.audit)
         self.results = ResultArea(s.node.data_dir / "results")
         self.results.remove_temporaries()
@@ -196,8 +199,9 @@ class Node:
             runner = partial(pipeline.run_job, settings=s, store=self.store, steps=self.steps,
                              runner=inference, outbox=self.outbox, audit=self.audit, jobs=self.queue,
                              device_uid=device)
+            # with Ray, a model without a live actor holds back its own jobs only
             worker = Worker(self.queue, runner, f"{os.getpid()}/worker-{i}",
-                            self.executor.not_ready if self.executor else None)
+                            models=self.executor.claimable if self.executor else None)
             self._spawn(f"worker-{i}", partial(worker.run_until, self._stop, s.workers.poll_seconds,
                                                self._work_due))
 
@@ -235,18 +239,18 @@ class Node:
         return self.executor.not_ready() if self.executor else None
 
     def _executor(self) -> "RayExecutor | None":
-        """With ``[workers] executor = "ray"``: the Ray executor, connecting in the background, and
-        the steps that hand it the compute (unless the caller gave its own steps)."""
+        """With ``[workers] executor = "ray"``: the Ray executor (started once the audit trail is
+        open), and the steps that hand it the compute (unless the caller gave its own steps)."""
         s = self.settings
         if s.workers.executor != "ray":
             return None
-        # the executor imports Ray only later, in its background thread: ask now, or a node
-        # without Ray would say "not ready" forever instead of exiting with a config error
+        # only the executor's driver process imports Ray: ask now, or a node without Ray would
+        # say "not ready" forever instead of exiting with a config error
         if importlib.util.find_spec("ray") is None:
             raise ConfigError(f"{s.source}: key 'workers.executor' = \"ray\" needs Ray, which is not "
                               "installed: pip install 'dicom-node[ray]'")
         from dicom_node.scaleout import RayExecutor
-        executor = RayExecutor(s, self.registry, [p.model for p in s.pipelines]).start()
+        executor = RayExecutor(s, self.registry, [p.model for p in s.pipelines])
         if self.steps == pipeline.default_steps():
             self.steps = pipeline.remote_steps(executor.compute)
         return executor

@@ -2,7 +2,7 @@
 
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 from dicom_node.jobs.queue import Job, JobSpec, JobState
@@ -62,8 +62,9 @@ class MemoryJobBackend:
         jobs = sorted((j for j in self._jobs.values() if j.state in states), key=lambda j: -j.id)
         return jobs[:limit] if limit is not None else jobs
 
-    def next_due(self, now: float) -> Job | None:
-        due = [j for j in self._jobs.values() if j.state == JobState.QUEUED and j.not_before <= now]
+    def next_due(self, now: float, models: Collection[str] | None = None) -> Job | None:
+        due = [j for j in self._jobs.values() if j.state == JobState.QUEUED and j.not_before <= now
+               and (models is None or j.model in models)]
         return min(due, key=lambda j: j.id) if due else None
 
     def expired(self, now: float) -> list[Job]:

@@ -15,7 +15,7 @@ only loads and saves records inside a transaction. States::
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -121,7 +121,7 @@ class JobBackend(Protocol):
     def get(self, job_id: int) -> Job | None: ...
     def save(self, job: Job) -> None: ...
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]: ...
-    def next_due(self, now: float) -> Job | None: ...
+    def next_due(self, now: float, models: Collection[str] | None = None) -> Job | None: ...
     def expired(self, now: float) -> list[Job]: ...
     def watermark(self) -> float: ...
     def set_watermark(self, value: float) -> None: ...
@@ -156,13 +156,14 @@ class JobQueue:
                                             spec.pipeline) + 1
             return self.backend.insert(spec, version, self.clock())
 
-    def claim(self, worker: str) -> Job | None:
-        """Take the oldest queued job that is due, under a lease for ``worker``."""
+    def claim(self, worker: str, models: Collection[str] | None = None) -> Job | None:
+        """Take the oldest queued job that is due, under a lease for ``worker``; with ``models``,
+        the oldest of those models' jobs (the others wait for their compute, spending nothing)."""
         now = self.clock()
         with self.backend.transaction():
             for job in self.backend.expired(now):
                 self._interrupted(job, now, "lease expired: its worker stopped answering")
-            oldest = self.backend.next_due(now)
+            oldest = self.backend.next_due(now, models)
             if oldest is None:
                 return None
             job = dataclasses.replace(

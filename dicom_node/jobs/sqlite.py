@@ -4,7 +4,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -221,10 +221,11 @@ class SQLiteJobBackend:
             args.append(limit)
         return [_job(row) for row in self.conn.execute(query, args).fetchall()]
 
-    def next_due(self, now: float) -> Job | None:
+    def next_due(self, now: float, models: Collection[str] | None = None) -> Job | None:
+        only = "" if models is None else f"AND model IN ({', '.join('?' * len(models))}) "
         row = self.conn.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND not_before <= ? "
-            "ORDER BY id LIMIT 1", (now,),
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND not_before <= ? {only}"
+            "ORDER BY id LIMIT 1", (now, *sorted(models or ())),
         ).fetchone()
         return _job(row) if row else None
 

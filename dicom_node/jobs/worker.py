@@ -2,7 +2,7 @@
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from dicom_node.jobs.queue import Job, JobQueue
@@ -28,20 +28,28 @@ class Worker:
     ready
         Why no job can run now (e.g. the Ray cluster is down), or None: while it says why, no
         job is claimed, so waiting costs no attempt.
+    models
+        The models whose jobs can run now (e.g. those with a live Ray actor), or None for all:
+        only their jobs are claimed; the others wait, spending no attempt.
     """
 
     def __init__(self, queue: JobQueue, runner: Runner, name: str,
-                 ready: Callable[[], str | None] | None = None) -> None:
+                 ready: Callable[[], str | None] | None = None,
+                 models: Callable[[], Collection[str]] | None = None) -> None:
         self.queue = queue
         self.runner = runner
         self.name = name
         self.ready = ready
+        self.models = models
 
     def run_once(self) -> Job | None:
         """Claim one due job and run it to its end; None if nothing was due (or nothing can run)."""
         if self.ready is not None and self.ready() is not None:
             return None
-        job = self.queue.claim(self.name)
+        models = self.models() if self.models is not None else None
+        if models is not None and not models:
+            return None
+        job = self.queue.claim(self.name, models)
         if job is None:
             return None
         logger.info("job %d started (attempt %d): series %s of study %s, pipeline %s", job.id, job.attempts,

@@ -1,7 +1,8 @@
 """Scale-out: the compute-heavy steps of a job on Ray actors, the node staying the DICOM endpoint.
 
-Ray is an optional extra (``pip install .[ray]``): nothing here imports it until
-``[workers] executor = "ray"`` starts a :class:`~dicom_node.scaleout.executor.RayExecutor`.
+Ray is an optional extra (``pip install .[ray]``), and the node process never imports it: with
+``[workers] executor = "ray"`` a :class:`~dicom_node.scaleout.executor.RayExecutor` runs the Ray
+driver in a child process (:mod:`dicom_node.scaleout.driver`), the only one that imports Ray.
 """
 
 from dicom_node.scaleout.actor import ComputeActor, Computed

@@ -17,9 +17,31 @@ from pydicom import Dataset
 from dicom_node import pipeline
 from dicom_node.config import Settings
 from dicom_node.explain.heatmap import Heatmap
-from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, Prediction, preprocess
+from dicom_node.inference import InferenceRunner, ModelError, ModelManifest, ModelRegistry, Prediction
 from dicom_node.inference.gate import GateResult
+from dicom_node.inference.preprocess import preprocess
+from dicom_node.inference.registry import sha256_of
 from dicom_node.jobs.queue import Job
+
+#: a model version's whole identity: its version string, the sha256 of its manifest file (labels,
+#: thresholds, preprocessing, gate threshold), of its weights and of its gate's reference
+Identity = dict[str, str]
+
+
+def identity(manifest: ModelManifest) -> Identity:
+    """What must be equal at the node and on an actor's host for their results to be the same.
+
+    The manifest's own bytes are hashed (not only the weights' sha256 it names): two hosts with
+    the same weights but other thresholds, labels or windowing would report other findings.
+    """
+    return {"version": manifest.version, "manifest_sha256": sha256_of(manifest.path),
+            "weights_sha256": manifest.sha256,
+            "gate_reference_sha256": manifest.gate.sha256 if manifest.gate else ""}
+
+
+def mismatch(ours: Identity, theirs: Identity) -> list[str]:
+    """The identity's keys whose values differ (``theirs`` is the node's)."""
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
 
 
 @dataclass(frozen=True)
@@ -42,9 +64,9 @@ class ComputeActor:
         The node's settings (the pipelines' explain methods and labels, ``[inference]``).
     model
         The model's name in the repository at ``settings.models.dir`` on the actor's host.
-    sha256
-        The weights' sha256 the node's manifest names: the actor refuses to start on other
-        weights (a host with another version of the repository), as the node would.
+    expected
+        The model's :func:`identity` at the node: the actor refuses to start on other files (a
+        host with another version of the repository: weights, manifest or gate reference).
     device
         ``"cpu"``, ``"cuda"``, ...
     threads
@@ -53,20 +75,24 @@ class ComputeActor:
     Raises
     ------
     ModelError
-        The model is missing, its weights do not match their manifest, or the manifest's
-        sha256 is not the node's.
+        The model is missing, its files do not match their manifest, or its identity is not
+        the node's.
     """
 
-    def __init__(self, settings: Settings, model: str, sha256: str, device: str, threads: int) -> None:
+    def __init__(self, settings: Settings, model: str, expected: Identity, device: str, threads: int) -> None:
         started = time.perf_counter()
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)  # OpenCV's own pool ignores OMP_NUM_THREADS: keep to the CPUs reserved
         self.settings = settings
         registry = ModelRegistry(settings.models.dir)
         manifest = registry.manifest(model)
-        if manifest.sha256 != sha256:
-            raise ModelError(f"{manifest.path}: key 'sha256' = {manifest.sha256[:12]}... on this Ray host; "
-                             f"the node runs {sha256[:12]}...: install the same model version here")
+        here = identity(manifest)
+        differ = mismatch(here, expected)
+        if differ:
+            shown = ", ".join(f"{k} {here.get(k, '')[:12]!r} here, {expected.get(k, '')[:12]!r} at the node"
+                              for k in differ)
+            raise ModelError(f"{manifest.path}: model {model} on this Ray host is not the node's ({shown}): "
+                             "install the same model version here")
         inference = settings.inference
         self.runner = InferenceRunner(registry, device, inference.batch_size, inference.bf16)
         self.runner.model(model)  # loads and checks the weights' sha256 (registry.load)
@@ -97,6 +123,7 @@ class ComputeActor:
         """Where the actor runs and what it holds (for the dashboard and ``/metrics``)."""
         manifest = self.runner.registry.manifest(self.model_name)
         return {"model": self.model_name, "version": manifest.version, "sha256": manifest.sha256,
+                "identity": identity(manifest),
                 "device": str(self.runner.device), "pid": os.getpid(), "host": os.uname().nodename,
                 "threads": torch.get_num_threads(), "load_seconds": round(self.load_seconds, 3)}
 

@@ -1,49 +1,79 @@
-"""The node's side of the Ray executor: connect, keep the actors, hand them a job's compute.
+"""The node's side of the Ray executor: keep a Ray driver process, hand it a job's compute.
 
-The queue alone decides what runs again. Ray's own retries are off (actors are made with
-``max_restarts=0`` and ``max_task_retries=0``): an actor that dies mid-job fails the job's attempt
-with an :class:`~dicom_node.errors.InfrastructureError` (counted, never a "not analysed" report),
-the queue retries it with backoff, and a replacement actor is made in the background. Any other
-error from Ray (the cluster gone: a ``ConnectionError`` under Ray Client, a system error) drops
-the connection and every actor, raises :class:`ClusterUnavailable` (the queue hands the job back
-without counting the attempt) and the background thread connects again. While the cluster cannot
-be reached or a model has no live actor, :meth:`RayExecutor.not_ready` says why: workers claim no
-job (none waits on an attempt it cannot use) and ``/readyz`` answers 503, while ingest goes on.
+The node never imports Ray. The driver (``ray.init``, the actor handles) runs in a child process
+(:mod:`dicom_node.scaleout.driver`, linked by :class:`~dicom_node.scaleout.wire.DriverLink`): Ray
+ends the process its driver lives in when the cluster's GCS is lost, and the DICOM endpoint must
+outlive that. When the child ends, for any reason (GCS lost, a crash, the OOM killer), the calls
+in flight fail with :class:`ClusterUnavailable` (the queue hands the job back without counting
+the attempt), :meth:`RayExecutor.not_ready` says why, and a new child is started, with backoff,
+once the cluster's address answers again; it reconnects and remakes the actors.
+
+The queue alone decides what runs again. Ray's own retries are off; an actor that dies mid-job
+fails the job's attempt with an :class:`~dicom_node.errors.InfrastructureError` (counted, never a
+"not analysed" report), the queue retries it with backoff, and the driver makes a replacement.
 """
 
-import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
 
+from dicom_node.audit import Audit, NoAudit
 from dicom_node.config import Settings
 from dicom_node.errors import DicomNodeError, InfrastructureError, RetryableError, UnavailableError
 from dicom_node.inference import ModelRegistry
+from dicom_node.jobs.queue import QueuePolicy
 from dicom_node.pipeline import PipelineContext
-from dicom_node.scaleout.actor import ComputeActor, Computed
+from dicom_node.scaleout.actor import Computed, identity
+from dicom_node.scaleout.wire import DriverLink, LinkClosed, reachable
 
 logger = logging.getLogger(__name__)
+
+#: how much longer than ``ray_call_timeout_seconds`` the node waits for the driver's answer
+#: before it deems the driver hung and replaces it (the driver's own timeout answers first)
+ANSWER_GRACE_SECONDS = 30.0
+#: failed probes of the GCS's port in a row after which the driver is replaced (a lost GCS can
+#: leave Ray's calls hanging up to a minute before Ray ends the driver)
+PROBES_MISSED = 2
+#: a driver not connected this long after it started is replaced (``ray.init`` hanging)
+CONNECT_SECONDS = 120.0
+#: the job timing (``PipelineContext.timings``) of the seconds the driver process spent on the
+#: call (Ray's part and the actor's steps); the rest of the call's time is the link's
+DRIVER_TIMING = "ray_driver"
 
 
 class ClusterUnavailable(UnavailableError):
     """The Ray cluster, or every actor of the job's model, is out of reach for now."""
 
 
+class Link(Protocol):
+    """What the executor needs of a driver process (:class:`DriverLink`; a fake in tests)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def call(self, name: str, *args: Any) -> Any: ...
+    def close(self, grace: float = 5.0) -> None: ...
+
+
+Launch = Callable[[tuple[Any, ...], Callable[[Any, tuple[Any, ...]], None], Callable[[Any, str], None]], Link]
+
+
 @dataclass
 class ActorStatus:
-    """One actor as the node sees it: where it runs and how busy it has been."""
+    """One actor slot as the node sees it: where its actor runs and how busy it has been."""
 
     model: str
     slot: int
-    handle: Any = None  # the Ray actor handle; None until made, and after it died
+    alive: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # ComputeActor.describe()
+    problem: str = ""  # why it is not alive: its last start's error, or that it was lost
+    refused: str = ""  # the last reason its actor could not start (audited when it changes)
     busy: bool = False
-    waiting: int = 0  # workers waiting for this model's actors (its queue depth)
+    waiting: int = 0  # this slot's share of the workers waiting for an actor of its model
     jobs: int = 0
     failures: int = 0
     busy_seconds: float = 0.0
@@ -52,30 +82,24 @@ class ActorStatus:
     def utilisation(self, now: float) -> float:
         """Share of its life the actor spent on jobs, 0..1."""
         alive = now - self.since
-        return min(1.0, self.busy_seconds / alive) if self.handle is not None and alive > 0 else 0.0
+        return min(1.0, self.busy_seconds / alive) if self.alive and alive > 0 else 0.0
 
     def as_record(self, now: float) -> dict[str, Any]:
         """For the JSON API and the dashboard."""
-        return {"model": self.model, "slot": self.slot, "alive": self.handle is not None,
+        return {"model": self.model, "slot": self.slot, "alive": self.alive,
                 "device": self.info.get("device", ""), "host": self.info.get("host", ""),
                 "pid": self.info.get("pid", 0), "version": self.info.get("version", ""),
                 "busy": self.busy, "queue_depth": self.waiting + int(self.busy), "jobs": self.jobs,
                 "failures": self.failures, "utilisation": round(self.utilisation(now), 4),
                 "load_seconds": self.info.get("load_seconds", 0.0),
-                "ready_seconds": self.info.get("ready_seconds", 0.0)}
+                "ready_seconds": self.info.get("ready_seconds", 0.0), "problem": self.problem}
 
 
-def reachable(address: str, timeout: float = 2.0) -> bool:
-    """Whether ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts a TCP connection: ``ray.init`` on an
-    address nobody answers blocks for minutes, so it is only called after this says yes."""
-    parts = urlsplit(address if "://" in address else f"tcp://{address}")
-    if not parts.hostname or not parts.port:
-        return False
-    try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def share(waiting: int, slots: Sequence[ActorStatus]) -> None:
+    """Spread a model's waiting workers over its slots, each counted once: the slots' queue
+    depths add up to the model's (a waiting worker takes whichever actor frees first)."""
+    for i, slot in enumerate(slots):
+        slot.waiting = waiting // len(slots) + int(i < waiting % len(slots))
 
 
 class RayExecutor:
@@ -86,53 +110,78 @@ class RayExecutor:
     settings
         The node's settings (``[workers]`` ``ray_*`` keys, ``[inference]``).
     registry
-        The node's model repository: the sha256 each actor must find.
+        The node's model repository: each model's identity, which its actors must have.
     models
         The models the pipelines use.
+    audit
+        Where an actor that refuses to start, and a lost driver, are recorded.
+    launch
+        Starts a driver process (tests give a fake).
     """
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, models: Sequence[str]) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, models: Sequence[str],
+                 audit: Audit | None = None, launch: Launch = DriverLink) -> None:
         self.settings = settings
-        self.registry = registry
         w = settings.workers
-        self.slots = [ActorStatus(m, i) for m in sorted(set(models)) for i in range(w.ray_actors_per_model)]
+        self.identities = {m: identity(registry.manifest(m)) for m in sorted(set(models))}
+        self.slots = [ActorStatus(m, i) for m in self.identities for i in range(w.ray_actors_per_model)]
+        self.audit = audit or NoAudit()
+        self._launch = launch
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._link: Link | None = None
         self._connected = False
-        self._generation = 0  # counts connections: a late error of an old one must not drop a new one
         self._problem = "connecting to the Ray cluster"
-        self._remote: Any = None  # ray.remote(ComputeActor), made once connected
+        self._waiting: dict[str, int] = dict.fromkeys(self.identities, 0)
+        self._backoff = QueuePolicy(backoff_seconds=w.ray_connect_seconds,
+                                    max_backoff_seconds=max(w.ray_connect_seconds, 60.0))
+        self._ends = 0  # driver ends in a row without a connection in between
+        self._next_launch = 0.0
+        self._missed = 0
+        self._launched = 0.0  # monotonic time the current driver was started
+        self._dropping: Link | None = None  # the driver being replaced, and why
+        self._dropped_why = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "RayExecutor":
-        """Connect and make the actors in the background; :meth:`not_ready` says how far it got."""
+        """Start the driver process in the background; :meth:`not_ready` says how far it got."""
         self._thread = threading.Thread(target=self._keep, name="ray-executor", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop the background thread and leave the cluster (the actors die with the driver)."""
+        """Stop the background thread and the driver process (the actors die with it)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self._connected:
-            import ray
-            ray.shutdown()
-            self._connected = False
+        with self._lock:
+            link, self._link, self._connected = self._link, None, False
+        if link is not None:
+            link.close()
 
     def not_ready(self) -> str | None:
-        """Why no job should be claimed now, or None."""
+        """Why the node cannot run every model's jobs now, or None (``/readyz``)."""
         with self._lock:
             if not self._connected:
                 return self._problem
-            missing = sorted({s.model for s in self.slots} - {s.model for s in self.slots if s.handle})
+            missing = sorted({s.model for s in self.slots} - self._live())
             if missing:
-                return f"no Ray actor of model(s) {missing} is running yet ({self._problem})"
+                why = "; ".join(sorted({f"{s.model} #{s.slot}: {s.problem}" for s in self.slots
+                                        if s.model in missing and s.problem}))
+                return f"no Ray actor of model(s) {missing} is running ({why or 'starting'})"
         return None
+
+    def claimable(self) -> frozenset[str]:
+        """The models whose jobs can run now (a live actor): workers claim only their jobs."""
+        with self._lock:
+            return frozenset(self._live()) if self._connected else frozenset()
+
+    def _live(self) -> set[str]:
+        return {s.model for s in self.slots if s.alive}
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every actor slot, for the dashboard, the JSON API and ``/metrics``."""
@@ -143,63 +192,73 @@ class RayExecutor:
     # -- the pipeline step ------------------------------------------------------------------------
 
     def compute(self, ctx: PipelineContext) -> None:
-        """The remote step: the job's data sets to an actor of its model through Ray's object
-        store; its predictions, gate scores and heatmaps back into the context."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-        slot, generation = self._acquire(ctx.job.model)
-        handle = slot.handle
+        """The remote step: the job's data sets to an actor of its model, through the driver
+        process; its predictions, gate scores and heatmaps back into the context."""
+        slot, link = self._acquire(ctx.job.model)
         started = time.monotonic()
         failed = True
         try:
-            ref = ray.put(list(ctx.datasets))
-            call = handle.compute.remote(ctx.job, ref)
-            computed: Computed = ray.get(call, timeout=self.settings.workers.ray_call_timeout_seconds)
-            failed = False
-        except RayTaskError as exc:  # the actor's code raised: a PermanentError stays one
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, DicomNodeError):
-                raise cause from None
-            raise RetryableError(f"the Ray actor failed ({type(cause or exc).__name__})") from None
-        except Exception as exc:  # not the job's code: the actor, or the whole cluster, is gone
-            actor_only = isinstance(exc, (RayActorError, GetTimeoutError))
-            if actor_only and reachable(self.settings.workers.ray_address):
-                self._lost(slot, handle, exc)
-                raise InfrastructureError(f"the Ray actor of model {ctx.job.model} was lost "
-                                          f"({type(exc).__name__}); the queue runs the job again") from None
-            self._disconnect(generation, f"the Ray cluster was lost ({type(exc).__name__}); connecting again")
-            raise ClusterUnavailable(f"the Ray cluster was lost ({type(exc).__name__}); the job waits for "
-                                     "it without spending an attempt") from None
+            kind, payload, seconds = self._ask(link, slot, ctx)
+            if kind == "done":
+                failed = False
         finally:
             self._release(slot, time.monotonic() - started, failed)
+        if kind == "task":  # the actor's own code raised: a PermanentError stays one
+            if isinstance(payload, DicomNodeError):
+                raise payload
+            raise RetryableError(f"the Ray actor failed ({payload})")
+        if kind == "actor":
+            self._actor_lost(link, slot, str(payload))
+            raise InfrastructureError(f"the Ray actor of model {ctx.job.model} was lost ({payload}); "
+                                      "the queue runs the job again")
+        if kind != "done":
+            self._drop(link, f"the Ray cluster was lost ({payload})")
+            raise ClusterUnavailable(f"the Ray cluster was lost ({payload}); the job waits for it "
+                                     "without spending an attempt")
+        computed: Computed = payload
         ctx.timings.update(computed.timings)
+        if seconds is not None:
+            ctx.timings[DRIVER_TIMING] = seconds
         ctx.predictions, ctx.gate, ctx.heatmaps = computed.predictions, computed.gate, computed.heatmaps
         ctx.outcome_reason = computed.abstain_reason
 
-    def _acquire(self, model: str) -> tuple[ActorStatus, int]:
+    def _ask(self, link: Link, slot: ActorStatus, ctx: PipelineContext) -> tuple[str, Any, float | None]:
+        """The driver's answer and its seconds on it; a driver that ended or hung is a lost
+        cluster (no attempt spent)."""
+        try:
+            future = link.call("compute", slot.model, slot.slot, ctx.job, list(ctx.datasets))
+            kind, payload, *seconds = future.result(timeout=self.settings.workers.ray_call_timeout_seconds
+                                                    + ANSWER_GRACE_SECONDS)
+        except LinkClosed as exc:
+            raise ClusterUnavailable(f"{exc}; the job waits for the cluster without spending an "
+                                     "attempt") from None
+        except FutureTimeout:
+            self._drop(link, "the Ray driver process did not answer")
+            raise ClusterUnavailable("the Ray driver process did not answer; the job waits for the "
+                                     "cluster without spending an attempt") from None
+        return kind, payload, (seconds[0] if seconds else None)
+
+    def _acquire(self, model: str) -> tuple[ActorStatus, Link]:
         """A free live actor of ``model``, waiting for one while the others are busy, and the
-        connection it belongs to."""
+        driver it belongs to."""
         with self._lock:
             mine = [s for s in self.slots if s.model == model]
-            for s in mine:
-                s.waiting += 1
+            self._waiting[model] += 1
+            share(self._waiting[model], mine)
             try:
                 while True:
-                    if not self._connected or not any(s.handle for s in mine):
-                        raise ClusterUnavailable(self.not_ready_locked(model))
-                    free = [s for s in mine if s.handle is not None and not s.busy]
+                    if not self._connected or self._link is None or not any(s.alive for s in mine):
+                        raise ClusterUnavailable(self._problem if not self._connected
+                                                 else f"no live Ray actor of model {model}")
+                    free = [s for s in mine if s.alive and not s.busy]
                     if free:
                         chosen = min(free, key=lambda s: s.jobs)
                         chosen.busy = True
-                        return chosen, self._generation
+                        return chosen, self._link
                     self._lock.wait(1.0)
             finally:
-                for s in mine:
-                    s.waiting -= 1
-
-    def not_ready_locked(self, model: str) -> str:
-        return self._problem if not self._connected else f"no live Ray actor of model {model}"
+                self._waiting[model] -= 1
+                share(self._waiting[model], mine)
 
     def _release(self, slot: ActorStatus, seconds: float, failed: bool) -> None:
         with self._lock:
@@ -209,114 +268,119 @@ class RayExecutor:
             slot.failures += int(failed)
             self._lock.notify_all()
 
-    def _lost(self, slot: ActorStatus, handle: Any, exc: BaseException) -> None:
-        """The actor died (or hung): forget it (unless it was replaced meanwhile), kill what is
-        left, make another soon."""
+    def _actor_lost(self, link: Link, slot: ActorStatus, what: str) -> None:
+        with self._lock:
+            if link is self._link:
+                slot.alive, slot.info, slot.problem = False, {}, f"lost ({what}); a new one is being made"
         logger.warning("Ray actor %d of model %s lost (%s); a new one is being made", slot.slot, slot.model,
-                       type(exc).__name__)
-        with self._lock:
-            if slot.handle is handle:
-                slot.handle = None
-                slot.info = {}
-        if handle is not None:
-            import ray
-            with contextlib.suppress(Exception):  # already gone
-                ray.kill(handle, no_restart=True)
-        self._wake.set()
+                       what)
 
-    def _disconnect(self, generation: int, problem: str) -> None:
-        """The cluster is gone: forget the connection and every actor (their handles are dead),
-        leave it (so the next ``ray.init`` is a fresh one) and let the background thread connect
-        again. Only once per connection: a late error of an old one must not drop the new one."""
+    def _drop(self, link: Link, why: str) -> None:
+        """End a driver that cannot be trusted any more (once); its end is handled by :meth:`_ended`."""
         with self._lock:
-            if generation != self._generation or not self._connected:
+            if link is not self._link or self._dropping is link:
                 return
-            self._generation += 1
-            self._connected = False
-            self._problem = problem
-            for s in self.slots:
-                s.handle, s.info = None, {}
+            self._dropping, self._dropped_why = link, why
+        logger.warning("Ray executor: %s; replacing the driver process %d", why, link.pid)
+        threading.Thread(target=link.close, name=f"ray-driver-{link.pid}-close", daemon=True).start()
+
+    # -- the driver's messages (from its reader thread) -------------------------------------------
+
+    def _event(self, link: Link, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            if link is not self._link:
+                return  # a late word from a driver already replaced
+            if message[0] == "connected":
+                self._connected, self._ends, self._missed = True, 0, 0
+                self._problem = "making the Ray actors"
+                logger.info("Ray driver process %d connected to %s", link.pid,
+                            self.settings.workers.ray_address)
+            elif message[0] == "problem":
+                self._problem = str(message[1])
+            elif message[0] == "actor":
+                self._actor_event(*message[1:])
             self._lock.notify_all()
-        logger.warning("Ray executor: %s", problem)
-        self._shutdown()
+
+    def _actor_event(self, model: str, number: int, info: dict[str, Any] | None, problem: str,
+                     retry_in: float) -> None:
+        """An actor became ready, or could not start (``retry_in``: when the driver tries again)."""
+        slot = next(s for s in self.slots if (s.model, s.slot) == (model, number))
+        if info is not None:
+            slot.alive, slot.info, slot.problem, slot.refused = True, info, "", ""
+            slot.since, slot.busy_seconds = time.monotonic(), 0.0
+            logger.info("Ray actor %d of model %s %s ready on %s (pid %s) %.1f s after it was asked for "
+                        "(model loaded in %.2f s)", number, model, info["version"], info["device"],
+                        info["pid"], info["ready_seconds"], info["load_seconds"])
+            return
+        slot.alive, slot.info = False, {}
+        if not problem.startswith("lost") and problem != slot.refused:
+            slot.refused = problem  # audited once per reason, not at every try
+            self.audit.record("ray_actor_refused", model=model, version=self.identities[model]["version"],
+                              slot=number, reason=problem)
+        slot.problem = problem + (f" (trying again in {retry_in:.0f} s)" if retry_in else "")
+        if retry_in:
+            logger.error("Ray actor %d of model %s %s; trying again in %.0f s", number, model, problem,
+                         retry_in)
+
+    def _ended(self, link: Link, why: str) -> None:
+        with self._lock:
+            if link is not self._link:
+                return
+            self._link, self._connected = None, False
+            if self._dropping is link:
+                why = f"was replaced: {self._dropped_why}"
+            self._ends += 1
+            wait = self._backoff.backoff(self._ends)
+            self._next_launch = time.monotonic() + wait
+            self._problem = f"the Ray driver process {link.pid} {why}; starting another"
+            for s in self.slots:
+                s.alive, s.info = False, {}
+            self._lock.notify_all()
+        if not self._stop.is_set():
+            logger.warning("Ray executor: the driver process %d %s; the jobs wait, a new one starts in "
+                           "%.1f s or once the cluster answers", link.pid, why, wait)
+            self.audit.record("ray_driver_ended", pid=link.pid, reason=why)
         self._wake.set()
 
-    @staticmethod
-    def _shutdown() -> None:
-        import ray
-        with contextlib.suppress(Exception):  # leaving a cluster that is gone may fail too
-            ray.shutdown()
-
-    # -- background: connect and keep the actors ---------------------------------------------------
+    # -- background: keep a driver ----------------------------------------------------------------
 
     def _keep(self) -> None:
         while not self._stop.is_set():
             try:
-                self._connect()
-                self._make_actors()
-            except Exception as exc:  # start over: connect again in the next round; the node stays up
+                self._tend()
+            except Exception as exc:  # start over in the next round; the node stays up
                 logger.warning("Ray executor: %s (%s); trying again", type(exc).__name__, exc)
-                self._disconnect(self._generation, f"Ray executor: {type(exc).__name__}")
                 with self._lock:
                     self._problem = f"Ray executor: {type(exc).__name__}"
             self._wake.wait(self.settings.workers.ray_connect_seconds)
             self._wake.clear()
 
-    def _connect(self) -> None:
-        if self._connected:
-            return
+    def _tend(self) -> None:
+        """Start a driver once the cluster answers (after the backoff of the last one's end);
+        while one runs, replace it when the GCS stops answering."""
         address = self.settings.workers.ray_address
+        with self._lock:
+            link, connected = self._link, self._connected
+        if link is not None:
+            self._missed = 0 if reachable(address) else self._missed + 1
+            if self._missed >= PROBES_MISSED:
+                self._drop(link, f"the Ray cluster at {address} stopped answering")
+            elif not connected and time.monotonic() - self._launched > CONNECT_SECONDS:
+                self._drop(link, f"the Ray driver process did not connect in {CONNECT_SECONDS:.0f} s")
+            return
+        if time.monotonic() < self._next_launch:
+            return
         if not reachable(address):
             with self._lock:
                 self._problem = f"the Ray cluster at {address} does not answer"
             return
-        import ray
-        try:
-            ray.init(address=address, namespace="dicom-node", log_to_driver=False,
-                     logging_level=logging.WARNING, configure_logging=False)
-        except Exception:
-            self._shutdown()  # else the next try fails with "init called twice"
-            raise
-        self._remote = ray.remote(ComputeActor)
+        hello = ("hello", self.settings, self.identities, logging.getLogger().getEffectiveLevel())
         with self._lock:
-            self._connected = True
-            self._problem = "making the Ray actors"
-        logger.info("connected to the Ray cluster at %s", address)
-
-    def _make_actors(self) -> None:
-        """Make every missing actor and wait for it to load its model (the cold start, once)."""
-        if not self._connected:
-            return
-        import ray
-        w = self.settings.workers
-        missing = [s for s in self.slots if s.handle is None]
-        threads = self.settings.inference.threads or max(1, int(w.ray_cpus_per_actor))
-        device = "cuda" if w.ray_gpus_per_actor > 0 else "cpu"
-        asked = time.monotonic()
-        made = [(s, self._remote.options(num_cpus=w.ray_cpus_per_actor, num_gpus=w.ray_gpus_per_actor,
-                                         max_restarts=0, max_task_retries=0).remote(
-                    self.settings, s.model, self.registry.manifest(s.model).sha256, device, threads))
-                for s in missing]
-        for slot, handle in made:
-            try:
-                info = ray.get(handle.describe.remote(), timeout=w.ray_call_timeout_seconds)
-            except Exception as exc:
-                cause = getattr(exc, "cause", None) or exc
-                logger.error("Ray actor of model %s could not start: %s", slot.model, cause)
-                with self._lock:
-                    self._problem = f"a Ray actor of model {slot.model} could not start: {cause}"[:300]
-                with contextlib.suppress(Exception):  # already gone, or the cluster with it
-                    ray.kill(handle, no_restart=True)
-                continue
-            # the cold start: a Ray worker process, its imports and the model, paid once per actor
-            info["ready_seconds"] = round(time.monotonic() - asked, 3)
-            with self._lock:
-                slot.handle, slot.info, slot.since = handle, info, time.monotonic()
-                slot.busy_seconds = 0.0
-                self._lock.notify_all()
-            logger.info("Ray actor %d of model %s %s ready on %s (pid %s) %.1f s after it was asked for "
-                        "(model loaded in %.2f s)", slot.slot, slot.model, info["version"], info["device"],
-                        info["pid"], info["ready_seconds"], info["load_seconds"])
+            if self._stop.is_set():
+                return
+            self._missed, self._launched = 0, time.monotonic()
+            self._link = self._launch(hello, self._event, self._ended)
+            self._problem = f"the Ray driver process {self._link.pid} is connecting to {address}"
 
 
 def worker_count(settings: Settings, executor: RayExecutor | None, local: Callable[[], int]) -> int:
@@ -324,3 +388,6 @@ def worker_count(settings: Settings, executor: RayExecutor | None, local: Callab
     if settings.workers.count:
         return settings.workers.count
     return len(executor.slots) if executor is not None else local()
+
+
+__all__ = ["ActorStatus", "ClusterUnavailable", "RayExecutor", "reachable", "worker_count"]

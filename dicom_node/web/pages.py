@@ -342,10 +342,11 @@ def actors(rows: list[dict[str, Any]]) -> bytes:
         return page("Actors", "<p>None: this node runs its models itself (workers.executor = local).</p>")
     return page("Actors", table(
         ["model", "slot", "alive", "device", "host", "pid", "busy", "queue depth", "utilisation", "jobs",
-         "failures", "load s"],
+         "failures", "load s", "problem"],
         [[escape(str(a[k])) for k in ("model", "slot", "alive", "device", "host", "pid", "busy",
                                        "queue_depth")] + [f"{a['utilisation']:.0%}", str(a["jobs"]),
-                                                          str(a["failures"]), str(a["load_seconds"])]
+                                                          str(a["failures"]), str(a["load_seconds"]),
+                                                          escape(str(a.get("problem", "")))]
          for a in rows]))
 
 

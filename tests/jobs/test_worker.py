@@ -3,9 +3,12 @@
 import threading
 import time
 
+import pytest
+
 from dicom_node.errors import PermanentError
 from dicom_node.jobs.memory import MemoryJobBackend
 from dicom_node.jobs.queue import Job, JobQueue, JobSpec, JobState, QueuePolicy
+from dicom_node.jobs.sqlite import SQLiteJobBackend
 from dicom_node.jobs.worker import Worker
 from tests.jobs.conftest import POLICY, FakeClock
 
@@ -149,3 +152,30 @@ def test_a_worker_claims_nothing_while_its_executor_is_not_ready(clock: FakeCloc
     reason[0] = None
     done = worker.run_once()
     assert done is not None and done.state == JobState.DONE and done.attempts == 1
+
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_worker_claims_only_the_jobs_of_the_models_that_can_run(tmp_path, clock: FakeClock, kind: str) -> None:
+    """One model without a live actor holds back its own jobs, not the others'."""
+    backend = MemoryJobBackend() if kind == "memory" else SQLiteJobBackend(tmp_path / "jobs.db")
+    queue = JobQueue(backend, POLICY, clock=clock)
+    for model in ("a", "b"):  # a's job is the older one
+        queue.enqueue(JobSpec("1.2", f"1.2.{model == 'b'}", ("1.2.3.4",), pipeline=model, model=model,
+                              model_version="1"))
+    runnable: set[str] = {"b"}
+    ran: list[str] = []
+
+    def runner(job: Job, timings: dict[str, float]) -> dict:
+        ran.append(job.model)
+        return {}
+
+    worker = Worker(queue, runner, "w", models=lambda: runnable)
+    assert worker.run_once() is not None and worker.run_once() is None and ran == ["b"]
+    [waiting] = [j for j in queue.list() if j.model == "a"]
+    assert (waiting.state, waiting.attempts) == (JobState.QUEUED, 0)
+    runnable.clear()
+    assert worker.run_once() is None  # nothing can run: nothing is claimed
+    runnable.update({"a", "b"})
+    assert worker.run_once() is not None and ran == ["b", "a"]
+    backend.close()

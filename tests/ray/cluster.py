@@ -43,6 +43,12 @@ class LocalCluster:
         self.cluster.wait_for_nodes()
         return self
 
+    def kill_head(self) -> None:
+        """SIGKILL the head's processes (its GCS and raylet), as when the head host dies; the
+        worker nodes are left to :meth:`shutdown`."""
+        assert self.cluster is not None
+        self.cluster.head_node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+
     def shutdown(self) -> None:
         if self.cluster is not None:
             self.cluster.shutdown()

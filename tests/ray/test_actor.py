@@ -1,4 +1,5 @@
-"""The actor's class in-process (no Ray): it checks the weights' sha256 the node names."""
+"""The actor's class in-process (no Ray): it refuses a model whose identity (version, manifest,
+weights, gate reference) is not the node's."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 
 from dicom_node.config import ModelsSettings, Pipeline, Settings
 from dicom_node.inference import ModelError, ModelRegistry
-from dicom_node.scaleout.actor import ComputeActor
+from dicom_node.scaleout.actor import ComputeActor, identity
 from tests.nodeproc import REPO
 
 SETTINGS = Settings(models=ModelsSettings(dir=REPO / "models"),
@@ -25,18 +26,41 @@ def threads() -> Iterator[None]:
     cv2.setNumThreads(before[1])
 
 
-def test_an_actor_refuses_weights_other_than_the_nodes() -> None:
-    with pytest.raises(ModelError, match="the node runs 000000000000"):
-        ComputeActor(SETTINGS, "demo-cxr", "0" * 64, "cpu", 1)
+def node_identity() -> dict[str, str]:
+    return identity(ModelRegistry(REPO / "models").manifest("demo-cxr"))
+
+
+@pytest.mark.parametrize("key", ["weights_sha256", "manifest_sha256", "gate_reference_sha256", "version"])
+def test_an_actor_refuses_a_model_other_than_the_nodes(key: str) -> None:
+    expected = {**node_identity(), key: "0" * 64}
+    with pytest.raises(ModelError) as caught:
+        ComputeActor(SETTINGS, "demo-cxr", expected, "cpu", 1)
+    message = str(caught.value)
+    assert f"{key} " in message and "'000000000000' at the node" in message, message
+    assert [k for k in node_identity() if f"{k} '" in message] == [key]  # only what differs
+
+
+def copy_model(tmp_path: Path) -> Path:
+    copy = tmp_path / "models" / "demo-cxr"
+    copy.mkdir(parents=True)
+    for path in (REPO / "models" / "demo-cxr").iterdir():
+        if path.is_file():
+            copy.joinpath(path.name).write_bytes(path.read_bytes())
+    return copy
+
+
+def test_an_actor_on_a_host_with_other_thresholds_is_refused(tmp_path: Path) -> None:
+    """Same weights, same gate reference, another threshold in model.toml: other findings."""
+    copy = copy_model(tmp_path)
+    manifest = copy / "model.toml"
+    manifest.write_text(manifest.read_text().replace("threshold = 0.5", "threshold = 0.4", 1))
+    settings = Settings(models=ModelsSettings(dir=tmp_path / "models"), pipelines=SETTINGS.pipelines)
+    with pytest.raises(ModelError, match=r"manifest_sha256 .* at the node"):
+        ComputeActor(settings, "demo-cxr", node_identity(), "cpu", 1)
 
 
 def test_an_actor_checks_its_own_files_too(tmp_path: Path) -> None:
-    copy = tmp_path / "models" / "demo-cxr"
-    copy.mkdir(parents=True)
-    source = REPO / "models" / "demo-cxr"
-    for path in source.iterdir():
-        if path.is_file():
-            copy.joinpath(path.name).write_bytes(path.read_bytes())
+    copy = copy_model(tmp_path)
     manifest = ModelRegistry(REPO / "models").manifest("demo-cxr")
     weights = copy / manifest.weights.name
     data = bytearray(weights.read_bytes())
@@ -44,10 +68,11 @@ def test_an_actor_checks_its_own_files_too(tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     settings = Settings(models=ModelsSettings(dir=tmp_path / "models"), pipelines=SETTINGS.pipelines)
     with pytest.raises(ModelError, match="sha256"):
-        ComputeActor(settings, "demo-cxr", manifest.sha256, "cpu", 1)
+        ComputeActor(settings, "demo-cxr", node_identity(), "cpu", 1)
 
 
 def test_an_actor_describes_its_model_and_device() -> None:
     sha256 = ModelRegistry(REPO / "models").manifest("demo-cxr").sha256
-    info = ComputeActor(SETTINGS, "demo-cxr", sha256, "cpu", 1).describe()
+    info = ComputeActor(SETTINGS, "demo-cxr", node_identity(), "cpu", 1).describe()
     assert (info["model"], info["sha256"], info["device"], info["threads"]) == ("demo-cxr", sha256, "cpu", 1)
+    assert info["identity"] == node_identity()

@@ -10,7 +10,7 @@ import pytest
 
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.node import Node
-from dicom_node.scaleout.executor import reachable
+from dicom_node.scaleout.wire import reachable
 from tests.nodeproc import REPO, free_port
 
 
@@ -63,9 +63,11 @@ def test_well_formed_ray_addresses_load(tmp_path: Path, address: str) -> None:
     assert w.ray_address == address
 
 
-def test_the_local_executor_never_imports_ray() -> None:
-    code = ("import sys, dicom_node.cli, dicom_node.node, dicom_node.scaleout; "
-            "assert 'ray' not in sys.modules, 'ray imported'")
+def test_the_node_process_never_imports_ray() -> None:
+    """Whatever the executor: with Ray, only the driver process (scaleout/driver.py) imports it."""
+    code = ("import sys, dicom_node.cli, dicom_node.node, dicom_node.scaleout, dicom_node.scaleout.executor; "
+            "assert 'ray' not in sys.modules, 'ray imported'; "
+            "assert 'dicom_node.scaleout.driver' not in sys.modules, 'the driver imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
