@@ -111,6 +111,9 @@ _MIGRATIONS = (
     relist_multivalued,
     # 5: a record per study of what a STUDY-level search answers, kept by triggers
     build_summary,
+    # 6: the same, rebuilt with a holder count per attribute and a record per study and
+    # modality (no delete or new series reads the whole study)
+    build_summary,
 )
 
 
