@@ -181,10 +181,13 @@ def _create_triggers(conn: sqlite3.Connection) -> None:
         row = "new" if event == "AFTER INSERT" else "old"
         conn.execute(f"CREATE TRIGGER {name} {event} ON instance_keys WHEN {row}.study_instance_uid "
                      f"IS NOT NULL BEGIN {'; '.join(statements)}; END")
-    for event, row in (("insert", "new"), ("delete", "old"), ("update", "new")):
+    # a modality that moves changes the text only where the study has another one
+    others = (f"WHEN EXISTS (SELECT 1 FROM {MODALITY_TABLE} m WHERE m.study_instance_uid = "
+              "new.study_instance_uid AND m.modality != new.modality)")
+    for event, row, when in (("insert", "new", ""), ("delete", "old", ""), ("update", "new", others)):
         study = f"{row}.study_instance_uid"
         conn.execute(f"CREATE TRIGGER study_summary_modality_{event} AFTER {event.upper()} ON "
-                     f"{MODALITY_TABLE} BEGIN UPDATE {TABLE} SET modalities = {_modalities(study)} "
+                     f"{MODALITY_TABLE} {when} BEGIN UPDATE {TABLE} SET modalities = {_modalities(study)} "
                      f"WHERE study_instance_uid = {study}; END")
 
 
