@@ -10,7 +10,8 @@ instance again (a re-store deletes the record and inserts it), then for removing
   study: the cost of a write must not grow with it);
 - ``disagree``: the same study, but its records disagree: every other one has the greater
   Study Description, the others the greater Study Time (several devices in one study); its
-  re-store makes the description grow and the time shrink at each record;
+  re-store makes the description grow at each record and the greater time shrink (they still
+  disagree: the last record holds the greatest description, every other one the greatest time);
 - ``series``: one study of that many single-instance series (as US, XA, DX and CR studies
   often are); re-stored as they were;
 - ``studies``: studies of 50 instances in 5 series (puts only).
@@ -61,8 +62,9 @@ def records(count: int, layout: str, again: bool = False) -> Iterator[Item]:
         if layout == "disagree":
             keys.update(study_description="CT CHEST" if i % 2 else "CT CHEST W",
                         study_time="101011" if i % 2 else "101010")
-            if again:  # the description grows at each record, the time shrinks
-                keys.update(study_description=f"CT CHEST {i:06d}", study_time="090000")
+            if again:  # the description grows at each record; the greatest time shrinks
+                keys.update(study_description=f"CT CHEST X{i:06d}",
+                            study_time="090000" if i % 2 else "101010")
         yield InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.2", series, study, "1.2.840.10008.1.2.1",
                              "CT", "CHEST", "AXIAL", "MODALITY", 1000, f"{study}/{series}/{sop}.dcm",
                              float(i)), keys

@@ -1,8 +1,9 @@
-"""``study_summary`` (store schema 5) equals what grouping every ``instance_keys`` record gave
-(:mod:`tests.store.summary_reference`, the query module's SQL before it), whatever writes the
-records: C-STORE puts, re-stores (same values, other values, another series or study), results
-(one of an input's UID wins over it), retention removals, result removals, the trigger that
-follows ``instances``; and a schema-4 store migrates to it."""
+"""``study_summary`` (store schema 5, its layout of schema 6) equals what grouping every
+``instance_keys`` record gave (:mod:`tests.store.summary_reference`, the query module's SQL
+before it), whatever writes the records: C-STORE puts, re-stores (same values, other values,
+another series or study), results (one of an input's UID wins over it), retention removals,
+result removals, the trigger that follows ``instances``; and a schema-4 store, or one with the
+summary's first layout, migrates to it."""
 
 import random
 import sqlite3
@@ -106,6 +107,37 @@ def test_a_schema_4_store_migrates_to_a_summary_of_its_records(tmp_path: Path) -
         assert summarised(index._conn) == reference and len(reference) == len(STUDIES)
         assert wrong_holders(index._conn) == []
         rng = random.Random(5)
+        for n in range(100):
+            step(index, rng, 1000.0 + n)
+        assert_summarised(index)
+    finally:
+        index.close()
+
+
+def test_a_store_with_the_first_layout_of_the_summary_gets_the_current_one(tmp_path: Path) -> None:
+    """Schema 5 first built a summary with one holder count for all attributes at once (its
+    triggers under the same names): schema 6 drops it and builds the current one."""
+    path = tmp_path / "index.sqlite"
+    conn = connect(path)
+    migrate(conn, "store", index_module._MIGRATIONS[:5])
+    rng = random.Random(6)
+    with transaction(conn):
+        conn.execute("CREATE TABLE study_summary (study_instance_uid TEXT PRIMARY KEY, holders INTEGER)")
+        conn.execute("CREATE TABLE study_summary_series (study_instance_uid TEXT, first_record INTEGER)")
+        conn.execute("CREATE TRIGGER study_summary_insert AFTER INSERT ON instance_keys BEGIN "
+                     "INSERT OR IGNORE INTO study_summary VALUES (new.study_instance_uid, -1); END")
+        for n in range(40):
+            study = rng.choice(STUDIES)
+            sop = f"2.25.8{n}"
+            put_keys(conn, Kind.INPUT, f"instances/{sop}.dcm", "1.2.840.10008.1.2.1", float(n),
+                     keys(rng, study, f"{study}.{rng.randint(1, 4)}", sop, rng.choice(MODALITIES)))
+    conn.close()
+    index = Index(path, "NORMAL")
+    try:
+        assert schema_version(index._conn, "store") == 6
+        columns = {row[1] for row in index._conn.execute("PRAGMA table_info(study_summary)")}
+        assert "holders" not in columns and "n_study_description" in columns
+        assert_summarised(index)
         for n in range(100):
             step(index, rng, 1000.0 + n)
         assert_summarised(index)
