@@ -66,6 +66,9 @@ _NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAE
                        "QueryRetrieveView", "TimezoneOffsetFromUTC"})
 _RANGED = frozenset({"DA", "TM", "DT"})
 _STUDY_DEPTH = LEVELS.index(Level.STUDY)
+# a STUDY-level search reads every column of the keys at or above it from study_summary
+assert {column for key in KEYS if LEVELS.index(key.level) <= _STUDY_DEPTH for column in key.columns} <= {
+    "study_instance_uid", *summary.ATTRIBUTES}
 
 
 class QueryError(ValueError):
@@ -158,7 +161,7 @@ def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
     unknown = [k for k in (*values, *include) if k != "all" and tag_for_keyword(k) is None]
     if unknown:
         raise QueryError(f"unknown keyword {unknown[0][:64]!r} in the identifier")
-    where, params, study_terms, study_params = _conditions(values, depth)
+    where, params, modalities = _conditions(values, depth)
     wanted = [k for k in values if k not in _NOT_KEYS]
     wanted += [k for k in _included(include, depth) if k not in wanted]
     unique = [UNIQUE_KEYS[lv] for lv in LEVELS[1:depth + 1] if UNIQUE_KEYS[lv] not in wanted]
@@ -168,22 +171,19 @@ def find(identifier: Dataset | Mapping[str, object], level: Level | None = None,
     group = _GROUP[level]
     select = [_select(keyword, depth, group) for keyword in return_keys]
     columns = ", ".join(column for part in select for column in part)
-    sql = f"SELECT {columns} {_source(level, where, study_terms)}"
+    sql = f"SELECT {columns} {_source(level, where, len(modalities))}"
     sql += f" ORDER BY {', '.join(group or ('study_instance_uid', 'series_instance_uid', 'instance_number'))}"
     if limit is not None or offset:
         sql += f" LIMIT {-1 if limit is None else int(limit)} OFFSET {max(0, int(offset))}"
-    return Find(level, sql, (*params, *study_params), return_keys)
+    return Find(level, sql, (*params, *modalities), return_keys)
 
 
-def _source(level: Level, where: list[str], study_terms: list[str]) -> str:
+def _source(level: Level, where: list[str], modalities: int) -> str:
     """FROM, WHERE and GROUP BY of a find at ``level``: the store's ``study_summary`` at STUDY
-    level (a record per study, :mod:`dicom_node.store.summary`), else ``instance_keys``."""
+    level (a record per study, :func:`dicom_node.store.summary.study_source`), else
+    ``instance_keys``."""
     if level is Level.STUDY:
-        # the studies any of whose records match every key, as when the records were grouped
-        terms = [f"study_instance_uid IN (SELECT study_instance_uid FROM instance_keys WHERE "
-                 f"{' AND '.join(where)})"] if where else []
-        terms += study_terms
-        return f"FROM {summary.TABLE}" + (f" WHERE {' AND '.join(terms)}" if terms else "")
+        return summary.study_source(where, modalities)
     group = _GROUP[level]
     sql = "FROM instance_keys"
     if group and where:
@@ -232,7 +232,7 @@ def retrieve(identifier: Dataset | Mapping[str, object], level: Level | None = N
         if "*" in value or "?" in value or (keyword == "PatientID" and "\\" in value):
             raise QueryError(f"{keyword} of a retrieve must be a single value"
                              + (" or a list of UIDs" if keyword != "PatientID" else "") + ", not a wildcard")
-    where, params, _, _ = _conditions(values, LEVELS.index(level))
+    where, params, _ = _conditions(values, LEVELS.index(level))
     assert where  # the unique key above is a term: never a retrieve of everything
     sql = (f"SELECT {', '.join(Stored._fields)} FROM instance_keys WHERE {' AND '.join(where)} "
            "ORDER BY study_instance_uid, series_instance_uid, instance_number")
@@ -270,8 +270,7 @@ def _select(keyword: str, depth: int, group: tuple[str, ...]) -> tuple[str, ...]
         if LEVELS.index(key.level) <= _STUDY_DEPTH < depth:
             # a study's attribute below study level: from the whole study (a result's series
             # may lack what its inputs hold)
-            return tuple(f"(SELECT study.{column} FROM {summary.TABLE} study "
-                         f"WHERE study.study_instance_uid = instance_keys.study_instance_uid)"
+            return tuple(summary.study_attribute(column, "instance_keys.study_instance_uid")
                          for column in key.columns)
         if group and key.column not in group:
             return tuple(f"coalesce(max({column}), '')" if keyword not in INTEGER_KEYWORDS
@@ -283,14 +282,13 @@ def _select(keyword: str, depth: int, group: tuple[str, ...]) -> tuple[str, ...]
     return ("NULL",)
 
 
-def _conditions(values: Mapping[str, object],
-                depth: int) -> tuple[list[str], list[object], list[str], list[object]]:
+def _conditions(values: Mapping[str, object], depth: int) -> tuple[list[str], list[object], list[str]]:
     """Terms on ``instance_keys`` records and their parameters for the keys at or above
-    ``depth``, then terms on ``study_summary`` records (Modalities in Study) and theirs."""
+    ``depth``, then the modalities of Modalities in Study (STUDY level: the study has a series
+    of one of them)."""
     where: list[str] = []
     params: list[object] = []
-    study_terms: list[str] = []
-    study_params: list[object] = []
+    modalities: list[str] = []
     for keyword, value in values.items():
         key = _BY_KEYWORD.get(keyword)
         if key is not None and LEVELS.index(key.level) <= depth:
@@ -299,12 +297,7 @@ def _conditions(values: Mapping[str, object],
                 params.extend(args)
         elif keyword == "ModalitiesInStudy" and depth == LEVELS.index(Level.STUDY):
             modalities = [m.strip() for m in str(value or "").split("\\") if m.strip()]
-            if modalities:  # a record of any of them: a series of the study of that modality
-                marks = ", ".join("?" * len(modalities))
-                study_terms.append(f"study_instance_uid IN (SELECT study_instance_uid FROM "
-                                   f"{summary.SERIES_TABLE} WHERE modality IN ({marks}))")
-                study_params.extend(modalities)
-    return where, params, study_terms, study_params
+    return where, params, modalities
 
 
 def _key_terms(key: Key, value: object) -> list[tuple[str, list[object]]]:

@@ -18,6 +18,11 @@ from dicom_node.store.summary import build_summary
 
 logger = logging.getLogger(__name__)
 
+def _built_at_schema_6(conn: sqlite3.Connection) -> None:
+    """Schema 5 built ``study_summary``'s first layout; schema 6 drops and builds the current
+    one from the records, so building it here too would be done twice."""
+
+
 _MIGRATIONS = (
     """
     CREATE TABLE studies (
@@ -109,7 +114,11 @@ _MIGRATIONS = (
     migrate_to_keys,
     # 4: multi-valued keys written as "[a, b]" before: read those files again ("a\\b")
     relist_multivalued,
-    # 5: a record per study of what a STUDY-level search answers, kept by triggers
+    # 5: a record per study of what a STUDY-level search answers, kept by triggers (its first
+    # layout; schema 6 builds the current one, so a store still at 4 builds it once, there)
+    _built_at_schema_6,
+    # 6: the same with a holder count per attribute and a record per study and modality (no
+    # delete or new series reads the whole study); rebuilt from the records
     build_summary,
 )
 

@@ -4,7 +4,7 @@ of several modalities, results among inputs, after re-stores and removals; a stu
 any of its records matches each key, as before."""
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from dicom_node.query.match import find, retrieve
 from dicom_node.store.index import Index
 from dicom_node.store.keys import KEYS, Level
 from tests.store.summary_reference import COLUMNS, grouped
-from tests.store.test_summary import step
+from tests.store.summary_writes import step
 
 #: Return keys of a STUDY-level answer -> the reference's column.
 REFERENCE = {**{key.keyword: key.column for key in KEYS if key.column in COLUMNS},
@@ -35,7 +35,7 @@ SEARCHES: list[tuple[dict[str, str], Callable[[Record], bool], Callable[[Record]
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> Index:
+def index(tmp_path: Path) -> Iterator[Index]:
     index = Index(tmp_path / "index.sqlite", "NORMAL")
     rng = random.Random(11)
     studies = [f"2.25.{n}" for n in range(1, 31)]
@@ -52,7 +52,7 @@ def test_a_study_level_answer_is_the_grouped_records_answer(index: Index, search
     names = [d[0] for d in conn.execute("SELECT * FROM instance_keys LIMIT 0").description]
     records = [dict(zip(names, row, strict=True)) for row in conn.execute("SELECT * FROM instance_keys")]
     reference = {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in grouped(conn)}
-    expected = sorted(study for study in reference
+    expected = sorted(str(study) for study in reference
                       if any(r["study_instance_uid"] == study and matches(r) for r in records)
                       and any(r["study_instance_uid"] == study and has_modality(r) for r in records))
     assert 0 < len(expected) < len(reference) or not identifier

@@ -32,9 +32,12 @@ def summarised(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
 
 
 def wrong_holders(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
-    """Studies whose ``holders`` is not the number of their records that hold every greatest
-    value (the count deletes rely on)."""
-    held = " AND ".join(f"ifnull(k.{column}, '') = s.{column}" for column in ATTRIBUTES)
-    return conn.execute(f"SELECT s.study_instance_uid, s.holders, (SELECT count(*) FROM instance_keys k WHERE "
-                        f"k.study_instance_uid = s.study_instance_uid AND {held}) AS n FROM study_summary s "
-                        "WHERE s.holders != n").fetchall()
+    """(study, attribute, held count, records holding it) where ``n_<attribute>`` is not the
+    number of the study's records that hold its greatest value (the counts deletes rely on)."""
+    wrong: list[tuple[object, ...]] = []
+    for column in ATTRIBUTES:
+        wrong += conn.execute(
+            f"SELECT s.study_instance_uid, '{column}', s.n_{column}, (SELECT count(*) FROM instance_keys k "
+            f"WHERE k.study_instance_uid = s.study_instance_uid AND ifnull(k.{column}, '') = s.{column}) AS n "
+            f"FROM study_summary s WHERE s.n_{column} != n").fetchall()
+    return wrong

@@ -76,7 +76,7 @@ def test_a_schema_2_folder_migrates_and_its_inputs_and_results_get_their_keys(tm
 
     store = InstanceStore(data_dir)
     try:
-        assert schema_version(store.index._conn, "store") == len(index_module._MIGRATIONS) == 5
+        assert schema_version(store.index._conn, "store") == len(index_module._MIGRATIONS) == 6
         assert store.index.counts() == (2, 2, 2)  # nothing lost
     finally:
         store.close()

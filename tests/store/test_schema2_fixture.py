@@ -48,7 +48,7 @@ def test_the_previous_release_s_folder_migrates_and_answers_queries(data_dir: Pa
     store = InstanceStore(data_dir)
     try:
         store.recover()
-        assert schema_version(store.index._conn, "store") == 5
+        assert schema_version(store.index._conn, "store") == 6
         assert store.index.counts() == (2, 2, 4)
         query = find({"QueryRetrieveLevel": "STUDY", "PatientName": "alpha^fixture", "StudyInstanceUID": "",
                       "AccessionNumber": "", "NumberOfStudyRelatedInstances": "", "ModalitiesInStudy": ""})
@@ -84,7 +84,7 @@ def test_a_start_killed_while_reading_headers_resumes_where_it_stopped(data_dir:
     with pytest.raises(KeyboardInterrupt):
         InstanceStore(data_dir)
     conn = sqlite3.connect(data_dir / DATABASE_NAME)
-    assert schema_version(conn, "store") == 5  # the migration itself committed first
+    assert schema_version(conn, "store") == 6  # the migrations themselves committed first
     conn.close()
     assert backfill_left(data_dir) == 3  # the first batch of 2 is kept
     read_first = {sop for sop, row in keys_of(data_dir).items() if row["patient_id"]}

@@ -1,8 +1,9 @@
-"""``study_summary`` (store schema 5) equals what grouping every ``instance_keys`` record gave
-(:mod:`tests.store.summary_reference`, the query module's SQL before it), whatever writes the
-records: C-STORE puts, re-stores (same values, other values, another series or study), results
-(one of an input's UID wins over it), retention removals, result removals, the trigger that
-follows ``instances``; and a schema-4 store migrates to it."""
+"""``study_summary`` (store schema 5, its layout of schema 6) equals what grouping every
+``instance_keys`` record gave (:mod:`tests.store.summary_reference`, the query module's SQL
+before it), whatever writes the records: C-STORE puts, re-stores (same values, other values,
+another series or study), results (one of an input's UID wins over it), retention removals,
+result removals, the trigger that follows ``instances``; and a schema-4 store, or one with the
+summary's first layout, migrates to it."""
 
 import random
 import sqlite3
@@ -12,49 +13,11 @@ import pytest
 
 from dicom_node.store import index as index_module
 from dicom_node.store.db import connect, migrate, schema_version, transaction
-from dicom_node.store.index import Index, InstanceRecord
+from dicom_node.store.index import Index
 from dicom_node.store.keyindex import put_keys
-from dicom_node.store.keys import KEY_COLUMNS, Kind
+from dicom_node.store.keys import Kind
 from tests.store.summary_reference import grouped, summarised, wrong_holders
-
-STUDIES = [f"2.25.{n}" for n in range(1, 6)]
-MODALITIES = ["CT", "MR", "SR", "", "SEG"]
-#: Values of the study's attributes: a study's records mostly agree, and sometimes do not (a
-#: result leaves some out, a modality sends another description), or lack the key (NULL).
-POOL = ["", "A", "B", "DOE^JOHN", "20240101", None]
-
-
-def keys(rng: random.Random, study: str, series: str, sop: str, modality: str) -> dict[str, object]:
-    values: dict[str, object] = {column: (rng.choice(POOL) if rng.random() < 0.3 else f"{column[:3]}-{study}")
-                                 for column in KEY_COLUMNS}
-    values.update(study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
-                  modality=modality, series_number=rng.randint(1, 3), instance_number=rng.randint(1, 9))
-    return values
-
-
-def record(study: str, series: str, sop: str, modality: str, at: float) -> InstanceRecord:
-    return InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.2", series, study, "1.2.840.10008.1.2.1", modality,
-                          "CHEST", "AXIAL", "MODALITY", 100, f"{study}/{series}/{sop}.dcm", at)
-
-
-def step(index: Index, rng: random.Random, at: float, studies: list[str] = STUDIES) -> None:
-    """One random write through the store's API."""
-    study = rng.choice(studies)
-    series = f"{study}.{rng.randint(1, 4)}"
-    sop = f"2.25.9{rng.randint(1, 80)}"  # few UIDs: re-stores, moves and input/result clashes happen
-    modality = rng.choice(MODALITIES)
-    action = rng.random()
-    if action < 0.5:
-        index.put(record(study, series, sop, modality, at), "Maker", keys=keys(rng, study, series, sop, modality))
-    elif action < 0.7:
-        index.put_result(f"results/{study}/{series}/{sop}.dcm", "1.2.840.10008.1.2.1", at,
-                         keys(rng, study, series, sop, modality))
-    elif action < 0.9:
-        stored = index.get(sop)
-        if stored is not None:
-            assert index.remove(stored)
-    else:
-        index.remove_result(sop)
+from tests.store.summary_writes import MODALITIES, STUDIES, keys, record, step
 
 
 def assert_summarised(index: Index) -> None:
@@ -140,10 +103,41 @@ def test_a_schema_4_store_migrates_to_a_summary_of_its_records(tmp_path: Path) -
     conn.close()
     index = Index(path, "NORMAL")
     try:
-        assert schema_version(index._conn, "store") == len(index_module._MIGRATIONS) == 5
+        assert schema_version(index._conn, "store") == len(index_module._MIGRATIONS) == 6
         assert summarised(index._conn) == reference and len(reference) == len(STUDIES)
         assert wrong_holders(index._conn) == []
         rng = random.Random(5)
+        for n in range(100):
+            step(index, rng, 1000.0 + n)
+        assert_summarised(index)
+    finally:
+        index.close()
+
+
+def test_a_store_with_the_first_layout_of_the_summary_gets_the_current_one(tmp_path: Path) -> None:
+    """Schema 5 first built a summary with one holder count for all attributes at once (its
+    triggers under the same names): schema 6 drops it and builds the current one."""
+    path = tmp_path / "index.sqlite"
+    conn = connect(path)
+    migrate(conn, "store", index_module._MIGRATIONS[:5])
+    rng = random.Random(6)
+    with transaction(conn):
+        conn.execute("CREATE TABLE study_summary (study_instance_uid TEXT PRIMARY KEY, holders INTEGER)")
+        conn.execute("CREATE TABLE study_summary_series (study_instance_uid TEXT, first_record INTEGER)")
+        conn.execute("CREATE TRIGGER study_summary_insert AFTER INSERT ON instance_keys BEGIN "
+                     "INSERT OR IGNORE INTO study_summary VALUES (new.study_instance_uid, -1); END")
+        for n in range(40):
+            study = rng.choice(STUDIES)
+            sop = f"2.25.8{n}"
+            put_keys(conn, Kind.INPUT, f"instances/{sop}.dcm", "1.2.840.10008.1.2.1", float(n),
+                     keys(rng, study, f"{study}.{rng.randint(1, 4)}", sop, rng.choice(MODALITIES)))
+    conn.close()
+    index = Index(path, "NORMAL")
+    try:
+        assert schema_version(index._conn, "store") == 6
+        columns = {row[1] for row in index._conn.execute("PRAGMA table_info(study_summary)")}
+        assert "holders" not in columns and "n_study_description" in columns
+        assert_summarised(index)
         for n in range(100):
             step(index, rng, 1000.0 + n)
         assert_summarised(index)
