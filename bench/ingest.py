@@ -1,14 +1,16 @@
-"""Ingest throughput of ``dicom-node serve`` against DCMTK's storescp, over loopback.
+"""Ingest throughput of ``dicom-node serve`` against Orthanc and DCMTK's storescp, over loopback.
 
 Sends ``--count`` CT-sized instances (512x512, 16-bit, Explicit VR Little Endian) with DCMTK's
-storescu, on one association and on four at once, to the node and to storescp in the same run.
-Each receiver is started on a fresh, empty folder for every repeat and warmed up with a few
-instances first; the figure reported is the median of ``--repeats`` runs.
+storescu, on one association and on four at once, to the node, to Orthanc and to storescp in the
+same run (so the ratios hold on a busy machine). Each receiver is started on a fresh, empty folder
+for every repeat and warmed up with a few instances first; the figure reported is the median of
+``--repeats`` runs. Neither Orthanc nor storescp flushes what it writes to disk; the node does.
 
 Usage: ``.venv/bin/python bench/ingest.py [--count 300] [--repeats 3]``
 """
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -37,6 +39,7 @@ level = "WARNING"
 """
 ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian's DCMTK disables Nagle only with this set
 STREAMS = 4
+ORTHANC = "Orthanc"  # Debian's package installs /usr/sbin/Orthanc
 WARMUP = 3
 Starter = Callable[[Path, int], tuple[subprocess.Popen, Path]]
 
@@ -138,6 +141,24 @@ def start_storescp(work: Path, port: int, fork: bool) -> tuple[subprocess.Popen,
     return proc, out
 
 
+def start_orthanc(work: Path, port: int) -> tuple[subprocess.Popen, Path]:
+    """Start Orthanc with a temporary config and storage folder; return it and that folder.
+
+    Its HTTP server is on, on loopback only, on a free port (Orthanc needs one to start cleanly).
+    """
+    storage = work / "storage"
+    config = work / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(storage), "IndexDirectory": str(work / "index"),
+        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(), "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+        "Plugins": [],
+    }))
+    with (work / "orthanc.log").open("wb") as log:
+        proc = subprocess.Popen([ORTHANC, str(config)], stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    return proc, storage
+
+
 def send(aet: str, port: int, folders: list[Path]) -> float:
     """Run one storescu per folder at once; return the wall time until all have exited 0."""
     cmd = ["storescu", "-aec", aet, "127.0.0.1", str(port), "+sd"]
@@ -195,6 +216,7 @@ def run(count: int, repeats: int, root: Path) -> dict[tuple[str, int], float]:
     layouts = {1: [root / "all"], STREAMS: split(files, root / "split", STREAMS)}
     receivers: dict[str, tuple[str, Callable[[int], Starter]]] = {
         "dicom-node": ("XAI_NODE", lambda n: start_node),
+        "orthanc": ("ORTHANC", lambda n: start_orthanc),
         "storescp": ("STORESCP", lambda n: lambda w, p: start_storescp(w, p, fork=n > 1)),
     }
     rates: dict[tuple[str, int], list[float]] = {}
@@ -208,14 +230,15 @@ def run(count: int, repeats: int, root: Path) -> dict[tuple[str, int], float]:
 
 
 def report(medians: dict[tuple[str, int], float], count: int, repeats: int) -> None:
-    """Print the table of medians and the node/storescp ratios."""
+    """Print the table of medians and the node/Orthanc and node/storescp ratios."""
     print(f"\n{count} instances, median of {repeats}")
     print(f"{'receiver':<12}{'associations':>13}{'instances/s':>13}")
     for (name, streams), rate in sorted(medians.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"{name:<12}{streams:>13}{rate:>13.1f}")
     for streams in (1, STREAMS):
-        ratio = medians[("dicom-node", streams)] / medians[("storescp", streams)]
-        print(f"node/storescp, {streams} association(s): {ratio:.2f}")
+        node = medians[("dicom-node", streams)]
+        print(f"node/orthanc, {streams} association(s): {node / medians[('orthanc', streams)]:.2f}")
+        print(f"node/storescp, {streams} association(s): {node / medians[('storescp', streams)]:.2f}")
 
 
 def main() -> int:
@@ -226,12 +249,16 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         parser.error("DCMTK (storescu, storescp, echoscu) is not on PATH")
+    if shutil.which(ORTHANC) is None:
+        parser.error(f"{ORTHANC} is not on PATH (Debian: apt install orthanc; it is in /usr/sbin)")
     print(machine())
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         medians = run(args.count, args.repeats, Path(tmp))
         size = (Path(tmp) / "all" / "ct0001.dcm").stat().st_size
     print(f"instance size: {size} bytes")
     report(medians, args.count, args.repeats)
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return 0
 
 
