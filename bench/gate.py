@@ -43,7 +43,7 @@ def _cost(runner: InferenceRunner, datasets: list[Dataset], repeats: int) -> dic
     def gated() -> None:
         features: list[np.ndarray] = []
         runner.predict(MODEL, inputs, features)
-        reference.score(np.concatenate(features))
+        reference.score(features)
 
     spent: dict[str, list[float]] = {"inference": [], "gated": []}
     runs = [("inference", plain), ("gated", gated)]

@@ -243,7 +243,7 @@ def gate_decision(ctx: PipelineContext) -> str | None:
     spec = loaded.manifest.gate
     if loaded.reference is None or spec is None or not ctx.inputs:
         return None
-    scores = loaded.reference.score(np.concatenate(ctx.features))
+    scores = loaded.reference.score(ctx.features)
     ctx.gate = [GateResult(item.sop_instance_uid, item.frame, round(float(score), 4), spec.threshold)
                 for item, score in zip(ctx.inputs, scores, strict=True)]
     outside = {(g.sop_instance_uid, g.frame) for g in ctx.gate if g.outside}

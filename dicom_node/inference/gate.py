@@ -13,6 +13,7 @@ together with the threshold.
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,6 @@ _MEAN = len(QUANTILES)  # where the mean sits among the statistics; then the sta
 STATISTICS = len(QUANTILES) + 5 + THUMBNAIL * THUMBNAIL  # image statistics a frame
 # how many values are summed of the squares and of each difference image: down, across, mirrored
 _COUNTS = (GRID * GRID, (GRID - 1) * GRID, GRID * (GRID - 1), GRID * GRID)
-_ROOT_COUNT = math.sqrt(GRID * GRID)
 
 
 class ReferenceError(ValueError):
@@ -115,7 +115,9 @@ class FeatureCapture:
         if self.direct:
             assert isinstance(self.module, PlainCNN)
             output, mean = self.module.forward_pooled(batch)
-            return output, mean.float().reshape(len(mean), -1).cpu().numpy()
+            if mean.dtype != torch.float32 or mean.device.type != "cpu":  # bf16, CUDA
+                mean = mean.float().cpu()
+            return output, mean.reshape(len(mean), -1).numpy()
         output = self.module(batch)
         return output, one_capture(self._pooled, self.manifest)
 
@@ -176,11 +178,11 @@ def image_statistics(arrays: np.ndarray) -> np.ndarray:
     out[:, :len(QUANTILES)] = np.sort(images.reshape(frames, GRID * GRID), axis=1)[:, _RANKS]
     out[:, _MEAN + 5:] = _block_mean(images, THUMBNAIL).reshape(frames, -1)
     for row, grid in zip(out, images, strict=True):
-        mean = cv2.mean(grid)[0]
-        # the deviations, not E[x^2] - mean^2: that difference cancels to noise when the mean is
-        # large against the spread (an input of -1024 plus a little)
+        # mean and standard deviation accumulated in float64 (in float32, E[x^2] - mean^2
+        # cancels to noise when the mean is large against the spread: -1024 plus a little)
+        mean, std = cv2.meanStdDev(grid)
         row[_MEAN:_MEAN + 5] = (
-            mean, cv2.norm(grid - np.float32(mean), cv2.NORM_L2) / _ROOT_COUNT,
+            mean[0, 0], std[0, 0],
             cv2.norm(grid[1:], grid[:-1], cv2.NORM_L1) / _COUNTS[1],
             cv2.norm(grid[:, 1:], grid[:, :-1], cv2.NORM_L1) / _COUNTS[2],
             math.log(cv2.norm(grid, cv2.flip(grid, 1), cv2.NORM_L1) / _COUNTS[3] + 1e-4))
@@ -224,8 +226,11 @@ class Reference:
     images: int  # how many frames it was fitted on
     weights_sha256: str = ""  # the weights whose activations it describes (set by calibration)
 
-    def score(self, vectors: np.ndarray) -> np.ndarray:
-        """The out-of-distribution score of each row of ``vectors`` (frames, k)."""
+    def score(self, vectors: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """The out-of-distribution score of each row of ``vectors`` (frames, k), or of the rows of
+        each batch's vectors in turn (as :meth:`InferenceRunner.logits` appends them)."""
+        if not isinstance(vectors, np.ndarray):  # one batch (the usual series) is not copied
+            vectors = vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
         vectors = np.asarray(vectors, dtype=np.float64)
         if vectors.ndim != 2 or vectors.shape[1] != self.mean.shape[0]:
             raise ReferenceError(f"the reference describes {self.mean.shape[0]} values a frame; "
@@ -233,14 +238,15 @@ class Reference:
         whitening, offset = self._whitening
         whitened = vectors @ whitening
         whitened -= offset
-        return np.sqrt(np.einsum("ij,ij->i", whitened, whitened) / self.mean.shape[0])
+        return np.sqrt(np.einsum("ij,ij->i", whitened, whitened))
 
     @functools.cached_property
     def _whitening(self) -> tuple[np.ndarray, np.ndarray]:
-        """``W`` and ``mean @ W`` with ``W W^T = diag(1/scale) precision diag(1/scale)``, so that the
-        squared distance is one product and a sum of squares (made once, on first use)."""
+        """``W`` and ``mean @ W`` with ``W W^T = diag(1/scale) precision diag(1/scale) / k``, so that
+        the score (the distance divided by the square root of k, the vector's length) is one
+        product and a sum of squares (made once, on first use)."""
         try:
-            whitening = np.linalg.cholesky(self.precision) / self.scale[:, None]
+            whitening = np.linalg.cholesky(self.precision) / (self.scale[:, None] * np.sqrt(len(self.mean)))
         except np.linalg.LinAlgError:
             raise ReferenceError("its precision matrix is not positive definite") from None
         return whitening, self.mean @ whitening
