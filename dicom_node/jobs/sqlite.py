@@ -118,11 +118,13 @@ _MIGRATIONS: tuple[Migration, ...] = (
     """,
     _key_series_by_study,
     _flag_mixed_results,
+    # schema 4: attempts handed back uncounted in a row (QueuePolicy.max_handbacks)
+    "ALTER TABLE jobs ADD COLUMN handbacks INTEGER NOT NULL DEFAULT 0",
 )
 _COLUMNS = (
     "id, key, study_instance_uid, series_instance_uid, instance_uids, pipeline, model, "
     "model_version, version, state, reason, attempts, not_before, lease_owner, lease_expires_at, "
-    "created_at, updated_at, finished_at, timings, results"
+    "created_at, updated_at, finished_at, timings, results, handbacks"
 )
 
 
@@ -170,7 +172,7 @@ class SQLiteJobBackend:
         try:
             cursor = self.conn.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) "
-                "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', 0, ?, ?, ?, '{}', '{}')",
+                "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', 0, ?, ?, ?, '{}', '{}', 0)",
                 (spec.key, spec.study_instance_uid, spec.series_instance_uid,
                  json.dumps(list(spec.instance_uids)), spec.pipeline, spec.model, spec.model_version,
                  version, str(spec.state), spec.reason, now, now, finished),
@@ -205,11 +207,11 @@ class SQLiteJobBackend:
     def save(self, job: Job) -> None:
         self.conn.execute(
             "UPDATE jobs SET state = ?, reason = ?, attempts = ?, not_before = ?, lease_owner = ?, "
-            "lease_expires_at = ?, updated_at = ?, finished_at = ?, timings = ?, results = ? "
+            "lease_expires_at = ?, updated_at = ?, finished_at = ?, timings = ?, results = ?, handbacks = ? "
             "WHERE id = ?",
             (str(job.state), job.reason, job.attempts, job.not_before, job.lease_owner,
              job.lease_expires_at, job.updated_at, job.finished_at, json.dumps(job.timings),
-             json.dumps(job.results), job.id),
+             json.dumps(job.results), job.handbacks, job.id),
         )
 
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]:

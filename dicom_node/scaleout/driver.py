@@ -7,8 +7,11 @@ hands the calls in flight back and starts another driver when the cluster answer
 
 Ray's own retries are off (``max_restarts=0``, ``max_task_retries=0``): the node's queue alone
 decides what runs again. Each answer says what failed: ``done`` (the job's results), ``task``
-(the actor's own code raised), ``actor`` (the actor died or hung in a cluster that still answers)
-or ``cluster`` (anything else from Ray: the node drops this process and starts another).
+(the actor's own code raised), ``actor`` (the actor died or hung in a cluster that still answers),
+``job`` (any other error of Ray's while the cluster still answers: a full object store, a lost
+object, a crashed worker, an answer that cannot be pickled: the job's attempt, counted; this
+process and the actor stay) or ``cluster`` (the cluster's address does not answer, or the
+connection to it broke: the node drops this process and starts another).
 """
 
 import contextlib
@@ -139,12 +142,16 @@ class Driver:
         except RayTaskError as exc:  # the actor's code raised: a DicomNodeError stays one
             cause = getattr(exc, "cause", None)
             return "task", cause if isinstance(cause, DicomNodeError) else type(cause or exc).__name__
-        except Exception as exc:  # not the job's code: the actor, or the whole cluster, is gone
-            actor_only = isinstance(exc, (RayActorError, GetTimeoutError))
-            if actor_only and reachable(self.settings.workers.ray_address):
+        except Exception as exc:  # not the job's code: the actor, the job's data, or the cluster
+            if isinstance(exc, ConnectionError) or not reachable(self.settings.workers.ray_address):
+                return "cluster", type(exc).__name__
+            if isinstance(exc, (RayActorError, GetTimeoutError)):
                 self._lost((model, slot), handle, exc)
                 return "actor", type(exc).__name__
-            return "cluster", type(exc).__name__
+            # the cluster answers: dropping this process would kill every actor and hand the
+            # job back uncounted, to fail the same way again (a series too big for the object
+            # store): the attempt is the job's
+            return "job", _said(exc)
 
     def _lost(self, key: Key, handle: Any, exc: BaseException) -> None:
         """The actor died (or hung): forget it, kill what is left, make another at once."""
@@ -160,6 +167,11 @@ class Driver:
         self.wake.set()
 
 
+def _said(exc: BaseException) -> str:
+    """An error's type and first words, on one line, for a job's reason."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, emit: Emit) -> None:
     """Answer the node's calls, each in its own thread, until the node closes the link."""
     def answer(number: int, args: tuple[Any, ...]) -> None:
@@ -168,10 +180,16 @@ def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, 
             reply = driver.compute(*args)
         except Exception as exc:  # a bug here must not leave the node's worker waiting
             logger.exception("Ray driver: compute failed")
-            reply = ("cluster", type(exc).__name__)
+            reply = ("job", _said(exc))
         # with the seconds spent here (Ray's part and the actor's): the rest is the link's
-        with contextlib.suppress(Exception):  # the node is gone: nothing to tell
-            emit(("answer", number, (*reply, round(time.perf_counter() - started, 6))))
+        seconds = round(time.perf_counter() - started, 6)
+        try:
+            emit(("answer", number, (*reply, seconds)))
+        except OSError:
+            return  # the node is gone: nothing to tell
+        except Exception as exc:  # the answer cannot be pickled: the job's failure, said so
+            with contextlib.suppress(Exception):
+                emit(("answer", number, ("job", f"its answer could not be sent ({_said(exc)})", seconds)))
 
     while True:
         try:

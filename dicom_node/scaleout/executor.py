@@ -4,9 +4,11 @@ The node never imports Ray. The driver (``ray.init``, the actor handles) runs in
 (:mod:`dicom_node.scaleout.driver`, linked by :class:`~dicom_node.scaleout.wire.DriverLink`): Ray
 ends the process its driver lives in when the cluster's GCS is lost, and the DICOM endpoint must
 outlive that. When the child ends, for any reason (GCS lost, a crash, the OOM killer), the calls
-in flight fail with :class:`ClusterUnavailable` (the queue hands the job back without counting
-the attempt), :meth:`RayExecutor.not_ready` says why, and a new child is started, with backoff,
-once the cluster's address answers again; it reconnects and remakes the actors.
+in flight fail: with :class:`ClusterUnavailable` when the cluster's address does not answer (the
+queue hands the job back without counting the attempt), else with an
+:class:`~dicom_node.errors.InfrastructureError` (counted: the job may be what ended it).
+:meth:`RayExecutor.not_ready` says why, and a new child is started, with backoff, once the
+cluster's address answers again; it reconnects and remakes the actors.
 
 The queue alone decides what runs again. Ray's own retries are off; an actor that dies mid-job
 fails the job's attempt with an :class:`~dicom_node.errors.InfrastructureError` (counted, never a
@@ -211,6 +213,8 @@ class RayExecutor:
             self._actor_lost(link, slot, str(payload))
             raise InfrastructureError(f"the Ray actor of model {ctx.job.model} was lost ({payload}); "
                                       "the queue runs the job again")
+        if kind == "job":  # Ray failed on this job in a cluster that answers: the attempt counts
+            raise InfrastructureError(f"Ray failed on this job ({payload}); the queue runs it again")
         if kind != "done":
             self._drop(link, f"the Ray cluster was lost ({payload})")
             raise ClusterUnavailable(f"the Ray cluster was lost ({payload}); the job waits for it "
@@ -223,20 +227,28 @@ class RayExecutor:
         ctx.outcome_reason = computed.abstain_reason
 
     def _ask(self, link: Link, slot: ActorStatus, ctx: PipelineContext) -> tuple[str, Any, float | None]:
-        """The driver's answer and its seconds on it; a driver that ended or hung is a lost
-        cluster (no attempt spent)."""
+        """The driver's answer and its seconds on it. A driver that ended or hung while the
+        cluster is out of reach is a lost cluster (no attempt spent); while the cluster answers,
+        it may be this job that brought it down (killed while unpickling a huge series, an
+        answer it could not send): the attempt counts."""
         try:
             future = link.call("compute", slot.model, slot.slot, ctx.job, list(ctx.datasets))
             kind, payload, *seconds = future.result(timeout=self.settings.workers.ray_call_timeout_seconds
                                                     + ANSWER_GRACE_SECONDS)
         except LinkClosed as exc:
-            raise ClusterUnavailable(f"{exc}; the job waits for the cluster without spending an "
-                                     "attempt") from None
+            raise self._lost_driver(str(exc)) from None
         except FutureTimeout:
             self._drop(link, "the Ray driver process did not answer")
-            raise ClusterUnavailable("the Ray driver process did not answer; the job waits for the "
-                                     "cluster without spending an attempt") from None
+            raise self._lost_driver("the Ray driver process did not answer") from None
         return kind, payload, (seconds[0] if seconds else None)
+
+    def _lost_driver(self, what: str) -> DicomNodeError:
+        """The error of a job whose driver ended or hung while it ran (see :meth:`_ask`)."""
+        address = self.settings.workers.ray_address
+        if not self._stop.is_set() and reachable(address):
+            return InfrastructureError(f"{what} while the Ray cluster at {address} answered; the queue "
+                                       "runs the job again")
+        return ClusterUnavailable(f"{what}; the job waits for the cluster without spending an attempt")
 
     def _acquire(self, model: str) -> tuple[ActorStatus, Link]:
         """A free live actor of ``model``, waiting for one while the others are busy, and the

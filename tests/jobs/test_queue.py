@@ -173,18 +173,39 @@ def test_sqlite_queue_survives_reopening(tmp_path: Path, clock: FakeClock) -> No
 def test_an_unavailable_compute_hands_the_job_back_without_counting_the_attempt(
     queue: JobQueue, clock: FakeClock
 ) -> None:
-    """A lost Ray cluster is not the job's failure: however long the outage, no attempt is spent
-    (and the job never dies of it), while other retryable errors still count."""
+    """A lost Ray cluster is not the job's failure: no attempt is spent (the workers claim no job
+    while it is down, so a job is handed back only when it was running as it went), while other
+    retryable errors still count."""
     queue.enqueue(spec())
-    for _ in range(POLICY.max_attempts + 2):
+    for handed in range(1, POLICY.max_handbacks):
         job = queue.claim("w1")
         assert job is not None and job.attempts == 1
         after = queue.fail(job.id, "w1", UnavailableError("the Ray cluster was lost"))
         assert after is not None and after.state == JobState.QUEUED and after.attempts == 0
-        assert after.lease_owner == "" and "UnavailableError" in after.reason
+        assert after.lease_owner == "" and "UnavailableError" in after.reason and after.handbacks == handed
         assert queue.claim("w2") is None  # a short backoff, not a busy loop
         clock.advance(POLICY.backoff(1))
     job = queue.claim("w1")
     assert job is not None
     after = queue.fail(job.id, "w1", InfrastructureError("the Ray actor was lost"))
     assert after is not None and after.attempts == 1  # an actor lost mid-job still counts
+
+
+def test_a_job_handed_back_max_handbacks_times_in_a_row_spends_an_attempt(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    """The backstop against a poison job that brings its compute down at every try (and so is
+    handed back uncounted each time): it ends dead after ``max_attempts`` rounds."""
+    queue.enqueue(spec())
+    tries = 0
+    while (job := queue.claim("w1")) is not None or queue.list(JobState.QUEUED):
+        if job is None:
+            clock.advance(POLICY.max_backoff_seconds)
+            continue
+        tries += 1
+        after = queue.fail(job.id, "w1", UnavailableError("the Ray cluster was lost"))
+        assert after is not None and tries <= 100
+        assert after.handbacks == tries % POLICY.max_handbacks  # back to 0 as the attempt counts
+    [dead] = queue.list(JobState.DEAD)
+    assert tries == POLICY.max_attempts * POLICY.max_handbacks and dead.attempts == POLICY.max_attempts
+    assert f"handed back {POLICY.max_handbacks} times in a row: this attempt counts" in dead.reason

@@ -161,15 +161,53 @@ def test_a_dead_actor_in_a_cluster_that_is_gone_is_a_lost_cluster(
     assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", "RayActorError")
 
 
-@pytest.mark.parametrize("lost", [ConnectionError("connection lost"), RayError("system error"), OSError("pipe")])
-def test_any_other_error_from_ray_is_a_lost_cluster(driver: tuple[Driver, list], fake: FakeRay,
-                                                   lost: BaseException) -> None:
+def test_a_broken_connection_is_a_lost_cluster(driver: tuple[Driver, list], fake: FakeRay) -> None:
     made, _ = driver
 
     def raise_lost() -> None:
-        raise lost
+        raise ConnectionError("connection lost")
     fake.compute = raise_lost
-    assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", type(lost).__name__)
+    assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", "ConnectionError")
+
+
+@pytest.mark.parametrize("error", [RayError("ObjectStoreFullError: the object store is full"),
+                                   RayError("WorkerCrashedError"), OSError("no space left")])
+def test_any_other_error_from_ray_in_a_cluster_that_answers_is_the_jobs(
+        driver: tuple[Driver, list], fake: FakeRay, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """A poison job (a series too big for the object store) must not take the driver and every
+    actor down, to be handed back uncounted and fail the same way forever."""
+    made, _ = driver
+
+    def raise_error() -> None:
+        raise error
+    fake.compute = raise_error
+    kind, reason = made.compute("demo", 0, SimpleNamespace(), [])
+    assert kind == "job" and reason.startswith(type(error).__name__) and str(error) in reason
+    assert made.handles[("demo", 0)] is not None and "kill" not in fake.calls  # the actor stays
+    monkeypatch.setattr(driver_module, "reachable", lambda address, timeout=2.0: False)
+    assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", type(error).__name__)
+
+
+def test_an_answer_that_cannot_be_pickled_is_the_jobs_failure(driver: tuple[Driver, list]) -> None:
+    made, _ = driver
+    answers: list[tuple[Any, ...]] = []
+
+    def emit(message: tuple[Any, ...]) -> None:
+        import pickle
+        pickle.dumps(message)
+        answers.append(message)
+    made.compute = lambda *args: ("done", threading.Lock())  # type: ignore[method-assign]
+    messages = iter([("compute", 7, "demo", 0, SimpleNamespace(), [])])
+
+    def receive(conn: Any) -> tuple[Any, ...]:
+        try:
+            return next(messages)
+        except StopIteration:
+            wait_until(lambda: bool(answers), "the answer")
+            raise EOFError from None
+    driver_module.serve(None, receive, made, emit)
+    [(name, number, (kind, reason, _))] = answers
+    assert (name, number, kind) == ("answer", 7, "job") and "could not be sent" in reason and "lock" in reason
 
 
 def test_an_actor_that_keeps_refusing_to_start_is_tried_again_with_a_growing_backoff(
@@ -301,7 +339,9 @@ def test_the_driver_ending_mid_job_costs_no_attempt_and_a_new_one_starts_after_a
     audit = Audit()
     executor, links = executor_of(tmp_path, ["demo"], monkeypatch, audit)
     links[0].ready(["demo"])
+    monkeypatch.setattr(executor_module, "reachable", lambda address, timeout=2.0: False)  # the GCS is gone
     out = answer(executor, links[0], LinkClosed("gone"))
+    monkeypatch.setattr(executor_module, "reachable", lambda address, timeout=2.0: True)
     assert isinstance(out["error"], ClusterUnavailable) and isinstance(out["error"], UnavailableError)
     reason = executor.not_ready()
     assert reason is not None and "driver process 4242" in reason and "SIGKILL" in reason
@@ -314,6 +354,62 @@ def test_the_driver_ending_mid_job_costs_no_attempt_and_a_new_one_starts_after_a
     assert len(links) == 2
     links[1].ready(["demo"])
     assert executor.not_ready() is None
+
+
+def test_the_driver_ending_mid_job_while_the_cluster_answers_costs_the_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job may be what ended it (the driver OOM-killed while unpickling its series)."""
+    executor, links = executor_of(tmp_path, ["demo"], monkeypatch)
+    links[0].ready(["demo"])
+    out = answer(executor, links[0], LinkClosed("gone"))
+    assert isinstance(out["error"], InfrastructureError) and not isinstance(out["error"], UnavailableError)
+    assert "while the Ray cluster at 127.0.0.1:6379 answered" in str(out["error"])
+
+
+def test_a_job_that_ray_fails_in_a_cluster_that_answers_costs_the_attempt_and_keeps_the_driver(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    out = answer(executor, link, ("job", "ObjectStoreFullError: the object store is full"))
+    assert isinstance(out["error"], InfrastructureError) and not isinstance(out["error"], UnavailableError)
+    assert "ObjectStoreFullError" in str(out["error"]) and not link.closed
+    assert executor.not_ready() is None and all(s["alive"] for s in executor.statuses())
+
+
+def test_a_job_that_brings_the_cluster_down_each_time_ends_dead_after_max_attempts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backstop: answered "cluster" at every try (no attempt spent each time), the job is
+    still counted after ``max_handbacks`` hand-backs in a row, and ends dead with a reason."""
+    from dicom_node.jobs.memory import MemoryJobBackend
+    from dicom_node.jobs.queue import JobQueue, JobSpec, JobState, QueuePolicy
+    from dicom_node.jobs.worker import Worker
+
+    executor, links = executor_of(tmp_path, ["demo"], monkeypatch)
+    now = [1000.0]
+    policy = QueuePolicy(max_attempts=3, max_handbacks=4)
+    queue = JobQueue(MemoryJobBackend(), policy, clock=lambda: now[0])
+    job = queue.enqueue(JobSpec("1.2.3", "1.2.3.4", ("1.2.3.4.5",), "p", "demo", "1"))
+    assert job is not None
+
+    def run(job: Any, timings: dict[str, float]) -> None:
+        executor.compute(SimpleNamespace(job=job, datasets=[], timings=timings))  # type: ignore[arg-type]
+    worker = Worker(queue, run, "w0", models=executor.claimable)
+    tries = 0
+    while (current := queue.get(job.id)) is not None and current.state == JobState.QUEUED:
+        assert tries < 50, f"still queued after {tries} tries: {current}"
+        executor._next_launch = 0.0
+        executor._tend()  # a fresh driver each time, as after a lost cluster
+        links[-1].ready(["demo"])
+        now[0] += policy.max_backoff_seconds + 1
+        thread = threading.Thread(target=worker.run_once, daemon=True)
+        thread.start()
+        wait_until(lambda: bool(links[-1].calls), "the call to reach the driver")
+        links[-1].calls[-1][1].set_result(("cluster", "ObjectStoreFullError"))
+        thread.join(timeout=10)
+        wait_until(lambda: links[-1].closed, "the driver to be dropped")
+        tries += 1
+    assert current is not None and current.state == JobState.DEAD and current.attempts == 3
+    assert tries == 3 * 4 and "handed back 4 times in a row" in current.reason and "ObjectStoreFullError" in current.reason
 
 
 def test_a_lost_actor_costs_an_attempt_and_only_that_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
