@@ -119,16 +119,21 @@ class RayExecutor:
         Where an actor that refuses to start, and a lost driver, are recorded.
     launch
         Starts a driver process (tests give a fake).
+    on_free
+        Called when an actor becomes free (a job ended, an actor was made): the workers waiting
+        to claim may claim now.
     """
 
     def __init__(self, settings: Settings, registry: ModelRegistry, models: Sequence[str],
-                 audit: Audit | None = None, launch: Launch = DriverLink) -> None:
+                 audit: Audit | None = None, launch: Launch = DriverLink,
+                 on_free: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         w = settings.workers
         self.identities = {m: identity(registry.manifest(m)) for m in sorted(set(models))}
         self.slots = [ActorStatus(m, i) for m in self.identities for i in range(w.ray_actors_per_model)]
         self.audit = audit or NoAudit()
         self._launch = launch
+        self._on_free = on_free
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -178,9 +183,16 @@ class RayExecutor:
         return None
 
     def claimable(self) -> frozenset[str]:
-        """The models whose jobs can run now (a live actor): workers claim only their jobs."""
+        """The models whose jobs can run now: more free live actors than workers already
+        waiting for one. Workers claim only their jobs, so none takes a job of a model whose
+        actors are all busy while another model's actor idles."""
         with self._lock:
-            return frozenset(self._live()) if self._connected else frozenset()
+            if not self._connected:
+                return frozenset()
+            free = {m: 0 for m in self.identities}
+            for s in self.slots:
+                free[s.model] += int(s.alive and not s.busy)
+            return frozenset(m for m, n in free.items() if n > self._waiting[m])
 
     def _live(self) -> set[str]:
         return {s.model for s in self.slots if s.alive}
@@ -279,6 +291,7 @@ class RayExecutor:
             slot.jobs += 1
             slot.failures += int(failed)
             self._lock.notify_all()
+        self._on_free()
 
     def _actor_lost(self, link: Link, slot: ActorStatus, what: str) -> None:
         with self._lock:
@@ -299,6 +312,7 @@ class RayExecutor:
     # -- the driver's messages (from its reader thread) -------------------------------------------
 
     def _event(self, link: Link, message: tuple[Any, ...]) -> None:
+        refused: dict[str, Any] | None = None
         with self._lock:
             if link is not self._link:
                 return  # a late word from a driver already replaced
@@ -310,12 +324,18 @@ class RayExecutor:
             elif message[0] == "problem":
                 self._problem = str(message[1])
             elif message[0] == "actor":
-                self._actor_event(*message[1:])
+                refused = self._actor_event(*message[1:])
             self._lock.notify_all()
+        # outside the lock: the audit trail writes a file, and the workers must not wait on it
+        if refused is not None:
+            self.audit.record("ray_actor_refused", **refused)
+        if message[0] == "actor" and message[3] is not None:
+            self._on_free()
 
     def _actor_event(self, model: str, number: int, info: dict[str, Any] | None, problem: str,
-                     retry_in: float) -> None:
-        """An actor became ready, or could not start (``retry_in``: when the driver tries again)."""
+                     retry_in: float) -> dict[str, Any] | None:
+        """An actor became ready, or could not start (``retry_in``: when the driver tries again);
+        the audit event's fields for a new reason it could not start, else None."""
         slot = next(s for s in self.slots if (s.model, s.slot) == (model, number))
         if info is not None:
             slot.alive, slot.info, slot.problem, slot.refused = True, info, "", ""
@@ -323,16 +343,18 @@ class RayExecutor:
             logger.info("Ray actor %d of model %s %s ready on %s (pid %s) %.1f s after it was asked for "
                         "(model loaded in %.2f s)", number, model, info["version"], info["device"],
                         info["pid"], info["ready_seconds"], info["load_seconds"])
-            return
+            return None
         slot.alive, slot.info = False, {}
+        refused = None
         if not problem.startswith("lost") and problem != slot.refused:
             slot.refused = problem  # audited once per reason, not at every try
-            self.audit.record("ray_actor_refused", model=model, version=self.identities[model]["version"],
-                              slot=number, reason=problem)
+            refused = {"model": model, "version": self.identities[model]["version"], "slot": number,
+                       "reason": problem}
         slot.problem = problem + (f" (trying again in {retry_in:.0f} s)" if retry_in else "")
         if retry_in:
             logger.error("Ray actor %d of model %s %s; trying again in %.0f s", number, model, problem,
                          retry_in)
+        return refused
 
     def _ended(self, link: Link, why: str) -> None:
         with self._lock:
@@ -395,11 +417,15 @@ class RayExecutor:
             self._problem = f"the Ray driver process {self._link.pid} is connecting to {address}"
 
 
-def worker_count(settings: Settings, executor: RayExecutor | None, local: Callable[[], int]) -> int:
-    """Worker threads: ``[workers] count``, else one per actor with Ray, else ``local()``."""
-    if settings.workers.count:
-        return settings.workers.count
-    return len(executor.slots) if executor is not None else local()
+def worker_count(settings: Settings, local: Callable[[], int]) -> int:
+    """Worker threads: ``[workers] count``, else one per actor with Ray (the slots of
+    :class:`RayExecutor`), else ``local()``."""
+    w = settings.workers
+    if w.count:
+        return w.count
+    if w.executor == "ray":
+        return len({p.model for p in settings.pipelines}) * w.ray_actors_per_model
+    return local()
 
 
 __all__ = ["ActorStatus", "ClusterUnavailable", "RayExecutor", "reachable", "worker_count"]

@@ -470,6 +470,31 @@ def test_each_waiting_worker_counts_once_in_the_queue_depth(tmp_path: Path, monk
     assert [s["queue_depth"] for s in executor.statuses()] == [0, 0]
 
 
+def test_only_models_with_a_free_actor_are_claimable_and_a_freed_actor_wakes_the_claimers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker must not claim a job of model a and wait for a's busy actors while b's idle."""
+    executor, [link] = executor_of(tmp_path, ["a", "b"], monkeypatch)
+    freed: list[int] = []
+    executor._on_free = lambda: freed.append(1)
+    link.ready(["a", "b"])
+    assert executor.claimable() == {"a", "b"} and len(freed) == 4  # each actor made
+    runs = [compute_in_thread(executor, "a") for _ in range(2)]
+    wait_until(lambda: len(link.calls) == 2, "both of a's actors busy")
+    assert executor.claimable() == {"b"}
+    runs.append(compute_in_thread(executor, "a"))  # a third: waits for one of a's actors
+    wait_until(lambda: executor._waiting["a"] == 1, "a worker waiting for a")
+    done = ("done", SimpleNamespace(timings={}, predictions=[], gate=[], heatmaps=[], abstain_reason=""))
+    link.calls[0][1].set_result(done)
+    wait_until(lambda: len(link.calls) == 3, "the waiting worker to take the freed actor")
+    assert executor.claimable() == {"b"} and len(freed) == 5
+    for _, future in link.calls[1:]:
+        future.set_result(done)
+    for thread, out in runs:
+        thread.join(timeout=10)
+        assert "ctx" in out
+    assert executor.claimable() == {"a", "b"} and len(freed) == 7
+
+
 def test_a_model_whose_actor_is_refused_holds_back_only_its_own_jobs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     audit = Audit()
