@@ -36,6 +36,9 @@ Key = tuple[str, int]  # (model, slot)
 
 #: the longest wait between two tries at making an actor that keeps failing to start
 MAX_ACTOR_BACKOFF_SECONDS = 300.0
+#: how long the actors asked for at once have to load their model and warm up (measured: a few
+#: seconds on a CPU here); one not ready by then is refused and tried again after the backoff
+ACTOR_START_SECONDS = 180.0
 
 
 class Driver:
@@ -101,18 +104,34 @@ class Driver:
         asked = time.monotonic()
         options = self._remote.options(num_cpus=w.ray_cpus_per_actor, num_gpus=w.ray_gpus_per_actor,
                                        max_restarts=0, max_task_retries=0)
-        made = [(k, options.remote(self.settings, k[0], self.identities[k[0]], device, threads))
-                for k in keys]
-        for key, handle in made:
-            try:
-                info = ray.get(handle.describe.remote(), timeout=w.ray_call_timeout_seconds)
-            except Exception as exc:
-                self._refused(key, handle, exc)
-                continue
-            info["ready_seconds"] = round(time.monotonic() - asked, 3)
-            with self._lock:
-                self.handles[key], self.failures[key] = handle, 0
-            self.emit(("actor", key[0], key[1], info, "", 0.0))
+        made = {}
+        for key in keys:
+            handle = options.remote(self.settings, key[0], self.identities[key[0]], device, threads)
+            made[handle.describe.remote()] = (key, handle)
+        pending = list(made)
+        while pending:  # each actor reported as soon as it is ready, not after the slower ones
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, asked + ACTOR_START_SECONDS - time.monotonic()))
+            if not ready:
+                break
+            for ref in ready:
+                self._made(*made[ref], ref, asked)
+        late = TimeoutError(f"not ready {ACTOR_START_SECONDS:.0f} s after it was asked for")
+        for ref in pending:
+            self._refused(*made[ref], late)
+
+    def _made(self, key: Key, handle: Any, described: Any, asked: float) -> None:
+        """The actor answered its ``describe`` (or raised instead: it could not start)."""
+        import ray
+        try:
+            info = ray.get(described)
+        except Exception as exc:
+            self._refused(key, handle, exc)
+            return
+        info["ready_seconds"] = round(time.monotonic() - asked, 3)
+        with self._lock:
+            self.handles[key], self.failures[key] = handle, 0
+        self.emit(("actor", key[0], key[1], info, "", 0.0))
 
     def _refused(self, key: Key, handle: Any, exc: BaseException) -> None:
         import ray

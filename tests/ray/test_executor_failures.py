@@ -54,6 +54,8 @@ class FakeRay:
         self.calls: list[str] = []
         self.compute: Callable[[], Any] = lambda: "computed"
         self.refuse: BaseException | None = None
+        self.hang: set[int] = set()  # the actors (by number) whose start never ends
+        self.waits: list[float | None] = []
         self.handles = 0
 
     def module(self) -> types.ModuleType:
@@ -66,9 +68,15 @@ class FakeRay:
         ray.shutdown = lambda: self.calls.append("shutdown")  # type: ignore[attr-defined]
         ray.put = lambda value: "ref"  # type: ignore[attr-defined]
         ray.get = lambda ref, timeout=None: ref()  # type: ignore[attr-defined]
+        ray.wait = self.wait  # type: ignore[attr-defined]
         ray.kill = lambda handle, no_restart=True: self.calls.append("kill")  # type: ignore[attr-defined]
         ray.remote = lambda cls: SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=self.make))  # type: ignore[attr-defined]
         return ray
+
+    def wait(self, refs: list[Any], num_returns: int = 1, timeout: float | None = None) -> tuple[list, list]:
+        self.waits.append(timeout)
+        ready = [r for r in refs if r.number not in self.hang][:num_returns]
+        return ready, [r for r in refs if r not in ready]
 
     def make(self, *args: Any) -> SimpleNamespace:
         self.handles += 1
@@ -79,6 +87,7 @@ class FakeRay:
             if refuse is not None:
                 raise RayActorError(f"The actor died in __init__: {refuse}")
             return dict(info)
+        describe.number = self.handles  # type: ignore[attr-defined]
         return SimpleNamespace(number=self.handles, describe=SimpleNamespace(remote=lambda: describe),
                                compute=SimpleNamespace(remote=lambda job, ref: self.compute))
 
@@ -228,6 +237,22 @@ def test_an_actor_that_keeps_refusing_to_start_is_tried_again_with_a_growing_bac
     # two slots, tried at once and again after 2 s (ray_connect_seconds), then after 4 s: no tight loop
     assert [m[5] for m in refused] == [2.0, 2.0, 4.0, 4.0] and fake.handles == 4, refused
     assert all(m[3] is None and "could not start" in m[4] and "not the node's" in m[4] for m in refused)
+
+
+def test_the_actors_start_together_under_their_own_shorter_timeout(tmp_path: Path, fake: FakeRay) -> None:
+    """One actor that never finishes loading must not hold the others' report back, nor wait the
+    compute's timeout (600 s) per actor."""
+    sent: list[tuple[Any, ...]] = []
+    made = Driver(settings_of(tmp_path), {"demo": IDENTITY}, sent.append)
+    made.connect()
+    fake.hang = {1}
+    made.make(list(made.handles))
+    actors = [m for m in sent if m[0] == "actor"]
+    assert [(m[2], m[3] is not None) for m in actors] == [(1, True), (0, False)]  # the ready one first
+    assert "TimeoutError: not ready 180 s after it was asked for" in actors[1][4]
+    assert made.handles[("demo", 1)] is not None and made.handles[("demo", 0)] is None
+    assert fake.waits and all(t is not None and t <= driver_module.ACTOR_START_SECONDS for t in fake.waits)
+    assert made.settings.workers.ray_call_timeout_seconds > driver_module.ACTOR_START_SECONDS
 
 
 # -- the node's side ---------------------------------------------------------------------------
