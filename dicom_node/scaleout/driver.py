@@ -17,6 +17,7 @@ connection to it broke: the node drops this process and starts another).
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[tuple[Any, ...]], None]
 Key = tuple[str, int]  # (model, slot)
 
+#: prctl's option: the signal this process gets when its parent ends (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
 #: the longest wait between two tries at making an actor that keeps failing to start
 MAX_ACTOR_BACKOFF_SECONDS = 300.0
 #: how long the actors asked for at once have to load their model and warm up (measured: a few
@@ -221,12 +224,34 @@ def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, 
             return
 
 
+def die_with(parent: int) -> None:
+    """End this process when the node (pid ``parent``) is gone, even while ``ray.init`` blocks
+    (minutes on an address nobody answers) and so never reads the end of its stream: the kernel
+    kills it when its parent ends (Linux ``PR_SET_PDEATHSIG``; the node starts drivers from its
+    executor's long-lived thread, whose end would count as the parent's), and a thread checks
+    the parent every second elsewhere, or should the GIL be free."""
+    with contextlib.suppress(Exception):  # not Linux, or no libc: the thread alone
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above: nothing will signal us
+        os._exit(4)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(4)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str]) -> int:
-    """The process: read the node's hello, connect, keep the actors, serve, leave."""
+    """The process: read the node's hello, connect, keep the actors, serve, leave. ``argv``:
+    the program, the socket's fd, and the node's pid."""
     import socket
 
     from dicom_node.scaleout.wire import receive, send
 
+    if len(argv) > 2:
+        die_with(int(argv[2]))
     conn = socket.socket(fileno=int(argv[1]))
     conn.set_inheritable(False)  # Ray's helpers must not keep the node's socket open
     lock = threading.Lock()

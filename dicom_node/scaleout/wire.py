@@ -47,6 +47,14 @@ def reachable(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 40`` for a number with no name (a real-time signal)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 class LinkClosed(ConnectionError):
     """The driver process ended (or its link was closed) before it answered."""
 
@@ -103,7 +111,7 @@ class DriverLink:
         ours, theirs = socket.socketpair()
         # its own session: closing it may kill its process group and nothing of the node's
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.scaleout.driver", str(theirs.fileno())],
+            [sys.executable, "-m", "dicom_node.scaleout.driver", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.sock = ours
@@ -149,6 +157,17 @@ class DriverLink:
     def _read(self) -> None:
         why = "its link closed"
         try:
+            why = self._serve()
+        except Exception:  # a bug in a handler: the link cannot be trusted any more
+            logger.exception("Ray driver link: unexpected error")
+            why = "failed its link"
+        finally:  # whatever happened, no call may be left waiting for a reader that is gone
+            self._end(why)
+
+    def _serve(self) -> str:
+        """Hand each answer to its call and each other message to ``on_event`` until the
+        stream ends; why it ended."""
+        try:
             while True:
                 message = receive(self.sock)
                 if message[0] == "answer":
@@ -160,27 +179,29 @@ class DriverLink:
                     self._on_event(self, message)
         except (EOFError, OSError, pickle.UnpicklingError, struct.error) as exc:
             if self._closed:
-                why = "was stopped by the node"
-            elif isinstance(exc, (EOFError, ConnectionError)):  # a reset when it died with bytes unread
-                why = f"ended (exit status {self._exit_status()})"
-            else:
-                why = f"broke its link ({type(exc).__name__})"
-        except Exception:  # a bug in a handler: the link cannot be trusted any more
-            logger.exception("Ray driver link: unexpected error")
-            why = "failed its link"
+                return "was stopped by the node"
+            if isinstance(exc, (EOFError, ConnectionError)):  # a reset when it died with bytes unread
+                return f"ended (exit status {self._exit_status()})"
+            return f"broke its link ({type(exc).__name__})"
+
+    def _end(self, why: str) -> None:
         with self._lock:
             self._closed = True
             calls, self._calls = list(self._calls.values()), {}
         # the calls first: a worker must not wait for a process that may take seconds to go
         for future in calls:
             future.set_exception(LinkClosed(f"the Ray driver process {self.pid} {why}"))
-        self._on_end(self, why)
-        self.close()
+        try:
+            self._on_end(self, why)
+        except Exception:
+            logger.exception("Ray driver link: handling the end of process %d failed", self.pid)
+        finally:
+            self.close()
 
     def _exit_status(self) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):
             code = self.process.wait(timeout=0.5)  # its end of the socket closes as it exits
-            return f"killed by {signal.Signals(-code).name}" if code < 0 else str(code)
+            return f"killed by {signal_name(-code)}" if code < 0 else str(code)
         return "unknown: it still runs"
 
     def close(self, grace: float = 5.0) -> None:
