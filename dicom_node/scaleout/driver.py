@@ -6,12 +6,13 @@ lost; living here, it ends this process, never the node. The node notices the en
 hands the calls in flight back and starts another driver when the cluster answers again.
 
 Ray's own retries are off (``max_restarts=0``, ``max_task_retries=0``): the node's queue alone
-decides what runs again. Each answer says what failed: ``done`` (the job's results), ``task``
-(the actor's own code raised), ``actor`` (the actor died or hung in a cluster that still answers),
-``job`` (any other error of Ray's while the cluster still answers: a full object store, a lost
-object, a crashed worker, an answer that cannot be pickled: the job's attempt, counted; this
-process and the actor stay) or ``cluster`` (the cluster's address does not answer, or the
-connection to it broke: the node drops this process and starts another).
+decides what runs again. Each answer says what failed: ``done`` (the job's results), ``absent``
+(the actor was lost before the call: the node had not heard yet), ``task`` (the actor's own code
+raised), ``actor`` (the actor died or hung in a cluster that still answers), ``job`` (any other
+error of Ray's while the cluster still answers: a full object store, a lost object, a crashed
+worker, an answer that cannot be pickled: the job's attempt, counted; this process and the actor
+stay) or ``cluster`` (the cluster's address does not answer, or the connection to it broke: the
+node drops this process and starts another).
 """
 
 import contextlib
@@ -156,7 +157,7 @@ class Driver:
         with self._lock:
             handle = self.handles.get((model, slot))
         if handle is None:
-            return "actor", f"no live actor {slot} of model {model} in the driver"
+            return "absent", f"no live Ray actor {slot} of model {model} in the driver"
         try:
             ref = ray.put(datasets)
             return "done", ray.get(handle.compute.remote(job, ref),

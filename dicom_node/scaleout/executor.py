@@ -77,9 +77,10 @@ class ActorStatus:
     busy: bool = False
     waiting: int = 0  # this slot's share of the workers waiting for an actor of its model
     jobs: int = 0
-    failures: int = 0
+    failures: int = 0  # jobs under which the slot's actor died (not the jobs' own errors)
     busy_seconds: float = 0.0
     since: float = 0.0  # monotonic time the actor became usable
+    generation: int = 0  # which of the slot's actors: one more at each actor made
 
     def utilisation(self, now: float) -> float:
         """Share of its life the actor spent on jobs, 0..1."""
@@ -208,23 +209,24 @@ class RayExecutor:
     def compute(self, ctx: PipelineContext) -> None:
         """The remote step: the job's data sets to an actor of its model, through the driver
         process; its predictions, gate scores and heatmaps back into the context."""
-        slot, link = self._acquire(ctx.job.model)
+        slot, link, generation = self._acquire(ctx.job.model)
         started = time.monotonic()
-        failed = True
+        kind = ""
         try:
             kind, payload, seconds = self._ask(link, slot, ctx)
-            if kind == "done":
-                failed = False
         finally:
-            self._release(slot, time.monotonic() - started, failed)
+            self._release(slot, generation, time.monotonic() - started, lost=kind == "actor")
         if kind == "task":  # the actor's own code raised: a PermanentError stays one
             if isinstance(payload, DicomNodeError):
                 raise payload
             raise RetryableError(f"the Ray actor failed ({payload})")
-        if kind == "actor":
-            self._actor_lost(link, slot, str(payload))
+        if kind == "actor":  # the slot is marked down by the driver's own "lost" event, in order
+            logger.warning("Ray actor %d of model %s lost (%s); a new one is being made", slot.slot,
+                           slot.model, payload)
             raise InfrastructureError(f"the Ray actor of model {ctx.job.model} was lost ({payload}); "
                                       "the queue runs the job again")
+        if kind == "absent":  # the driver had lost it as this worker took it: not the job's attempt
+            raise ClusterUnavailable(f"{payload}; the job waits for a new actor without spending an attempt")
         if kind == "job":  # Ray failed on this job in a cluster that answers: the attempt counts
             raise InfrastructureError(f"Ray failed on this job ({payload}); the queue runs it again")
         if kind != "done":
@@ -262,9 +264,9 @@ class RayExecutor:
                                        "runs the job again")
         return ClusterUnavailable(f"{what}; the job waits for the cluster without spending an attempt")
 
-    def _acquire(self, model: str) -> tuple[ActorStatus, Link]:
-        """A free live actor of ``model``, waiting for one while the others are busy, and the
-        driver it belongs to."""
+    def _acquire(self, model: str) -> tuple[ActorStatus, Link, int]:
+        """A free live actor of ``model``, waiting for one while the others are busy, the
+        driver it belongs to, and which actor of the slot it is (its generation)."""
         with self._lock:
             mine = [s for s in self.slots if s.model == model]
             self._waiting[model] += 1
@@ -278,27 +280,24 @@ class RayExecutor:
                     if free:
                         chosen = min(free, key=lambda s: s.jobs)
                         chosen.busy = True
-                        return chosen, self._link
+                        return chosen, self._link, chosen.generation
                     self._lock.wait(1.0)
             finally:
                 self._waiting[model] -= 1
                 share(self._waiting[model], mine)
 
-    def _release(self, slot: ActorStatus, seconds: float, failed: bool) -> None:
+    def _release(self, slot: ActorStatus, generation: int, seconds: float, lost: bool) -> None:
+        """The job's end on the actor of ``generation``: its time and count go to that actor
+        only (a slot whose actor was replaced meanwhile starts afresh); ``lost``: the actor died
+        under the job."""
         with self._lock:
-            slot.busy = False
-            slot.busy_seconds += seconds
-            slot.jobs += 1
-            slot.failures += int(failed)
+            if slot.generation == generation:
+                slot.busy = False
+                slot.busy_seconds += seconds
+                slot.jobs += 1
+            slot.failures += int(lost)
             self._lock.notify_all()
         self._on_free()
-
-    def _actor_lost(self, link: Link, slot: ActorStatus, what: str) -> None:
-        with self._lock:
-            if link is self._link:
-                slot.alive, slot.info, slot.problem = False, {}, f"lost ({what}); a new one is being made"
-        logger.warning("Ray actor %d of model %s lost (%s); a new one is being made", slot.slot, slot.model,
-                       what)
 
     def _drop(self, link: Link, why: str) -> None:
         """End a driver that cannot be trusted any more (once); its end is handled by :meth:`_ended`."""
@@ -339,7 +338,8 @@ class RayExecutor:
         slot = next(s for s in self.slots if (s.model, s.slot) == (model, number))
         if info is not None:
             slot.alive, slot.info, slot.problem, slot.refused = True, info, "", ""
-            slot.since, slot.busy_seconds = time.monotonic(), 0.0
+            slot.since, slot.busy_seconds, slot.busy = time.monotonic(), 0.0, False
+            slot.generation += 1
             logger.info("Ray actor %d of model %s %s ready on %s (pid %s) %.1f s after it was asked for "
                         "(model loaded in %.2f s)", number, model, info["version"], info["device"],
                         info["pid"], info["ready_seconds"], info["load_seconds"])

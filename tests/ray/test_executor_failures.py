@@ -440,11 +440,59 @@ def test_a_job_that_brings_the_cluster_down_each_time_ends_dead_after_max_attemp
 def test_a_lost_actor_costs_an_attempt_and_only_that_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
     link.ready(["demo"])
-    out = answer(executor, link, ("actor", "RayActorError"))
+    thread, out = compute_in_thread(executor)
+    wait_until(lambda: bool(link.calls), "the call to reach the driver")
+    # the driver's order: its "lost" event, then the answer
+    link.on_event(link, ("actor", "demo", 0, None, "lost (RayActorError); a new one is being made", 0.0))
+    link.calls[-1][1].set_result(("actor", "RayActorError"))
+    thread.join(timeout=10)
     assert isinstance(out["error"], InfrastructureError) and not isinstance(out["error"], UnavailableError)
     assert sorted(s["alive"] for s in executor.statuses()) == [False, True] and not link.closed
     assert executor.claimable() == {"demo"}  # its other actor goes on
     assert executor.not_ready() is None
+
+
+def ready_event(slot: int, pid: int) -> tuple[Any, ...]:
+    return ("actor", "demo", slot, {"version": "1", "device": "cpu", "pid": pid, "ready_seconds": 1.0,
+                                    "load_seconds": 0.5}, "", 0.0)
+
+
+def test_a_replacement_ready_before_the_lost_answer_stays_alive_and_starts_afresh(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver makes the replacement as soon as it has sent "lost": its "ready" may reach the
+    node before the answer of the job the old actor died under. The new actor must stay usable,
+    with none of the old one's busy time or jobs."""
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    thread, out = compute_in_thread(executor)
+    wait_until(lambda: bool(link.calls), "the call to reach the driver")
+    link.on_event(link, ("actor", "demo", 0, None, "lost (RayActorError); a new one is being made", 0.0))
+    time.sleep(0.05)  # the old actor's busy time, which must not go to the new one
+    link.on_event(link, ready_event(0, 200))
+    link.calls[-1][1].set_result(("actor", "RayActorError"))
+    thread.join(timeout=10)
+    assert isinstance(out["error"], InfrastructureError)
+    slot = {s["slot"]: s for s in executor.statuses()}[0]
+    assert slot["alive"] and slot["pid"] == 200 and not slot["busy"] and slot["jobs"] == 0
+    assert executor.slots[0].busy_seconds == 0.0 and slot["failures"] == 1
+    assert executor.claimable() == {"demo"}
+
+
+def test_an_actor_the_driver_no_longer_has_costs_no_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    out = answer(executor, link, ("absent", "no live Ray actor 0 of model demo in the driver"))
+    assert isinstance(out["error"], UnavailableError) and "in the driver" in str(out["error"])
+    assert not link.closed and executor.not_ready() is None
+
+
+def test_an_actors_failures_are_the_jobs_it_died_under_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    answer(executor, link, ("task", PermanentError("wrong modality")))
+    answer(executor, link, ("job", "ObjectStoreFullError"))
+    assert [s["failures"] for s in executor.statuses()] == [0, 0]
+    assert sum(s["jobs"] for s in executor.statuses()) == 2
 
 
 def test_a_lost_cluster_answer_replaces_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
