@@ -65,6 +65,14 @@ def mismatch(ours: Identity, theirs: Identity) -> list[str]:
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
 
 
+def compute_settings(settings: Settings) -> Settings:
+    """The part of the node's settings the Ray driver and its actors need: the pipelines (their
+    explain methods, labels, LIME samples), ``[inference]``, ``[models]`` and ``[workers]`` (the
+    ``ray_*`` keys); the rest (the web token, TLS keys' paths, destinations) stays in the node."""
+    return Settings(source=settings.source, models=settings.models, inference=settings.inference,
+                    workers=settings.workers, pipelines=settings.pipelines)
+
+
 @dataclass(frozen=True)
 class Computed:
     """What an actor hands back for one job: the context fields the node's later steps read."""

@@ -29,7 +29,7 @@ from dicom_node.errors import DicomNodeError, InfrastructureError, RetryableErro
 from dicom_node.inference import ModelRegistry
 from dicom_node.jobs.queue import QueuePolicy
 from dicom_node.pipeline import PipelineContext
-from dicom_node.scaleout.actor import Computed, identity
+from dicom_node.scaleout.actor import Computed, compute_settings, identity
 from dicom_node.scaleout.wire import DriverLink, LinkClosed, reachable
 
 logger = logging.getLogger(__name__)
@@ -408,7 +408,8 @@ class RayExecutor:
             with self._lock:
                 self._problem = f"the Ray cluster at {address} does not answer"
             return
-        hello = ("hello", self.settings, self.identities, logging.getLogger().getEffectiveLevel())
+        hello = ("hello", compute_settings(self.settings), self.identities,
+                 logging.getLogger().getEffectiveLevel())
         with self._lock:
             if self._stop.is_set():
                 return

@@ -347,9 +347,21 @@ def answer(executor: RayExecutor, link: FakeLink, reply: Any) -> dict[str, Any]:
     return out
 
 
+def test_the_driver_and_its_actors_get_only_the_compute_settings(tmp_path: Path) -> None:
+    """Not the web token (nor TLS, destinations): they would be in every actor's creation args."""
+    from dicom_node.scaleout.actor import compute_settings
+    settings = settings_of(tmp_path, '[web]\ntoken = "s3cret-token-value"\n[[pipelines]]\nname = "chest"\n'
+                           'model = "demo-cxr"\nexplain = ["gradcam"]\nlime_samples = 7\n')
+    sent = compute_settings(settings)
+    assert settings.web.token and not sent.web.token and "s3cret" not in repr(sent)
+    assert (sent.pipelines, sent.inference, sent.models, sent.workers) == (
+        settings.pipelines, settings.inference, settings.models, settings.workers)
+
+
 def test_the_node_starts_a_driver_and_computes_through_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
     assert link.hello[0] == "hello" and link.hello[2] == {"demo": IDENTITY}
+    assert link.hello[1] == executor_module.compute_settings(executor.settings)
     assert "connecting" in (executor.not_ready() or "")
     link.ready(["demo"])
     assert executor.not_ready() is None and executor.claimable() == {"demo"}
