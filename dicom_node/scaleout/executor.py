@@ -40,6 +40,8 @@ ANSWER_GRACE_SECONDS = 30.0
 #: failed probes of the GCS's port in a row after which the driver is replaced (a lost GCS can
 #: leave Ray's calls hanging up to a minute before Ray ends the driver)
 PROBES_MISSED = 2
+#: the longest wait before the next driver after drivers that kept ending
+MAX_DRIVER_BACKOFF_SECONDS = 60.0
 #: a driver not connected this long after it started is replaced (``ray.init`` hanging)
 CONNECT_SECONDS = 120.0
 #: the job timing (``PipelineContext.timings``) of the seconds the driver process spent on the
@@ -143,8 +145,9 @@ class RayExecutor:
         self._connected = False
         self._problem = "connecting to the Ray cluster"
         self._waiting: dict[str, int] = dict.fromkeys(self.identities, 0)
-        self._backoff = QueuePolicy(backoff_seconds=w.ray_connect_seconds,
-                                    max_backoff_seconds=max(w.ray_connect_seconds, 60.0))
+        self._backoff = QueuePolicy(
+            backoff_seconds=w.ray_connect_seconds,
+            max_backoff_seconds=max(w.ray_connect_seconds, MAX_DRIVER_BACKOFF_SECONDS))
         self._ends = 0  # driver ends in a row without a connection in between
         self._next_launch = 0.0
         self._missed = 0
