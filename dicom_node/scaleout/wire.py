@@ -10,9 +10,12 @@ Messages are tuples whose first item names them. They are pickled with protocol 
 support it (numpy arrays: the heatmaps and their quality maps) travel out of band, each as its
 own frame, without the copy into the pickle stream, and are received straight into their own
 memory (one copy from the kernel; multiprocessing's ``Connection`` made three, 4.5 MB a job).
+The job's data sets' Pixel Data go out of band too (:class:`_Pickler`), and are unpickled as
+``bytes`` (one copy of each frame, as pydicom wants ``bytes``).
 """
 
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -59,10 +62,47 @@ class LinkClosed(ConnectionError):
     """The driver process ended (or its link was closed) before it answered."""
 
 
+#: Pixel Data, (7FE0,0010): the bulk of a job's data sets, sent out of band
+_PIXEL_DATA = 0x7FE00010
+#: below this, a value is not worth a frame of its own
+_OUT_OF_BAND_BYTES = 64 * 1024
+
+
+class _Bytes:
+    """A ``bytes`` value to pickle out of band (``bytes`` itself is always pickled in band):
+    unpickled as ``bytes`` again."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.value),)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles the Pixel Data of pydicom's data elements (parsed or raw) out of band: without
+    it, each series' pixels are copied into the pickle stream, twice the memory while sent."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        value = getattr(obj, "value", None) if getattr(obj, "tag", None) == _PIXEL_DATA else None
+        if not isinstance(value, bytes) or len(value) < _OUT_OF_BAND_BYTES:
+            return NotImplemented
+        if isinstance(obj, tuple):  # pydicom's RawDataElement, a named tuple
+            return type(obj), tuple(_Bytes(value) if v is value else v for v in obj)
+        reduced = obj.__reduce_ex__(5)
+        if len(reduced) < 3 or not isinstance(reduced[2], dict) or reduced[2].get("_value") is not value:
+            return NotImplemented
+        return (*reduced[:2], {**reduced[2], "_value": _Bytes(value)}, *reduced[3:])
+
+
 def send(sock: socket.socket, message: tuple[Any, ...], lock: threading.Lock) -> None:
     """Write one message: the count of frames, their sizes, the pickle, then each buffer."""
     buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
+    data = stream.getbuffer()
     frames = [memoryview(data), *(buffer.raw() for buffer in buffers)]
     head = _COUNT.pack(len(frames)) + b"".join(_SIZE.pack(frame.nbytes) for frame in frames)
     with lock:

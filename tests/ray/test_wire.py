@@ -37,6 +37,38 @@ def test_a_message_and_its_arrays_arrive_whole() -> None:
     b.close()
 
 
+def test_pixel_data_travels_out_of_band_and_arrives_as_bytes(tmp_path: Any) -> None:
+    """A job's data sets, parsed and read from a file (raw, deferred elements): their Pixel Data
+    each a frame of its own, not copied into the pickle stream."""
+    from pydicom import Dataset, dcmread
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.random.default_rng(3).integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
+    parsed = Dataset()
+    parsed.SOPInstanceUID, parsed.Rows, parsed.Columns = generate_uid(), 512, 512
+    parsed.PixelData = pixels
+    parsed["PixelData"].VR = "OW"
+    parsed.file_meta = FileMetaDataset()
+    parsed.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    parsed.save_as(tmp_path / "a.dcm", implicit_vr=False, little_endian=True)
+    raw = dcmread(tmp_path / "a.dcm", force=True)
+    assert type(raw._dict[0x7FE00010]).__name__ == "RawDataElement"
+    a, b = socket.socketpair()
+    message = ("compute", 1, "demo", 0, None, [parsed, raw])
+    sender = threading.Thread(target=send, args=(a, message, threading.Lock()))
+    sender.start()
+    (frames,) = struct.unpack("!I", b.recv(4, socket.MSG_PEEK))
+    got = receive(b)
+    sender.join(timeout=10)
+    a.close()
+    b.close()
+    assert frames == 3  # the pickle, and each data set's Pixel Data
+    for ds in got[5]:
+        assert type(ds.PixelData) is bytes and ds.PixelData == pixels
+    assert got[5][0].SOPInstanceUID == parsed.SOPInstanceUID and parsed.PixelData is pixels  # not changed
+
+
 def test_a_driver_killed_by_a_signal_without_a_name_still_fails_the_call() -> None:
     """A real-time signal has no ``signal.Signals`` member: the reader must not die on its name
     and leave the call waiting for the answer's timeout (630 s)."""
