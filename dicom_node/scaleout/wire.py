@@ -89,12 +89,13 @@ class _Pickler(pickle.Pickler):
         value = getattr(obj, "value", None) if getattr(obj, "tag", None) == _PIXEL_DATA else None
         if not isinstance(value, bytes) or len(value) < _OUT_OF_BAND_BYTES:
             return NotImplemented
+        wrapped = _Bytes(value)
         if isinstance(obj, tuple):  # pydicom's RawDataElement, a named tuple
-            return type(obj), tuple(_Bytes(value) if v is value else v for v in obj)
+            return type(obj), tuple(wrapped if v is value else v for v in obj)
         reduced = obj.__reduce_ex__(5)
         if len(reduced) < 3 or not isinstance(reduced[2], dict) or reduced[2].get("_value") is not value:
             return NotImplemented
-        return (*reduced[:2], {**reduced[2], "_value": _Bytes(value)}, *reduced[3:])
+        return (*reduced[:2], {**reduced[2], "_value": wrapped}, *reduced[3:])
 
 
 def send(sock: socket.socket, message: tuple[Any, ...], lock: threading.Lock) -> None:
