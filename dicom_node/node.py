@@ -62,6 +62,15 @@ def check_models(settings: Settings, registry: ModelRegistry) -> None:
             )
 
 
+def check_ray(settings: Settings) -> None:
+    """With ``[workers] executor = "ray"``, Ray must be installed: only the executor's driver
+    process imports it, so ask now, or a node without Ray would say "not ready" forever instead
+    of exiting with a config error."""
+    if settings.workers.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"{settings.source}: key 'workers.executor' = \"ray\" needs Ray, which is not "
+                          "installed: pip install 'dicom-node[ray]'")
+
+
 def model_version(registry: ModelRegistry, name: str) -> str:
     """A model's version and weights digest: what makes results of one model differ from another's."""
     manifest = registry.manifest(name)
@@ -130,7 +139,7 @@ class Node:
         check_models(s, self.registry)
         if s.inference.threads:
             torch.set_num_threads(s.inference.threads)
-        self.executor = self._executor()
+        check_ray(s)
         runners = self._runners()
         self._lock_fd = lock_data_dir(s.node.data_dir)
         device = installation_device_uid(s.node.data_dir)  # made at the first start, then kept
@@ -139,9 +148,17 @@ class Node:
         self.metrics = Metrics()
         self.audit = Fanout(self.trail, self.metrics)
         self.floor = self._store_floor()
-        if self.executor is not None:
-            self.executor.audit = self.audit  # a refused actor or a lost driver is audited
-            self.executor.start()
+        self.executor = self._executor()
+        try:
+            self._start_rest(device, runners)
+        except BaseException:
+            if self.executor is not None:  # its driver process must not outlive a failed start
+                self.executor.stop()
+            raise
+
+    def _start_rest(self, device: str, runners: list[InferenceRunner]) -> None:
+        """What :meth:`start` does once the executor runs."""
+        s = self.settings
         self.store = InstanceStore(s.node.data_dir, self.floor, clock=self.clock, audit=self.audit)
         self.results = ResultArea(s.node.data_dir / "results")
         self.results.remove_temporaries()
@@ -239,29 +256,26 @@ class Node:
         return self.executor.not_ready() if self.executor else None
 
     def _executor(self) -> "RayExecutor | None":
-        """With ``[workers] executor = "ray"``: the Ray executor (started once the audit trail is
-        open), and the steps that hand it the compute (unless the caller gave its own steps)."""
+        """With ``[workers] executor = "ray"``: the Ray executor, started (a refused actor and a
+        lost driver go to the audit trail; a freed actor wakes the workers), and the steps that
+        hand it the compute (unless the caller gave its own steps)."""
         s = self.settings
         if s.workers.executor != "ray":
             return None
-        # only the executor's driver process imports Ray: ask now, or a node without Ray would
-        # say "not ready" forever instead of exiting with a config error
-        if importlib.util.find_spec("ray") is None:
-            raise ConfigError(f"{s.source}: key 'workers.executor' = \"ray\" needs Ray, which is not "
-                              "installed: pip install 'dicom-node[ray]'")
         from dicom_node.scaleout import RayExecutor
-        executor = RayExecutor(s, self.registry, [p.model for p in s.pipelines])
+        executor = RayExecutor(s, self.registry, [p.model for p in s.pipelines], self.audit,
+                               on_free=self._work_due.set)
         if self.steps == pipeline.default_steps():
             self.steps = pipeline.remote_steps(executor.compute)
-        return executor
+        return executor.start()
 
     def _runners(self) -> list[InferenceRunner]:
         """One inference runner per worker, each on its device; a bad device is a config error.
         With Ray the node's runners only read manifests (the actors load the models): CPU."""
         s = self.settings
-        count = worker_count(s, self.executor, default_worker_count)
+        count = worker_count(s, default_worker_count)
         try:
-            return [InferenceRunner(self.registry, "cpu" if self.executor else
+            return [InferenceRunner(self.registry, "cpu" if s.workers.executor == "ray" else
                                     worker_device(s.inference.device, i), s.inference.batch_size,
                                     s.inference.bf16)
                     for i in range(count)]

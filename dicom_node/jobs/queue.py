@@ -94,16 +94,23 @@ class Job:
     finished_at: float
     timings: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)  # what the pipeline found (JSON-able)
+    handbacks: int = 0  # attempts handed back uncounted since the last counted one (UnavailableError)
 
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    """Retries and leases. ``backoff_seconds * 2**(attempt-1)``, capped, between attempts."""
+    """Retries and leases. ``backoff_seconds * 2**(attempt-1)``, capped, between attempts.
+
+    ``max_handbacks``: an attempt handed back uncounted (:class:`UnavailableError`: the compute
+    was out of reach) that many times in a row counts after all, so a job that itself brings
+    its compute down each time (a poison job) ends after ``max_attempts`` instead of looping.
+    """
 
     max_attempts: int = 5
     backoff_seconds: float = 10.0
     max_backoff_seconds: float = 600.0
     lease_seconds: float = 60.0
+    max_handbacks: int = 5
 
     def backoff(self, attempts: int) -> float:
         return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** max(0, attempts - 1)))
@@ -187,7 +194,7 @@ class JobQueue:
         ``worker`` lost its lease."""
         now = self.clock()
         return self._update_leased(
-            job_id, worker, state=JobState.DONE, reason="", lease_owner="", lease_expires_at=0.0,
+            job_id, worker, state=JobState.DONE, reason="", handbacks=0, lease_owner="", lease_expires_at=0.0,
             updated_at=now, finished_at=now, timings=timings or {}, results=results or {},
         )
 
@@ -214,15 +221,23 @@ class JobQueue:
             job = dataclasses.replace(job, timings=timings or job.timings)
             if isinstance(error, PermanentError):
                 job = self._finish(job, JobState.FAILED, reason, now)
-            elif isinstance(error, UnavailableError):  # not the job's attempt: handed back
-                job = dataclasses.replace(
-                    job, state=JobState.QUEUED, reason=reason, attempts=job.attempts - 1,
-                    not_before=now + self.policy.backoff(1), lease_owner="", lease_expires_at=0.0,
-                    updated_at=now)
+            elif isinstance(error, UnavailableError):
+                job = self._hand_back(job, reason, now)
             else:
                 job = self._retry_or_bury(job, reason, now)
             self.backend.save(job)
             return job
+
+    def _hand_back(self, job: Job, reason: str, now: float) -> Job:
+        """Not the job's attempt: back to the queue uncounted, unless it was handed back
+        ``max_handbacks`` times in a row already; then the attempt counts (a job that brings
+        its compute down each time must not loop forever)."""
+        if job.handbacks + 1 >= self.policy.max_handbacks:
+            counted = f"{reason} (handed back {job.handbacks + 1} times in a row: this attempt counts)"
+            return dataclasses.replace(self._retry_or_bury(job, counted, now), handbacks=0)
+        return dataclasses.replace(
+            job, state=JobState.QUEUED, reason=reason, attempts=job.attempts - 1, handbacks=job.handbacks + 1,
+            not_before=now + self.policy.backoff(1), lease_owner="", lease_expires_at=0.0, updated_at=now)
 
     def requeue(self, job_id: int) -> Job:
         """Run a failed, dead or done job again, with fresh attempts (an operator's action)."""
@@ -233,7 +248,7 @@ class JobQueue:
             if job.state not in REQUEUEABLE:
                 raise JobError(f"job {job_id} is {job.state}; only failed, dead or done jobs can be requeued")
             job = dataclasses.replace(
-                job, state=JobState.QUEUED, reason="requeued", attempts=0, not_before=0.0,
+                job, state=JobState.QUEUED, reason="requeued", attempts=0, handbacks=0, not_before=0.0,
                 updated_at=self.clock(), finished_at=0.0,
             )
             self.backend.save(job)

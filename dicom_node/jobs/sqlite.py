@@ -118,11 +118,15 @@ _MIGRATIONS: tuple[Migration, ...] = (
     """,
     _key_series_by_study,
     _flag_mixed_results,
+    # schema 4: attempts handed back uncounted in a row (QueuePolicy.max_handbacks)
+    "ALTER TABLE jobs ADD COLUMN handbacks INTEGER NOT NULL DEFAULT 0",
+    # schema 5: a claim restricted to some models (Ray) walks only their queued jobs, by id
+    "CREATE INDEX jobs_by_model ON jobs (state, model, id)",
 )
 _COLUMNS = (
     "id, key, study_instance_uid, series_instance_uid, instance_uids, pipeline, model, "
     "model_version, version, state, reason, attempts, not_before, lease_owner, lease_expires_at, "
-    "created_at, updated_at, finished_at, timings, results"
+    "created_at, updated_at, finished_at, timings, results, handbacks"
 )
 
 
@@ -170,7 +174,7 @@ class SQLiteJobBackend:
         try:
             cursor = self.conn.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) "
-                "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', 0, ?, ?, ?, '{}', '{}')",
+                "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', 0, ?, ?, ?, '{}', '{}', 0)",
                 (spec.key, spec.study_instance_uid, spec.series_instance_uid,
                  json.dumps(list(spec.instance_uids)), spec.pipeline, spec.model, spec.model_version,
                  version, str(spec.state), spec.reason, now, now, finished),
@@ -205,11 +209,11 @@ class SQLiteJobBackend:
     def save(self, job: Job) -> None:
         self.conn.execute(
             "UPDATE jobs SET state = ?, reason = ?, attempts = ?, not_before = ?, lease_owner = ?, "
-            "lease_expires_at = ?, updated_at = ?, finished_at = ?, timings = ?, results = ? "
+            "lease_expires_at = ?, updated_at = ?, finished_at = ?, timings = ?, results = ?, handbacks = ? "
             "WHERE id = ?",
             (str(job.state), job.reason, job.attempts, job.not_before, job.lease_owner,
              job.lease_expires_at, job.updated_at, job.finished_at, json.dumps(job.timings),
-             json.dumps(job.results), job.id),
+             json.dumps(job.results), job.handbacks, job.id),
         )
 
     def select(self, states: Sequence[JobState], limit: int | None = None) -> list[Job]:
@@ -222,12 +226,18 @@ class SQLiteJobBackend:
         return [_job(row) for row in self.conn.execute(query, args).fetchall()]
 
     def next_due(self, now: float, models: Collection[str] | None = None) -> Job | None:
-        only = "" if models is None else f"AND model IN ({', '.join('?' * len(models))}) "
-        row = self.conn.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND not_before <= ? {only}"
-            "ORDER BY id LIMIT 1", (now, *sorted(models or ())),
-        ).fetchone()
-        return _job(row) if row else None
+        if models is None:
+            row = self.conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT 1",
+                (now,)).fetchone()
+            return _job(row) if row else None
+        # one model at a time on jobs_by_model: the other models' queued jobs (thousands, when
+        # a model's actors are down) are never read
+        rows = [self.conn.execute(
+            f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_by_model WHERE state = 'queued' AND model = ? "
+            "AND not_before <= ? ORDER BY id LIMIT 1", (model, now)).fetchone() for model in sorted(models)]
+        due = [_job(row) for row in rows if row]
+        return min(due, key=lambda j: j.id) if due else None
 
     def expired(self, now: float) -> list[Job]:
         rows = self.conn.execute(

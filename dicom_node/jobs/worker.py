@@ -25,27 +25,21 @@ class Worker:
         Runs one job (``pipeline.run`` bound to its dependencies).
     name
         Lease owner name, unique per worker (e.g. ``"node-1234/worker-0"``).
-    ready
-        Why no job can run now (e.g. the Ray cluster is down), or None: while it says why, no
-        job is claimed, so waiting costs no attempt.
     models
-        The models whose jobs can run now (e.g. those with a live Ray actor), or None for all:
-        only their jobs are claimed; the others wait, spending no attempt.
+        The models whose jobs can run now (e.g. those with a free Ray actor; none while the
+        cluster is down), or None for all: only their jobs are claimed; the others wait,
+        spending no attempt.
     """
 
     def __init__(self, queue: JobQueue, runner: Runner, name: str,
-                 ready: Callable[[], str | None] | None = None,
                  models: Callable[[], Collection[str]] | None = None) -> None:
         self.queue = queue
         self.runner = runner
         self.name = name
-        self.ready = ready
         self.models = models
 
     def run_once(self) -> Job | None:
         """Claim one due job and run it to its end; None if nothing was due (or nothing can run)."""
-        if self.ready is not None and self.ready() is not None:
-            return None
         models = self.models() if self.models is not None else None
         if models is not None and not models:
             return None

@@ -4,16 +4,20 @@ The class is plain Python (no Ray import): :class:`~dicom_node.scaleout.executor
 wraps it with ``ray.remote`` and its options, and tests may call it in-process.
 """
 
+import functools
+import hashlib
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
 import torch
 from pydicom import Dataset
 
+import dicom_node
 from dicom_node import pipeline
 from dicom_node.config import Settings
 from dicom_node.explain.heatmap import Heatmap
@@ -24,24 +28,49 @@ from dicom_node.inference.registry import sha256_of
 from dicom_node.jobs.queue import Job
 
 #: a model version's whole identity: its version string, the sha256 of its manifest file (labels,
-#: thresholds, preprocessing, gate threshold), of its weights and of its gate's reference
+#: thresholds, preprocessing, gate threshold), of its weights and of its gate's reference, and the
+#: code that runs it (dicom-node's version and sources, torch's version)
 Identity = dict[str, str]
+
+
+@functools.cache
+def code_sha256() -> str:
+    """The sha256 of dicom-node's own Python sources (each file's path in the package and its
+    bytes, in path order): computed once per process (about 100 files)."""
+    package = Path(dicom_node.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def identity(manifest: ModelManifest) -> Identity:
     """What must be equal at the node and on an actor's host for their results to be the same.
 
     The manifest's own bytes are hashed (not only the weights' sha256 it names): two hosts with
-    the same weights but other thresholds, labels or windowing would report other findings.
+    the same weights but other thresholds, labels or windowing would report other findings. So
+    is the code: an actor host with another dicom-node (preprocessing, explainers) or another
+    torch computes other numbers from the same files.
     """
     return {"version": manifest.version, "manifest_sha256": sha256_of(manifest.path),
             "weights_sha256": manifest.sha256,
-            "gate_reference_sha256": manifest.gate.sha256 if manifest.gate else ""}
+            "gate_reference_sha256": manifest.gate.sha256 if manifest.gate else "",
+            "dicom_node_version": dicom_node.__version__, "dicom_node_sha256": code_sha256(),
+            "torch_version": str(torch.__version__)}
 
 
 def mismatch(ours: Identity, theirs: Identity) -> list[str]:
     """The identity's keys whose values differ (``theirs`` is the node's)."""
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+
+
+def compute_settings(settings: Settings) -> Settings:
+    """The part of the node's settings the Ray driver and its actors need: the pipelines (their
+    explain methods, labels, LIME samples), ``[inference]``, ``[models]`` and ``[workers]`` (the
+    ``ray_*`` keys); the rest (the web token, TLS keys' paths, destinations) stays in the node."""
+    return Settings(source=settings.source, models=settings.models, inference=settings.inference,
+                    workers=settings.workers, pipelines=settings.pipelines)
 
 
 @dataclass(frozen=True)
@@ -92,7 +121,7 @@ class ComputeActor:
             shown = ", ".join(f"{k} {here.get(k, '')[:12]!r} here, {expected.get(k, '')[:12]!r} at the node"
                               for k in differ)
             raise ModelError(f"{manifest.path}: model {model} on this Ray host is not the node's ({shown}): "
-                             "install the same model version here")
+                             "install the same model version, dicom-node and torch here")
         inference = settings.inference
         self.runner = InferenceRunner(registry, device, inference.batch_size, inference.bf16)
         self.runner.model(model)  # loads and checks the weights' sha256 (registry.load)

@@ -6,14 +6,19 @@ lost; living here, it ends this process, never the node. The node notices the en
 hands the calls in flight back and starts another driver when the cluster answers again.
 
 Ray's own retries are off (``max_restarts=0``, ``max_task_retries=0``): the node's queue alone
-decides what runs again. Each answer says what failed: ``done`` (the job's results), ``task``
-(the actor's own code raised), ``actor`` (the actor died or hung in a cluster that still answers)
-or ``cluster`` (anything else from Ray: the node drops this process and starts another).
+decides what runs again. Each answer says what failed: ``done`` (the job's results), ``absent``
+(the actor was lost before the call: the node had not heard yet), ``task`` (the actor's own code
+raised), ``actor`` (the actor died or hung in a cluster that still answers), ``job`` (any other
+error of Ray's while the cluster still answers: a full object store, a lost object, a crashed
+worker, an answer that cannot be pickled: the job's attempt, counted; this process and the actor
+stay) or ``cluster`` (the cluster's address does not answer, or the connection to it broke: the
+node drops this process and starts another).
 """
 
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -31,8 +36,13 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[tuple[Any, ...]], None]
 Key = tuple[str, int]  # (model, slot)
 
+#: prctl's option: the signal this process gets when its parent ends (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
 #: the longest wait between two tries at making an actor that keeps failing to start
 MAX_ACTOR_BACKOFF_SECONDS = 300.0
+#: how long the actors asked for at once have to load their model and warm up (measured: a few
+#: seconds on a CPU here); one not ready by then is refused and tried again after the backoff
+ACTOR_START_SECONDS = 180.0
 
 
 class Driver:
@@ -98,18 +108,34 @@ class Driver:
         asked = time.monotonic()
         options = self._remote.options(num_cpus=w.ray_cpus_per_actor, num_gpus=w.ray_gpus_per_actor,
                                        max_restarts=0, max_task_retries=0)
-        made = [(k, options.remote(self.settings, k[0], self.identities[k[0]], device, threads))
-                for k in keys]
-        for key, handle in made:
-            try:
-                info = ray.get(handle.describe.remote(), timeout=w.ray_call_timeout_seconds)
-            except Exception as exc:
-                self._refused(key, handle, exc)
-                continue
-            info["ready_seconds"] = round(time.monotonic() - asked, 3)
-            with self._lock:
-                self.handles[key], self.failures[key] = handle, 0
-            self.emit(("actor", key[0], key[1], info, "", 0.0))
+        made = {}
+        for key in keys:
+            handle = options.remote(self.settings, key[0], self.identities[key[0]], device, threads)
+            made[handle.describe.remote()] = (key, handle)
+        pending = list(made)
+        while pending:  # each actor reported as soon as it is ready, not after the slower ones
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, asked + ACTOR_START_SECONDS - time.monotonic()))
+            if not ready:
+                break
+            for ref in ready:
+                self._made(*made[ref], ref, asked)
+        late = TimeoutError(f"not ready {ACTOR_START_SECONDS:.0f} s after it was asked for")
+        for ref in pending:
+            self._refused(*made[ref], late)
+
+    def _made(self, key: Key, handle: Any, described: Any, asked: float) -> None:
+        """The actor answered its ``describe`` (or raised instead: it could not start)."""
+        import ray
+        try:
+            info = ray.get(described)
+        except Exception as exc:
+            self._refused(key, handle, exc)
+            return
+        info["ready_seconds"] = round(time.monotonic() - asked, 3)
+        with self._lock:
+            self.handles[key], self.failures[key] = handle, 0
+        self.emit(("actor", key[0], key[1], info, "", 0.0))
 
     def _refused(self, key: Key, handle: Any, exc: BaseException) -> None:
         import ray
@@ -131,7 +157,7 @@ class Driver:
         with self._lock:
             handle = self.handles.get((model, slot))
         if handle is None:
-            return "actor", f"no live actor {slot} of model {model} in the driver"
+            return "absent", f"no live Ray actor {slot} of model {model} in the driver"
         try:
             ref = ray.put(datasets)
             return "done", ray.get(handle.compute.remote(job, ref),
@@ -139,12 +165,16 @@ class Driver:
         except RayTaskError as exc:  # the actor's code raised: a DicomNodeError stays one
             cause = getattr(exc, "cause", None)
             return "task", cause if isinstance(cause, DicomNodeError) else type(cause or exc).__name__
-        except Exception as exc:  # not the job's code: the actor, or the whole cluster, is gone
-            actor_only = isinstance(exc, (RayActorError, GetTimeoutError))
-            if actor_only and reachable(self.settings.workers.ray_address):
+        except Exception as exc:  # not the job's code: the actor, the job's data, or the cluster
+            if isinstance(exc, ConnectionError) or not reachable(self.settings.workers.ray_address):
+                return "cluster", type(exc).__name__
+            if isinstance(exc, (RayActorError, GetTimeoutError)):
                 self._lost((model, slot), handle, exc)
                 return "actor", type(exc).__name__
-            return "cluster", type(exc).__name__
+            # the cluster answers: dropping this process would kill every actor and hand the
+            # job back uncounted, to fail the same way again (a series too big for the object
+            # store): the attempt is the job's
+            return "job", _said(exc)
 
     def _lost(self, key: Key, handle: Any, exc: BaseException) -> None:
         """The actor died (or hung): forget it, kill what is left, make another at once."""
@@ -160,6 +190,11 @@ class Driver:
         self.wake.set()
 
 
+def _said(exc: BaseException) -> str:
+    """An error's type and first words, on one line, for a job's reason."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, emit: Emit) -> None:
     """Answer the node's calls, each in its own thread, until the node closes the link."""
     def answer(number: int, args: tuple[Any, ...]) -> None:
@@ -168,10 +203,16 @@ def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, 
             reply = driver.compute(*args)
         except Exception as exc:  # a bug here must not leave the node's worker waiting
             logger.exception("Ray driver: compute failed")
-            reply = ("cluster", type(exc).__name__)
+            reply = ("job", _said(exc))
         # with the seconds spent here (Ray's part and the actor's): the rest is the link's
-        with contextlib.suppress(Exception):  # the node is gone: nothing to tell
-            emit(("answer", number, (*reply, round(time.perf_counter() - started, 6))))
+        seconds = round(time.perf_counter() - started, 6)
+        try:
+            emit(("answer", number, (*reply, seconds)))
+        except OSError:
+            return  # the node is gone: nothing to tell
+        except Exception as exc:  # the answer cannot be pickled: the job's failure, said so
+            with contextlib.suppress(Exception):
+                emit(("answer", number, ("job", f"its answer could not be sent ({_said(exc)})", seconds)))
 
     while True:
         try:
@@ -184,12 +225,34 @@ def serve(conn: Any, receive: Callable[[Any], tuple[Any, ...]], driver: Driver, 
             return
 
 
+def die_with(parent: int) -> None:
+    """End this process when the node (pid ``parent``) is gone, even while ``ray.init`` blocks
+    (minutes on an address nobody answers) and so never reads the end of its stream: the kernel
+    kills it when its parent ends (Linux ``PR_SET_PDEATHSIG``; the node starts drivers from its
+    executor's long-lived thread, whose end would count as the parent's), and a thread checks
+    the parent every second elsewhere, or should the GIL be free."""
+    with contextlib.suppress(Exception):  # not Linux, or no libc: the thread alone
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above: nothing will signal us
+        os._exit(4)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(4)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str]) -> int:
-    """The process: read the node's hello, connect, keep the actors, serve, leave."""
+    """The process: read the node's hello, connect, keep the actors, serve, leave. ``argv``:
+    the program, the socket's fd, and the node's pid."""
     import socket
 
     from dicom_node.scaleout.wire import receive, send
 
+    if len(argv) > 2:
+        die_with(int(argv[2]))
     conn = socket.socket(fileno=int(argv[1]))
     conn.set_inheritable(False)  # Ray's helpers must not keep the node's socket open
     lock = threading.Lock()

@@ -4,9 +4,11 @@ The node never imports Ray. The driver (``ray.init``, the actor handles) runs in
 (:mod:`dicom_node.scaleout.driver`, linked by :class:`~dicom_node.scaleout.wire.DriverLink`): Ray
 ends the process its driver lives in when the cluster's GCS is lost, and the DICOM endpoint must
 outlive that. When the child ends, for any reason (GCS lost, a crash, the OOM killer), the calls
-in flight fail with :class:`ClusterUnavailable` (the queue hands the job back without counting
-the attempt), :meth:`RayExecutor.not_ready` says why, and a new child is started, with backoff,
-once the cluster's address answers again; it reconnects and remakes the actors.
+in flight fail: with :class:`ClusterUnavailable` when the cluster's address does not answer (the
+queue hands the job back without counting the attempt), else with an
+:class:`~dicom_node.errors.InfrastructureError` (counted: the job may be what ended it).
+:meth:`RayExecutor.not_ready` says why, and a new child is started, with backoff, once the
+cluster's address answers again; it reconnects and remakes the actors.
 
 The queue alone decides what runs again. Ray's own retries are off; an actor that dies mid-job
 fails the job's attempt with an :class:`~dicom_node.errors.InfrastructureError` (counted, never a
@@ -27,7 +29,7 @@ from dicom_node.errors import DicomNodeError, InfrastructureError, RetryableErro
 from dicom_node.inference import ModelRegistry
 from dicom_node.jobs.queue import QueuePolicy
 from dicom_node.pipeline import PipelineContext
-from dicom_node.scaleout.actor import Computed, identity
+from dicom_node.scaleout.actor import Computed, compute_settings, identity
 from dicom_node.scaleout.wire import DriverLink, LinkClosed, reachable
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ ANSWER_GRACE_SECONDS = 30.0
 #: failed probes of the GCS's port in a row after which the driver is replaced (a lost GCS can
 #: leave Ray's calls hanging up to a minute before Ray ends the driver)
 PROBES_MISSED = 2
+#: the longest wait before the next driver after drivers that kept ending
+MAX_DRIVER_BACKOFF_SECONDS = 60.0
 #: a driver not connected this long after it started is replaced (``ray.init`` hanging)
 CONNECT_SECONDS = 120.0
 #: the job timing (``PipelineContext.timings``) of the seconds the driver process spent on the
@@ -75,9 +79,10 @@ class ActorStatus:
     busy: bool = False
     waiting: int = 0  # this slot's share of the workers waiting for an actor of its model
     jobs: int = 0
-    failures: int = 0
+    failures: int = 0  # jobs under which the slot's actor died (not the jobs' own errors)
     busy_seconds: float = 0.0
     since: float = 0.0  # monotonic time the actor became usable
+    generation: int = 0  # which of the slot's actors: one more at each actor made
 
     def utilisation(self, now: float) -> float:
         """Share of its life the actor spent on jobs, 0..1."""
@@ -117,16 +122,21 @@ class RayExecutor:
         Where an actor that refuses to start, and a lost driver, are recorded.
     launch
         Starts a driver process (tests give a fake).
+    on_free
+        Called when an actor becomes free (a job ended, an actor was made): the workers waiting
+        to claim may claim now.
     """
 
     def __init__(self, settings: Settings, registry: ModelRegistry, models: Sequence[str],
-                 audit: Audit | None = None, launch: Launch = DriverLink) -> None:
+                 audit: Audit | None = None, launch: Launch = DriverLink,
+                 on_free: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         w = settings.workers
         self.identities = {m: identity(registry.manifest(m)) for m in sorted(set(models))}
         self.slots = [ActorStatus(m, i) for m in self.identities for i in range(w.ray_actors_per_model)]
         self.audit = audit or NoAudit()
         self._launch = launch
+        self._on_free = on_free
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -135,8 +145,9 @@ class RayExecutor:
         self._connected = False
         self._problem = "connecting to the Ray cluster"
         self._waiting: dict[str, int] = dict.fromkeys(self.identities, 0)
-        self._backoff = QueuePolicy(backoff_seconds=w.ray_connect_seconds,
-                                    max_backoff_seconds=max(w.ray_connect_seconds, 60.0))
+        self._backoff = QueuePolicy(
+            backoff_seconds=w.ray_connect_seconds,
+            max_backoff_seconds=max(w.ray_connect_seconds, MAX_DRIVER_BACKOFF_SECONDS))
         self._ends = 0  # driver ends in a row without a connection in between
         self._next_launch = 0.0
         self._missed = 0
@@ -176,9 +187,16 @@ class RayExecutor:
         return None
 
     def claimable(self) -> frozenset[str]:
-        """The models whose jobs can run now (a live actor): workers claim only their jobs."""
+        """The models whose jobs can run now: more free live actors than workers already
+        waiting for one. Workers claim only their jobs, so none takes a job of a model whose
+        actors are all busy while another model's actor idles."""
         with self._lock:
-            return frozenset(self._live()) if self._connected else frozenset()
+            if not self._connected:
+                return frozenset()
+            free = {m: 0 for m in self.identities}
+            for s in self.slots:
+                free[s.model] += int(s.alive and not s.busy)
+            return frozenset(m for m, n in free.items() if n > self._waiting[m])
 
     def _live(self) -> set[str]:
         return {s.model for s in self.slots if s.alive}
@@ -194,23 +212,26 @@ class RayExecutor:
     def compute(self, ctx: PipelineContext) -> None:
         """The remote step: the job's data sets to an actor of its model, through the driver
         process; its predictions, gate scores and heatmaps back into the context."""
-        slot, link = self._acquire(ctx.job.model)
+        slot, link, generation = self._acquire(ctx.job.model)
         started = time.monotonic()
-        failed = True
+        kind = ""
         try:
             kind, payload, seconds = self._ask(link, slot, ctx)
-            if kind == "done":
-                failed = False
         finally:
-            self._release(slot, time.monotonic() - started, failed)
+            self._release(slot, generation, time.monotonic() - started, lost=kind == "actor")
         if kind == "task":  # the actor's own code raised: a PermanentError stays one
             if isinstance(payload, DicomNodeError):
                 raise payload
             raise RetryableError(f"the Ray actor failed ({payload})")
-        if kind == "actor":
-            self._actor_lost(link, slot, str(payload))
+        if kind == "actor":  # the slot is marked down by the driver's own "lost" event, in order
+            logger.warning("Ray actor %d of model %s lost (%s); a new one is being made", slot.slot,
+                           slot.model, payload)
             raise InfrastructureError(f"the Ray actor of model {ctx.job.model} was lost ({payload}); "
                                       "the queue runs the job again")
+        if kind == "absent":  # the driver had lost it as this worker took it: not the job's attempt
+            raise ClusterUnavailable(f"{payload}; the job waits for a new actor without spending an attempt")
+        if kind == "job":  # Ray failed on this job in a cluster that answers: the attempt counts
+            raise InfrastructureError(f"Ray failed on this job ({payload}); the queue runs it again")
         if kind != "done":
             self._drop(link, f"the Ray cluster was lost ({payload})")
             raise ClusterUnavailable(f"the Ray cluster was lost ({payload}); the job waits for it "
@@ -223,24 +244,32 @@ class RayExecutor:
         ctx.outcome_reason = computed.abstain_reason
 
     def _ask(self, link: Link, slot: ActorStatus, ctx: PipelineContext) -> tuple[str, Any, float | None]:
-        """The driver's answer and its seconds on it; a driver that ended or hung is a lost
-        cluster (no attempt spent)."""
+        """The driver's answer and its seconds on it. A driver that ended or hung while the
+        cluster is out of reach is a lost cluster (no attempt spent); while the cluster answers,
+        it may be this job that brought it down (killed while unpickling a huge series, an
+        answer it could not send): the attempt counts."""
         try:
             future = link.call("compute", slot.model, slot.slot, ctx.job, list(ctx.datasets))
             kind, payload, *seconds = future.result(timeout=self.settings.workers.ray_call_timeout_seconds
                                                     + ANSWER_GRACE_SECONDS)
         except LinkClosed as exc:
-            raise ClusterUnavailable(f"{exc}; the job waits for the cluster without spending an "
-                                     "attempt") from None
+            raise self._lost_driver(str(exc)) from None
         except FutureTimeout:
             self._drop(link, "the Ray driver process did not answer")
-            raise ClusterUnavailable("the Ray driver process did not answer; the job waits for the "
-                                     "cluster without spending an attempt") from None
+            raise self._lost_driver("the Ray driver process did not answer") from None
         return kind, payload, (seconds[0] if seconds else None)
 
-    def _acquire(self, model: str) -> tuple[ActorStatus, Link]:
-        """A free live actor of ``model``, waiting for one while the others are busy, and the
-        driver it belongs to."""
+    def _lost_driver(self, what: str) -> DicomNodeError:
+        """The error of a job whose driver ended or hung while it ran (see :meth:`_ask`)."""
+        address = self.settings.workers.ray_address
+        if not self._stop.is_set() and reachable(address):
+            return InfrastructureError(f"{what} while the Ray cluster at {address} answered; the queue "
+                                       "runs the job again")
+        return ClusterUnavailable(f"{what}; the job waits for the cluster without spending an attempt")
+
+    def _acquire(self, model: str) -> tuple[ActorStatus, Link, int]:
+        """A free live actor of ``model``, waiting for one while the others are busy, the
+        driver it belongs to, and which actor of the slot it is (its generation)."""
         with self._lock:
             mine = [s for s in self.slots if s.model == model]
             self._waiting[model] += 1
@@ -254,26 +283,24 @@ class RayExecutor:
                     if free:
                         chosen = min(free, key=lambda s: s.jobs)
                         chosen.busy = True
-                        return chosen, self._link
+                        return chosen, self._link, chosen.generation
                     self._lock.wait(1.0)
             finally:
                 self._waiting[model] -= 1
                 share(self._waiting[model], mine)
 
-    def _release(self, slot: ActorStatus, seconds: float, failed: bool) -> None:
+    def _release(self, slot: ActorStatus, generation: int, seconds: float, lost: bool) -> None:
+        """The job's end on the actor of ``generation``: its time and count go to that actor
+        only (a slot whose actor was replaced meanwhile starts afresh); ``lost``: the actor died
+        under the job."""
         with self._lock:
-            slot.busy = False
-            slot.busy_seconds += seconds
-            slot.jobs += 1
-            slot.failures += int(failed)
+            if slot.generation == generation:
+                slot.busy = False
+                slot.busy_seconds += seconds
+                slot.jobs += 1
+            slot.failures += int(lost)
             self._lock.notify_all()
-
-    def _actor_lost(self, link: Link, slot: ActorStatus, what: str) -> None:
-        with self._lock:
-            if link is self._link:
-                slot.alive, slot.info, slot.problem = False, {}, f"lost ({what}); a new one is being made"
-        logger.warning("Ray actor %d of model %s lost (%s); a new one is being made", slot.slot, slot.model,
-                       what)
+        self._on_free()
 
     def _drop(self, link: Link, why: str) -> None:
         """End a driver that cannot be trusted any more (once); its end is handled by :meth:`_ended`."""
@@ -287,6 +314,7 @@ class RayExecutor:
     # -- the driver's messages (from its reader thread) -------------------------------------------
 
     def _event(self, link: Link, message: tuple[Any, ...]) -> None:
+        refused: dict[str, Any] | None = None
         with self._lock:
             if link is not self._link:
                 return  # a late word from a driver already replaced
@@ -298,29 +326,38 @@ class RayExecutor:
             elif message[0] == "problem":
                 self._problem = str(message[1])
             elif message[0] == "actor":
-                self._actor_event(*message[1:])
+                refused = self._actor_event(*message[1:])
             self._lock.notify_all()
+        # outside the lock: the audit trail writes a file, and the workers must not wait on it
+        if refused is not None:
+            self.audit.record("ray_actor_refused", **refused)
+        if message[0] == "actor" and message[3] is not None:
+            self._on_free()
 
     def _actor_event(self, model: str, number: int, info: dict[str, Any] | None, problem: str,
-                     retry_in: float) -> None:
-        """An actor became ready, or could not start (``retry_in``: when the driver tries again)."""
+                     retry_in: float) -> dict[str, Any] | None:
+        """An actor became ready, or could not start (``retry_in``: when the driver tries again);
+        the audit event's fields for a new reason it could not start, else None."""
         slot = next(s for s in self.slots if (s.model, s.slot) == (model, number))
         if info is not None:
             slot.alive, slot.info, slot.problem, slot.refused = True, info, "", ""
-            slot.since, slot.busy_seconds = time.monotonic(), 0.0
+            slot.since, slot.busy_seconds, slot.busy = time.monotonic(), 0.0, False
+            slot.generation += 1
             logger.info("Ray actor %d of model %s %s ready on %s (pid %s) %.1f s after it was asked for "
                         "(model loaded in %.2f s)", number, model, info["version"], info["device"],
                         info["pid"], info["ready_seconds"], info["load_seconds"])
-            return
+            return None
         slot.alive, slot.info = False, {}
+        refused = None
         if not problem.startswith("lost") and problem != slot.refused:
             slot.refused = problem  # audited once per reason, not at every try
-            self.audit.record("ray_actor_refused", model=model, version=self.identities[model]["version"],
-                              slot=number, reason=problem)
+            refused = {"model": model, "version": self.identities[model]["version"], "slot": number,
+                       "reason": problem}
         slot.problem = problem + (f" (trying again in {retry_in:.0f} s)" if retry_in else "")
         if retry_in:
             logger.error("Ray actor %d of model %s %s; trying again in %.0f s", number, model, problem,
                          retry_in)
+        return refused
 
     def _ended(self, link: Link, why: str) -> None:
         with self._lock:
@@ -374,7 +411,8 @@ class RayExecutor:
             with self._lock:
                 self._problem = f"the Ray cluster at {address} does not answer"
             return
-        hello = ("hello", self.settings, self.identities, logging.getLogger().getEffectiveLevel())
+        hello = ("hello", compute_settings(self.settings), self.identities,
+                 logging.getLogger().getEffectiveLevel())
         with self._lock:
             if self._stop.is_set():
                 return
@@ -383,11 +421,15 @@ class RayExecutor:
             self._problem = f"the Ray driver process {self._link.pid} is connecting to {address}"
 
 
-def worker_count(settings: Settings, executor: RayExecutor | None, local: Callable[[], int]) -> int:
-    """Worker threads: ``[workers] count``, else one per actor with Ray, else ``local()``."""
-    if settings.workers.count:
-        return settings.workers.count
-    return len(executor.slots) if executor is not None else local()
+def worker_count(settings: Settings, local: Callable[[], int]) -> int:
+    """Worker threads: ``[workers] count``, else one per actor with Ray (the slots of
+    :class:`RayExecutor`), else ``local()``."""
+    w = settings.workers
+    if w.count:
+        return w.count
+    if w.executor == "ray":
+        return len({p.model for p in settings.pipelines}) * w.ray_actors_per_model
+    return local()
 
 
 __all__ = ["ActorStatus", "ClusterUnavailable", "RayExecutor", "reachable", "worker_count"]

@@ -10,9 +10,12 @@ Messages are tuples whose first item names them. They are pickled with protocol 
 support it (numpy arrays: the heatmaps and their quality maps) travel out of band, each as its
 own frame, without the copy into the pickle stream, and are received straight into their own
 memory (one copy from the kernel; multiprocessing's ``Connection`` made three, 4.5 MB a job).
+The job's data sets' Pixel Data go out of band too (:class:`_Pickler`), and are unpickled as
+``bytes`` (one copy of each frame, as pydicom wants ``bytes``).
 """
 
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -47,14 +50,60 @@ def reachable(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 40`` for a number with no name (a real-time signal)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 class LinkClosed(ConnectionError):
     """The driver process ended (or its link was closed) before it answered."""
+
+
+#: Pixel Data, (7FE0,0010): the bulk of a job's data sets, sent out of band
+_PIXEL_DATA = 0x7FE00010
+#: below this, a value is not worth a frame of its own
+_OUT_OF_BAND_BYTES = 64 * 1024
+
+
+class _Bytes:
+    """A ``bytes`` value to pickle out of band (``bytes`` itself is always pickled in band):
+    unpickled as ``bytes`` again."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.value),)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles the Pixel Data of pydicom's data elements (parsed or raw) out of band: without
+    it, each series' pixels are copied into the pickle stream, twice the memory while sent."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        value = getattr(obj, "value", None) if getattr(obj, "tag", None) == _PIXEL_DATA else None
+        if not isinstance(value, bytes) or len(value) < _OUT_OF_BAND_BYTES:
+            return NotImplemented
+        wrapped = _Bytes(value)
+        if isinstance(obj, tuple):  # pydicom's RawDataElement, a named tuple
+            return type(obj), tuple(wrapped if v is value else v for v in obj)
+        reduced = obj.__reduce_ex__(5)
+        if len(reduced) < 3 or not isinstance(reduced[2], dict) or reduced[2].get("_value") is not value:
+            return NotImplemented
+        return (*reduced[:2], {**reduced[2], "_value": wrapped}, *reduced[3:])
 
 
 def send(sock: socket.socket, message: tuple[Any, ...], lock: threading.Lock) -> None:
     """Write one message: the count of frames, their sizes, the pickle, then each buffer."""
     buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
+    data = stream.getbuffer()
     frames = [memoryview(data), *(buffer.raw() for buffer in buffers)]
     head = _COUNT.pack(len(frames)) + b"".join(_SIZE.pack(frame.nbytes) for frame in frames)
     with lock:
@@ -103,7 +152,7 @@ class DriverLink:
         ours, theirs = socket.socketpair()
         # its own session: closing it may kill its process group and nothing of the node's
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.scaleout.driver", str(theirs.fileno())],
+            [sys.executable, "-m", "dicom_node.scaleout.driver", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.sock = ours
@@ -149,6 +198,17 @@ class DriverLink:
     def _read(self) -> None:
         why = "its link closed"
         try:
+            why = self._serve()
+        except Exception:  # a bug in a handler: the link cannot be trusted any more
+            logger.exception("Ray driver link: unexpected error")
+            why = "failed its link"
+        finally:  # whatever happened, no call may be left waiting for a reader that is gone
+            self._end(why)
+
+    def _serve(self) -> str:
+        """Hand each answer to its call and each other message to ``on_event`` until the
+        stream ends; why it ended."""
+        try:
             while True:
                 message = receive(self.sock)
                 if message[0] == "answer":
@@ -160,27 +220,29 @@ class DriverLink:
                     self._on_event(self, message)
         except (EOFError, OSError, pickle.UnpicklingError, struct.error) as exc:
             if self._closed:
-                why = "was stopped by the node"
-            elif isinstance(exc, (EOFError, ConnectionError)):  # a reset when it died with bytes unread
-                why = f"ended (exit status {self._exit_status()})"
-            else:
-                why = f"broke its link ({type(exc).__name__})"
-        except Exception:  # a bug in a handler: the link cannot be trusted any more
-            logger.exception("Ray driver link: unexpected error")
-            why = "failed its link"
+                return "was stopped by the node"
+            if isinstance(exc, (EOFError, ConnectionError)):  # a reset when it died with bytes unread
+                return f"ended (exit status {self._exit_status()})"
+            return f"broke its link ({type(exc).__name__})"
+
+    def _end(self, why: str) -> None:
         with self._lock:
             self._closed = True
             calls, self._calls = list(self._calls.values()), {}
         # the calls first: a worker must not wait for a process that may take seconds to go
         for future in calls:
             future.set_exception(LinkClosed(f"the Ray driver process {self.pid} {why}"))
-        self._on_end(self, why)
-        self.close()
+        try:
+            self._on_end(self, why)
+        except Exception:
+            logger.exception("Ray driver link: handling the end of process %d failed", self.pid)
+        finally:
+            self.close()
 
     def _exit_status(self) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):
             code = self.process.wait(timeout=0.5)  # its end of the socket closes as it exits
-            return f"killed by {signal.Signals(-code).name}" if code < 0 else str(code)
+            return f"killed by {signal_name(-code)}" if code < 0 else str(code)
         return "unknown: it still runs"
 
     def close(self, grace: float = 5.0) -> None:

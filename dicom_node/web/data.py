@@ -200,8 +200,33 @@ def jobs(src: Sources, state: str | None, limit: int = 200) -> list[dict[str, An
     sent = src.outbox.for_jobs([j.id for j in listed])  # "not analysed, reported" vs "nothing sent"
     current = src.queue.current(listed)
     # current: the newest version of its series and pipeline; its results supersede the others'
+    held = held_back(src.actors())
     return [record_dict(j) | {"outcome": describe_job(j.state, sent.get(j.id, []), j.results),
-                              "current": j.id in current} for j in listed]
+                              "current": j.id in current,
+                              "reason": waiting_reason(j.reason, held.get(j.model))
+                              if j.state == JobState.QUEUED else j.reason} for j in listed]
+
+
+def held_back(actors: list[dict[str, Any]]) -> dict[str, str]:
+    """Why each model with no live Ray actor holds back its queued jobs (none with the local
+    executor): the workers claim none of them, so their records would say nothing new."""
+    models: dict[str, list[dict[str, Any]]] = {}
+    for actor in actors:
+        models.setdefault(actor["model"], []).append(actor)
+    held = {}
+    for model, slots in models.items():
+        if not any(a["alive"] for a in slots):
+            problems = "; ".join(sorted({a["problem"] for a in slots if a["problem"]}))
+            why = f" ({problems})" if problems else ""
+            held[model] = f"waiting: no live Ray actor of model {model}{why}"
+    return held
+
+
+def waiting_reason(reason: str, waiting: str | None) -> str:
+    """A queued job's reason, with why it waits first, if it waits for its model's actors."""
+    if not waiting:
+        return reason
+    return f"{waiting}; {reason}" if reason else waiting
 
 
 def record_dict(record: Any) -> dict[str, Any]:

@@ -136,20 +136,21 @@ def test_a_waiting_worker_wakes_for_new_work_without_waiting_its_poll() -> None:
     assert not thread.is_alive()
 
 
-def test_a_worker_claims_nothing_while_its_executor_is_not_ready(clock: FakeClock) -> None:
+def test_a_worker_claims_nothing_while_its_executor_can_run_no_model(clock: FakeClock) -> None:
+    """The Ray cluster down: ``RayExecutor.claimable`` names no model."""
     queue = queue_with_job(clock=clock)
-    reason: list[str | None] = ["the Ray cluster at 10.0.0.5:6379 does not answer"]
+    runnable: set[str] = set()
     ran: list[Job] = []
 
     def runner(job: Job, timings: dict[str, float]) -> dict:
         ran.append(job)
         return {}
 
-    worker = Worker(queue, runner, "w", ready=lambda: reason[0])
+    worker = Worker(queue, runner, "w", models=lambda: runnable)
     assert worker.run_once() is None and ran == []
     [job] = queue.list()
     assert (job.state, job.attempts) == (JobState.QUEUED, 0)  # waiting costs no attempt
-    reason[0] = None
+    runnable.add(job.model)
     done = worker.run_once()
     assert done is not None and done.state == JobState.DONE and done.attempts == 1
 

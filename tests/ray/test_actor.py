@@ -1,6 +1,7 @@
 """The actor's class in-process (no Ray): it refuses a model whose identity (version, manifest,
 weights, gate reference) is not the node's."""
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,14 +31,31 @@ def node_identity() -> dict[str, str]:
     return identity(ModelRegistry(REPO / "models").manifest("demo-cxr"))
 
 
-@pytest.mark.parametrize("key", ["weights_sha256", "manifest_sha256", "gate_reference_sha256", "version"])
+@pytest.mark.parametrize("key", ["weights_sha256", "manifest_sha256", "gate_reference_sha256", "version",
+                                 "dicom_node_version", "dicom_node_sha256", "torch_version"])
 def test_an_actor_refuses_a_model_other_than_the_nodes(key: str) -> None:
+    """The code too: a host with another dicom-node or torch computes other numbers."""
+    assert node_identity()[key] or key == "gate_reference_sha256"
     expected = {**node_identity(), key: "0" * 64}
     with pytest.raises(ModelError) as caught:
         ComputeActor(SETTINGS, "demo-cxr", expected, "cpu", 1)
     message = str(caught.value)
     assert f"{key} " in message and "'000000000000' at the node" in message, message
-    assert [k for k in node_identity() if f"{k} '" in message] == [key]  # only what differs
+    assert [k for k in node_identity() if re.search(rf"[(,] {k} '|\({k} '", message)] == [key]  # only what differs
+
+
+def test_the_code_hash_is_the_packages_sources() -> None:
+    import hashlib
+
+    import dicom_node
+    from dicom_node.scaleout.actor import code_sha256
+    package = Path(dicom_node.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    assert code_sha256() == digest.hexdigest() == node_identity()["dicom_node_sha256"]
+    assert node_identity()["torch_version"] == torch.__version__
 
 
 def copy_model(tmp_path: Path) -> Path:

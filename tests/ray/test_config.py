@@ -3,13 +3,14 @@
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from dicom_node.config import ConfigError, load_settings
-from dicom_node.node import Node
+from dicom_node.node import Node, check_ray
 from dicom_node.scaleout.wire import reachable
 from tests.nodeproc import REPO, free_port
 
@@ -84,11 +85,28 @@ def test_ray_chosen_but_not_installed_is_a_config_error_naming_the_key(
     settings = load_settings(settings_of(tmp_path, 'executor = "ray"\nray_address = "127.0.0.1:1"'), environ={})
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    started: list[object] = []
-    monkeypatch.setattr("dicom_node.scaleout.RayExecutor.start", started.append)
-    fake_node = SimpleNamespace(settings=settings, registry=None, steps=[])
     with pytest.raises(ConfigError) as caught:
-        Node._executor(fake_node)  # type: ignore[arg-type]
+        check_ray(settings)
     message = str(caught.value)
     assert "'workers.executor'" in message and "pip install 'dicom-node[ray]'" in message
-    assert "\n" not in message and not started
+    assert "\n" not in message
+
+
+def test_a_start_that_fails_after_the_executor_started_stops_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its driver process (and the actors) must not outlive a node that failed to start."""
+    settings = load_settings(settings_of(tmp_path, 'executor = "ray"\nray_address = "127.0.0.1:1"'), environ={})
+    stopped: list[bool] = []
+    executor = SimpleNamespace(stop=lambda: stopped.append(True))
+    node = SimpleNamespace(settings=settings, _executor=lambda: executor, clock=time.time)
+
+    def fail(device: str, runners: list[object]) -> None:
+        raise OSError("disk gone")
+    node._start_rest = fail
+    for step in ("check_exposure", "check_files", "check_models", "check_ray", "lock_data_dir",
+                 "installation_device_uid", "AuditTrail", "Metrics", "Fanout", "ModelRegistry"):
+        monkeypatch.setattr(f"dicom_node.node.{step}", lambda *a, **k: None)
+    node._runners, node._store_floor = lambda: [], lambda: 0
+    with pytest.raises(OSError, match="disk gone"):
+        Node.start(node)  # type: ignore[arg-type]
+    assert stopped == [True]

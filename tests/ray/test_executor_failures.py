@@ -54,6 +54,8 @@ class FakeRay:
         self.calls: list[str] = []
         self.compute: Callable[[], Any] = lambda: "computed"
         self.refuse: BaseException | None = None
+        self.hang: set[int] = set()  # the actors (by number) whose start never ends
+        self.waits: list[float | None] = []
         self.handles = 0
 
     def module(self) -> types.ModuleType:
@@ -66,9 +68,15 @@ class FakeRay:
         ray.shutdown = lambda: self.calls.append("shutdown")  # type: ignore[attr-defined]
         ray.put = lambda value: "ref"  # type: ignore[attr-defined]
         ray.get = lambda ref, timeout=None: ref()  # type: ignore[attr-defined]
+        ray.wait = self.wait  # type: ignore[attr-defined]
         ray.kill = lambda handle, no_restart=True: self.calls.append("kill")  # type: ignore[attr-defined]
         ray.remote = lambda cls: SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=self.make))  # type: ignore[attr-defined]
         return ray
+
+    def wait(self, refs: list[Any], num_returns: int = 1, timeout: float | None = None) -> tuple[list, list]:
+        self.waits.append(timeout)
+        ready = [r for r in refs if r.number not in self.hang][:num_returns]
+        return ready, [r for r in refs if r not in ready]
 
     def make(self, *args: Any) -> SimpleNamespace:
         self.handles += 1
@@ -79,6 +87,7 @@ class FakeRay:
             if refuse is not None:
                 raise RayActorError(f"The actor died in __init__: {refuse}")
             return dict(info)
+        describe.number = self.handles  # type: ignore[attr-defined]
         return SimpleNamespace(number=self.handles, describe=SimpleNamespace(remote=lambda: describe),
                                compute=SimpleNamespace(remote=lambda job, ref: self.compute))
 
@@ -161,15 +170,53 @@ def test_a_dead_actor_in_a_cluster_that_is_gone_is_a_lost_cluster(
     assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", "RayActorError")
 
 
-@pytest.mark.parametrize("lost", [ConnectionError("connection lost"), RayError("system error"), OSError("pipe")])
-def test_any_other_error_from_ray_is_a_lost_cluster(driver: tuple[Driver, list], fake: FakeRay,
-                                                   lost: BaseException) -> None:
+def test_a_broken_connection_is_a_lost_cluster(driver: tuple[Driver, list], fake: FakeRay) -> None:
     made, _ = driver
 
     def raise_lost() -> None:
-        raise lost
+        raise ConnectionError("connection lost")
     fake.compute = raise_lost
-    assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", type(lost).__name__)
+    assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", "ConnectionError")
+
+
+@pytest.mark.parametrize("error", [RayError("ObjectStoreFullError: the object store is full"),
+                                   RayError("WorkerCrashedError"), OSError("no space left")])
+def test_any_other_error_from_ray_in_a_cluster_that_answers_is_the_jobs(
+        driver: tuple[Driver, list], fake: FakeRay, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """A poison job (a series too big for the object store) must not take the driver and every
+    actor down, to be handed back uncounted and fail the same way forever."""
+    made, _ = driver
+
+    def raise_error() -> None:
+        raise error
+    fake.compute = raise_error
+    kind, reason = made.compute("demo", 0, SimpleNamespace(), [])
+    assert kind == "job" and reason.startswith(type(error).__name__) and str(error) in reason
+    assert made.handles[("demo", 0)] is not None and "kill" not in fake.calls  # the actor stays
+    monkeypatch.setattr(driver_module, "reachable", lambda address, timeout=2.0: False)
+    assert made.compute("demo", 0, SimpleNamespace(), []) == ("cluster", type(error).__name__)
+
+
+def test_an_answer_that_cannot_be_pickled_is_the_jobs_failure(driver: tuple[Driver, list]) -> None:
+    made, _ = driver
+    answers: list[tuple[Any, ...]] = []
+
+    def emit(message: tuple[Any, ...]) -> None:
+        import pickle
+        pickle.dumps(message)
+        answers.append(message)
+    made.compute = lambda *args: ("done", threading.Lock())  # type: ignore[method-assign]
+    messages = iter([("compute", 7, "demo", 0, SimpleNamespace(), [])])
+
+    def receive(conn: Any) -> tuple[Any, ...]:
+        try:
+            return next(messages)
+        except StopIteration:
+            wait_until(lambda: bool(answers), "the answer")
+            raise EOFError from None
+    driver_module.serve(None, receive, made, emit)
+    [(name, number, (kind, reason, _))] = answers
+    assert (name, number, kind) == ("answer", 7, "job") and "could not be sent" in reason and "lock" in reason
 
 
 def test_an_actor_that_keeps_refusing_to_start_is_tried_again_with_a_growing_backoff(
@@ -190,6 +237,22 @@ def test_an_actor_that_keeps_refusing_to_start_is_tried_again_with_a_growing_bac
     # two slots, tried at once and again after 2 s (ray_connect_seconds), then after 4 s: no tight loop
     assert [m[5] for m in refused] == [2.0, 2.0, 4.0, 4.0] and fake.handles == 4, refused
     assert all(m[3] is None and "could not start" in m[4] and "not the node's" in m[4] for m in refused)
+
+
+def test_the_actors_start_together_under_their_own_shorter_timeout(tmp_path: Path, fake: FakeRay) -> None:
+    """One actor that never finishes loading must not hold the others' report back, nor wait the
+    compute's timeout (600 s) per actor."""
+    sent: list[tuple[Any, ...]] = []
+    made = Driver(settings_of(tmp_path), {"demo": IDENTITY}, sent.append)
+    made.connect()
+    fake.hang = {1}
+    made.make(list(made.handles))
+    actors = [m for m in sent if m[0] == "actor"]
+    assert [(m[2], m[3] is not None) for m in actors] == [(1, True), (0, False)]  # the ready one first
+    assert "TimeoutError: not ready 180 s after it was asked for" in actors[1][4]
+    assert made.handles[("demo", 1)] is not None and made.handles[("demo", 0)] is None
+    assert fake.waits and all(t is not None and t <= driver_module.ACTOR_START_SECONDS for t in fake.waits)
+    assert made.settings.workers.ray_call_timeout_seconds > driver_module.ACTOR_START_SECONDS
 
 
 # -- the node's side ---------------------------------------------------------------------------
@@ -284,9 +347,21 @@ def answer(executor: RayExecutor, link: FakeLink, reply: Any) -> dict[str, Any]:
     return out
 
 
+def test_the_driver_and_its_actors_get_only_the_compute_settings(tmp_path: Path) -> None:
+    """Not the web token (nor TLS, destinations): they would be in every actor's creation args."""
+    from dicom_node.scaleout.actor import compute_settings
+    settings = settings_of(tmp_path, '[web]\ntoken = "s3cret-token-value"\n[[pipelines]]\nname = "chest"\n'
+                           'model = "demo-cxr"\nexplain = ["gradcam"]\nlime_samples = 7\n')
+    sent = compute_settings(settings)
+    assert settings.web.token and not sent.web.token and "s3cret" not in repr(sent)
+    assert (sent.pipelines, sent.inference, sent.models, sent.workers) == (
+        settings.pipelines, settings.inference, settings.models, settings.workers)
+
+
 def test_the_node_starts_a_driver_and_computes_through_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
     assert link.hello[0] == "hello" and link.hello[2] == {"demo": IDENTITY}
+    assert link.hello[1] == executor_module.compute_settings(executor.settings)
     assert "connecting" in (executor.not_ready() or "")
     link.ready(["demo"])
     assert executor.not_ready() is None and executor.claimable() == {"demo"}
@@ -301,7 +376,9 @@ def test_the_driver_ending_mid_job_costs_no_attempt_and_a_new_one_starts_after_a
     audit = Audit()
     executor, links = executor_of(tmp_path, ["demo"], monkeypatch, audit)
     links[0].ready(["demo"])
+    monkeypatch.setattr(executor_module, "reachable", lambda address, timeout=2.0: False)  # the GCS is gone
     out = answer(executor, links[0], LinkClosed("gone"))
+    monkeypatch.setattr(executor_module, "reachable", lambda address, timeout=2.0: True)
     assert isinstance(out["error"], ClusterUnavailable) and isinstance(out["error"], UnavailableError)
     reason = executor.not_ready()
     assert reason is not None and "driver process 4242" in reason and "SIGKILL" in reason
@@ -316,14 +393,118 @@ def test_the_driver_ending_mid_job_costs_no_attempt_and_a_new_one_starts_after_a
     assert executor.not_ready() is None
 
 
+def test_the_driver_ending_mid_job_while_the_cluster_answers_costs_the_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job may be what ended it (the driver OOM-killed while unpickling its series)."""
+    executor, links = executor_of(tmp_path, ["demo"], monkeypatch)
+    links[0].ready(["demo"])
+    out = answer(executor, links[0], LinkClosed("gone"))
+    assert isinstance(out["error"], InfrastructureError) and not isinstance(out["error"], UnavailableError)
+    assert "while the Ray cluster at 127.0.0.1:6379 answered" in str(out["error"])
+
+
+def test_a_job_that_ray_fails_in_a_cluster_that_answers_costs_the_attempt_and_keeps_the_driver(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    out = answer(executor, link, ("job", "ObjectStoreFullError: the object store is full"))
+    assert isinstance(out["error"], InfrastructureError) and not isinstance(out["error"], UnavailableError)
+    assert "ObjectStoreFullError" in str(out["error"]) and not link.closed
+    assert executor.not_ready() is None and all(s["alive"] for s in executor.statuses())
+
+
+def test_a_job_that_brings_the_cluster_down_each_time_ends_dead_after_max_attempts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backstop: answered "cluster" at every try (no attempt spent each time), the job is
+    still counted after ``max_handbacks`` hand-backs in a row, and ends dead with a reason."""
+    from dicom_node.jobs.memory import MemoryJobBackend
+    from dicom_node.jobs.queue import JobQueue, JobSpec, JobState, QueuePolicy
+    from dicom_node.jobs.worker import Worker
+
+    executor, links = executor_of(tmp_path, ["demo"], monkeypatch)
+    now = [1000.0]
+    policy = QueuePolicy(max_attempts=3, max_handbacks=4)
+    queue = JobQueue(MemoryJobBackend(), policy, clock=lambda: now[0])
+    job = queue.enqueue(JobSpec("1.2.3", "1.2.3.4", ("1.2.3.4.5",), "p", "demo", "1"))
+    assert job is not None
+
+    def run(job: Any, timings: dict[str, float]) -> None:
+        executor.compute(SimpleNamespace(job=job, datasets=[], timings=timings))  # type: ignore[arg-type]
+    worker = Worker(queue, run, "w0", models=executor.claimable)
+    tries = 0
+    while (current := queue.get(job.id)) is not None and current.state == JobState.QUEUED:
+        assert tries < 50, f"still queued after {tries} tries: {current}"
+        executor._next_launch = 0.0
+        executor._tend()  # a fresh driver each time, as after a lost cluster
+        links[-1].ready(["demo"])
+        now[0] += policy.max_backoff_seconds + 1
+        thread = threading.Thread(target=worker.run_once, daemon=True)
+        thread.start()
+        wait_until(lambda: bool(links[-1].calls), "the call to reach the driver")
+        links[-1].calls[-1][1].set_result(("cluster", "ObjectStoreFullError"))
+        thread.join(timeout=10)
+        wait_until(lambda: links[-1].closed, "the driver to be dropped")
+        tries += 1
+    assert current is not None and current.state == JobState.DEAD and current.attempts == 3
+    assert tries == 3 * 4 and "handed back 4 times in a row" in current.reason and "ObjectStoreFullError" in current.reason
+
+
 def test_a_lost_actor_costs_an_attempt_and_only_that_actor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
     link.ready(["demo"])
-    out = answer(executor, link, ("actor", "RayActorError"))
+    thread, out = compute_in_thread(executor)
+    wait_until(lambda: bool(link.calls), "the call to reach the driver")
+    # the driver's order: its "lost" event, then the answer
+    link.on_event(link, ("actor", "demo", 0, None, "lost (RayActorError); a new one is being made", 0.0))
+    link.calls[-1][1].set_result(("actor", "RayActorError"))
+    thread.join(timeout=10)
     assert isinstance(out["error"], InfrastructureError) and not isinstance(out["error"], UnavailableError)
     assert sorted(s["alive"] for s in executor.statuses()) == [False, True] and not link.closed
     assert executor.claimable() == {"demo"}  # its other actor goes on
     assert executor.not_ready() is None
+
+
+def ready_event(slot: int, pid: int) -> tuple[Any, ...]:
+    return ("actor", "demo", slot, {"version": "1", "device": "cpu", "pid": pid, "ready_seconds": 1.0,
+                                    "load_seconds": 0.5}, "", 0.0)
+
+
+def test_a_replacement_ready_before_the_lost_answer_stays_alive_and_starts_afresh(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver makes the replacement as soon as it has sent "lost": its "ready" may reach the
+    node before the answer of the job the old actor died under. The new actor must stay usable,
+    with none of the old one's busy time or jobs."""
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    thread, out = compute_in_thread(executor)
+    wait_until(lambda: bool(link.calls), "the call to reach the driver")
+    link.on_event(link, ("actor", "demo", 0, None, "lost (RayActorError); a new one is being made", 0.0))
+    time.sleep(0.05)  # the old actor's busy time, which must not go to the new one
+    link.on_event(link, ready_event(0, 200))
+    link.calls[-1][1].set_result(("actor", "RayActorError"))
+    thread.join(timeout=10)
+    assert isinstance(out["error"], InfrastructureError)
+    slot = {s["slot"]: s for s in executor.statuses()}[0]
+    assert slot["alive"] and slot["pid"] == 200 and not slot["busy"] and slot["jobs"] == 0
+    assert executor.slots[0].busy_seconds == 0.0 and slot["failures"] == 1
+    assert executor.claimable() == {"demo"}
+
+
+def test_an_actor_the_driver_no_longer_has_costs_no_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    out = answer(executor, link, ("absent", "no live Ray actor 0 of model demo in the driver"))
+    assert isinstance(out["error"], UnavailableError) and "in the driver" in str(out["error"])
+    assert not link.closed and executor.not_ready() is None
+
+
+def test_an_actors_failures_are_the_jobs_it_died_under_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor, [link] = executor_of(tmp_path, ["demo"], monkeypatch)
+    link.ready(["demo"])
+    answer(executor, link, ("task", PermanentError("wrong modality")))
+    answer(executor, link, ("job", "ObjectStoreFullError"))
+    assert [s["failures"] for s in executor.statuses()] == [0, 0]
+    assert sum(s["jobs"] for s in executor.statuses()) == 2
 
 
 def test_a_lost_cluster_answer_replaces_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,7 +533,8 @@ def test_a_gcs_that_stops_answering_replaces_the_driver(tmp_path: Path, monkeypa
     assert not link.closed  # one missed probe may be a blip
     executor._tend()
     wait_until(lambda: link.closed, "the driver to be closed")
-    assert "stopped answering" in (executor.not_ready() or "") or "driver process" in (executor.not_ready() or "")
+    assert executor.not_ready() == ("the Ray driver process 4242 was replaced: the Ray cluster at 127.0.0.1:6379 "
+                                    "stopped answering; starting another")
 
 
 def test_each_waiting_worker_counts_once_in_the_queue_depth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -372,6 +554,31 @@ def test_each_waiting_worker_counts_once_in_the_queue_depth(tmp_path: Path, monk
         thread.join(timeout=10)
         assert "ctx" in out
     assert [s["queue_depth"] for s in executor.statuses()] == [0, 0]
+
+
+def test_only_models_with_a_free_actor_are_claimable_and_a_freed_actor_wakes_the_claimers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker must not claim a job of model a and wait for a's busy actors while b's idle."""
+    executor, [link] = executor_of(tmp_path, ["a", "b"], monkeypatch)
+    freed: list[int] = []
+    executor._on_free = lambda: freed.append(1)
+    link.ready(["a", "b"])
+    assert executor.claimable() == {"a", "b"} and len(freed) == 4  # each actor made
+    runs = [compute_in_thread(executor, "a") for _ in range(2)]
+    wait_until(lambda: len(link.calls) == 2, "both of a's actors busy")
+    assert executor.claimable() == {"b"}
+    runs.append(compute_in_thread(executor, "a"))  # a third: waits for one of a's actors
+    wait_until(lambda: executor._waiting["a"] == 1, "a worker waiting for a")
+    done = ("done", SimpleNamespace(timings={}, predictions=[], gate=[], heatmaps=[], abstain_reason=""))
+    link.calls[0][1].set_result(done)
+    wait_until(lambda: len(link.calls) == 3, "the waiting worker to take the freed actor")
+    assert executor.claimable() == {"b"} and len(freed) == 5
+    for _, future in link.calls[1:]:
+        future.set_result(done)
+    for thread, out in runs:
+        thread.join(timeout=10)
+        assert "ctx" in out
+    assert executor.claimable() == {"a", "b"} and len(freed) == 7
 
 
 def test_a_model_whose_actor_is_refused_holds_back_only_its_own_jobs(
