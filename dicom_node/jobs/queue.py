@@ -313,7 +313,7 @@ class JobQueue:
         delay = 0.0 if immediately else self.policy.backoff(job.attempts)
         return dataclasses.replace(
             job, state=JobState.QUEUED, reason=reason, not_before=now + delay, lease_owner="",
-            lease_expires_at=0.0, updated_at=now,
+            lease_expires_at=0.0, updated_at=now, handbacks=0,  # an attempt counted: hand-backs start over
         )
 
     @staticmethod

@@ -33,15 +33,22 @@ from dicom_node.jobs.queue import Job
 Identity = dict[str, str]
 
 
+#: the parts of dicom-node an actor runs: its results depend on these sources alone (a change to
+#: the dashboard, the CLI or the export must not refuse every actor until each host is redeployed)
+COMPUTE_PACKAGES = ("pipeline.py", "errors.py", "config.py", "inference", "explain", "phantoms", "scaleout")
+
+
 @functools.cache
-def code_sha256() -> str:
-    """The sha256 of dicom-node's own Python sources (each file's path in the package and its
-    bytes, in path order): computed once per process (about 100 files)."""
-    package = Path(dicom_node.__file__).parent
+def code_sha256(package: Path = Path(dicom_node.__file__).parent) -> str:
+    """The sha256 of the dicom-node sources an actor runs (:data:`COMPUTE_PACKAGES`): each file's
+    path in the package and its text with line endings made ``\\n`` (a checkout with CRLF is the
+    same code), in path order; computed once per process. ``package``: the installed one."""
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
+    paths = [p for part in COMPUTE_PACKAGES
+             for p in ([package / part] if part.endswith(".py") else (package / part).rglob("*.py"))]
+    for path in sorted(paths):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(hashlib.sha256(path.read_bytes().replace(b"\r\n", b"\n")).digest())
     return digest.hexdigest()
 
 
@@ -57,7 +64,8 @@ def identity(manifest: ModelManifest) -> Identity:
             "weights_sha256": manifest.sha256,
             "gate_reference_sha256": manifest.gate.sha256 if manifest.gate else "",
             "dicom_node_version": dicom_node.__version__, "dicom_node_sha256": code_sha256(),
-            "torch_version": str(torch.__version__)}
+            # the release, not its build (+cpu, +cu124): a CPU node drives CUDA hosts
+            "torch_version": str(torch.__version__).split("+")[0]}
 
 
 def mismatch(ours: Identity, theirs: Identity) -> list[str]:

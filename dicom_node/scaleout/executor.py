@@ -167,12 +167,12 @@ class RayExecutor:
         """Stop the background thread and the driver process (the actors die with it)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
         with self._lock:
             link, self._link, self._connected = self._link, None, False
-        if link is not None:
+        if link is not None:  # first: the driver dies with the thread that started it
             link.close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def not_ready(self) -> str | None:
         """Why the node cannot run every model's jobs now, or None (``/readyz``)."""
@@ -191,7 +191,7 @@ class RayExecutor:
         waiting for one. Workers claim only their jobs, so none takes a job of a model whose
         actors are all busy while another model's actor idles."""
         with self._lock:
-            if not self._connected:
+            if not self._connected or self._dropping is self._link:  # being replaced: nothing runs
                 return frozenset()
             free = {m: 0 for m in self.identities}
             for s in self.slots:

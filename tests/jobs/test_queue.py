@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.errors import InfrastructureError, PermanentError, RetryableError, UnavailableError
-from dicom_node.jobs.queue import JobError, JobQueue, JobSpec, JobState
+from dicom_node.jobs.queue import Job, JobError, JobQueue, JobSpec, JobState
 from dicom_node.jobs.sqlite import SQLiteJobBackend
 from tests.jobs.conftest import POLICY, FakeClock
 
@@ -209,6 +209,26 @@ def test_a_job_handed_back_max_handbacks_times_in_a_row_spends_an_attempt(
     [dead] = queue.list(JobState.DEAD)
     assert tries == POLICY.max_attempts * POLICY.max_handbacks and dead.attempts == POLICY.max_attempts
     assert f"handed back {POLICY.max_handbacks} times in a row: this attempt counts" in dead.reason
+
+
+def test_a_counted_failure_starts_the_hand_backs_over(queue: JobQueue, clock: FakeClock) -> None:
+    """Hand-backs count "in a row": one short of the backstop, then an attempt that counts for
+    another reason; the next hand-back is the first of a new run, not the one that counts."""
+    queue.enqueue(spec())
+
+    def claim() -> Job:
+        clock.advance(POLICY.max_backoff_seconds)
+        job = queue.claim("w1")
+        assert job is not None
+        return job
+
+    for _ in range(POLICY.max_handbacks - 1):
+        queue.fail(claim().id, "w1", UnavailableError("the Ray cluster was lost"))
+    counted = queue.fail(claim().id, "w1", RetryableError("the actor died"))
+    assert counted is not None and counted.attempts == 1 and counted.handbacks == 0
+    after = queue.fail(claim().id, "w1", UnavailableError("the Ray cluster was lost"))
+    assert after is not None and after.attempts == 1 and after.handbacks == 1
+    assert "in a row" not in after.reason
 
 
 def test_a_claim_for_some_models_takes_their_oldest_due_job(queue: JobQueue, clock: FakeClock) -> None:

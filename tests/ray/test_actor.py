@@ -44,18 +44,29 @@ def test_an_actor_refuses_a_model_other_than_the_nodes(key: str) -> None:
     assert [k for k in node_identity() if re.search(rf"[(,] {k} '|\({k} '", message)] == [key]  # only what differs
 
 
-def test_the_code_hash_is_the_packages_sources() -> None:
-    import hashlib
+def test_the_code_hash_is_that_of_the_compute_sources_wherever_they_are_installed(tmp_path: Path) -> None:
+    """Another install path, compiled files and CRLF line endings leave it; a change to what an
+    actor does not run (the dashboard) leaves it; a change to what it runs does not."""
+    import shutil
 
     import dicom_node
     from dicom_node.scaleout.actor import code_sha256
-    package = Path(dicom_node.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    assert code_sha256() == digest.hexdigest() == node_identity()["dicom_node_sha256"]
-    assert node_identity()["torch_version"] == torch.__version__
+
+    here = Path(dicom_node.__file__).parent
+    there = tmp_path / "site-packages" / "dicom_node"
+    shutil.copytree(here, there, ignore=shutil.ignore_patterns("__pycache__"))
+    (there / "inference" / "__pycache__").mkdir()
+    (there / "inference" / "__pycache__" / "gate.cpython-311.pyc").write_bytes(b"compiled")
+    gate = there / "inference" / "gate.py"
+    gate.write_bytes(gate.read_bytes().replace(b"\n", b"\r\n"))
+    assert code_sha256(there) == code_sha256() == node_identity()["dicom_node_sha256"]
+    server = there / "web" / "server.py"
+    server.write_text(server.read_text() + "\n# the dashboard changed\n")
+    assert code_sha256.__wrapped__(there) == code_sha256()
+    gate.write_text(gate.read_text() + "\n# the gate changed\n")
+    assert code_sha256.__wrapped__(there) != code_sha256()
+    assert node_identity()["torch_version"] == torch.__version__.split("+")[0]
+
 
 
 def copy_model(tmp_path: Path) -> Path:
