@@ -3,6 +3,7 @@
 import copy
 import math
 
+import highdicom
 import numpy as np
 import pytest
 from highdicom.spatial import get_volume_positions
@@ -10,7 +11,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.inference.volume import VolumeError, assemble, back, grid_map, resample, source_of
+from dicom_node.inference.volume import Volume, VolumeError, assemble, back, grid_map, resample, source_of
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 FRAME_OF_REFERENCE = "1.2.826.0.1.3680043.8.498.1"
@@ -47,9 +48,11 @@ def _slices(n: int = 8, *, step: float = 2.5, orientation: tuple[float, ...] = A
     rng = np.random.default_rng(seed)
     normal = np.cross(orientation[:3], orientation[3:])
     origin = np.array([-12.5, 30.0, 101.0])
+    study, series_uid = generate_uid(), generate_uid()
     series = []
     for k in range(n):
         ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
         ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
         ds.SOPInstanceUID = generate_uid()
         ds.Modality = "CT"
@@ -172,6 +175,23 @@ def test_highdicom_agrees_on_accepted_and_refused_stacks() -> None:
             assert spacing == pytest.approx(assemble(series).spacing[0])
 
 
+def _assert_same_as_highdicom(ours: Volume, theirs: highdicom.Volume) -> None:
+    """highdicom stacks along -(row x column): the same voxels and geometry with the slices reversed."""
+    np.testing.assert_array_equal(np.asarray(theirs.array, dtype=np.float32), ours.array[::-1])
+    last = ours.array.shape[0] - 1
+    for k, r, c in ((0, 0, 0), (last, 5, 3), (2, 7, 1)):
+        np.testing.assert_allclose(theirs.affine @ [last - k, r, c, 1], ours.affine @ [k, r, c, 1], atol=1e-5)
+
+
+def test_voxels_and_affine_match_highdicom_volumes() -> None:
+    series = _slices(orientation=_oblique(), size=8, slope=2.0, intercept=-1024.0)
+    _assert_same_as_highdicom(assemble(_shuffled(series)), highdicom.get_volume_from_series(series))
+    order = [int(i) for i in np.random.default_rng(3).permutation(len(series))]
+    enhanced = _enhanced(series, order, per_frame_geometry=False)
+    theirs = highdicom.Image.from_dataset(enhanced, copy=False).get_volume()
+    _assert_same_as_highdicom(assemble([enhanced]), theirs)
+
+
 def _patient(ds: Dataset, row: int, column: int) -> np.ndarray:
     orientation = np.array(ds.ImageOrientationPatient, dtype=float)
     spacing = [float(v) for v in ds.PixelSpacing]
@@ -206,6 +226,7 @@ def _enhanced(series: list[Dataset], order: list[int], *, per_frame_geometry: bo
     """An enhanced MR instance whose frames are ``series`` in ``order``, geometry in functional groups."""
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = series[0].StudyInstanceUID, generate_uid()
     ds.SOPInstanceUID = generate_uid()
     ds.Modality = "MR"
     ds.InstanceNumber = 1
