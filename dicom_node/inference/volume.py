@@ -8,8 +8,10 @@ slices is refused with a :class:`VolumeError` that names what is wrong and where
 The array is indexed (slice, row, column); :attr:`Volume.affine` maps that index to patient
 coordinates in millimetres (LPS, as DICOM). Each slice keeps its source (SOP Instance UID, frame
 number), and rows and columns are never flipped, so voxel ``(k, r, c)`` *is* pixel ``(r, c)`` of
-the source of slice ``k``. highdicom's ``get_volume_positions`` answers only "not a volume"
-without a reason, so the checks are done here (the tests check that it agrees).
+the source of slice ``k``. highdicom 0.28 (``get_volume_from_series``, ``Image.get_volume``)
+builds the same voxels and geometry (the tests compare), but refuses with "not a regularly-spaced
+volume" without naming the instances or the problem and keeps no per-slice source, so the checks
+and the sources are done here.
 """
 
 from collections.abc import Sequence

@@ -287,7 +287,7 @@ def test_resample_and_back_returns_the_mask_on_an_integer_factor_grid() -> None:
     volume = assemble(_slices(orientation=_oblique()))
     rng = np.random.default_rng(5)
     labels = (rng.random((8, 16, 16)) > 0.7).astype(np.uint8) * rng.integers(1, 4, size=(8, 16, 16))
-    mask_volume = type(volume)(array=labels.astype(np.float32), affine=volume.affine, sources=volume.sources)
+    mask_volume = Volume(array=labels.astype(np.float32), affine=volume.affine, sources=volume.sources)
     on_model, mapping = resample(mask_volume, (16, 32, 48), mask=True)
     assert on_model.shape == (16, 32, 48)
     assert set(np.unique(on_model)) <= {0.0, 1.0, 2.0, 3.0}
@@ -308,7 +308,7 @@ def test_resample_maps_keep_geometry_and_linear_back_is_close() -> None:
     centre_source = volume.affine @ [3.5, 7.5, 7.5, 1]
     np.testing.assert_allclose(centre_model, centre_source)
     k, r, c = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in (8, 16, 16)), indexing="ij")
-    ramp = type(volume)(array=2 * k + r - 0.5 * c, affine=volume.affine, sources=volume.sources)
+    ramp = Volume(array=2 * k + r - 0.5 * c, affine=volume.affine, sources=volume.sources)
     on_model, ramp_map = resample(ramp, (12, 24, 40))
     again = back(ramp_map, on_model)
     assert again.dtype == np.float32
