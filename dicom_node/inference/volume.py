@@ -176,7 +176,9 @@ def _normal(orientation: np.ndarray) -> np.ndarray:
 def _check_steps(planes: Sequence[_Plane], depths: np.ndarray) -> float:
     """The median step between sorted slices; refuses duplicates, gaps and uneven steps."""
     steps = np.diff(depths)
-    for i in (int(i) for i in np.flatnonzero(steps < DUPLICATE_MM)):
+    duplicates = np.flatnonzero(steps < DUPLICATE_MM)
+    if duplicates.size:
+        i = int(duplicates[0])
         raise VolumeError(f"duplicate positions: {planes[i].label} and {planes[i + 1].label} are at the "
                           f"same place ({depths[i]:.3f} mm along the slice normal)")
     step = float(np.median(steps))
@@ -219,14 +221,17 @@ def _affine(first: _Plane, normal: np.ndarray, step: float) -> np.ndarray:
 
 def _pixels(planes: Sequence[_Plane]) -> np.ndarray:
     array = np.empty((len(planes), *planes[0].shape), dtype=np.float32)
-    decoded: dict[int, np.ndarray] = {}
+    # A multi-frame instance is decoded once for all its frames, not once per frame.
+    frames: dict[int, np.ndarray] = {}
     for k, plane in enumerate(planes):
         ds = plane.dataset
-        if id(ds) not in decoded:
-            decoded[id(ds)] = ds.pixel_array
-        raw = decoded[id(ds)]
-        frame = raw[plane.frame_index] if int(ds.get("NumberOfFrames") or 1) > 1 else raw
-        array[k] = modality_lut(ds, frame, plane.frame_index)
+        if int(ds.get("NumberOfFrames") or 1) == 1:
+            raw = ds.pixel_array
+        else:
+            if id(ds) not in frames:
+                frames[id(ds)] = ds.pixel_array
+            raw = frames[id(ds)][plane.frame_index]
+        array[k] = modality_lut(ds, raw, plane.frame_index)
     return array
 
 
