@@ -112,7 +112,8 @@ def test_jobs_list_and_the_dashboard_mark_the_current_version(
     lines = {line.split()[0]: line.split() for line in format_jobs(listed, {}, queue.current(listed)).splitlines()}
     assert lines["ID"][5] == "CURRENT"
     assert (lines[str(v2.id)][4:6], lines[str(v1.id)][4:6]) == (["2", "yes"], ["1", "-"])
-    rows = data.jobs(SimpleNamespace(queue=queue, outbox=SimpleNamespace(for_jobs=lambda ids: {})), None)  # type: ignore[arg-type]
+    rows = data.jobs(SimpleNamespace(queue=queue, outbox=SimpleNamespace(for_jobs=lambda ids: {}),  # type: ignore[arg-type]
+                                     actors=list), None)
     assert {row["id"]: row["current"] for row in rows} == {v1.id: False, v2.id: True}
     html = pages.jobs(rows).decode()
     assert "v2 <b>current</b>" in html and "v1 superseded" in html
