@@ -14,6 +14,7 @@ volume" without naming the instances or the problem and keeps no per-slice sourc
 and the sources are done here.
 """
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from dicom_node.inference.voi import frame_attribute, modality_lut
 
 ORIENTATION_TOL = 1e-3
 """Largest difference between two slices' direction cosines (and from unit length/orthogonality)."""
+DRIFT_FLOOR_MM = 0.02  # below DS rounding of positions is not drift
 SPACING_RTOL = 0.01
 """Largest deviation of a step between slices from the median step, as a fraction of it."""
 DUPLICATE_MM = 0.01
@@ -194,6 +196,16 @@ def _check_steps(planes: Sequence[_Plane], depths: np.ndarray) -> float:
         raise VolumeError(f"uneven spacing: the step {where} is {steps[worst]:.3f} mm where the median "
                           f"is {step:.3f} mm ({100 * deviation[worst]:.1f}% off, tolerance "
                           f"{100 * SPACING_RTOL:.0f}%)")
+    # the step of the affine: first to last, so that small steps each within the tolerance cannot
+    # add up; then every slice must lie where the affine puts it
+    step = float(depths[-1] - depths[0]) / (len(depths) - 1)
+    drift = np.abs(depths - (depths[0] + step * np.arange(len(depths))))
+    worst = int(np.argmax(drift))
+    limit = max(SPACING_RTOL * step, DRIFT_FLOOR_MM)
+    if drift[worst] > limit:
+        raise VolumeError(f"uneven spacing: {planes[worst].label} lies {drift[worst]:.3f} mm from where "
+                          f"an even step of {step:.3f} mm puts it (tolerance {limit:.3f} mm): the steps "
+                          "change along the stack")
     return step
 
 
@@ -270,7 +282,7 @@ def assemble(datasets: Sequence[Dataset]) -> Volume:
 
 def source_of(volume: Volume, index: Sequence[int]) -> tuple[str, int, int, int]:
     """(SOP Instance UID, frame number, row, column) of the source pixel of voxel ``index``."""
-    k, r, c = (int(i) for i in index)
+    k, r, c = (operator.index(i) for i in index)  # a fractional index is a caller's mistake
     slices, rows, columns = volume.array.shape
     if not (0 <= k < slices and 0 <= r < rows and 0 <= c < columns):
         raise IndexError(f"voxel {tuple(index)} is outside the volume {volume.array.shape}")

@@ -165,6 +165,23 @@ def test_refusal_names_the_problem(mutate, words: list[str]) -> None:
         assert word in str(raised.value), f"{word!r} not in {raised.value}"
 
 
+def test_steps_each_within_the_tolerance_that_add_up_are_refused() -> None:
+    """40 axial steps of 2.5 mm, then 20 of 2.524 mm (each 0.96% off: within the per-step
+    tolerance): the last slices drift half a millimetre from any even step, so no single affine
+    places them; positions with DS rounding jitter are still a volume."""
+    series = _slices(61)
+    for k in range(41, 61):
+        _move(series, k, 0.024 * (k - 40))
+    with pytest.raises(VolumeError, match=r"uneven spacing: .* mm from where an even step"):
+        assemble(series)
+    jittered = _slices(61)
+    for k, ds in enumerate(jittered):
+        ds.ImagePositionPatient = [round(float(v), 2) + (0.004 if k % 3 else 0.0) for v in ds.ImagePositionPatient]
+    assert assemble(jittered).array.shape[0] == 61
+    with pytest.raises(TypeError):
+        source_of(assemble(_slices()), (0.6, 1, 2))  # a fractional index is a mistake, not voxel 0
+
+
 def test_highdicom_agrees_on_accepted_and_refused_stacks() -> None:
     for series, regular in ((_slices(orientation=_oblique()), True), (_drop(_slices(), 4), False),
                             (_move(_slices(), 5, 0.6), False), (_shear(_slices()), False)):
