@@ -122,12 +122,12 @@ class InferenceRunner:
         with torch.inference_mode(), autocast, capture or contextlib.nullcontext():
             for start in range(0, len(inputs), self.batch_size):
                 chunk = np.stack([p.array for p in inputs[start:start + self.batch_size]])
-                statistics = None if features is None else image_statistics(chunk)
                 batch = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(
                     memory_format=torch.channels_last)
-                if capture is None or features is None or statistics is None:
+                if capture is None or features is None:
                     outputs.append(loaded.module(batch).float().cpu())
                     continue
+                statistics = image_statistics(chunk)  # before the forward pass evicts the batch
                 output, pooled = capture.forward(batch)
                 outputs.append(output.float().cpu())
                 features.append(frame_vectors(pooled, statistics))

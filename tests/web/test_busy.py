@@ -13,7 +13,7 @@ from dicom_node.audit import read_events
 from dicom_node.dicomweb import stow
 from dicom_node.store.index import Index
 from dicom_node.web import server
-from tests.web.inprocess import TOKEN, web_app
+from tests.web.inprocess import TOKEN, App, web_app
 
 
 def test_readyz_answers_while_slow_searches_hold_every_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,6 +69,14 @@ def _stalled_upload(port: int, token: str) -> socket.socket:
     return conn
 
 
+def _answer_at_once(app: App, *paths: str) -> None:
+    """Each of ``paths`` answers 200 within a second."""
+    for path in paths:
+        started = time.monotonic()
+        assert app.request("GET", path)[0] == 200, path
+        assert time.monotonic() - started < 1.0, path
+
+
 def test_stalled_uploads_hold_no_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """More stalled STOW-RS uploads than slots: searches and ``/api`` still answer at once."""
     monkeypatch.setattr(server, "BUSY_WAIT_SECONDS", 0.5)
@@ -80,10 +88,7 @@ def test_stalled_uploads_hold_no_slot(tmp_path: Path, monkeypatch: pytest.Monkey
             while len(list(tmp.glob("*.stow.part"))) < len(uploads):  # every upload is mid-part
                 assert time.monotonic() < deadline, "the uploads did not start"
                 time.sleep(0.02)
-            for path in ("/dicom-web/studies", "/api/jobs", "/dicom-web/studies?limit=1"):
-                started = time.monotonic()
-                assert app.request("GET", path)[0] == 200, path
-                assert time.monotonic() - started < 1.0, path
+            _answer_at_once(app, "/dicom-web/studies", "/api/jobs", "/dicom-web/studies?limit=1")
         finally:
             for conn in uploads:
                 conn.close()
@@ -131,10 +136,7 @@ def test_streams_read_slowly_hold_no_slot(tmp_path: Path, monkeypatch: pytest.Mo
             while sum(e["event"] == "retrieve" for e in read_events(tmp_path / "data" / "audit")) < len(streams):
                 assert time.monotonic() < deadline, "the answers did not all start"
                 time.sleep(0.05)
-            for path in ("/dicom-web/studies", "/api/jobs"):
-                started = time.monotonic()
-                assert app.request("GET", path)[0] == 200, path
-                assert time.monotonic() - started < 1.0, path
+            _answer_at_once(app, "/dicom-web/studies", "/api/jobs")
         finally:
             for conn in streams:
                 conn.close()
