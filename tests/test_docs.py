@@ -63,3 +63,38 @@ def test_the_readme_orthanc_config_and_the_default_node_config_point_at_each_oth
     [pacs] = [d for d in settings.destinations if d.name == "pacs"]
     assert (pacs.ae_title, pacs.port) == (orthanc["DicomAet"], orthanc["DicomPort"])
     assert "config/orthanc.json" in (repo / "README.md").read_text()
+
+
+def test_the_medical_cnn_section_matches_small_cnn(tmp_path: Path) -> None:
+    """docs/models.md's MedicalCNN manifest loads, and its key table is small_cnn's state dict."""
+    import re
+
+    import torch
+
+    from dicom_node.inference.architectures import SmallCNN
+    from dicom_node.inference.manifest import load_manifest
+    from dicom_node.inference.registry import sha256_of
+
+    text = (DOCS / "models.md").read_text()
+    section = text.split("### The founding article's `MedicalCNN`: `small_cnn`")[1].split("\n### ")[0]
+    example = section.split("```toml\n")[1].split("```")[0]
+    folder = tmp_path / "medical-cnn"
+    folder.mkdir()
+    torch.save(SmallCNN(4).state_dict(), folder / "weights.pt")
+    example = example.replace("…64 hex digits…", sha256_of(folder / "weights.pt"))
+    (folder / "model.toml").write_text(example)
+    manifest = load_manifest(folder / "model.toml")
+    assert manifest.architecture == "small_cnn" and len(manifest.labels) == 4
+    documented = set()
+    for cell in re.findall(r"^\| (`[^|]+`) \|", section, flags=re.MULTILINE):
+        names = [name.strip("`") for name in cell.split(", ")]
+        stem = names[0].rsplit(".", 1)[0]
+        for name in names:
+            full = name if name.startswith("features") or name.startswith("classifier") else stem + name
+            if full.endswith(".*"):
+                full = full[:-2]
+                documented |= {f"{full}.{leaf}" for leaf in
+                               ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+            else:
+                documented.add(full)
+    assert documented == set(SmallCNN(4).state_dict())
