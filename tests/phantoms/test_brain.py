@@ -118,7 +118,7 @@ def test_assembly_rebuilds_the_exact_voxels_and_geometry_from_shuffled_files(
     assert np.allclose(volume.affine, ph.affine, atol=1e-5)
 
 
-def test_headers_name_the_phantom_and_its_truth_and_are_deterministic() -> None:
+def test_headers_name_the_phantom_and_its_truth_and_are_deterministic(tmp_path: Path) -> None:
     ph = render_brain(7, lesion=True, **FAST)
     series = mr_series(ph)
     first, last = series[0], series[-1]
@@ -128,6 +128,9 @@ def test_headers_name_the_phantom_and_its_truth_and_are_deterministic() -> None:
     assert float(last.SliceLocation) - float(first.SliceLocation) == pytest.approx(4.0 * (len(series) - 1))
     assert f"lesion={ph.lesion_volume_mm3:.0f}mm3" in first.ImageComments
     assert [ds.SOPInstanceUID for ds in mr_series(ph)] == [ds.SOPInstanceUID for ds in series]
+    (first_file,), (again,) = (write_brain(tmp_path / name, render_brain(7, lesion=True, **FAST), enhanced=True)
+                               for name in ("a", "b"))
+    assert first_file.read_bytes() == again.read_bytes()
 
 
 @pytest.mark.peers
