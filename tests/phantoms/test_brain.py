@@ -2,7 +2,9 @@
 dciodvfy accepts and that volume assembly rebuilds voxel for voxel."""
 
 import random
+import re
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,16 @@ def test_templates_load_from_the_installed_package_without_the_network(monkeypat
     templates = load_templates()
     assert templates.t1.shape == templates.gm.shape == templates.mask.shape == (197, 233, 189)
     assert not templates.mask.flags.writeable
+
+
+def test_without_nilearn_the_error_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    load_templates.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=re.escape("pip install '.[phantoms]'")):
+            render_brain(0, **FAST)
+    finally:
+        load_templates.cache_clear()
 
 
 def test_same_seed_same_volume_and_other_seeds_differ() -> None:
