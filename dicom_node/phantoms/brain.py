@@ -45,7 +45,6 @@ class NilearnMissingError(ImportError):
 class Templates:
     """MNI152 maps in RAS voxel order (x, y, z) and their voxel-to-RAS-millimetre affine."""
 
-    t1: np.ndarray
     gm: np.ndarray
     wm: np.ndarray
     mask: np.ndarray
@@ -115,20 +114,23 @@ class BrainPhantom:
 
 @lru_cache(maxsize=1)
 def load_templates() -> Templates:
-    """The MNI152 2009 templates bundled with nilearn at 1 mm (read-only arrays)."""
+    """The MNI152 2009 grey and white matter templates and brain mask bundled with nilearn, at 1 mm
+    (read-only arrays). The contrast is built from the tissue probabilities, not from the T1 template,
+    which nilearn reads only to threshold it into the brain mask."""
     try:
         from nilearn import datasets
     except ImportError as exc:
         raise NilearnMissingError(
             "brain phantoms need nilearn (the MNI152 template): pip install '.[phantoms]'") from exc
-    t1 = datasets.load_mni152_template(resolution=1)
-    images = (t1, datasets.load_mni152_gm_template(resolution=1),
-              datasets.load_mni152_wm_template(resolution=1), datasets.load_mni152_brain_mask(resolution=1))
+    images = (datasets.load_mni152_gm_template(resolution=1), datasets.load_mni152_wm_template(resolution=1),
+              datasets.load_mni152_brain_mask(resolution=1))
     maps = [np.asarray(img.get_fdata(), dtype=np.float32) for img in images]
     for array in maps:
         array.setflags(write=False)
-    return Templates(t1=maps[0], gm=maps[1], wm=maps[2], mask=maps[3],
-                     affine=np.asarray(t1.affine, np.float64))
+    affines = [np.asarray(img.affine, np.float64) for img in images]
+    if any(not np.array_equal(a, affines[0]) for a in affines[1:]):
+        raise ValueError("the nilearn MNI152 templates are not on one grid; nilearn's bundled data changed")
+    return Templates(gm=maps[0], wm=maps[1], mask=maps[2], affine=affines[0])
 
 
 def _rotation_about_x(degrees: float) -> np.ndarray:

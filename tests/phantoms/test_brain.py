@@ -40,7 +40,7 @@ def test_templates_load_from_the_installed_package_without_the_network(monkeypat
     monkeypatch.setattr(socket.socket, "connect", refuse)
     load_templates.cache_clear()
     templates = load_templates()
-    assert templates.t1.shape == templates.gm.shape == templates.mask.shape == (197, 233, 189)
+    assert templates.wm.shape == templates.gm.shape == templates.mask.shape == (197, 233, 189)
     assert not templates.mask.flags.writeable
 
 
