@@ -2,6 +2,10 @@
 
 ``python -m dicom_node.phantoms brain OUT_DIR --count N --seed S [--enhanced] [--spacing MM]``: write
 N brain MR phantoms (seeds S .. S+N-1), each a study in its own folder ``OUT_DIR/brain-<seed>``.
+
+A first argument ``brain`` with more arguments after it selects the brain command; ``brain`` alone
+is the chest command's OUT_DIR, as it was before the brain command existed (``./brain`` is always
+a folder).
 """
 
 import argparse
@@ -33,6 +37,7 @@ def _brain_parser() -> argparse.ArgumentParser:
         prog="python -m dicom_node.phantoms brain",
         description="Write synthetic brain MR volumes (FLAIR-like, 0 or 1 tumour-like lesion), one study "
                     "per seed in OUT_DIR/brain-<seed>.",
+        epilog="For chest radiographs in a folder named 'brain', write './brain'.",
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for the studies (created)")
     parser.add_argument("--count", type=int, default=1, help="number of volumes (default 1)")
@@ -64,6 +69,8 @@ def _brain(argv: Sequence[str]) -> int:
                               slices=args.slices, lesion=lesion, oblique=args.oblique)
         except ValueError as exc:
             parser.error(str(exc))
+        except ImportError as exc:  # nilearn, the brain template, is an optional extra
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
         folder = args.out_dir / f"brain-{seed}"
         paths = write_brain(folder, ph, enhanced=args.enhanced)
         truth = f"lesion {ph.lesion_volume_mm3:.0f} mm3" if ph.has_lesion else "no lesion"
@@ -74,7 +81,7 @@ def _brain(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (2 for bad arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["brain"]:
+    if argv[:1] == ["brain"] and len(argv) > 1:
         return _brain(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import ndimage
+
+# scipy.ndimage is imported inside the functions that use it: importing dicom_node.phantoms for the
+# chest phantoms does not load it.
 
 LESION_PRIOR = 0.75  # chance of a lesion when ``lesion`` is None
 VOLUME_RANGE_CM3 = (0.5, 30.0)  # whole lesion (core + oedema) target volume, log-uniform
@@ -160,12 +162,14 @@ def _to_template(affine: np.ndarray, templates: Templates) -> np.ndarray:
 
 
 def _resample(array: np.ndarray, index_map: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    from scipy import ndimage
     out = ndimage.affine_transform(array, index_map[:3, :3], offset=index_map[:3, 3], output_shape=shape,
                                    order=1, mode="constant", cval=0.0, output=np.float32)
     return np.asarray(out)
 
 
 def _sample_lesion(rng: np.random.Generator, templates: Templates) -> Lesion:
+    from scipy import ndimage
     volume_mm3 = 1000.0 * math.exp(rng.uniform(*np.log(VOLUME_RANGE_CM3)))
     radius = (3.0 * volume_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0)
     # a centre deep enough for most of the lesion to stay in the brain (coarse 3 mm grid suffices)
@@ -183,6 +187,7 @@ def _sample_lesion(rng: np.random.Generator, templates: Templates) -> Lesion:
 def _shape_fields(lesion: Lesion, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Core and oedema level fields (> 0 inside) on a 1 mm LPS box centred on the lesion, and its half
     width."""
+    from scipy import ndimage
     half = math.ceil(lesion.radius_mm * (1.0 + 2.0 * lesion.roughness)) + 2
     n = 2 * half + 1
     rng = np.random.default_rng([seed, 1])
@@ -198,6 +203,7 @@ def _shape_fields(lesion: Lesion, seed: int) -> tuple[np.ndarray, np.ndarray, fl
 
 def _paint_lesion(lesion: Lesion, seed: int, affine: np.ndarray, brain: np.ndarray,
                   tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
     core_field, oedema_field, half = _shape_fields(lesion, seed)
     shape = brain.shape
     # index box of the phantom grid that can touch the field's box
@@ -284,7 +290,10 @@ def render_brain(seed: int, *, spacing: float = 1.0, slice_spacing: float | None
     slices
         Number of slices, centred on the brain; default: ``FOV_MM[0] / slice_spacing`` (180 at 1 mm).
     lesion
-        True or False forces a lesion or none; None draws one with probability ``LESION_PRIOR``.
+        True or False forces a lesion or none; None draws one with probability ``LESION_PRIOR``. The
+        lesion's place comes from the seed, not from the grid: with a field of view smaller than the
+        brain (few ``slices``) a forced lesion may fall outside it, partly or wholly; ``has_lesion``
+        and the masks say what the grid holds.
     oblique
         Tilt the slices by ``OBLIQUE_DEGREES`` about the left-right axis.
 

@@ -10,9 +10,12 @@ content and plane position; Multi-frame Dimension indexes the frames by stack po
 The images are DERIVED (synthetic), so the acquisition modules that apply only to ORIGINAL images
 (MR Pulse Sequence, MR Timing and Related Parameters, ...) are left out. Stored values are the
 phantom's ``pixels`` with no rescale, so a reader's voxels equal them exactly. UIDs are derived from
-the seed and the encoding, so the same call always writes the same bytes.
+the seed, the encoding and a digest of the pixels, so the same call always writes the same bytes
+and different volumes never share a Series or SOP Instance UID. The single-frame MR Image module's
+acquisition attributes describe a 3D FLAIR (spin-echo train after a fluid-nulling inversion).
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,10 @@ class SeriesUIDs:
 
     @classmethod
     def of(cls, ph: BrainPhantom, enhanced: bool) -> "SeriesUIDs":
-        encoding = (ph.seed, *ph.pixels.shape, *np.round(ph.affine[:3].ravel(), 4), enhanced)
+        """Study and frame of reference per seed; the series per encoding and pixels, so that two
+        different volumes of one seed (with and without its lesion, say) never share a UID."""
+        pixels = hashlib.sha256(np.ascontiguousarray(ph.pixels).tobytes()).hexdigest()[:16]
+        encoding = (ph.seed, *ph.pixels.shape, *np.round(ph.affine[:3].ravel(), 4), enhanced, pixels)
         return cls(study=phantom_uid("brain-study", ph.seed), series=phantom_uid("brain-series", *encoding),
                    frame_of_reference=phantom_uid("brain-frame-of-reference", ph.seed))
 
@@ -116,14 +122,16 @@ def _geometry(ph: BrainPhantom) -> tuple[list[str], list[str], list[list[str]], 
 
 
 def _mr_acquisition(ds: Dataset, ph: BrainPhantom) -> None:
+    # what a 3D FLAIR (a long spin-echo train after an inversion that nulls fluid, as SPACE or CUBE)
+    # carries: segmented k-space, spoiled, magnetisation prepared
     ds.ScanningSequence = ["SE", "IR"]
-    ds.SequenceVariant = ["SK", "SP"]
+    ds.SequenceVariant = ["SK", "SP", "MP"]
     ds.ScanOptions = ""
     ds.MRAcquisitionType = "3D"
     ds.RepetitionTime = "5000"
     ds.EchoTime = "380"
     ds.InversionTime = "1800"
-    ds.EchoTrainLength = "1"
+    ds.EchoTrainLength = "200"
     ds.MagneticFieldStrength = "3"
     ds.ImagedNucleus = "1H"
     ds.SliceThickness = _ds(ph.spacing[0])

@@ -1,9 +1,11 @@
 """Brain MR phantoms: seeded volumes with exact lesion masks, written as MR and Enhanced MR objects that
 dciodvfy accepts and that volume assembly rebuilds voxel for voxel."""
 
+import hashlib
 import random
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +16,12 @@ from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from scipy import ndimage
 
 from dicom_node.inference.volume import assemble
+from dicom_node.phantoms import brain as brain_module
 from dicom_node.phantoms.__main__ import main
 from dicom_node.phantoms.brain import (
     VOLUME_RANGE_CM3,
     BrainPhantom,
+    Templates,
     load_templates,
     render_brain,
 )
@@ -54,6 +58,53 @@ def test_without_nilearn_the_error_names_the_extra_to_install(monkeypatch: pytes
         load_templates.cache_clear()
 
 
+def test_pixels_and_masks_of_a_seed_never_change() -> None:
+    # datasets made from earlier versions must stay reproducible: any change to the pixels, the masks,
+    # the lesion's placement or a random stream changes this digest
+    ph = render_brain(2, lesion=True, **FAST)
+    digest = hashlib.sha256()
+    for array in (ph.pixels, ph.brain, ph.core, ph.lesion):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    assert (ph.pixels.dtype, ph.pixels.shape) == (np.uint16, (45, 58, 48))
+    assert digest.hexdigest() == "e3fa1e8b6ea054e8cf298a0df62647160105ad58145517841e5729e845f2e6c5"
+
+
+def test_importing_the_phantoms_does_not_load_scipy_ndimage() -> None:
+    code = "import sys, dicom_node.phantoms; sys.exit('scipy.ndimage' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def _marked_templates(ras_mm: tuple[float, float, float]) -> Templates:
+    """The templates with a bright sphere (radius 6 mm) of grey matter around ``ras_mm``."""
+    plain = load_templates()
+    centre = np.linalg.solve(plain.affine[:3, :3], np.array(ras_mm) - plain.affine[:3, 3])
+    index = np.indices(plain.gm.shape, sparse=True)
+    gm = np.array(plain.gm)
+    gm[sum((axis - c) ** 2 for axis, c in zip(index, centre, strict=True)) <= 6.0**2] = 4.0
+    return Templates(gm=gm, wm=plain.wm, mask=plain.mask, affine=plain.affine)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_anatomy_lies_in_patient_coordinates_right_anterior_superior(
+        monkeypatch: pytest.MonkeyPatch, oblique: bool) -> None:
+    # a mark at MNI (RAS) +40, +20, +30 mm: 40 mm right, 20 mm anterior, 30 mm superior = LPS (-40, -20, 30)
+    plain = render_brain(2, lesion=False, oblique=oblique, **FAST)
+    marked_templates = _marked_templates((40.0, 20.0, 30.0))
+    monkeypatch.setattr(brain_module, "load_templates", lambda: marked_templates)
+    marked = render_brain(2, lesion=False, oblique=oblique, **FAST)
+    gain = np.clip(marked.pixels.astype(np.float64) - plain.pixels, 0.0, None)  # same noise: only the mark
+    assert gain.max() > 1000.0
+    index = (np.argwhere(gain) * gain[gain > 0][:, None]).sum(axis=0) / gain.sum()
+    world = marked.affine[:3, :3] @ index + marked.affine[:3, 3]
+    assert world == pytest.approx([-40.0, -20.0, 30.0], abs=2.0)
+    if not oblique:  # centre of the grid: MNI (0, -17, 10), so the mark is 10 columns, 9 rows, 5 slices away
+        centre = (np.array(marked.pixels.shape) - 1) / 2.0
+        slice_, row, column = index - centre
+        assert column == pytest.approx(-10.0, abs=0.5)  # patient's right on the image's left
+        assert row == pytest.approx(-9.25, abs=0.5)  # anterior up
+        assert slice_ == pytest.approx(5.0, abs=0.5)  # superior: higher slice index
+
+
 def test_same_seed_same_volume_and_other_seeds_differ() -> None:
     first = render_brain(3, lesion=True, **FAST)
     assert _same(first, render_brain(3, lesion=True, **FAST))
@@ -70,8 +121,10 @@ def test_the_lesion_is_the_same_in_world_millimetres_at_every_spacing() -> None:
 def test_masks_are_exact_nested_inside_the_brain_and_painted_bright() -> None:
     ph = render_brain(1, lesion=True, spacing=2.0)
     assert ph.voxel_mm3 == pytest.approx(8.0, rel=1e-12)
-    assert ph.lesion_volume_mm3 == np.count_nonzero(ph.lesion) * ph.voxel_mm3
-    assert ph.core_volume_mm3 == np.count_nonzero(ph.core) * ph.voxel_mm3
+    # the truth is the volume of what was painted: the voxels that differ from the lesion-free volume
+    painted = ph.pixels != render_brain(1, lesion=False, spacing=2.0).pixels
+    assert ph.lesion_volume_mm3 == pytest.approx(8.0 * np.count_nonzero(painted), rel=0.05)
+    assert 0.0 < ph.core_volume_mm3 < ph.lesion_volume_mm3
     assert ph.core.any() and not (ph.core & ~ph.lesion).any() and not (ph.lesion & ~ph.brain).any()
     oedema = ph.lesion & ~ph.core
     ring = ndimage.binary_dilation(ph.lesion, iterations=3) & ph.brain & ~ph.lesion
@@ -96,6 +149,14 @@ def test_lesion_can_be_forced_and_does_not_change_the_rest_of_the_volume() -> No
     assert with_lesion.has_lesion and not without.has_lesion
     outside = ~with_lesion.lesion
     assert np.array_equal(with_lesion.pixels[outside], without.pixels[outside])
+    changed = with_lesion.pixels != without.pixels
+    assert np.count_nonzero(changed[with_lesion.lesion]) >= 0.95 * np.count_nonzero(with_lesion.lesion)
+
+
+def test_a_forced_lesion_can_fall_outside_a_small_field_of_view() -> None:
+    # the place comes from the seed, not the grid: two slices miss seed 0's lesion
+    assert render_brain(0, lesion=True, slices=40, **FAST).has_lesion
+    assert not render_brain(0, lesion=True, slices=2, **FAST).has_lesion
 
 
 def test_grid_options_give_the_asked_geometry() -> None:
@@ -128,6 +189,46 @@ def test_assembly_rebuilds_the_exact_voxels_and_geometry_from_shuffled_files(
     volume = assemble(datasets)
     assert np.array_equal(volume.array, ph.pixels)
     assert np.allclose(volume.affine, ph.affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_anisotropic_spacing_survives_both_writers_in_order(tmp_path: Path, enhanced: bool) -> None:
+    # slices 3 mm apart, rows 2 mm, columns 1.5 mm: Pixel Spacing is (row step, column step)
+    affine = np.array([[0.0, 0.0, 1.5, -30.0], [0.0, 2.0, 0.0, -40.0], [3.0, 0.0, 0.0, 5.0], [0, 0, 0, 1.0]])
+    shape = (4, 6, 9)
+    pixels = np.random.default_rng(0).integers(0, 4096, shape).astype(np.uint16)
+    empty = np.zeros(shape, dtype=bool)
+    ph = BrainPhantom(pixels=pixels, affine=affine, brain=~empty, core=empty, lesion=empty, seed=0)
+    assert ph.spacing == pytest.approx((3.0, 2.0, 1.5))
+    datasets = [dcmread(path) for path in write_brain(tmp_path, ph, enhanced=enhanced)]
+    first = datasets[0]
+    measures = first.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0] if enhanced else first
+    assert [float(v) for v in measures.PixelSpacing] == [2.0, 1.5]
+    assert (first.Rows, first.Columns) == (6, 9)
+    volume = assemble(datasets)
+    assert np.array_equal(volume.array, pixels)
+    assert volume.spacing == pytest.approx((3.0, 2.0, 1.5))
+    assert np.allclose(volume.affine, affine, atol=1e-5)
+
+
+def test_uids_differ_between_volumes_and_repeat_for_the_same_volume() -> None:
+    with_lesion, without = render_brain(2, lesion=True, **FAST), render_brain(2, lesion=False, **FAST)
+    for write in (mr_series, lambda ph: [enhanced_mr(ph)]):
+        one, other = write(with_lesion), write(without)
+        assert one[0].SeriesInstanceUID != other[0].SeriesInstanceUID
+        assert not {ds.SOPInstanceUID for ds in one} & {ds.SOPInstanceUID for ds in other}
+        assert one[0].StudyInstanceUID == other[0].StudyInstanceUID  # one patient, one study per seed
+        again = write(render_brain(2, lesion=True, **FAST))
+        assert [ds.SOPInstanceUID for ds in again] == [ds.SOPInstanceUID for ds in one]
+        assert again[0].SeriesInstanceUID == one[0].SeriesInstanceUID
+
+
+def test_acquisition_attributes_describe_a_3d_flair() -> None:
+    ds = mr_series(render_brain(2, lesion=False, slices=2, **FAST))[0]
+    assert list(ds.ScanningSequence) == ["SE", "IR"] and "SK" in ds.SequenceVariant
+    assert "MP" in ds.SequenceVariant and ds.MRAcquisitionType == "3D"
+    assert int(ds.EchoTrainLength) >= 100  # a long echo train, not a single echo, at TE 380 ms
+    assert float(ds.InversionTime) < float(ds.RepetitionTime)
 
 
 def test_headers_name_the_phantom_and_its_truth_and_are_deterministic(tmp_path: Path) -> None:
@@ -167,3 +268,27 @@ def test_command_line_writes_one_study_per_seed(tmp_path: Path, capsys: pytest.C
     with pytest.raises(SystemExit):
         main(["brain", str(tmp_path), "--spacing", "0.1"])
     assert "spacing" in capsys.readouterr().err
+
+
+def test_command_line_without_nilearn_exits_with_the_install_hint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    load_templates.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["brain", str(tmp_path), "--spacing", "4"])
+    finally:
+        load_templates.cache_clear()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "pip install '.[phantoms]'" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_brain_alone_is_the_chest_commands_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["brain"]) == 0
+    (path,) = (tmp_path / "brain").glob("*.dcm")
+    assert dcmread(path).Modality == "CR"
+    assert "1 files written to brain" in capsys.readouterr().out
