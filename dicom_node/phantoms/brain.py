@@ -10,7 +10,8 @@ A lesion is a core (a sphere deformed by a smoothed random field) inside an oede
 deformed sphere around it), both clipped to the brain mask and painted with hard edges: the masks are
 exactly the voxels painted, and the volumes are voxel counts times the voxel volume. Then a smooth
 multiplicative bias field, Rician noise (the magnitude of complex Gaussian noise) and a per-volume
-intensity scale, and the result is rounded to 12-bit stored values.
+intensity scale, and the result is rounded to 12-bit stored values. The volumes are skull-stripped:
+outside the brain mask there is only the noise floor and the partial volume of the mask's edge.
 
 Random streams (``np.random.default_rng``, none global): ``[seed, 0]`` draws everything that is
 geometry or a per-volume number (lesion presence, size, place, intensities, bias, scale, noise
