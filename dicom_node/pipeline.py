@@ -465,7 +465,8 @@ def explain_segmentation(ctx: PipelineContext) -> None:
     methods = [m for m in config.explain if m in VOLUME_METHODS]
     if not methods:
         raise PermanentError(f"pipeline {config.name}: explanation methods {list(config.explain)} do not "
-                             f"apply to segmentation model {ctx.job.model}; use some of {list(VOLUME_METHODS)}")
+                             f"apply to segmentation model {ctx.job.model}; use some of "
+                             f"{list(VOLUME_METHODS)}")
     started = time.perf_counter()
     ctx.volume_maps = explain_volume(ctx.runner.model(ctx.job.model), ctx.segmentation, methods)
     ctx.timings["explain.volume"] = time.perf_counter() - started
@@ -483,7 +484,8 @@ def encode_segmentation(ctx: PipelineContext) -> None:
                                 [m for m in config.explain if m in VOLUME_METHODS], earlier)
     except Exception as exc:
         log_encode_failure(ctx, exc)
-        raise PermanentError(f"the results could not be encoded from this series ({type(exc).__name__})") from None
+        reason = f"the results could not be encoded from this series ({type(exc).__name__})"
+        raise PermanentError(reason) from None
     audit_encoding(ctx, encoded)
     if encoded.failed and not encoded.objects:
         kinds = ", ".join(f"{kind} ({error})" for kind, error in encoded.failed)
@@ -498,7 +500,8 @@ def default_steps() -> list[tuple[str, Step]]:
     model (its manifest may have no [gate]) and passes."""
     return [("collect", collect), ("read", read), ("preprocess", ByTask(prepare, assemble_volume)),
             ("inference", ByTask(infer, segment)), ("gate", gate),
-            ("explain", ByTask(explain, explain_segmentation)), ("encode", ByTask(encode, encode_segmentation)),
+            ("explain", ByTask(explain, explain_segmentation)),
+            ("encode", ByTask(encode, encode_segmentation)),
             ("store", store_results), ("outbox", enqueue)]
 
 

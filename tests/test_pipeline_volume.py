@@ -25,8 +25,8 @@ from dicom_node.pipeline import PipelineContext, default_steps, run
 from dicom_node.store import InstanceStore
 from tests.conftest import require_tool
 from tests.encode.conftest import dciodvfy_errors
-from tests.test_pipeline import job_of
 from tests.store.test_store import put
+from tests.test_pipeline import job_of
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 GRID = (8, 32, 32)

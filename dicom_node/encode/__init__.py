@@ -22,8 +22,8 @@ from dicom_node.encode.common import DISCLAIMER, Producer, check_one_series, der
 from dicom_node.encode.fallback import minimal_report, not_analysed
 from dicom_node.encode.gsps import presentation_state
 from dicom_node.encode.header import HeaderChange, clean_header, restore_classes, stand_in
-from dicom_node.encode.overlay import render_overlay, secondary_capture, source_display
 from dicom_node.encode.lesion import lesion_overlays, lesion_report, lesion_segmentation
+from dicom_node.encode.overlay import render_overlay, secondary_capture, source_display
 from dicom_node.encode.pmap import parametric_map
 from dicom_node.encode.region import HotRegion, hot_region
 from dicom_node.encode.seg import segmentation
@@ -31,8 +31,8 @@ from dicom_node.encode.sr import Revision, measurement_report, not_analysed_repo
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.explain.volume import VolumeMap
-from dicom_node.inference.segment import VolumeSegmentation
 from dicom_node.inference.runner import Prediction
+from dicom_node.inference.segment import VolumeSegmentation
 
 logger = logging.getLogger(__name__)
 

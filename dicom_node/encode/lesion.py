@@ -20,7 +20,7 @@ from dicom_node import __version__
 from dicom_node.encode.common import ABSENT, PRESENT, PROBABILITY, UNITLESS, Producer, mark_derived
 from dicom_node.encode.overlay import secondary_capture, source_display
 from dicom_node.encode.seg import ABNORMAL, ARTIFICIAL_INTELLIGENCE
-from dicom_node.encode.sr import ILLUSTRATION, Revision, _content, _document, algorithm
+from dicom_node.encode.sr import ILLUSTRATION, Group, Revision, _content, _document, algorithm
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.explain.volume import VolumeMap
@@ -77,7 +77,8 @@ def lesion_segmentation(by_uid: Sources, result: VolumeSegmentation, producer: P
         for number, label in enumerate(found, start=1)]
     ds = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=producer.series_uid("seg", sources[0], "lesion"),
+        segment_descriptions=descriptions,
+        series_instance_uid=producer.series_uid("seg", sources[0], "lesion"),
         series_number=producer.series_number("seg"),
         sop_instance_uid=producer.instance_uid("seg", sources[0], "lesion", *instances),
         instance_number=1, manufacturer=producer.manufacturer,
@@ -141,7 +142,7 @@ def _measurements(result: VolumeSegmentation, label: str,
 
 def _lesion_group(sources: Sequence[Dataset], result: VolumeSegmentation, label: str, seg: Dataset | None,
                   producer: Producer, algorithm_id: hd.sr.AlgorithmIdentification,
-                  illustrations: Sequence[Dataset]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+                  illustrations: Sequence[Dataset]) -> Group:
     """TID 1411 of one label's lesion: volume, largest diameter, the SEG's segment as its region."""
     finding = producer.label_code(label)
     referenced = None

@@ -103,7 +103,8 @@ def seg_gradcam(loaded: LoadedModel, result: VolumeSegmentation, label: str) -> 
     return _to_grid(cam, result.mapping.model_shape, dims)
 
 
-def explain_volume(loaded: LoadedModel, result: VolumeSegmentation, methods: Sequence[str]) -> list[VolumeMap]:
+def explain_volume(loaded: LoadedModel, result: VolumeSegmentation,
+                   methods: Sequence[str]) -> list[VolumeMap]:
     """The ``methods``' maps of every label with a lesion, on the source grid."""
     maps: list[VolumeMap] = []
     gates = attention_maps(loaded, result) if "attention" in methods else {}
@@ -111,6 +112,8 @@ def explain_volume(loaded: LoadedModel, result: VolumeSegmentation, methods: Seq
         if "seggradcam" in methods:
             cam = seg_gradcam(loaded, result, label)
             if cam is not None:
-                maps.append(VolumeMap(label, "seggradcam", loaded.manifest.cam_layer, back(result.mapping, cam)))
-        maps += [VolumeMap(label, "attention", name, back(result.mapping, gate)) for name, gate in gates.items()]
+                layer = loaded.manifest.cam_layer
+                maps.append(VolumeMap(label, "seggradcam", layer, back(result.mapping, cam)))
+        maps += [VolumeMap(label, "attention", name, back(result.mapping, gate))
+                 for name, gate in gates.items()]
     return maps

@@ -257,7 +257,8 @@ def _network(top: _Reader, architecture: str) -> NetworkSpec | None:
     if dims not in (2, 3):
         raise reader.fail("spatial_dims", "2 or 3")
     channels = reader.get("channels", list, "a list of at least 2 channel counts, each >= 1")
-    if len(channels) < 2 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
+    if len(channels) < 2 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                    for c in channels):
         raise reader.fail("channels", "a list of at least 2 channel counts, each >= 1")
     strides = reader.get("strides", list, "one stride per channel count but the first, each >= 1")
     if len(strides) != len(channels) - 1 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1

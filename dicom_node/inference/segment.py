@@ -62,7 +62,8 @@ class VolumeSegmentation:
     def summary(self) -> dict[str, object]:
         """What the job's record keeps: per label the voxel count, volume and largest diameter."""
         affine = self.volume.affine
-        return {"grid": list(self.volume.array.shape), "model_grid": list(self.mapping.model_shape), "labels": {
+        return {"grid": list(self.volume.array.shape), "model_grid": list(self.mapping.model_shape),
+                "labels": {
             label: {"voxels": int(self.mask(label).sum()),
                     "volume_mm3": round(lesion_volume_mm3(self.mask(label), affine), 3),
                     "largest_diameter_mm": round(largest_diameter_mm(self.mask(label), affine), 3),
