@@ -493,16 +493,21 @@ def encode_segmentation(ctx: PipelineContext) -> None:
     ctx.outputs = encoded.objects
 
 
+#: The steps that differ by task, each pair named once (``dicom-node explain`` runs them too).
+PREPARE = ByTask(prepare, assemble_volume)
+INFER = ByTask(infer, segment)
+EXPLAIN = ByTask(explain, explain_segmentation)
+ENCODE = ByTask(encode, encode_segmentation)
+
+
 def default_steps() -> list[tuple[str, Step]]:
     """The steps every job runs, in order. Where a segmentation model differs (:class:`ByTask`):
     preprocess assembles the volume, inference segments it, explain maps the attention gates and
     Seg-Grad-CAM, encode makes SEG, SC and SR. The gate has no reference for a segmentation
     model (its manifest may have no [gate]) and passes."""
-    return [("collect", collect), ("read", read), ("preprocess", ByTask(prepare, assemble_volume)),
-            ("inference", ByTask(infer, segment)), ("gate", gate),
-            ("explain", ByTask(explain, explain_segmentation)),
-            ("encode", ByTask(encode, encode_segmentation)),
-            ("store", store_results), ("outbox", enqueue)]
+    return [("collect", collect), ("read", read), ("preprocess", PREPARE), ("inference", INFER),
+            ("gate", gate), ("explain", EXPLAIN), ("encode", ENCODE), ("store", store_results),
+            ("outbox", enqueue)]
 
 
 def compute_steps() -> list[tuple[str, Step]]:

@@ -271,3 +271,50 @@ def test_weights_that_do_not_fit_the_network_are_refused(tmp_path: Path) -> None
     path.write_text(path.read_text().replace("channels = [4, 8, 16]", "channels = [4, 8, 32]"))
     with pytest.raises(ModelError, match="weights do not fit attention_unet"):
         ModelRegistry(tmp_path).verify()
+
+
+def test_dicom_node_explain_segments_a_series_offline(tmp_path: Path, models: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for k, ds in enumerate(mr_series()):
+        ds.save_as(series / f"{k:02d}.dcm", enforce_file_format=True)
+    config = tmp_path / "node.toml"
+    config.write_text(f'[models]\ndir = "{models}"\n[[pipelines]]\nname = "brain"\nmodel = "brain"\n'
+                      'match = { modality = ["MR"] }\nexplain = ["attention"]\noutputs = ["seg", "sc", "sr"]\n')
+    assert main(["explain", str(series), "--out", str(tmp_path / "out"), "--config", str(config)]) == 0
+    assert "analysed: lesion" in capsys.readouterr().out
+    modalities = sorted(dcmread(p).Modality for p in (tmp_path / "out").rglob("*.dcm"))
+    assert modalities[-2:] == ["SEG", "SR"] and modalities.count("OT") >= 2
+
+
+def test_an_enhanced_multiframe_series_gets_a_seg_referencing_its_frames(models: Path) -> None:
+    from dicom_node.encode import Producer, encode_volume
+    from tests.inference.test_volume import _enhanced
+
+    series = mr_series(_oblique())
+    order = [int(i) for i in np.random.default_rng(5).permutation(len(series))]
+    enhanced = _enhanced(series, order, per_frame_geometry=False)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "AccessionNumber", "ReferringPhysicianName", "StudyID", "FrameOfReferenceUID"):
+        setattr(enhanced, keyword, series[0].get(keyword))
+    enhanced.SeriesNumber, enhanced.ImageType = 2, ["ORIGINAL", "PRIMARY", "OTHER", "NONE"]
+    runner = InferenceRunner(ModelRegistry(models), device="cpu")
+    result = runner.segment("brain", assemble([enhanced]))
+    assert result.found() == ["lesion"]
+    producer = Producer("brain", runner.registry.manifest("brain"), "XAI_NODE")
+    encoded = encode_volume([enhanced], result, [], producer, ("seg",), isolate=False)
+    seg = encoded.objects[0]
+    pixels = hd.seg.Segmentation.from_dataset(seg).pixel_array.reshape(int(seg.NumberOfFrames), 24, 24)
+    slice_of = {s.frame: k for k, s in enumerate(result.volume.sources)}
+    mask = result.mask("lesion")
+    seen = []
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert reference.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        k = slice_of[int(reference.ReferencedFrameNumber)]
+        seen.append(k)
+        np.testing.assert_array_equal(pixels[i].astype(bool), mask[k])
+    assert sorted(seen) == [k for k in range(mask.shape[0]) if mask[k].any()]
