@@ -569,7 +569,8 @@ def run(
                  model_version=manifest.version if manifest else "",
                  weights_sha256=manifest.sha256 if manifest else "",
                  methods=list(config.explain) if config else [],
-                 positives=sorted({label for p in ctx.predictions for label in p.positives}),
+                 positives=sorted({label for p in ctx.predictions for label in p.positives}
+                                  | set(ctx.segmentation.found() if ctx.segmentation is not None else [])),
                  outputs=[str(ds.SOPInstanceUID) for ds in ctx.outputs], timings=dict(timings))
     return ctx
 

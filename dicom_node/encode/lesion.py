@@ -118,8 +118,8 @@ def lesion_overlays(by_uid: Sources, result: VolumeSegmentation, maps: Sequence[
                 displays[key] = source_display(source, heatmap.frame)
             ds = secondary_capture(source, heatmap, producer, len(overlays) + 1, displays[key])
             # several gates share the method: the gate is part of the UID
-            uid = producer.instance_uid("sc", source, item.method, item.layer, *key[:1], str(heatmap.frame),
-                                        item.label)
+            uid = producer.instance_uid("sc", source, item.method, item.layer, slice_source.sop_instance_uid,
+                                        str(heatmap.frame), item.label)
             ds.SOPInstanceUID = uid
             ds.file_meta.MediaStorageSOPInstanceUID = uid
             overlays.append((item.label, ds))
