@@ -318,3 +318,34 @@ def test_an_enhanced_multiframe_series_gets_a_seg_referencing_its_frames(models:
         seen.append(k)
         np.testing.assert_array_equal(pixels[i].astype(bool), mask[k])
     assert sorted(seen) == [k for k in range(mask.shape[0]) if mask[k].any()]
+
+
+def test_start_up_refuses_a_segmentation_pipeline_with_classification_methods_or_on_ray(
+    settings: Settings, models: Path
+) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.node import check_models
+
+    registry = ModelRegistry(models)
+    default = dataclasses.replace(settings, pipelines=(Pipeline(name="brain", model="brain"),))
+    with pytest.raises(ConfigError, match=r"pipelines\[0\].explain' = \['gradcam'\] is invalid for segmentation"):
+        check_models(default, registry)
+    fitting = dataclasses.replace(default, pipelines=(Pipeline(name="brain", model="brain",
+                                                                explain=("attention",)),))
+    check_models(fitting, registry)
+    on_ray = dataclasses.replace(fitting, workers=dataclasses.replace(fitting.workers, executor="ray"))
+    with pytest.raises(ConfigError, match="segmentation model, which runs on the node's own workers"):
+        check_models(on_ray, registry)
+
+
+def test_models_verify_and_list_name_a_segmentation_model(tmp_path: Path, models: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[models]\ndir = "{models}"\n[[pipelines]]\nname = "brain"\nmodel = "brain"\n'
+                      'explain = ["attention", "seggradcam"]\noutputs = ["seg", "sc", "sr"]\n')
+    assert main(["models", "verify", "--config", str(config)]) == 0
+    assert "sanity brain 0.1: not run (a segmentation model" in capsys.readouterr().out
+    assert main(["models", "list", "--config", str(config)]) == 0
+    assert "attention_unet  input volume 8x32x32" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """The model repository: ``<models.dir>/<name>/model.toml`` plus weights and ``MODEL_CARD.md``.
 
 :meth:`ModelRegistry.verify` checks every model at start-up (manifest, weights file and its
-sha256, that the weights fit the architecture, that the model has one output per label, that
+sha256, that the weights fit the architecture, that the model has one output per label (one
+map per label on the model grid, for a segmentation model), that
 the CAM layer exists, and the input-distribution gate's reference file, its sha256 and that it
 describes this model's frames) and raises one :class:`ModelError` naming the file and key.
 """
