@@ -14,6 +14,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydicom import Dataset
@@ -136,31 +137,27 @@ def encode_volume(sources: Sequence[Dataset], result: VolumeSegmentation, maps: 
     changes = tuple(change for item in cleaned for change in item.changes)
     by_uid = {str(item.dataset.SOPInstanceUID): stand_in(item.dataset) for item in cleaned}
     classes = {str(item.dataset.SOPInstanceUID): str(item.dataset.SOPClassUID) for item in cleaned}
-    seg: Dataset | None = None
-    overlays: list[tuple[str, Dataset]] = []
     failed: list[tuple[str, str]] = []
-    steps: list[tuple[str, Callable[[], None]]] = []
 
-    def make_seg() -> None:
-        nonlocal seg
-        seg = lesion_segmentation(by_uid, result, producer)
-
-    def make_overlays() -> None:
-        overlays.extend(lesion_overlays(by_uid, result, maps, producer))
-
-    report: list[Dataset] = []
-    steps = [("seg", make_seg), ("sc", make_overlays), ("sr", lambda: report.append(lesion_report(
-        list(by_uid.values()), result, producer, seg, overlays, methods, revision)))]
-    for kind, make in steps:
+    def build(kind: str, make: Callable[[], Any], empty: Any) -> Any:
+        """``make()`` when ``outputs`` asks for ``kind``; ``empty`` when not, or when it fails (listed)."""
         if kind not in outputs:
-            continue
+            return empty
         try:
-            make()
+            return make()
         except Exception as exc:
             if not isolate:
                 raise
             logger.warning("pipeline %s: %s output failed (%s)", producer.pipeline, kind, type(exc).__name__)
             failed.append((kind, type(exc).__name__))
+            return empty
+
+    # in this order: the SR references the SEG and the overlays
+    seg: Dataset | None = build("seg", lambda: lesion_segmentation(by_uid, result, producer), None)
+    overlays: list[tuple[str, Dataset]] = build(
+        "sc", lambda: lesion_overlays(by_uid, result, maps, producer), [])
+    report: list[Dataset] = build("sr", lambda: [lesion_report(list(by_uid.values()), result, producer, seg,
+                                                              overlays, methods, revision)], [])
     objects = [*([seg] if seg is not None else []), *(ds for _, ds in overlays), *report]
     for ds in objects:
         restore_classes(ds, classes)
