@@ -228,16 +228,20 @@ def test_the_maps_are_on_the_source_grid_and_seg_grad_cam_is_non_negative(
 def test_a_series_with_a_gap_gets_the_not_analysed_report_naming_the_gap(
     store: InstanceStore, settings: Settings, models: Path
 ) -> None:
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
     ctx, paths = _run(settings, store, models, mr_series(skip=5))
     assert ctx is None
     assert [dcmread(p).Modality for p in paths] == ["SR"]
     text = " ".join(_texts(dcmread(paths[0])))
     assert "not one regular volume" in text and "gap: about 1 slice(s) missing" in text
+    errors, output = dciodvfy_errors(dciodvfy, paths[0])
+    assert not errors, output
 
 
 def test_a_series_without_a_lesion_gets_a_report_saying_so(
     store: InstanceStore, settings: Settings, tmp_path: Path
 ) -> None:
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
     write_segmentation_model(tmp_path / "strict", threshold=0.999999)
     ctx, paths = _run(settings, store, tmp_path / "strict", mr_series())
     assert ctx is not None and ctx.segmentation is not None and not ctx.segmentation.found()
@@ -245,6 +249,8 @@ def test_a_series_without_a_lesion_gets_a_report_saying_so(
     assert [ds.Modality for ds in written] == ["SR"]
     text = str(written[0])
     assert "Lesion" in text and "Absent" in text and "Volume" not in text
+    errors, output = dciodvfy_errors(dciodvfy, paths[0])
+    assert not errors, output
 
 
 def test_the_voxel_volume_is_the_determinant_of_the_affine() -> None:
