@@ -148,6 +148,29 @@ def _check_seg(seg: Dataset, ctx: PipelineContext) -> None:
     assert str(seg.FrameOfReferenceUID) == str(ctx.datasets[0].FrameOfReferenceUID)
 
 
+def _check_overlay(ds: Dataset, ctx: PipelineContext) -> None:
+    """The overlay as the classification overlays are: the band above the image holds the yellow
+    notice, the image below it is the source slice scaled up by a whole factor, unchanged where
+    the map adds no colour and still visible where it does."""
+    from dicom_node.encode.overlay import DISCLAIMER_COLOUR, source_display
+
+    factor = ds.Columns // 24
+    top = ds.Rows - 24 * factor
+    assert factor >= 1 and top > 0 and f"Rows 1-{top}: annotation band" in ds.DerivationDescription
+    pixels = ds.pixel_array
+    assert np.all(pixels[:top] == DISCLAIMER_COLOUR, axis=-1).any()  # the notice, in the band
+    source = next(s for s in ctx.datasets if s.SOPInstanceUID == ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+    display = source_display(source, 0)
+    image = pixels[top:][factor // 2::factor, factor // 2::factor]
+    assert image.shape == display.shape
+    assert ctx.segmentation is not None
+    k = [s.sop_instance_uid for s in ctx.segmentation.volume.sources].index(source.SOPInstanceUID)
+    shown = next(m for m in ctx.volume_maps if f"(layer {m.layer})" in ds.DerivationDescription).array[k]
+    untouched = shown <= shown.max() / 255  # where the blend adds no colour
+    assert np.mean(np.all(image[untouched] == display[untouched], axis=-1)) > 0.95 if untouched.any() else True
+    assert np.corrcoef(image.mean(axis=-1).ravel(), display[..., 0].ravel())[0, 1] > 0.3  # still visible
+
+
 def _sr_values(sr: Dataset) -> dict[str, float]:
     values: dict[str, float] = {}
 
@@ -205,7 +228,7 @@ def test_a_series_gives_a_seg_on_the_source_frames_overlays_and_a_report_with_th
     for ds in overlays:
         assert ds.BurnedInAnnotation == "YES" and "UNVERIFIED" in ds.DerivationDescription.upper()
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in {s.SOPInstanceUID for s in ctx.datasets}
-        assert ds.Rows > 24 and ds.Columns >= 24  # the band above the image
+        _check_overlay(ds, ctx)
     assert len({ds.SOPInstanceUID for ds in overlays}) == len(overlays)
     for ds in written.values():
         assert "brain 0.1" in str(ds.get("ManufacturerModelName", "")) or ds.Modality == "SR"

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.attentionunet import AttentionBlock
 from torch import nn
 
 from dicom_node.inference.registry import LoadedModel
@@ -50,6 +49,8 @@ def _to_grid(maps: torch.Tensor, shape: tuple[int, int, int], spatial_dims: int)
 
 def attention_gates(module: nn.Module) -> list[str]:
     """Names of the ``psi`` modules of the model's attention gates, outermost first."""
+    from monai.networks.nets.attentionunet import AttentionBlock  # loaded with the model already
+
     return [f"{name}.psi" for name, child in module.named_modules() if isinstance(child, AttentionBlock)]
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import NormalizeIntensity
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
@@ -74,6 +73,8 @@ class VolumeSegmentation:
 def normalise(array: np.ndarray, normalization: str) -> np.ndarray:
     """``array`` z-scored (``zscore_nonzero``: statistics and result over the non-zero voxels only,
     0 stays 0; ``zscore``: over all voxels)."""
+    from monai.transforms import NormalizeIntensity  # monai takes seconds to import: not at start-up
+
     transform = NormalizeIntensity(nonzero=normalization == "zscore_nonzero")
     return np.asarray(transform(array.astype(np.float32)), dtype=np.float32)
 
