@@ -67,9 +67,10 @@ def _job(series: SeriesKey, headers: Sequence[Dataset], pipeline: Pipeline, mode
 class _Progress:
     """A one-line bar on a terminal; silent otherwise."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
-        self.total, self.done, self.stream = total, 0, stream
-        self.shown = total > 1 and stream.isatty()
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        # sys.stderr when called, not when imported: it may have been replaced since
+        self.total, self.done, self.stream = total, 0, stream or sys.stderr
+        self.shown = total > 1 and self.stream.isatty()
 
     def step(self, label: str) -> None:
         self.done += 1
