@@ -296,14 +296,20 @@ def explain(ctx: PipelineContext) -> None:
 
 def encode(ctx: PipelineContext) -> None:
     """Build the pipeline's outputs (SC, SR, SEG, PM, GSPS) for the series."""
+    encode_with(ctx, lambda config, producer, earlier: encode_series(
+        ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs, config.explain, earlier))
+
+
+def encode_with(ctx: PipelineContext, build: Callable[[Pipeline, Producer, Revision], Encoded]) -> None:
+    """``build`` the pipeline's outputs into ``ctx.outputs``; a failure (every kind failed, or the
+    sources unfit) fails the job permanently, with the error's type only."""
     config = ctx.pipeline()
     if config is None or not config.outputs:
         return
     producer = _producer(ctx, config)
     earlier = revision(ctx)  # a database error here is retried, not a "not analysed" series
     try:
-        encoded = encode_series(ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs,
-                                config.explain, earlier)
+        encoded = build(config, producer, earlier)
     except Exception as exc:
         # the source lacks or garbles what an object needs; the message may quote header values,
         # so only its type goes into the job's reason (and the "not analysed" report)
@@ -474,23 +480,11 @@ def explain_segmentation(ctx: PipelineContext) -> None:
 
 def encode_segmentation(ctx: PipelineContext) -> None:
     """The SEG, SC overlays and SR of the segmented volume (the pipeline's ``outputs``)."""
-    config = ctx.pipeline()
-    if config is None or not config.outputs or ctx.segmentation is None:
-        return
-    producer = _producer(ctx, config)
-    earlier = revision(ctx)
-    try:
-        encoded = encode_volume(ctx.datasets, ctx.segmentation, ctx.volume_maps, producer, config.outputs,
-                                [m for m in config.explain if m in VOLUME_METHODS], earlier)
-    except Exception as exc:
-        log_encode_failure(ctx, exc)
-        reason = f"the results could not be encoded from this series ({type(exc).__name__})"
-        raise PermanentError(reason) from None
-    audit_encoding(ctx, encoded)
-    if encoded.failed and not encoded.objects:
-        kinds = ", ".join(f"{kind} ({error})" for kind, error in encoded.failed)
-        raise PermanentError(f"the results could not be encoded from this series: {kinds}")
-    ctx.outputs = encoded.objects
+    result = ctx.segmentation
+    assert result is not None
+    encode_with(ctx, lambda config, producer, earlier: encode_volume(
+        ctx.datasets, result, ctx.volume_maps, producer, config.outputs,
+        [m for m in config.explain if m in VOLUME_METHODS], earlier))
 
 
 #: The steps that differ by task, each pair named once (``dicom-node explain`` runs them too).
