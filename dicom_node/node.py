@@ -22,6 +22,7 @@ from dicom_node.audit import AuditTrail, Fanout
 from dicom_node.config import Settings
 from dicom_node.dicomweb import DicomWebContext
 from dicom_node.errors import ConfigError
+from dicom_node.explain.volume import VOLUME_METHODS
 from dicom_node.export import DestinationWorker, Exporter, Outbox
 from dicom_node.inference import InferenceRunner, ModelRegistry
 from dicom_node.ingest.scp import IngestServer, start_ingest
@@ -60,6 +61,24 @@ def check_models(settings: Settings, registry: ModelRegistry) -> None:
                 f"{settings.source}: key 'pipelines[{i}].model' = {pipeline_.model!r} is invalid; "
                 f"expected a model of the repository {settings.models.dir}: {registry.names()}"
             )
+        check_task(settings, i, registry.manifest(pipeline_.model).task)
+
+
+def check_task(settings: Settings, index: int, task: str) -> None:
+    """A pipeline's explanation methods fit its model's task, and a segmentation model's pipeline
+    runs on the node's own workers (the Ray executor runs the classification steps only)."""
+    pipeline_ = settings.pipelines[index]
+    segmentation = task == "segmentation"
+    wrong = [m for m in pipeline_.explain if (m in VOLUME_METHODS) != segmentation]
+    if wrong:
+        expected = (f"some of {list(VOLUME_METHODS)}" if segmentation
+                    else "classification methods (not attention, seggradcam)")
+        raise ConfigError(f"{settings.source}: key 'pipelines[{index}].explain' = {list(pipeline_.explain)} "
+                          f"is invalid for {task} model {pipeline_.model!r}; expected {expected}")
+    if segmentation and settings.workers.executor == "ray":
+        raise ConfigError(f"{settings.source}: key 'workers.executor' = \"ray\" cannot run pipeline "
+                          f"{pipeline_.name!r}: its model {pipeline_.model!r} is a segmentation model, which "
+                          "runs on the node's own workers (executor = \"local\")")
 
 
 def check_ray(settings: Settings) -> None:
