@@ -44,6 +44,7 @@ from dicom_node.errors import ConfigError
 
 ARCHITECTURES = (
     "small_cnn", "compact_cnn", "densenet121", "resnet18", "resnet50", "efficientnet_b0", "torchscript",
+    "protopnet",
 )
 NORMALIZATIONS = ("zero_one", "imagenet", "xrv")
 MULTIFRAME_POLICIES = ("middle", "all")
