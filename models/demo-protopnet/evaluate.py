@@ -32,7 +32,7 @@ from dicom_node.phantoms import LABELS, Phantom, render, to_dataset
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from card import manifest, model_card  # noqa: E402  (next to this script)
+from card import FOCAL, manifest, model_card  # noqa: E402  (next to this script)
 
 HELD_OUT_SEED = 1_000_000
 KEYS = ("hit", "iou", "hit_centre", "iou_centre", "hit_area", "iou_area")
@@ -71,26 +71,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="held-out phantoms")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--folder", type=Path, default=HERE, help="the model's folder (named demo-protopnet)")
     args = parser.parse_args(argv)
+    folder = args.folder
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    metrics = json.loads((HERE / "metrics.json").read_text())
-    sha256 = sha256_of(HERE / "weights.pt")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    sha256 = sha256_of(folder / "weights.pt")
     if sha256 != metrics["sha256"]:
-        raise SystemExit(f"{HERE / 'weights.pt'}: sha256 {sha256} is not the one metrics.json records")
-    (HERE / "model.toml").write_text(manifest(metrics["training"]["size"], sha256, metrics["version"]))
-    loaded = ModelRegistry(HERE.parent).load(HERE.name)
+        raise SystemExit(f"{folder / 'weights.pt'}: sha256 {sha256} is not the one metrics.json records")
+    (folder / "model.toml").write_text(manifest(metrics["training"]["size"], sha256, metrics["version"]))
+    loaded = ModelRegistry(folder.parent).load(folder.name)
     model = loaded.module
     assert isinstance(model, ProtoPNet)
-    identities = load_identities(HERE / "prototypes.json", model, LABELS)
+    identities = load_identities(folder / "prototypes.json", model, LABELS)
     metrics["localisation"] = figures_of(model, identities, range(HELD_OUT_SEED, HELD_OUT_SEED + args.count),
                                        loaded.manifest.input.size)
+    focal = [metrics["localisation"][label] for label in FOCAL if metrics["localisation"][label]["findings"]]
+    findings = sum(row["findings"] for row in focal)
+    metrics["localisation_focal"] = {
+        "findings": findings,
+        "hit": round(sum(row["hit"] * row["findings"] for row in focal) / max(findings, 1), 4)}
     metrics["localisation_held_out"] = args.count
     metrics["localisation_minutes"] = round((time.perf_counter() - started) / 60, 1)
     for label, row in metrics["localisation"].items():
         print(label, row, flush=True)
-    (HERE / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (HERE / "MODEL_CARD.md").write_text(model_card(metrics, identities))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (folder / "MODEL_CARD.md").write_text(model_card(metrics, identities))
     print(f"wrote model.toml, metrics.json and MODEL_CARD.md in {metrics['localisation_minutes']} min")
     return 0
 
