@@ -4,9 +4,11 @@ The same phantoms, DICOM round trip and preprocessing as ``models/demo-cxr/train
 ``example``), the same held-out seeds. ProtoPNet's stages (Chen et al. 2019), adapted to
 multi-label: (1) joint training of backbone, add-on layers, prototypes and class connection with
 binary cross-entropy plus a cluster cost (each present label: the least distance of one of its
-prototypes to some patch of the image) and a separation cost (each absent label: the same
+prototypes to some patch of the image; for nodules and consolidations, to a patch on the finding's
+mask, IAIA-BL's fine annotation) and a separation cost (each absent label: the same
 distance, rewarded when large); (2) push: every prototype is replaced by the feature of the
-training patch nearest to it among the images that show its label, so that it *is* that patch;
+training patch nearest to it among the images that show its label (on the mask, for the focal
+findings), so that it *is* that patch;
 (3) last-layer fine-tuning on the pushed similarities (convex; L1 on the connections to other
 labels' prototypes). CPU, seeded: the same weights bytes twice.
 
@@ -223,17 +225,10 @@ def demo_aucs(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     return aucs(probabilities(model, x), y)
 
 
-def held_out_aucs(model: ProtoPNet, args: argparse.Namespace) -> dict:
-    """Both models' AUCs on the held-out phantoms (made once, kept for the second call)."""
-    if args.held_out not in _HELD_OUT:
-        _HELD_OUT[args.held_out] = dataset(range(DEMO.HELD_OUT_SEED, DEMO.HELD_OUT_SEED + args.held_out),
-                                           args.size, HELD_OUT_SIZES, args.workers)[:2]
-    xt, yt = _HELD_OUT[args.held_out]
+def held_out_aucs(model: ProtoPNet, xt: torch.Tensor, yt: torch.Tensor) -> dict:
+    """Both models' AUCs on the held-out phantoms."""
     return {"protopnet": aucs(probabilities(model, xt), yt), "demo-cxr": demo_aucs(xt, yt),
             "positives": {k: int(v) for k, v in zip(LABELS, yt.sum(0).tolist(), strict=True)}}
-
-
-_HELD_OUT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def fit(args: argparse.Namespace) -> tuple[ProtoPNet, dict]:
@@ -246,15 +241,17 @@ def fit(args: argparse.Namespace) -> tuple[ProtoPNet, dict]:
     print(f"{len(x)} training phantoms in {time.perf_counter() - started:.0f} s", flush=True)
     model = ProtoPNet(len(LABELS), 1)
     losses = joint(model, x, y, masks, args.epochs, args.batch, args.seed)
-    metrics_before = held_out_aucs(model, args) if args.held_out else {}
+    held = (dataset(range(DEMO.HELD_OUT_SEED, DEMO.HELD_OUT_SEED + args.held_out), args.size, HELD_OUT_SIZES,
+                    args.workers)[:2] if args.held_out else None)
+    metrics_before = held_out_aucs(model, *held) if held else {}
     where = push(model, x, y, masks)
     tuned = last_layer(model, x, y, args.last_steps)
     model.eval()
     metrics: dict = {"version": VERSION, "losses": [round(v, 5) for v in losses],
                      "last_layer_loss": [round(tuned[0], 5), round(tuned[-1], 5)] if tuned else [],
                      "prototypes": identities(model, where, seeds, args.size, TRAIN_SIZES)}
-    if args.held_out:
-        metrics["held_out"] = held_out_aucs(model, args) | {"protopnet_before_push": metrics_before["protopnet"]}
+    if held:
+        metrics["held_out"] = held_out_aucs(model, *held) | {"protopnet_before_push": metrics_before["protopnet"]}
     metrics["training"] = {
         "phantoms": args.train, "held_out": args.held_out, "size": args.size, "epochs": args.epochs,
         "batch": args.batch, "last_steps": args.last_steps, "seed": args.seed,
