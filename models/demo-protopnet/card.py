@@ -127,7 +127,7 @@ demo-cxr, no perturbed (half-blurred) images.
 
 Seed {t['seed']}, {t['threads']} CPU threads, {t['minutes']} minutes in all (data, stages and the held-out
 AUCs of both models), `nice -n 10` on a shared 2-core VM ({t['machine']}), Python {t['python']},
-torch {t['torch']}. The same command gives the same weights bytes on the same machine.
+torch {t['torch']}. Seeded throughout; a tiny run gives the same weights bytes twice (tested); the full run was not repeated.
 
 ## Held-out accuracy
 
