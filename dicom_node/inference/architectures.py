@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dicom_node.inference.protopnet import ProtoPNet
+
 
 class PlainCNN(nn.Module):
     """3x3 conv blocks (conv, batch norm, ReLU; 2x2 max-pooling after the first ``pools``), then
@@ -103,6 +105,7 @@ def _attention_unet(num_labels: int, in_channels: int, *, spatial_dims: int, cha
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda num_labels, in_channels: SmallCNN(num_labels, in_channels),
     "compact_cnn": lambda num_labels, in_channels: CompactCNN(num_labels, in_channels),
+    "protopnet": lambda num_labels, in_channels: ProtoPNet(num_labels, in_channels),
     **{name: _torchvision(name) for name in ("densenet121", "resnet18", "resnet50", "efficientnet_b0")},
     "attention_unet": _attention_unet,
 }

@@ -63,7 +63,7 @@ from dicom_node.errors import ConfigError
 
 ARCHITECTURES = (
     "small_cnn", "compact_cnn", "densenet121", "resnet18", "resnet50", "efficientnet_b0", "torchscript",
-    "attention_unet",
+    "attention_unet", "protopnet",
 )
 TASKS = ("classification", "segmentation")
 #: Architectures whose output is a map per label (task "segmentation") rather than a logit per label.
