@@ -90,7 +90,7 @@ def _gate(ctx: steps.PipelineContext) -> None:
         raise PermanentError(reason)
 
 
-OFFLINE_STEPS = (steps.check_scope, steps.prepare, steps.infer, _gate, steps.explain, steps.encode)
+OFFLINE_STEPS = (steps.check_scope, steps.PREPARE, steps.INFER, _gate, steps.EXPLAIN, steps.ENCODE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,8 @@ def _run(settings: Settings, registry: ModelRegistry, runner: InferenceRunner, p
         steps.check_one_patient(ctx.datasets)
         for step in OFFLINE_STEPS:
             step(ctx)
-        found = sorted({label for p in ctx.predictions for label in p.positives})
+        found = (ctx.segmentation.found() if ctx.segmentation is not None
+                 else sorted({label for p in ctx.predictions for label in p.positives}))
         status = "analysed: " + (", ".join(found) or "no finding above threshold")
     except steps.MixedPatientsError as exc:  # a report would reference both patients' images
         status, ctx.outputs = f"not analysed: {exc}; nothing written", []

@@ -23,12 +23,23 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node.audit import NO_AUDIT, Audit
 from dicom_node.config import Pipeline, Settings
-from dicom_node.encode import Encoded, Producer, Revision, encode_series, not_analysed, report_reference
+from dicom_node.encode import (
+    Encoded,
+    Producer,
+    Revision,
+    encode_series,
+    encode_volume,
+    not_analysed,
+    report_reference,
+)
 from dicom_node.errors import InfrastructureError, PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
+from dicom_node.explain.volume import VOLUME_METHODS, VolumeMap, explain_volume
 from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
 from dicom_node.inference.gate import GateResult
+from dicom_node.inference.segment import VolumeSegmentation
+from dicom_node.inference.volume import Volume, VolumeError, assemble
 from dicom_node.jobs.queue import Job, JobQueue
 from dicom_node.logs import patient_values, redacted_traceback
 from dicom_node.store import InstanceRecord, InstanceStore
@@ -61,6 +72,9 @@ class PipelineContext:
     outcome: str = ""  # set by a step that ends the job early, e.g. "not analysed, reported"
     outcome_reason: str = ""
     device_uid: str = ""  # the installation's (store.device); "" derives one from the AE title
+    volume: Volume | None = None  # a segmentation model's input: the series as one volume
+    segmentation: VolumeSegmentation | None = None
+    volume_maps: list[VolumeMap] = field(default_factory=list)
 
     def gate_summary(self) -> dict[str, Any]:
         """The gate's scores and threshold, the action taken, and the job's outcome if it ended early."""
@@ -76,13 +90,16 @@ class PipelineContext:
 
     def summary(self) -> dict[str, Any]:
         """What the job found, for its record: per frame, every probability and the positives."""
-        return {**self.gate_summary(), "predictions": [
+        segmented = {"segmentation": self.segmentation.summary()} if self.segmentation is not None else {}
+        return {**self.gate_summary(), **segmented, "predictions": [
             {"sop_instance_uid": p.sop_instance_uid, "frame": p.frame, "model": p.model,
              "model_version": p.model_version, "positives": p.positives,
              "outside_validated_input": p.outside_validated_input,
              "probabilities": {k: round(v, 6) for k, v in p.probabilities.items()}}
             for p in self.predictions
         ], "explanations": [
+            {"label": m.label, "method": m.method, "layer": m.layer} for m in self.volume_maps
+        ] + [
             {"sop_instance_uid": h.sop_instance_uid, "frame": h.frame, "label": h.label,
              "method": h.method, "layer": h.layer, "verdict": h.verdict,
              "quality": {k: round(v, 4) for k, v in h.quality.items()}}
@@ -410,10 +427,86 @@ def _headers(ctx: PipelineContext) -> list[Dataset]:
         return []
 
 
+@dataclass(frozen=True)
+class ByTask:
+    """A step that depends on the job's model's task: ``classification`` models run frame by
+    frame, ``segmentation`` models on the series assembled as one volume. Equal when its two
+    steps are (``default_steps() == default_steps()``)."""
+
+    classification: Step
+    segmentation: Step
+
+    def __call__(self, ctx: PipelineContext) -> None:
+        step = self.segmentation if ctx.model().task == "segmentation" else self.classification
+        step(ctx)
+
+
+def assemble_volume(ctx: PipelineContext) -> None:
+    """The series as one volume; a series that is not one (a gap, uneven spacing, mixed
+    orientations...) fails permanently, and its "not analysed" report names why."""
+    try:
+        ctx.volume = assemble(ctx.datasets)
+    except VolumeError as exc:
+        raise PermanentError(f"the series is not one regular volume: {exc}") from None
+
+
+def segment(ctx: PipelineContext) -> None:
+    """Run the segmentation model on the volume; masks on the source grid."""
+    assert ctx.runner is not None and ctx.volume is not None
+    ctx.segmentation = ctx.runner.segment(ctx.job.model, ctx.volume)
+
+
+def explain_segmentation(ctx: PipelineContext) -> None:
+    """The pipeline's volume methods (``attention``, ``seggradcam``) for every label with a lesion."""
+    assert ctx.runner is not None and ctx.segmentation is not None
+    config = ctx.pipeline()
+    if config is None or not config.explain:
+        return
+    methods = [m for m in config.explain if m in VOLUME_METHODS]
+    if not methods:
+        raise PermanentError(f"pipeline {config.name}: explanation methods {list(config.explain)} do not "
+                             f"apply to segmentation model {ctx.job.model}; use some of "
+                             f"{list(VOLUME_METHODS)}")
+    started = time.perf_counter()
+    ctx.volume_maps = explain_volume(ctx.runner.model(ctx.job.model), ctx.segmentation, methods)
+    ctx.timings["explain.volume"] = time.perf_counter() - started
+
+
+def encode_segmentation(ctx: PipelineContext) -> None:
+    """The SEG, SC overlays and SR of the segmented volume (the pipeline's ``outputs``)."""
+    config = ctx.pipeline()
+    if config is None or not config.outputs or ctx.segmentation is None:
+        return
+    producer = _producer(ctx, config)
+    earlier = revision(ctx)
+    try:
+        encoded = encode_volume(ctx.datasets, ctx.segmentation, ctx.volume_maps, producer, config.outputs,
+                                [m for m in config.explain if m in VOLUME_METHODS], earlier)
+    except Exception as exc:
+        log_encode_failure(ctx, exc)
+        reason = f"the results could not be encoded from this series ({type(exc).__name__})"
+        raise PermanentError(reason) from None
+    audit_encoding(ctx, encoded)
+    if encoded.failed and not encoded.objects:
+        kinds = ", ".join(f"{kind} ({error})" for kind, error in encoded.failed)
+        raise PermanentError(f"the results could not be encoded from this series: {kinds}")
+    ctx.outputs = encoded.objects
+
+
+#: The steps that differ by task, each pair named once (``dicom-node explain`` runs them too).
+PREPARE = ByTask(prepare, assemble_volume)
+INFER = ByTask(infer, segment)
+EXPLAIN = ByTask(explain, explain_segmentation)
+ENCODE = ByTask(encode, encode_segmentation)
+
+
 def default_steps() -> list[tuple[str, Step]]:
-    """The steps every job runs, in order."""
-    return [("collect", collect), ("read", read), ("preprocess", prepare), ("inference", infer),
-            ("gate", gate), ("explain", explain), ("encode", encode), ("store", store_results),
+    """The steps every job runs, in order. Where a segmentation model differs (:class:`ByTask`):
+    preprocess assembles the volume, inference segments it, explain maps the attention gates and
+    Seg-Grad-CAM, encode makes SEG, SC and SR. The gate has no reference for a segmentation
+    model (its manifest may have no [gate]) and passes."""
+    return [("collect", collect), ("read", read), ("preprocess", PREPARE), ("inference", INFER),
+            ("gate", gate), ("explain", EXPLAIN), ("encode", ENCODE), ("store", store_results),
             ("outbox", enqueue)]
 
 

@@ -22,6 +22,7 @@ from dicom_node.encode.common import DISCLAIMER, Producer, check_one_series, der
 from dicom_node.encode.fallback import minimal_report, not_analysed
 from dicom_node.encode.gsps import presentation_state
 from dicom_node.encode.header import HeaderChange, clean_header, restore_classes, stand_in
+from dicom_node.encode.lesion import lesion_overlays, lesion_report, lesion_segmentation
 from dicom_node.encode.overlay import render_overlay, secondary_capture, source_display
 from dicom_node.encode.pmap import parametric_map
 from dicom_node.encode.region import HotRegion, hot_region
@@ -29,7 +30,9 @@ from dicom_node.encode.seg import segmentation
 from dicom_node.encode.sr import Revision, measurement_report, not_analysed_report, report_reference
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
+from dicom_node.explain.volume import VolumeMap
 from dicom_node.inference.runner import Prediction
+from dicom_node.inference.segment import VolumeSegmentation
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ __all__ = [
     "derived_uid",
     "encode_results",
     "encode_series",
+    "encode_volume",
     "hot_region",
     "measurement_report",
     "minimal_report",
@@ -115,6 +119,49 @@ def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction],
             logger.warning("pipeline %s: %s output failed (%s)", producer.pipeline, kind, type(exc).__name__)
             failed.append((kind, type(exc).__name__))
     objects = [ds for kind in OUTPUTS for ds in built.get(kind, [])]
+    for ds in objects:
+        restore_classes(ds, classes)
+    return Encoded(objects, changes, tuple(failed))
+
+
+def encode_volume(sources: Sequence[Dataset], result: VolumeSegmentation, maps: Sequence[VolumeMap],
+                  producer: Producer, outputs: Sequence[str], methods: Sequence[str] = (),
+                  revision: Revision | None = None, isolate: bool = True) -> Encoded:
+    """The objects of a segmentation model's results on one volume, from cleaned sources:
+    ``seg`` the lesion SEG, ``sc`` the overlays of ``maps`` on the slices through each lesion,
+    ``sr`` the report with the lesions' measurements (referencing the SEG and the overlays made
+    here). ``pm`` and ``gsps`` are not made for volumes. Failures as :func:`encode_series`."""
+    check_one_series(sources)
+    cleaned = [clean_header(ds) for ds in sources]
+    changes = tuple(change for item in cleaned for change in item.changes)
+    by_uid = {str(item.dataset.SOPInstanceUID): stand_in(item.dataset) for item in cleaned}
+    classes = {str(item.dataset.SOPInstanceUID): str(item.dataset.SOPClassUID) for item in cleaned}
+    seg: Dataset | None = None
+    overlays: list[tuple[str, Dataset]] = []
+    failed: list[tuple[str, str]] = []
+    steps: list[tuple[str, Callable[[], None]]] = []
+
+    def make_seg() -> None:
+        nonlocal seg
+        seg = lesion_segmentation(by_uid, result, producer)
+
+    def make_overlays() -> None:
+        overlays.extend(lesion_overlays(by_uid, result, maps, producer))
+
+    report: list[Dataset] = []
+    steps = [("seg", make_seg), ("sc", make_overlays), ("sr", lambda: report.append(lesion_report(
+        list(by_uid.values()), result, producer, seg, overlays, methods, revision)))]
+    for kind, make in steps:
+        if kind not in outputs:
+            continue
+        try:
+            make()
+        except Exception as exc:
+            if not isolate:
+                raise
+            logger.warning("pipeline %s: %s output failed (%s)", producer.pipeline, kind, type(exc).__name__)
+            failed.append((kind, type(exc).__name__))
+    objects = [*([seg] if seg is not None else []), *(ds for _, ds in overlays), *report]
     for ds in objects:
         restore_classes(ds, classes)
     return Encoded(objects, changes, tuple(failed))

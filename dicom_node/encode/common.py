@@ -40,9 +40,11 @@ METHOD_CODES = {  # DCM CID 7203 "Image Derivation" has codes for the kinds of v
     "hirescam": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
     "lime": CodedConcept("130404", "DCM", "Saliency"),
     "cam": CodedConcept("130402", "DCM", "Class activation"),
+    "seggradcam": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
+    "attention": CodedConcept("130404", "DCM", "Saliency"),
 }
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "lime": "LIME",
-                "cam": "CAM"}
+                "cam": "CAM", "seggradcam": "Seg-Grad-CAM", "attention": "Attention gate"}
 #: Quality figures of an explanation (dicom_node.explain.quality): no standard codes exist.
 QUALITY_CODES = {
     "deletion_auc": CodedConcept("DN001", SCHEME, "Deletion AUC"),

@@ -60,7 +60,8 @@ QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluati
 SOURCE = CodedConcept("260753009", "SCT", "Source")
 INPUT_DISTRIBUTION = CodedConcept("DN320", SCHEME, "Input distribution")
 OUTSIDE_VALIDATED_INPUT = CodedConcept("DN321", SCHEME, "Outside the validated input")
-Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+Group = (hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations)
 OverlayKey = tuple[str, int, str, str]  # (source SOP Instance UID, frame, label, method)
 
 

@@ -5,8 +5,9 @@ manifest points at a file the hospital has.
 """
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,14 +87,29 @@ def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
     return build
 
 
-BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+def _attention_unet(num_labels: int, in_channels: int, *, spatial_dims: int, channels: Sequence[int],
+                    strides: Sequence[int]) -> nn.Module:
+    """MONAI's attention U-Net (Oktay et al. 2018): one output channel (a logit map) per label.
+    Its attention gates are the ``AttentionBlock`` modules; their ``psi`` outputs are the
+    coefficients (:mod:`dicom_node.explain.volume`)."""
+    from monai.networks.nets import AttentionUnet
+
+    return AttentionUnet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_labels,
+                         channels=tuple(channels), strides=tuple(strides))
+
+
+#: Builders by name: ``(num_labels, in_channels, **parameters)``; only ``attention_unet`` takes
+#: parameters (the manifest's ``[network]``).
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda num_labels, in_channels: SmallCNN(num_labels, in_channels),
     "compact_cnn": lambda num_labels, in_channels: CompactCNN(num_labels, in_channels),
     **{name: _torchvision(name) for name in ("densenet121", "resnet18", "resnet50", "efficientnet_b0")},
+    "attention_unet": _attention_unet,
 }
 
 
-def build(architecture: str, num_labels: int, in_channels: int, weights: Path) -> nn.Module:
+def build(architecture: str, num_labels: int, in_channels: int, weights: Path,
+          parameters: Mapping[str, Any] | None = None) -> nn.Module:
     """The model of ``architecture`` with the weights of ``weights`` loaded (on the CPU).
 
     A state dict must match the architecture exactly (``strict=True``); a TorchScript file is
@@ -111,7 +127,7 @@ def build(architecture: str, num_labels: int, in_channels: int, weights: Path) -
                 return torch.jit.load(str(weights), map_location="cpu")
         except RuntimeError as exc:
             raise ValueError(f"not a TorchScript file: {str(exc).splitlines()[0]}") from None
-    model = BUILDERS[architecture](num_labels, in_channels)
+    model = BUILDERS[architecture](num_labels, in_channels, **(parameters or {}))
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or damaged files

@@ -32,6 +32,25 @@ expected, on one line. Example::
     sha256 = "0c1d..."
     threshold = 1.59
     action = "abstain"              # abstain | warn: what a frame above the threshold gets by default
+
+A segmentation model (``task = "segmentation"``) gives one output channel per label (a sigmoid
+each, thresholded on the source grid) and runs on the series assembled as a volume::
+
+    task = "segmentation"
+    architecture = "attention_unet"
+    cam_layer = "model.1.submodule.1.merge"   # the layer Seg-Grad-CAM uses (a decoder merge)
+
+    [network]                       # the architecture's parameters (attention_unet only)
+    spatial_dims = 3                # 3: one 3D pass; 2: the model grid's slices as one batch
+    channels = [8, 16, 32]
+    strides = [2, 2]
+
+    [input]
+    volume = [32, 64, 64]           # the model grid (slices, rows, columns); no ``size``
+    channels = 1
+    normalization = "zscore_nonzero"   # zscore_nonzero | zscore
+
+It has no ``[gate]`` yet: the input-distribution gate scores 2D frames.
 """
 
 import math
@@ -44,8 +63,15 @@ from dicom_node.errors import ConfigError
 
 ARCHITECTURES = (
     "small_cnn", "compact_cnn", "densenet121", "resnet18", "resnet50", "efficientnet_b0", "torchscript",
+    "attention_unet",
 )
+TASKS = ("classification", "segmentation")
+#: Architectures whose output is a map per label (task "segmentation") rather than a logit per label.
+SEGMENTATION_ARCHITECTURES = ("attention_unet",)
 NORMALIZATIONS = ("zero_one", "imagenet", "xrv")
+#: For MR volumes, whose intensities have no absolute scale: z-score over the voxels that are not
+#: 0 (the background outside the head stays 0; MONAI NormalizeIntensity(nonzero=True)), or over all.
+VOLUME_NORMALIZATIONS = ("zscore_nonzero", "zscore")
 MULTIFRAME_POLICIES = ("middle", "all")
 GATE_ACTIONS = ("abstain", "warn")
 
@@ -73,6 +99,19 @@ class InputSpec:
     multiframe: str = "middle"
     window_center: float | None = None
     window_width: float | None = None
+    volume: tuple[int, int, int] | None = None  # a segmentation model's grid (slices, rows, columns)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """The ``[network]`` table of an ``attention_unet``: MONAI ``AttentionUnet``'s parameters."""
+
+    spatial_dims: int
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    def parameters(self) -> dict[str, Any]:
+        return {"spatial_dims": self.spatial_dims, "channels": self.channels, "strides": self.strides}
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,8 @@ class ModelManifest:
     body_parts: tuple[str, ...] = ()
     gate: GateSpec | None = None
     sanity_accepted_failure: str = ""  # [sanity] accepted_failure: why a failed sanity check is accepted
+    task: str = "classification"  # or "segmentation": one map per label, on the series as a volume
+    network: NetworkSpec | None = None
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -184,6 +225,49 @@ def _labels(reader: _Reader) -> tuple[Label, ...]:
     return tuple(labels)
 
 
+def _volume_input(reader: _Reader, network: "NetworkSpec | None") -> InputSpec:
+    expected = "[slices, rows, columns], three sizes from 1 to 1024"
+    grid = reader.get("volume", list, expected)
+    if len(grid) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1024
+                                 for n in grid):
+        raise reader.fail("volume", expected)
+    if network is not None:
+        factor = math.prod(network.strides)
+        axes = grid if network.spatial_dims == 3 else grid[1:]
+        if any(n % factor for n in axes):
+            raise reader.fail("volume", f"sizes divisible by {factor} (the product of network.strides) on "
+                                        f"the {network.spatial_dims} axes the network sees")
+    channels = reader.get("channels", int, "1", 1)
+    if channels != 1:
+        raise reader.fail("channels", "1 (a volume has one channel)")
+    return InputSpec(0, 1, reader.choice("normalization", VOLUME_NORMALIZATIONS, "zscore_nonzero"),
+                     volume=(grid[0], grid[1], grid[2]))
+
+
+def _network(top: _Reader, architecture: str) -> NetworkSpec | None:
+    if architecture not in SEGMENTATION_ARCHITECTURES:
+        if "network" in top.table:
+            raise top.fail("network", f"no [network] table for architecture {architecture!r}")
+        return None
+    if "network" not in top.table:
+        raise ModelError(f"{top.path}: required table [network] is missing (spatial_dims, channels, "
+                         f"strides of {architecture})")
+    reader = top.sub("network", {"spatial_dims", "channels", "strides"})
+    dims = reader.get("spatial_dims", int, "2 or 3")
+    if dims not in (2, 3):
+        raise reader.fail("spatial_dims", "2 or 3")
+    channels = reader.get("channels", list, "a list of at least 2 channel counts, each >= 1")
+    if len(channels) < 2 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                    for c in channels):
+        raise reader.fail("channels", "a list of at least 2 channel counts, each >= 1")
+    strides = reader.get("strides", list, "one stride per channel count but the first, each >= 1")
+    if len(strides) != len(channels) - 1 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                    for n in strides):
+        raise reader.fail("strides", f"{len(channels) - 1} strides (one per channel count but the first), "
+                                     "each >= 1")
+    return NetworkSpec(dims, tuple(channels), tuple(strides))
+
+
 def _input(reader: _Reader) -> InputSpec:
     size = reader.get("size", int, "the input side in pixels, 32 to 4096")
     channels = reader.get("channels", int, "1 or 3", 1)
@@ -238,8 +322,17 @@ def load_manifest(path: Path) -> ModelManifest:
         raise ModelError(f"{path}: not valid TOML ({exc})") from None
     top = _Reader(path, document)
     top.only({"name", "version", "architecture", "weights", "sha256", "labels", "input", "cam_layer",
-              "intended_use", "scope", "gate", "sanity"})
+              "intended_use", "scope", "gate", "sanity", "task", "network"})
     sha256 = _sha256(top, "the weights file")
+    architecture = top.choice("architecture", ARCHITECTURES)
+    task = top.choice("task", TASKS, "classification")
+    if (task == "segmentation") != (architecture in SEGMENTATION_ARCHITECTURES):
+        kind = "segmentation" if architecture in SEGMENTATION_ARCHITECTURES else "classification"
+        raise top.fail("task", f"{kind!r}: architecture {architecture!r} is a {kind} network")
+    if task == "segmentation" and "gate" in top.table:
+        raise top.fail("gate", "no [gate] for a segmentation model: the input-distribution gate scores "
+                               "2D frames (not yet volumes)")
+    network = _network(top, architecture)
     scope = top.sub("scope", {"modalities", "body_parts"})
     cam_layer = top.get("cam_layer", str, "the name of the layer CAM methods use")
     if not cam_layer.strip():
@@ -248,12 +341,14 @@ def load_manifest(path: Path) -> ModelManifest:
         path=path,
         name=top.get("name", str, "the model's name"),
         version=top.get("version", str, "a version string"),
-        architecture=top.choice("architecture", ARCHITECTURES),
+        architecture=architecture,
         weights=(path.parent / top.get("weights", str, "the weights file, relative to the manifest")),
         sha256=sha256,
         labels=_labels(top),
-        input=_input(top.sub("input", {"size", "channels", "normalization", "multiframe",
-                                       "window_center", "window_width"})),
+        input=(_volume_input(top.sub("input", {"volume", "channels", "normalization"}), network)
+               if task == "segmentation" else
+               _input(top.sub("input", {"size", "channels", "normalization", "multiframe",
+                                        "window_center", "window_width"}))),
         cam_layer=cam_layer,
         intended_use=top.get("intended_use", str, "the intended-use statement"),
         modalities=scope.strings("modalities"),
@@ -261,4 +356,6 @@ def load_manifest(path: Path) -> ModelManifest:
         gate=_gate(top),
         sanity_accepted_failure=top.sub("sanity", {"accepted_failure"}).get(
             "accepted_failure", str, "why the model's failed sanity check is accepted", ""),
+        task=task,
+        network=network,
     )

@@ -11,6 +11,8 @@ import torch
 from dicom_node.inference.gate import FeatureCapture, frame_vectors, image_statistics
 from dicom_node.inference.preprocess import Preprocessed
 from dicom_node.inference.registry import LoadedModel, ModelRegistry
+from dicom_node.inference.segment import VolumeSegmentation, segment_volume
+from dicom_node.inference.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,11 @@ class InferenceRunner:
                 outputs.append(output.float().cpu())
                 features.append(frame_vectors(pooled, statistics))
         return torch.cat(outputs) if outputs else torch.empty(0, len(loaded.manifest.labels))
+
+    def segment(self, name: str, volume: Volume) -> VolumeSegmentation:
+        """A segmentation model's masks of ``volume`` on its source grid (bf16 autocast on CUDA
+        when the runner has it)."""
+        return segment_volume(self.model(name), volume, self.bf16)
 
     def predict(self, name: str, inputs: Sequence[Preprocessed],
                 features: list[np.ndarray] | None = None) -> list[Prediction]:
