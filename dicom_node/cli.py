@@ -337,7 +337,8 @@ def models_command(settings: Settings, action: str, out: TextIO) -> int:
         print(f"no models in {settings.models.dir}", file=out)
     for name in registry.names():
         m = registry.manifest(name)
-        print(f"{m.name} {m.version}  {m.architecture}  input {m.input.size}px x{m.input.channels} "
+        grid = "x".join(map(str, m.input.volume)) + " grid" if m.input.volume else f"{m.input.size}px"
+        print(f"{m.name} {m.version}  {m.architecture}  input {grid} x{m.input.channels} "
               f"({m.input.normalization})  sha256 {m.sha256[:12]}\n"
               f"  labels: {', '.join(f'{label.name}>={label.threshold:g}' for label in m.labels)}\n"
               f"  for: {', '.join(m.modalities) or 'any modality'}; {m.intended_use}", file=out)
