@@ -167,9 +167,16 @@ def sparseness(explanation: np.ndarray) -> float:
 
 
 def pointing_game(explanation: np.ndarray, mask: np.ndarray) -> bool:
-    """Whether the map's maximum falls inside the ground-truth mask (same grid)."""
-    y, x = np.unravel_index(np.argmax(explanation), explanation.shape)
-    return bool(mask[y, x])
+    """Whether the map's maximum falls inside the ground-truth mask (same grid, 2D or 3D)."""
+    return bool(mask[np.unravel_index(np.argmax(explanation), explanation.shape)])
+
+
+def centre_grid(shape: tuple[int, ...], sigma: float = 0.25) -> np.ndarray:
+    """:func:`centre_map` on a grid of any number of axes (a volume's): a Gaussian centred on the
+    grid, of standard deviation ``sigma`` of each side."""
+    axes = [((np.arange(n, dtype=np.float32) + 0.5) / n - 0.5) ** 2 for n in shape]
+    total = sum(np.reshape(a, [-1 if i == j else 1 for j in range(len(shape))]) for i, a in enumerate(axes))
+    return np.asarray(np.exp(-np.asarray(total) / (2 * sigma**2)), dtype=np.float32)
 
 
 def iou(explanation: np.ndarray, mask: np.ndarray, fraction: float = 0.5) -> float:
@@ -185,8 +192,9 @@ def iou(explanation: np.ndarray, mask: np.ndarray, fraction: float = 0.5) -> flo
 def localisation(explanation: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """Pointing game and IoU with their baselines: a centre map's, and the area baseline (the hit
     rate of a uniformly random point, and the IoU of a map that marks the whole image, both the
-    mask's share of the image). A large finding is hit by chance; only the margins say more."""
-    centre = centre_map(*mask.shape).numpy()
+    mask's share of the image). A large finding is hit by chance; only the margins say more.
+    Images (2D) or volumes (3D)."""
+    centre = centre_map(*mask.shape).numpy() if mask.ndim == 2 else centre_grid(mask.shape)
     area = float(np.mean(mask))
     return {"hit": float(pointing_game(explanation, mask)), "iou": iou(explanation, mask),
             "hit_centre": float(pointing_game(centre, mask)), "iou_centre": iou(centre, mask),

@@ -11,6 +11,7 @@ from dicom_node.explain.quality import (
     Verdict,
     _ranks_with_ties_shuffled,
     blurred,
+    centre_grid,
     centre_map,
     deletion_insertion,
     evaluate_explanation_quality,
@@ -171,6 +172,20 @@ def test_a_centre_map_hits_a_central_finding_and_the_baselines_say_so() -> None:
     assert figures["hit"] == 1.0 and figures["hit"] - figures["hit_centre"] == 0.0
     assert figures["hit_area"] == pytest.approx(mask.mean())
     assert figures["iou"] == figures["iou_centre"]
+
+
+def test_volumes_are_localised_in_3d_with_the_same_baselines() -> None:
+    """A lesion off the centre of a volume: a map peaking in it hits it, the centre map does not,
+    and the 2D centre map is the 3D one's slice."""
+    mask = np.zeros((20, 30, 24), dtype=bool)
+    mask[3:7, 4:10, 15:20] = True
+    explanation = np.zeros(mask.shape, dtype=np.float32)
+    explanation[5, 6, 17] = 1.0
+    figures = localisation(explanation, mask)
+    assert figures["hit"] == 1.0 and figures["hit_centre"] == 0.0
+    assert figures["hit_area"] == pytest.approx(mask.mean()) and figures["iou"] == pytest.approx(1 / mask.sum())
+    assert not pointing_game(np.roll(explanation, 10, axis=0), mask)
+    assert np.allclose(centre_grid((30, 24)), centre_map(30, 24).numpy(), atol=1e-6)
 
 
 def test_stability_of_the_edge_map_is_high_too() -> None:

@@ -47,7 +47,7 @@ def test_overview_and_study_show_what_the_node_did(served: Served) -> None:
     assert overview["studies"] == 2 and overview["instances"] == 2
     assert overview["jobs"].get("done") == 1 and sum(overview["jobs"].values()) == 2
     assert overview["outbox"] == {"pending": 4}  # 2 overlays and 2 SRs, waiting for a PACS that is down
-    assert overview["models"][0]["name"] == "demo-cxr" and overview["devices"] == ["cpu"]
+    assert "demo-cxr" in [m["name"] for m in overview["models"]] and overview["devices"] == ["cpu"]
     assert any("meant for modalities" in e["reason"] for e in overview["last_errors"])
     found = served.api(f"/studies?q={served.cr_study[-12:]}")
     assert [s["study_instance_uid"] for s in found] == [served.cr_study]
