@@ -14,6 +14,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
+from dicom_node.cli import format_job
 from dicom_node.config import ConfigError, Pipeline, Settings
 from dicom_node.encode.common import PROTOTYPE_CODES
 from dicom_node.encode.overlay import DISCLAIMER_COLOUR
@@ -44,9 +45,12 @@ def phantom() -> Phantom:
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory, phantom: Phantom) -> tuple[PipelineContext, list[Path]]:
     """The phantom as a DX, through a pipeline that explains with prototypes, results on disk."""
-    data_dir = tmp_path_factory.mktemp("node")
+    return _run(tmp_path_factory.mktemp("node"), phantom, ("prototypes",))
+
+
+def _run(data_dir: Path, phantom: Phantom, explain: tuple[str, ...]) -> tuple[PipelineContext, list[Path]]:
     settings = make_settings(data_dir)
-    pipeline = Pipeline(name="chest-prototypes", model=MODEL, explain=("prototypes",), outputs=("sc", "sr"))
+    pipeline = Pipeline(name="chest-prototypes", model=MODEL, explain=explain, outputs=("sc", "sr"))
     settings = dataclasses.replace(settings, pipelines=(pipeline,))
     store = InstanceStore(settings.node.data_dir, settings.store.min_free_space)
     try:
@@ -133,6 +137,25 @@ def test_the_report_gives_each_prototype_its_similarity_location_and_identity(
     assert top_hits == dict.fromkeys(FOCAL, True)  # the top prototype's best match is on the finding
 
 
+def test_a_pipeline_with_grad_cam_too_gets_both_kinds_each_overlay_referenced_once(
+        tmp_path: Path, phantom: Phantom) -> None:
+    ctx, paths = _run(tmp_path, phantom, ("gradcam", "prototypes"))
+    assert {h.label for h in ctx.heatmaps} == set(FINDINGS) == {p.label for p in ctx.prototypes}
+    objects = list(map(dcmread, paths))
+    overlays = {str(ds.SOPInstanceUID): ds for ds in objects if ds.SOPClassUID == SecondaryCaptureImageStorage}
+    assert len(overlays) == len(FINDINGS) * (1 + TOP_PROTOTYPES)
+    [sr] = [ds for ds in objects if ds.SOPClassUID == Comprehensive3DSRStorage]
+    [measurements] = [item for item in sr.ContentSequence if _code(item) == "126010"]
+    referenced = [(group, item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                  for group in measurements.ContentSequence for item in group.ContentSequence
+                  if item.ValueType == "IMAGE"]
+    assert sorted(uid for _, uid in referenced) == sorted(overlays)  # every overlay, once
+    for group, uid in referenced:  # a prototype's group shows its prototype's SC, a finding's its heatmap's
+        prototype = [item for item in group.ContentSequence if _code(item) == PROTOTYPE_CODES["prototype"].value]
+        comment = str(overlays[uid].ImageComments)
+        assert (f"Prototype {prototype[0].TextValue} of" in comment) if prototype else ("Grad-CAM of" in comment)
+
+
 def test_the_job_record_lists_the_prototypes_per_finding(case: tuple[PipelineContext, list[Path]]) -> None:
     ctx, _ = case
     summary = json.loads(json.dumps(ctx.summary()))  # as the job's record stores it
@@ -142,6 +165,12 @@ def test_the_job_record_lists_the_prototypes_per_finding(case: tuple[PipelineCon
         assert len(prototypes) == TOP_PROTOTYPES
         assert all(IDENTITIES[p["prototype"]]["label"] == label and p["similarity"] > 0 for p in prototypes)
         assert [p["seed"] for p in prototypes] == [IDENTITIES[p["prototype"]]["seed"] for p in prototypes]
+    shown = format_job(dataclasses.replace(ctx.job, results=summary), []).splitlines()  # `jobs show`
+    lines = [line for line in shown if line.startswith("prototype ")]
+    assert len(lines) == len(FINDINGS) * TOP_PROTOTYPES
+    first = listed["nodule"][0]
+    assert f"nodule on {ctx.job.instance_uids[0]} frame 0: prototype {first['prototype']} similarity " \
+           f"{first['similarity']:.3f} (training phantom seed {first['seed']}" in lines[0]
 
 
 @pytest.mark.peers

@@ -42,7 +42,6 @@ METHOD_CODES = {  # DCM CID 7203 "Image Derivation" has codes for the kinds of v
     "cam": CodedConcept("130402", "DCM", "Class activation"),
     "seggradcam": CodedConcept("130403", "DCM", "Gradient-weighted class activation"),
     "attention": CodedConcept("130404", "DCM", "Saliency"),
-    "prototypes": CodedConcept("130401", "DCM", "Visual Explanation"),
 }
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "lime": "LIME",
                 "cam": "CAM", "seggradcam": "Seg-Grad-CAM", "attention": "Attention gate",
