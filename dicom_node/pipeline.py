@@ -293,9 +293,10 @@ def explain(ctx: PipelineContext) -> None:
     if config is None or not config.explain:
         return
     loaded = ctx.runner.model(ctx.job.model)
-    methods = [m for m in config.explain if m not in PROTOTYPE_METHODS]
+    methods = [m for m in config.explain if m not in PROTOTYPE_METHODS]  # the heatmap methods
     randomised, sanity_passed = ctx.runner.baselines(ctx.job.model) if methods else (None, False)
-    identities = model_identities(loaded) if len(methods) < len(config.explain) else None
+    prototypes = any(m in PROTOTYPE_METHODS for m in config.explain)
+    identities = model_identities(loaded) if prototypes else None
     seed = study_seed(ctx.job.study_instance_uid)
     for item, prediction in zip(ctx.inputs, ctx.predictions, strict=True):
         labels = labels_to_explain(prediction, config.explain_labels)

@@ -189,7 +189,8 @@ def test_the_overlays_and_the_report_pass_dciodvfy_and_dsr2html(case: tuple[Pipe
             assert html.returncode == 0 and b"of the phantom rendered at" in html.stdout, html.stderr
 
 
-def test_prototypes_are_refused_at_start_up_for_other_models_and_under_ray(settings: Settings) -> None:
+def test_prototypes_are_refused_at_start_up_for_other_models_under_ray_and_without_identities(
+        settings: Settings, tmp_path: Path) -> None:
     registry = ModelRegistry(MODELS)
     other = dataclasses.replace(settings, pipelines=(
         Pipeline(name="chest", model="demo-cxr", explain=("gradcam", "prototypes")),))
@@ -199,3 +200,10 @@ def test_prototypes_are_refused_at_start_up_for_other_models_and_under_ray(setti
         Pipeline(name="chest", model=MODEL, explain=("prototypes",)),))
     with pytest.raises(ConfigError, match=r"workers\.executor.*prototype explanations"):
         check_models(ray, registry)
+    copy = tmp_path / "models" / MODEL  # the model without its prototypes.json
+    copy.mkdir(parents=True)
+    for name in ("model.toml", "weights.pt"):
+        (copy / name).symlink_to(MODELS / MODEL / name)
+    alone = dataclasses.replace(settings, pipelines=(Pipeline(name="chest", model=MODEL, explain=("prototypes",)),))
+    with pytest.raises(ConfigError, match=r"pipelines\[0\]\.explain.*prototypes\.json is missing"):
+        check_models(alone, ModelRegistry(tmp_path / "models"))
