@@ -436,10 +436,20 @@ def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
             figures += f", stability {q['stability']:.3f}"
         rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: "
                                   f"{e.get('verdict', 'not shown to be faithful')}; {figures}"))
+    rows += _prototype_rows(job.results)
     rows += [("instance", uid) for uid in job.instance_uids]
     rows += [("sent", f"{r.sop_instance_uid} to {r.destination}: {r.state} (outbox record {r.id})")
              for r in deliveries]
     return "\n".join(f"{name:<12} {value}" for name, value in rows)
+
+
+def _prototype_rows(results: dict[str, Any]) -> list[tuple[str, object]]:
+    """A prototype network's explanations in ``jobs show``: per finding, its prototypes in order."""
+    return [("prototype", f"{x['label']} on {x['sop_instance_uid']} frame {x['frame']}: prototype "
+                          f"{p['prototype']} similarity {p['similarity']:.3f} (training phantom seed "
+                          f"{p['seed']}, patch {','.join(map(str, p['box']))} at {p['render_size']} px; "
+                          f"{'shows' if p['shows_finding'] else 'does not show'} the finding)")
+            for x in results.get("prototypes", []) for p in x["prototypes"]]
 
 
 def _gate_rows(results: dict[str, Any]) -> list[tuple[str, object]]:

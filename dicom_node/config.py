@@ -365,7 +365,8 @@ PIPELINE_MATCH_KEYS = frozenset(
     {"modality", "body_part_examined", "sop_class_uid", "calling_ae_title", "series_description"}
 )
 EXPLAIN_METHODS = frozenset({"gradcam", "gradcampp", "hirescam", "cam", "lime",
-                             "attention", "seggradcam"})  # the last two for segmentation models
+                             "attention", "seggradcam",  # for segmentation models
+                             "prototypes"})  # for prototype networks
 OUTPUT_KINDS = frozenset({"sc", "sr", "seg", "pm", "gsps"})
 
 

@@ -22,9 +22,10 @@ from dicom_node.audit import AuditTrail, Fanout
 from dicom_node.config import Settings
 from dicom_node.dicomweb import DicomWebContext
 from dicom_node.errors import ConfigError
+from dicom_node.explain.prototypes import IDENTITIES_FILE, PROTOTYPE_ARCHITECTURE, PROTOTYPE_METHODS
 from dicom_node.explain.volume import VOLUME_METHODS
 from dicom_node.export import DestinationWorker, Exporter, Outbox
-from dicom_node.inference import InferenceRunner, ModelRegistry
+from dicom_node.inference import InferenceRunner, ModelManifest, ModelRegistry
 from dicom_node.ingest.scp import IngestServer, start_ingest
 from dicom_node.jobs.queue import JobQueue, QueuePolicy
 from dicom_node.jobs.scheduler import Scheduler
@@ -61,7 +62,9 @@ def check_models(settings: Settings, registry: ModelRegistry) -> None:
                 f"{settings.source}: key 'pipelines[{i}].model' = {pipeline_.model!r} is invalid; "
                 f"expected a model of the repository {settings.models.dir}: {registry.names()}"
             )
-        check_task(settings, i, registry.manifest(pipeline_.model).task)
+        manifest = registry.manifest(pipeline_.model)
+        check_task(settings, i, manifest.task)
+        check_prototypes(settings, i, manifest)
 
 
 def check_task(settings: Settings, index: int, task: str) -> None:
@@ -79,6 +82,28 @@ def check_task(settings: Settings, index: int, task: str) -> None:
         raise ConfigError(f"{settings.source}: key 'workers.executor' = \"ray\" cannot run pipeline "
                           f"{pipeline_.name!r}: its model {pipeline_.model!r} is a segmentation model, which "
                           "runs on the node's own workers (executor = \"local\")")
+
+
+def check_prototypes(settings: Settings, index: int, manifest: ModelManifest) -> None:
+    """``prototypes`` only for a prototype network with its prototypes' identities beside its
+    manifest, explained on the node's own workers (the Ray executor carries predictions and
+    heatmaps back, not prototype evidence)."""
+    pipeline_ = settings.pipelines[index]
+    if not set(PROTOTYPE_METHODS) & set(pipeline_.explain):
+        return
+    key = f"{settings.source}: key 'pipelines[{index}].explain' = {list(pipeline_.explain)}"
+    architecture = manifest.architecture
+    if architecture != PROTOTYPE_ARCHITECTURE:
+        raise ConfigError(f"{key} is invalid for model {pipeline_.model!r} (architecture {architecture!r}); "
+                          f"expected {list(PROTOTYPE_METHODS)} only for a {PROTOTYPE_ARCHITECTURE!r} model")
+    identities = manifest.path.parent / IDENTITIES_FILE
+    if not identities.is_file():
+        raise ConfigError(f"{key} needs the prototypes' identities of model {pipeline_.model!r}: "
+                          f"{identities} is missing")
+    if settings.workers.executor == "ray":
+        raise ConfigError(f"{settings.source}: key 'workers.executor' = \"ray\" cannot run pipeline "
+                          f"{pipeline_.name!r}: its prototype explanations run on the node's own workers "
+                          "(executor = \"local\")")
 
 
 def check_ray(settings: Settings) -> None:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -34,6 +34,12 @@ from dicom_node.encode import (
 )
 from dicom_node.errors import InfrastructureError, PermanentError
 from dicom_node.explain.heatmap import Heatmap, explain_frame, labels_to_explain, study_seed
+from dicom_node.explain.prototypes import (
+    PROTOTYPE_METHODS,
+    PrototypeExplanation,
+    explain_frame_prototypes,
+    model_identities,
+)
 from dicom_node.explain.volume import VOLUME_METHODS, VolumeMap, explain_volume
 from dicom_node.export.outbox import Outbox, Result
 from dicom_node.inference import InferenceRunner, ModelManifest, Prediction, Preprocessed, preprocess
@@ -61,6 +67,7 @@ class PipelineContext:
     inputs: list[Preprocessed] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
     heatmaps: list[Heatmap] = field(default_factory=list)
+    prototypes: list[PrototypeExplanation] = field(default_factory=list)  # a prototype network's
     outputs: list[Dataset] = field(default_factory=list)
     outbox: Outbox | None = None
     saved: list[Result] = field(default_factory=list)
@@ -104,7 +111,7 @@ class PipelineContext:
              "method": h.method, "layer": h.layer, "verdict": h.verdict,
              "quality": {k: round(v, 4) for k, v in h.quality.items()}}
             for h in self.heatmaps
-        ], "outputs": [
+        ], **({"prototypes": [p.summary() for p in self.prototypes]} if self.prototypes else {}), "outputs": [
             {"sop_class_uid": str(ds.SOPClassUID), "sop_instance_uid": str(ds.SOPInstanceUID),
              "series_instance_uid": str(ds.SeriesInstanceUID),
              "series_description": str(ds.SeriesDescription)}
@@ -121,6 +128,7 @@ class PipelineContext:
 
 
 Step = Callable[[PipelineContext], None]
+Noted = TypeVar("Noted", Heatmap, PrototypeExplanation)  # an explanation of a frame, with banner notes
 
 
 class StaleJobError(PermanentError):
@@ -278,26 +286,36 @@ def gate_decision(ctx: PipelineContext) -> str | None:
 
 
 def explain(ctx: PipelineContext) -> None:
-    """Explain the chosen labels of every frame with the pipeline's methods, with quality figures."""
+    """Explain the chosen labels of every frame with the pipeline's methods: the heatmap methods
+    with quality figures, ``prototypes`` (a prototype network) with the most activated prototypes."""
     assert ctx.runner is not None
     config = ctx.pipeline()
     if config is None or not config.explain:
         return
     loaded = ctx.runner.model(ctx.job.model)
-    randomised, sanity_passed = ctx.runner.baselines(ctx.job.model)
+    methods = [m for m in config.explain if m not in PROTOTYPE_METHODS]  # the heatmap methods
+    randomised, sanity_passed = ctx.runner.baselines(ctx.job.model) if methods else (None, False)
+    prototypes = any(m in PROTOTYPE_METHODS for m in config.explain)
+    identities = model_identities(loaded) if prototypes else None
     seed = study_seed(ctx.job.study_instance_uid)
     for item, prediction in zip(ctx.inputs, ctx.predictions, strict=True):
         labels = labels_to_explain(prediction, config.explain_labels)
-        if labels:
-            ctx.heatmaps += explain_frame(loaded, item, prediction, labels, config.explain, seed,
+        if labels and methods:
+            ctx.heatmaps += explain_frame(loaded, item, prediction, labels, methods, seed,
                                           lime_samples=config.lime_samples, timings=ctx.timings,
                                           randomised=randomised, sanity_passed=sanity_passed)
+        if labels and identities is not None:
+            started = time.perf_counter()
+            ctx.prototypes += explain_frame_prototypes(loaded, item, prediction, labels, identities)
+            ctx.timings["explain.prototypes"] = (ctx.timings.get("explain.prototypes", 0.0)
+                                                 + time.perf_counter() - started)
 
 
 def encode(ctx: PipelineContext) -> None:
     """Build the pipeline's outputs (SC, SR, SEG, PM, GSPS) for the series."""
     encode_with(ctx, lambda config, producer, earlier: encode_series(
-        ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs, config.explain, earlier))
+        ctx.datasets, ctx.predictions, gate_notes(ctx), producer, config.outputs, config.explain, earlier,
+        prototypes=with_gate_notes(ctx, ctx.prototypes)))
 
 
 def encode_with(ctx: PipelineContext, build: Callable[[Pipeline, Producer, Revision], Encoded]) -> None:
@@ -372,10 +390,21 @@ def revision(ctx: PipelineContext) -> Revision:
 
 def gate_notes(ctx: PipelineContext) -> list[Heatmap]:
     """The heatmaps, those of frames outside the validated input with a banner line saying so."""
+    return with_gate_notes(ctx, ctx.heatmaps)
+
+
+def with_gate_notes(ctx: PipelineContext, explanations: Sequence[Noted]) -> list[Noted]:
+    """``explanations`` of frames, those of frames outside the validated input with a banner line
+    saying so."""
     outside = {(g.sop_instance_uid, g.frame): g for g in ctx.gate if g.outside}
-    return [dataclasses.replace(h, notes=(*h.notes, OUTSIDE_BANNER.format(
-                score=outside[key].score, threshold=outside[key].threshold)))
-            if (key := (h.sop_instance_uid, h.frame)) in outside else h for h in ctx.heatmaps]
+    return [_noted(item, outside.get((item.sop_instance_uid, item.frame))) for item in explanations]
+
+
+def _noted(item: Noted, gate_: GateResult | None) -> Noted:
+    if gate_ is None:
+        return item
+    return dataclasses.replace(item, notes=(*item.notes, OUTSIDE_BANNER.format(
+        score=gate_.score, threshold=gate_.threshold)))
 
 
 OUTSIDE_BANNER = "OUTSIDE THE VALIDATED INPUT: score {score:.2f} > threshold {threshold:.2f}"

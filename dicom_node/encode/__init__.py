@@ -1,7 +1,9 @@
 """Results as DICOM: pure functions from source Datasets, predictions and heatmaps to Datasets.
 
-- ``sc``: Secondary Capture overlays (:mod:`.overlay`), one per frame, label and method;
-- ``sr``: a TID 1500 Comprehensive 3D SR per analysed series (:mod:`.sr`), and the "not
+- ``sc``: Secondary Capture overlays (:mod:`.overlay`), one per frame, label and method, and one
+  per prototype of a prototype network's explanation (:mod:`.prototypes`);
+- ``sr``: a TID 1500 Comprehensive 3D SR per analysed series (:mod:`.sr`, with a group per
+  prototype from :mod:`.prototypes`), and the "not
   analysed" report for a series that could not be analysed;
 - ``seg``: binary SEG of the hot regions of present findings (:mod:`.seg`);
 - ``pm``: Parametric Maps of the heatmaps, for sources with a Frame of Reference (:mod:`.pmap`);
@@ -26,11 +28,19 @@ from dicom_node.encode.header import HeaderChange, clean_header, restore_classes
 from dicom_node.encode.lesion import lesion_overlays, lesion_report, lesion_segmentation
 from dicom_node.encode.overlay import render_overlay, secondary_capture, source_display
 from dicom_node.encode.pmap import parametric_map
+from dicom_node.encode.prototypes import keys, prototype_groups, prototype_overlays
 from dicom_node.encode.region import HotRegion, hot_region
 from dicom_node.encode.seg import segmentation
-from dicom_node.encode.sr import Revision, measurement_report, not_analysed_report, report_reference
+from dicom_node.encode.sr import (
+    Revision,
+    algorithm,
+    measurement_report,
+    not_analysed_report,
+    report_reference,
+)
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
+from dicom_node.explain.prototypes import PrototypeExplanation
 from dicom_node.explain.volume import VolumeMap
 from dicom_node.inference.runner import Prediction
 from dicom_node.inference.segment import VolumeSegmentation
@@ -80,22 +90,25 @@ class Encoded:
 
 def encode_results(sources: Sequence[Dataset], predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
                    producer: Producer, outputs: Sequence[str], methods: Sequence[str] = (),
-                   revision: Revision | None = None) -> list[Dataset]:
+                   revision: Revision | None = None,
+                   prototypes: Sequence[PrototypeExplanation] = ()) -> list[Dataset]:
     """The objects of :func:`encode_series`; an output kind that fails raises its error."""
     encoded = encode_series(sources, predictions, heatmaps, producer, outputs, methods, revision,
-                            isolate=False)
+                            isolate=False, prototypes=prototypes)
     return encoded.objects
 
 
 def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
                   producer: Producer, outputs: Sequence[str], methods: Sequence[str] = (),
-                  revision: Revision | None = None, isolate: bool = True) -> Encoded:
+                  revision: Revision | None = None, isolate: bool = True,
+                  prototypes: Sequence[PrototypeExplanation] = ()) -> Encoded:
     """Every object ``outputs`` asks for, for one analysed series, from cleaned sources.
 
     Each source's header is cleaned once (:func:`.header.clean_header`). SEG and GSPS show only
     findings at or above their threshold; PM only where the source has a Frame of Reference; the
     SR covers every label of every analysed frame, references the overlays made here and, given a
-    ``revision``, the earlier reports it replaces. ``sources`` must be of one study and series
+    ``revision``, the earlier reports it replaces. ``prototypes``: a prototype network's
+    explanations, as SC overlays and SR groups. ``sources`` must be of one study and series
     (ValueError otherwise). With ``isolate``, an output kind that fails is listed in
     :attr:`Encoded.failed` and the other kinds are still made.
     """
@@ -112,8 +125,8 @@ def encode_series(sources: Sequence[Dataset], predictions: Sequence[Prediction],
     for kind in [k for k in OUTPUTS if k in outputs]:  # SC before SR: the SR references overlays
         try:
             overlays = built.get("sc", [])
-            built[kind] = _BUILDERS[kind](by_uid, predictions, heatmaps, producer, methods, overlays,
-                                          revision)
+            built[kind] = _BUILDERS[kind](by_uid, predictions, Explanations(heatmaps, prototypes), producer,
+                                          methods, overlays, revision)
         except Exception as exc:
             if not isolate:
                 raise
@@ -165,30 +178,42 @@ def encode_volume(sources: Sequence[Dataset], result: VolumeSegmentation, maps: 
 
 
 Sources = dict[str, Dataset]
-#: One output kind's builder: the sources by SOP Instance UID, the predictions, the heatmaps, the
-#: producer, the methods, the overlays already made (the SR references them) and the revision
+
+
+@dataclass(frozen=True)
+class Explanations:
+    """What explains the frames: heatmaps, and a prototype network's prototypes."""
+
+    heatmaps: Sequence[Heatmap]
+    prototypes: Sequence[PrototypeExplanation] = ()
+
+
+#: One output kind's builder: the sources by SOP Instance UID, the predictions, the explanations,
+#: the producer, the methods, the overlays already made (the SR references them) and the revision
 #: (the SR supersedes the earlier reports it names).
-Builder = Callable[[Sources, Sequence[Prediction], Sequence[Heatmap], Producer, Sequence[str], list[Dataset],
+Builder = Callable[[Sources, Sequence[Prediction], Explanations, Producer, Sequence[str], list[Dataset],
                     "Revision | None"], list[Dataset]]
 
 
-def _overlays(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+def _overlays(by_uid: Sources, predictions: Sequence[Prediction], explanations: Explanations,
               producer: Producer, methods: Sequence[str], _: list[Dataset],
               __: Revision | None) -> list[Dataset]:
+    """The heatmaps' overlays, then the prototypes' (numbered on)."""
     displays: dict[tuple[str, int], np.ndarray] = {}  # each frame decoded and windowed once
     overlays = []
-    for number, heatmap in enumerate(heatmaps, start=1):
+    for number, heatmap in enumerate(explanations.heatmaps, start=1):
         source = by_uid[heatmap.sop_instance_uid]
         frame = (heatmap.sop_instance_uid, heatmap.frame)
         if frame not in displays:
             displays[frame] = source_display(source, heatmap.frame)
         overlays.append(secondary_capture(source, heatmap, producer, number, displays[frame]))
-    return overlays
+    return overlays + prototype_overlays(by_uid, explanations.prototypes, producer, len(overlays) + 1)
 
 
-def _maps(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+def _maps(by_uid: Sources, predictions: Sequence[Prediction], explanations: Explanations,
           producer: Producer, methods: Sequence[str], _: list[Dataset], __: Revision | None) -> list[Dataset]:
-    maps = [parametric_map(by_uid[h.sop_instance_uid], h, producer, n) for n, h in enumerate(heatmaps, 1)]
+    maps = [parametric_map(by_uid[h.sop_instance_uid], h, producer, n)
+            for n, h in enumerate(explanations.heatmaps, 1)]
     return [ds for ds in maps if ds is not None]
 
 
@@ -201,22 +226,28 @@ def _present(heatmaps: Sequence[Heatmap], producer: Producer) -> list[tuple[str,
 
 
 def _regions(build: Callable[..., Dataset | None]) -> Builder:
-    def regions(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+    """SEG and GSPS: the hot regions of the heatmaps (prototypes have their SR points instead)."""
+    def regions(by_uid: Sources, predictions: Sequence[Prediction], explanations: Explanations,
                 producer: Producer, methods: Sequence[str], _: list[Dataset],
                 __: Revision | None) -> list[Dataset]:
         built = [build(by_uid[uid], group, producer, number)
-                 for number, (uid, group) in enumerate(_present(heatmaps, producer), start=1)]
+                 for number, (uid, group) in enumerate(_present(explanations.heatmaps, producer), start=1)]
         return [ds for ds in built if ds is not None]
     return regions
 
 
-def _report(by_uid: Sources, predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
+def _report(by_uid: Sources, predictions: Sequence[Prediction], explanations: Explanations,
             producer: Producer, methods: Sequence[str], overlays: list[Dataset],
             revision: Revision | None) -> list[Dataset]:
-    keys = [(h.sop_instance_uid, h.frame, h.label, h.method) for h in heatmaps]
-    by_key = dict(zip(keys, overlays, strict=True)) if len(overlays) == len(keys) else {}
+    heatmaps, prototypes = explanations.heatmaps, explanations.prototypes
+    keys_ = [(h.sop_instance_uid, h.frame, h.label, h.method) for h in heatmaps]
+    proto_keys = keys(prototypes)
+    complete = len(overlays) == len(keys_) + len(proto_keys)
+    by_key = dict(zip(keys_, overlays[:len(keys_)], strict=True)) if complete else {}
+    by_prototype = dict(zip(proto_keys, overlays[len(keys_):], strict=True)) if complete else {}
+    groups = prototype_groups(by_uid, prototypes, producer, algorithm(producer, methods), by_prototype)
     return [measurement_report(list(by_uid.values()), predictions, heatmaps, producer, by_key, methods,
-                               revision)]
+                               revision, groups, list(by_prototype.values()))]
 
 
 _BUILDERS: dict[str, Builder] = {"sc": _overlays, "pm": _maps, "seg": _regions(segmentation),

@@ -44,7 +44,8 @@ METHOD_CODES = {  # DCM CID 7203 "Image Derivation" has codes for the kinds of v
     "attention": CodedConcept("130404", "DCM", "Saliency"),
 }
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "lime": "LIME",
-                "cam": "CAM", "seggradcam": "Seg-Grad-CAM", "attention": "Attention gate"}
+                "cam": "CAM", "seggradcam": "Seg-Grad-CAM", "attention": "Attention gate",
+                "prototypes": "Prototypes"}
 #: Quality figures of an explanation (dicom_node.explain.quality): no standard codes exist.
 QUALITY_CODES = {
     "deletion_auc": CodedConcept("DN001", SCHEME, "Deletion AUC"),
@@ -69,6 +70,17 @@ VERDICT_CODES = {
     "faithful": CodedConcept("DN311", SCHEME, "Faithful"),
     "not shown to be faithful": CodedConcept("DN312", SCHEME, "Not shown to be faithful"),
 }
+#: A prototype network's explanation of a finding: per prototype, its similarity and identity.
+PROTOTYPE_CODES = {
+    "similarity": CodedConcept("DN330", SCHEME, "Prototype similarity"),
+    "weight": CodedConcept("DN331", SCHEME, "Prototype class connection weight"),
+    "prototype": CodedConcept("DN332", SCHEME, "Prototype index"),
+    "seed": CodedConcept("DN333", SCHEME, "Prototype training phantom seed"),
+    "box": CodedConcept("DN334", SCHEME, "Prototype training patch"),
+    "shows_finding": CodedConcept("DN335", SCHEME, "Prototype patch shows the finding"),
+}
+YES = CodedConcept("373066001", "SCT", "Yes")
+NO = CodedConcept("373067005", "SCT", "No")
 DERIVATION = CodedConcept("121401", "DCM", "Derivation")
 #: Why the node is in every output's Contributing Equipment Sequence (PS3.16 CID 7005): it made
 #: new instances from the sources. "Modifying Equipment" (109103) is for equipment that changed

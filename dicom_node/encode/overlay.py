@@ -150,37 +150,48 @@ def secondary_capture(source: Dataset, heatmap: Heatmap, producer: Producer, ins
         display = source_display(source, heatmap.frame)
     source = clean_source(source)
     layout = overlay_layout(display, heatmap)
-    pixels = render_overlay(display, heatmap)
     method_name = METHOD_NAMES.get(heatmap.method, heatmap.method)
-    spacing = pixel_spacing(source)
+    ds = capture(source, render_overlay(display, heatmap), producer, heatmap.method, heatmap.frame,
+                 (heatmap.label,), instance_number, layout.factor)
+    ds.SeriesDescription = producer.description("overlay", heatmap.method)
+    ds.ImageComments = f"{DISCLAIMER_TEXT}. {method_name} of {heatmap.label}, p={heatmap.probability:.3f}"
+    mark_derived(ds, [source], producer, f"{method_name} heatmap of '{heatmap.label}' "
+                 f"(layer {heatmap.layer}) blended over the source image. {describe_layout(layout)}")
+    return ds
+
+
+def capture(source: Dataset, pixels: np.ndarray, producer: Producer, method: str, frame: int,
+            parts: tuple[str, ...], instance_number: int, factor: int | None) -> Dataset:
+    """An overlay's Secondary Capture Image in ``source``'s (cleaned) study: one series per (source
+    series, pipeline, method), the instance UID from the source instance, ``frame`` and ``parts``,
+    the source (and frame) as Source Image. ``factor``: how much the image part is scaled up, which
+    Pixel Spacing is divided by; None leaves Pixel Spacing out (pictures at several scales).
+    Callers add the Series Description, Image Comments and provenance (:func:`mark_derived`)."""
+    spacing = pixel_spacing(source) if factor is not None else None
     ds = SCImage(
         pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         study_instance_uid=source.StudyInstanceUID,
-        series_instance_uid=producer.series_uid("sc", source, heatmap.method),
-        series_number=producer.series_number("sc", heatmap.method),
-        sop_instance_uid=producer.instance_uid("sc", source, heatmap.method, source.SOPInstanceUID,
-                                               str(heatmap.frame), heatmap.label),
+        series_instance_uid=producer.series_uid("sc", source, method),
+        series_number=producer.series_number("sc", method),
+        sop_instance_uid=producer.instance_uid("sc", source, method, source.SOPInstanceUID, str(frame),
+                                               *parts),
         instance_number=instance_number, manufacturer=producer.manufacturer,
         # highdicom insists on an orientation for the PATIENT coordinate system; the real one (or
         # none) is set right after
-        pixel_spacing=None if spacing is None else (spacing[0] / layout.factor, spacing[1] / layout.factor),
+        pixel_spacing=None if spacing is None or not factor else (spacing[0] / factor, spacing[1] / factor),
         patient_orientation=orientation(source) or ("L", "F"),
         laterality=source.get("Laterality") or None,
         **patient_and_study(source),
     )
     ds.PatientOrientation = list(orientation(source) or [])  # unknown stays empty (Type 2C), not guessed
-    ds.SeriesDescription = producer.description("overlay", heatmap.method)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "YES"
     ds.ConversionType = "WSD"  # made by a workstation, not digitised
     ds.RecognizableVisualFeatures = source.get("RecognizableVisualFeatures", "NO")
-    ds.ImageComments = f"{DISCLAIMER_TEXT}. {method_name} of {heatmap.label}, p={heatmap.probability:.3f}"
     reference = source_reference(source)
     if multi_frame(source):
-        reference.ReferencedFrameNumber = heatmap.frame + 1
+        reference.ReferencedFrameNumber = frame + 1
     ds.SourceImageSequence = [reference]
-    mark_derived(ds, [source], producer, f"{method_name} heatmap of '{heatmap.label}' "
-                 f"(layer {heatmap.layer}) blended over the source image. {describe_layout(layout)}")
     return ds
 
 

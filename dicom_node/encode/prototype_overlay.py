@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from dicom_node.encode.common import DISCLAIMER
-from dicom_node.encode.layout import Line, draw_band, plan, scale_factor
+from dicom_node.encode.layout import Layout, Line, draw_band, plan, scale_factor
 from dicom_node.encode.overlay import BLEND, COLOUR_MAP, CONTOUR, DISCLAIMER_COLOUR, TEXT_COLOUR
 from dicom_node.explain.prototypes import PrototypeEvidence
 
@@ -41,8 +41,16 @@ def _patch_rgb(patch: np.ndarray, height: int) -> np.ndarray:
 
 
 def render_prototype_overlay(display: np.ndarray, evidence: PrototypeEvidence, patch: np.ndarray,
-                             model: str, version: str) -> np.ndarray:
-    """The SC's pixels: band, then the image with the similarity map and the region, and the patch.
+                             model: str, version: str, notes: tuple[str, ...] = ()) -> np.ndarray:
+    """The SC's pixels: band, then the image with the similarity map and the region, and the patch
+    (:func:`prototype_picture`'s pixels)."""
+    return prototype_picture(display, evidence, patch, model, version, notes)[0]
+
+
+def prototype_picture(display: np.ndarray, evidence: PrototypeEvidence, patch: np.ndarray, model: str,
+                      version: str, notes: tuple[str, ...] = ()) -> tuple[np.ndarray, Layout, int]:
+    """The SC's pixels, where the band and the pictures are (the layout's image part is the image
+    beside the patch) and the factor the source image was scaled up by.
 
     Parameters
     ----------
@@ -52,6 +60,8 @@ def render_prototype_overlay(display: np.ndarray, evidence: PrototypeEvidence, p
         One prototype's evidence; its ``native_map`` must be on ``display``'s grid.
     patch
         The prototype's training patch (:func:`dicom_node.explain.prototypes.prototype_patch`).
+    notes
+        Extra banner lines (the input-distribution gate's warning).
 
     Raises
     ------
@@ -76,11 +86,12 @@ def render_prototype_overlay(display: np.ndarray, evidence: PrototypeEvidence, p
     cv2.rectangle(side, (x0, y0), (x1 - 1, y1 - 1), CONTOUR, width)
     cv2.rectangle(side, ((columns + GAP) * factor, 0), (side.shape[1] - 1, side.shape[0] - 1), CONTOUR, width)
     height, total = side.shape[:2]
-    layout = plan(height, total, _lines(evidence, model, version, factor), "similarity, min to max:")
+    lines = [*_lines(evidence, model, version, factor), *(Line(note, DISCLAIMER_COLOUR) for note in notes)]
+    layout = plan(height, total, lines, "similarity, min to max:")
     canvas = np.zeros((layout.rows, layout.columns, 3), np.uint8)
     canvas[layout.image_slices] = side
     draw_band(canvas, layout, _colours(np.arange(256, dtype=np.uint8)[:, None])[:, 0])
-    return canvas
+    return canvas, layout, factor
 
 
 def _lines(evidence: PrototypeEvidence, model: str, version: str, factor: int) -> list[Line]:

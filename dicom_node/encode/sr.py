@@ -244,7 +244,8 @@ def _qualitative_evaluations(items: Sequence[hd.sr.CodeContentItem]) -> hd.sr.Co
 def measurement_report(
     sources: Sequence[Dataset], predictions: Sequence[Prediction], heatmaps: Sequence[Heatmap],
     producer: Producer, overlays: Mapping[OverlayKey, Dataset] | None = None, methods: Sequence[str] = (),
-    revision: Revision | None = None,
+    revision: Revision | None = None, more_groups: Sequence[Group] = (),
+    more_illustrations: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report of one analysed series.
 
@@ -264,6 +265,9 @@ def measurement_report(
         The pipeline's explanation methods, listed in the algorithm's parameters.
     revision
         The job version this report is and the earlier versions' reports it replaces.
+    more_groups
+        Measurement groups made elsewhere (a prototype network's, :mod:`.prototypes`), after the
+        findings' groups, and ``more_illustrations``, the overlays they reference.
     """
     overlays = overlays or {}
     sources = [clean_source(ds) for ds in sources]
@@ -281,8 +285,9 @@ def measurement_report(
                 evaluations.append(_evaluation(source, prediction, label, explained, overlays, producer))
             else:
                 groups.append(group)
-    content = _content(sources, groups, evaluations, producer)
-    return _document(sources, [*sources, *overlays.values()], content, producer, "sr", revision)
+    content = _content(sources, [*groups, *more_groups], evaluations, producer)
+    return _document(sources, [*sources, *overlays.values(), *more_illustrations], content, producer, "sr",
+                     revision)
 
 
 def _content(sources: Sequence[Dataset], groups: Sequence[Group],

@@ -12,14 +12,26 @@ phantom and patch it was projected onto (``prototypes.json`` next to the weights
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dicom_node.errors import PermanentError
 from dicom_node.inference.preprocess import Preprocessed
 from dicom_node.inference.protopnet import ProtoPNet
+from dicom_node.inference.registry import LoadedModel
+from dicom_node.inference.runner import Prediction
 from dicom_node.phantoms import render
+
+#: The explanation methods of prototype networks (a pipeline's ``explain``), and the architecture.
+PROTOTYPE_METHODS = ("prototypes",)
+PROTOTYPE_ARCHITECTURE = "protopnet"
+#: The file of the prototypes' identities, next to the model's manifest.
+IDENTITIES_FILE = "prototypes.json"
+#: How many prototypes explain each finding: the most activated ones, each in its own overlay.
+TOP_PROTOTYPES = 3
 
 IDENTITY_KEYS = ("prototype", "label", "seed", "render_size", "cell", "box_model", "box_source",
                  "shows_finding")
@@ -146,3 +158,59 @@ def _evidence(model: ProtoPNet, label: str, identity: PrototypeIdentity, sim: fl
     region = (float(rx0), float(ry0), float(rx1), float(ry1))
     return PrototypeEvidence(label, identity, sim, weight, model_map, item.map.warp_to_source(model_map),
                              (int(x), int(y)), (float(sx), float(sy)), region)
+
+
+@dataclass(frozen=True)
+class PrototypeExplanation:
+    """The top prototypes of one label on one frame, with the provenance an output needs."""
+
+    sop_instance_uid: str
+    frame: int
+    label: str
+    probability: float
+    model: str
+    model_version: str
+    weights_sha256: str
+    evidence: tuple[PrototypeEvidence, ...]
+    notes: tuple[str, ...] = ()  # extra overlay banner lines (the input-distribution gate's warning)
+
+    def summary(self) -> dict[str, Any]:
+        """For the job's record: each prototype's identity, similarity and where it matched."""
+        return {"sop_instance_uid": self.sop_instance_uid, "frame": self.frame, "label": self.label,
+                "probability": round(self.probability, 6), "prototypes": [
+                    {"prototype": e.identity.prototype, "similarity": round(e.similarity, 4),
+                     "weight": round(e.weight, 4), "seed": e.identity.seed,
+                     "render_size": e.identity.render_size, "box": list(e.identity.box_source),
+                     "shows_finding": e.identity.shows_finding,
+                     "peak": [round(v, 2) for v in e.peak_source]}
+                    for e in self.evidence]}
+
+
+def model_identities(loaded: LoadedModel) -> list[PrototypeIdentity]:
+    """The identities of a prototype network's prototypes (``prototypes.json`` beside its manifest).
+
+    Raises
+    ------
+    PermanentError
+        When the model is no prototype network, or the file is missing or does not fit the model.
+    """
+    manifest = loaded.manifest
+    if not isinstance(loaded.module, ProtoPNet):
+        raise PermanentError(f"prototypes: model {manifest.name} is a {manifest.architecture} network, "
+                             f"expected a {PROTOTYPE_ARCHITECTURE} network")
+    try:
+        return load_identities(manifest.path.parent / IDENTITIES_FILE, loaded.module, manifest.label_names)
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
+
+
+def explain_frame_prototypes(loaded: LoadedModel, item: Preprocessed, prediction: Prediction,
+                             labels: list[str], identities: list[PrototypeIdentity],
+                             k: int = TOP_PROTOTYPES) -> list[PrototypeExplanation]:
+    """The ``k`` most activated prototypes of each of ``labels`` on one frame, with provenance."""
+    assert isinstance(loaded.module, ProtoPNet)
+    manifest = loaded.manifest
+    found = explain_prototypes(loaded.module, item, manifest.label_names, labels, identities, k)
+    return [PrototypeExplanation(item.sop_instance_uid, item.frame, label, prediction.probabilities[label],
+                                 manifest.name, manifest.version, manifest.sha256, tuple(evidence))
+            for label, evidence in found.items()]
