@@ -108,7 +108,7 @@ def _heatmap(source: Dataset, frame: int, item: VolumeMap, k: int, probability: 
              f"gradient of the mean '{item.label}' logit over its mask, layer {item.layer}")
     return Heatmap(str(source.SOPInstanceUID), frame - 1, item.label, probability, item.method, item.layer,
                    manifest.name, manifest.version, manifest.sha256, shown, shown,
-                   notes=(f"Lesion slice: {about}",))
+                   notes=(f"Lesion slice: {about}",), scale_max=1.0 if item.method == "attention" else None)
 
 
 def lesion_overlays(by_uid: Sources, result: VolumeSegmentation, maps: Sequence[VolumeMap],
