@@ -135,7 +135,9 @@ def _lines(heatmap: Heatmap, factor: int) -> list[Line]:
 
 def _scale_label(heatmap: Heatmap) -> str:
     name = METHOD_NAMES.get(heatmap.method, heatmap.method)
-    return f"{name}, relative to its maximum:" if heatmap.scale_max is None else f"{name}, 0 to {heatmap.scale_max:g}:"
+    if heatmap.scale_max is None:
+        return f"{name}, relative to its maximum:"
+    return f"{name}, 0 to {heatmap.scale_max:g}:"
 
 
 def _colour_map(values: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@ gates in a forward pass run by hand, and Seg-Grad-CAM is Grad-CAM of the label's
 over a given mask, with the gradient taken by ``backward`` on a hooked layer."""
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +51,7 @@ def test_attention_maps_are_the_gates_psi_outputs(segmented: tuple[LoadedModel, 
     for name, value in psi.items():
         expected = value if name in full else F.interpolate(value, size=GRID, mode="trilinear", align_corners=False)
         np.testing.assert_allclose(maps[name], expected[0, 0].numpy(), atol=1e-6)
-        assert 0.0 < maps[name].min() and maps[name].max() < 1.0  # sigmoid coefficients
+        assert maps[name].min() > 0.0 and maps[name].max() < 1.0  # sigmoid coefficients
 
 
 def test_seg_grad_cam_equals_grad_cam_of_the_masked_logit(
