@@ -307,7 +307,7 @@ def encode_with(ctx: PipelineContext, build: Callable[[Pipeline, Producer, Revis
     sources unfit) fails the job permanently, with the error's type only. One policy for both
     tasks: when some kinds fail and others are made, the others are sent, and each failed kind is
     an ERROR in the log, an ``output_failed`` audit event and an ``outputs_failed`` entry on the
-    job's record (the dashboard shows it)."""
+    job's record (``dicom-node jobs show`` prints it as "not made")."""
     config = ctx.pipeline()
     if config is None or not config.outputs:
         return

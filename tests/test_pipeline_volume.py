@@ -16,6 +16,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from dicom_node.audit import NO_AUDIT, Audit
+from dicom_node.cli import format_job
 from dicom_node.config import Pipeline, Settings
 from dicom_node.errors import PermanentError
 from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, load_manifest
@@ -438,6 +439,8 @@ def test_a_failed_report_is_no_silent_success(store: InstanceStore, settings: Se
     assert ctx is not None and "SR" not in {dcmread(p).Modality for p in paths}
     assert ctx.summary()["outputs_failed"] == [{"output": "sr", "error": "RuntimeError"}]
     assert [fields["output"] for event, fields in audit.events if event == "output_failed"] == ["sr"]
+    shown = format_job(dataclasses.replace(ctx.job, results=ctx.summary()), [])
+    assert "not made     sr (RuntimeError)" in shown and "explained    lesion by seggradcam at" in shown
 
 
 @pytest.mark.parametrize("outputs", [("seg", "sr"), ("sr",)], ids=["with-seg", "without-seg"])
