@@ -429,6 +429,9 @@ def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
         scores = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
         rows.append(("result", f"{p['sop_instance_uid']} frame {p['frame']}: {found} ({scores})"))
     for e in job.results.get("explanations", []):
+        if "sop_instance_uid" not in e:  # a segmentation model's map of the whole volume
+            rows.append(("explained", f"{e['label']} by {e['method']} at {e['layer']} (volume)"))
+            continue
         q = e["quality"]
         figures = (f"deletion AUC {q.get('deletion_auc', float('nan')):.3f} "
                    f"(random {q.get('deletion_auc_random', float('nan')):.3f})")
@@ -437,6 +440,7 @@ def format_job(job: Job, deliveries: "Sequence[OutboxRecord]") -> str:
         rows.append(("explained", f"{e['label']} by {e['method']} on {e['sop_instance_uid']}: "
                                   f"{e.get('verdict', 'not shown to be faithful')}; {figures}"))
     rows += _prototype_rows(job.results)
+    rows += [("not made", f"{f['output']} ({f['error']})") for f in job.results.get("outputs_failed", [])]
     rows += [("instance", uid) for uid in job.instance_uids]
     rows += [("sent", f"{r.sop_instance_uid} to {r.destination}: {r.state} (outbox record {r.id})")
              for r in deliveries]

@@ -21,6 +21,7 @@ from dicom_node import pipeline
 from dicom_node.audit import AuditTrail, Fanout
 from dicom_node.config import Settings
 from dicom_node.dicomweb import DicomWebContext
+from dicom_node.encode import VOLUME_OUTPUTS
 from dicom_node.errors import ConfigError
 from dicom_node.explain.prototypes import IDENTITIES_FILE, PROTOTYPE_ARCHITECTURE, PROTOTYPE_METHODS
 from dicom_node.explain.volume import VOLUME_METHODS
@@ -68,8 +69,9 @@ def check_models(settings: Settings, registry: ModelRegistry) -> None:
 
 
 def check_task(settings: Settings, index: int, task: str) -> None:
-    """A pipeline's explanation methods fit its model's task, and a segmentation model's pipeline
-    runs on the node's own workers (the Ray executor runs the classification steps only)."""
+    """A pipeline's explanation methods and outputs fit its model's task (a segmentation model
+    makes ``seg``, ``sc`` and ``sr`` only), and a segmentation model's pipeline runs on the node's
+    own workers (the Ray executor runs the classification steps only)."""
     pipeline_ = settings.pipelines[index]
     segmentation = task == "segmentation"
     wrong = [m for m in pipeline_.explain if (m in VOLUME_METHODS) != segmentation]
@@ -78,6 +80,11 @@ def check_task(settings: Settings, index: int, task: str) -> None:
                     else "classification methods (not attention, seggradcam)")
         raise ConfigError(f"{settings.source}: key 'pipelines[{index}].explain' = {list(pipeline_.explain)} "
                           f"is invalid for {task} model {pipeline_.model!r}; expected {expected}")
+    unmade = [kind for kind in pipeline_.outputs if kind not in VOLUME_OUTPUTS]
+    if segmentation and unmade:
+        raise ConfigError(f"{settings.source}: key 'pipelines[{index}].outputs' = {list(pipeline_.outputs)} "
+                          f"of pipeline {pipeline_.name!r}: segmentation model {pipeline_.model!r} makes no "
+                          f"{unmade}; expected some of {list(VOLUME_OUTPUTS)}")
     if segmentation and settings.workers.executor == "ray":
         raise ConfigError(f"{settings.source}: key 'workers.executor' = \"ray\" cannot run pipeline "
                           f"{pipeline_.name!r}: its model {pipeline_.model!r} is a segmentation model, which "

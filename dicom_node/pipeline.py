@@ -82,6 +82,7 @@ class PipelineContext:
     volume: Volume | None = None  # a segmentation model's input: the series as one volume
     segmentation: VolumeSegmentation | None = None
     volume_maps: list[VolumeMap] = field(default_factory=list)
+    failed_outputs: list[tuple[str, str]] = field(default_factory=list)  # (kind, error type) not made
 
     def gate_summary(self) -> dict[str, Any]:
         """The gate's scores and threshold, the action taken, and the job's outcome if it ended early."""
@@ -116,7 +117,8 @@ class PipelineContext:
              "series_instance_uid": str(ds.SeriesInstanceUID),
              "series_description": str(ds.SeriesDescription)}
             for ds in self.outputs
-        ]}
+        ], **({"outputs_failed": [{"output": kind, "error": error} for kind, error in self.failed_outputs]}
+              if self.failed_outputs else {})}
 
     def pipeline(self) -> Pipeline | None:
         return next((p for p in self.settings.pipelines if p.name == self.job.pipeline), None)
@@ -320,7 +322,10 @@ def encode(ctx: PipelineContext) -> None:
 
 def encode_with(ctx: PipelineContext, build: Callable[[Pipeline, Producer, Revision], Encoded]) -> None:
     """``build`` the pipeline's outputs into ``ctx.outputs``; a failure (every kind failed, or the
-    sources unfit) fails the job permanently, with the error's type only."""
+    sources unfit) fails the job permanently, with the error's type only. One policy for both
+    tasks: when some kinds fail and others are made, the others are sent, and each failed kind is
+    an ERROR in the log, an ``output_failed`` audit event and an ``outputs_failed`` entry on the
+    job's record (``dicom-node jobs show`` prints it as "not made")."""
     config = ctx.pipeline()
     if config is None or not config.outputs:
         return
@@ -353,8 +358,9 @@ def audit_encoding(ctx: PipelineContext, encoded: Encoded) -> None:
         ctx.audit.record("header_cleaned", **where, counts=counts,
                          changes=[change.as_record() for change in encoded.changes])
     for kind, error in encoded.failed:
-        logger.warning("job %s: %s output failed (%s)", ctx.job.id, kind, error)
+        logger.error("job %s: %s output failed (%s); the other outputs are sent", ctx.job.id, kind, error)
         ctx.audit.record("output_failed", **where, output=kind, error=error)
+    ctx.failed_outputs = list(encoded.failed)
 
 
 def log_encode_failure(ctx: PipelineContext, exc: BaseException) -> None:
@@ -492,10 +498,11 @@ def segment(ctx: PipelineContext) -> None:
 
 
 def explain_segmentation(ctx: PipelineContext) -> None:
-    """The pipeline's volume methods (``attention``, ``seggradcam``) for every label with a lesion."""
+    """The pipeline's volume methods (``attention``, ``seggradcam``) for every label with a lesion.
+    Skipped when ``sc`` is not among the outputs: the maps are shown only as SC overlays."""
     assert ctx.runner is not None and ctx.segmentation is not None
     config = ctx.pipeline()
-    if config is None or not config.explain:
+    if config is None or not config.explain or "sc" not in config.outputs:
         return
     methods = [m for m in config.explain if m in VOLUME_METHODS]
     if not methods:

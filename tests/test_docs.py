@@ -98,3 +98,28 @@ def test_the_medical_cnn_section_matches_small_cnn(tmp_path: Path) -> None:
             else:
                 documented.add(full)
     assert documented == set(SmallCNN(4).state_dict())
+
+
+def test_each_private_code_value_means_one_thing() -> None:
+    """A 99DCMNODE code value is never given two meanings (the SR would then say two things at once)."""
+    import importlib
+    import pkgutil
+
+    from highdicom.sr import CodedConcept
+
+    import dicom_node.encode
+
+    meanings: dict[str, set[str]] = {}
+
+    def collect(value: object) -> None:
+        if isinstance(value, CodedConcept) and value.scheme_designator == "99DCMNODE":
+            meanings.setdefault(value.value, set()).add(value.meaning)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+
+    for module in pkgutil.iter_modules(dicom_node.encode.__path__):
+        for value in vars(importlib.import_module(f"dicom_node.encode.{module.name}")).values():
+            collect(value)
+    assert len(meanings) > 20
+    assert {code: names for code, names in meanings.items() if len(names) > 1} == {}

@@ -4,6 +4,7 @@ lesion's volume come back; a series that is not a volume gets the "not analysed"
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import highdicom as hd
@@ -14,12 +15,14 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from dicom_node.audit import NO_AUDIT, Audit
+from dicom_node.cli import format_job
 from dicom_node.config import Pipeline, Settings
 from dicom_node.errors import PermanentError
 from dicom_node.inference import InferenceRunner, ModelError, ModelRegistry, load_manifest
 from dicom_node.inference.architectures import BUILDERS
 from dicom_node.inference.registry import sha256_of
-from dicom_node.inference.segment import lesion_volume_mm3, voxel_volume_mm3
+from dicom_node.inference.segment import voxel_volume_mm3
 from dicom_node.inference.volume import assemble
 from dicom_node.pipeline import PipelineContext, default_steps, run
 from dicom_node.store import InstanceStore
@@ -113,15 +116,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(settings: Settings, store: InstanceStore, models: Path, series: list[Dataset],
-         explain: tuple[str, ...] = ("attention", "seggradcam")) -> tuple[PipelineContext | None, list[Path]]:
+         explain: tuple[str, ...] = ("attention", "seggradcam"), outputs: tuple[str, ...] = ("seg", "sc", "sr"),
+         audit: Audit = NO_AUDIT) -> tuple[PipelineContext | None, list[Path]]:
     records = [put(store, ds) for ds in series]
-    pipeline = Pipeline(name="brain", model="brain", explain=explain, outputs=("seg", "sc", "sr"))
+    pipeline = Pipeline(name="brain", model="brain", explain=explain, outputs=outputs)
     configured = dataclasses.replace(settings, pipelines=(pipeline,))
     runner = InferenceRunner(ModelRegistry(models), device="cpu")
     ctx = None
     try:
         job = dataclasses.replace(job_of(records), pipeline="brain", model="brain")
-        ctx = run(job, {}, settings=configured, store=store, steps=default_steps(), runner=runner)
+        ctx = run(job, {}, settings=configured, store=store, steps=default_steps(), runner=runner, audit=audit)
     except PermanentError:
         pass
     return ctx, sorted((settings.node.data_dir / "results").rglob("*.dcm"))
@@ -165,24 +169,38 @@ def _check_overlay(ds: Dataset, ctx: PipelineContext) -> None:
     assert image.shape == display.shape
     assert ctx.segmentation is not None
     k = [s.sop_instance_uid for s in ctx.segmentation.volume.sources].index(source.SOPInstanceUID)
-    shown = next(m for m in ctx.volume_maps if f"(layer {m.layer})" in ds.DerivationDescription).array[k]
-    untouched = shown <= shown.max() / 255  # where the blend adds no colour
+    item = next(m for m in ctx.volume_maps if f"(layer {m.layer})" in ds.DerivationDescription)
+    shown = item.source_slice(k)
+    top = 1.0 if item.method == "attention" else shown.max()  # attention: a fixed 0-1 colour scale
+    untouched = shown <= top / 255  # where the blend adds no colour
     assert np.mean(np.all(image[untouched] == display[untouched], axis=-1)) > 0.95 if untouched.any() else True
     assert np.corrcoef(image.mean(axis=-1).ravel(), display[..., 0].ravel())[0, 1] > 0.3  # still visible
 
 
 def _sr_values(sr: Dataset) -> dict[str, float]:
+    """The report's numbers by concept name, "Volume (Total)" where a derivation qualifies it."""
     values: dict[str, float] = {}
 
     def walk(items: object) -> None:
         for item in items:  # type: ignore[attr-defined]
             if item.ValueType == "NUM":
-                values[item.ConceptNameCodeSequence[0].CodeMeaning] = float(
+                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                derivation = [m.ConceptCodeSequence[0].CodeMeaning for m in item.get("ContentSequence", [])
+                              if m.ConceptNameCodeSequence[0].CodeValue == "121401"]
+                values[f"{name} ({derivation[0]})" if derivation else name] = float(
                     item.MeasuredValueSequence[0].NumericValue)
             walk(item.get("ContentSequence", []))
 
     walk(sr.ContentSequence)
     return values
+
+
+def _measured_sources(sr: Dataset) -> list[str]:
+    """The images of the first measurement group's Source of Measurement items (TID 1501)."""
+    imaging = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in imaging.ContentSequence[0].ContentSequence
+            if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121112"]
 
 
 def _texts(sr: Dataset) -> list[str]:
@@ -214,10 +232,8 @@ def test_a_series_gives_a_seg_on_the_source_frames_overlays_and_a_report_with_th
     _check_seg(seg, ctx)
     sr = next(ds for ds in written.values() if ds.Modality == "SR")
     values = _sr_values(sr)
-    expected = int(mask.sum()) * abs(np.linalg.det(ctx.segmentation.volume.affine[:3, :3]))
-    assert values["Volume"] == pytest.approx(expected, abs=1e-3)
-    assert values["Volume"] == pytest.approx(lesion_volume_mm3(mask, ctx.segmentation.volume.affine), abs=1e-3)
-    assert values["Diameter"] > 0
+    assert values["Volume (Total)"] == pytest.approx(int(mask.sum()) * 0.9 * 0.8 * 3.0, abs=1e-2)
+    assert values["Diameter (Maximum)"] > 0
     text = str(sr)
     assert str(seg.SOPInstanceUID) in text  # TID 1411's referenced segment
     overlays = [ds for ds in written.values() if ds.Modality == "OT"]
@@ -238,14 +254,15 @@ def test_a_series_gives_a_seg_on_the_source_frames_overlays_and_a_report_with_th
         assert not errors, output
 
 
-def test_the_maps_are_on_the_source_grid_and_seg_grad_cam_is_non_negative(
+def test_the_maps_stay_on_the_model_grid_and_seg_grad_cam_is_non_negative(
     store: InstanceStore, settings: Settings, models: Path
 ) -> None:
     ctx, _ = _run(settings, store, models, mr_series(), explain=("seggradcam",))
     assert ctx is not None and ctx.volume is not None
     assert [m.method for m in ctx.volume_maps] == ["seggradcam"]
-    cam = ctx.volume_maps[0].array
-    assert cam.shape == ctx.volume.array.shape and cam.min() >= 0 and cam.max() > 0
+    cam = ctx.volume_maps[0]
+    assert cam.array.shape == GRID and cam.array.min() >= 0 and cam.array.max() > 0
+    assert cam.source_slice(4).shape == ctx.volume.array.shape[1:]
 
 
 def test_a_series_with_a_gap_gets_the_not_analysed_report_naming_the_gap(
@@ -349,7 +366,7 @@ def test_an_enhanced_multiframe_series_gets_a_seg_referencing_its_frames(models:
     assert sorted(seen) == [k for k in range(mask.shape[0]) if mask[k].any()]
 
 
-def test_start_up_refuses_a_segmentation_pipeline_with_classification_methods_or_on_ray(
+def test_start_up_refuses_a_segmentation_pipeline_with_classification_methods_outputs_or_on_ray(
     settings: Settings, models: Path
 ) -> None:
     from dicom_node.errors import ConfigError
@@ -365,6 +382,13 @@ def test_start_up_refuses_a_segmentation_pipeline_with_classification_methods_or
     on_ray = dataclasses.replace(fitting, workers=dataclasses.replace(fitting.workers, executor="ray"))
     with pytest.raises(ConfigError, match="segmentation model, which runs on the node's own workers"):
         check_models(on_ray, registry)
+    for outputs, unmade in ((("seg", "pm", "sr"), "['pm']"), (("gsps", "sc", "pm"), "['gsps', 'pm']")):
+        asking = dataclasses.replace(default, pipelines=(Pipeline(name="brain", model="brain", explain=("attention",),
+                                                                  outputs=outputs),))
+        with pytest.raises(ConfigError, match=re.escape(
+                f"key 'pipelines[0].outputs' = {list(outputs)} of pipeline 'brain': segmentation model "
+                f"'brain' makes no {unmade}; expected some of ['seg', 'sc', 'sr']")):
+            check_models(asking, registry)
 
 
 def test_models_verify_and_list_name_a_segmentation_model(tmp_path: Path, models: Path,
@@ -378,3 +402,71 @@ def test_models_verify_and_list_name_a_segmentation_model(tmp_path: Path, models
     assert "sanity brain 0.1: not run (a segmentation model" in capsys.readouterr().out
     assert main(["models", "list", "--config", str(config)]) == 0
     assert "attention_unet  input volume 8x32x32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("outputs", [("sc", "sr"), ("sr",)], ids=["sc+sr", "sr"])
+def test_without_a_seg_the_report_still_goes_naming_the_lesion_slices(
+    store: InstanceStore, settings: Settings, models: Path, outputs: tuple[str, ...]
+) -> None:
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    ctx, paths = _run(settings, store, models, mr_series(), outputs=outputs)
+    assert ctx is not None and ctx.segmentation is not None and ctx.segmentation.found() == ["lesion"]
+    written = [dcmread(p) for p in paths]
+    assert sorted(ds.Modality for ds in written)[-1] == "SR" and "SEG" not in {ds.Modality for ds in written}
+    assert ("OT" in {ds.Modality for ds in written}) == ("sc" in outputs)
+    assert bool(ctx.volume_maps) == ("sc" in outputs)  # no overlay to show them on: not computed
+    sr = next(ds for ds in written if ds.Modality == "SR")
+    mask = ctx.segmentation.mask("lesion")
+    assert _sr_values(sr)["Volume (Total)"] == pytest.approx(int(mask.sum()) * 0.9 * 0.8 * 3.0, abs=1e-2)
+    with_lesion = [s.sop_instance_uid for k, s in enumerate(ctx.segmentation.volume.sources) if mask[k].any()]
+    assert _measured_sources(sr) == with_lesion
+    for path in paths:
+        errors, output = dciodvfy_errors(dciodvfy, path)
+        assert not errors, output
+
+
+def test_a_failed_report_is_no_silent_success(store: InstanceStore, settings: Settings, models: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SEG and overlays still go; the failed SR is an ERROR, an audit event and on the job's record."""
+    from tests.test_pipeline_headers import Recorder
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no report")
+
+    monkeypatch.setattr("dicom_node.encode.lesion_report", broken)
+    audit = Recorder()
+    ctx, paths = _run(settings, store, models, mr_series(), audit=audit)
+    assert ctx is not None and "SR" not in {dcmread(p).Modality for p in paths}
+    assert ctx.summary()["outputs_failed"] == [{"output": "sr", "error": "RuntimeError"}]
+    assert [fields["output"] for event, fields in audit.events if event == "output_failed"] == ["sr"]
+    shown = format_job(dataclasses.replace(ctx.job, results=ctx.summary()), [])
+    assert "not made     sr (RuntimeError)" in shown and "explained    lesion by seggradcam at" in shown
+
+
+@pytest.mark.parametrize("outputs", [("seg", "sr"), ("sr",)], ids=["with-seg", "without-seg"])
+def test_the_report_gives_a_known_masks_lesions_total_volume_and_largest_lesion(
+    models: Path, outputs: tuple[str, ...]
+) -> None:
+    """Two cuboids, 4 x 7 x 7 and 2 x 3 x 3 voxels of 3 x 0.9 x 0.8 mm: two lesions, 214 voxels in
+    all; the largest lesion's diameter runs corner to corner between voxel centres."""
+    from dicom_node.encode import Producer, encode_volume
+
+    series = mr_series(_oblique())
+    runner = InferenceRunner(ModelRegistry(models), device="cpu")
+    result = runner.segment("brain", assemble(series))
+    mask = np.zeros(result.masks.shape[1:], dtype=bool)
+    mask[1:5, 2:9, 2:9] = True
+    mask[7:9, 18:21, 18:21] = True
+    known = dataclasses.replace(result, masks=mask[None])
+    producer = Producer("brain", runner.registry.manifest("brain"), "XAI_NODE")
+    encoded = encode_volume(series, known, [], producer, outputs, isolate=False)
+    sr = next(ds for ds in encoded.objects if ds.Modality == "SR")
+    values = _sr_values(sr)
+    assert values["Volume (Total)"] == pytest.approx(214 * 0.9 * 0.8 * 3.0, abs=1e-3)
+    assert values["Number of lesions"] == 2
+    assert values["Volume (Maximum)"] == pytest.approx(196 * 0.9 * 0.8 * 3.0, abs=1e-3)
+    assert values["Diameter (Maximum)"] == pytest.approx(math.sqrt(9.0**2 + 5.4**2 + 4.8**2), abs=1e-3)
+    assert "Sum of segmented voxel volumes" in str(sr)
+    if "seg" not in outputs:
+        sources = [s.sop_instance_uid for k, s in enumerate(known.volume.sources) if k in (1, 2, 3, 4, 7, 8)]
+        assert _measured_sources(sr) == sources  # the slices holding either lesion, no others

@@ -48,10 +48,13 @@ from dicom_node.inference.segment import VolumeSegmentation
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("sc", "sr", "seg", "pm", "gsps")
+#: The outputs :func:`encode_volume` makes for a segmentation model (a subset of OUTPUTS).
+VOLUME_OUTPUTS = ("seg", "sc", "sr")
 
 __all__ = [
     "DISCLAIMER",
     "OUTPUTS",
+    "VOLUME_OUTPUTS",
     "Encoded",
     "HeaderChange",
     "HotRegion",
@@ -144,7 +147,8 @@ def encode_volume(sources: Sequence[Dataset], result: VolumeSegmentation, maps: 
     """The objects of a segmentation model's results on one volume, from cleaned sources:
     ``seg`` the lesion SEG, ``sc`` the overlays of ``maps`` on the slices through each lesion,
     ``sr`` the report with the lesions' measurements (referencing the SEG and the overlays made
-    here). ``pm`` and ``gsps`` are not made for volumes. Failures as :func:`encode_series`."""
+    here; without a SEG, the source images). ``pm`` and ``gsps`` are not made for volumes (start-up
+    refuses them on a segmentation pipeline). Failures as :func:`encode_series`."""
     check_one_series(sources)
     cleaned = [clean_header(ds) for ds in sources]
     changes = tuple(change for item in cleaned for change in item.changes)

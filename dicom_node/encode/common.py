@@ -79,6 +79,8 @@ PROTOTYPE_CODES = {
     "box": CodedConcept("DN334", SCHEME, "Prototype training patch"),
     "shows_finding": CodedConcept("DN335", SCHEME, "Prototype patch shows the finding"),
 }
+#: A segmentation model's count of a label's lesions (connected pieces of its mask).
+LESIONS = CodedConcept("DN340", SCHEME, "Number of lesions")
 YES = CodedConcept("373066001", "SCT", "Yes")
 NO = CodedConcept("373067005", "SCT", "No")
 DERIVATION = CodedConcept("121401", "DCM", "Derivation")

@@ -1,6 +1,7 @@
 """A segmentation model's results for one volume: the lesion SEG on the source's frame of
 reference, SC overlays of the explanation maps on the slices through the lesion, and a TID 1500
-report with the lesion's volume and largest diameter (TID 1411, the SEG's segment as its region).
+report with each label's lesions measured (TID 1411 with the SEG's segment as its region; TID
+1501 naming the source images when no SEG was made).
 
 The SEG is built by highdicom from the source instances themselves: one frame per source slice
 that holds a lesion voxel, each referencing its source instance (and frame, for an enhanced
@@ -9,6 +10,7 @@ with a lesion. The mask is the pipeline's, on the source grid, unchanged.
 """
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -17,23 +19,28 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_node import __version__
-from dicom_node.encode.common import ABSENT, PRESENT, PROBABILITY, UNITLESS, Producer, mark_derived
+from dicom_node.encode.common import (
+    ABSENT,
+    LESIONS,
+    PRESENT,
+    PROBABILITY,
+    UNITLESS,
+    Producer,
+    mark_derived,
+)
 from dicom_node.encode.overlay import secondary_capture, source_display
 from dicom_node.encode.seg import ABNORMAL, ARTIFICIAL_INTELLIGENCE
 from dicom_node.encode.sr import ILLUSTRATION, Group, Revision, _content, _document, algorithm
 from dicom_node.encode.study import clean_source
 from dicom_node.explain.heatmap import Heatmap
 from dicom_node.explain.volume import VolumeMap
-from dicom_node.inference.segment import (
-    VolumeSegmentation,
-    largest_diameter_mm,
-    lesion_slices,
-    lesion_volume_mm3,
-)
+from dicom_node.inference.segment import VolumeSegmentation, lesion_slices
 
 VOLUME = CodedConcept("118565006", "SCT", "Volume")
 DIAMETER = CodedConcept("81827009", "SCT", "Diameter")
 MAXIMUM = CodedConcept("56851009", "SCT", "Maximum")
+TOTAL = CodedConcept("255619001", "SCT", "Total")
+VOXEL_SUM = CodedConcept("126030", "DCM", "Sum of segmented voxel volumes")
 CUBIC_MILLIMETRE = CodedConcept("mm3", "UCUM", "cubic millimeter")
 MILLIMETRE = CodedConcept("mm", "UCUM", "millimeter")
 Sources = Mapping[str, Dataset]
@@ -95,11 +102,12 @@ def lesion_segmentation(by_uid: Sources, result: VolumeSegmentation, producer: P
 def _heatmap(source: Dataset, frame: int, item: VolumeMap, k: int, probability: float,
              producer: Producer) -> Heatmap:
     manifest = producer.manifest
+    shown = item.source_slice(k)
     about = (f"attention coefficients of gate {item.layer}" if item.method == "attention" else
              f"gradient of the mean '{item.label}' logit over its mask, layer {item.layer}")
     return Heatmap(str(source.SOPInstanceUID), frame - 1, item.label, probability, item.method, item.layer,
-                   manifest.name, manifest.version, manifest.sha256, item.array[k], item.array[k],
-                   notes=(f"Lesion slice: {about}",))
+                   manifest.name, manifest.version, manifest.sha256, shown, shown,
+                   notes=(f"Lesion slice: {about}",), scale_max=1.0 if item.method == "attention" else None)
 
 
 def lesion_overlays(by_uid: Sources, result: VolumeSegmentation, maps: Sequence[VolumeMap],
@@ -128,39 +136,69 @@ def lesion_overlays(by_uid: Sources, result: VolumeSegmentation, maps: Sequence[
 
 def _measurements(result: VolumeSegmentation, label: str,
                   algorithm_id: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
-    mask, affine = result.mask(label), result.volume.affine
+    """Volume (Total: every lesion of the label), Number of lesions (26-connected components),
+    Volume (Maximum: the largest lesion's), Diameter (Maximum: the largest lesion's largest
+    distance between voxel centres), the highest probability."""
+    measured = result.measurements[label]
+    probability = round(float(result.probabilities[result.labels.index(label)].max()), 6)
     return [
-        hd.sr.Measurement(name=VOLUME, value=round(lesion_volume_mm3(mask, affine), 3), unit=CUBIC_MILLIMETRE,
+        hd.sr.Measurement(name=VOLUME, value=round(measured.total_volume_mm3, 3), unit=CUBIC_MILLIMETRE,
+                          derivation=TOTAL, method=VOXEL_SUM, algorithm_id=algorithm_id),
+        hd.sr.Measurement(name=LESIONS, value=measured.lesions, unit=UNITLESS, algorithm_id=algorithm_id),
+        hd.sr.Measurement(name=VOLUME, value=round(measured.largest_volume_mm3, 3), unit=CUBIC_MILLIMETRE,
+                          derivation=MAXIMUM, method=VOXEL_SUM, algorithm_id=algorithm_id),
+        hd.sr.Measurement(name=DIAMETER, value=round(measured.largest_diameter_mm, 3), unit=MILLIMETRE,
+                          derivation=MAXIMUM, algorithm_id=algorithm_id),
+        hd.sr.Measurement(name=PROBABILITY, value=probability, unit=UNITLESS, derivation=MAXIMUM,
                           algorithm_id=algorithm_id),
-        hd.sr.Measurement(name=DIAMETER, value=round(largest_diameter_mm(mask, affine), 3), unit=MILLIMETRE,
-                          derivation=MAXIMUM, algorithm_id=algorithm_id),
-        hd.sr.Measurement(name=PROBABILITY, value=round(float(result.probabilities[result.labels.index(label)]
-                                                              .max()), 6), unit=UNITLESS,
-                          derivation=MAXIMUM, algorithm_id=algorithm_id),
     ]
 
 
 def _lesion_group(sources: Sequence[Dataset], result: VolumeSegmentation, label: str, seg: Dataset | None,
                   producer: Producer, algorithm_id: hd.sr.AlgorithmIdentification,
                   illustrations: Sequence[Dataset]) -> Group:
-    """TID 1411 of one label's lesion: volume, largest diameter, the SEG's segment as its region."""
+    """One label's lesions: TID 1411 with the SEG's segment as its region, or, without a SEG (not
+    among the outputs, or failed), TID 1501 naming the source images that hold the lesions."""
     finding = producer.label_code(label)
-    referenced = None
+    tracking = hd.sr.TrackingIdentifier(uid=producer.instance_uid("tracking", sources[0], "lesion", label),
+                                        identifier=label)
+    common: dict[str, Any] = {
+        "tracking_identifier": tracking, "finding_type": finding, "algorithm_id": algorithm_id,
+        "measurements": _measurements(result, label, algorithm_id),
+        "qualitative_evaluations": [hd.sr.QualitativeEvaluation(finding, PRESENT)]}
+    group: Group
     if seg is not None:
         number = result.found().index(label) + 1
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
             source_series=hd.sr.SourceSeriesForSegmentation(str(sources[0].SeriesInstanceUID)))
-    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=producer.instance_uid("tracking", sources[0], "lesion", label), identifier=f"{label} lesion"),
-        referenced_segment=referenced, finding_type=finding, algorithm_id=algorithm_id,
-        measurements=_measurements(result, label, algorithm_id),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(finding, PRESENT)])
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=referenced, **common)
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=_lesion_images(sources, result, label), **common)
     group[0].ContentSequence.extend(
         hd.sr.ImageContentItem(ILLUSTRATION, ds.SOPClassUID, ds.SOPInstanceUID, relationship_type="CONTAINS")
         for ds in illustrations)
     return group
+
+
+def _lesion_images(sources: Sequence[Dataset], result: VolumeSegmentation,
+                   label: str) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    """The source instances (and frames, of a multi-frame one) of the slices with a lesion voxel."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    frames: dict[str, list[int]] = {}
+    mask = result.mask(label)
+    for k, slice_source in enumerate(result.volume.sources):
+        if mask[k].any():
+            frames.setdefault(slice_source.sop_instance_uid, []).append(slice_source.frame)
+    images = []
+    for uid, numbers in frames.items():
+        ds = by_uid[uid]
+        frame_numbers = sorted(numbers) if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None
+        images.append(hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID,
+                                                           referenced_frame_numbers=frame_numbers))
+    return images
 
 
 def _absent(result: VolumeSegmentation, label: str, producer: Producer) -> hd.sr.CodeContentItem:
@@ -174,9 +212,9 @@ def _absent(result: VolumeSegmentation, label: str, producer: Producer) -> hd.sr
 def lesion_report(sources: Sequence[Dataset], result: VolumeSegmentation, producer: Producer,
                   seg: Dataset | None, overlays: Sequence[tuple[str, Dataset]], methods: Sequence[str] = (),
                   revision: Revision | None = None) -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 report of one segmented volume: per label with a lesion a TID 1411 group
-    (volume in mm3, largest diameter in mm, highest probability, the SEG segment, the overlays as
-    Illustration of ROI); every label without one as a document-level "absent" evaluation."""
+    """The TID 1500 report of one segmented volume: per label with a lesion one group
+    (:func:`_measurements`, the SEG segment or the source images, the overlays as Illustration
+    of ROI); every label without one as a document-level "absent" evaluation."""
     sources = [clean_source(ds) for ds in sources]
     algorithm_id = algorithm(producer, methods)
     found = result.found()

@@ -48,16 +48,20 @@ def source_display(source: Dataset, frame: int) -> np.ndarray:
 
 def blend_heatmap(display: np.ndarray, heatmap: Heatmap) -> np.ndarray:
     """``display`` (rows, columns, 3) with the positive part of the map blended in, nothing else:
-    where the map adds no colour the pixels are the display's own."""
+    where the map adds no colour the pixels are the display's own. The colour scale runs from 0 to
+    the heatmap's ``scale_max`` when it has one (attention coefficients: 1, so that slices compare),
+    else to the map's maximum."""
     values = _finite(heatmap.native_map)
-    top = float(values.max())
+    top = float(values.max()) if heatmap.scale_max is None else heatmap.scale_max
     image = display.copy()
     if top <= 0:
         return image
     shown = values > top / 255
+    if not shown.any():
+        return image
     rows, columns = np.flatnonzero(shown.any(axis=1)), np.flatnonzero(shown.any(axis=0))
     box = slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)  # where the map adds colour
-    relative = np.where(shown[box], values[box] / top, np.float32(0))  # alpha 0 keeps a pixel as it is
+    relative = np.where(shown[box], np.minimum(values[box] / top, 1), np.float32(0))  # alpha 0: kept as is
     colours = _colour_map(np.round(relative * 255).astype(np.uint8)).astype(np.float32)
     alpha = (BLEND * relative)[..., None]
     image[box] = np.round(display[box] * (1 - alpha) + colours * alpha).astype(np.uint8)
@@ -130,7 +134,10 @@ def _lines(heatmap: Heatmap, factor: int) -> list[Line]:
 
 
 def _scale_label(heatmap: Heatmap) -> str:
-    return f"{METHOD_NAMES.get(heatmap.method, heatmap.method)}, relative to its maximum:"
+    name = METHOD_NAMES.get(heatmap.method, heatmap.method)
+    if heatmap.scale_max is None:
+        return f"{name}, relative to its maximum:"
+    return f"{name}, 0 to {heatmap.scale_max:g}:"
 
 
 def _colour_map(values: np.ndarray) -> np.ndarray:

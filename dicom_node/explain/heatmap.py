@@ -47,6 +47,7 @@ class Heatmap:
     quality: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # extra overlay banner lines (the input-distribution gate's warning)
     verdict: str = Verdict.NOT_SHOWN.value  # quality.Verdict: "faithful" or "not shown to be faithful"
+    scale_max: float | None = None  # the colour scale's top: a fixed one (attention: 1), or the map's maximum
 
     @property
     def banner_line(self) -> str:

@@ -7,9 +7,11 @@
   label's channel over its predicted mask on the model grid, at the manifest's ``cam_layer``:
   ReLU on the layer's grid, then upsampled to the model grid.
 
-Both are then mapped to the source grid through the inverse of the volume's grid map (linear,
-:func:`dicom_node.inference.volume.back`). Hooks live for one call and are removed in
-``finally``; the model is not switched between train and eval mode.
+Both stay on the model grid; a slice of the source grid is made when an overlay shows it
+(:meth:`VolumeMap.source_slice`: the inverse of the volume's grid map, linear, for that slice
+alone), since at most a few slices per map are shown. The attention gates are run once for all
+labels. Hooks live for one call and are removed in ``finally``; the model is not switched
+between train and eval mode.
 """
 
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ from torch import nn
 
 from dicom_node.inference.registry import LoadedModel
 from dicom_node.inference.segment import VolumeSegmentation, as_batch, from_batch
-from dicom_node.inference.volume import back
+from dicom_node.inference.volume import GridMap, back_slice
 
 #: The explanation methods of segmentation models (a pipeline's ``explain``).
 VOLUME_METHODS = ("attention", "seggradcam")
@@ -30,12 +32,18 @@ VOLUME_METHODS = ("attention", "seggradcam")
 
 @dataclass(frozen=True)
 class VolumeMap:
-    """One explanation map of a label on the source grid (K, R, C), non-negative, with provenance."""
+    """One explanation map of a label on the model grid (slices, rows, columns), non-negative,
+    with provenance and the map to the source grid."""
 
     label: str
     method: str  # one of VOLUME_METHODS
     layer: str  # the attention gate's psi module, or the Seg-Grad-CAM layer
     array: np.ndarray
+    mapping: GridMap
+
+    def source_slice(self, k: int) -> np.ndarray:
+        """Slice ``k`` of the source grid (R, C), float32, mapped back linearly."""
+        return back_slice(self.mapping, self.array, k)
 
 
 def _to_grid(maps: torch.Tensor, shape: tuple[int, int, int], spatial_dims: int) -> np.ndarray:
@@ -106,15 +114,15 @@ def seg_gradcam(loaded: LoadedModel, result: VolumeSegmentation, label: str) -> 
 
 def explain_volume(loaded: LoadedModel, result: VolumeSegmentation,
                    methods: Sequence[str]) -> list[VolumeMap]:
-    """The ``methods``' maps of every label with a lesion, on the source grid."""
+    """The ``methods``' maps of every label with a lesion, on the model grid; the attention maps
+    (one forward pass for every label) are shared by the labels."""
     maps: list[VolumeMap] = []
-    gates = attention_maps(loaded, result) if "attention" in methods else {}
-    for label in result.found():
+    found = result.found()
+    gates = attention_maps(loaded, result) if "attention" in methods and found else {}
+    for label in found:
         if "seggradcam" in methods:
             cam = seg_gradcam(loaded, result, label)
             if cam is not None:
-                layer = loaded.manifest.cam_layer
-                maps.append(VolumeMap(label, "seggradcam", layer, back(result.mapping, cam)))
-        maps += [VolumeMap(label, "attention", name, back(result.mapping, gate))
-                 for name, gate in gates.items()]
+                maps.append(VolumeMap(label, "seggradcam", loaded.manifest.cam_layer, cam, result.mapping))
+        maps += [VolumeMap(label, "attention", name, gate, result.mapping) for name, gate in gates.items()]
     return maps

@@ -10,12 +10,13 @@ grid's blocks. Voxel ``(k, r, c)`` of a mask is pixel ``(r, c)`` of ``volume.sou
 
 import contextlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 from scipy import ndimage
 from scipy.spatial import ConvexHull
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import cdist
 
 from dicom_node.inference.manifest import ModelManifest
 from dicom_node.inference.registry import LoadedModel
@@ -58,14 +59,17 @@ class VolumeSegmentation:
     def mask(self, label: str) -> np.ndarray:
         return np.asarray(self.masks[self.labels.index(label)])
 
+    @cached_property
+    def measurements(self) -> dict[str, "LesionMeasurements"]:
+        """Each label's :func:`measure`, computed once (the job's record and the SR share it)."""
+        return {label: measure(self.mask(label), self.volume.affine) for label in self.labels}
+
     def summary(self) -> dict[str, object]:
-        """What the job's record keeps: per label the voxel count, volume and largest diameter."""
-        affine = self.volume.affine
+        """What the job's record keeps: per label the voxel count, the total volume, the number of
+        lesions, the largest lesion's volume and largest diameter, the highest probability."""
         return {"grid": list(self.volume.array.shape), "model_grid": list(self.mapping.model_shape),
                 "labels": {
-            label: {"voxels": int(self.mask(label).sum()),
-                    "volume_mm3": round(lesion_volume_mm3(self.mask(label), affine), 3),
-                    "largest_diameter_mm": round(largest_diameter_mm(self.mask(label), affine), 3),
+            label: {"voxels": int(self.mask(label).sum()), **self.measurements[label].as_record(),
                     "max_probability": round(float(self.probabilities[i].max()), 6)}
             for i, label in enumerate(self.labels)}}
 
@@ -104,7 +108,9 @@ def segment_volume(loaded: LoadedModel, volume: Volume, bf16: bool = False) -> V
         logits = from_batch(loaded.module(batch), dims).float()
         model_probabilities = torch.sigmoid(logits).cpu().numpy()
     thresholds = np.array([label.threshold for label in manifest.labels], dtype=np.float32)
-    probabilities = np.stack([back(mapping, p) for p in model_probabilities])
+    probabilities = np.empty((len(thresholds), *mapping.source_shape), dtype=np.float32)
+    for i, model_probability in enumerate(model_probabilities):  # one label at a time, no stacked copy
+        probabilities[i] = back(mapping, model_probability)
     return VolumeSegmentation(
         volume=volume, mapping=mapping, model_input=model_input, probabilities=probabilities,
         masks=probabilities >= thresholds[:, None, None, None],
@@ -121,10 +127,64 @@ def lesion_volume_mm3(mask: np.ndarray, affine: np.ndarray) -> float:
     return int(np.count_nonzero(mask)) * voxel_volume_mm3(affine)
 
 
+#: 26-connectivity: voxels touching by a face, an edge or a corner belong to one lesion.
+CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+#: Points compared at once when looking for the largest distance (a block of distances is
+#: BLOCK x points doubles).
+BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class LesionMeasurements:
+    """One label's mask measured as a radiologist reads it: the connected lesions (26-connectivity)
+    counted, their total volume, and the largest lesion's volume and largest diameter.
+
+    Attributes
+    ----------
+    total_volume_mm3
+        All the label's voxels times the voxel volume (every lesion together).
+    lesions
+        Connected components of the mask.
+    largest_volume_mm3
+        The volume of the largest lesion (by voxel count; the first of equals in scan order).
+    largest_diameter_mm
+        The largest distance between the centres of two voxels of that lesion, in patient
+        millimetres (0 for a lesion of one voxel, or none).
+    """
+
+    total_volume_mm3: float
+    lesions: int
+    largest_volume_mm3: float
+    largest_diameter_mm: float
+
+    def as_record(self) -> dict[str, float | int]:
+        return {"volume_mm3": round(self.total_volume_mm3, 3), "lesions": self.lesions,
+                "largest_lesion_volume_mm3": round(self.largest_volume_mm3, 3),
+                "largest_lesion_diameter_mm": round(self.largest_diameter_mm, 3)}
+
+
+def measure(mask: np.ndarray, affine: np.ndarray) -> LesionMeasurements:
+    """``mask``'s lesions (connected components, 26-connectivity) and the largest one's size."""
+    labelled, count = ndimage.label(mask, structure=CONNECTIVITY)
+    if not count:
+        return LesionMeasurements(0.0, 0, 0.0, 0.0)
+    sizes = np.bincount(labelled.ravel())[1:]
+    largest = int(np.argmax(sizes)) + 1
+    box = ndimage.find_objects(labelled, max_label=largest)[largest - 1]
+    assert box is not None
+    lesion = labelled[box] == largest  # cropped: distances do not depend on where the box is
+    return LesionMeasurements(
+        total_volume_mm3=lesion_volume_mm3(mask, affine), lesions=count,
+        largest_volume_mm3=int(sizes[largest - 1]) * voxel_volume_mm3(affine),
+        largest_diameter_mm=largest_diameter_mm(lesion, affine))
+
+
 def largest_diameter_mm(mask: np.ndarray, affine: np.ndarray) -> float:
     """The largest distance between the centres of two voxels of ``mask``, in patient millimetres
-    (0 for one voxel or none). Only the surface voxels can be the ends, and of those only the
-    vertices of their convex hull (scipy's Qhull, joggled so that flat sets work too)."""
+    (0 for one voxel or none); only the affine's 3x3 part matters, so ``mask`` may be a crop. Only
+    the surface voxels can be the ends, and of those only the vertices of their convex hull
+    (scipy's Qhull, joggled so that flat sets work too); the largest distance among them is found
+    in blocks of :data:`BLOCK` points, never as one quadratic matrix."""
     surface = mask & ~ndimage.binary_erosion(mask)
     index = np.argwhere(surface)
     if len(index) < 2:
@@ -132,7 +192,7 @@ def largest_diameter_mm(mask: np.ndarray, affine: np.ndarray) -> float:
     points = index @ affine[:3, :3].T
     if len(points) > 64:
         points = points[ConvexHull(points, qhull_options="QJ").vertices]
-    return float(pdist(points).max())
+    return float(max(cdist(points[i:i + BLOCK], points[i:]).max() for i in range(0, len(points), BLOCK)))
 
 
 def lesion_slices(mask: np.ndarray, most: int = 3) -> list[int]:

@@ -313,6 +313,21 @@ def resample(volume: Volume, shape: Sequence[int], *, mask: bool = False) -> tup
     return np.asarray(array, dtype=np.float32), mapping
 
 
+def back_slice(mapping: GridMap, array: np.ndarray, k: int) -> np.ndarray:
+    """Slice ``k`` of the source grid of a model-grid map: ``back(mapping, array)[k]`` (linear,
+    float32) without mapping the other slices."""
+    if tuple(array.shape) != mapping.model_shape:
+        raise ValueError(f"array shape {array.shape} is not the model grid {mapping.model_shape}")
+    if not 0 <= k < mapping.source_shape[0]:
+        raise ValueError(f"slice {k} is outside the source grid's {mapping.source_shape[0]} slices")
+    scale = np.array([1.0 / s for s in mapping.scale])
+    offset = -np.array(mapping.offset) * scale
+    offset[0] += k * scale[0]  # output slice 0 is source slice k
+    result = ndimage.affine_transform(array.astype(np.float32), scale, offset=offset,
+                                      output_shape=(1, *mapping.source_shape[1:]), order=1, mode="nearest")
+    return np.asarray(result[0])
+
+
 def back(mapping: GridMap, array: np.ndarray, *, mask: bool = False) -> np.ndarray:
     """A model-grid ``array`` on the source grid through the inverse of ``mapping``.
 

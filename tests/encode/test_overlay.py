@@ -16,7 +16,7 @@ import torch
 
 from dicom_node.encode import Producer, hot_region, render_overlay, secondary_capture, source_display
 from dicom_node.encode.layout import CAP_SHARE, MIN_CAP, MIN_SIDE, cap_bounds
-from dicom_node.encode.overlay import CONTOUR, DISCLAIMER_COLOUR, blend_heatmap, overlay_layout
+from dicom_node.encode.overlay import CONTOUR, DISCLAIMER_COLOUR, _scale_label, blend_heatmap, overlay_layout
 from dicom_node.explain.heatmap import Heatmap, explain_frame
 from dicom_node.inference import InferenceRunner, ModelRegistry, preprocess
 from dicom_node.phantoms import render, to_dataset
@@ -200,3 +200,21 @@ def test_a_small_image_is_scaled_up_and_the_sc_says_so(producer: Producer) -> No
     again = secondary_capture(source, heatmap, producer, 1)
     assert np.array_equal(ds.pixel_array, again.pixel_array)  # deterministic
     assert ds.BurnedInAnnotation == "YES"
+
+
+def test_a_fixed_colour_scale_colours_a_map_by_its_value_not_its_maximum() -> None:
+    """Attention coefficients are drawn on 0-1: a slice whose highest coefficient is 0.4 is paler
+    than one reaching 1, where a map relative to its maximum would look the same on both."""
+    display = np.full((40, 40, 3), 100, dtype=np.uint8)
+    values = np.zeros((40, 40), dtype=np.float32)
+    values[10:30, 10:30] = 0.4
+
+    def heatmap(scale_max: float | None) -> Heatmap:
+        return Heatmap("1.2.3", 0, "lesion", 0.9, "attention", "gate.psi", "brain", "0.1", "ab" * 32,
+                       values, values, scale_max=scale_max)
+
+    change = {scale: np.abs(blend_heatmap(display, heatmap(scale)).astype(int) - 100)[20, 20].sum()
+              for scale in (None, 1.0, 0.4)}
+    assert 0 < change[1.0] < change[None] == change[0.4]
+    assert np.array_equal(blend_heatmap(display, heatmap(1.0))[:10], display[:10])  # no colour where 0
+    assert _scale_label(heatmap(1.0)) == "Attention gate, 0 to 1:"
