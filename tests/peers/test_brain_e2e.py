@@ -124,7 +124,9 @@ def test_a_brain_series_sent_by_storescu_comes_back_as_seg_sc_and_sr(
     [sr_path] = [p for p, ds in files.items() if ds.Modality == "SR"]
     report = hd.sr.srread(sr_path)
     [group] = report.content.get_volumetric_roi_measurement_groups()
-    [volume] = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+    volumes = {m.derivation.value if m.derivation is not None else "": m
+               for m in group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))}
+    volume = volumes["255619001"]  # Total: every piece of the mask (the phantom's lesion is one piece)
     assert volume.unit.value == "mm3"
     assert volume.value == pytest.approx(phantom.lesion_volume_mm3, rel=0.10)
     assert str(seg.SOPInstanceUID) in str(files[sr_path])  # the SEG is the measurement's region
