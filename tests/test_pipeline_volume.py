@@ -470,3 +470,20 @@ def test_the_report_gives_a_known_masks_lesions_total_volume_and_largest_lesion(
     if "seg" not in outputs:
         sources = [s.sop_instance_uid for k, s in enumerate(known.volume.sources) if k in (1, 2, 3, 4, 7, 8)]
         assert _measured_sources(sr) == sources  # the slices holding either lesion, no others
+
+
+def test_a_map_whose_maximum_lies_outside_the_lesion_is_flagged() -> None:
+    from dicom_node.encode.lesion import _peak_outside
+    from dicom_node.explain.volume import VolumeMap
+    from dicom_node.inference.volume import GridMap
+
+    # the model grid is half the source grid on rows and columns: model (k, r, c) -> source (k, 2r + 0.5, 2c + 0.5)
+    mapping = GridMap((4, 12, 12), (4, 6, 6), (1.0, 2.0, 2.0), (0.0, 0.5, 0.5), np.eye(4))
+    mask = np.zeros((4, 12, 12), dtype=bool)
+    mask[2, 6:9, 6:9] = True
+    inside = np.zeros((4, 6, 6), dtype=np.float32)
+    inside[2, 3, 3] = 1.0  # source (2, 6.5, 6.5): rounds into the lesion
+    outside = inside.copy()
+    outside[0, 0, 0] = 2.0
+    assert not _peak_outside(VolumeMap("lesion", "seggradcam", "layer", inside, mapping), mask)
+    assert _peak_outside(VolumeMap("lesion", "seggradcam", "layer", outside, mapping), mask)

@@ -99,15 +99,37 @@ def lesion_segmentation(by_uid: Sources, result: VolumeSegmentation, producer: P
     return ds
 
 
+def _peak_outside(item: VolumeMap, mask: np.ndarray) -> bool:
+    """Whether the map's maximum over the volume falls outside the label's predicted mask (the
+    model-grid voxel of the maximum, mapped to its nearest source voxel)."""
+    peak = np.unravel_index(int(np.argmax(item.array)), item.array.shape)
+    mapping = item.mapping
+    index = tuple(int(np.clip(round(scale * i + offset), 0, n - 1)) for i, scale, offset, n
+                  in zip(peak, mapping.scale, mapping.offset, mapping.source_shape, strict=True))
+    return not bool(mask[index])
+
+
 def _heatmap(source: Dataset, frame: int, item: VolumeMap, k: int, probability: float,
-             producer: Producer) -> Heatmap:
+             producer: Producer, peak_outside: bool) -> Heatmap:
+    """The SC's map of slice ``k``. Every slice of one map is on the same colour scale, so that a
+    slice the map barely touches is not shown in full colour: attention coefficients from 0 to 1,
+    Seg-Grad-CAM from 0 to its maximum over the whole volume."""
     manifest = producer.manifest
     shown = item.source_slice(k)
-    about = (f"attention coefficients of gate {item.layer}" if item.method == "attention" else
-             f"gradient of the mean '{item.label}' logit over its mask, layer {item.layer}")
+    notes = []
+    if item.method == "attention":
+        about = f"attention coefficients of gate {item.layer}"
+    else:
+        about = (f"gradient of the mean '{item.label}' logit over its mask, layer {item.layer}; "
+                 "scaled to its maximum over the whole volume")
+        peak = float(item.array.max())
+        shown = shown / peak if peak > 0 else shown
+    notes.append(f"Lesion slice: {about}")
+    if peak_outside:
+        notes.append("Caution: this map's maximum lies outside the segmented lesion")
     return Heatmap(str(source.SOPInstanceUID), frame - 1, item.label, probability, item.method, item.layer,
                    manifest.name, manifest.version, manifest.sha256, shown, shown,
-                   notes=(f"Lesion slice: {about}",), scale_max=1.0 if item.method == "attention" else None)
+                   notes=tuple(notes), scale_max=1.0)
 
 
 def lesion_overlays(by_uid: Sources, result: VolumeSegmentation, maps: Sequence[VolumeMap],
@@ -117,10 +139,12 @@ def lesion_overlays(by_uid: Sources, result: VolumeSegmentation, maps: Sequence[
     overlays: list[tuple[str, Dataset]] = []
     for item in maps:
         probability = float(result.probabilities[result.labels.index(item.label)].max())
-        for k in lesion_slices(result.mask(item.label)):
+        mask = result.mask(item.label)
+        outside = item.method != "attention" and _peak_outside(item, mask)
+        for k in lesion_slices(mask):
             slice_source = result.volume.sources[k]
             source = by_uid[slice_source.sop_instance_uid]
-            heatmap = _heatmap(source, slice_source.frame, item, k, probability, producer)
+            heatmap = _heatmap(source, slice_source.frame, item, k, probability, producer, outside)
             key = (slice_source.sop_instance_uid, heatmap.frame)
             if key not in displays:
                 displays[key] = source_display(source, heatmap.frame)
