@@ -60,3 +60,18 @@ def test_loading_twice_gives_identical_outputs() -> None:
     second = InferenceRunner(ModelRegistry(MODELS), device="cpu")
     inputs = preprocess(ds, first.model("demo-cxr").manifest.input)
     assert torch.equal(first.logits("demo-cxr", inputs), second.logits("demo-cxr", inputs))
+
+
+def test_the_default_configs_commented_pipelines_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """config/node.toml's commented brain and prototype pipelines, uncommented, pass `models verify`."""
+    import re
+
+    text = (REPO / "config" / "node.toml").read_text()
+    keys = r"\[\[pipelines\]\]|name = \"(?:brain|chest-prototypes)\"|(?:model|match|explain|outputs|send_to) = .*"
+    enabled = re.sub(rf"^# ({keys})$", r"\1", text, flags=re.MULTILINE)
+    assert enabled.count("[[pipelines]]") == 3
+    config = tmp_path / "config" / "node.toml"  # the config's paths are relative to its folder
+    config.parent.mkdir()
+    config.write_text(enabled.replace('dir = "../models"', f'dir = "{MODELS}"'))
+    assert main(["models", "verify", "--config", str(config)]) == 0
+    assert "3 pipeline(s) checked" in capsys.readouterr().out
