@@ -31,7 +31,11 @@ from tests.test_pipeline import job_of
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MODEL = "demo-protopnet"
-SEED = 1_000_016  # held out (the training script's held-out seeds start at 1,000,000)
+# Held out (the training script's held-out seeds start at 1,000,000). Chosen because everything
+# asserted here holds on it: on 1,000,005 the model misses the consolidation, on 1,000,015 the
+# nodule's top prototype misses the nodule. The rate is the model card's figure; this test pins
+# one example where the whole chain works.
+SEED = 1_000_016
 FINDINGS = ("nodule", "consolidation", "cardiomegaly")  # the phantom's findings, all found by the model
 FOCAL = ("nodule", "consolidation")  # the findings the pointing game applies to
 IDENTITIES = {entry["prototype"]: entry for entry in json.loads((MODELS / MODEL / "prototypes.json").read_text())}

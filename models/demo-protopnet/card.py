@@ -56,10 +56,63 @@ def _focal(metrics: dict) -> str:
     if not focal:
         return ""
     met = "meets" if focal["hit"] >= 0.8 else "misses"
+    alone = ", ".join(f"{label} alone {metrics['localisation'][label]['hit']:.3f}" for label in FOCAL)
     return (f"Focal findings (nodules and consolidations) together: the top prototype's map hits the "
-            f"mask in {focal['hit']:.3f} of {focal['findings']} findings ({met} the target of 0.80).")
+            f"mask in {focal['hit']:.3f} of {focal['findings']} findings ({met} the target of 0.80 only "
+            f"pooled: {alone}; see Limits).")
 
 
+def _split(metrics: dict) -> str:
+    split = metrics.get("logit_split")
+    if not split:
+        return "not measured"
+    rows = split["rows"]
+    own = [r["own"] for r in rows if r["shown"] and r["logit"] > 0]
+    other = [r["other"] for r in rows]
+    return (f"measured by `evaluate.py` on held-out seeds {', '.join(map(str, split['seeds']))}, the "
+            f"other labels' prototypes add {min(other):+.1f} to {max(other):+.1f} to every logit "
+            f"({len(other)} logits), while on the {len(own)} positive logits the label's own prototypes "
+            f"add {min(own):+.1f} to {max(own):+.1f} (connections to other labels' prototypes: "
+            f"{split['other_weight_min']:.2f} to {split['other_weight_max']:.2f}, mean "
+            f"{split['other_weight_mean']:.2f})")
+
+
+def _limits(metrics: dict) -> str:
+    """What the figures above do not show, from ``metrics.json``."""
+    loc, held, t = metrics.get("localisation", {}), metrics["held_out"], metrics["training"]
+    if not loc:
+        return ""
+    nod, con, eff, card = (loc[label] for label in LABELS)
+    lowest = min(min(held[m].values()) for m in ("protopnet", "demo-cxr"))
+    return f"""## Limits
+
+- **Nodules alone miss the localisation target.** The top nodule prototype's map hits the nodule
+  in {nod['hit']:.3f} of {nod['findings']} findings (< 0.80); the 0.80 target is met only pooled with
+  consolidations ({con['hit']:.3f}, large masks that are easy to hit).
+- **Cardiomegaly and effusion are not localised better than trivial maps.** Cardiomegaly's
+  pointing game is {card['hit']:.3f} against {card['hit_centre']:.3f} for a map peaking at the image
+  centre, and its IoU {card['iou']:.3f} against {card['iou_centre']:.3f} for that centre map:
+  the centre map is better. Effusion's pointing game is {eff['hit']:.3f}.
+- **"Patch shows a finding" is 1.00 for nodules and consolidations by construction.** The push
+  only allowed cells on the finding's mask for these labels (the fine annotation of IAIA-BL:
+  training used the finding masks), so every such prototype overlaps a finding whatever the model
+  learnt. The figure says something only for effusion and cardiomegaly.
+- **"Shows the finding" is lenient.** It means that the prototype's 26 px receptive field (on
+  the {t['size']} px input) overlaps the label's mask by at least one pixel. The SC draws that
+  patch at the image's height, about {t['size'] / 26:.1f}x larger than the matched region boxed on
+  the image.
+- **The AUC comparison says little.** Both models' held-out AUCs are at least {lowest:.3f}:
+  on these phantoms, being within 0.03 of demo-cxr's AUCs tells little about the model.
+- **The held-out seeds were seen during development.** The held-out phantoms (seeds from
+  1,000,000) were measured with the first recipe, and its held-out nodule AUC of 0.460 is what
+  led to the mask-restricted cluster cost and push (see "What was tried first"). They are not an
+  untouched test set for the recipe that shipped.
+- **The explanation shows one side of a difference of large numbers.** The last layer's
+  connections to other labels' prototypes stayed near their initial -0.5 (the L1 of 1e-4 barely
+  moved them): {_split(metrics)}. The explanation shows the own label's prototypes only, so it
+  leaves out a negative term about as large as what it shows. Chen et al. fix this with a strong
+  L1 on the off-class connections in the last-layer stage, driving them to 0; not done yet.
+"""
 def _before_push(metrics: dict) -> str:
     before = metrics["held_out"].get("protopnet_before_push")
     if not before:
@@ -127,7 +180,7 @@ demo-cxr, no perturbed (half-blurred) images.
 
 Seed {t['seed']}, {t['threads']} CPU threads, {t['minutes']} minutes in all (data, stages and the held-out
 AUCs of both models), `nice -n 10` on a shared 2-core VM ({t['machine']}), Python {t['python']},
-torch {t['torch']}. Seeded throughout; a tiny run gives the same weights bytes twice (tested); the full run was not repeated.
+torch {t['torch']}. Seeded throughout; a tiny run gives the same weights bytes twice (tested), and a second full run (2026-12-02, 11 minutes) wrote the same weights and prototypes.json.
 
 ## Held-out accuracy
 
@@ -159,6 +212,7 @@ inside the mask) and IoU (the map at half its peak), with the centre-map and are
 
 {_focal(metrics)}
 
+{_limits(metrics)}
 ## Prototypes
 
 Prototypes whose patch does not overlap their label's finding mask: {blind_text}. Such a prototype
@@ -175,6 +229,7 @@ nice -n 10 .venv/bin/python models/demo-protopnet/evaluate.py
 ```
 
 The first writes `weights.pt`, `prototypes.json` and `metrics.json`; the second `model.toml`, the
-localisation figures and this card. torch's CPU kernels may differ in the last bits between
+localisation figures, the logit split of the Limits and this card (`evaluate.py --card-only`
+keeps the localisation figures and rewrites the card in seconds). torch's CPU kernels may differ in the last bits between
 machines, so the sha256 may differ elsewhere.
 """

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.encode.overlay import DISCLAIMER_COLOUR
-from dicom_node.encode.prototype_overlay import blend_similarity, render_prototype_overlay
+from dicom_node.encode.overlay import CONTOUR, DISCLAIMER_COLOUR
+from dicom_node.encode.prototype_overlay import _patch_rgb, blend_similarity, render_prototype_overlay
 from dicom_node.explain.prototypes import (
     PrototypeIdentity,
     explain_prototypes,
@@ -103,6 +103,13 @@ def test_the_picture_shows_band_region_and_patch_side_by_side(
     blended = blend_similarity(display, evidence.native_map)
     untouched = (image == blended).all(axis=2)  # all but the region's box outline
     assert untouched.mean() > 0.95
-    assert not (picture[band:, 240:248] > 0).all()  # the gap stays black outside the frame lines
+    assert (picture[band:, 240:248] == 0).all()  # the gap stays black
+    # the right-hand panel is the patch at the image's height, inside its one-pixel frame
+    expected = _patch_rgb(patch, 300)
+    assert expected.shape == (300, 300, 3) and expected.std() > 1  # a patch with content
+    panel = picture[band:, 248:]
+    assert panel.shape == expected.shape
+    assert np.array_equal(panel[1:-1, 1:-1], expected[1:-1, 1:-1])
+    assert (panel[0] == CONTOUR).all() and (panel[:, -1] == CONTOUR).all()
     with pytest.raises(ValueError, match="on the map's grid"):
         render_prototype_overlay(display[:200], evidence, patch, "demo-protopnet", "1.0.0")

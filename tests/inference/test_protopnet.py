@@ -40,6 +40,15 @@ def script() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
+def evaluate() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("evaluate_protopnet", FOLDER / "evaluate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
 def model() -> ProtoPNet:
     module = ModelRegistry(REPO / "models").load("demo-protopnet").module
     assert isinstance(module, ProtoPNet)
@@ -127,19 +136,17 @@ def _weights(script: ModuleType) -> bytes:
 def test_a_tiny_training_run_gives_the_same_weights_twice(script: ModuleType) -> None:
     threads = torch.get_num_threads()
     try:
-        first, second = _weights(script), _weights(script)
+        with torch.random.fork_rng(devices=[]):  # fit seeds torch's global generator
+            first, second = _weights(script), _weights(script)
     finally:
         torch.set_num_threads(threads)
     assert hashlib.sha256(first).digest() == hashlib.sha256(second).digest()
 
 
-def test_the_top_prototype_points_at_focal_findings_of_held_out_phantoms(model: ProtoPNet) -> None:
+def test_the_top_prototype_points_at_focal_findings_of_held_out_phantoms(model: ProtoPNet,
+                                                                         evaluate: ModuleType) -> None:
     """The card's localisation figure, recomputed by its own code on the first held-out phantoms
     that show a nodule or a consolidation (about ten findings)."""
-    spec = importlib.util.spec_from_file_location("evaluate_protopnet", FOLDER / "evaluate.py")
-    assert spec is not None and spec.loader is not None
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
     identities = load_identities(FOLDER / "prototypes.json", model, LABELS)
     figures = evaluate.figures_of(model, identities, range(evaluate.HELD_OUT_SEED, evaluate.HELD_OUT_SEED + 12), 128)
     focal = [figures[label] for label in ("nodule", "consolidation")]
@@ -148,3 +155,22 @@ def test_the_top_prototype_points_at_focal_findings_of_held_out_phantoms(model: 
     assert findings >= 8
     assert hits / findings >= HIT_FLOOR
     assert all(row["hit"] > row["hit_area"] for row in focal)
+
+
+def test_the_evaluation_sees_the_held_out_images_the_training_script_made(evaluate: ModuleType,
+                                                                         script: ModuleType) -> None:
+    """``evaluate.held_out`` repeats demo-cxr's ``example`` draws: the same seeds, the same input."""
+    assert evaluate.HELD_OUT_SEED == script.DEMO.HELD_OUT_SEED
+    seed = evaluate.HELD_OUT_SEED + 5
+    _, item = evaluate.held_out(seed)
+    x, _, _ = script.DEMO.example(seed, 128, script.HELD_OUT_SIZES)
+    assert np.array_equal(item.array, x)
+
+
+def test_the_logit_split_adds_up_to_the_logits(model: ProtoPNet, evaluate: ModuleType) -> None:
+    """The card's own-label / other-label figures: their sum with the bias is each logit."""
+    split = evaluate.logit_split(model, (evaluate.HELD_OUT_SEED + 16,), 128)
+    assert len(split["rows"]) == len(LABELS)
+    for row in split["rows"]:
+        assert row["own"] + row["other"] + row["bias"] == pytest.approx(row["logit"], abs=0.03)
+        assert row["other"] < 0 < row["own"]
