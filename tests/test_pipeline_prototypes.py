@@ -5,6 +5,7 @@ similarity, the location of the best match on the source image and the prototype
 import dataclasses
 import json
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -139,6 +140,18 @@ def test_the_report_gives_each_prototype_its_similarity_location_and_identity(
             # the phantom's DX is its render at 512 px: source pixels are the mask's pixels
             top_hits[label] = bool(phantom.masks[label][int(y), int(x)])
     assert top_hits == dict.fromkeys(FOCAL, True)  # the top prototype's best match is on the finding
+    # each present finding is stated once in the whole report, not once more per prototype
+    present: list[str] = []
+
+    def walk(items: Sequence[Dataset]) -> None:
+        for item in items:
+            if item.get("ValueType") == "CODE" and item.ConceptCodeSequence[0].CodeMeaning == "Present":
+                present.append(str(item.ConceptNameCodeSequence[0].CodeMeaning))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    names = {ctx.model().labels[ctx.model().label_names.index(name)].code[2] for name in FINDINGS}
+    assert sorted(present) == sorted(names)
 
 
 def test_a_pipeline_with_grad_cam_too_gets_both_kinds_each_overlay_referenced_once(

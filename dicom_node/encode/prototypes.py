@@ -21,11 +21,9 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.encode.common import (
-    ABSENT,
     DISCLAIMER_TEXT,
     METHOD_NAMES,
     NO,
-    PRESENT,
     PROTOTYPE_CODES,
     UNITLESS,
     YES,
@@ -145,11 +143,11 @@ def _group(source: Dataset, explanation: PrototypeExplanation, evidence: Prototy
         hd.sr.Measurement(name=PROTOTYPE_CODES["weight"], value=round(evidence.weight, 6), unit=UNITLESS,
                           algorithm_id=algorithm_id),
     ]
-    present = explanation.probability >= producer.threshold(label)
+    # no Present/Absent here: the finding is stated once, in its own group or evaluation (a
+    # consumer counting "Nodule: Present" must not count each prototype as one more nodule)
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, finding_type=finding, algorithm_id=algorithm_id,
         measurements=measurements, qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(finding, PRESENT if present else ABSENT),
             hd.sr.QualitativeEvaluation(PROTOTYPE_CODES["shows_finding"],
                                         YES if identity.shows_finding else NO)],
         referenced_region=hd.sr.ImageRegion(
