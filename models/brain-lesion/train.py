@@ -191,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
-    if args.seed + args.train > HELD_OUT_SEED:
-        parser.error(f"training seeds must stay below the held-out ones ({HELD_OUT_SEED})")
+    if args.seed + args.train > VALIDATION_SEED:
+        parser.error(f"training seeds must stay below the validation ones ({VALIDATION_SEED}) and the "
+                     f"held-out ones ({HELD_OUT_SEED})")
+    if VALIDATION_SEED + args.validation > HELD_OUT_SEED:
+        parser.error(f"validation seeds must stay below the held-out ones ({HELD_OUT_SEED})")
     grid = (args.grid[0], args.grid[1], args.grid[2])
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
