@@ -62,7 +62,7 @@ def test_a_failed_encoding_logs_its_traceback_at_debug_without_patient_values(
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, PATIENT_ID, BIRTH
     ds.save_as(path)
 
-    def fails(sources: list, *args: object) -> list:  # as highdicom does: the message quotes values
+    def fails(sources: list, *args: object, **kwargs: object) -> list:  # as highdicom does: the message quotes values
         source = sources[0]
         raise ValueError(f"invalid name {source.PatientName!r} ({str(source.PatientName).upper()}), "
                          f"id {source.PatientID}, born {source.PatientBirthDate}")

@@ -3,6 +3,7 @@ C-FIND, a C-GET and a C-MOVE cancelled after their first pending response end wi
 honest counts, long before they would have finished."""
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,27 @@ def study(level: str = "STUDY", uid: str = STUDY) -> Dataset:
     return ds
 
 
-def test_a_cancelled_find_ends_with_cancel(node: tuple[IngestServer, InstanceStore, AE]) -> None:
+class _Paced:
+    """A C-FIND query whose every answer takes 2 ms to build: without it the node can send all
+    the matches before the peer's C-CANCEL reaches it, and the test would depend on the machine."""
+
+    def __init__(self, query: Any) -> None:
+        self._query = query
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._query, name)
+
+    def dataset(self, row: Any) -> Dataset:
+        time.sleep(0.002)
+        return self._query.dataset(row)
+
+
+def test_a_cancelled_find_ends_with_cancel(node: tuple[IngestServer, InstanceStore, AE],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.query.scp
+
+    find = dicom_node.query.scp.find
+    monkeypatch.setattr(dicom_node.query.scp, "find", lambda *a, **k: _Paced(find(*a, **k)))
     server, _, _ = node
     assoc = associate(server.port, StudyRootQueryRetrieveInformationModelFind)
     try:
