@@ -12,7 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from dicom_node.inference.protopnet import ProtoPNet
+
+def conv_blocks(in_channels: int, widths: tuple[int, ...], pools: int) -> nn.Sequential:
+    """3x3 conv, batch norm and ReLU per width (``conv1``, ``norm1``, ``relu1``, ...), with 2x2
+    max-pooling (``pool1``, ...) after the first ``pools`` blocks."""
+    blocks = nn.Sequential()
+    channels = [in_channels, *widths]
+    for i in range(len(widths)):
+        blocks.add_module(f"conv{i + 1}", nn.Conv2d(channels[i], channels[i + 1], 3, padding=1))
+        blocks.add_module(f"norm{i + 1}", nn.BatchNorm2d(channels[i + 1]))
+        blocks.add_module(f"relu{i + 1}", nn.ReLU())
+        if i < pools:
+            blocks.add_module(f"pool{i + 1}", nn.MaxPool2d(2))
+    return blocks
 
 
 class PlainCNN(nn.Module):
@@ -25,14 +37,7 @@ class PlainCNN(nn.Module):
     def __init__(self, num_labels: int, in_channels: int, widths: tuple[int, ...], pools: int,
                  hidden: int) -> None:
         super().__init__()
-        self.features = nn.Sequential()
-        channels = [in_channels, *widths]
-        for i in range(len(widths)):
-            self.features.add_module(f"conv{i + 1}", nn.Conv2d(channels[i], channels[i + 1], 3, padding=1))
-            self.features.add_module(f"norm{i + 1}", nn.BatchNorm2d(channels[i + 1]))
-            self.features.add_module(f"relu{i + 1}", nn.ReLU())
-            if i < pools:
-                self.features.add_module(f"pool{i + 1}", nn.MaxPool2d(2))
+        self.features = conv_blocks(in_channels, widths, pools)
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.max_pool = nn.AdaptiveMaxPool2d(1)
         self.classifier = nn.Sequential(
@@ -102,10 +107,16 @@ def _attention_unet(num_labels: int, in_channels: int, *, spatial_dims: int, cha
 
 #: Builders by name: ``(num_labels, in_channels, **parameters)``; only ``attention_unet`` takes
 #: parameters (the manifest's ``[network]``).
+def _protopnet(num_labels: int, in_channels: int) -> nn.Module:
+    from dicom_node.inference.protopnet import ProtoPNet  # it builds on conv_blocks above
+
+    return ProtoPNet(num_labels, in_channels)
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda num_labels, in_channels: SmallCNN(num_labels, in_channels),
     "compact_cnn": lambda num_labels, in_channels: CompactCNN(num_labels, in_channels),
-    "protopnet": lambda num_labels, in_channels: ProtoPNet(num_labels, in_channels),
+    "protopnet": lambda num_labels, in_channels: _protopnet(num_labels, in_channels),
     **{name: _torchvision(name) for name in ("densenet121", "resnet18", "resnet50", "efficientnet_b0")},
     "attention_unet": _attention_unet,
 }

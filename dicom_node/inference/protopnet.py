@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dicom_node.inference.architectures import conv_blocks
+
 EPSILON = 1e-4  # in the similarity log((d + 1) / (d + eps)): its ceiling is log(1 / eps) at d = 0
 
 
@@ -80,14 +82,7 @@ class ProtoPNet(nn.Module):
         if num_labels < 1 or per_label < 1 or dim < 1:
             raise ValueError(f"num_labels, per_label and dim must be positive, "
                              f"got {num_labels}, {per_label}, {dim}")
-        self.features = nn.Sequential()
-        channels = [in_channels, *widths]
-        for i in range(len(widths)):
-            self.features.add_module(f"conv{i + 1}", nn.Conv2d(channels[i], channels[i + 1], 3, padding=1))
-            self.features.add_module(f"norm{i + 1}", nn.BatchNorm2d(channels[i + 1]))
-            self.features.add_module(f"relu{i + 1}", nn.ReLU())
-            if i < pools:
-                self.features.add_module(f"pool{i + 1}", nn.MaxPool2d(2))
+        self.features = conv_blocks(in_channels, widths, pools)
         self.add_on = nn.Sequential(nn.Conv2d(widths[-1], dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1),
                                     nn.Sigmoid())
         count = num_labels * per_label
